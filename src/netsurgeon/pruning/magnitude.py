@@ -1,0 +1,153 @@
+"""Magnitude pruning with retraining (Han, Pool, Tran, Dally 2015, "Learning both Weights and Connections
+for Efficient Neural Networks", arXiv:1506.02626).
+
+* Sec. 3.1/3.3: connections with |w| below a threshold are removed; the network is retrained with the
+  pruned connections held at zero, and prune/retrain is iterated.
+* Sec. 4 ("the pruning threshold is chosen as a quality parameter multiplied by the standard deviation of a
+  layer's weights"): ``quality=q`` gives the per-layer threshold q·std(W_l).
+* Sec. 3.3 notes retraining should start from a lower learning rate: we retrain at 1/10 of the original LR.
+
+Besides the quality rule, a target ``sparsity`` (per layer, or one global budget ranked across layers) can
+be given. Pruned entries stay pruned: a later round only removes more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_finite_model, check_fraction, check_positive
+from ..data import Dataset
+from ..masks import LayerSparsity, attach_masks, original, prunable_tensors, sparsity_report
+from ..train import TrainConfig, TrainResult, train
+
+__all__ = ["magnitude_mask", "quality_mask", "prune_magnitude", "prune_and_retrain", "round_targets"]
+
+log = logging.getLogger(__name__)
+
+
+def magnitude_mask(w: Tensor, mask: Tensor, sparsity: float) -> Tensor:
+    """Return a mask that zeroes the ``round(sparsity·numel)`` smallest |w|, keeping pruned entries pruned.
+
+    Entries already masked out rank below every live entry, so the new mask is a subset of ``mask``.
+    Shapes: w, mask (any, same shape). Ties are broken by position (stable sort).
+    """
+    n = w.numel()
+    k = int(round(sparsity * n))
+    score = torch.where(mask.bool(), w.abs(), torch.full_like(w, -1.0)).flatten()
+    out = torch.ones(n, dtype=mask.dtype)
+    if k > 0:
+        out[torch.sort(score, stable=True).indices[:k]] = 0
+    return out.view_as(mask) * mask
+
+
+def quality_mask(w: Tensor, mask: Tensor, quality: float) -> Tensor:
+    """Han et al. 2015 Sec. 4: drop |w| < quality·std, std taken over the layer's surviving weights."""
+    live = w[mask.bool()]
+    if live.numel() < 2:
+        return mask.clone()
+    thr = quality * live.std()
+    return mask * (w.abs() >= thr).to(mask.dtype)
+
+
+def _per_tensor(owner: str, value: float | Mapping[str, float], names: list[str], check) -> dict[str, float]:
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names) - {n.rsplit(".", 1)[0] for n in names})
+        if unknown:
+            raise ValueError(f"{owner}: unknown layer(s) {unknown}; the model has {names}.")
+        out = {}
+        for n in names:
+            v = value.get(n, value.get(n.rsplit(".", 1)[0]))
+            if v is not None:
+                out[n] = check(owner, f"value for {n!r}", v)
+        return out
+    v = check(owner, "value", value)
+    return dict.fromkeys(names, v)
+
+
+@torch.no_grad()
+def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] | None = None,
+                    quality: float | Mapping[str, float] | None = None, scope: str = "layer",
+                    include_bias: bool = False) -> list[LayerSparsity]:
+    """Prune ``model`` in place by weight magnitude; masks are attached (or tightened) and returned as a report.
+
+    Args:
+        sparsity: fraction of each tensor to remove, in [0, 1): one number, or ``{layer_or_tensor: s}``.
+            With ``scope="global"`` a single number: one threshold over all tensors, so each layer's
+            sparsity is chosen by the ranking.
+        quality: Han's rule instead: remove |w| < quality·std(layer). One number or a mapping.
+        scope: ``"layer"`` or ``"global"``.
+        include_bias: prune biases too (they are few; off by default as in Han et al.).
+
+    Raises:
+        ValueError: neither or both of sparsity/quality, a value out of range, NaN weights,
+            an unsupported layer type.
+    """
+    owner = "prune_magnitude"
+    if (sparsity is None) == (quality is None):
+        raise ValueError(f"{owner}: give exactly one of sparsity or quality.")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"{owner}: scope must be 'layer' or 'global'; got {scope!r}.")
+    check_finite_model(owner, model)
+    names = prunable_tensors(model, include_bias, owner)
+    masks = attach_masks(model, names)
+    weights = {n: original(model, n) for n in names}
+    if scope == "global":
+        if sparsity is None or isinstance(sparsity, Mapping):
+            raise ValueError(f"{owner}: scope='global' takes one sparsity number.")
+        s = check_fraction(owner, "sparsity", sparsity)
+        flat_w = torch.cat([weights[n].flatten() for n in names])
+        flat_m = torch.cat([masks[n].mask.flatten() for n in names])
+        new = magnitude_mask(flat_w, flat_m, s)
+        for n, part in zip(names, new.split([weights[n].numel() for n in names])):
+            masks[n].mask.copy_(part.view_as(masks[n].mask))
+    else:
+        if sparsity is not None:
+            targets = _per_tensor(owner, sparsity, names, check_fraction)
+            rule = magnitude_mask
+        else:
+            targets = _per_tensor(owner, quality, names,
+                                  lambda o, n, v: check_positive(o, n, v) if v != 0 else 0.0)
+            rule = quality_mask
+        for n, v in targets.items():
+            masks[n].mask.copy_(rule(weights[n], masks[n].mask, v))
+    for n in names:  # the hidden originals of pruned weights are zeroed too: the file holds exact zeros
+        weights[n].mul_(masks[n].mask)
+    return sparsity_report(model)
+
+
+def round_targets(final: float, rounds: int) -> list[float]:
+    """Sparsity after each of ``rounds`` rounds: each round removes the same fraction of what survives."""
+    kept = 1.0 - final
+    return [1.0 - kept ** ((r + 1) / rounds) for r in range(rounds)]
+
+
+def prune_and_retrain(model: nn.Module, data: Dataset, *, sparsity: float | Mapping[str, float],
+                      rounds: int = 3, epochs_per_round: int = 2, scope: str = "layer",
+                      config: TrainConfig | None = None, lr_factor: float = 0.1,
+                      progress: bool = False) -> list[TrainResult]:
+    """Iterative pruning (Han et al. 2015 Sec. 3.3): ``rounds`` times prune, then retrain at ``lr·lr_factor``.
+
+    The final per-layer sparsity is ``sparsity``; intermediate targets follow :func:`round_targets`.
+    Modifies ``model`` in place. Returns the training result of each round.
+    """
+    check_positive("prune_and_retrain", "rounds", rounds, integer=True)
+    base = config or TrainConfig()
+    rt = replace(base, lr=base.lr * lr_factor, epochs=epochs_per_round)
+    results = []
+    for r in range(rounds):
+        if isinstance(sparsity, Mapping):
+            target: float | dict[str, float] = {k: round_targets(v, rounds)[r] for k, v in sparsity.items()}
+        else:
+            target = round_targets(sparsity, rounds)[r]
+        rep = prune_magnitude(model, sparsity=target, scope=scope)
+        kept = sum(x.nonzero for x in rep) / sum(x.numel for x in rep)
+        log.info("round %d/%d: kept %.2f%% of prunable weights", r + 1, rounds, 100 * kept)
+        if epochs_per_round > 0:
+            results.append(train(model, data, replace(rt, seed=base.seed + r + 1), progress=progress))
+    return results
+

@@ -1,0 +1,86 @@
+"""Rebuild a runnable module from a ``.nsz`` file, with kernels that skip pruned work where that pays.
+
+On this 2-core CPU (see docs/platform.md) torch's CSR matmul beats a dense Linear layer at batch 256 from
+about 90% sparsity, while at batch 1 its fixed per-call cost (~7.5 µs) dominates small layers. So a Linear
+layer becomes a :class:`CSRLinear` only above ``min_sparsity`` (default 0.9); convolutions stay dense
+(unstructured sparsity does not speed them up here; structured pruning does).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .coding.container import NszError
+from .coding.nsz import load_state_checked, read_compressed
+
+__all__ = ["CSRLinear", "sparsify_linear_layers", "load_compressed"]
+
+
+def _to_csr(w: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # torch flags CSR support as beta on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        return w.to_sparse_csr()
+
+
+class CSRLinear(nn.Module):
+    """``y = x Wᵀ + b`` with W held as a CSR sparse matrix (only the nonzeros are stored and multiplied)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight_csr = _to_csr(weight.detach())
+        self.bias = None if bias is None else bias.detach().clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.sparse.mm(self.weight_csr, x.t()).t()  # (out, in) @ (in, B) -> (B, out)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        nnz = self.weight_csr.values().numel()
+        return f"in={self.in_features}, out={self.out_features}, nnz={nnz}"
+
+
+@torch.no_grad()
+def sparsify_linear_layers(model: nn.Module, min_sparsity: float = 0.9) -> nn.Module:
+    """Return a copy of ``model`` whose Linear layers with sparsity >= ``min_sparsity`` are :class:`CSRLinear`."""
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, nn.Linear):
+            sparsity = 1.0 - float((m.weight != 0).sum()) / m.weight.numel()
+            if sparsity >= min_sparsity:
+                parent, _, attr = name.rpartition(".")
+                setattr(out.get_submodule(parent), attr, CSRLinear(m.weight, m.bias))
+    return out.eval()
+
+
+def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
+                    sparse_kernels: bool = False, min_sparsity: float = 0.9) -> nn.Module:
+    """Load a ``.nsz`` file as a plain ``nn.Module`` in eval mode.
+
+    Args:
+        model: a module of the right architecture to fill; by default it is rebuilt from the file's
+            ``arch`` record (models of :mod:`netsurgeon.models`).
+        sparse_kernels: replace sufficiently sparse Linear layers by CSR kernels (faster, see module doc).
+
+    Raises:
+        NszError: corrupt/truncated file, or tensors that do not match the model's names or shapes.
+    """
+    from .models import build_model
+
+    info, state = read_compressed(path)
+    if model is None:
+        arch = info.header.get("arch")
+        if not arch:
+            raise NszError(f"{path}: the file records no architecture; pass the model to fill.")
+        try:
+            model = build_model(arch["name"], tuple(arch["input_shape"]), arch["num_classes"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise NszError(f"{path}: cannot rebuild the recorded architecture {arch!r}: {e}") from e
+    load_state_checked(model, state, str(path))
+    model.eval()
+    return sparsify_linear_layers(model, min_sparsity) if sparse_kernels else model

@@ -1,0 +1,125 @@
+"""What a user judges a compressed model by: nonzero parameters, FLOPs and measured latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .masks import prunable_layers
+
+__all__ = ["count_nonzero", "LayerFlops", "layer_flops", "total_flops", "Latency", "measure_latency",
+           "num_threads"]
+
+
+@torch.no_grad()
+def count_nonzero(model: nn.Module) -> tuple[int, int]:
+    """Return ``(nonzero, total)`` over every parameter of ``model`` as the forward pass sees it.
+
+    Masked tensors are counted through their mask (the effective weight), not the hidden original.
+    """
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    covered = {id(p) for m in layers for p in m.parameters()}  # includes masked originals
+    tensors = [t for m in layers for t in (m.weight, m.bias) if t is not None]
+    tensors += [p for p in model.parameters() if id(p) not in covered]  # e.g. norms: counted as they are
+    return sum(int((t != 0).sum()) for t in tensors), sum(t.numel() for t in tensors)
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """FLOPs of one layer for one input sample (a multiply-add counts 2). ``effective`` skips zero weights."""
+
+    name: str
+    dense: int
+    effective: int
+
+
+@torch.no_grad()
+def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerFlops]:
+    """Dense and effective FLOPs of every Linear/Conv2d layer for one sample of shape ``input_shape``.
+
+    Dense: 2·(out elements)·(fan-in). Effective: 2·(output positions)·(nonzero weights), i.e. what a
+    kernel that skips pruned weights would do. Bias additions and activations are not counted.
+    """
+    layers = prunable_layers(model)
+    out_numel: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: out_numel.__setitem__(n, o[0].numel()))
+             for n, m in layers.items()]
+    try:
+        was_training = model.training
+        model.eval()
+        model(torch.zeros(1, *input_shape))
+        model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for n, m in layers.items():
+        w = m.weight
+        positions = out_numel[n] // w.shape[0]  # output pixels per output channel (1 for Linear)
+        dense = 2 * positions * w.numel()
+        rows.append(LayerFlops(n, dense, 2 * positions * int((w != 0).sum())))
+    return rows
+
+
+def total_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(dense, effective)`` FLOPs per sample summed over layers."""
+    rows = layer_flops(model, input_shape)
+    return sum(r.dense for r in rows), sum(r.effective for r in rows)
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Fix ``torch.set_num_threads`` inside the block and restore it after."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median latency of a model and of its reference, measured interleaved in the same process."""
+
+    model_s: float
+    reference_s: float
+    batch: int
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        """reference / model: > 1 means the model runs faster than the reference."""
+        return self.reference_s / self.model_s
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, reference: nn.Module, x: Tensor, *, warmup: int = 10,
+                    repeats: int = 50, threads: int | None = None) -> Latency:
+    """Time ``model(x)`` against ``reference(x)``: warm-up, then alternate runs, report medians.
+
+    Alternating the two models spreads any drift of the machine's speed over both.
+    """
+    model.eval()
+    reference.eval()
+    with num_threads(threads):
+        for _ in range(warmup):
+            model(x)
+            reference(x)
+        tm, tr = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            t1 = time.perf_counter()
+            reference(x)
+            t2 = time.perf_counter()
+            tm.append(t1 - t0)
+            tr.append(t2 - t1)
+        return Latency(statistics.median(tm), statistics.median(tr), int(x.shape[0]), torch.get_num_threads())

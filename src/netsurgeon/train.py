@@ -1,0 +1,305 @@
+"""The one training loop every method runs in: callbacks, LR schedules, progress, atomic resumable checkpoints.
+
+Determinism: the order of mini-batches of epoch ``e`` is a permutation drawn from a generator seeded with
+``(seed, e)``, so a run resumed at step ``s`` sees exactly the batches an uninterrupted run would. The
+checkpoint holds model, optimizer, global RNG state, running epoch statistics and every callback's
+``state_dict``; a resumed run ends at bit-identical weights on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._validation import atomic_save, check_finite_model, check_positive
+from .data import Dataset, Split
+from .masks import attach_masks_for_state_dict
+
+__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "lr_at"]
+
+log = logging.getLogger(__name__)
+
+_OPTIMIZERS = ("sgd", "adam")
+_SCHEDULES = ("constant", "step", "cosine", "inv")
+
+
+class Callback:
+    """Base class of training-time methods. Every hook is optional; override what the method needs.
+
+    Hooks, in call order: ``on_train_start`` once (also on resume, *before* the checkpoint is loaded),
+    then per step ``loss`` (an extra loss term or None), ``after_backward`` (gradients are in ``.grad``),
+    ``after_step`` (weights updated), and ``on_epoch_end``. ``state_dict``/``load_state_dict`` carry the
+    callback's state through checkpoints; it may hold tensors, numbers, strings, lists and dicts.
+    """
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def loss(self, outputs: Tensor, batch: tuple[Tensor, Tensor], trainer: Trainer) -> Tensor | None:
+        return None
+    def after_backward(self, trainer: Trainer) -> None: ...
+    def after_step(self, trainer: Trainer) -> None: ...
+    def on_epoch_end(self, trainer: Trainer) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run."""
+
+    epochs: int = 10                 # passes over the training split
+    batch_size: int = 64
+    optimizer: str = "sgd"           # "sgd" (with momentum) or "adam"
+    lr: float = 0.01
+    momentum: float = 0.9            # SGD only
+    weight_decay: float = 5e-4
+    schedule: str = "constant"       # "constant", "step", "cosine" or "inv" (Caffe's lr*(1+g*it)^-p)
+    lr_gamma: float = 0.1            # step: factor per lr_step_epochs; inv: g
+    lr_step_epochs: int = 5          # step schedule period in epochs
+    lr_power: float = 0.75           # inv schedule power
+    seed: int = 0
+    max_steps: int | None = None     # stop early after this many optimizer steps
+
+    def __post_init__(self) -> None:
+        owner = "TrainConfig"
+        check_positive(owner, "epochs", self.epochs, integer=True)
+        check_positive(owner, "batch_size", self.batch_size, integer=True)
+        check_positive(owner, "lr", self.lr)
+        check_positive(owner, "lr_step_epochs", self.lr_step_epochs, integer=True)
+        if self.max_steps is not None:
+            check_positive(owner, "max_steps", self.max_steps, integer=True)
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"{owner}: optimizer must be one of {_OPTIMIZERS}; got {self.optimizer!r}.")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"{owner}: schedule must be one of {_SCHEDULES}; got {self.schedule!r}.")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"{owner}: need weight_decay >= 0 and momentum in [0, 1); "
+                             f"got {self.weight_decay!r}, {self.momentum!r}.")
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Learning rate at optimizer step ``step`` (stateless, so resuming needs no scheduler state)."""
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.lr_gamma ** (step // (cfg.lr_step_epochs * steps_per_epoch))
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if cfg.schedule == "inv":
+        return cfg.lr * (1 + cfg.lr_gamma * step) ** (-cfg.lr_power)
+    return cfg.lr
+
+
+@dataclass
+class TrainResult:
+    """Per-epoch history (``epoch``, ``loss``, ``train_acc``, ``val_acc``, ``lr``) and the last step."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> tuple[float, float]:
+    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``split``."""
+    was = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(split), batch_size):
+        x, y = split.x[i:i + batch_size], split.y[i:i + batch_size]
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    model.train(was)
+    n = max(len(split), 1)
+    return loss / n, correct / n
+
+
+class Trainer:
+    """State of one run, handed to callbacks: ``model``, ``optimizer``, ``data``, ``config``, ``step``."""
+
+    def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.model, self.data, self.config, self.callbacks = model, data, config, list(callbacks)
+        self.steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.step = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._epoch_sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        self.history: list[dict[str, float]] = []
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if c.optimizer == "adam":
+            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def _batch_order(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.data.train), generator=g)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _config_key(self) -> str:
+        d = asdict(self.config)
+        d.pop("max_steps")  # a resumed run may extend or cut the step budget
+        return json.dumps(d, sort_keys=True)
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        assert self.optimizer is not None
+        state = {
+            "format": "netsurgeon-checkpoint-1", "config": self._config_key(), "step": self.step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(), "epoch_sums": self._epoch_sums.clone(),
+            "history": json.dumps(self.history),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+        atomic_save(path, lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        assert self.optimizer is not None
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            raise ValueError(f"checkpoint {str(path)!r} is unreadable (truncated or not a checkpoint): {e}") from e
+        if not isinstance(state, dict) or state.get("format") != "netsurgeon-checkpoint-1":
+            raise ValueError(f"checkpoint {str(path)!r} is not a netsurgeon checkpoint.")
+        if state["config"] != self._config_key():
+            raise ValueError(f"checkpoint {str(path)!r} was written with another training config; "
+                             f"it holds {state['config']}.")
+        if len(state["callbacks"]) != len(self.callbacks):
+            raise ValueError(f"checkpoint {str(path)!r} holds {len(state['callbacks'])} callback states, "
+                             f"this run has {len(self.callbacks)} callbacks.")
+        attach_masks_for_state_dict(self.model, state["model"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer = self._make_optimizer()  # parameters may have moved under new masks
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self._epoch_sums = state["epoch_sums"].clone()
+        self.history = json.loads(state["history"])
+        self.step = int(state["step"])
+        for cb, s in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(s)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self, checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int = 0,
+            resume: bool = False, progress: bool = False) -> TrainResult:
+        check_finite_model("train", self.model)
+        torch.manual_seed(self.config.seed)
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        self.optimizer = self._make_optimizer()
+        if resume:
+            if checkpoint is None or not Path(checkpoint).is_file():
+                raise ValueError(f"resume: no checkpoint file at {str(checkpoint)!r}.")
+            self.load_checkpoint(checkpoint)
+            log.info("resumed from %s at step %d", checkpoint, self.step)
+        bar = _Progress(self.total_steps, self.step) if progress else None
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                self._one_step()
+                if bar:
+                    bar.update(self.step, self._epoch_sums)
+                if checkpoint and checkpoint_every and self.step % checkpoint_every == 0:
+                    self.save_checkpoint(checkpoint)
+        except KeyboardInterrupt:
+            if checkpoint:
+                self.save_checkpoint(checkpoint)
+                log.warning("interrupted at step %d; checkpoint written to %s", self.step, checkpoint)
+            raise
+        finally:
+            if bar:
+                bar.close()
+        if checkpoint:
+            self.save_checkpoint(checkpoint)
+        return TrainResult(self.history, self.step)
+
+    def _one_step(self) -> None:
+        assert self.optimizer is not None
+        epoch, i = divmod(self.step, self.steps_per_epoch)
+        idx = self._batch_order(epoch)[i * self.config.batch_size:(i + 1) * self.config.batch_size]
+        x, y = self.data.train.x[idx], self.data.train.y[idx]
+        lr = lr_at(self.config, self.step, self.steps_per_epoch, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        total = loss
+        for cb in self.callbacks:
+            extra = cb.loss(out, (x, y), self)
+            if extra is not None:
+                total = total + extra
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"train: loss became {float(total)} at step {self.step}; "
+                                     "lower the learning rate.")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for cb in self.callbacks:
+            cb.after_backward(self)
+        self.optimizer.step()
+        self.step += 1
+        for cb in self.callbacks:
+            cb.after_step(self)
+        with torch.no_grad():
+            self._epoch_sums += torch.tensor([float(loss) * len(y), float((out.argmax(1) == y).sum()), len(y)],
+                                             dtype=torch.float64)
+        if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+            s = self._epoch_sums
+            _, val_acc = evaluate(self.model, self.data.val) if len(self.data.val) else (0.0, float("nan"))
+            self.history.append({"epoch": epoch + 1, "step": self.step, "loss": float(s[0] / s[2]),
+                                 "train_acc": float(s[1] / s[2]), "val_acc": val_acc, "lr": lr})
+            log.info("epoch %d: loss %.4f train acc %.4f val acc %.4f", epoch + 1, s[0] / s[2],
+                     s[1] / s[2], val_acc)
+            self._epoch_sums = torch.zeros(3, dtype=torch.float64)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self)
+
+
+class _Progress:
+    """A rich progress bar on stderr with the running loss and accuracy of the epoch."""
+
+    def __init__(self, total: int, start: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                           console=Console(stderr=True), transient=False)
+        self._task = self._p.add_task("train", total=total, completed=start, info="")
+        self._p.start()
+
+    def update(self, step: int, sums: Tensor) -> None:
+        info = f"loss {float(sums[0] / sums[2]):.4f} acc {float(sums[1] / sums[2]):.4f}" if sums[2] else ""
+        self._p.update(self._task, completed=step, info=info)
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def train(model: nn.Module, data: Dataset, config: TrainConfig | None = None, *,
+          callbacks: Sequence[Callback] = (), checkpoint: str | os.PathLike[str] | None = None,
+          checkpoint_every: int = 0, resume: bool = False, progress: bool = False) -> TrainResult:
+    """Train ``model`` in place on ``data.train`` (validation accuracy logged per epoch).
+
+    Args:
+        model: any ``nn.Module`` mapping a batch of ``data`` inputs to class logits.
+        data: the splits; callbacks may read ``trainer.data.val`` (never the test split).
+        config: hyper-parameters (default :class:`TrainConfig`).
+        callbacks: training-time methods (DNS, AutoPrune, ...), see :class:`Callback`.
+        checkpoint: file to write checkpoints to (atomically); also written on Ctrl-C and at the end.
+        checkpoint_every: write a checkpoint every this many steps (0: only on interrupt and at the end).
+        resume: continue from ``checkpoint``; the result equals an uninterrupted run's.
+        progress: show a progress bar with loss and accuracy on stderr.
+    """
+    return Trainer(model, data, config or TrainConfig(), callbacks).fit(
+        checkpoint, checkpoint_every, resume, progress)
