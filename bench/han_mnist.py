@@ -1,0 +1,126 @@
+"""Han et al. 2015 ("Learning both Weights and Connections", Tables 1-2) on MNIST: magnitude pruning with
+retraining of LeNet-300-100 and LeNet-5, per-layer (the paper's kept %) and global variants.
+
+    python bench/han_mnist.py --data-dir ../shared/data/mnist [--fresh] [--quick]
+
+Writes bench/results/han_mnist.json and han_mnist.png. Stages are cached in bench/.cache/, so an
+interrupted run continues where it stopped (use --fresh to recompute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from _common import CACHE, RESULTS, cached_json, machine, write_result
+
+import netsurgeon as ns
+from netsurgeon.masks import sparsity_report
+from netsurgeon.modelfile import load_model, save_model
+from netsurgeon.pruning.magnitude import prune_and_retrain
+from netsurgeon.report import plot_kept, summarize
+
+PAPER = {  # Han et al. 2015, Table 1 (errors) and Table 2 (% of weights kept per layer)
+    "lenet300": {"ref_error": 1.64, "pruned_error": 1.59, "compression": 12.0,
+                 "kept": {"fc1": 8.0, "fc2": 9.0, "fc3": 26.0}},
+    "lenet5": {"ref_error": 0.80, "pruned_error": 0.77, "compression": 12.0,
+               "kept": {"conv1": 66.0, "conv2": 12.0, "fc1": 8.0, "fc2": 19.0}},
+}
+DENSE = {  # our dense training recipe (SGD + momentum, cosine LR)
+    "lenet300": ns.TrainConfig(epochs=20, lr=0.05, weight_decay=1e-4, schedule="cosine", batch_size=64),
+    "lenet5": ns.TrainConfig(epochs=15, lr=0.05, weight_decay=5e-4, schedule="cosine", batch_size=64),
+}
+RETRAIN_EPOCHS = {"lenet300": 6, "lenet5": 3}  # per prune/retrain round, 3 rounds, LR = dense LR / 10
+
+
+def run_model(name: str, data: ns.data.Dataset, fresh: bool, quick: bool) -> dict:
+    cfg = DENSE[name] if not quick else replace(DENSE[name], epochs=1)
+    dense_path = CACHE / f"han_{name}_dense{'_quick' if quick else ''}.safetensors"
+    t0 = time.perf_counter()
+    if fresh or not dense_path.is_file():
+        model = ns.build_model(name)
+        ns.train(model, data, cfg, checkpoint=CACHE / f"han_{name}_dense.ckpt", checkpoint_every=500,
+                 resume=(CACHE / f"han_{name}_dense.ckpt").is_file() and not fresh, progress=True)
+        save_model(model, dense_path)
+    dense_wall = time.perf_counter() - t0
+    model, _ = load_model(dense_path)
+    dense = summarize(model, data.input_shape, data=data, file_path=dense_path)
+    out = {"dense": {**dense, "train_config": asdict(cfg), "wall_s": dense_wall}, "variants": {}}
+    total_kept = PAPER[name]["kept"]
+    n_w = {r.name.removesuffix(".weight"): r.numel for r in sparsity_report(model, include_bias=False)}
+    global_sparsity = 1 - sum(n_w[k] * total_kept[k] / 100 for k in n_w) / sum(n_w.values())
+    variants = {
+        "per-layer (paper's kept %)": dict(sparsity={k: 1 - v / 100 for k, v in total_kept.items()}, scope="layer"),
+        "global (same total)": dict(sparsity=global_sparsity, scope="global"),
+    }
+    for vname, kw in variants.items():
+        def stage(kw=kw, vname=vname) -> dict:
+            m, _ = load_model(dense_path)
+            t = time.perf_counter()
+            prune_and_retrain(m, data, rounds=3, epochs_per_round=1 if quick else RETRAIN_EPOCHS[name],
+                              config=cfg, progress=True, **kw)
+            wall = time.perf_counter() - t
+            kept = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(m, include_bias=False)}
+            slug = ("layer" if kw["scope"] == "layer" else "global") + ("_quick" if quick else "")
+            files = {}
+            for vd in ("float32", "float16"):
+                f = RESULTS / "files" / f"han_{name}_{slug}_{vd}.nsz"
+                info = ns.save_compressed(m, f, value_dtype=vd)
+                files[vd] = {"file_bytes": info.file_bytes, "compression_bytes": info.compression}
+            return {"kept_pct": kept, "files": files, "wall_s": wall, "method": vname,
+                    "retrain_epochs": 3 * (1 if quick else RETRAIN_EPOCHS[name])}
+        slug = ("layer" if kw["scope"] == "layer" else "global") + ("_quick" if quick else "")
+        v = cached_json(f"han_{name}_{slug}", stage, fresh)
+        # Measured on every run (not cached), so latency can be re-taken on a quiet machine.
+        f16, f32 = (RESULTS / "files" / f"han_{name}_{slug}_{vd}.nsz" for vd in ("float16", "float32"))
+        s = summarize(ns.load_compressed(f16), data.input_shape, data=data, file_path=f16)
+        err32 = 100 * (1 - ns.evaluate(ns.load_compressed(f32), data.test)[1])
+        out["variants"][vname] = {**s, "test_error_pct_float32": err32, **v}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, required=True, help="MNIST IDX directory, e.g. ../shared/data/mnist")
+    ap.add_argument("--models", nargs="+", default=["lenet300", "lenet5"], choices=list(PAPER))
+    ap.add_argument("--fresh", action="store_true", help="ignore cached stages")
+    ap.add_argument("--quick", action="store_true", help="1 epoch everywhere (smoke run; not a result)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    t0 = time.perf_counter()
+    data = ns.data.mnist(args.data_dir)
+    result = {"benchmark": "han_mnist", "paper": "Han et al. 2015, arXiv:1506.02626, Tables 1-2",
+              "machine": machine(), "quick": args.quick, "models": {}}
+    for name in args.models:
+        r = run_model(name, data, args.fresh, args.quick)
+        r["paper"] = PAPER[name]
+        best = r["variants"]["per-layer (paper's kept %)"]
+        r["target"] = {"compression_nonzero_min": 12.0 * 0.95,
+                       "error_max_pct": PAPER[name]["pruned_error"] + 0.1,
+                       "met": bool(best["compression_nonzero"] >= 12.0 * 0.95
+                                   and best["test_error_pct"] <= PAPER[name]["pruned_error"] + 0.1)}
+        result["models"][name] = r
+    result["wall_s"] = time.perf_counter() - t0
+    if not args.quick:
+        path = write_result("han_mnist", result)
+        series = {}
+        for name, r in result["models"].items():
+            for vname, v in r["variants"].items():
+                series.setdefault(f"ours: {vname}", {}).update({f"{name}/{k}": x for k, x in v["kept_pct"].items()})
+            series.setdefault("paper (Han 2015)", {}).update(
+                {f"{name}/{k}": x for k, x in PAPER[name]["kept"].items()})
+        plot_kept(series, RESULTS / "han_mnist.png", "Magnitude pruning + retraining on MNIST: kept % per layer")
+        print(f"wrote {path}")
+    for name, r in result["models"].items():
+        for vname, v in r["variants"].items():
+            print(f"{name:9s} {vname:28s} dense err {r['dense']['test_error_pct']:.2f}% -> "
+                  f"{v['test_error_pct']:.2f}% | {v['compression_nonzero']:.1f}x nonzeros, "
+                  f"{v['compression_bytes']:.1f}x bytes (fp16), {v['files']['float32']['compression_bytes']:.1f}x "
+                  f"(fp32) | speedup b1 {v['latency']['1']['speedup']:.2f} b256 {v['latency']['256']['speedup']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

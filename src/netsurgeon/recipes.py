@@ -1,0 +1,104 @@
+"""YAML recipes: one compression pipeline as data (prune -> fine-tune -> encode), validated key by key.
+
+Example (``recipes/magnitude_lenet300.yaml``)::
+
+    method: magnitude
+    sparsity: {fc1: 0.92, fc2: 0.91, fc3: 0.74}   # or one number
+    scope: layer                                  # or global (one number)
+    rounds: 3
+    finetune: {epochs: 2, lr: 0.01, batch_size: 64}
+    save: {value_dtype: float16, index_bits: auto}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from .data import Dataset
+from .pruning.magnitude import prune_and_retrain, prune_magnitude
+from .train import TrainConfig, train
+
+__all__ = ["Recipe", "load_recipe", "apply_recipe", "METHODS"]
+
+METHODS = ("magnitude",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A compression pipeline. ``finetune`` holds :class:`TrainConfig` fields (lr is the *original* LR:
+    retraining runs at ``lr * lr_factor``)."""
+
+    method: str = "magnitude"
+    sparsity: float | dict[str, float] | None = None
+    quality: float | dict[str, float] | None = None
+    scope: str = "layer"
+    rounds: int = 3
+    lr_factor: float = 0.1
+    finetune: dict[str, Any] = field(default_factory=dict)
+    save: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"recipe: method must be one of {METHODS}; got {self.method!r}.")
+        unknown = set(self.finetune) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise ValueError(f"recipe: unknown key(s) {sorted(unknown)} under 'finetune'.")
+        bad_save = set(self.save) - {"value_dtype", "index_bits"}
+        if bad_save:
+            raise ValueError(f"recipe: unknown key(s) {sorted(bad_save)} under 'save'.")
+        if (self.sparsity is None) == (self.quality is None):
+            raise ValueError("recipe: give exactly one of 'sparsity' or 'quality'.")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"recipe: scope must be 'layer' or 'global'; got {self.scope!r}.")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"recipe: rounds must be a positive integer; got {self.rounds!r}.")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.finetune)
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Parse and validate a YAML recipe; errors name the file and the offending key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"recipe file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {p}: not valid YAML ({e}).") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe {p}: expected a mapping of keys at the top level.")
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"recipe {p}: unknown key(s) {unknown}; known keys are {sorted(known)}.")
+    try:
+        return Recipe(**raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"recipe {p}: {e}") from e
+
+
+def apply_recipe(model: nn.Module, data: Dataset | None, recipe: Recipe, progress: bool = False) -> nn.Module:
+    """Run ``recipe``'s pruning and fine-tuning on ``model`` in place; returns the model."""
+    cfg = recipe.train_config()
+    if recipe.quality is not None:  # Han's rule, iterated: each round drops |w| < q*std of the survivors
+        for r in range(recipe.rounds):
+            prune_magnitude(model, quality=recipe.quality)
+            if data is not None and cfg.epochs > 0:
+                train(model, data, dataclasses.replace(cfg, lr=cfg.lr * recipe.lr_factor, seed=cfg.seed + r + 1),
+                      progress=progress)
+        return model
+    if data is None:
+        prune_magnitude(model, sparsity=recipe.sparsity, scope=recipe.scope)
+        return model
+    prune_and_retrain(model, data, sparsity=recipe.sparsity, rounds=recipe.rounds,
+                      epochs_per_round=cfg.epochs, scope=recipe.scope, config=cfg,
+                      lr_factor=recipe.lr_factor, progress=progress)
+    return model
