@@ -15,9 +15,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from _common import CACHE, RESULTS, cached_json, machine, write_result
-
 import netsurgeon as ns
+from _common import CACHE, RESULTS, cached_json, machine, write_result
 from netsurgeon.masks import sparsity_report
 from netsurgeon.modelfile import load_model, save_model
 from netsurgeon.pruning.magnitude import prune_and_retrain
@@ -31,19 +30,21 @@ PAPER = {  # Han et al. 2015, Table 1 (errors) and Table 2 (% of weights kept pe
 }
 DENSE = {  # our dense training recipe (SGD + momentum, cosine LR)
     "lenet300": ns.TrainConfig(epochs=20, lr=0.05, weight_decay=1e-4, schedule="cosine", batch_size=64),
-    "lenet5": ns.TrainConfig(epochs=15, lr=0.05, weight_decay=5e-4, schedule="cosine", batch_size=64),
+    "lenet5": ns.TrainConfig(epochs=15, lr=0.01, weight_decay=5e-4, schedule="cosine", batch_size=64),
 }
 RETRAIN_EPOCHS = {"lenet300": 6, "lenet5": 3}  # per prune/retrain round, 3 rounds, LR = dense LR / 10
 
 
 def run_model(name: str, data: ns.data.Dataset, fresh: bool, quick: bool) -> dict:
     cfg = DENSE[name] if not quick else replace(DENSE[name], epochs=1)
-    dense_path = CACHE / f"han_{name}_dense{'_quick' if quick else ''}.safetensors"
+    tag = "_quick" if quick else ""
+    dense_path = CACHE / f"han_{name}_dense{tag}.safetensors"
+    ckpt = CACHE / f"han_{name}_dense{tag}.ckpt"
     t0 = time.perf_counter()
     if fresh or not dense_path.is_file():
         model = ns.build_model(name)
-        ns.train(model, data, cfg, checkpoint=CACHE / f"han_{name}_dense.ckpt", checkpoint_every=500,
-                 resume=(CACHE / f"han_{name}_dense.ckpt").is_file() and not fresh, progress=True)
+        ns.train(model, data, cfg, checkpoint=ckpt, checkpoint_every=500,
+                 resume=ckpt.is_file() and not fresh, progress=True)
         save_model(model, dense_path)
     dense_wall = time.perf_counter() - t0
     model, _ = load_model(dense_path)
@@ -97,12 +98,20 @@ def main() -> None:
     for name in args.models:
         r = run_model(name, data, args.fresh, args.quick)
         r["paper"] = PAPER[name]
-        best = r["variants"]["per-layer (paper's kept %)"]
-        r["target"] = {"compression_nonzero_min": 12.0 * 0.95,
-                       "error_max_pct": PAPER[name]["pruned_error"] + 0.1,
-                       "met": bool(best["compression_nonzero"] >= 12.0 * 0.95
-                                   and best["test_error_pct"] <= PAPER[name]["pruned_error"] + 0.1)}
+        r["target"] = {"compression_nonzero_min": 12.0 * 0.95, "error_max_pct": PAPER[name]["pruned_error"] + 0.1,
+                       "note": "paper's 12x (5% slack for rounding) at no more than the paper's error + 0.1 point"}
         result["models"][name] = r
+        for vname, v in r["variants"].items():
+            result.setdefault("table_rows", []).append({
+                "model": name, "method": f"magnitude + retrain, {vname}",
+                "error_pct": v["test_error_pct"], "paper_error_pct": PAPER[name]["pruned_error"],
+                "dense_error_pct": r["dense"]["test_error_pct"], "paper_dense_error_pct": PAPER[name]["ref_error"],
+                "kept_pct": 100 * v["nonzero"] / v["params"], "compression_nonzero": v["compression_nonzero"],
+                "paper_compression": PAPER[name]["compression"], "compression_bytes": v["compression_bytes"],
+                "speedup_b1": v["latency"]["1"]["speedup"], "speedup_b256": v["latency"]["256"]["speedup"],
+                "wall_s": r["dense"]["wall_s"] + v["wall_s"],
+                "target_met": bool(v["compression_nonzero"] >= 12.0 * 0.95
+                                   and v["test_error_pct"] <= PAPER[name]["pruned_error"] + 0.1)})
     result["wall_s"] = time.perf_counter() - t0
     if not args.quick:
         path = write_result("han_mnist", result)

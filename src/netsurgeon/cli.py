@@ -12,7 +12,7 @@ import click
 import yaml
 
 from . import __version__
-from .data import DATASETS, DataError, load_dataset
+from .data import DATASETS, load_dataset
 from .models import MODELS, build_model
 
 log = logging.getLogger("netsurgeon")

@@ -1,9 +1,10 @@
 """Rebuild a runnable module from a ``.nsz`` file, with kernels that skip pruned work where that pays.
 
-On this 2-core CPU (see docs/platform.md) torch's CSR matmul beats a dense Linear layer at batch 256 from
-about 90% sparsity, while at batch 1 its fixed per-call cost (~7.5 µs) dominates small layers. So a Linear
-layer becomes a :class:`CSRLinear` only above ``min_sparsity`` (default 0.9); convolutions stay dense
-(unstructured sparsity does not speed them up here; structured pruning does).
+On a 2-core CPU (measurements: docs/design.md, "Runtime kernels") torch's CSR matmul beats a dense
+Linear layer at batch 256 from about 90% sparsity, while at batch 1 its fixed per-call cost (~7.5 us)
+dominates small layers. So a Linear layer becomes a :class:`CSRLinear` only above ``min_sparsity``
+(default 0.9); convolutions stay dense (unstructured sparsity does not speed them up here; structured
+pruning does).
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ class Trainer:
         self._epoch_sums = state["epoch_sums"].clone()
         self.history = json.loads(state["history"])
         self.step = int(state["step"])
-        for cb, s in zip(self.callbacks, state["callbacks"]):
+        for cb, s in zip(self.callbacks, state["callbacks"], strict=True):
             cb.load_state_dict(s)
 
     # -- the loop ----------------------------------------------------------------------------------

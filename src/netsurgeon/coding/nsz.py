@@ -75,7 +75,8 @@ def _encode(name: str, t: Tensor, value_dtype: str, index_bits: int | str) -> tu
         raw = arr.astype(_RAW_DTYPES["int64"])
         rec = TensorRecord(name, shape, "dense", "int64", 0, arr.size, nz, arr.size, raw.nbytes)
         return rec, {f"{name}/values": raw.tobytes()}
-    vals = arr.astype(_VALUE_DTYPES[value_dtype])
+    with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
+        vals = arr.astype(_VALUE_DTYPES[value_dtype])
     if not np.isfinite(vals).all():
         raise ValueError(f"save_compressed: tensor {name!r} does not fit in {value_dtype} (overflow or NaN).")
     vbits = vals.itemsize * 8

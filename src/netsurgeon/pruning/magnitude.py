@@ -54,7 +54,8 @@ def quality_mask(w: Tensor, mask: Tensor, quality: float) -> Tensor:
     return mask * (w.abs() >= thr).to(mask.dtype)
 
 
-def _per_tensor(owner: str, value: float | Mapping[str, float], names: list[str], check) -> dict[str, float]:
+def _per_tensor(owner: str, param: str, value: float | Mapping[str, float], names: list[str],
+                check) -> dict[str, float]:
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - set(names) - {n.rsplit(".", 1)[0] for n in names})
         if unknown:
@@ -63,9 +64,9 @@ def _per_tensor(owner: str, value: float | Mapping[str, float], names: list[str]
         for n in names:
             v = value.get(n, value.get(n.rsplit(".", 1)[0]))
             if v is not None:
-                out[n] = check(owner, f"value for {n!r}", v)
+                out[n] = check(owner, f"{param} for {n!r}", v)
         return out
-    v = check(owner, "value", value)
+    v = check(owner, param, value)
     return dict.fromkeys(names, v)
 
 
@@ -103,14 +104,14 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
         flat_w = torch.cat([weights[n].flatten() for n in names])
         flat_m = torch.cat([masks[n].mask.flatten() for n in names])
         new = magnitude_mask(flat_w, flat_m, s)
-        for n, part in zip(names, new.split([weights[n].numel() for n in names])):
+        for n, part in zip(names, new.split([weights[n].numel() for n in names]), strict=True):
             masks[n].mask.copy_(part.view_as(masks[n].mask))
     else:
         if sparsity is not None:
-            targets = _per_tensor(owner, sparsity, names, check_fraction)
+            targets = _per_tensor(owner, "sparsity", sparsity, names, check_fraction)
             rule = magnitude_mask
         else:
-            targets = _per_tensor(owner, quality, names,
+            targets = _per_tensor(owner, "quality", quality, names,
                                   lambda o, n, v: check_positive(o, n, v) if v != 0 else 0.0)
             rule = quality_mask
         for n, v in targets.items():

@@ -1,0 +1,56 @@
+"""Regenerate the README's results table from bench/results/*.json (the only source of its numbers).
+
+    python bench/make_readme.py
+
+Each result JSON carries ``table_rows``: dicts with model, method, error and paper error, compression by
+nonzeros and by file bytes, latency ratios, wall time and whether the issue's target was met.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render() -> str:
+    lines, machines = [], set()
+    head = ("| benchmark | model | method | test error % (paper) | dense error % (paper) | kept nonzeros | "
+            "compression: nonzeros (paper) | compression: .nsz bytes | speedup b1 / b256 | wall s | target |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+        res = json.loads(path.read_text())
+        m = res.get("machine", {})
+        machines.add(f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')} "
+                     f"({m.get('date', '?')}, commit {m.get('commit', '?')})")
+        for r in res.get("table_rows", []):
+            lines.append(
+                f"| {res['benchmark']} | {r['model']} | {r['method']} | {_f(r['error_pct'], '.2f')} "
+                f"({_f(r.get('paper_error_pct'), '.2f')}) | {_f(r.get('dense_error_pct'), '.2f')} "
+                f"({_f(r.get('paper_dense_error_pct'), '.2f')}) | {_f(r.get('kept_pct'), '.2f')}% | "
+                f"{_f(r['compression_nonzero'], '.1f')}x ({_f(r.get('paper_compression'), '.0f')}x) | "
+                f"{_f(r['compression_bytes'], '.1f')}x | {_f(r.get('speedup_b1'), '.2f')} / "
+                f"{_f(r.get('speedup_b256'), '.2f')} | {_f(r.get('wall_s'), '.0f')} | "
+                f"{'met' if r.get('target_met') else 'MISSED'} |")
+    lines.append("")
+    lines += [f"Measured on: {m}." for m in sorted(machines)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END), f"{START}\n{render()}\n{END}", text, flags=re.S)
+    readme.write_text(new)
+    print(render())
+
+
+if __name__ == "__main__":
+    main()
