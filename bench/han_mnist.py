@@ -32,7 +32,7 @@ DENSE = {  # our dense training recipe (SGD + momentum, cosine LR)
     "lenet300": ns.TrainConfig(epochs=20, lr=0.05, weight_decay=1e-4, schedule="cosine", batch_size=64),
     "lenet5": ns.TrainConfig(epochs=15, lr=0.01, weight_decay=5e-4, schedule="cosine", batch_size=64),
 }
-RETRAIN_EPOCHS = {"lenet300": 6, "lenet5": 3}  # per prune/retrain round, 3 rounds, LR = dense LR / 10
+RETRAIN_EPOCHS = {"lenet300": 10, "lenet5": 6}  # per prune/retrain round, 3 rounds, LR = dense LR / 10
 
 
 def run_model(name: str, data: ns.data.Dataset, fresh: bool, quick: bool) -> dict:

@@ -36,3 +36,12 @@ def test_load_compressed_with_sparse_kernels(tmp_path):
     assert isinstance(fast.fc1, CSRLinear) and not fast.training
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_tuning_keeps_dense_where_csr_loses():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        m[0].weight[:, 1:] = 0  # 87.5% sparse, but a tiny layer: CSR's fixed cost loses at batch 1
+    assert isinstance(sparsify_linear_layers(m, min_sparsity=0.5)[0], CSRLinear)
+    assert isinstance(sparsify_linear_layers(m, min_sparsity=0.5, tune_batch=1)[0], nn.Linear)

@@ -27,8 +27,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
               threads: int | None = None, repeats: int = 50) -> dict[str, Any]:
     """The numbers a user judges a compressed model by, as a JSON-ready dict.
 
-    ``latency`` compares the runtime form (CSR kernels for sparse Linear layers, see runtime.py) with the
-    same weights run densely, measured interleaved in this process.
+    ``latency`` compares the runtime form (CSR kernels for Linear layers where they time faster at that
+    batch size, see runtime.py) with the same weights run densely, measured interleaved in this process.
     """
     nz, total = count_nonzero(model)
     flops = layer_flops(model, input_shape)
@@ -43,13 +43,14 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
     if data is not None:
         loss, acc = evaluate(model, data.test)
         out.update(test_accuracy=acc, test_error_pct=100 * (1 - acc), test_loss=loss)
-    fast = sparsify_linear_layers(model)
     lat = {}
     for b in batches:
+        fast = sparsify_linear_layers(model, tune_batch=b)
         x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(0))
         r = measure_latency(fast, model, x, threads=threads, repeats=repeats)
         lat[str(b)] = {"runtime_ms": 1e3 * r.model_s, "dense_ms": 1e3 * r.reference_s, "speedup": r.speedup,
-                       "threads": r.threads}
+                       "threads": r.threads,
+                       "csr_layers": [n for n, m in fast.named_modules() if type(m).__name__ == "CSRLinear"]}
     out["latency"] = lat
     return out
 

@@ -3,7 +3,8 @@
 On a 2-core CPU (measurements: docs/design.md, "Runtime kernels") torch's CSR matmul beats a dense
 Linear layer at batch 256 from about 90% sparsity, while at batch 1 its fixed per-call cost (~7.5 us)
 dominates small layers. So a Linear layer becomes a :class:`CSRLinear` only above ``min_sparsity``
-(default 0.9); convolutions stay dense (unstructured sparsity does not speed them up here; structured
+(default 0.9) and, when a ``tune_batch`` is given, only if timing both kernels on that batch size shows
+CSR to be faster; convolutions stay dense (unstructured sparsity does not speed them up here; structured
 pruning does).
 """
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from .coding.container import NszError
 from .coding.nsz import load_state_checked, read_compressed
+from .stats import measure_latency
 
 __all__ = ["CSRLinear", "sparsify_linear_layers", "load_compressed"]
 
@@ -46,27 +48,42 @@ class CSRLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, nnz={nnz}"
 
 
+def _csr_is_faster(dense: nn.Linear, csr: CSRLinear, batch: int, repeats: int = 30) -> bool:
+    """Time both kernels on a random (batch, in_features) input; True if CSR wins by more than 5%."""
+    x = torch.randn(batch, dense.in_features, generator=torch.Generator().manual_seed(0))
+    lat = measure_latency(csr, dense, x, warmup=5, repeats=repeats)
+    return lat.speedup > 1.05
+
+
 @torch.no_grad()
-def sparsify_linear_layers(model: nn.Module, min_sparsity: float = 0.9) -> nn.Module:
-    """Return a copy of ``model`` whose Linear layers with sparsity >= ``min_sparsity`` are :class:`CSRLinear`."""
+def sparsify_linear_layers(model: nn.Module, min_sparsity: float = 0.9, tune_batch: int | None = None) -> nn.Module:
+    """Return a copy of ``model`` whose Linear layers with sparsity >= ``min_sparsity`` are :class:`CSRLinear`.
+
+    With ``tune_batch``, a layer is converted only if CSR measures faster than dense at that batch size,
+    so the runtime form is never slower layer by layer than the dense one (up to timing noise).
+    """
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if isinstance(m, nn.Linear):
             sparsity = 1.0 - float((m.weight != 0).sum()) / m.weight.numel()
             if sparsity >= min_sparsity:
-                parent, _, attr = name.rpartition(".")
-                setattr(out.get_submodule(parent), attr, CSRLinear(m.weight, m.bias))
+                fast = CSRLinear(m.weight, m.bias)
+                if tune_batch is None or _csr_is_faster(m, fast, tune_batch):
+                    parent, _, attr = name.rpartition(".")
+                    setattr(out.get_submodule(parent), attr, fast)
     return out.eval()
 
 
 def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
-                    sparse_kernels: bool = False, min_sparsity: float = 0.9) -> nn.Module:
+                    sparse_kernels: bool = False, min_sparsity: float = 0.9,
+                    tune_batch: int | None = None) -> nn.Module:
     """Load a ``.nsz`` file as a plain ``nn.Module`` in eval mode.
 
     Args:
         model: a module of the right architecture to fill; by default it is rebuilt from the file's
             ``arch`` record (models of :mod:`netsurgeon.models`).
         sparse_kernels: replace sufficiently sparse Linear layers by CSR kernels (faster, see module doc).
+        tune_batch: with ``sparse_kernels``, keep a CSR kernel only where it times faster at this batch.
 
     Raises:
         NszError: corrupt/truncated file, or tensors that do not match the model's names or shapes.
@@ -84,4 +101,4 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
             raise NszError(f"{path}: cannot rebuild the recorded architecture {arch!r}: {e}") from e
     load_state_checked(model, state, str(path))
     model.eval()
-    return sparsify_linear_layers(model, min_sparsity) if sparse_kernels else model
+    return sparsify_linear_layers(model, min_sparsity, tune_batch) if sparse_kernels else model
