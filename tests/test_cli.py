@@ -87,3 +87,13 @@ def test_bad_input_is_a_one_line_error_with_exit_2(runner, tmp_path, args, msg):
     error_lines = [line for line in r.output.splitlines() if line.startswith("Error")]
     assert len(error_lines) == 1
     assert not (tmp_path / "x.nsz").exists()
+
+
+def test_compress_with_dns(runner, tmp_path):
+    base = tmp_path / "b.safetensors"
+    _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "3", "--lr", "0.05", "-o", str(base)]))
+    out = _ok(runner.invoke(cli, ["compress", str(base), "--method", "dns", "--c-rate", "1.0", "--epochs", "3",
+                                  "--iter-stop", "40", "--gamma", "0.01", "-o", str(tmp_path / "d.nsz")]))
+    assert "test accuracy" in out
+    s = json.loads(_ok(runner.invoke(cli, ["eval", str(tmp_path / "d.nsz"), "--json", "--batch", "4"])))
+    assert s["nonzero"] < 0.3 * s["params"]

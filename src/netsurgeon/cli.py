@@ -109,7 +109,7 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 
 @cli.command("compress")
 @click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--method", type=click.Choice(["magnitude"]), default="magnitude", show_default=True)
+@click.option("--method", type=click.Choice(["magnitude", "dns"]), default="magnitude", show_default=True)
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML recipe (overrides the method options).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of weights to remove, in [0, 1).")
@@ -119,7 +119,13 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retraining epochs per round (needs data; 0 = prune only).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
-              help="Original LR; retraining uses lr/10.")
+              help="magnitude: original LR (retraining uses lr/10); dns: the surgery run's LR.")
+@click.option("--c-rate", type=float, default=3.0, show_default=True, help="dns: crate c (larger prunes more).")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="dns: training epochs.")
+@click.option("--iter-stop", type=click.IntRange(min=0), default=10_000, show_default=True,
+              help="dns: no mask updates after this many steps.")
+@click.option("--gamma", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+              help="dns: update probability (1 + gamma*i)^-power.")
 @_with(_data_opts)
 @click.option("--value-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--index-bits", default="auto", show_default=True, help="Relative-index width 1..16, or auto.")
@@ -127,9 +133,10 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 @_friendly
 def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: float | None,
                  quality: float | None, scope: str, rounds: int, finetune_epochs: int, lr: float,
-                 data_name: str, data_dir: Path | None, seed: int, value_dtype: str, index_bits: str,
+                 c_rate: float, epochs: int, iter_stop: int, gamma: float, data_name: str,
+                 data_dir: Path | None, seed: int, value_dtype: str, index_bits: str,
                  output: Path) -> None:
-    """Prune a trained model (with retraining) and write a .nsz file."""
+    """Prune a trained model (magnitude with retraining, or DNS surgery) and write a .nsz file."""
     from .coding.nsz import save_compressed
     from .modelfile import load_model
     from .recipes import Recipe, apply_recipe, load_recipe
@@ -137,6 +144,10 @@ def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: f
 
     if recipe is not None:
         rec = load_recipe(recipe)
+    elif method == "dns":
+        rec = Recipe(method="dns", finetune={"epochs": epochs, "lr": lr, "seed": seed},
+                     dns={"c_rate": c_rate, "iter_stop": iter_stop, "gamma": gamma, "seed": seed},
+                     save={"value_dtype": value_dtype, "index_bits": index_bits})
     else:
         if sparsity is None and quality is None:
             raise click.UsageError("give --sparsity, --quality or --recipe.")
@@ -148,7 +159,7 @@ def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: f
     bits = rec.save.get("index_bits", "auto")
     bits = int(bits) if str(bits).isdigit() else bits
     model, meta = load_model(model_file)
-    use_data = recipe is not None or finetune_epochs > 0
+    use_data = recipe is not None or finetune_epochs > 0 or rec.method == "dns"
     data = load_dataset(data_name, data_dir, seed=seed) if use_data else None
     apply_recipe(model, data, rec, progress=True)
     acc = evaluate(model, data.test)[1] if data is not None else None

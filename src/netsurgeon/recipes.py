@@ -1,6 +1,6 @@
 """YAML recipes: one compression pipeline as data (prune -> fine-tune -> encode), validated key by key.
 
-Example (``recipes/magnitude_lenet300.yaml``)::
+Example (``recipes/magnitude_lenet300.yaml``; ``recipes/dns_lenet5.yaml`` for method ``dns``)::
 
     method: magnitude
     sparsity: {fc1: 0.92, fc2: 0.91, fc3: 0.74}   # or one number
@@ -27,13 +27,16 @@ from .train import TrainConfig, train
 
 __all__ = ["Recipe", "load_recipe", "apply_recipe", "METHODS"]
 
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "dns")
+_DNS_KEYS = {"c_rate", "gamma", "power", "iter_start", "iter_stop", "low", "high", "include_bias", "seed",
+             "log_every"}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A compression pipeline. ``finetune`` holds :class:`TrainConfig` fields (lr is the *original* LR:
-    retraining runs at ``lr * lr_factor``)."""
+    """A compression pipeline. ``finetune`` holds :class:`TrainConfig` fields. For ``magnitude`` its lr is
+    the *original* LR (retraining runs at ``lr * lr_factor``); for ``dns`` it is the surgery run's LR and
+    ``dns`` holds the :class:`netsurgeon.pruning.DNS` arguments."""
 
     method: str = "magnitude"
     sparsity: float | dict[str, float] | None = None
@@ -43,6 +46,7 @@ class Recipe:
     lr_factor: float = 0.1
     finetune: dict[str, Any] = field(default_factory=dict)
     save: dict[str, Any] = field(default_factory=dict)
+    dns: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -53,7 +57,13 @@ class Recipe:
         bad_save = set(self.save) - {"value_dtype", "index_bits"}
         if bad_save:
             raise ValueError(f"recipe: unknown key(s) {sorted(bad_save)} under 'save'.")
-        if (self.sparsity is None) == (self.quality is None):
+        bad_dns = set(self.dns) - _DNS_KEYS
+        if bad_dns:
+            raise ValueError(f"recipe: unknown key(s) {sorted(bad_dns)} under 'dns'.")
+        if self.method == "dns":
+            if self.sparsity is not None or self.quality is not None:
+                raise ValueError("recipe: method 'dns' decides sparsity itself; remove 'sparsity'/'quality'.")
+        elif (self.sparsity is None) == (self.quality is None):
             raise ValueError("recipe: give exactly one of 'sparsity' or 'quality'.")
         if self.scope not in ("layer", "global"):
             raise ValueError(f"recipe: scope must be 'layer' or 'global'; got {self.scope!r}.")
@@ -88,6 +98,13 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
 def apply_recipe(model: nn.Module, data: Dataset | None, recipe: Recipe, progress: bool = False) -> nn.Module:
     """Run ``recipe``'s pruning and fine-tuning on ``model`` in place; returns the model."""
     cfg = recipe.train_config()
+    if recipe.method == "dns":
+        if data is None:
+            raise ValueError("recipe: method 'dns' prunes while training and needs data.")
+        from .pruning.dns import DNS
+
+        train(model, data, cfg, callbacks=[DNS(**recipe.dns)], progress=progress)
+        return model
     if recipe.quality is not None:  # Han's rule, iterated: each round drops |w| < q*std of the survivors
         for r in range(recipe.rounds):
             prune_magnitude(model, quality=recipe.quality)

@@ -1,5 +1,10 @@
 """Pruning methods: one module per paper."""
 
+from .dns import DNS as DNS
+from .dns import calibrate_c_rate as calibrate_c_rate
+from .dns import dns_thresholds as dns_thresholds
+from .dns import dns_update_mask as dns_update_mask
+from .dns import surgery_probability as surgery_probability
 from .magnitude import magnitude_mask as magnitude_mask
 from .magnitude import prune_and_retrain as prune_and_retrain
 from .magnitude import prune_magnitude as prune_magnitude
