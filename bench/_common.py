@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+import netsurgeon as ns
 from netsurgeon._validation import atomic_write
+from netsurgeon.modelfile import load_model, save_model
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -59,3 +61,36 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     with atomic_write(path, "w") as f:
         json.dump(result, f, indent=2)
     return path
+
+
+DENSE = {  # the dense reference models every MNIST benchmark starts from (SGD + momentum, cosine LR)
+    "lenet300": ns.TrainConfig(epochs=20, lr=0.05, weight_decay=1e-4, schedule="cosine", batch_size=64),
+    "lenet5": ns.TrainConfig(epochs=15, lr=0.01, weight_decay=5e-4, schedule="cosine", batch_size=64),
+}
+
+
+def dense_model(name: str, data: ns.data.Dataset, fresh: bool = False,
+                quick: bool = False) -> tuple[Path, float | None]:
+    """Train (or reuse from bench/.cache) the dense reference model; returns (file, wall seconds of training).
+
+    Training checkpoints every 500 steps, so an interrupted run resumes.
+    """
+    from dataclasses import replace
+
+    cfg = DENSE[name] if not quick else replace(DENSE[name], epochs=1)
+    tag = "_quick" if quick else ""
+    path, ckpt = CACHE / f"han_{name}_dense{tag}.safetensors", CACHE / f"han_{name}_dense{tag}.ckpt"
+    wall_file = CACHE / f"han_{name}_dense{tag}.wall"
+    if fresh or not path.is_file():
+        t0 = time.perf_counter()
+        model = ns.build_model(name)
+        ns.train(model, data, cfg, checkpoint=ckpt, checkpoint_every=500, resume=ckpt.is_file() and not fresh,
+                 progress=True)
+        save_model(model, path)
+        wall_file.write_text(str(time.perf_counter() - t0))
+    wall = float(wall_file.read_text()) if wall_file.is_file() else None  # None: trained before walls were kept
+    return path, wall
+
+
+def load_dense(path: Path):
+    return load_model(path)[0]

@@ -23,7 +23,7 @@ def _f(v, fmt: str) -> str:
 def render() -> str:
     lines, machines = [], set()
     head = ("| benchmark | model | method | test error % (paper) | dense error % (paper) | kept nonzeros | "
-            "compression: nonzeros (paper) | compression: .nsz bytes | speedup b1 / b256 | wall s | target |")
+            "compression: nonzeros (paper) | compression: .nsz bytes | speedup b1 / b256 | compress wall s | target |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         res = json.loads(path.read_text())
@@ -38,7 +38,7 @@ def render() -> str:
                 f"{_f(r['compression_nonzero'], '.1f')}x ({_f(r.get('paper_compression'), '.0f')}x) | "
                 f"{_f(r['compression_bytes'], '.1f')}x | {_f(r.get('speedup_b1'), '.2f')} / "
                 f"{_f(r.get('speedup_b256'), '.2f')} | {_f(r.get('wall_s'), '.0f')} | "
-                f"{'met' if r.get('target_met') else 'MISSED'} |")
+                f"{'-' if r.get('target_met') is None else 'met' if r['target_met'] else 'MISSED'} |")
     lines.append("")
     lines += [f"Measured on: {m}." for m in sorted(machines)]
     return "\n".join(lines)
