@@ -56,7 +56,7 @@ def surgery(name: str, data, dense_path: Path, targets: dict[str, float], tag: s
     ns.train(model, data, cfg, callbacks=[dns], checkpoint=ckpt, checkpoint_every=1000, resume=ckpt.is_file(),
              progress=True)
     wall = time.perf_counter() - t0
-    f = RESULTS / "files" / f"dns_{name}_{tag}.nsz"
+    f = (CACHE if "quick" in tag else RESULTS / "files") / f"dns_{name}_{tag}.nsz"
     ns.save_compressed(model, f, value_dtype="float16", meta={"method": "dns", "c_rate": c})
     kept = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, include_bias=False)}
     return {"tag": tag, "targets_pct": targets, "c_rate": c, "kept_pct": kept, "iterations": iterations,
@@ -74,7 +74,7 @@ def magnitude_same_budget(name: str, data, dense_path: Path, kept: dict[str, flo
                       epochs_per_round=epochs_per_round, config=ns.TrainConfig(lr=0.1, schedule="cosine"),
                       progress=True)  # retraining at lr/10 = 0.01, the surgery run's LR
     wall = time.perf_counter() - t0
-    f = RESULTS / "files" / f"dns_{name}_magnitude_baseline{tag}.nsz"
+    f = (CACHE if "quick" in tag else RESULTS / "files") / f"dns_{name}_magnitude_baseline{tag}.nsz"
     ns.save_compressed(model, f, value_dtype="float16", meta={"method": "magnitude"})
     got = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, include_bias=False)}
     return {"kept_pct": got, "iterations": 3 * epochs_per_round * steps_per_epoch, "wall_s": wall, "file": str(f),
