@@ -94,3 +94,18 @@ def dense_model(name: str, data: ns.data.Dataset, fresh: bool = False,
 
 def load_dense(path: Path):
     return load_model(path)[0]
+
+
+def parse_args(doc: str, models: list[str], quick_help: str):
+    """The command line every MNIST benchmark shares; returns (args, data) with logging set up."""
+    import argparse
+    import logging
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, required=True, help="MNIST IDX directory, e.g. ../shared/data/mnist")
+    ap.add_argument("--models", nargs="+", default=models, choices=models)
+    ap.add_argument("--fresh", action="store_true", help="ignore cached stages")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return args, ns.data.mnist(args.data_dir)
