@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .masks import prunable_layers
+from .masks import original, prunable_layers
 
 __all__ = ["count_nonzero", "LayerFlops", "layer_flops", "total_flops", "Latency", "measure_latency",
-           "num_threads"]
+           "num_threads", "collect_gradients"]
 
 
 @torch.no_grad()
@@ -123,3 +123,37 @@ def measure_latency(model: nn.Module, reference: nn.Module, x: Tensor, *, warmup
             tm.append(t1 - t0)
             tr.append(t2 - t1)
         return Latency(statistics.median(tm), statistics.median(tr), int(x.shape[0]), torch.get_num_threads())
+
+
+def collect_gradients(model: nn.Module, x: Tensor, y: Tensor, tensors: list[str], num_grads: int,
+                      batch_size: int = 1, seed: int = 0, sample_labels: bool = False) -> Tensor:
+    """Gradients of the cross-entropy w.r.t. ``tensors`` on ``num_grads`` random mini-batches of ``batch_size``.
+
+    Row i is the gradient of the mean loss over mini-batch i, i.e. the average of ``batch_size`` per-sample
+    gradients (WoodFisher's ``--fisher-mini-bsz``). Masked tensors are differentiated through their
+    original, so pruned entries get zero gradient. With ``sample_labels`` the labels are drawn from the
+    model's own predictive distribution: the outer products then estimate the true Fisher, which equals the
+    Gauss-Newton matrix for softmax cross-entropy (used for OBD), instead of the empirical Fisher.
+
+    Shapes: x (N, ...), y (N,) -> (num_grads, total numel of ``tensors``).
+    """
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(y), (num_grads, batch_size), generator=g)
+    params = [original(model, t) for t in tensors]
+    out = torch.empty(num_grads, sum(p.numel() for p in params))
+    was = model.training
+    model.eval()
+    try:
+        for i in range(num_grads):
+            xb, yb = x[idx[i]], y[idx[i]]
+            logits = model(xb)
+            if sample_labels:
+                with torch.no_grad():
+                    yb = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+            grads = torch.autograd.grad(F.cross_entropy(logits, yb), params)
+            out[i] = torch.cat([gr.flatten() for gr in grads])
+    finally:
+        model.train(was)
+    return out

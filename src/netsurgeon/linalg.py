@@ -1,0 +1,139 @@
+"""Pure math on tensors: damped empirical-Fisher inverses (Woodbury), OBS statistics and updates.
+
+No modules, no hooks. Shapes are given in each docstring; d is the number of parameters of a block and
+m the number of gradients (outer products).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["woodbury_rank1_update", "fisher_inverse_recursive", "fisher_inverse", "ImplicitFisherInverse", "obs_scores",
+           "obs_update_single_sum", "obs_update_joint", "woodtaylor_scores", "woodtaylor_update"]
+
+
+def woodbury_rank1_update(inv: Tensor, g: Tensor, n: int) -> Tensor:
+    """Return (A + g gᵀ/n)⁻¹ given ``inv`` = A⁻¹ (Sherman-Morrison; A symmetric).
+
+    WoodFisher builds the inverse empirical Fisher one gradient at a time with this recursion (Singh &
+    Alistarh 2020, arXiv:2004.14340, Sec. 3, the recursion following the empirical Fisher of Eq. (2)).
+    Shapes: inv (d, d), g (d,). Cost O(d²).
+    """
+    u = inv @ g
+    return inv - torch.outer(u, u) / (n + g @ u)
+
+
+def fisher_inverse_recursive(grads: Tensor, damp: float) -> Tensor:
+    """(λI + (1/m) Σ g gᵀ)⁻¹ by m Sherman-Morrison steps from λ⁻¹I (the paper's recursion, O(m·d²)).
+
+    Shapes: grads (m, d) -> (d, d). The reference for :func:`fisher_inverse`.
+    """
+    m, d = grads.shape
+    inv = torch.eye(d, dtype=grads.dtype) / damp
+    for g in grads:
+        inv = woodbury_rank1_update(inv, g, m)
+    return inv
+
+
+def fisher_inverse(grads: Tensor, damp: float) -> Tensor:
+    """(λI + (1/m) GᵀG)⁻¹, the same matrix as the recursion, computed in a few matmuls.
+
+    With m < d, the m×m Woodbury identity F⁻¹ = λ⁻¹ [I − Gᵀ (mλ I_m + G Gᵀ)⁻¹ G] (cost O(m·d² + m²·d + m³));
+    with m >= d, a Cholesky inverse of F itself (cost O(m·d² + d³)). Shapes: grads G (m, d) -> (d, d).
+    Computed in the dtype of ``grads`` (use float64 for tiny λ).
+    """
+    m, d = grads.shape
+    if m == 0:
+        return torch.eye(d, dtype=grads.dtype) / damp
+    if m >= d:
+        f = grads.T @ grads / m
+        f.diagonal().add_(damp)
+        return torch.cholesky_inverse(torch.linalg.cholesky(f))
+    small = grads @ grads.T
+    small.diagonal().add_(m * damp)
+    chol = torch.linalg.cholesky(small)                         # (m, m), SPD since λ > 0
+    x = torch.cholesky_solve(grads, chol)                       # (m, d) = (mλI + GGᵀ)⁻¹ G
+    inv = -(grads.T @ x)
+    inv.diagonal().add_(1.0)
+    return inv / damp
+
+
+class ImplicitFisherInverse:
+    """F⁻¹ = λ⁻¹ [I − Gᵀ (mλI + GGᵀ)⁻¹ G] kept in factored form: memory O(m·d), never the d×d matrix.
+
+    For a full (all-layer) WoodFisher inverse when d is large: the diagonal costs O(m·d), a product
+    F⁻¹v costs O(m·d), k columns cost O(m·d·k). Building it costs O(m²·d + m³). Shapes: grads (m, d).
+    """
+
+    def __init__(self, grads: Tensor, damp: float) -> None:
+        m = grads.shape[0]
+        small = grads @ grads.T
+        small.diagonal().add_(m * damp)
+        self.g, self.damp = grads, damp
+        self.x = torch.cholesky_solve(grads, torch.linalg.cholesky(small))   # (m, d)
+
+    def diagonal(self) -> Tensor:
+        return (1.0 - (self.g * self.x).sum(0)) / self.damp
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return (v - self.g.T @ (self.x @ v)) / self.damp
+
+    def columns(self, idx: Tensor) -> Tensor:
+        """F⁻¹[:, idx], shape (d, len(idx))."""
+        cols = -(self.g.T @ self.x[:, idx])
+        cols[idx, torch.arange(len(idx))] += 1.0
+        return cols / self.damp
+
+
+def _columns(hinv: Tensor | ImplicitFisherInverse, idx: Tensor) -> Tensor:
+    return hinv.columns(idx) if isinstance(hinv, ImplicitFisherInverse) else hinv[:, idx]
+
+
+def obs_scores(w: Tensor, hinv_diag: Tensor) -> Tensor:
+    """OBS saliency ρ_q = w_q² / (2 [H⁻¹]_qq) (Hassibi & Stork 1993; WoodFisher Sec. 4). Shapes: (d,), (d,)."""
+    return w.pow(2) / (2 * hinv_diag)
+
+
+def obs_update_single_sum(w: Tensor, hinv: Tensor | ImplicitFisherInverse, prune: Tensor) -> Tensor:
+    """Sum of the single-weight OBS corrections δw = −Σ_q (w_q / [H⁻¹]_qq) H⁻¹ e_q over q in ``prune``.
+
+    What the official WoodFisher code applies when several weights go at once (exact only if [H⁻¹]_QQ is
+    diagonal). Shapes: w (d,), hinv (d, d), prune (d,) bool -> δw (d,).
+    """
+    s = torch.zeros_like(w)
+    s[prune] = -w[prune] / hinv.diagonal()[prune]
+    return hinv @ s
+
+
+def obs_update_joint(w: Tensor, hinv: Tensor | ImplicitFisherInverse, prune: Tensor) -> Tensor:
+    """Exact OBS update for removing the set Q together: δw = −H⁻¹E_Qᵀ (E_Q H⁻¹ E_Qᵀ)⁻¹ E_Q w.
+
+    (WoodFisher Sec. 4, "pruning multiple weights"). After it, w + δw is exactly 0 on Q.
+    Shapes: w (d,), hinv (d, d), prune (d,) bool -> δw (d,). Cost O(|Q|³ + d·|Q|).
+    """
+    idx = prune.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return torch.zeros_like(w)
+    cols = _columns(hinv, idx)                                  # (d, |Q|) = H⁻¹ E_Qᵀ
+    lam = torch.linalg.solve(cols[idx], w[idx])                 # (|Q|,)
+    return -(cols @ lam)
+
+
+def woodtaylor_scores(w: Tensor, hinv: Tensor | ImplicitFisherInverse, grad: Tensor) -> Tensor:
+    """WoodTaylor saliency with the gradient term kept (WoodFisher Sec. 5, "WoodTaylor"):
+
+    ρ_q = ½ (w_q − [H⁻¹g]_q)² / [H⁻¹]_qq − ½ gᵀH⁻¹g. Shapes: w, grad (d,), hinv (d, d) -> (d,).
+    """
+    hg = hinv @ grad
+    return 0.5 * (w - hg).pow(2) / hinv.diagonal() - 0.5 * (grad @ hg)
+
+
+def woodtaylor_update(w: Tensor, hinv: Tensor | ImplicitFisherInverse, grad: Tensor,
+                      prune: Tensor) -> Tensor:
+    """The WoodTaylor step: the Newton step −H⁻¹g plus the summed OBS corrections with w − H⁻¹g in place of w.
+
+    Shapes: w, grad (d,), hinv (d, d), prune (d,) bool -> δw (d,).
+    """
+    hg = hinv @ grad
+    return -hg + obs_update_single_sum(w - hg, hinv, prune)

@@ -1,0 +1,104 @@
+import pytest
+import torch
+from torch import nn
+
+import netsurgeon as ns
+from netsurgeon.data import Split
+from netsurgeon.masks import get_masks
+from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner, one_shot_prune
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False))
+
+
+def _split(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, generator=g)
+    y = (x[:, 0, :3].sum(1) > 0).long() + (x[:, 0, 3] > 1).long()
+    return Split(x, y)
+
+
+def _trained(seed=0):
+    m, s = _tiny(seed), _split()
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(s.x), s.y).backward()
+        opt.step()
+    return m, s
+
+
+def test_global_sparsity_is_exact_and_per_layer_is_reported():
+    m, s = _trained()
+    r = one_shot_prune(m, s, 0.5, "woodfisher", FisherConfig(num_grads=64, damp=1e-3, block_size=None))
+    assert r["sparsity"] == pytest.approx(33 / 66)  # 66 weights, round(0.5*66) = 33 removed
+    assert set(r["per_layer"]) == {"1", "3"}
+    nz, total = ns.stats.count_nonzero(m)
+    assert total - nz == 33
+
+
+@pytest.mark.parametrize("method", ["magnitude", "diag_fisher", "obd", "obs", "woodfisher", "woodtaylor"])
+def test_every_method_prunes_and_keeps_pruned_weights_at_zero(method):
+    m, s = _trained()
+    one_shot_prune(m, s, 0.4, method, FisherConfig(num_grads=64, damp=1e-2, block_size=16))
+    for p in get_masks(m).values():
+        assert float(p.mask.mean()) < 1.0
+    w = m[1].weight
+    assert (w[get_masks(m)["1.weight"].mask == 0] == 0).all()
+
+
+def test_obs_update_lowers_loss_more_than_no_update():
+    m, s = _trained()
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    losses = {}
+    for update in ("none", "single", "joint"):
+        mm = _tiny()
+        mm.load_state_dict(base)
+        one_shot_prune(mm, s, 0.5, "woodfisher", FisherConfig(num_grads=300, damp=1e-4, block_size=None),
+                       update=update)
+        with torch.no_grad():
+            losses[update] = float(nn.functional.cross_entropy(mm(s.x), s.y))
+    assert losses["single"] < losses["none"]
+    assert losses["joint"] < losses["none"]
+
+
+def test_block_size_matches_full_when_blocks_cover_a_layer():
+    m, s = _trained()
+    f = FisherConfig(num_grads=50, damp=1e-3)
+    full = OneShotPruner("woodfisher", FisherConfig(num_grads=50, damp=1e-3, block_size=48)).fit(m, s)
+    per_layer = OneShotPruner("woodfisher", f).fit(m, s)   # block 2000 > each layer: one block per layer
+    torch.testing.assert_close(full.scores_, per_layer.scores_)
+    assert [(b.start, b.stop) for b in full.blocks_] == [(0, 48), (48, 66)]
+
+
+def test_woodfisher_on_mlpnet_digits_beats_magnitude_at_high_sparsity(digits):
+    torch.manual_seed(0)
+    m = ns.build_model("mlpnet", digits.input_shape)
+    ns.train(m, digits, ns.TrainConfig(epochs=15, lr=0.05))
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    acc = {}
+    for method in ("magnitude", "woodfisher"):
+        mm = ns.build_model("mlpnet", digits.input_shape)
+        mm.load_state_dict(state)
+        one_shot_prune(mm, digits.train, 0.9, method, FisherConfig(num_grads=400, block_size=500, damp=1e-4))
+        acc[method] = ns.evaluate(mm, digits.test)[1]
+    assert acc["woodfisher"] > acc["magnitude"] + 0.05
+
+
+def test_errors():
+    m, s = _trained()
+    with pytest.raises(ValueError, match="method must be one of"):
+        OneShotPruner("sorcery")
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\)"):
+        one_shot_prune(m, s, 1.0, "magnitude")
+    with pytest.raises(ValueError, match="call fit"):
+        OneShotPruner().prune(m, 0.5)
+    with pytest.raises(ValueError, match="full inverse over 66 weights needs about .* use a smaller block_size"):
+        OneShotPruner("woodfisher", FisherConfig(block_size=None), memory_limit=1000).fit(m, s)
+    big = ns.build_model("mlpnet")
+    with pytest.raises(ValueError, match="exact OBS is limited to 4096 weights"):
+        OneShotPruner("obs").fit(big, Split(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(ValueError, match="type LSTM is not supported"):
+        OneShotPruner().fit(nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2)), s)
