@@ -66,6 +66,7 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 DENSE = {  # the dense reference models every MNIST benchmark starts from (SGD + momentum, cosine LR)
     "lenet300": ns.TrainConfig(epochs=20, lr=0.05, weight_decay=1e-4, schedule="cosine", batch_size=64),
     "lenet5": ns.TrainConfig(epochs=15, lr=0.01, weight_decay=5e-4, schedule="cosine", batch_size=64),
+    "mlpnet": ns.TrainConfig(epochs=10, lr=0.05, weight_decay=1e-4, schedule="cosine", batch_size=64),
 }
 
 

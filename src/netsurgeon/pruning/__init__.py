@@ -9,6 +9,8 @@ from .magnitude import magnitude_mask as magnitude_mask
 from .magnitude import prune_and_retrain as prune_and_retrain
 from .magnitude import prune_magnitude as prune_magnitude
 from .magnitude import quality_mask as quality_mask
+from .schedules import GradualPruning as GradualPruning
+from .schedules import polynomial_sparsity as polynomial_sparsity
 from .woodfisher import FisherConfig as FisherConfig
 from .woodfisher import OneShotPruner as OneShotPruner
 from .woodfisher import one_shot_prune as one_shot_prune
