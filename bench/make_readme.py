@@ -39,9 +39,32 @@ def render() -> str:
                 f"{_f(r['compression_bytes'], '.1f')}x | {_f(r.get('speedup_b1'), '.2f')} / "
                 f"{_f(r.get('speedup_b256'), '.2f')} | {_f(r.get('wall_s'), '.0f')} | "
                 f"{'-' if r.get('target_met') is None else 'met' if r['target_met'] else 'MISSED'} |")
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+        res = json.loads(path.read_text())
+        if "sweep" in res:
+            lines += ["", _sweep_table(res)]
     lines.append("")
     lines += [f"Measured on: {m}." for m in sorted(machines)]
     return "\n".join(lines)
+
+
+def _sweep_table(res: dict) -> str:
+    """One-shot accuracy-vs-sparsity table (mean ± std over seeds) of a sweep benchmark."""
+    sp = list(next(iter(res["sweep"].values()))["mean"])
+    out = [f"{res['benchmark']}: one-shot test accuracy % of MLPNet (dense {res['dense_test_acc']:.2f}%), "
+           f"{res['num_grads']} gradients, seeds {res['seeds']}, no fine-tuning:", "",
+           "| method | " + " | ".join(sp) + " |", "|---|" + "---|" * len(sp)]
+    for name, r in res["sweep"].items():
+        out.append(f"| {name} | " + " | ".join(f"{r['mean'][s]:.1f} ± {r['std'][s]:.1f}" for s in sp) + " |")
+    a = res.get("anchor")
+    if a:
+        n = str(a["num_grads"])
+        ld = {k: v[n] for k, v in res["limited_data"].items()}
+        out += ["", f"Limited data, 95% sparsity, {n} gradients: ours WoodFisher-block {ld['woodfisher']:.2f}%, "
+                f"diagonal Fisher {ld['diag_fisher']:.2f}%, magnitude {ld['magnitude']:.2f}% (official repo from a "
+                f"{a['dense_acc']}% model: WoodFisher-block {a['woodfisher_block']}%, K-FAC {a['kfac']}%, "
+                f"diagonal Fisher {a['diag_fisher']}%)."]
+    return "\n".join(out)
 
 
 def main() -> None:
