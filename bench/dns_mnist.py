@@ -140,12 +140,12 @@ def plot(result: dict, runs_history: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 6.5), squeeze=False)
     for j, name in enumerate(names):
         hist = runs_history[name]
-        for layer in dict.fromkeys(h["layer"] for h in hist):
+        for i, layer in enumerate(dict.fromkeys(h["layer"] for h in hist)):
             hs = [h for h in hist if h["layer"] == layer]
             it = [h["iteration"] for h in hs]
-            axes[0][j].plot(it, [100 * h["kept"] for h in hs], label=layer)
-            axes[1][j].plot(it, [h["spliced"] for h in hs], label=f"{layer} spliced")
-            axes[1][j].plot(it, [h["pruned"] for h in hs], "--", label=f"{layer} pruned")
+            axes[0][j].plot(it, [100 * h["kept"] for h in hs], color=f"C{i}", label=layer)
+            axes[1][j].plot(it, [h["spliced"] for h in hs], color=f"C{i}", label=f"{layer} spliced")
+            axes[1][j].plot(it, [h["pruned"] for h in hs], "--", color=f"C{i}", label=f"{layer} pruned")
         axes[0][j].set_yscale("log")
         axes[0][j].set_title(f"{name}: kept % per layer (DNS)")
         axes[1][j].set_yscale("symlog")
