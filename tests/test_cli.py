@@ -97,3 +97,16 @@ def test_compress_with_dns(runner, tmp_path):
     assert "test accuracy" in out
     s = json.loads(_ok(runner.invoke(cli, ["eval", str(tmp_path / "d.nsz"), "--json", "--batch", "4"])))
     assert s["nonzero"] < 0.3 * s["params"]
+
+
+def test_compress_with_woodfisher(runner, tmp_path):
+    base = tmp_path / "b.safetensors"
+    _ok(runner.invoke(cli, ["train", "--model", "mlpnet", "--epochs", "3", "--lr", "0.05", "-o", str(base)]))
+    out = _ok(runner.invoke(cli, ["compress", str(base), "--method", "woodfisher", "--sparsity", "0.8",
+                                  "--num-grads", "200", "--block-size", "500", "--finetune-epochs", "0",
+                                  "-o", str(tmp_path / "w.nsz")]))
+    assert "test accuracy" in out
+    s = json.loads(_ok(runner.invoke(cli, ["eval", str(tmp_path / "w.nsz"), "--json", "--batch", "4"])))
+    assert abs(s["nonzero"] / s["params"] - 0.2) < 0.01
+    r = runner.invoke(cli, ["compress", str(base), "--method", "woodfisher", "-o", str(tmp_path / "x.nsz")])
+    assert r.exit_code == 2 and "needs --sparsity" in r.output

@@ -109,7 +109,9 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 
 @cli.command("compress")
 @click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--method", type=click.Choice(["magnitude", "dns"]), default="magnitude", show_default=True)
+@click.option("--method", type=click.Choice(["magnitude", "dns", "woodfisher", "woodtaylor", "obd", "diag_fisher",
+                                            "obs"]), default="magnitude", show_default=True,
+              help="magnitude: Han 2015; dns: Guo 2016; the rest one-shot second-order (global --sparsity).")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML recipe (overrides the method options).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of weights to remove, in [0, 1).")
@@ -126,6 +128,12 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
               help="dns: no mask updates after this many steps.")
 @click.option("--gamma", type=click.FloatRange(min=0), default=1e-3, show_default=True,
               help="dns: update probability (1 + gamma*i)^-power.")
+@click.option("--num-grads", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="second-order: gradients for the Fisher.")
+@click.option("--block-size", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="second-order: Fisher block size (0 = one full inverse).")
+@click.option("--damp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="second-order: dampening lambda (default 1e-5; 0.1 for woodtaylor).")
 @_with(_data_opts)
 @click.option("--value-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--index-bits", default="auto", show_default=True, help="Relative-index width 1..16, or auto.")
@@ -133,13 +141,14 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 @_friendly
 def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: float | None,
                  quality: float | None, scope: str, rounds: int, finetune_epochs: int, lr: float,
-                 c_rate: float, epochs: int, iter_stop: int, gamma: float, data_name: str,
+                 c_rate: float, epochs: int, iter_stop: int, gamma: float, num_grads: int, block_size: int,
+                 damp: float | None, data_name: str,
                  data_dir: Path | None, seed: int, value_dtype: str, index_bits: str,
                  output: Path) -> None:
-    """Prune a trained model (magnitude with retraining, or DNS surgery) and write a .nsz file."""
+    """Prune a trained model (magnitude with retraining, DNS surgery, or one-shot second-order) and write .nsz."""
     from .coding.nsz import save_compressed
     from .modelfile import load_model
-    from .recipes import Recipe, apply_recipe, load_recipe
+    from .recipes import SECOND_ORDER, Recipe, apply_recipe, load_recipe
     from .train import evaluate
 
     if recipe is not None:
@@ -147,6 +156,17 @@ def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: f
     elif method == "dns":
         rec = Recipe(method="dns", finetune={"epochs": epochs, "lr": lr, "seed": seed},
                      dns={"c_rate": c_rate, "iter_stop": iter_stop, "gamma": gamma, "seed": seed},
+                     save={"value_dtype": value_dtype, "index_bits": index_bits})
+    elif method in SECOND_ORDER:
+        if sparsity is None:
+            raise click.UsageError(f"--method {method} needs --sparsity (one global fraction).")
+        fisher = {"num_grads": num_grads, "block_size": block_size or None, "seed": seed}
+        if damp is not None:
+            fisher["damp"] = damp
+        elif method == "woodtaylor":
+            fisher["damp"] = 0.1
+        rec = Recipe(method=method, sparsity=sparsity, fisher=fisher,
+                     finetune={"epochs": finetune_epochs, "lr": lr, "seed": seed} if finetune_epochs else {},
                      save={"value_dtype": value_dtype, "index_bits": index_bits})
     else:
         if sparsity is None and quality is None:
@@ -159,7 +179,7 @@ def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: f
     bits = rec.save.get("index_bits", "auto")
     bits = int(bits) if str(bits).isdigit() else bits
     model, meta = load_model(model_file)
-    use_data = recipe is not None or finetune_epochs > 0 or rec.method == "dns"
+    use_data = recipe is not None or finetune_epochs > 0 or rec.method == "dns" or rec.method in SECOND_ORDER
     data = load_dataset(data_name, data_dir, seed=seed) if use_data else None
     apply_recipe(model, data, rec, progress=True)
     acc = evaluate(model, data.test)[1] if data is not None else None

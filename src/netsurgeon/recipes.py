@@ -27,7 +27,9 @@ from .train import TrainConfig, train
 
 __all__ = ["Recipe", "load_recipe", "apply_recipe", "METHODS"]
 
-METHODS = ("magnitude", "dns")
+SECOND_ORDER = ("woodfisher", "woodtaylor", "obs", "obd", "diag_fisher")
+METHODS = ("magnitude", "dns", *SECOND_ORDER)
+_FISHER_KEYS = {"num_grads", "grad_batch", "damp", "block_size", "seed"}
 _DNS_KEYS = {"c_rate", "gamma", "power", "iter_start", "iter_stop", "low", "high", "include_bias", "seed",
              "log_every"}
 
@@ -36,7 +38,9 @@ _DNS_KEYS = {"c_rate", "gamma", "power", "iter_start", "iter_stop", "low", "high
 class Recipe:
     """A compression pipeline. ``finetune`` holds :class:`TrainConfig` fields. For ``magnitude`` its lr is
     the *original* LR (retraining runs at ``lr * lr_factor``); for ``dns`` it is the surgery run's LR and
-    ``dns`` holds the :class:`netsurgeon.pruning.DNS` arguments."""
+    ``dns`` holds the :class:`netsurgeon.pruning.DNS` arguments; for the second-order methods ``fisher``
+    holds :class:`netsurgeon.pruning.FisherConfig` fields, ``sparsity`` is one global number, and a
+    non-empty ``finetune`` fine-tunes after the one-shot step."""
 
     method: str = "magnitude"
     sparsity: float | dict[str, float] | None = None
@@ -47,6 +51,8 @@ class Recipe:
     finetune: dict[str, Any] = field(default_factory=dict)
     save: dict[str, Any] = field(default_factory=dict)
     dns: dict[str, Any] = field(default_factory=dict)
+    fisher: dict[str, Any] = field(default_factory=dict)
+    update: str = "single"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -60,6 +66,11 @@ class Recipe:
         bad_dns = set(self.dns) - _DNS_KEYS
         if bad_dns:
             raise ValueError(f"recipe: unknown key(s) {sorted(bad_dns)} under 'dns'.")
+        bad_fisher = set(self.fisher) - _FISHER_KEYS
+        if bad_fisher:
+            raise ValueError(f"recipe: unknown key(s) {sorted(bad_fisher)} under 'fisher'.")
+        if self.method in SECOND_ORDER and not isinstance(self.sparsity, (int, float)):
+            raise ValueError(f"recipe: method {self.method!r} takes one global 'sparsity' number.")
         if self.method == "dns":
             if self.sparsity is not None or self.quality is not None:
                 raise ValueError("recipe: method 'dns' decides sparsity itself; remove 'sparsity'/'quality'.")
@@ -104,6 +115,16 @@ def apply_recipe(model: nn.Module, data: Dataset | None, recipe: Recipe, progres
         from .pruning.dns import DNS
 
         train(model, data, cfg, callbacks=[DNS(**recipe.dns)], progress=progress)
+        return model
+    if recipe.method in SECOND_ORDER:
+        if data is None:
+            raise ValueError(f"recipe: method {recipe.method!r} needs data for its gradient statistics.")
+        from .pruning.woodfisher import FisherConfig, OneShotPruner
+
+        fisher = FisherConfig(**recipe.fisher) if recipe.fisher else None
+        OneShotPruner(recipe.method, fisher, recipe.update).fit(model, data.train).prune(model, recipe.sparsity)
+        if recipe.finetune:  # then fine-tune with the masks fixed
+            train(model, data, cfg, progress=progress)
         return model
     if recipe.quality is not None:  # Han's rule, iterated: each round drops |w| < q*std of the survivors
         for r in range(recipe.rounds):
