@@ -35,7 +35,8 @@ def render() -> str:
                 f"| {res['benchmark']} | {r['model']} | {r['method']} | {_f(r['error_pct'], '.2f')} "
                 f"({_f(r.get('paper_error_pct'), '.2f')}) | {_f(r.get('dense_error_pct'), '.2f')} "
                 f"({_f(r.get('paper_dense_error_pct'), '.2f')}) | {_f(r.get('kept_pct'), '.2f')}% | "
-                f"{_f(r['compression_nonzero'], '.1f')}x ({_f(r.get('paper_compression'), '.0f')}x) | "
+                f"{_f(r['compression_nonzero'], '.1f')}x ({_f(r.get('paper_compression'), '.0f')}"
+                f"{'x' if r.get('paper_compression') else ''}) | "
                 f"{_f(r['compression_bytes'], '.1f')}x | {_f(r.get('speedup_b1'), '.2f')} / "
                 f"{_f(r.get('speedup_b256'), '.2f')} | {_f(r.get('wall_s'), '.0f')} | "
                 f"{'-' if r.get('target_met') is None else 'met' if r['target_met'] else 'MISSED'} |")
