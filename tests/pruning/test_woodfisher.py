@@ -102,3 +102,13 @@ def test_errors():
         OneShotPruner("obs").fit(big, Split(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
     with pytest.raises(ValueError, match="type LSTM is not supported"):
         OneShotPruner().fit(nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2)), s)
+
+
+def test_relative_damp_scales_with_the_fisher():
+    m, s = _trained()
+    p = OneShotPruner("woodfisher", FisherConfig(num_grads=40, damp=0.5, relative_damp=True, block_size=None))
+    p.fit(m, s)
+    from netsurgeon.stats import collect_gradients
+
+    g = collect_gradients(m, s.x, s.y, p.tensors_, 40, 1, 0)
+    assert p.damp_ == pytest.approx(0.5 * float(g.pow(2).mean()), rel=1e-5)

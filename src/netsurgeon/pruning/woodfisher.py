@@ -60,6 +60,7 @@ class FisherConfig:
     damp: float = 1e-5               # λ
     block_size: int | None = 2000    # None: one full inverse over all weights
     seed: int = 0
+    relative_damp: bool = False      # λ = damp · mean(diag F) instead of damp (ours, see docs/woodfisher.md)
 
     def __post_init__(self) -> None:
         check_positive("FisherConfig", "num_grads", self.num_grads, integer=True)
@@ -134,22 +135,27 @@ class OneShotPruner:
             self.scores_ = w.abs()
         elif m in ("diag_fisher", "obd"):
             g = self._grads(model, data, sample_labels=(m == "obd"))
-            self.scores_ = 0.5 * w.pow(2) * (self.fisher.damp + g.pow(2).mean(0))
+            diag = g.pow(2).mean(0)
+            damp = self.fisher.damp * float(diag.mean()) if self.fisher.relative_damp else self.fisher.damp
+            self.scores_ = 0.5 * w.pow(2) * (damp + diag)
         else:
             self.scores_ = torch.full((d,), float("inf"))
             g = None if m == "obs" else self._grads(model, data)
+            self.damp_ = self.fisher.damp
+            if g is not None and self.fisher.relative_damp:
+                self.damp_ = self.fisher.damp * float(g.pow(2).mean())
             if m == "woodtaylor":
                 self.grad_mean_ = g.mean(0).double()
             hess = self._exact_hessian(model, data) if m == "obs" else None
             for start, stop in self._block_ranges(d):
                 idx = torch.arange(start, stop)[alive[start:stop]]
                 if hess is not None:
-                    h = hess[idx][:, idx] + self.fisher.damp * torch.eye(len(idx), dtype=torch.float64)
+                    h = hess[idx][:, idx] + self.damp_ * torch.eye(len(idx), dtype=torch.float64)
                     hinv = torch.linalg.inv(h)
                 elif len(idx) > _EXPLICIT_MAX:
-                    hinv = ImplicitFisherInverse(g[:, idx].double(), self.fisher.damp)
+                    hinv = ImplicitFisherInverse(g[:, idx].double(), self.damp_)
                 else:
-                    hinv = fisher_inverse(g[:, idx].double(), self.fisher.damp)
+                    hinv = fisher_inverse(g[:, idx].double(), self.damp_)
                 wb = w[idx].double()
                 if m == "woodtaylor":
                     s = woodtaylor_scores(wb, hinv, self.grad_mean_[idx])
