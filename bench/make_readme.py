@@ -65,6 +65,24 @@ def _sweep_table(res: dict) -> str:
                 f"diagonal Fisher {ld['diag_fisher']:.2f}%, magnitude {ld['magnitude']:.2f}% (official repo from a "
                 f"{a['dense_acc']}% model: WoodFisher-block {a['woodfisher_block']}%, K-FAC {a['kfac']}%, "
                 f"diagonal Fisher {a['diag_fisher']}%)."]
+    js = res.get("joint_vs_single_update")
+    if js:
+        out += ["", "Several weights at once (WoodFisher block 2000, seed 0), test accuracy %: " + "; ".join(
+            f"{s}: none {js['none'][s]['test_acc']:.1f} / summed single {js['single'][s]['test_acc']:.1f} / "
+            f"exact joint {js['joint'][s]['test_acc']:.1f}" for s in js["none"]) + "."]
+    gr = res.get("gradual_to_95")
+    if gr:
+        out += ["", "Gradual pruning to 95% (cubic schedule, 3 epochs, same schedule): " + ", ".join(
+            f"{k} {v['test_acc']:.2f}%" for k, v in gr.items()) + "."]
+    le = res.get("lenets_one_shot_then_finetune")
+    if le:
+        out += ["", "| model | method | " + " | ".join(f"{s}: one-shot -> 1 epoch fine-tune" for s in
+                                                      ("0.9", "0.95", "0.98")) + " |", "|---|---|---|---|---|"]
+        for model, methods in le.items():
+            for meth, r in methods.items():
+                out.append(f"| {model} | {meth} | " + " | ".join(
+                    f"{r[s]['one_shot_acc']:.2f} -> {r[s]['finetuned_acc']:.2f}" for s in ("0.9", "0.95", "0.98"))
+                    + " |")
     return "\n".join(out)
 
 
