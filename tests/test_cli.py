@@ -110,3 +110,18 @@ def test_compress_with_woodfisher(runner, tmp_path):
     assert abs(s["nonzero"] / s["params"] - 0.2) < 0.01
     r = runner.invoke(cli, ["compress", str(base), "--method", "woodfisher", "-o", str(tmp_path / "x.nsz")])
     assert r.exit_code == 2 and "needs --sparsity" in r.output
+
+
+def test_deep_compression_from_cli(runner, tmp_path):
+    base, pruned, small = tmp_path / "b.safetensors", tmp_path / "p.nsz", tmp_path / "s.nsz"
+    _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "3", "--lr", "0.05", "-o", str(base)]))
+    _ok(runner.invoke(cli, ["compress", str(base), "--sparsity", "0.9", "--rounds", "1", "--finetune-epochs", "1",
+                            "-o", str(pruned)]))
+    out = _ok(runner.invoke(cli, ["compress", str(pruned), "--method", "none", "--share-bits", "fc=4",
+                                  "--centroid-epochs", "1", "-o", str(small)]))
+    assert "test accuracy" in out
+    assert small.stat().st_size < 0.4 * pruned.stat().st_size
+    info = _ok(runner.invoke(cli, ["info", str(small)]))
+    assert "shared (15 values," in info and "Huffman)" in info and "bytes before" in info
+    r = runner.invoke(cli, ["compress", str(pruned), "--method", "none", "--share-bits", "fc:4", "-o", str(small)])
+    assert r.exit_code == 2 and "--share-bits" in r.output

@@ -110,8 +110,9 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 @cli.command("compress")
 @click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--method", type=click.Choice(["magnitude", "dns", "woodfisher", "woodtaylor", "obd", "diag_fisher",
-                                            "obs"]), default="magnitude", show_default=True,
-              help="magnitude: Han 2015; dns: Guo 2016; the rest one-shot second-order (global --sparsity).")
+                                            "obs", "none"]), default="magnitude", show_default=True,
+              help="magnitude: Han 2015; dns: Guo 2016; woodfisher..obs: one-shot second-order (global "
+                   "--sparsity); none: keep the input's zeros (e.g. with --share-bits on a pruned .nsz).")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML recipe (overrides the method options).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of weights to remove, in [0, 1).")
@@ -137,15 +138,21 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 @_with(_data_opts)
 @click.option("--value-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--index-bits", default="auto", show_default=True, help="Relative-index width 1..16, or auto.")
+@click.option("--share-bits", default=None, help="k-means weight sharing after pruning: 'conv=8,fc=5' or one int "
+              "(Deep Compression); Huffman-coded in the file.")
+@click.option("--centroid-epochs", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Centroid fine-tuning epochs after sharing (needs data).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @_friendly
 def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: float | None,
                  quality: float | None, scope: str, rounds: int, finetune_epochs: int, lr: float,
                  c_rate: float, epochs: int, iter_stop: int, gamma: float, num_grads: int, block_size: int,
                  damp: float | None, data_name: str,
-                 data_dir: Path | None, seed: int, value_dtype: str, index_bits: str,
-                 output: Path) -> None:
-    """Prune a trained model (magnitude with retraining, DNS surgery, or one-shot second-order) and write .nsz."""
+                 data_dir: Path | None, seed: int, value_dtype: str, index_bits: str, share_bits: str | None,
+                 centroid_epochs: int, output: Path) -> None:
+    """Prune (magnitude, DNS or second-order) and optionally k-means-share a model; write a .nsz file.
+
+    MODEL_FILE is a .safetensors from `train` or a .nsz (e.g. an already pruned model)."""
     from .coding.nsz import save_compressed
     from .modelfile import load_model
     from .recipes import SECOND_ORDER, Recipe, apply_recipe, load_recipe
@@ -157,6 +164,8 @@ def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: f
         rec = Recipe(method="dns", finetune={"epochs": epochs, "lr": lr, "seed": seed},
                      dns={"c_rate": c_rate, "iter_stop": iter_stop, "gamma": gamma, "seed": seed},
                      save={"value_dtype": value_dtype, "index_bits": index_bits})
+    elif method == "none":
+        rec = Recipe(method="none", save={"value_dtype": value_dtype, "index_bits": index_bits})
     elif method in SECOND_ORDER:
         if sparsity is None:
             raise click.UsageError(f"--method {method} needs --sparsity (one global fraction).")
@@ -176,10 +185,19 @@ def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: f
                      save={"value_dtype": value_dtype, "index_bits": index_bits})
         if finetune_epochs == 0:
             rec = Recipe(**{**rec.__dict__, "rounds": 1})
+    if share_bits:
+        rec = Recipe(**{**rec.__dict__, "quantize": {"bits": _parse_bits(share_bits), "epochs": centroid_epochs}})
     bits = rec.save.get("index_bits", "auto")
     bits = int(bits) if str(bits).isdigit() else bits
-    model, meta = load_model(model_file)
-    use_data = recipe is not None or finetune_epochs > 0 or rec.method == "dns" or rec.method in SECOND_ORDER
+    if model_file.suffix == ".nsz":
+        from .coding.nsz import read_compressed
+        from .runtime import load_compressed
+
+        model, meta = load_compressed(model_file), read_compressed(model_file)[0].header.get("meta") or {}
+    else:
+        model, meta = load_model(model_file)
+    use_data = (recipe is not None or finetune_epochs > 0 or rec.method == "dns" or rec.method in SECOND_ORDER
+                or (bool(rec.quantize) and rec.quantize.get("epochs", 0) > 0))
     data = load_dataset(data_name, data_dir, seed=seed) if use_data else None
     apply_recipe(model, data, rec, progress=True)
     acc = evaluate(model, data.test)[1] if data is not None else None
@@ -187,6 +205,15 @@ def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: f
                            meta={**meta, "method": rec.method, "test_accuracy": acc})
     msg = f"{output}: {info.file_bytes:,} bytes ({info.compression:.2f}x smaller than dense float32)"
     click.echo(msg + (f", test accuracy {100 * acc:.2f}%" if acc is not None else ""))
+
+
+def _parse_bits(text: str) -> int | dict[str, int]:
+    try:
+        if "=" not in text:
+            return int(text)
+        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError as e:
+        raise click.BadParameter(f"expected an int or 'conv=8,fc=5'; got {text!r}.", param_hint="--share-bits") from e
 
 
 @cli.command("eval")

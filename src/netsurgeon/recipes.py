@@ -28,7 +28,7 @@ from .train import TrainConfig, train
 __all__ = ["Recipe", "load_recipe", "apply_recipe", "METHODS"]
 
 SECOND_ORDER = ("woodfisher", "woodtaylor", "obs", "obd", "diag_fisher")
-METHODS = ("magnitude", "dns", *SECOND_ORDER)
+METHODS = ("magnitude", "dns", *SECOND_ORDER, "none")  # "none": keep the model's zeros (e.g. only quantize)
 _FISHER_KEYS = {"num_grads", "grad_batch", "damp", "block_size", "seed"}
 _DNS_KEYS = {"c_rate", "gamma", "power", "iter_start", "iter_stop", "low", "high", "include_bias", "seed",
              "log_every"}
@@ -53,6 +53,7 @@ class Recipe:
     dns: dict[str, Any] = field(default_factory=dict)
     fisher: dict[str, Any] = field(default_factory=dict)
     update: str = "single"
+    quantize: dict[str, Any] = field(default_factory=dict)   # k-means sharing after pruning (Deep Compression)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -66,14 +67,17 @@ class Recipe:
         bad_dns = set(self.dns) - _DNS_KEYS
         if bad_dns:
             raise ValueError(f"recipe: unknown key(s) {sorted(bad_dns)} under 'dns'.")
+        bad_q = set(self.quantize) - {"bits", "init", "epochs", "lr"}
+        if bad_q:
+            raise ValueError(f"recipe: unknown key(s) {sorted(bad_q)} under 'quantize'.")
         bad_fisher = set(self.fisher) - _FISHER_KEYS
         if bad_fisher:
             raise ValueError(f"recipe: unknown key(s) {sorted(bad_fisher)} under 'fisher'.")
         if self.method in SECOND_ORDER and not isinstance(self.sparsity, (int, float)):
             raise ValueError(f"recipe: method {self.method!r} takes one global 'sparsity' number.")
-        if self.method == "dns":
+        if self.method in ("dns", "none"):
             if self.sparsity is not None or self.quality is not None:
-                raise ValueError("recipe: method 'dns' decides sparsity itself; remove 'sparsity'/'quality'.")
+                raise ValueError(f"recipe: method {self.method!r} takes no 'sparsity'/'quality'.")
         elif (self.sparsity is None) == (self.quality is None):
             raise ValueError("recipe: give exactly one of 'sparsity' or 'quality'.")
         if self.scope not in ("layer", "global"):
@@ -107,7 +111,22 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
 
 
 def apply_recipe(model: nn.Module, data: Dataset | None, recipe: Recipe, progress: bool = False) -> nn.Module:
-    """Run ``recipe``'s pruning and fine-tuning on ``model`` in place; returns the model."""
+    """Run ``recipe``'s pruning, fine-tuning and (if asked) k-means sharing on ``model`` in place."""
+    _prune(model, data, recipe, progress)
+    q = recipe.quantize
+    if q:
+        from .quantization.kmeans import share_weights
+
+        share_weights(model, q.get("bits"), q.get("init", "linear"))
+        if data is not None and q.get("epochs", 0) > 0:  # centroid fine-tuning (Deep Compression Sec. 3.3)
+            train(model, data, TrainConfig(epochs=q["epochs"], lr=q.get("lr", 0.001), weight_decay=0.0),
+                  progress=progress)
+    return model
+
+
+def _prune(model: nn.Module, data: Dataset | None, recipe: Recipe, progress: bool) -> nn.Module:
+    if recipe.method == "none":
+        return model
     cfg = recipe.train_config()
     if recipe.method == "dns":
         if data is None:

@@ -101,13 +101,16 @@ def file_table(info: Any) -> Table:
     """Per-tensor table of a ``.nsz`` file (a :class:`netsurgeon.coding.CompressedFile`)."""
     t = Table(title=f"{info.path}: {info.file_bytes:,} bytes, {info.compression:.2f}x vs dense float32 "
                     f"({info.dense_bytes:,} bytes)")
-    for c in ("tensor", "shape", "codec", "kept %", "index bits", "value bits", "stored entries", "bytes",
-              "dense bytes"):
+    for c in ("tensor", "shape", "codec", "kept %", "index bits", "weight bits", "stored entries",
+              "bytes before Huffman", "bytes", "dense bytes"):
         t.add_column(c, justify="left" if c in ("tensor", "codec") else "right")
     for r in info.records:
-        vbits = {"float32": 32, "float16": 16, "int64": 64}.get(r.value_dtype, 0)
-        t.add_row(r.name, "x".join(map(str, r.shape)), r.codec, f"{100 * r.kept:.2f}",
-                  str(r.index_bits or "-"), str(vbits), f"{r.entries:,}", f"{r.bytes:,}", f"{4 * r.numel:,}")
+        vbits = r.code_bits or {"float32": 32, "float16": 16, "int64": 64}.get(r.value_dtype, 0)
+        codec = f"{r.codec} ({r.codebook_size} values{', Huffman' if r.huffman else ''})" if r.codec == "shared" \
+            else r.codec
+        t.add_row(r.name, "x".join(map(str, r.shape)), codec, f"{100 * r.kept:.2f}",
+                  str(r.index_bits or "-"), str(vbits), f"{r.entries:,}", f"{r.bytes_fixed or r.bytes:,}",
+                  f"{r.bytes:,}", f"{4 * r.numel:,}")
     return t
 
 

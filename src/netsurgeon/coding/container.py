@@ -2,7 +2,8 @@
 
     offset 0   8 bytes   magic b"\\x89NSZ\\r\\n\\x1a\\n" (catches text-mode mangling, like PNG's)
     offset 8   4 bytes   header length H, uint32 little-endian
-    offset 12  H bytes   header, UTF-8 JSON; header["blobs"] = {name: [offset, length, crc32]}
+    offset 12  H bytes   header, UTF-8 JSON (zlib-compressed since format version 2: it then starts
+                         with 0x78 instead of "{"); header["blobs"] = {name: [offset, length, crc32]}
     12+H       4 bytes   crc32 of the header bytes
     16+H       ...       the blobs, back to back; offsets are relative to this point
 
@@ -30,13 +31,16 @@ class NszError(ValueError):
     """A ``.nsz`` file is missing, truncated, corrupt or of an unsupported version."""
 
 
-def write_container(path: str | os.PathLike[str], header: dict[str, Any], blobs: dict[str, bytes]) -> int:
+def write_container(path: str | os.PathLike[str], header: dict[str, Any], blobs: dict[str, bytes],
+                    compress_header: bool = True) -> int:
     """Write ``header`` and ``blobs`` atomically (temp file + rename). Returns the file size in bytes."""
     table, offset = {}, 0
     for name, data in blobs.items():
         table[name] = [offset, len(data), zlib.crc32(data)]
         offset += len(data)
     head = json.dumps({**header, "blobs": table}, separators=(",", ":"), sort_keys=True).encode()
+    if compress_header:
+        head = zlib.compress(head, 9)
     with atomic_write(path) as f:
         f.write(MAGIC + struct.pack("<I", len(head)) + head + struct.pack("<I", zlib.crc32(head)))
         for data in blobs.values():
@@ -67,8 +71,8 @@ def read_container(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
     if zlib.crc32(head) != crc:
         raise NszError(f"{p}: header checksum mismatch (the file is corrupt).")
     try:
-        header = json.loads(head)
-    except ValueError as e:
+        header = json.loads(head if head[:1] == b"{" else zlib.decompress(head))
+    except (ValueError, zlib.error) as e:
         raise NszError(f"{p}: header is not valid JSON ({e}).") from e
     table = header.get("blobs")
     if not isinstance(table, dict):

@@ -1,10 +1,15 @@
-"""The ``.nsz`` model file, version 1: every tensor stored dense or as a relative-index sparse stream.
+"""The ``.nsz`` model file: every tensor stored dense, as a relative-index sparse stream, or shared.
 
 Per tensor the writer picks the smaller of
 * ``dense``: the raw values (float32 or float16), and
 * ``sparse``: Deep Compression's relative indices (Han et al. 2016 Sec. 2) bit-packed at ``index_bits``
   bits plus the values (fillers included). ``index_bits="auto"`` tries 1..16 bits and keeps the smallest.
 
+* ``shared`` (version 2): a k-means-shared tensor (Deep Compression Sec. 3) stored as relative gaps plus
+  codebook indices (code 0 = zero/filler) and the codebook; both integer streams Huffman-coded (Sec. 4)
+  with canonical codes whose lengths are stored, or bit-packed when ``huffman=False``.
+
+Version 2 also zlib-compresses the header. Version 1 files still load.
 The size of a compressed model is ``os.path.getsize`` of this file, never a count of zeros.
 """
 
@@ -23,12 +28,14 @@ from .._validation import check_finite_model
 from ..masks import effective_state_dict
 from .bits import pack_bits, packed_size, unpack_bits
 from .container import NszError, read_container, write_container
+from .huffman import encoded_bits, huffman_code_lengths, huffman_decode, huffman_encode
 from .sparse import best_index_bits, decode_relative, encode_relative, relative_entries
 
 __all__ = ["FORMAT_VERSION", "TensorRecord", "CompressedFile", "save_compressed",
            "read_compressed", "load_state_checked"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE = (1, 2)
 _VALUE_DTYPES = {"float32": np.float32, "float16": np.float16}
 _RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -46,6 +53,10 @@ class TensorRecord:
     nonzero: int
     entries: int            # stored values, fillers included (= numel for dense)
     bytes: int
+    code_bits: int = 0      # shared: bits of a codebook index before Huffman
+    huffman: bool = False   # shared: streams are Huffman-coded
+    codebook_size: int = 0  # shared: number of shared values
+    bytes_fixed: int = 0    # shared: payload bytes with fixed-width streams (before Huffman)
 
     @property
     def kept(self) -> float:
@@ -95,9 +106,46 @@ def _encode(name: str, t: Tensor, value_dtype: str, index_bits: int | str) -> tu
     return rec, {f"{name}/values": vals.tobytes()}
 
 
+def _stream(symbols: np.ndarray, nbits: int, huffman: bool) -> tuple[int, np.ndarray | None]:
+    """Bits a stream takes, and its Huffman code lengths (None when fixed width is used)."""
+    if not huffman or symbols.size == 0:
+        return symbols.size * nbits, None
+    lengths = huffman_code_lengths(np.bincount(symbols.astype(np.int64), minlength=1 << nbits))
+    return encoded_bits(symbols, lengths) + 8 * lengths.size, lengths  # lengths are stored as bytes
+
+
+def _encode_shared(name: str, codebook: Tensor, index: Tensor, value_dtype: str, index_bits: int | str,
+                   huffman: bool) -> tuple[TensorRecord, dict]:
+    idx = index.detach().cpu().numpy().ravel().astype(np.int64)
+    k = codebook.numel()
+    code_bits = max(1, int(k).bit_length())            # codes 0..k
+    candidates = range(1, 13) if index_bits == "auto" else [int(index_bits)]
+    best = None
+    for b in candidates:
+        gaps, codes = encode_relative(idx, b)
+        total = _stream(gaps, b, huffman)[0] + _stream(codes, code_bits, huffman)[0]
+        if best is None or total < best[0]:
+            best = (total, b, gaps, codes)
+    _, b, gaps, codes = best
+    book = codebook.detach().cpu().numpy().astype(_VALUE_DTYPES[value_dtype])
+    blobs = {f"{name}/codebook": book.tobytes()}
+    fixed = packed_size(gaps.size, b) + packed_size(codes.size, code_bits) + book.nbytes
+    for key, sym, nbits in (("index", gaps, b), ("codes", codes, code_bits)):
+        _, lengths = _stream(sym, nbits, huffman)
+        if lengths is None:
+            blobs[f"{name}/{key}"] = pack_bits(sym, nbits)
+        else:
+            blobs[f"{name}/{key}"] = huffman_encode(sym, lengths)
+            blobs[f"{name}/{key}_lengths"] = lengths.astype(np.uint8).tobytes()
+    nbytes = sum(len(v) for v in blobs.values())
+    rec = TensorRecord(name, tuple(index.shape), "shared", value_dtype, b, idx.size, int(np.count_nonzero(idx)),
+                       gaps.size, nbytes, code_bits, huffman and gaps.size > 0, k, fixed)
+    return rec, blobs
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dtype: str = "float32",
                     index_bits: int | str = "auto", arch: dict[str, Any] | None = None,
-                    meta: dict[str, Any] | None = None) -> CompressedFile:
+                    meta: dict[str, Any] | None = None, huffman: bool = True) -> CompressedFile:
     """Write ``model`` (masks multiplied in) to a ``.nsz`` file atomically.
 
     Args:
@@ -106,11 +154,13 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
         arch: how to rebuild the model, e.g. ``{"name": "lenet5", "input_shape": [1, 28, 28],
             "num_classes": 10}``; defaults to what :func:`netsurgeon.models.build_model` recorded.
         meta: free-form JSON-serializable facts to keep (data set, accuracy, method).
+        huffman: Huffman-code the streams of weight-shared tensors (Deep Compression Sec. 4).
 
     Raises:
         ValueError: NaN/inf weights, an unknown value dtype, index_bits out of range.
     """
     from ..models import arch_of
+    from ..quantization.kmeans import shared_of
 
     if value_dtype not in _VALUE_DTYPES:
         raise ValueError(f"save_compressed: value_dtype must be one of {list(_VALUE_DTYPES)}; got {value_dtype!r}.")
@@ -120,7 +170,11 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
     state = effective_state_dict(model)
     records, blobs = [], {}
     for name, t in state.items():
-        rec, b = _encode(name, t, value_dtype, index_bits)
+        sw = shared_of(model, name) if "." in name else None
+        if sw is not None:
+            rec, b = _encode_shared(name, sw.codebook, sw.index, value_dtype, index_bits, huffman)
+        else:
+            rec, b = _encode(name, t, value_dtype, index_bits)
         records.append(rec)
         blobs.update(b)
     header = {"format": "netsurgeon.nsz", "version": FORMAT_VERSION, "arch": arch or arch_of(model),
@@ -133,10 +187,47 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
 def _record_to_json(r: TensorRecord) -> dict[str, Any]:
     return {"name": r.name, "shape": list(r.shape), "codec": r.codec, "value_dtype": r.value_dtype,
             "index_bits": r.index_bits, "numel": r.numel, "nonzero": r.nonzero, "entries": r.entries,
-            "bytes": r.bytes}
+            "bytes": r.bytes, "code_bits": r.code_bits, "huffman": r.huffman, "codebook_size": r.codebook_size,
+            "bytes_fixed": r.bytes_fixed}
+
+
+def _int_stream(p: Path, rec: TensorRecord, blobs: dict[str, bytes], key: str, nbits: int) -> np.ndarray:
+    data = blobs.get(f"{rec.name}/{key}")
+    if data is None:
+        raise NszError(f"{p}: tensor {rec.name!r}: missing {key} stream.")
+    try:
+        if rec.huffman:
+            lengths = np.frombuffer(blobs.get(f"{rec.name}/{key}_lengths", b""), dtype=np.uint8)
+            if lengths.size != 1 << nbits:
+                raise ValueError(f"{key} code table has {lengths.size} entries, expected {1 << nbits}")
+            return huffman_decode(data, lengths, rec.entries)
+        if len(data) != packed_size(rec.entries, nbits):
+            raise ValueError(f"{key} stream has the wrong length")
+        return unpack_bits(data, rec.entries, nbits).astype(np.int64)
+    except ValueError as e:
+        raise NszError(f"{p}: tensor {rec.name!r}: {e}") from e
+
+
+def _decode_shared(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
+    dt = np.dtype(_VALUE_DTYPES.get(rec.value_dtype, np.float32))
+    book_b = blobs.get(f"{rec.name}/codebook", b"")
+    if len(book_b) != rec.codebook_size * dt.itemsize:
+        raise NszError(f"{p}: tensor {rec.name!r}: codebook has the wrong length.")
+    table = np.concatenate([[0.0], np.frombuffer(book_b, dtype=dt).astype(np.float32)]).astype(np.float32)
+    gaps = _int_stream(p, rec, blobs, "index", rec.index_bits)
+    codes = _int_stream(p, rec, blobs, "codes", rec.code_bits)
+    if codes.size and int(codes.max()) > rec.codebook_size:
+        raise NszError(f"{p}: tensor {rec.name!r}: code {int(codes.max())} outside the codebook.")
+    try:
+        flat_codes = decode_relative(gaps, codes, rec.numel)
+    except ValueError as e:
+        raise NszError(f"{p}: tensor {rec.name!r}: {e}") from e
+    return torch.from_numpy(table[flat_codes]).reshape(rec.shape)
 
 
 def _decode(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
+    if rec.codec == "shared":
+        return _decode_shared(p, rec, blobs)
     dt = np.dtype(_RAW_DTYPES.get(rec.value_dtype, np.float32))
     vals_b = blobs.get(f"{rec.name}/values")
     if vals_b is None or len(vals_b) != rec.entries * dt.itemsize:
@@ -170,13 +261,15 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[CompressedFile, dict[
     header, blobs = read_container(p)
     if header.get("format") != "netsurgeon.nsz":
         raise NszError(f"{p}: not a netsurgeon model file (format {header.get('format')!r}).")
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in _READABLE:
         raise NszError(f"{p}: format version {header.get('version')!r} is not supported "
-                       f"(this netsurgeon reads version {FORMAT_VERSION}).")
+                       f"(this netsurgeon reads versions {', '.join(map(str, _READABLE))}).")
     try:
         records = [TensorRecord(name=t["name"], shape=tuple(t["shape"]), codec=t["codec"],
                                 value_dtype=t["value_dtype"], index_bits=t["index_bits"], numel=t["numel"],
-                                nonzero=t["nonzero"], entries=t["entries"], bytes=t["bytes"])
+                                nonzero=t["nonzero"], entries=t["entries"], bytes=t["bytes"],
+                                code_bits=t.get("code_bits", 0), huffman=t.get("huffman", False),
+                                codebook_size=t.get("codebook_size", 0), bytes_fixed=t.get("bytes_fixed", 0))
                    for t in header["tensors"]]
     except (KeyError, TypeError) as e:
         raise NszError(f"{p}: malformed tensor table in the header ({e!r}).") from e
