@@ -107,11 +107,16 @@ def _encode(name: str, t: Tensor, value_dtype: str, index_bits: int | str) -> tu
 
 
 def _stream(symbols: np.ndarray, nbits: int, huffman: bool) -> tuple[int, np.ndarray | None]:
-    """Bits a stream takes, and its Huffman code lengths (None when fixed width is used)."""
+    """Bits a stream takes, and its Huffman code lengths (None when fixed width is smaller or asked for).
+
+    A Huffman stream also pays for its table (one byte per symbol), so small streams stay fixed-width.
+    """
+    fixed = 8 * packed_size(symbols.size, nbits)
     if not huffman or symbols.size == 0:
-        return symbols.size * nbits, None
+        return fixed, None
     lengths = huffman_code_lengths(np.bincount(symbols.astype(np.int64), minlength=1 << nbits))
-    return encoded_bits(symbols, lengths) + 8 * lengths.size, lengths  # lengths are stored as bytes
+    coded = 8 * ((encoded_bits(symbols, lengths) + 7) // 8) + 8 * lengths.size
+    return (coded, lengths) if coded < fixed else (fixed, None)
 
 
 def _encode_shared(name: str, codebook: Tensor, index: Tensor, value_dtype: str, index_bits: int | str,
@@ -138,8 +143,9 @@ def _encode_shared(name: str, codebook: Tensor, index: Tensor, value_dtype: str,
             blobs[f"{name}/{key}"] = huffman_encode(sym, lengths)
             blobs[f"{name}/{key}_lengths"] = lengths.astype(np.uint8).tobytes()
     nbytes = sum(len(v) for v in blobs.values())
+    used_huffman = any(key.endswith("_lengths") for key in blobs)
     rec = TensorRecord(name, tuple(index.shape), "shared", value_dtype, b, idx.size, int(np.count_nonzero(idx)),
-                       gaps.size, nbytes, code_bits, huffman and gaps.size > 0, k, fixed)
+                       gaps.size, nbytes, code_bits, used_huffman, k, fixed)
     return rec, blobs
 
 
@@ -196,8 +202,8 @@ def _int_stream(p: Path, rec: TensorRecord, blobs: dict[str, bytes], key: str, n
     if data is None:
         raise NszError(f"{p}: tensor {rec.name!r}: missing {key} stream.")
     try:
-        if rec.huffman:
-            lengths = np.frombuffer(blobs.get(f"{rec.name}/{key}_lengths", b""), dtype=np.uint8)
+        if f"{rec.name}/{key}_lengths" in blobs:  # each stream is Huffman-coded only where that was smaller
+            lengths = np.frombuffer(blobs[f"{rec.name}/{key}_lengths"], dtype=np.uint8)
             if lengths.size != 1 << nbits:
                 raise ValueError(f"{key} code table has {lengths.size} entries, expected {1 << nbits}")
             return huffman_decode(data, lengths, rec.entries)
