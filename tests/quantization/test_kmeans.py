@@ -65,3 +65,31 @@ def test_errors():
         kmeans_1d(torch.ones(3), 2, init="kmeans++")
     with pytest.raises(ValueError, match=r"bits for layer 'fc1' must be in \[1, 16\]"):
         share_weights(ns.build_model("lenet300"), bits={"fc1": 20, "fc": 4})
+
+
+def test_global_sharing_uses_one_codebook_for_all_layers():
+    from netsurgeon.quantization.kmeans import share_weights_global
+
+    torch.manual_seed(0)
+    m = ns.build_model("lenet300")
+    prune_magnitude(m, sparsity=0.9)
+    zeros = m.fc2.weight == 0
+    rep = share_weights_global(m, bits=4)
+    vals = torch.cat([m.fc1.weight.flatten(), m.fc2.weight.flatten(), m.fc3.weight.flatten()]).unique()
+    assert vals.numel() <= 16 and rep.clusters == 15
+    assert (m.fc2.weight[zeros] == 0).all()
+    books = {id(p.codebook) for n, p in m.named_modules() if isinstance(p, SharedWeights)}
+    assert len(books) == 1
+    assert sum(1 for _ in m.parameters() if _.numel() == 15) == 1  # shared, not copied
+
+
+def test_hessian_weighting_moves_centroids_to_important_weights():
+    from netsurgeon.quantization.kmeans import share_weights_global
+
+    lin = nn.Sequential(nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.tensor([[1.0, 2.0, 10.0, 11.0]]))
+    imp = {"0.weight": torch.tensor([[1.0, 100.0, 1.0, 1.0]])}
+    share_weights_global(lin, bits=1, importance=imp)  # one shared value
+    # weighted mean (1 + 200 + 10 + 11) / 103 instead of the plain mean 6
+    assert float(lin[0].weight[0, 0].detach()) == pytest.approx(222 / 103, rel=1e-5)

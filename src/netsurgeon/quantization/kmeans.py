@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from .._validation import check_finite_model, check_positive
 from ..masks import prunable_layers
 
-__all__ = ["kmeans_1d", "SharedWeights", "share_weights", "SharingReport"]
+__all__ = ["kmeans_1d", "SharedWeights", "share_weights", "share_weights_global", "SharingReport"]
 
 log = logging.getLogger(__name__)
 _INITS = ("linear", "density", "random")
@@ -137,3 +137,46 @@ def shared_of(model: nn.Module, fqn: str) -> SharedWeights | None:
         if isinstance(p, SharedWeights):
             return p
     return None
+
+
+@torch.no_grad()
+def share_weights_global(model: nn.Module, bits: int, importance: dict[str, Tensor] | None = None,
+                         init: str = "linear", iters: int = 50, seed: int = 0) -> SharingReport:
+    """One codebook for all prunable weights of the network at once. Modifies ``model`` in place.
+
+    With ``importance`` ({fqn: tensor of the weight's shape}, e.g. the diagonal of the Hessian or of the
+    empirical Fisher) this is Hessian-weighted k-means (Choi, El-Khamy, Lee 2017, "Towards the Limit of
+    Network Quantization", arXiv:1612.01543, Sec. 3-4): it minimises Σ h_ii (w_i − c_{j(i)})², the
+    second-order estimate of the loss increase, over all layers together. Without it, plain k-means over
+    all layers. Every layer's parametrization shares the one trainable codebook.
+    """
+    check_positive("share_weights_global", "bits", bits, integer=True)
+    check_finite_model("share_weights_global", model)
+    layers = prunable_layers(model, "share_weights_global")
+    ws = {}
+    for name, m in layers.items():
+        ws[name] = m.weight.detach().clone()
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    alive = {n: w != 0 for n, w in ws.items()}
+    x = torch.cat([ws[n][alive[n]] for n in ws])
+    h = None
+    if importance is not None:
+        missing = [f"{n}.weight" for n in ws if f"{n}.weight" not in importance]
+        if missing:
+            raise ValueError(f"share_weights_global: importance lacks {missing}.")
+        h = torch.cat([importance[f"{n}.weight"].detach().reshape(ws[n].shape)[alive[n]] for n in ws])
+        h = h.clamp_min(0) + 1e-12 * float(h.abs().max())   # keep every weight in its nearest cluster's pull
+    c, labels = kmeans_1d(x, (1 << bits) - 1, init, iters, seed, sample_weight=h)
+    book = nn.Parameter(c.float().clone())
+    off, sq = 0, 0.0
+    for name, m in layers.items():
+        n = int(alive[name].sum())
+        index = torch.zeros_like(ws[name], dtype=torch.long)
+        index[alive[name]] = labels[off:off + n] + 1
+        off += n
+        p = SharedWeights(c, index)
+        p.codebook = book                      # the same Parameter object in every layer
+        parametrize.register_parametrization(m, "weight", p, unsafe=True)
+        sq += float((m.weight - ws[name]).pow(2).sum())
+    return SharingReport("all", bits, (1 << bits) - 1, int(x.numel()), (sq / max(x.numel(), 1)) ** 0.5)
