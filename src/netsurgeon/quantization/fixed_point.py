@@ -1,0 +1,76 @@
+"""Fixed-point numbers with round-to-nearest or stochastic rounding (Gupta, Agrawal, Gopalakrishnan,
+Narayanan 2015, "Deep Learning with Limited Numerical Precision", arXiv:1502.02551, Sec. 3).
+
+A fixed-point format <IL, FL> has IL integer bits (sign included) and FL fractional bits: step ε = 2^-FL,
+range [−2^(IL−1), 2^(IL−1) − ε]. Round-to-nearest maps x to the closest multiple of ε; stochastic rounding
+(Eq. (2)) rounds down to ⌊x⌋ with probability 1 − (x − ⌊x⌋)/ε and up otherwise, so it is unbiased:
+E[round(x)] = x. During training that keeps parameter updates much smaller than ε alive in expectation,
+where round-to-nearest silently drops them. Values outside the range saturate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._validation import check_positive
+from ..train import Callback, Trainer
+
+__all__ = ["fixed_point", "FixedPointTraining"]
+
+_ROUNDING = ("nearest", "stochastic")
+
+
+def fixed_point(x: Tensor, int_bits: int, frac_bits: int, rounding: str = "nearest",
+                generator: torch.Generator | None = None) -> Tensor:
+    """Round ``x`` to the <int_bits, frac_bits> fixed-point grid (saturating). Returns a new tensor."""
+    if rounding not in _ROUNDING:
+        raise ValueError(f"fixed_point: rounding must be one of {_ROUNDING}; got {rounding!r}.")
+    check_positive("fixed_point", "int_bits", int_bits, integer=True)
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or frac_bits < 0:
+        raise ValueError(f"fixed_point: frac_bits must be an int >= 0; got {frac_bits!r}.")
+    eps = 2.0 ** -frac_bits
+    lo, hi = -(2.0 ** (int_bits - 1)), 2.0 ** (int_bits - 1) - eps
+    scaled = x / eps
+    if rounding == "nearest":
+        q = torch.round(scaled)
+    else:
+        floor = torch.floor(scaled)
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        q = floor + (u < (scaled - floor)).to(x.dtype)
+    return (q * eps).clamp(lo, hi)
+
+
+class FixedPointTraining(Callback):
+    """Keep every parameter on a fixed-point grid during training (Gupta et al. 2015, Sec. 4).
+
+    The parameters are rounded at the start and after every optimizer step, so each update is itself
+    rounded: with ``rounding="nearest"`` updates below ε/2 are lost; with ``"stochastic"`` they survive in
+    expectation. The callback's generator is seeded and saved with its state.
+    """
+
+    def __init__(self, int_bits: int = 4, frac_bits: int = 12, rounding: str = "stochastic", seed: int = 0) -> None:
+        if rounding not in _ROUNDING:
+            raise ValueError(f"FixedPointTraining: rounding must be one of {_ROUNDING}; got {rounding!r}.")
+        fixed_point(torch.zeros(1), int_bits, frac_bits)  # validates the format
+        self.int_bits, self.frac_bits, self.rounding = int_bits, frac_bits, rounding
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def _round(self, trainer: Trainer) -> None:
+        for p in trainer.model.parameters():
+            p.copy_(fixed_point(p, self.int_bits, self.frac_bits, self.rounding, self._gen))
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._round(trainer)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self._round(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._gen.set_state(state["generator"])
