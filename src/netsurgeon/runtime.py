@@ -21,7 +21,7 @@ from .coding.container import NszError
 from .coding.nsz import load_state_checked, read_compressed
 from .stats import measure_latency
 
-__all__ = ["CSRLinear", "sparsify_linear_layers", "load_compressed"]
+__all__ = ["CSRLinear", "sparsify_linear_layers", "int8_linear_layers", "load_compressed"]
 
 
 def _to_csr(w: Tensor) -> Tensor:
@@ -74,9 +74,33 @@ def sparsify_linear_layers(model: nn.Module, min_sparsity: float = 0.9, tune_bat
     return out.eval()
 
 
+@torch.no_grad()
+def int8_linear_layers(model: nn.Module, names: list[str]) -> nn.Module:
+    """Return a copy of ``model`` whose Linear layers ``names`` (holding int8-representable weights) run
+    PyTorch's dynamic int8 kernels (weights int8, activations quantized on the fly)."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    out = copy.deepcopy(model)
+    for name in names:
+        m = out.get_submodule(name)
+        if not isinstance(m, nn.Linear):
+            continue
+        w = m.weight.detach()
+        amax = w.abs().amax(1)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).double()
+        with warnings.catch_warnings():  # torch deprecates quantized tensor creation but has no successor here
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            fast = nnqd.Linear(m.in_features, m.out_features, dtype=torch.qint8)
+            fast.set_weight_bias(q, None if m.bias is None else m.bias.detach())
+        parent, _, attr = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, attr, fast)
+    return out.eval()
+
+
 def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
                     sparse_kernels: bool = False, min_sparsity: float = 0.9,
-                    tune_batch: int | None = None) -> nn.Module:
+                    tune_batch: int | None = None, int8_kernels: bool = False) -> nn.Module:
     """Load a ``.nsz`` file as a plain ``nn.Module`` in eval mode.
 
     Args:
@@ -84,6 +108,7 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
             ``arch`` record (models of :mod:`netsurgeon.models`).
         sparse_kernels: replace sufficiently sparse Linear layers by CSR kernels (faster, see module doc).
         tune_batch: with ``sparse_kernels``, keep a CSR kernel only where it times faster at this batch.
+        int8_kernels: run Linear layers stored as ``int8`` with PyTorch's int8 kernels.
 
     Raises:
         NszError: corrupt/truncated file, or tensors that do not match the model's names or shapes.
@@ -101,4 +126,6 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
             raise NszError(f"{path}: cannot rebuild the recorded architecture {arch!r}: {e}") from e
     load_state_checked(model, state, str(path))
     model.eval()
+    if int8_kernels:
+        model = int8_linear_layers(model, [r.name.rsplit(".", 1)[0] for r in info.records if r.codec == "int8"])
     return sparsify_linear_layers(model, min_sparsity, tune_batch) if sparse_kernels else model

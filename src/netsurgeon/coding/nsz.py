@@ -5,6 +5,8 @@ Per tensor the writer picks the smaller of
 * ``sparse``: Deep Compression's relative indices (Han et al. 2016 Sec. 2) bit-packed at ``index_bits``
   bits plus the values (fillers included). ``index_bits="auto"`` tries 1..16 bits and keeps the smallest.
 
+* ``int8`` (version 2): post-training int8 weights (``quantization.uniform``) as raw int8 plus float32
+  scales (per tensor or per output channel).
 * ``shared`` (version 2): a k-means-shared tensor (Deep Compression Sec. 3) stored as relative gaps plus
   codebook indices (code 0 = zero/filler) and the codebook; both integer streams Huffman-coded (Sec. 4)
   with canonical codes whose lengths are stored, or bit-packed when ``huffman=False``.
@@ -106,6 +108,15 @@ def _encode(name: str, t: Tensor, value_dtype: str, index_bits: int | str) -> tu
     return rec, {f"{name}/values": vals.tobytes()}
 
 
+def _parametrization(model: nn.Module, fqn: str) -> nn.Module | None:
+    """The first parametrization on tensor ``fqn`` (storage never imports the method modules: duck typing)."""
+    from torch.nn.utils import parametrize
+
+    mod_name, _, attr = fqn.rpartition(".")
+    m = model.get_submodule(mod_name) if mod_name else model
+    return m.parametrizations[attr][0] if parametrize.is_parametrized(m, attr) else None
+
+
 def _stream(symbols: np.ndarray, nbits: int, huffman: bool) -> tuple[int, np.ndarray | None]:
     """Bits a stream takes, and its Huffman code lengths (None when fixed width is smaller or asked for).
 
@@ -166,7 +177,6 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
         ValueError: NaN/inf weights, an unknown value dtype, index_bits out of range.
     """
     from ..models import arch_of
-    from ..quantization.kmeans import shared_of
 
     if value_dtype not in _VALUE_DTYPES:
         raise ValueError(f"save_compressed: value_dtype must be one of {list(_VALUE_DTYPES)}; got {value_dtype!r}.")
@@ -176,8 +186,15 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
     state = effective_state_dict(model)
     records, blobs = [], {}
     for name, t in state.items():
-        sw = shared_of(model, name) if "." in name else None
-        if sw is not None:
+        par = _parametrization(model, name)
+        i8 = par if hasattr(par, "q") and hasattr(par, "scale") else None            # quantization.uniform
+        sw = par if hasattr(par, "codebook") and hasattr(par, "index") else None     # quantization.kmeans
+        if i8 is not None:
+            q = i8.q.numpy().ravel()
+            rec = TensorRecord(name, tuple(t.shape), "int8", "float32", 0, q.size, int(np.count_nonzero(q)), q.size,
+                               q.nbytes + i8.scale.numel() * 4, code_bits=8, codebook_size=i8.scale.numel())
+            b = {f"{name}/values": q.astype(np.int8).tobytes(), f"{name}/scale": i8.scale.numpy().tobytes()}
+        elif sw is not None:
             rec, b = _encode_shared(name, sw.codebook, sw.index, value_dtype, index_bits, huffman)
         else:
             rec, b = _encode(name, t, value_dtype, index_bits)
@@ -231,9 +248,22 @@ def _decode_shared(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tenso
     return torch.from_numpy(table[flat_codes]).reshape(rec.shape)
 
 
+def decode_int8(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> tuple[Tensor, Tensor]:
+    """The int8 values (rec.shape) and scales of an ``int8`` record."""
+    vals, scale = blobs.get(f"{rec.name}/values", b""), blobs.get(f"{rec.name}/scale", b"")
+    if len(vals) != rec.numel or len(scale) != 4 * rec.codebook_size:
+        raise NszError(f"{p}: tensor {rec.name!r}: int8 streams have the wrong length.")
+    q = torch.from_numpy(np.frombuffer(vals, dtype=np.int8).copy()).reshape(rec.shape)
+    return q, torch.from_numpy(np.frombuffer(scale, dtype=np.float32).copy()).reshape(
+        (rec.codebook_size,) if rec.codebook_size > 1 else ())
+
+
 def _decode(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
     if rec.codec == "shared":
         return _decode_shared(p, rec, blobs)
+    if rec.codec == "int8":
+        q, scale = decode_int8(p, rec, blobs)
+        return q.float() * (scale.view(-1, *([1] * (q.dim() - 1))) if scale.dim() else scale)
     dt = np.dtype(_RAW_DTYPES.get(rec.value_dtype, np.float32))
     vals_b = blobs.get(f"{rec.name}/values")
     if vals_b is None or len(vals_b) != rec.entries * dt.itemsize:

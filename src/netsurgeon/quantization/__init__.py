@@ -6,3 +6,6 @@ from .kmeans import SharedWeights as SharedWeights
 from .kmeans import kmeans_1d as kmeans_1d
 from .kmeans import share_weights as share_weights
 from .kmeans import share_weights_global as share_weights_global
+from .uniform import QuantizationAwareTraining as QuantizationAwareTraining
+from .uniform import quantize_int8 as quantize_int8
+from .uniform import quantize_model_int8 as quantize_model_int8

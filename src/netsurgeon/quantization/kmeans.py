@@ -128,16 +128,6 @@ def share_weights(model: nn.Module, bits: int | dict[str, int] | None = None, in
     return out
 
 
-def shared_of(model: nn.Module, fqn: str) -> SharedWeights | None:
-    """The :class:`SharedWeights` parametrization of tensor ``fqn``, if it has one."""
-    mod_name, _, attr = fqn.rpartition(".")
-    m = model.get_submodule(mod_name)
-    if parametrize.is_parametrized(m, attr):
-        p = m.parametrizations[attr][0]
-        if isinstance(p, SharedWeights):
-            return p
-    return None
-
 
 @torch.no_grad()
 def share_weights_global(model: nn.Module, bits: int, importance: dict[str, Tensor] | None = None,

@@ -1,0 +1,89 @@
+"""Uniform symmetric 8-bit quantization of weights: post-training (PTQ) and quantization-aware (QAT).
+
+Survey of model compression (Cheng et al.), "8-bit quantization"; the scheme is the standard symmetric one:
+scale s = max|w| / 127 per tensor or per output channel, q = clamp(round(w / s), −127, 127), w ≈ q·s.
+Zero maps to zero exactly, so pruned weights stay pruned. QAT (fake quantization) runs the forward pass on
+q·s and passes the gradient straight through to the float weights (the straight-through estimator).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .._validation import check_finite_model
+from ..masks import prunable_layers
+from ..train import Callback, Trainer
+
+__all__ = ["quantize_int8", "Int8Weights", "FakeQuantInt8", "quantize_model_int8", "QuantizationAwareTraining"]
+
+
+def quantize_int8(w: Tensor, per_channel: bool = True) -> tuple[Tensor, Tensor]:
+    """Return ``(q int8 of w's shape, scale)``; scale has shape (out_channels,) or () per tensor."""
+    w = w.detach()
+    amax = w.abs().flatten(1).amax(1) if per_channel else w.abs().amax()
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    view = scale.view(-1, *([1] * (w.dim() - 1))) if per_channel else scale
+    return torch.clamp(torch.round(w / view), -127, 127).to(torch.int8), scale.float()
+
+
+def _dequant(q: Tensor, scale: Tensor) -> Tensor:
+    view = scale.view(-1, *([1] * (q.dim() - 1))) if scale.dim() else scale
+    return q.float() * view
+
+
+class Int8Weights(nn.Module):
+    """Parametrization holding int8 weights and their scales (post-training quantized); forward dequantizes."""
+
+    def __init__(self, q: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return _dequant(self.q, self.scale)
+
+
+class FakeQuantInt8(nn.Module):
+    """Parametrization for QAT: forward uses the int8 grid, gradient passes straight to the float weight."""
+
+    def __init__(self, per_channel: bool = True) -> None:
+        super().__init__()
+        self.per_channel = per_channel
+
+    def forward(self, w: Tensor) -> Tensor:
+        q, s = quantize_int8(w, self.per_channel)
+        return w + (_dequant(q, s) - w).detach()
+
+
+@torch.no_grad()
+def quantize_model_int8(model: nn.Module, per_channel: bool = True, linear_only: bool = False) -> nn.Module:
+    """Post-training int8 quantization of every Linear (and Conv2d unless ``linear_only``) weight, in place.
+
+    Existing parametrizations (masks, fake quantization) are baked in first. Biases stay float.
+    """
+    check_finite_model("quantize_model_int8", model)
+    for _, m in prunable_layers(model, "quantize_model_int8").items():
+        if linear_only and not isinstance(m, nn.Linear):
+            continue
+        w = m.weight.detach().clone()
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        q, s = quantize_int8(w, per_channel)
+        parametrize.register_parametrization(m, "weight", Int8Weights(q, s), unsafe=True)
+    return model
+
+
+class QuantizationAwareTraining(Callback):
+    """Attach fake int8 quantization to every weight at the start of training (masks are kept: the
+    fake quantizer stacks on top of them)."""
+
+    def __init__(self, per_channel: bool = True) -> None:
+        self.per_channel = per_channel
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        for _, m in prunable_layers(trainer.model, "QuantizationAwareTraining").items():
+            plist = m.parametrizations["weight"] if parametrize.is_parametrized(m, "weight") else []
+            if not any(isinstance(p, FakeQuantInt8) for p in plist):
+                parametrize.register_parametrization(m, "weight", FakeQuantInt8(self.per_channel), unsafe=True)
