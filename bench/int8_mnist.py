@@ -1,0 +1,90 @@
+"""8-bit quantization on MNIST: post-training (per tensor, per channel) and quantization-aware training,
+with the int8 file size and the latency of PyTorch's int8 kernels against float32 in the same process.
+
+    python bench/int8_mnist.py --data-dir ../shared/data/mnist
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import netsurgeon as ns
+from _common import RESULTS, cached_json, dense_model, load_dense, machine, parse_args, write_result
+from netsurgeon.quantization.uniform import QuantizationAwareTraining, quantize_model_int8
+from netsurgeon.stats import measure_latency
+
+
+def run(name: str, data) -> dict:
+    dense_path, _ = dense_model(name, data)
+    out = {"float32_error_pct": 100 * (1 - ns.evaluate(load_dense(dense_path), data.test)[1])}
+    for label, per_channel in (("PTQ per tensor", False), ("PTQ per channel", True)):
+        m = load_dense(dense_path)
+        quantize_model_int8(m, per_channel=per_channel)
+        f = RESULTS / "files" / f"int8_{name}_{'channel' if per_channel else 'tensor'}.nsz"
+        info = ns.save_compressed(m, f)
+        out[label] = {"test_error_pct": 100 * (1 - ns.evaluate(ns.load_compressed(f), data.test)[1]),
+                      "file_bytes": info.file_bytes, "compression_bytes": info.compression}
+    m = load_dense(dense_path)
+    t = time.perf_counter()
+    ns.train(m, data, ns.TrainConfig(epochs=1, lr=0.001, schedule="cosine"), callbacks=[QuantizationAwareTraining()],
+             progress=True)
+    quantize_model_int8(m)
+    f = RESULTS / "files" / f"int8_{name}_qat.nsz"
+    info = ns.save_compressed(m, f)
+    out["QAT per channel (1 epoch)"] = {"test_error_pct": 100 * (1 - ns.evaluate(ns.load_compressed(f), data.test)[1]),
+                                        "file_bytes": info.file_bytes, "compression_bytes": info.compression,
+                                        "wall_s": time.perf_counter() - t}
+    return out
+
+
+def latency(name: str) -> dict:
+    f = RESULTS / "files" / f"int8_{name}_channel.nsz"
+    ref = ns.load_compressed(f)                        # same (dequantized) weights in float32
+    fast = ns.load_compressed(f, int8_kernels=True)    # Linear layers on int8 kernels
+    out = {}
+    for b in (1, 256):
+        x = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        lat = measure_latency(fast, ref, x, repeats=100, threads=2)
+        out[str(b)] = {"int8_ms": 1e3 * lat.model_s, "float32_ms": 1e3 * lat.reference_s, "speedup": lat.speedup}
+    return out
+
+
+def main() -> None:
+    args, data = parse_args(__doc__, ["lenet300", "lenet5"], "not supported for this benchmark")
+    res = {"benchmark": "int8_mnist", "machine": machine(), "models": {}}
+    for name in args.models:
+        r = cached_json(f"int8_{name}", lambda name=name: run(name, data), args.fresh)
+        r["latency_int8_linear_vs_float32"] = latency(name)   # re-measured on every run
+        res["models"][name] = r
+        print(name, {k: v for k, v in r.items() if k != "latency_int8_linear_vs_float32"})
+        print(name, r["latency_int8_linear_vs_float32"])
+    write_result("int8_mnist", res)
+    _plot(res)
+
+
+def _plot(res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from netsurgeon._validation import atomic_save
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels, vals = [], []
+    for name, r in res["models"].items():
+        for b, v in r["latency_int8_linear_vs_float32"].items():
+            labels.append(f"{name}\nbatch {b}")
+            vals.append(v["speedup"])
+    ax.bar(labels, vals)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel("int8 speedup vs float32 (x)")
+    fig.tight_layout()
+    atomic_save(RESULTS / "int8_mnist.png", lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
