@@ -13,6 +13,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 def test_bundled_recipes_parse(path):
     r = load_recipe(path)
     assert r.method in ("magnitude", "dns", "woodfisher")
+    assert not r.quantize or set(r.quantize["bits"]) == {"conv", "fc"}
     r.train_config()
 
 
