@@ -153,12 +153,13 @@ def main() -> None:
             if label == "DNS" and name == "lenet5":  # the stretch goal
                 target = h["compression_bytes"] >= 300 and h["test_error_pct"] <= 1.0 + 1e-9
             r.setdefault("targets", {})[label] = target
+            stretch = " (stretch goal >= 300x at <= 1.0%)" if label == "DNS" and name == "lenet5" else ""
             res["table_rows"].append({
-                "model": name, "method": f"{label} + k-means (conv 8, fc 5 bits) + Huffman",
+                "model": name, "method": f"{label} + k-means (conv 8, fc 5 bits) + Huffman{stretch}",
                 "error_pct": h["test_error_pct"], "paper_error_pct": p["error"] if is_han else None,
                 "dense_error_pct": None, "paper_dense_error_pct": p["ref_error"],
                 "kept_pct": 100 * v["nonzero"] / v["params"], "compression_nonzero": v["compression_nonzero"],
-                "paper_compression": p["compression"] if is_han else None,
+                "paper_compression": None, "paper_compression_bytes": p["compression"] if is_han else None,
                 "compression_bytes": h["compression_bytes"], "speedup_b1": None, "speedup_b256": None,
                 "wall_s": v["wall_s"], "target_met": target})
         r["init_comparison"] = cached_json(f"dc_{name}_inits", lambda name=name: init_comparison(

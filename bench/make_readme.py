@@ -20,10 +20,15 @@ def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _paper_x(v) -> str:
+    return f" ({v:.0f}x)" if v else ""
+
+
 def render() -> str:
     lines, machines = [], set()
     head = ("| benchmark | model | method | test error % (paper) | dense error % (paper) | kept nonzeros | "
-            "compression: nonzeros (paper) | compression: .nsz bytes | speedup b1 / b256 | compress wall s | target |")
+            "compression: nonzeros (paper) | compression: .nsz bytes (paper) | speedup b1 / b256 | compress wall s "
+            "| target |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         res = json.loads(path.read_text())
@@ -37,13 +42,40 @@ def render() -> str:
                 f"({_f(r.get('paper_dense_error_pct'), '.2f')}) | {_f(r.get('kept_pct'), '.2f')}% | "
                 f"{_f(r['compression_nonzero'], '.1f')}x ({_f(r.get('paper_compression'), '.0f')}"
                 f"{'x' if r.get('paper_compression') else ''}) | "
-                f"{_f(r['compression_bytes'], '.1f')}x | {_f(r.get('speedup_b1'), '.2f')} / "
+                f"{_f(r['compression_bytes'], '.1f')}x"
+                f"{_paper_x(r.get('paper_compression_bytes'))}"
+                f" | {_f(r.get('speedup_b1'), '.2f')} / "
                 f"{_f(r.get('speedup_b256'), '.2f')} | {_f(r.get('wall_s'), '.0f')} | "
                 f"{'-' if r.get('target_met') is None else 'met' if r['target_met'] else 'MISSED'} |")
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         res = json.loads(path.read_text())
         if "sweep" in res:
             lines += ["", _sweep_table(res)]
+        if res.get("benchmark") == "fixed_point_mnist":
+            lines += ["", "fixed_point_mnist (Gupta et al. 2015; paper: 16-bit stochastic rounding matches float32, "
+                      "round-to-nearest does not), LeNet-300-100, 5 epochs plain SGD, test error %: " + ", ".join(
+                          f"{k} {v['test_error_pct']:.2f}" for k, v in res["runs"].items()) + "."]
+        if res.get("benchmark") == "int8_mnist":
+            for name, r in res["models"].items():
+                lat = r["latency_int8_linear_vs_float32"]
+                lines += ["", f"int8_mnist {name}: float32 error {r['float32_error_pct']:.2f}%; " + ", ".join(
+                    f"{k} {v['test_error_pct']:.2f}% at {v['compression_bytes']:.2f}x bytes" for k, v in r.items()
+                    if isinstance(v, dict) and "test_error_pct" in v)
+                    + f"; int8 Linear kernels vs float32: batch 1 {lat['1']['speedup']:.2f}x, batch 256 "
+                    f"{lat['256']['speedup']:.2f}x."]
+        if res.get("benchmark") == "deep_compression_mnist":
+            for name, r in res["models"].items():
+                hw = r.get("hessian_weighted", {})
+                if hw:
+                    lines += ["", f"deep_compression_mnist {name}, one codebook for all layers, no fine-tuning "
+                              f"(test error %, compression by bytes): " + "; ".join(
+                                  f"{label}: " + ", ".join(f"{b} bits {v['test_error_pct']:.2f}% "
+                                                           f"{v['compression_bytes']:.1f}x" for b, v in d.items())
+                                  for label, d in hw.items())
+                              + f" (Choi et al. 2017 report {res.get('choi_2017_lenet_compression')}x for LeNet)."]
+                fixed = {k: v["fixed"]["compression_bytes"] for k, v in r["pipelines"].items()}
+                lines += ["", f"deep_compression_mnist {name}, before Huffman: " + ", ".join(
+                    f"{k} {v:.1f}x" for k, v in fixed.items()) + f" (paper {r['paper']['before_huffman']}x)."]
     lines.append("")
     lines += [f"Measured on: {m}." for m in sorted(machines)]
     return "\n".join(lines)
