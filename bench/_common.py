@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import netsurgeon as ns
-from netsurgeon._validation import atomic_write
+from netsurgeon._validation import atomic_save, atomic_write
 from netsurgeon.modelfile import load_model, save_model
 
 ROOT = Path(__file__).resolve().parent
@@ -110,3 +110,20 @@ def parse_args(doc: str, models: list[str], quick_help: str):
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     return args, ns.data.mnist(args.data_dir)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically and free it."""
+    fig.tight_layout()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    pyplot().close(fig)

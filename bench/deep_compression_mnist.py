@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 import netsurgeon as ns
-from _common import RESULTS, cached_json, machine, parse_args, write_result
+from _common import RESULTS, cached_json, machine, parse_args, pyplot, save_figure, write_result
 from netsurgeon.masks import prunable_tensors
 from netsurgeon.quantization.kmeans import share_weights, share_weights_global
 from netsurgeon.stats import collect_gradients
@@ -76,13 +76,7 @@ def init_comparison(name: str, src: str, data) -> dict:
 
 
 def plot(res: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from netsurgeon._validation import atomic_save
-
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
     labels, fixed, huff = [], [], []
     for name, r in res["models"].items():
@@ -103,9 +97,7 @@ def plot(res: dict, path) -> None:
     a2.set_xlabel("fc bits (before fine-tuning)")
     a2.set_ylabel("test accuracy %")
     a2.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def hessian_weighted(name: str, src: str, data) -> dict:

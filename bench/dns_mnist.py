@@ -17,7 +17,18 @@ import time
 from pathlib import Path
 
 import netsurgeon as ns
-from _common import CACHE, RESULTS, cached_json, dense_model, load_dense, machine, parse_args, write_result
+from _common import (
+    CACHE,
+    RESULTS,
+    cached_json,
+    dense_model,
+    load_dense,
+    machine,
+    parse_args,
+    pyplot,
+    save_figure,
+    write_result,
+)
 from netsurgeon.masks import sparsity_report
 from netsurgeon.pruning.dns import DNS, calibrate_c_rate
 from netsurgeon.pruning.magnitude import prune_and_retrain
@@ -129,13 +140,7 @@ def run_model(name: str, data, fresh: bool, quick: bool = False) -> dict:
 
 
 def plot(result: dict, runs_history: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from netsurgeon._validation import atomic_save
-
+    plt = pyplot()
     names = list(runs_history)
     fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 6.5), squeeze=False)
     for j, name in enumerate(names):
@@ -153,9 +158,7 @@ def plot(result: dict, runs_history: dict, path: Path) -> None:
         axes[1][j].set_xlabel("iteration")
         axes[0][j].legend(fontsize=7)
         axes[1][j].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import time
 import torch
 
 import netsurgeon as ns
-from _common import RESULTS, cached_json, machine, parse_args, write_result
+from _common import RESULTS, cached_json, machine, parse_args, pyplot, save_figure, write_result
 from netsurgeon.quantization.fixed_point import FixedPointTraining
 
 FORMATS = [(2, 14), (2, 12), (2, 10)]   # <IL, FL>: 16, 14 and 12 bits
@@ -52,13 +52,7 @@ def main() -> None:
 
 
 def _plot(res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from netsurgeon._validation import atomic_save
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, v in res["runs"].items():
         ax.plot(range(1, len(v["val_acc_per_epoch"]) + 1), [100 * (1 - a) for a in v["val_acc_per_epoch"]],
@@ -68,9 +62,7 @@ def _plot(res: dict) -> None:
     ax.set_ylabel("validation error %")
     ax.set_title("LeNet-300-100, fixed-point parameters")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_save(RESULTS / "fixed_point_mnist.png", lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
+    save_figure(fig, RESULTS / "fixed_point_mnist.png")
 
 
 if __name__ == "__main__":

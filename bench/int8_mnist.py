@@ -11,7 +11,17 @@ import time
 import torch
 
 import netsurgeon as ns
-from _common import RESULTS, cached_json, dense_model, load_dense, machine, parse_args, write_result
+from _common import (
+    RESULTS,
+    cached_json,
+    dense_model,
+    load_dense,
+    machine,
+    parse_args,
+    pyplot,
+    save_figure,
+    write_result,
+)
 from netsurgeon.quantization.uniform import QuantizationAwareTraining, quantize_model_int8
 from netsurgeon.stats import measure_latency
 
@@ -65,13 +75,7 @@ def main() -> None:
 
 
 def _plot(res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from netsurgeon._validation import atomic_save
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels, vals = [], []
     for name, r in res["models"].items():
@@ -81,9 +85,7 @@ def _plot(res: dict) -> None:
     ax.bar(labels, vals)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("int8 speedup vs float32 (x)")
-    fig.tight_layout()
-    atomic_save(RESULTS / "int8_mnist.png", lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
+    save_figure(fig, RESULTS / "int8_mnist.png")
 
 
 if __name__ == "__main__":

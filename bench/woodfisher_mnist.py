@@ -16,7 +16,17 @@ import time
 import torch
 
 import netsurgeon as ns
-from _common import RESULTS, cached_json, dense_model, load_dense, machine, parse_args, write_result
+from _common import (
+    RESULTS,
+    cached_json,
+    dense_model,
+    load_dense,
+    machine,
+    parse_args,
+    pyplot,
+    save_figure,
+    write_result,
+)
 from netsurgeon.linalg import fisher_inverse
 from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner
 
@@ -159,13 +169,7 @@ def block_timing() -> list[dict]:
 
 
 def plot(res: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from netsurgeon._validation import atomic_save
-
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, r in res["sweep"].items():
         xs = [float(s) for s in r["mean"]]
@@ -182,9 +186,7 @@ def plot(res: dict, path) -> None:
     a2.set_ylabel("test accuracy % at 95% sparsity")
     a2.set_title("limited data")
     a2.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
