@@ -1,5 +1,6 @@
 """Pruning methods: one module per paper."""
 
+from .autoprune import AutoPrune as AutoPrune
 from .dns import DNS as DNS
 from .dns import calibrate_c_rate as calibrate_c_rate
 from .dns import dns_thresholds as dns_thresholds

@@ -1,0 +1,210 @@
+"""AutoPrune (Xiao, Wang, Rajasekaran, NeurIPS 2019, "AutoPrune: Automatic Network Pruning by Regularizing
+Auxiliary Parameters"). No public code exists and the paper's equations could not be read for this
+implementation: every choice below is an interpretation of the abstract and the reviews, documented with its
+reasoning in docs/autoprune.md, and each rule is a switch so its contribution can be measured.
+
+* Each prunable weight w_ij has an auxiliary parameter m_ij; the network uses T = W ⊙ h(M) with the step
+  indicator h(m) = 1[m > 0]. The weights are never regularized; the sparsity regularizer μ·R(M) acts on M.
+* h has no useful derivative: the backward pass uses a surrogate h'(m) (straight-through estimator):
+  identity (1), leaky ReLU (1 for m > 0, α else) or softplus' (sigmoid(m/τ)). A surrogate that is nonzero
+  for m ≤ 0 keeps pruning recoverable: a pruned weight keeps its value and its m keeps moving.
+* Bi-level optimization: W minimizes the training loss (the trainer's optimizer, training batches); M
+  minimizes the validation loss + μ·R(M) with its own optimizer on validation batches, alternating.
+* Update rules for M, each switchable (our reading of the paper's three "consistency" rules):
+  - ``sensitivity``: the update of m_ij scales with |w_ij| relative to its layer's mean |w|, so layers with
+    small weights are not frozen and important weights move their m more;
+  - ``direction``: the sign of the m update follows the direction in which |w_ij| would move (sgn(w)
+    instead of w in the chain rule);
+  - ``correlation``: W gets the straight-through gradient dL/dT for every entry, so a pruned weight keeps
+    learning and its m sees the weight's current importance (as DNS does for W).
+  With all three off, dL/dm is the plain chain rule dL/dT · w · h'(m).
+* No hand-set threshold: which weights are pruned is whatever sign M settles at.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .._validation import check_finite_model, check_positive
+from ..masks import prunable_layers
+from ..train import Callback, Trainer
+
+__all__ = ["STE_KINDS", "ste_derivative", "AuxGate", "AutoPrune"]
+
+log = logging.getLogger(__name__)
+STE_KINDS = ("identity", "leaky_relu", "softplus")
+
+
+def ste_derivative(m: Tensor, kind: str, alpha: float = 0.1, tau: float = 1.0) -> Tensor:
+    """The surrogate h'(m) used in the backward pass of the step indicator h(m) = 1[m > 0]."""
+    if kind == "identity":
+        return torch.ones_like(m)
+    if kind == "leaky_relu":
+        return torch.where(m > 0, torch.ones_like(m), torch.full_like(m, alpha))
+    if kind == "softplus":
+        return torch.sigmoid(m / tau)
+    raise ValueError(f"ste_derivative: kind must be one of {STE_KINDS}; got {kind!r}.")
+
+
+class _Gate(torch.autograd.Function):
+    """T = W ⊙ h(M) with custom gradients (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, m: Tensor, gate: AuxGate) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w, m)
+        ctx.gate = gate
+        return w * (m > 0).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        w, m = ctx.saved_tensors
+        gate: AuxGate = ctx.gate
+        gw = g if gate.correlation else g * (m > 0).to(g.dtype)
+        if gate.direction:
+            phi = torch.sign(w)
+            if gate.sensitivity:
+                phi = w / w.abs().mean().clamp_min(1e-12)
+        else:
+            phi = w / w.abs().mean().clamp_min(1e-12) if gate.sensitivity else w
+        gm = g * phi * ste_derivative(m, gate.ste, gate.alpha, gate.tau)
+        return gw, gm, None
+
+
+class AuxGate(nn.Module):
+    """Parametrization ``W -> W ⊙ h(M)``; ``m`` is a buffer that requires grad (so the trainer's optimizer,
+    which takes ``model.parameters()``, never updates it) and travels with ``state_dict``."""
+
+    def __init__(self, m: Tensor, ste: str = "leaky_relu", alpha: float = 0.1, tau: float = 1.0,
+                 sensitivity: bool = True, correlation: bool = True, direction: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("m", m.clone().requires_grad_(True))
+        self.ste, self.alpha, self.tau = ste, alpha, tau
+        self.sensitivity, self.correlation, self.direction = sensitivity, correlation, direction
+
+    def forward(self, w: Tensor) -> Tensor:
+        return _Gate.apply(w, self.m, self)
+
+
+class AutoPrune(Callback):
+    """AutoPrune as a training callback (bi-level: W on training batches, M on validation batches).
+
+    Args:
+        mu: strength of R(M) = Σ_layers mean(h(m)) (the kept fraction per layer, via the surrogate gradient).
+        ste: "identity", "leaky_relu" (default, the paper's recommendation) or "softplus".
+        alpha: leaky slope; tau: softplus temperature.
+        m_lr: learning rate of M's optimizer (Adam). m_init: initial value of every m (> 0: start dense).
+        m_every: update M after every ``m_every`` weight steps; val_batch: validation batch size.
+        sensitivity, correlation, direction: the three update rules (see module docstring).
+        stop: no more M updates after this many weight steps (None: never stop), so the last part of
+            training fine-tunes a fixed sparse network.
+        seed: seed of the validation-batch sampler (saved with the state).
+
+    Attributes:
+        history_: per ``log_every`` steps, the kept fraction of every layer.
+    """
+
+    def __init__(self, mu: float = 1.0, *, ste: str = "leaky_relu", alpha: float = 0.1, tau: float = 1.0,
+                 m_lr: float = 1e-2, m_init: float = 0.05, m_every: int = 1, val_batch: int = 128,
+                 sensitivity: bool = True, correlation: bool = True, direction: bool = True,
+                 stop: int | None = None, seed: int = 0, log_every: int = 100) -> None:
+        owner = "AutoPrune"
+        if ste not in STE_KINDS:
+            raise ValueError(f"{owner}: ste must be one of {STE_KINDS}; got {ste!r}.")
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or mu < 0:
+            raise ValueError(f"{owner}: mu must be a number >= 0; got {mu!r}.")
+        check_positive(owner, "m_lr", m_lr)
+        check_positive(owner, "m_init", m_init)
+        check_positive(owner, "m_every", m_every, integer=True)
+        check_positive(owner, "val_batch", val_batch, integer=True)
+        self.mu, self.ste, self.alpha, self.tau = float(mu), ste, alpha, tau
+        self.m_lr, self.m_init, self.m_every, self.val_batch = m_lr, m_init, m_every, val_batch
+        self.rules = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
+        self.stop, self.seed, self.log_every = stop, seed, log_every
+        self.history_: list[dict[str, Any]] = []
+        self._gen = torch.Generator().manual_seed(seed)
+        self._gates: dict[str, AuxGate] = {}
+        self._opt: torch.optim.Optimizer | None = None
+        self._model: nn.Module | None = None
+
+    def prepare(self, model: nn.Module) -> None:
+        """Attach an :class:`AuxGate` to every Linear/Conv2d weight. Modifies ``model`` in place."""
+        check_finite_model("AutoPrune", model)
+        self._gates = {}
+        for name, mod in prunable_layers(model, "AutoPrune").items():
+            w = mod.weight.detach()
+            if parametrize.is_parametrized(mod, "weight"):
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            m0 = torch.where(w != 0, torch.full_like(w, self.m_init), torch.full_like(w, -self.m_init))
+            gate = AuxGate(m0, self.ste, self.alpha, self.tau, **self.rules)
+            parametrize.register_parametrization(mod, "weight", gate, unsafe=True)
+            self._gates[name] = gate
+        self._opt = torch.optim.Adam([g.m for g in self._gates.values()], lr=self.m_lr)
+        self._model = model
+
+    def regularizer(self) -> Tensor:
+        """R(M) = Σ_layers mean(h(m)), differentiated through the surrogate h'."""
+        total = torch.zeros(())
+        for g in self._gates.values():
+            hard = (g.m > 0).float()
+            soft = ste_derivative(g.m.detach(), g.ste, g.alpha, g.tau) * g.m
+            total = total + (hard + soft - soft.detach()).mean()
+        return total
+
+    def kept(self) -> dict[str, float]:
+        return {n: float((g.m > 0).float().mean()) for n, g in self._gates.items()}
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self._model is not trainer.model:
+            self.prepare(trainer.model)
+        if len(trainer.data.val) == 0:
+            raise ValueError("AutoPrune: needs a validation split (bi-level optimization).")
+        if not self.history_:
+            self.history_.append({"step": trainer.step, "kept": self.kept()})
+
+    def after_step(self, trainer: Trainer) -> None:
+        assert self._opt is not None
+        step = trainer.step
+        if step % self.log_every == 0:
+            self.history_.append({"step": step, "kept": self.kept()})
+        for g in self._gates.values():
+            g.m.grad = None  # the W step also produced dL_train/dm: M follows the validation loss only
+        if (self.stop is not None and step > self.stop) or step % self.m_every:
+            return
+        val = trainer.data.val
+        idx = torch.randint(len(val), (self.val_batch,), generator=self._gen)
+        was = trainer.model.training
+        trainer.model.train()
+        loss = F.cross_entropy(trainer.model(val.x[idx]), val.y[idx]) + self.mu * self.regularizer()
+        params = [g.m for g in self._gates.values()]
+        grads = torch.autograd.grad(loss, params)
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr
+        self._opt.step()
+        for p in params:
+            p.grad = None
+        trainer.model.train(was)
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self._opt is not None
+        return {"generator": self._gen.get_state(), "optimizer": self._opt.state_dict(),
+                "history": list(self.history_)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self._opt is not None
+        self._gen.set_state(state["generator"])
+        self._opt.load_state_dict(state["optimizer"])
+        self.history_ = list(state["history"])
+
+    @torch.no_grad()
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Bake W ⊙ h(M) into plain weights and remove the gates. Modifies ``model`` in place."""
+        for name in list(self._gates):
+            parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=True)
+        self._gates = {}
+        return model
