@@ -90,3 +90,21 @@ def test_errors():
         AutoPrune(mu=-1)
     with pytest.raises(ValueError, match="type LSTM is not supported"):
         AutoPrune().prepare(nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2)))
+
+
+def test_l1_proximal_step_is_exact_soft_thresholding(digits):
+    from netsurgeon.pruning.l1 import L1Proximal
+
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        m[1].weight.fill_(0.0)
+        m[1].weight[0, :3] = torch.tensor([0.5, -0.004, 0.002])
+    w0 = m[1].weight.detach().clone()
+
+    class Fake:
+        model = m
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+
+    L1Proximal(0.03).after_step(Fake())   # shrink by lr * lam = 0.003
+    assert m[1].weight[0, :3].tolist() == pytest.approx([0.497, -0.001, 0.0])
+    assert (m[1].weight[1:] == w0[1:]).all()

@@ -95,7 +95,7 @@ class AutoPrune(Callback):
     """AutoPrune as a training callback (bi-level: W on training batches, M on validation batches).
 
     Args:
-        mu: strength of R(M) = Σ_layers mean(h(m)) (the kept fraction per layer, via the surrogate gradient).
+        mu: strength of R(M) = Σ h(m) / N, the network's kept fraction (via the surrogate gradient).
         ste: "identity", "leaky_relu" (default, the paper's recommendation) or "softplus".
         alpha: leaky slope; tau: softplus temperature.
         m_lr: learning rate of M's optimizer (Adam). m_init: initial value of every m (> 0: start dense).
@@ -148,13 +148,18 @@ class AutoPrune(Callback):
         self._model = model
 
     def regularizer(self) -> Tensor:
-        """R(M) = Σ_layers mean(h(m)), differentiated through the surrogate h'."""
-        total = torch.zeros(())
+        """R(M) = Σ h(m) / N over all N prunable weights (the kept fraction), differentiated through h'.
+
+        One normalization for the whole network, so every weight feels the same pressure; a per-layer mean
+        over-prunes small layers (measured: LeNet-300-100's fc3 fell to 0.7% first).
+        """
+        total, count = torch.zeros(()), 0
         for g in self._gates.values():
             hard = (g.m > 0).float()
             soft = ste_derivative(g.m.detach(), g.ste, g.alpha, g.tau) * g.m
-            total = total + (hard + soft - soft.detach()).mean()
-        return total
+            total = total + (hard + soft - soft.detach()).sum()
+            count += g.m.numel()
+        return total / count
 
     def kept(self) -> dict[str, float]:
         return {n: float((g.m > 0).float().mean()) for n, g in self._gates.items()}
