@@ -125,3 +125,12 @@ def test_deep_compression_from_cli(runner, tmp_path):
     assert "shared (15 values," in info and "Huffman)" in info and "bytes before" in info
     r = runner.invoke(cli, ["compress", str(pruned), "--method", "none", "--share-bits", "fc:4", "-o", str(small)])
     assert r.exit_code == 2 and "--share-bits" in r.output
+
+
+def test_compress_with_autoprune(runner, tmp_path):
+    base = tmp_path / "b.safetensors"
+    _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "3", "--lr", "0.05", "-o", str(base)]))
+    _ok(runner.invoke(cli, ["compress", str(base), "--method", "autoprune", "--mu", "5", "--epochs", "3",
+                            "-o", str(tmp_path / "a.nsz")]))
+    s = json.loads(_ok(runner.invoke(cli, ["eval", str(tmp_path / "a.nsz"), "--json", "--batch", "4"])))
+    assert s["nonzero"] < 0.7 * s["params"] and s["test_accuracy"] > 0.85

@@ -12,7 +12,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_bundled_recipes_parse(path):
     r = load_recipe(path)
-    assert r.method in ("magnitude", "dns", "woodfisher")
+    assert r.method in ("magnitude", "dns", "woodfisher", "autoprune")
     assert not r.quantize or set(r.quantize["bits"]) == {"conv", "fc"}
     r.train_config()
 

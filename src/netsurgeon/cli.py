@@ -109,10 +109,10 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 
 @cli.command("compress")
 @click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--method", type=click.Choice(["magnitude", "dns", "woodfisher", "woodtaylor", "obd", "diag_fisher",
-                                            "obs", "none"]), default="magnitude", show_default=True,
-              help="magnitude: Han 2015; dns: Guo 2016; woodfisher..obs: one-shot second-order (global "
-                   "--sparsity); none: keep the input's zeros (e.g. with --share-bits on a pruned .nsz).")
+@click.option("--method", type=click.Choice(["magnitude", "dns", "autoprune", "woodfisher", "woodtaylor", "obd",
+                                            "diag_fisher", "obs", "none"]), default="magnitude", show_default=True,
+              help="magnitude: Han 2015; dns: Guo 2016; autoprune: Xiao 2019 (--mu); woodfisher..obs: one-shot "
+                   "second-order (global --sparsity); none: keep the input's zeros (e.g. with --share-bits).")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="YAML recipe (overrides the method options).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of weights to remove, in [0, 1).")
@@ -124,11 +124,14 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
               help="magnitude: original LR (retraining uses lr/10); dns: the surgery run's LR.")
 @click.option("--c-rate", type=float, default=3.0, show_default=True, help="dns: crate c (larger prunes more).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="dns: training epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="dns, autoprune: training epochs.")
 @click.option("--iter-stop", type=click.IntRange(min=0), default=10_000, show_default=True,
               help="dns: no mask updates after this many steps.")
 @click.option("--gamma", type=click.FloatRange(min=0), default=1e-3, show_default=True,
               help="dns: update probability (1 + gamma*i)^-power.")
+@click.option("--mu", type=click.FloatRange(min=0), default=100.0, show_default=True,
+              help="autoprune: strength of the regularizer on the auxiliary parameters.")
 @click.option("--num-grads", type=click.IntRange(min=1), default=1000, show_default=True,
               help="second-order: gradients for the Fisher.")
 @click.option("--block-size", type=click.IntRange(min=0), default=2000, show_default=True,
@@ -146,7 +149,7 @@ def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int,
 @_friendly
 def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: float | None,
                  quality: float | None, scope: str, rounds: int, finetune_epochs: int, lr: float,
-                 c_rate: float, epochs: int, iter_stop: int, gamma: float, num_grads: int, block_size: int,
+                 c_rate: float, epochs: int, iter_stop: int, gamma: float, mu: float, num_grads: int, block_size: int,
                  damp: float | None, data_name: str,
                  data_dir: Path | None, seed: int, value_dtype: str, index_bits: str, share_bits: str | None,
                  centroid_epochs: int, output: Path) -> None:
@@ -164,6 +167,9 @@ def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: f
         rec = Recipe(method="dns", finetune={"epochs": epochs, "lr": lr, "seed": seed},
                      dns={"c_rate": c_rate, "iter_stop": iter_stop, "gamma": gamma, "seed": seed},
                      save={"value_dtype": value_dtype, "index_bits": index_bits})
+    elif method == "autoprune":
+        rec = Recipe(method="autoprune", finetune={"epochs": epochs, "lr": lr, "seed": seed},
+                     autoprune={"mu": mu, "seed": seed}, save={"value_dtype": value_dtype, "index_bits": index_bits})
     elif method == "none":
         rec = Recipe(method="none", save={"value_dtype": value_dtype, "index_bits": index_bits})
     elif method in SECOND_ORDER:
@@ -196,7 +202,8 @@ def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: f
         model, meta = load_compressed(model_file), read_compressed(model_file)[0].header.get("meta") or {}
     else:
         model, meta = load_model(model_file)
-    use_data = (recipe is not None or finetune_epochs > 0 or rec.method == "dns" or rec.method in SECOND_ORDER
+    use_data = (recipe is not None or finetune_epochs > 0 or rec.method in ("dns", "autoprune")
+                or rec.method in SECOND_ORDER
                 or (bool(rec.quantize) and rec.quantize.get("epochs", 0) > 0))
     data = load_dataset(data_name, data_dir, seed=seed) if use_data else None
     apply_recipe(model, data, rec, progress=True)

@@ -28,7 +28,9 @@ from .train import TrainConfig, train
 __all__ = ["Recipe", "load_recipe", "apply_recipe", "METHODS"]
 
 SECOND_ORDER = ("woodfisher", "woodtaylor", "obs", "obd", "diag_fisher")
-METHODS = ("magnitude", "dns", *SECOND_ORDER, "none")  # "none": keep the model's zeros (e.g. only quantize)
+METHODS = ("magnitude", "dns", "autoprune", *SECOND_ORDER, "none")  # "none": keep the zeros (e.g. only quantize)
+_AUTOPRUNE_KEYS = {"mu", "ste", "alpha", "tau", "m_lr", "m_init", "m_every", "val_batch", "sensitivity",
+                   "correlation", "direction", "stop", "seed", "log_every"}
 _FISHER_KEYS = {"num_grads", "grad_batch", "damp", "block_size", "seed"}
 _DNS_KEYS = {"c_rate", "gamma", "power", "iter_start", "iter_stop", "low", "high", "include_bias", "seed",
              "log_every"}
@@ -54,6 +56,7 @@ class Recipe:
     fisher: dict[str, Any] = field(default_factory=dict)
     update: str = "single"
     quantize: dict[str, Any] = field(default_factory=dict)   # k-means sharing after pruning (Deep Compression)
+    autoprune: dict[str, Any] = field(default_factory=dict)  # AutoPrune arguments (mu, ste, m_lr, ...)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,7 +78,10 @@ class Recipe:
             raise ValueError(f"recipe: unknown key(s) {sorted(bad_fisher)} under 'fisher'.")
         if self.method in SECOND_ORDER and not isinstance(self.sparsity, (int, float)):
             raise ValueError(f"recipe: method {self.method!r} takes one global 'sparsity' number.")
-        if self.method in ("dns", "none"):
+        bad_ap = set(self.autoprune) - _AUTOPRUNE_KEYS
+        if bad_ap:
+            raise ValueError(f"recipe: unknown key(s) {sorted(bad_ap)} under 'autoprune'.")
+        if self.method in ("dns", "autoprune", "none"):
             if self.sparsity is not None or self.quality is not None:
                 raise ValueError(f"recipe: method {self.method!r} takes no 'sparsity'/'quality'.")
         elif (self.sparsity is None) == (self.quality is None):
@@ -134,6 +140,15 @@ def _prune(model: nn.Module, data: Dataset | None, recipe: Recipe, progress: boo
         from .pruning.dns import DNS
 
         train(model, data, cfg, callbacks=[DNS(**recipe.dns)], progress=progress)
+        return model
+    if recipe.method == "autoprune":
+        if data is None:
+            raise ValueError("recipe: method 'autoprune' trains on the train and validation splits; give data.")
+        from .pruning.autoprune import AutoPrune
+
+        ap = AutoPrune(**recipe.autoprune)
+        train(model, data, cfg, callbacks=[ap], progress=progress)
+        ap.finalize(model)
         return model
     if recipe.method in SECOND_ORDER:
         if data is None:
