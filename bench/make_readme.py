@@ -55,6 +55,18 @@ def render() -> str:
             lines += ["", "fixed_point_mnist (Gupta et al. 2015; paper: 16-bit stochastic rounding matches float32, "
                       "round-to-nearest does not), LeNet-300-100, 5 epochs plain SGD, test error %: " + ", ".join(
                           f"{k} {v['test_error_pct']:.2f}" for k, v in res["runs"].items()) + "."]
+        if res.get("benchmark") == "autoprune_mnist":
+            def fmt(d: dict) -> str:
+                return "; ".join(f"{k}: {v['compression_nonzero']:.1f}x at {v['test_error_pct']:.2f}%"
+                                 for k, v in d.items())
+
+            lines += ["", "autoprune_mnist, LeNet-300-100, 3 epochs, strength one decade each way (compression by "
+                      f"nonzeros at test error): AutoPrune mu {fmt(res['mu_sweep'])}; L1 penalty on the weights "
+                      f"lambda {fmt(res['l1_sweep'])}.", "",
+                      f"autoprune_mnist ablation (LeNet-300-100, mu 100, 3 epochs): {fmt(res['ablation'])}."]
+            for name, r in res["models"].items():
+                lines += ["", f"autoprune_mnist {name}: FLOPs kept {r['autoprune']['flops_kept_pct']:.1f}% "
+                          "(paper, LeNet-5: 7%)."]
         if res.get("benchmark") == "int8_mnist":
             for name, r in res["models"].items():
                 lat = r["latency_int8_linear_vs_float32"]
