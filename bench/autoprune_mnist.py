@@ -119,7 +119,8 @@ def main() -> None:
                                                args.fresh) for lam in (1e-4, 1e-3, 1e-2)}
     variants = {"leaky_relu, all rules": {}, "identity STE": {"ste": "identity"}, "softplus STE": {"ste": "softplus"},
                 "no sensitivity": {"sensitivity": False}, "no correlation": {"correlation": False},
-                "no direction": {"direction": False}}
+                "no direction": {"direction": False},
+                "no sensitivity, no direction": {"sensitivity": False, "direction": False}}
     res["ablation"] = {k: cached_json(f"ap_abl_{i}", lambda kw=kw, i=i: autoprune_run(
         name, data, 100.0, epochs=3, tag=f"abl{i}", **kw), args.fresh) for i, (k, kw) in enumerate(variants.items())}
     for part in ("mu_sweep", "ablation"):
