@@ -134,3 +134,10 @@ def test_compress_with_autoprune(runner, tmp_path):
                             "-o", str(tmp_path / "a.nsz")]))
     s = json.loads(_ok(runner.invoke(cli, ["eval", str(tmp_path / "a.nsz"), "--json", "--batch", "4"])))
     assert s["nonzero"] < 0.7 * s["params"] and s["test_accuracy"] > 0.85
+
+
+def test_eval_table_lists_tensors(runner, tmp_path):
+    base = tmp_path / "b.safetensors"
+    _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "1", "-o", str(base)]))
+    out = _ok(runner.invoke(cli, ["eval", str(base), "--batch", "2"]))
+    assert "nonzeros per tensor" in out and "fc1.weight" in out and "speedup vs dense" in out

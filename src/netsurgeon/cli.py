@@ -238,7 +238,7 @@ def eval_cmd(model_file: Path, data_name: str, data_dir: Path | None, seed: int,
 
     from .modelfile import load_any
     from .models import arch_of
-    from .report import summarize, summary_table
+    from .report import layers_table, summarize, summary_table
 
     model = load_any(model_file)
     data = load_dataset(data_name, data_dir, seed=seed)
@@ -250,6 +250,7 @@ def eval_cmd(model_file: Path, data_name: str, data_dir: Path | None, seed: int,
         click.echo(json.dumps(s, indent=2))
     else:
         _echo_table(summary_table({model_file.name: s}, title=f"{model_file} on {data_name} (test split)"))
+        _echo_table(layers_table(model, title="nonzeros per tensor"))
 
 
 @cli.command("info")
@@ -258,9 +259,10 @@ def eval_cmd(model_file: Path, data_name: str, data_dir: Path | None, seed: int,
 def info_cmd(model_file: Path) -> None:
     """Per-layer table of a .nsz file: shape, kept %, index bits, value bits, bytes."""
     from .coding.nsz import read_compressed
+    from .report import file_table
 
     info, _ = read_compressed(model_file)
-    _echo_table(__import__("netsurgeon.report", fromlist=["file_table"]).file_table(info))
+    _echo_table(file_table(info))
     meta = info.header.get("meta") or {}
     if meta:
         click.echo(yaml.safe_dump({"arch": info.header.get("arch"), "meta": meta}, sort_keys=False).rstrip())

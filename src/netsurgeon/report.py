@@ -19,7 +19,7 @@ from .runtime import sparsify_linear_layers
 from .stats import count_nonzero, layer_flops, measure_latency
 from .train import evaluate
 
-__all__ = ["summarize", "summary_table", "layers_table", "file_table", "plot_kept"]
+__all__ = ["summarize", "summary_table", "layers_table", "file_table", "print_table", "plot_kept"]
 
 
 def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset | None = None,
@@ -115,6 +115,7 @@ def file_table(info: Any) -> Table:
 
 
 def print_table(table: Table) -> None:
+    """Print a table to stdout at a fixed width (wide enough for the per-tensor table)."""
     Console(width=140).print(table)
 
 
