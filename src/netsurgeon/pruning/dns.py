@@ -151,6 +151,7 @@ class DNS(Callback):
         self.history_: list[dict[str, Any]] = []
         self._gen = torch.Generator().manual_seed(seed)
         self._model: nn.Module | None = None
+        self._masks: dict[str, Any] = {}
 
     @classmethod
     def separate_phases(cls, conv_iters: int, fc_iters: int, **kwargs: Any) -> DNS:
@@ -189,7 +190,9 @@ class DNS(Callback):
             self.layers_[name] = _LayerState(
                 tensors, kind, float(self._pick(self.c_rate, name, kind)),
                 int(self._pick(self.iter_start, name, kind)), int(self._pick(self.iter_stop, name, kind)))
-        attach_masks(model, [t for s in self.layers_.values() for t in s.tensors], straight_through=True)
+        # Mask modules are fixed once attached (a resume copies into their buffers), so look them up once.
+        self._masks = attach_masks(model, [t for s in self.layers_.values() for t in s.tensors],
+                                   straight_through=True)
         self._model = model
 
     def on_train_start(self, trainer: Trainer) -> None:
@@ -207,8 +210,7 @@ class DNS(Callback):
     def _surgery(self) -> None:
         assert self._model is not None
         model, i = self._model, self.iteration_
-        masks = {p: model.get_submodule(p.rsplit(".", 1)[0]).parametrizations[p.rsplit(".", 1)[1]][0]
-                 for s in self.layers_.values() for p in s.tensors}
+        masks = self._masks
         for s in self.layers_.values():
             draw = float(torch.rand(1, generator=self._gen))  # one draw per layer per iteration, always
             if not s.start <= i < s.stop:
