@@ -106,7 +106,7 @@ def hessian_weighted(name: str, src: str, data) -> dict:
     No fine-tuning, so the comparison isolates the clustering objective."""
     base = ns.load_compressed(RESULTS / "files" / src)
     names = prunable_tensors(base)
-    g = collect_gradients(base, data.train.x, data.train.y, names, 2000, 16, seed=0)
+    g = collect_gradients(base, data.train, names, 2000, 16, seed=0)
     diag = g.pow(2).mean(0)
     sizes = [base.get_submodule(n.rsplit(".", 1)[0]).weight.numel() for n in names]
     imp = {n: d.view_as(base.get_submodule(n.rsplit(".", 1)[0]).weight) for n, d in zip(names, diag.split(sizes),

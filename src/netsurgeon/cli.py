@@ -53,8 +53,9 @@ def cli(verbose: int) -> None:
 
 
 _data_opts = [
-    click.option("--data", "data_name", type=click.Choice(DATASETS), default="digits", show_default=True,
-                 help="Data set; mnist/fashion-mnist read IDX .gz files from --data-dir."),
+    click.option("--data", "data_name", type=click.Choice(DATASETS), default=None,
+                 help="Data set [default: the model file's, else mnist with --data-dir, else digits]; "
+                      "mnist/fashion-mnist read IDX .gz files from --data-dir."),
     click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Directory with the IDX .gz files."),
     click.option("--seed", type=int, default=0, show_default=True),
@@ -69,8 +70,37 @@ def _with(opts: list[Callable[..., Any]]) -> Callable[..., Any]:
     return deco
 
 
+def _model_args(items: tuple[str, ...]) -> dict[str, Any]:
+    from .pipeline import parse_value
+
+    out = {}
+    for text in items:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected key=value; got {text!r}.", param_hint="--model-arg")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+_model_opts = [
+    click.option("--model", "model_spec", default=None, metavar="NAME|pkg.module:factory",
+                 help="A netsurgeon model name or the import path of your model factory."),
+    click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+                 help="Keyword argument of the factory (repeatable; YAML values)."),
+]
+_threads_opt = click.option("--threads", type=click.IntRange(min=1), default=None,
+                            help="torch threads (set it on a busy machine; see README, Troubleshooting).")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 @cli.command("train")
-@click.option("--model", "model_name", type=click.Choice(list(MODELS)), required=True)
+@_with(_model_opts)
 @_with(_data_opts)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the trained model (.safetensors).")
@@ -86,165 +116,201 @@ def _with(opts: list[Callable[..., Any]]) -> Callable[..., Any]:
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, show_default=True,
               help="Steps between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
+@_threads_opt
 @_friendly
-def train_cmd(model_name: str, data_name: str, data_dir: Path | None, seed: int, output: Path, epochs: int,
-              batch_size: int, optimizer: str, lr: float, weight_decay: float, schedule: str,
-              checkpoint: Path | None, checkpoint_every: int, resume: bool) -> None:
+def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: str | None, data_dir: Path | None,
+              seed: int, output: Path, epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float,
+              schedule: str, checkpoint: Path | None, checkpoint_every: int, resume: bool, threads: int | None) -> None:
     """Train a model from scratch and save it as .safetensors."""
+    import torch
+
     from .modelfile import save_model
     from .train import TrainConfig, evaluate, train
 
+    if model_spec is None:
+        raise click.UsageError("give --model (one of " + ", ".join(MODELS) + ", or pkg.module:factory).")
     if resume and checkpoint is None:
         raise click.BadParameter("--resume needs --checkpoint FILE.", param_hint="--resume")
-    data = load_dataset(data_name, data_dir, seed=seed)
-    model = build_model(model_name, data.input_shape, data.num_classes)
+    _check_output(output)
+    kwargs = _model_args(model_args)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       weight_decay=weight_decay, schedule=schedule, seed=seed)
+    _set_threads(threads)
+    data_name = data_name or ("mnist" if data_dir else "digits")
+    data = load_dataset(data_name, data_dir, seed=seed)
+    torch.manual_seed(seed)  # the model's initial weights: same seed, same weights
+    if ":" in model_spec:
+        model = build_model(model_spec, data.input_shape, **kwargs)
+    else:
+        model = build_model(model_spec, data.input_shape, data.num_classes, **kwargs)
+    _check_input_shape(model, data, model_spec)
     train(model, data, cfg, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
           progress=True)
     _, acc = evaluate(model, data.test)
-    save_model(model, output, meta={"data": data_name, "test_accuracy": acc, "train": cfg.__dict__})
-    click.echo(f"{model_name} on {data_name}: test accuracy {100 * acc:.2f}% -> {output}")
+    save_model(model, output, meta={"data": data_name, "test_accuracy": acc, "train": cfg.to_dict()})
+    click.echo(f"{model_spec} on {data_name}: test accuracy {100 * acc:.2f}% -> {output}")
 
 
-@cli.command("compress")
-@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--method", type=click.Choice(["magnitude", "dns", "autoprune", "woodfisher", "woodtaylor", "obd",
-                                            "diag_fisher", "obs", "none"]), default="magnitude", show_default=True,
-              help="magnitude: Han 2015; dns: Guo 2016; autoprune: Xiao 2019 (--mu); woodfisher..obs: one-shot "
-                   "second-order (global --sparsity); none: keep the input's zeros (e.g. with --share-bits).")
-@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="YAML recipe (overrides the method options).")
-@click.option("--sparsity", type=float, default=None, help="Fraction of weights to remove, in [0, 1).")
-@click.option("--quality", type=float, default=None, help="Han's rule: remove |w| < quality x std(layer).")
-@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--finetune-epochs", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Retraining epochs per round (needs data; 0 = prune only).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
-              help="magnitude: original LR (retraining uses lr/10); dns: the surgery run's LR.")
-@click.option("--c-rate", type=float, default=3.0, show_default=True, help="dns: crate c (larger prunes more).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
-              help="dns, autoprune: training epochs.")
-@click.option("--iter-stop", type=click.IntRange(min=0), default=10_000, show_default=True,
-              help="dns: no mask updates after this many steps.")
-@click.option("--gamma", type=click.FloatRange(min=0), default=1e-3, show_default=True,
-              help="dns: update probability (1 + gamma*i)^-power.")
-@click.option("--mu", type=click.FloatRange(min=0), default=100.0, show_default=True,
-              help="autoprune: strength of the regularizer on the auxiliary parameters.")
-@click.option("--num-grads", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="second-order: gradients for the Fisher.")
-@click.option("--block-size", type=click.IntRange(min=0), default=2000, show_default=True,
-              help="second-order: Fisher block size (0 = one full inverse).")
-@click.option("--damp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="second-order: dampening lambda (default 1e-5; 0.1 for woodtaylor).")
-@_with(_data_opts)
-@click.option("--value-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--index-bits", default="auto", show_default=True, help="Relative-index width 1..16, or auto.")
-@click.option("--share-bits", default=None, help="k-means weight sharing after pruning: 'conv=8,fc=5' or one int "
-              "(Deep Compression); Huffman-coded in the file.")
-@click.option("--centroid-epochs", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Centroid fine-tuning epochs after sharing (needs data).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@_friendly
-def compress_cmd(model_file: Path, method: str, recipe: Path | None, sparsity: float | None,
-                 quality: float | None, scope: str, rounds: int, finetune_epochs: int, lr: float,
-                 c_rate: float, epochs: int, iter_stop: int, gamma: float, mu: float, num_grads: int, block_size: int,
-                 damp: float | None, data_name: str,
-                 data_dir: Path | None, seed: int, value_dtype: str, index_bits: str, share_bits: str | None,
-                 centroid_epochs: int, output: Path) -> None:
-    """Prune (magnitude, DNS or second-order) and optionally k-means-share a model; write a .nsz file.
+def _check_output(output: Path, *inputs: Path) -> None:
+    """Refuse an output that would overwrite an input, or whose directory does not exist."""
+    for i in inputs:
+        if output.resolve() == i.resolve():
+            raise _Fail(f"output {str(output)!r} is the input file; choose another name.")
+    if not output.parent.resolve().is_dir():
+        raise _Fail(f"output directory {str(output.parent)!r} does not exist.")
 
-    MODEL_FILE is a .safetensors from `train` or a .nsz (e.g. an already pruned model)."""
-    from .coding.nsz import save_compressed
+
+def _check_input_shape(model: Any, data: Any, what: str) -> None:
+    """Run one sample through ``model`` so a model/data mismatch is one clear line before any long work."""
+    import torch
+
+    x = torch.zeros(2, *data.input_shape)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as e:
+        raise _Fail(f"{what} does not accept inputs of shape {list(data.input_shape)} ({data.name}): "
+                    f"{str(e).splitlines()[0]}. Is --data right?") from e
+    finally:
+        model.train(was)
+    if out.dim() != 2 or out.shape[1] < 2:
+        raise _Fail(f"{what} returns outputs of shape {list(out.shape)}; expected (batch, classes) logits.")
+
+
+def _read_input(model_file: Path, model_spec: str | None, kwargs: dict[str, Any], trust_code: bool,
+                keep_codecs: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Load the model to compress and the metadata of its file (``.nsz`` in its stored form, or safetensors)."""
     from .modelfile import load_model
-    from .recipes import SECOND_ORDER, Recipe, apply_recipe, load_recipe
-    from .train import evaluate
+    from .runtime import load_compressed
 
-    if recipe is not None:
-        rec = load_recipe(recipe)
-    elif method == "dns":
-        rec = Recipe(method="dns", finetune={"epochs": epochs, "lr": lr, "seed": seed},
-                     dns={"c_rate": c_rate, "iter_stop": iter_stop, "gamma": gamma, "seed": seed},
-                     save={"value_dtype": value_dtype, "index_bits": index_bits})
-    elif method == "autoprune":
-        rec = Recipe(method="autoprune", finetune={"epochs": epochs, "lr": lr, "seed": seed},
-                     autoprune={"mu": mu, "seed": seed}, save={"value_dtype": value_dtype, "index_bits": index_bits})
-    elif method == "none":
-        rec = Recipe(method="none", save={"value_dtype": value_dtype, "index_bits": index_bits})
-    elif method in SECOND_ORDER:
-        if sparsity is None:
-            raise click.UsageError(f"--method {method} needs --sparsity (one global fraction).")
-        fisher = {"num_grads": num_grads, "block_size": block_size or None, "seed": seed}
-        if damp is not None:
-            fisher["damp"] = damp
-        elif method == "woodtaylor":
-            fisher["damp"] = 0.1
-        rec = Recipe(method=method, sparsity=sparsity, fisher=fisher,
-                     finetune={"epochs": finetune_epochs, "lr": lr, "seed": seed} if finetune_epochs else {},
-                     save={"value_dtype": value_dtype, "index_bits": index_bits})
-    else:
-        if sparsity is None and quality is None:
-            raise click.UsageError("give --sparsity, --quality or --recipe.")
-        rec = Recipe(method=method, sparsity=sparsity, quality=quality, scope=scope, rounds=rounds,
-                     finetune={"epochs": max(finetune_epochs, 1), "lr": lr, "seed": seed},
-                     save={"value_dtype": value_dtype, "index_bits": index_bits})
-        if finetune_epochs == 0:
-            rec = Recipe(**{**rec.__dict__, "rounds": 1})
-    if share_bits:
-        rec = Recipe(**{**rec.__dict__, "quantize": {"bits": _parse_bits(share_bits), "epochs": centroid_epochs}})
-    bits = rec.save.get("index_bits", "auto")
-    bits = int(bits) if str(bits).isdigit() else bits
+    model = None
+    if model_spec is not None:
+        model = build_model(model_spec, **kwargs) if ":" in model_spec else build_model(model_spec, None, **kwargs)
     if model_file.suffix == ".nsz":
         from .coding.nsz import read_compressed
-        from .runtime import load_compressed
 
-        model, meta = load_compressed(model_file), read_compressed(model_file)[0].header.get("meta") or {}
+        meta = read_compressed(model_file)[0].header.get("meta") or {}
+        return load_compressed(model_file, model, trust_code=trust_code, keep_codecs=keep_codecs), meta
+    return load_model(model_file, model, trust_code=trust_code)
+
+
+@cli.command("compress", context_settings={"max_content_width": 100})
+@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--method", "method_names", default=None, metavar="NAME[,NAME...]",
+              help="Stages to run, in order (see `netsurgeon methods`), e.g. dns,kmeans,finetune.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="A stage option (repeatable): key=value, stage.key=value or N.key=value; YAML values.")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A YAML pipeline (see recipes/); --set overrides its values.")
+@_with(_model_opts)
+@click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
+@_with(_data_opts)
+@_threads_opt
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@_friendly
+def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[str, ...], recipe: Path | None,
+                 model_spec: str | None, model_args: tuple[str, ...], trust_code: bool, data_name: str | None,
+                 data_dir: Path | None, seed: int, threads: int | None, output: Path) -> None:
+    """Run a compression pipeline on MODEL_FILE and write a .nsz file.
+
+    MODEL_FILE is a .safetensors (from `train`, or your own state dict with --model) or a .nsz.
+    Example: netsurgeon compress base.safetensors --method dns --set c_rate=3 --set iter_stop=8000 -o dns.nsz"""
+    from .pipeline import Pipeline
+    from .train import evaluate
+
+    if (method_names is None) == (recipe is None):
+        raise click.UsageError("give --method NAME[,NAME...] or --recipe FILE (not both).")
+    if not model_file.is_file():
+        raise _Fail(f"model file {str(model_file)!r} does not exist.")
+    _check_output(output, model_file)
+    defaults: dict[str, Any] = {"seed": seed}
+    if model_file.suffix == ".nsz":  # keep the input's value dtype unless told otherwise
+        from .coding.nsz import read_compressed
+
+        vds = {r.value_dtype for r in read_compressed(model_file)[0].records if r.value_dtype.startswith("float")}
+        if vds == {"float16"}:
+            defaults["value_dtype"] = "float16"
+    if recipe is not None:
+        pipe = Pipeline.from_yaml(recipe, overrides, defaults)
     else:
-        model, meta = load_model(model_file)
-    use_data = (recipe is not None or finetune_epochs > 0 or rec.method in ("dns", "autoprune")
-                or rec.method in SECOND_ORDER
-                or (bool(rec.quantize) and rec.quantize.get("epochs", 0) > 0))
-    data = load_dataset(data_name, data_dir, seed=seed) if use_data else None
-    apply_recipe(model, data, rec, progress=True)
-    acc = evaluate(model, data.test)[1] if data is not None else None
-    info = save_compressed(model, output, value_dtype=rec.save.get("value_dtype", "float32"), index_bits=bits,
-                           meta={**meta, "method": rec.method, "test_accuracy": acc})
-    msg = f"{output}: {info.file_bytes:,} bytes ({info.compression:.2f}x smaller than dense float32)"
-    click.echo(msg + (f", test accuracy {100 * acc:.2f}%" if acc is not None else ""))
+        names = [n.strip() for n in method_names.split(",") if n.strip()]  # type: ignore[union-attr]
+        pipe = Pipeline.from_spec(names, overrides, defaults, source="--method")
+    kwargs = _model_args(model_args)
+    if model_spec is None and pipe.model:
+        model_spec = pipe.model.get("factory") or pipe.model.get("name")
+        kwargs = {**(pipe.model.get("kwargs") or {}), **kwargs}
+    _set_threads(threads)
+    model, meta = _read_input(model_file, model_spec, kwargs, trust_code)
+    pipe.check(has_data=True, start_form=_form(model))
+    data_name = data_name or (pipe.data or {}).get("name") or meta.get("data") or ("mnist" if data_dir else "digits")
+    data = load_dataset(data_name, data_dir, seed=seed)
+    _check_input_shape(model, data, str(model_file))
+    history = meta.get("pipeline") or ([{"method": meta["method"]}] if meta.get("method") else [])
+    pipe.run(model, data, progress=True)
+    acc = evaluate(model, data.test)[1]
+    from .models import arch_of
+
+    arch = dict(arch_of(model) or {}) or None
+    if arch is not None and "input_shape" not in arch:
+        arch["input_shape"] = list(data.input_shape)
+    info = pipe.save(model, output, meta={**meta, "data": data_name, "test_accuracy": acc}, history=history,
+                     arch=arch)
+    click.echo(f"{output}: {info.file_bytes:,} bytes ({info.compression:.2f}x smaller than dense float32), "
+               f"test accuracy {100 * acc:.2f}%")
 
 
-def _parse_bits(text: str) -> int | dict[str, int]:
-    try:
-        if "=" not in text:
-            return int(text)
-        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
-    except ValueError as e:
-        raise click.BadParameter(f"expected an int or 'conv=8,fc=5'; got {text!r}.", param_hint="--share-bits") from e
+def _form(model: Any) -> str:
+    from .pipeline import weight_form
+
+    return weight_form(model)
+
+
+@cli.command("methods")
+@click.argument("name", required=False)
+@_friendly
+def methods_cmd(name: str | None) -> None:
+    """List every compression method, or show one method's options (netsurgeon methods dns)."""
+    from .pipeline import get_method, methods
+    from .report import method_table, methods_table
+
+    if name is None:
+        _echo_table(methods_table(methods()))
+        click.echo("Options of one method: netsurgeon methods NAME. Use: compress FILE --method NAME --set key=value.")
+        return
+    m = get_method(name)
+    click.echo(f"{m.name}: {m.summary}")
+    click.echo(f"kind: {m.kind}; paper: {m.citation}")
+    _echo_table(method_table(m))
 
 
 @cli.command("eval")
 @click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@_with(_model_opts)
+@click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
 @_with(_data_opts)
 @click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1, 256),
               show_default=True, help="Batch sizes for latency (repeatable).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Fix torch's thread count.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_friendly
-def eval_cmd(model_file: Path, data_name: str, data_dir: Path | None, seed: int, batches: tuple[int, ...],
+def eval_cmd(model_file: Path, model_spec: str | None, model_args: tuple[str, ...], trust_code: bool,
+             data_name: str | None, data_dir: Path | None, seed: int, batches: tuple[int, ...],
              threads: int | None, as_json: bool) -> None:
     """Accuracy, file bytes, nonzeros, FLOPs and latency ratio of a .nsz or .safetensors model."""
     import json
 
-    from .modelfile import load_any
     from .models import arch_of
     from .report import layers_table, summarize, summary_table
 
-    model = load_any(model_file)
+    model, meta = _read_input(model_file, model_spec, _model_args(model_args), trust_code, keep_codecs=False)
+    data_name = data_name or meta.get("data") or ("mnist" if data_dir else "digits")
     data = load_dataset(data_name, data_dir, seed=seed)
     shape = tuple((arch_of(model) or {}).get("input_shape", data.input_shape))
     if shape != data.input_shape:
         raise _Fail(f"{model_file} expects inputs {list(shape)} but {data_name} has {list(data.input_shape)}.")
+    _check_input_shape(model, data, str(model_file))
     s = summarize(model, data.input_shape, data=data, file_path=model_file, batches=batches, threads=threads)
     if as_json:
         click.echo(json.dumps(s, indent=2))
@@ -263,9 +329,25 @@ def info_cmd(model_file: Path) -> None:
 
     info, _ = read_compressed(model_file)
     _echo_table(file_table(info))
-    meta = info.header.get("meta") or {}
-    if meta:
+    meta = dict(info.header.get("meta") or {})
+    runs = meta.pop("pipeline", None)
+    if meta or runs:
         click.echo(yaml.safe_dump({"arch": info.header.get("arch"), "meta": meta}, sort_keys=False).rstrip())
+    for i, run in enumerate(runs or [], 1):
+        click.echo(f"stage {i}: {_changed_options(run)}")
+
+
+def _changed_options(run: dict[str, Any]) -> str:
+    """``method (key=value, ...)`` with only the options that differ from the method's defaults."""
+    from .pipeline import get_method
+
+    name, config = str(run.get("method")), run.get("config") or {}
+    try:
+        default = get_method(name).config().to_dict()
+    except ValueError:
+        default = {}
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(config.items()) if default.get(k, object()) != v)
+    return name + (f" ({opts})" if opts else "")
 
 
 @cli.command("demo")

@@ -10,14 +10,17 @@ import gzip
 import os
 import struct
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DataError", "Dataset", "Split", "read_idx", "mnist", "digits", "load_dataset", "DATASETS"]
+__all__ = ["DataError", "Dataset", "Split", "LoaderData", "from_loaders", "batches", "read_idx", "mnist", "digits",
+           "load_dataset", "DATASETS"]
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -51,6 +54,52 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
+
+
+@dataclass(frozen=True)
+class LoaderData:
+    """Splits given as any iterables of ``(x, y)`` batches, e.g. ``torch.utils.data.DataLoader``s.
+
+    Everything that trains or gathers statistics (``ns.train``, fine-tuning stages, Fisher statistics,
+    AutoPrune's validation batches) accepts this as well as a :class:`Dataset`. ``train`` needs ``len()``
+    (batches per epoch). Resuming a run continues exactly only if the loader yields the same batches in
+    the same order each epoch (``shuffle=False``, or a sampler seeded per epoch).
+    """
+
+    train: Iterable[Any]
+    val: Iterable[Any] | None = None
+    test: Iterable[Any] | None = None
+    name: str = "loaders"
+    num_classes: int | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        x, _ = next(iter(batches(self.train)))
+        return tuple(x.shape[1:])
+
+
+def from_loaders(train: Iterable[Any], val: Iterable[Any] | None = None, test: Iterable[Any] | None = None,
+                 num_classes: int | None = None) -> LoaderData:
+    """Wrap the user's own DataLoaders (or any iterables of ``(x, y)`` batches) as netsurgeon data."""
+    try:
+        len(train)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise DataError(f"from_loaders: the training loader must have a length (batches per epoch); got "
+                        f"{type(train).__name__}.") from e
+    return LoaderData(train, val, test, num_classes=num_classes)
+
+
+def batches(data: Split | Iterable[Any], batch_size: int = 1000) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(x, y)`` from a :class:`Split` (in order, ``batch_size`` at a time) or from any iterable of
+    ``(x, y, ...)`` batches such as a DataLoader."""
+    if isinstance(data, Split):
+        for i in range(0, len(data), batch_size):
+            yield data.x[i:i + batch_size], data.y[i:i + batch_size]
+        return
+    for b in data:
+        if not isinstance(b, (tuple, list)) or len(b) < 2:
+            raise DataError(f"a data loader must yield (inputs, labels) batches; got {type(b).__name__}.")
+        yield b[0], b[1]
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:

@@ -22,10 +22,11 @@ from torch.nn.utils import parametrize
 __all__ = [
     "Mask", "StraightThroughMask", "SUPPORTED_LAYERS", "prunable_layers", "prunable_tensors",
     "attach_masks", "get_masks", "original", "bake", "LayerSparsity", "sparsity_report",
-    "attach_masks_for_state_dict", "effective_state_dict",
+    "attach_masks_for_state_dict", "effective_state_dict", "layer_kind", "freeze_masks", "mask_zeros",
 ]
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+# Grouped and depthwise convolutions are ordinary Conv1d/Conv2d modules with ``groups > 1``.
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Layers that hold parameters but are never pruned; they are left alone rather than refused.
 _PASSIVE_LAYERS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -48,8 +49,13 @@ class StraightThroughMask(Mask):
         return w + (w * self.mask - w).detach()
 
 
+def layer_kind(module: nn.Module) -> str:
+    """``"conv"`` for a convolution, ``"fc"`` otherwise: the layer types that per-type options name."""
+    return "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d)) else "fc"
+
+
 def prunable_layers(model: nn.Module, owner: str = "netsurgeon") -> dict[str, nn.Module]:
-    """Return ``{module_name: module}`` for every Linear/Conv2d layer of ``model``.
+    """Return ``{module_name: module}`` for every Linear/Conv1d/Conv2d layer of ``model``.
 
     Raises:
         ValueError: a layer that holds parameters is of a type no method here supports (e.g. an LSTM),
@@ -59,12 +65,12 @@ def prunable_layers(model: nn.Module, owner: str = "netsurgeon") -> dict[str, nn
     for name, m in model.named_modules():
         if isinstance(m, SUPPORTED_LAYERS):
             out[name] = m
-        elif not isinstance(m, _PASSIVE_LAYERS) and _own_params(m) and not _is_parametrization(m):
+        elif not isinstance(m, _PASSIVE_LAYERS) and _own_params(m) and not _is_parametrization(name, m):
             raise ValueError(
                 f"{owner}: layer {name!r} of type {type(m).__name__} is not supported "
                 f"(supported: {', '.join(t.__name__ for t in SUPPORTED_LAYERS)}).")
     if not out:
-        raise ValueError(f"{owner}: the model has no Linear or Conv2d layer to compress.")
+        raise ValueError(f"{owner}: the model has no Linear, Conv1d or Conv2d layer to compress.")
     return out
 
 
@@ -72,8 +78,9 @@ def _own_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters(recurse=False))
 
 
-def _is_parametrization(m: nn.Module) -> bool:
-    return isinstance(m, (parametrize.ParametrizationList, Mask))
+def _is_parametrization(name: str, m: nn.Module) -> bool:
+    """Masks, k-means codebooks, gates: modules that live inside a layer's ``parametrizations``."""
+    return isinstance(m, (parametrize.ParametrizationList, Mask)) or "parametrizations." in f".{name}."
 
 
 def prunable_tensors(model: nn.Module, include_bias: bool = False, owner: str = "netsurgeon") -> list[str]:
@@ -146,6 +153,25 @@ def bake(model: nn.Module) -> nn.Module:
         mod_name, attr = _split(fqn)
         parametrize.remove_parametrizations(model.get_submodule(mod_name), attr, leave_parametrized=True)
     return model
+
+
+@torch.no_grad()
+def freeze_masks(model: nn.Module) -> nn.Module:
+    """Make every mask a plain :class:`Mask` (no gradient to pruned entries) and zero the hidden originals of
+    pruned weights, so later training keeps them at zero. Modifies ``model`` in place and returns it."""
+    for fqn, p in get_masks(model).items():
+        p.__class__ = Mask
+        original(model, fqn).mul_(p.mask)
+    return model
+
+
+@torch.no_grad()
+def mask_zeros(model: nn.Module, tensors: Iterable[str] | None = None) -> dict[str, Mask]:
+    """Attach (or tighten) masks so that every weight that is exactly zero now stays zero. In place."""
+    masks = attach_masks(model, tensors)
+    for fqn, p in masks.items():
+        p.mask.mul_((original(model, fqn) != 0).to(p.mask.dtype))
+    return masks
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from ._validation import atomic_save, check_finite_model
 from .coding.container import NszError
 from .coding.nsz import load_state_checked
 from .masks import effective_state_dict
-from .models import arch_of, build_model
+from .models import arch_of, rebuild
 
 __all__ = ["save_model", "load_model", "load_any"]
 
@@ -28,12 +28,17 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, A
     atomic_save(path, lambda tmp: save_file(state, tmp, metadata=info))
 
 
-def load_model(path: str | os.PathLike[str], model: nn.Module | None = None) -> tuple[nn.Module, dict]:
-    """Read a file written by :func:`save_model`; returns ``(model, meta)``.
+def load_model(path: str | os.PathLike[str], model: nn.Module | None = None, *,
+               trust_code: bool = False) -> tuple[nn.Module, dict]:
+    """Read a dense model file; returns ``(model, meta)``.
+
+    The file is one written by :func:`save_model` (it records the architecture), or any safetensors state
+    dict (e.g. ``safetensors.torch.save_file(model.state_dict(), path)``) together with ``model`` to fill.
 
     Raises:
         NszError: missing/corrupt file, no recorded architecture (and no ``model`` given), or tensors
             that do not match the model.
+        UntrustedCodeError: the architecture is a user's factory and ``trust_code`` is False.
     """
     p = Path(path)
     if not p.is_file():
@@ -50,15 +55,19 @@ def load_model(path: str | os.PathLike[str], model: nn.Module | None = None) -> 
         arch = header.get("arch")
         if not arch:
             raise NszError(f"{p}: the file records no architecture; pass the model to fill.")
-        model = build_model(arch["name"], tuple(arch["input_shape"]), arch["num_classes"])
+        try:
+            model = rebuild(arch, trust_code=trust_code, source=str(p))
+        except TypeError as e:
+            raise NszError(f"{p}: cannot rebuild the recorded architecture {arch!r}: {e}") from e
     load_state_checked(model, state, str(p))
     return model, header.get("meta", {})
 
 
-def load_any(path: str | os.PathLike[str]) -> nn.Module:
+def load_any(path: str | os.PathLike[str], model: nn.Module | None = None, *,
+             trust_code: bool = False) -> nn.Module:
     """Load a ``.nsz`` or a ``.safetensors`` model file by its extension (dense kernels)."""
     from .runtime import load_compressed
 
     if str(path).endswith(".nsz"):
-        return load_compressed(path)
-    return load_model(path)[0]
+        return load_compressed(path, model, trust_code=trust_code)
+    return load_model(path, model, trust_code=trust_code)[0]

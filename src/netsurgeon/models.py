@@ -6,6 +6,10 @@
 | lenet5      | Caffe LeNet-5: conv 20@5x5, pool, conv 50@5x5, pool, fc 500, fc 10 | 431,080          |
 | mlpnet      | WoodFisher's MNIST MLP 784-40-20-10, no bias (ReLU)            | 32,360               |
 | digits_cnn  | small CNN for 8x8 digits: conv 16@3x3, pool, conv 32@3x3, pool, fc 64, fc 10 | 13,706 (8x8) |
+| resnet_small| CIFAR-style ResNet (He et al. 2016): 3 stages of basic blocks, BatchNorm, residual | 77,754 (3x32) |
+
+Any other model is built from an import path, ``build_model("pkg.module:factory", **kwargs)``; the path and
+the keyword arguments are recorded so a saved file can rebuild it (see :func:`rebuild`).
 
 Caffe's LeNet-5 (``examples/mnist/lenet_train_test.prototxt``), which DNS and Deep Compression use,
 has a ReLU only after ip1; we keep that.
@@ -13,13 +17,18 @@ has a ReLU only after ip1; we keep that.
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["build_model", "MODELS", "count_params", "arch_of"]
+__all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "resnet_small",
+           "UntrustedCodeError"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
 
@@ -69,6 +78,46 @@ def digits_cnn(input_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10) 
     ]))
 
 
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm layers and a residual add; a 1x1 conv + BN shortcut where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet_small(input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, width: int = 16,
+                 blocks: tuple[int, ...] | list[int] = (1, 1, 1)) -> nn.Module:
+    """A CIFAR-style ResNet (He et al. 2016, Sec. 4.2) for 8x8 to 32x32 inputs: conv 3x3 + BN, then one stage
+    per entry of ``blocks`` (widths ``width``·2^i, stride 2 from the second stage), global average pool, fc.
+
+    Not a paper model: the test bed for "any user's model" (BatchNorm, residual adds, 1x1 shortcuts).
+    """
+    c, _, _ = _image_shape("resnet_small", input_shape, min_side=4)
+    if width < 1 or not blocks or any(b < 1 for b in blocks):
+        raise ValueError(f"resnet_small: need width >= 1 and blocks >= 1 per stage; got {width!r}, {blocks!r}.")
+    layers: list[tuple[str, nn.Module]] = [("conv1", nn.Conv2d(c, width, 3, 1, 1, bias=False)),
+                                           ("bn1", nn.BatchNorm2d(width)), ("relu", nn.ReLU())]
+    c_in = width
+    for i, n in enumerate(blocks):
+        c_out = width * 2 ** i
+        stage = [_BasicBlock(c_in if j == 0 else c_out, c_out, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
+        layers.append((f"layer{i + 1}", nn.Sequential(*stage)))
+        c_in = c_out
+    layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(c_in, num_classes))]
+    return nn.Sequential(OrderedDict(layers))
+
+
 def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape[1:]) < min_side:
         raise ValueError(f"{owner}: input_shape must be (C, H, W) with H, W >= {min_side}; got {shape!r}.")
@@ -76,23 +125,110 @@ def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "lenet300": lenet300, "lenet5": lenet5, "mlpnet": mlpnet, "digits_cnn": digits_cnn,
+    "lenet300": lenet300, "lenet5": lenet5, "mlpnet": mlpnet, "digits_cnn": digits_cnn, "resnet_small": resnet_small,
 }
 
 
-def build_model(name: str, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
-    """Build a model by name for inputs of ``input_shape`` (C, H, W)."""
+class UntrustedCodeError(ValueError):
+    """A file asks to run code outside netsurgeon (a user's model factory) and the caller did not allow it."""
+
+
+def _load_factory(path: str) -> Callable[..., nn.Module]:
+    mod_name, sep, attr = path.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"model import path must look like 'package.module:factory'; got {path!r}.")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {mod_name!r} of model factory {path!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {mod_name!r} has no attribute {attr!r} (model factory {path!r}).")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model factory {path!r} is not callable.")
+    return obj
+
+
+def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_classes: int = 10,
+                **kwargs: Any) -> nn.Module:
+    """Build a model by name, for inputs of ``input_shape`` (C, H, W), and record how to rebuild it.
+
+    ``name`` is one of :data:`MODELS` (``input_shape`` defaults to 1x28x28, or 1x8x8 for digits_cnn) or an
+    import path ``"package.module:factory"``, called as ``factory(**kwargs)`` (``input_shape`` is then only
+    recorded). Weights are initialized from torch's global generator: seed it first (``torch.manual_seed``)
+    for reproducible runs; the CLI does.
+
+    Raises:
+        ValueError: unknown name, unimportable path, kwargs that are not JSON-serializable, or a factory that
+            does not return an ``nn.Module``.
+    """
+    try:
+        json.dumps(kwargs)
+    except TypeError as e:
+        raise ValueError(f"build_model: keyword arguments of {name!r} must be JSON-serializable (numbers, "
+                         f"strings, lists, dicts) so a file can rebuild the model; got {kwargs!r}.") from e
+    if ":" in name:
+        model = _load_factory(name)(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module.")
+        record_arch(model, name, kwargs, input_shape)
+        return model
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
-    model = MODELS[name](tuple(input_shape), num_classes)
-    # Recorded so a saved file can rebuild the model; not part of state_dict.
-    object.__setattr__(model, _ARCH_ATTR, {"name": name, "input_shape": list(input_shape),
-                                           "num_classes": num_classes})
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or give an import path "
+                         "'package.module:factory'.")
+    shape = tuple(input_shape) if input_shape is not None else ((1, 8, 8) if name == "digits_cnn" else (1, 28, 28))
+    model = MODELS[name](shape, num_classes, **kwargs)
+    arch: dict[str, Any] = {"name": name, "input_shape": list(shape), "num_classes": num_classes}
+    if kwargs:
+        arch["kwargs"] = kwargs
+    object.__setattr__(model, _ARCH_ATTR, arch)  # not part of state_dict
     return model
 
 
+def record_arch(model: nn.Module, factory: str, kwargs: dict[str, Any] | None = None,
+                input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """Record on ``model`` that ``factory(**kwargs)`` rebuilds it (for a model the user built directly)."""
+    arch: dict[str, Any] = {"factory": factory, "kwargs": dict(kwargs or {})}
+    if input_shape is not None:
+        arch["input_shape"] = list(input_shape)
+    object.__setattr__(model, _ARCH_ATTR, arch)
+    return model
+
+
+def rebuild(arch: dict[str, Any], *, trust_code: bool = False, source: str = "file") -> nn.Module:
+    """Build the (untrained) model an ``arch`` record describes.
+
+    A user's factory (``{"factory": "pkg.mod:fn", "kwargs": ...}``) means importing and calling code named
+    by the file; that runs only with ``trust_code=True`` (a file from elsewhere could name any function).
+    netsurgeon's own models never need it.
+
+    Raises:
+        UntrustedCodeError: a user's factory without ``trust_code``.
+        ValueError: a malformed record, or a factory that fails.
+    """
+    if not isinstance(arch, dict):
+        raise ValueError(f"{source}: the architecture record is malformed ({arch!r}).")
+    kwargs = arch.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{source}: the architecture's kwargs are malformed ({kwargs!r}).")
+    if "factory" in arch:
+        factory = arch["factory"]
+        if not isinstance(factory, str):
+            raise ValueError(f"{source}: the architecture's factory is malformed ({factory!r}).")
+        if not (factory.startswith("netsurgeon.") or trust_code):
+            raise UntrustedCodeError(
+                f"{source}: the model is rebuilt by calling {factory!r} with {kwargs!r}, code outside netsurgeon; "
+                "pass trust_code=True (CLI: --trust-code) if you trust this file, or pass the model to fill.")
+        return build_model(factory, arch.get("input_shape"), **kwargs)
+    name, shape, classes = arch.get("name"), arch.get("input_shape"), arch.get("num_classes", 10)
+    if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(classes, int):
+        raise ValueError(f"{source}: the architecture record is malformed ({arch!r}).")
+    return build_model(name, tuple(shape), classes, **kwargs)
+
+
 def arch_of(model: nn.Module) -> dict | None:
-    """The ``{"name", "input_shape", "num_classes"}`` that :func:`build_model` recorded, or None."""
+    """How to rebuild ``model`` (what :func:`build_model` or :func:`record_arch` recorded), or None."""
     return getattr(model, _ARCH_ATTR, None)
 
 

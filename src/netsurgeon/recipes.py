@@ -1,176 +1,107 @@
-"""YAML recipes: one compression pipeline as data (prune -> fine-tune -> encode), validated key by key.
+"""YAML recipes: a pipeline as data, optionally naming the model and the data set.
 
-Example (``recipes/magnitude_lenet300.yaml``; ``recipes/dns_lenet5.yaml`` for method ``dns``)::
+    # recipes/deep_compression_lenet5.yaml
+    model: {name: lenet5}                 # or {factory: "pkg.module:fn", kwargs: {...}}
+    data: {name: mnist}                   # the data directory still comes from --data-dir
+    stages:
+      - magnitude: {sparsity: {conv1: 0.34, conv2: 0.88, fc1: 0.92, fc2: 0.81}, rounds: 3, epochs: 6}
+      - kmeans: {bits: {conv: 8, fc: 5}}
+      - finetune: {epochs: 2, lr: 0.001, weight_decay: 0}
+      - encode: {value_dtype: float16}
 
-    method: magnitude
-    sparsity: {fc1: 0.92, fc2: 0.91, fc3: 0.74}   # or one number
-    scope: layer                                  # or global (one number)
-    rounds: 3
-    finetune: {epochs: 2, lr: 0.01, batch_size: 64}
-    save: {value_dtype: float16, index_bits: auto}
+Recipes of the first format (one flat mapping: ``method``, ``sparsity``, ``finetune``, ``quantize``, ``save``,
+``dns``, ``fisher``, ``autoprune``) still load: :func:`convert_legacy` turns them into stages.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from torch import nn
 
-from .data import Dataset
-from .pruning.magnitude import prune_and_retrain, prune_magnitude
-from .train import TrainConfig, train
+__all__ = ["read_recipe", "load_recipe", "apply_recipe", "convert_legacy"]
 
-__all__ = ["Recipe", "load_recipe", "apply_recipe", "METHODS"]
-
-SECOND_ORDER = ("woodfisher", "woodtaylor", "obs", "obd", "diag_fisher")
-METHODS = ("magnitude", "dns", "autoprune", *SECOND_ORDER, "none")  # "none": keep the zeros (e.g. only quantize)
-_AUTOPRUNE_KEYS = {"mu", "ste", "alpha", "tau", "m_lr", "m_init", "m_every", "val_batch", "sensitivity",
-                   "correlation", "direction", "stop", "seed", "log_every"}
-_FISHER_KEYS = {"num_grads", "grad_batch", "damp", "block_size", "seed"}
-_DNS_KEYS = {"c_rate", "gamma", "power", "iter_start", "iter_stop", "low", "high", "include_bias", "seed",
-             "log_every"}
+_TOP_KEYS = ("stages", "model", "data")
+_LEGACY_KEYS = {"method", "sparsity", "quality", "scope", "rounds", "lr_factor", "finetune", "save", "dns", "fisher",
+                "update", "quantize", "autoprune"}
+_SECOND_ORDER = ("woodfisher", "woodtaylor", "obs", "obd", "diag_fisher")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A compression pipeline. ``finetune`` holds :class:`TrainConfig` fields. For ``magnitude`` its lr is
-    the *original* LR (retraining runs at ``lr * lr_factor``); for ``dns`` it is the surgery run's LR and
-    ``dns`` holds the :class:`netsurgeon.pruning.DNS` arguments; for the second-order methods ``fisher``
-    holds :class:`netsurgeon.pruning.FisherConfig` fields, ``sparsity`` is one global number, and a
-    non-empty ``finetune`` fine-tunes after the one-shot step."""
+def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The recipe file as ``{"stages": [...], "model": ..., "data": ...}`` (legacy files converted).
 
-    method: str = "magnitude"
-    sparsity: float | dict[str, float] | None = None
-    quality: float | dict[str, float] | None = None
-    scope: str = "layer"
-    rounds: int = 3
-    lr_factor: float = 0.1
-    finetune: dict[str, Any] = field(default_factory=dict)
-    save: dict[str, Any] = field(default_factory=dict)
-    dns: dict[str, Any] = field(default_factory=dict)
-    fisher: dict[str, Any] = field(default_factory=dict)
-    update: str = "single"
-    quantize: dict[str, Any] = field(default_factory=dict)   # k-means sharing after pruning (Deep Compression)
-    autoprune: dict[str, Any] = field(default_factory=dict)  # AutoPrune arguments (mu, ste, m_lr, ...)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"recipe: method must be one of {METHODS}; got {self.method!r}.")
-        unknown = set(self.finetune) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            raise ValueError(f"recipe: unknown key(s) {sorted(unknown)} under 'finetune'.")
-        bad_save = set(self.save) - {"value_dtype", "index_bits"}
-        if bad_save:
-            raise ValueError(f"recipe: unknown key(s) {sorted(bad_save)} under 'save'.")
-        bad_dns = set(self.dns) - _DNS_KEYS
-        if bad_dns:
-            raise ValueError(f"recipe: unknown key(s) {sorted(bad_dns)} under 'dns'.")
-        bad_q = set(self.quantize) - {"bits", "init", "epochs", "lr"}
-        if bad_q:
-            raise ValueError(f"recipe: unknown key(s) {sorted(bad_q)} under 'quantize'.")
-        bad_fisher = set(self.fisher) - _FISHER_KEYS
-        if bad_fisher:
-            raise ValueError(f"recipe: unknown key(s) {sorted(bad_fisher)} under 'fisher'.")
-        if self.method in SECOND_ORDER and not isinstance(self.sparsity, (int, float)):
-            raise ValueError(f"recipe: method {self.method!r} takes one global 'sparsity' number.")
-        bad_ap = set(self.autoprune) - _AUTOPRUNE_KEYS
-        if bad_ap:
-            raise ValueError(f"recipe: unknown key(s) {sorted(bad_ap)} under 'autoprune'.")
-        if self.method in ("dns", "autoprune", "none"):
-            if self.sparsity is not None or self.quality is not None:
-                raise ValueError(f"recipe: method {self.method!r} takes no 'sparsity'/'quality'.")
-        elif (self.sparsity is None) == (self.quality is None):
-            raise ValueError("recipe: give exactly one of 'sparsity' or 'quality'.")
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"recipe: scope must be 'layer' or 'global'; got {self.scope!r}.")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ValueError(f"recipe: rounds must be a positive integer; got {self.rounds!r}.")
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.finetune)
-
-
-def load_recipe(path: str | os.PathLike[str]) -> Recipe:
-    """Parse and validate a YAML recipe; errors name the file and the offending key."""
+    Raises:
+        ValueError: missing file, invalid YAML, unknown top-level keys (named, with the valid ones).
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"recipe file not found: {p}")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"recipe {p}: not valid YAML ({e}).") from e
+        raise ValueError(f"recipe {p}: not valid YAML ({' '.join(str(e).split())}).") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"recipe {p}: expected a mapping of keys at the top level.")
-    known = {f.name for f in dataclasses.fields(Recipe)}
-    unknown = sorted(set(raw) - known)
+        raise ValueError(f"recipe {p}: expected a mapping with 'stages' at the top level.")
+    if "stages" not in raw and "method" in raw:
+        return convert_legacy(raw, str(p))
+    unknown = sorted(set(raw) - set(_TOP_KEYS))
+    if unknown or "stages" not in raw:
+        raise ValueError(f"recipe {p}: unknown key(s) {unknown}; a recipe has 'stages' (required), 'model' and "
+                         "'data'." if unknown else f"recipe {p}: no 'stages' list.")
+    for key in ("model", "data"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ValueError(f"recipe {p}: '{key}' must be a mapping; got {raw[key]!r}.")
+    return raw
+
+
+def convert_legacy(raw: dict[str, Any], source: str = "recipe") -> dict[str, Any]:
+    """Turn a first-format recipe (one flat mapping) into ``{"stages": [...]}``."""
+    unknown = sorted(set(raw) - _LEGACY_KEYS)
     if unknown:
-        raise ValueError(f"recipe {p}: unknown key(s) {unknown}; known keys are {sorted(known)}.")
-    try:
-        return Recipe(**raw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"recipe {p}: {e}") from e
-
-
-def apply_recipe(model: nn.Module, data: Dataset | None, recipe: Recipe, progress: bool = False) -> nn.Module:
-    """Run ``recipe``'s pruning, fine-tuning and (if asked) k-means sharing on ``model`` in place."""
-    _prune(model, data, recipe, progress)
-    q = recipe.quantize
+        raise ValueError(f"recipe {source}: unknown key(s) {unknown}; known keys are {sorted(_LEGACY_KEYS)}.")
+    method = raw["method"]
+    ft = dict(raw.get("finetune") or {})
+    stages: list[dict[str, Any]] = []
+    if method in ("magnitude",):
+        opts = {k: raw[k] for k in ("scope", "rounds", "lr_factor") if k in raw}
+        if raw.get("quality") is not None:
+            stages.append({"quality": {**ft, "quality": raw["quality"],
+                                       **{k: v for k, v in opts.items() if k != "scope"}}})
+        else:
+            stages.append({"magnitude": {**ft, "sparsity": raw.get("sparsity"), **opts}})
+    elif method in ("dns", "autoprune"):
+        stages.append({method: {**ft, **(raw.get(method) or {})}})
+    elif method in _SECOND_ORDER:
+        stages.append({method: {"sparsity": raw.get("sparsity"), **(raw.get("fisher") or {}),
+                                **({"update": raw["update"]} if "update" in raw else {})}})
+        if ft:
+            stages.append({"finetune": ft})
+    elif method != "none":
+        raise ValueError(f"recipe {source}: method must be one of magnitude, dns, autoprune, "
+                         f"{', '.join(_SECOND_ORDER)}, none; got {method!r}.")
+    q = dict(raw.get("quantize") or {})
     if q:
-        from .quantization.kmeans import share_weights
+        epochs, lr = q.pop("epochs", 0), q.pop("lr", 0.001)
+        stages.append({"kmeans": q})
+        if epochs:
+            stages.append({"finetune": {"epochs": epochs, "lr": lr, "weight_decay": 0.0}})
+    stages.append({"encode": dict(raw.get("save") or {})})
+    return {"stages": stages}
 
-        share_weights(model, q.get("bits"), q.get("init", "linear"))
-        if data is not None and q.get("epochs", 0) > 0:  # centroid fine-tuning (Deep Compression Sec. 3.3)
-            train(model, data, TrainConfig(epochs=q["epochs"], lr=q.get("lr", 0.001), weight_decay=0.0),
-                  progress=progress)
-    return model
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> Any:
+    """Parse and validate a recipe into a :class:`netsurgeon.pipeline.Pipeline`; errors name the file and key."""
+    from .pipeline import Pipeline
+
+    return Pipeline.from_yaml(path, overrides or (), defaults)
 
 
-def _prune(model: nn.Module, data: Dataset | None, recipe: Recipe, progress: bool) -> nn.Module:
-    if recipe.method == "none":
-        return model
-    cfg = recipe.train_config()
-    if recipe.method == "dns":
-        if data is None:
-            raise ValueError("recipe: method 'dns' prunes while training and needs data.")
-        from .pruning.dns import DNS
-
-        train(model, data, cfg, callbacks=[DNS(**recipe.dns)], progress=progress)
-        return model
-    if recipe.method == "autoprune":
-        if data is None:
-            raise ValueError("recipe: method 'autoprune' trains on the train and validation splits; give data.")
-        from .pruning.autoprune import AutoPrune
-
-        ap = AutoPrune(**recipe.autoprune)
-        train(model, data, cfg, callbacks=[ap], progress=progress)
-        ap.finalize(model)
-        return model
-    if recipe.method in SECOND_ORDER:
-        if data is None:
-            raise ValueError(f"recipe: method {recipe.method!r} needs data for its gradient statistics.")
-        from .pruning.woodfisher import FisherConfig, OneShotPruner
-
-        fisher = FisherConfig(**recipe.fisher) if recipe.fisher else None
-        OneShotPruner(recipe.method, fisher, recipe.update).fit(model, data.train).prune(model, recipe.sparsity)
-        if recipe.finetune:  # then fine-tune with the masks fixed
-            train(model, data, cfg, progress=progress)
-        return model
-    if recipe.quality is not None:  # Han's rule, iterated: each round drops |w| < q*std of the survivors
-        for r in range(recipe.rounds):
-            prune_magnitude(model, quality=recipe.quality)
-            if data is not None and cfg.epochs > 0:
-                train(model, data, dataclasses.replace(cfg, lr=cfg.lr * recipe.lr_factor, seed=cfg.seed + r + 1),
-                      progress=progress)
-        return model
-    if data is None:
-        prune_magnitude(model, sparsity=recipe.sparsity, scope=recipe.scope)
-        return model
-    prune_and_retrain(model, data, sparsity=recipe.sparsity, rounds=recipe.rounds,
-                      epochs_per_round=cfg.epochs, scope=recipe.scope, config=cfg,
-                      lr_factor=recipe.lr_factor, progress=progress)
+def apply_recipe(model: nn.Module, data: Any, recipe: Any, progress: bool = False) -> nn.Module:
+    """Run a recipe (a path or a loaded Pipeline) on ``model`` in place; returns the model."""
+    pipe = load_recipe(recipe) if isinstance(recipe, (str, os.PathLike)) else recipe
+    pipe.run(model, data, progress=progress)
     return model

@@ -19,7 +19,8 @@ from .runtime import sparsify_linear_layers
 from .stats import count_nonzero, layer_flops, measure_latency
 from .train import evaluate
 
-__all__ = ["summarize", "summary_table", "layers_table", "file_table", "print_table", "plot_kept"]
+__all__ = ["summarize", "summary_table", "layers_table", "file_table", "print_table", "plot_kept", "methods_table",
+           "method_table"]
 
 
 def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset | None = None,
@@ -140,3 +141,24 @@ def plot_kept(series: dict[str, dict[str, float]], path: str | os.PathLike[str],
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def methods_table(methods: dict[str, Any]) -> Table:
+    """One row per registered method: name, kind, what it does, paper."""
+    t = Table(title="compression methods (netsurgeon methods NAME for options)")
+    for col in ("method", "kind", "what it does", "paper"):
+        t.add_column(col, overflow="fold")
+    order = {"training": 1, "oneshot": 0, "quantizer": 2, "codec": 3}
+    for m in sorted(methods.values(), key=lambda m: (order.get(m.kind, 9), m.name)):
+        t.add_row(m.name, m.kind, m.summary, m.citation)
+    return t
+
+
+def method_table(method: Any) -> Table:
+    """The options of one method: key, type and range, default, help."""
+    t = Table(title=f"options of {method.name} (--set key=value)")
+    for col in ("key", "type / range", "default", "help"):
+        t.add_column(col, overflow="fold")
+    for row in method.config.describe():
+        t.add_row(row["key"], row["type"], repr(row["default"]), row["help"])
+    return t

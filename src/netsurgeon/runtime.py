@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .coding.container import NszError
-from .coding.nsz import load_state_checked, read_compressed
+from .coding.nsz import CompressedFile, decode_int8, decode_shared_parts, load_state_checked, read_compressed
 from .stats import measure_latency
 
 __all__ = ["CSRLinear", "sparsify_linear_layers", "int8_linear_layers", "load_compressed"]
@@ -98,33 +98,69 @@ def int8_linear_layers(model: nn.Module, names: list[str]) -> nn.Module:
     return out.eval()
 
 
+def _restore_codecs(model: nn.Module, info: CompressedFile) -> None:
+    from torch.nn.utils import parametrize
+
+    from .masks import mask_zeros, prunable_tensors
+    from .quantization.kmeans import SharedWeights
+    from .quantization.uniform import Int8Weights
+
+    assert info.blobs is not None
+    coded = set()
+    for rec in info.records:
+        if rec.codec not in ("shared", "int8"):
+            continue
+        mod_name, _, attr = rec.name.rpartition(".")
+        module = model.get_submodule(mod_name)
+        if rec.codec == "shared":
+            book, index = decode_shared_parts(info.path, rec, info.blobs)
+            par: nn.Module = SharedWeights(book, index)
+        else:
+            par = Int8Weights(*decode_int8(info.path, rec, info.blobs))
+        parametrize.register_parametrization(module, attr, par, unsafe=True)
+        coded.add(rec.name)
+    rest = [n for n in prunable_tensors(model, owner="load_compressed") if n not in coded]
+    if rest:
+        mask_zeros(model, rest)
+
+
 def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
                     sparse_kernels: bool = False, min_sparsity: float = 0.9,
-                    tune_batch: int | None = None, int8_kernels: bool = False) -> nn.Module:
+                    tune_batch: int | None = None, int8_kernels: bool = False, trust_code: bool = False,
+                    keep_codecs: bool = False) -> nn.Module:
     """Load a ``.nsz`` file as a plain ``nn.Module`` in eval mode.
 
     Args:
         model: a module of the right architecture to fill; by default it is rebuilt from the file's
-            ``arch`` record (models of :mod:`netsurgeon.models`).
+            ``arch`` record: netsurgeon's models by name, a user's model by its recorded import path and
+            keyword arguments (only with ``trust_code=True``: that imports and calls code the file names).
         sparse_kernels: replace sufficiently sparse Linear layers by CSR kernels (faster, see module doc).
         tune_batch: with ``sparse_kernels``, keep a CSR kernel only where it times faster at this batch.
         int8_kernels: run Linear layers stored as ``int8`` with PyTorch's int8 kernels.
+        keep_codecs: rebuild k-means-shared and int8 weights in their stored form (codebook + indices, int8 +
+            scales, as parametrizations) instead of dense floats, so a later stage (centroid fine-tuning, saving
+            again) keeps them; zero weights of other tensors get masks so they stay zero.
 
     Raises:
         NszError: corrupt/truncated file, or tensors that do not match the model's names or shapes.
+        UntrustedCodeError: the file names a user's model factory and ``trust_code`` is False.
     """
-    from .models import build_model
+    from .models import UntrustedCodeError, rebuild
 
-    info, state = read_compressed(path)
+    info, state = read_compressed(path, with_blobs=keep_codecs)
     if model is None:
         arch = info.header.get("arch")
         if not arch:
             raise NszError(f"{path}: the file records no architecture; pass the model to fill.")
         try:
-            model = build_model(arch["name"], tuple(arch["input_shape"]), arch["num_classes"])
+            model = rebuild(arch, trust_code=trust_code, source=str(path))
+        except UntrustedCodeError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise NszError(f"{path}: cannot rebuild the recorded architecture {arch!r}: {e}") from e
     load_state_checked(model, state, str(path))
+    if keep_codecs:
+        _restore_codecs(model, info)
     model.eval()
     if int8_kernels:
         model = int8_linear_layers(model, [r.name.rsplit(".", 1)[0] for r in info.records if r.codec == "int8"])

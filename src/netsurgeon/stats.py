@@ -7,11 +7,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .masks import original, prunable_layers
+from .data import Split, batches
+from .masks import SUPPORTED_LAYERS, original, prunable_layers
 
 __all__ = ["count_nonzero", "LayerFlops", "layer_flops", "total_flops", "Latency", "measure_latency",
            "num_threads", "collect_gradients"]
@@ -23,7 +25,7 @@ def count_nonzero(model: nn.Module) -> tuple[int, int]:
 
     Masked tensors are counted through their mask (the effective weight), not the hidden original.
     """
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = [m for m in model.modules() if isinstance(m, SUPPORTED_LAYERS)]
     covered = {id(p) for m in layers for p in m.parameters()}  # includes masked originals
     tensors = [t for m in layers for t in (m.weight, m.bias) if t is not None]
     tensors += [p for p in model.parameters() if id(p) not in covered]  # e.g. norms: counted as they are
@@ -125,35 +127,65 @@ def measure_latency(model: nn.Module, reference: nn.Module, x: Tensor, *, warmup
         return Latency(statistics.median(tm), statistics.median(tr), int(x.shape[0]), torch.get_num_threads())
 
 
-def collect_gradients(model: nn.Module, x: Tensor, y: Tensor, tensors: list[str], num_grads: int,
+def _gradient_batches(data: Any, num_grads: int, batch_size: int,
+                      g: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """``num_grads`` mini-batches of ``batch_size`` samples: drawn at random (with replacement) from a
+    Split, or taken in order from a DataLoader's batches, cycling through it if it is too short."""
+    if isinstance(data, Split):
+        if len(data) == 0:
+            raise ValueError("collect_gradients: the data split is empty.")
+        idx = torch.randint(len(data), (num_grads, batch_size), generator=g)
+        for i in range(num_grads):
+            yield data.x[idx[i]], data.y[idx[i]]
+        return
+    done, xs, ys, have = 0, [], [], 0
+    while done < num_grads:
+        seen = False
+        for x, y in batches(data):
+            seen = True
+            xs.append(x)
+            ys.append(y)
+            have += len(y)
+            while have >= batch_size and done < num_grads:
+                xa, ya = torch.cat(xs), torch.cat(ys)
+                yield xa[:batch_size], ya[:batch_size]
+                xs, ys, have, done = [xa[batch_size:]], [ya[batch_size:]], have - batch_size, done + 1
+            if done >= num_grads:
+                return
+        if not seen:
+            raise ValueError("collect_gradients: the data loader yielded no batch.")
+
+
+def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], num_grads: int,
                       batch_size: int = 1, seed: int = 0, sample_labels: bool = False) -> Tensor:
-    """Gradients of the cross-entropy w.r.t. ``tensors`` on ``num_grads`` random mini-batches of ``batch_size``.
+    """Gradients of the cross-entropy w.r.t. ``tensors`` on ``num_grads`` mini-batches of ``batch_size``.
 
-    Row i is the gradient of the mean loss over mini-batch i, i.e. the average of ``batch_size`` per-sample
-    gradients (WoodFisher's ``--fisher-mini-bsz``). Masked tensors are differentiated through their
-    original, so pruned entries get zero gradient. With ``sample_labels`` the labels are drawn from the
-    model's own predictive distribution: the outer products then estimate the true Fisher, which equals the
-    Gauss-Newton matrix for softmax cross-entropy (used for OBD), instead of the empirical Fisher.
+    ``data`` is a Split (mini-batches drawn at random, seeded) or any iterable of ``(x, y)`` batches such as
+    the user's DataLoader (taken in order). Row i is the gradient of the mean loss over mini-batch i, i.e.
+    the average of ``batch_size`` per-sample gradients (WoodFisher's ``--fisher-mini-bsz``). Masked tensors
+    are differentiated through their original, so pruned entries get zero gradient. With ``sample_labels``
+    the labels are drawn from the model's own predictive distribution: the outer products then estimate the
+    true Fisher, which equals the Gauss-Newton matrix for softmax cross-entropy (used for OBD), instead of
+    the empirical Fisher. The model is evaluated in eval mode (BatchNorm uses its running statistics).
 
-    Shapes: x (N, ...), y (N,) -> (num_grads, total numel of ``tensors``).
+    Shapes: -> (num_grads, total numel of ``tensors``).
     """
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(y), (num_grads, batch_size), generator=g)
     params = [original(model, t) for t in tensors]
     out = torch.empty(num_grads, sum(p.numel() for p in params))
     was = model.training
     model.eval()
     try:
-        for i in range(num_grads):
-            xb, yb = x[idx[i]], y[idx[i]]
+        for i, (xb, yb) in enumerate(_gradient_batches(data, num_grads, batch_size, g)):
             logits = model(xb)
             if sample_labels:
                 with torch.no_grad():
                     yb = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
-            grads = torch.autograd.grad(F.cross_entropy(logits, yb), params)
-            out[i] = torch.cat([gr.flatten() for gr in grads])
+            grads = torch.autograd.grad(F.cross_entropy(logits, yb), params, allow_unused=True)
+            out[i] = torch.cat([torch.zeros(p.numel()) if gr is None else gr.flatten()
+                                for p, gr in zip(params, grads, strict=True)])
     finally:
         model.train(was)
     return out

@@ -13,19 +13,20 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import atomic_save, check_finite_model, check_positive
-from .data import Dataset, Split
+from ._validation import atomic_save, check_finite_model
+from .data import Dataset, LoaderData, Split, batches
 from .masks import attach_masks_for_state_dict
+from .registry import MethodConfig, StageContext, option, register
 
-__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "lr_at"]
+__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "lr_at", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -36,55 +37,76 @@ _SCHEDULES = ("constant", "step", "cosine", "inv")
 class Callback:
     """Base class of training-time methods. Every hook is optional; override what the method needs.
 
-    Hooks, in call order: ``on_train_start`` once (also on resume, *before* the checkpoint is loaded),
-    then per step ``loss`` (an extra loss term or None), ``after_backward`` (gradients are in ``.grad``),
-    ``after_step`` (weights updated), and ``on_epoch_end``. ``state_dict``/``load_state_dict`` carry the
-    callback's state through checkpoints; it may hold tensors, numbers, strings, lists and dicts.
+    Hooks, in call order: ``prepare`` once (attach masks or gates; ``ns.train`` calls it through
+    ``on_train_start``, also on resume *before* the checkpoint is loaded), then per step ``loss`` (an extra
+    loss term or None), ``after_backward`` (gradients are in ``.grad``), ``after_step`` (weights updated),
+    ``on_epoch_end``, and ``finalize`` at the end (leave a plain masked model: pruned weights stay zero in
+    any later training). ``state_dict``/``load_state_dict`` carry the callback's state through checkpoints.
+
+    The ``trainer`` argument is optional everywhere, so a method runs in the user's own loop too::
+
+        method.prepare(model, train_data=loader, val_data=val_loader)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)        # create it after prepare
+        for x, y in loader:
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            extra = method.loss(out, (x, y))
+            loss = loss if extra is None else loss + extra
+            opt.zero_grad(); loss.backward(); method.after_backward(); opt.step(); method.after_step()
+        method.finalize(model)
     """
 
-    def on_train_start(self, trainer: Trainer) -> None: ...
-    def loss(self, outputs: Tensor, batch: tuple[Tensor, Tensor], trainer: Trainer) -> Tensor | None:
+    _model: nn.Module | None = None
+
+    def prepare(self, model: nn.Module, *, train_data: Any = None, val_data: Any = None,
+                optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Attach what the method needs to ``model`` (in place). ``train_data``/``val_data``: a Split or any
+        iterable of ``(x, y)`` batches; ``optimizer``: only methods that read the learning rate use it."""
+        self._model = model
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self._model is not trainer.model:
+            data = getattr(trainer, "data", None)
+            self.prepare(trainer.model, train_data=getattr(data, "train", None), val_data=getattr(data, "val", None))
+
+    def loss(self, outputs: Tensor, batch: tuple[Tensor, Tensor], trainer: Trainer | None = None) -> Tensor | None:
         return None
-    def after_backward(self, trainer: Trainer) -> None: ...
-    def after_step(self, trainer: Trainer) -> None: ...
-    def on_epoch_end(self, trainer: Trainer) -> None: ...
+    def after_backward(self, trainer: Trainer | None = None) -> None: ...
+    def after_step(self, trainer: Trainer | None = None) -> None: ...
+    def on_epoch_end(self, trainer: Trainer | None = None) -> None: ...
+    def finalize(self, model: nn.Module | None = None) -> nn.Module:
+        """End of training: returns the model, left with plain masks where the method pruned."""
+        out = model if model is not None else self._model
+        if out is None:
+            raise ValueError(f"{type(self).__name__}: finalize() before prepare().")
+        return out
     def state_dict(self) -> dict[str, Any]:
         return {}
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run."""
+class TrainConfig(MethodConfig):
+    """Hyper-parameters of one training run (also the training fields of every training-time method)."""
 
-    epochs: int = 10                 # passes over the training split
-    batch_size: int = 64
-    optimizer: str = "sgd"           # "sgd" (with momentum) or "adam"
-    lr: float = 0.01
-    momentum: float = 0.9            # SGD only
-    weight_decay: float = 5e-4
-    schedule: str = "constant"       # "constant", "step", "cosine" or "inv" (Caffe's lr*(1+g*it)^-p)
-    lr_gamma: float = 0.1            # step: factor per lr_step_epochs; inv: g
-    lr_step_epochs: int = 5          # step schedule period in epochs
-    lr_power: float = 0.75           # inv schedule power
-    seed: int = 0
-    max_steps: int | None = None     # stop early after this many optimizer steps
+    owner: ClassVar[str] = "TrainConfig"
 
-    def __post_init__(self) -> None:
-        owner = "TrainConfig"
-        check_positive(owner, "epochs", self.epochs, integer=True)
-        check_positive(owner, "batch_size", self.batch_size, integer=True)
-        check_positive(owner, "lr", self.lr)
-        check_positive(owner, "lr_step_epochs", self.lr_step_epochs, integer=True)
-        if self.max_steps is not None:
-            check_positive(owner, "max_steps", self.max_steps, integer=True)
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"{owner}: optimizer must be one of {_OPTIMIZERS}; got {self.optimizer!r}.")
-        if self.schedule not in _SCHEDULES:
-            raise ValueError(f"{owner}: schedule must be one of {_SCHEDULES}; got {self.schedule!r}.")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"{owner}: need weight_decay >= 0 and momentum in [0, 1); "
-                             f"got {self.weight_decay!r}, {self.momentum!r}.")
+    epochs: int = option(10, "passes over the training split", low=1)
+    batch_size: int = option(64, "mini-batch size", low=1)
+    optimizer: str = option("sgd", "sgd (with momentum) or adam", choices=_OPTIMIZERS)
+    lr: float = option(0.01, "learning rate", low=0, low_open=True)
+    momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
+    weight_decay: float = option(5e-4, "L2 weight decay", low=0)
+    schedule: str = option("constant", "LR schedule (inv: Caffe's lr*(1+g*it)^-p)", choices=_SCHEDULES)
+    lr_gamma: float = option(0.1, "step: factor per lr_step_epochs; inv: g", low=0)
+    lr_step_epochs: int = option(5, "step schedule period in epochs", low=1)
+    lr_power: float = option(0.75, "inv schedule power", low=0)
+    seed: int = option(0, "seed of batch order and of the method's own draws", low=0)
+    max_steps: int | None = option(None, "stop after this many optimizer steps", low=1)
+
+    def train_config(self) -> TrainConfig:
+        """The plain training fields of this config (drops a method's own fields)."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
@@ -107,28 +129,36 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> tuple[float, float]:
-    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``split``."""
+def evaluate(model: nn.Module, split: Split | Any, batch_size: int = 1000) -> tuple[float, float]:
+    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``split`` (a Split or a DataLoader)."""
     was = model.training
     model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(split), batch_size):
-        x, y = split.x[i:i + batch_size], split.y[i:i + batch_size]
-        out = model(x)
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-    model.train(was)
-    n = max(len(split), 1)
+    loss, correct, n = 0.0, 0, 0
+    try:
+        for x, y in batches(split, batch_size):
+            out = model(x)
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            n += len(y)
+    finally:
+        model.train(was)
+    n = max(n, 1)
     return loss / n, correct / n
 
 
 class Trainer:
     """State of one run, handed to callbacks: ``model``, ``optimizer``, ``data``, ``config``, ``step``."""
 
-    def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig,
+    def __init__(self, model: nn.Module, data: Dataset | LoaderData, config: TrainConfig,
                  callbacks: Sequence[Callback] = ()) -> None:
-        self.model, self.data, self.config, self.callbacks = model, data, config, list(callbacks)
-        self.steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+        self.model, self.data, self.config, self.callbacks = model, data, config.train_config(), list(callbacks)
+        self._in_memory = isinstance(data.train, Split)
+        n = len(data.train)  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError("train: the training data is empty.")
+        self.steps_per_epoch = math.ceil(n / config.batch_size) if self._in_memory else n
+        self._loader_iter: Any = None
+        self._loader_pos = (-1, -1)  # (epoch, batch) the loader iterator will yield next
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
@@ -147,6 +177,21 @@ class Trainer:
     def _batch_order(self, epoch: int) -> Tensor:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.data.train), generator=g)
+
+    def _batch(self, epoch: int, i: int) -> tuple[Tensor, Tensor]:
+        if self._in_memory:
+            idx = self._batch_order(epoch)[i * self.config.batch_size:(i + 1) * self.config.batch_size]
+            return self.data.train.x[idx], self.data.train.y[idx]
+        if self._loader_pos != (epoch, i):  # a new epoch, or a resume in the middle of one: skip ahead
+            self._loader_iter = batches(self.data.train)
+            for _ in range(i):
+                next(self._loader_iter)
+        self._loader_pos = (epoch, i + 1)
+        try:
+            return next(self._loader_iter)
+        except StopIteration:
+            raise ValueError(f"train: the data loader yielded fewer batches than its len() "
+                             f"({self.steps_per_epoch}).") from None
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _config_key(self) -> str:
@@ -227,8 +272,7 @@ class Trainer:
     def _one_step(self) -> None:
         assert self.optimizer is not None
         epoch, i = divmod(self.step, self.steps_per_epoch)
-        idx = self._batch_order(epoch)[i * self.config.batch_size:(i + 1) * self.config.batch_size]
-        x, y = self.data.train.x[idx], self.data.train.y[idx]
+        x, y = self._batch(epoch, i)
         lr = lr_at(self.config, self.step, self.steps_per_epoch, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -255,7 +299,8 @@ class Trainer:
                                              dtype=torch.float64)
         if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
             s = self._epoch_sums
-            _, val_acc = evaluate(self.model, self.data.val) if len(self.data.val) else (0.0, float("nan"))
+            val = self.data.val
+            _, val_acc = evaluate(self.model, val) if val is not None and _nonempty(val) else (0.0, float("nan"))
             self.history.append({"epoch": epoch + 1, "step": self.step, "loss": float(s[0] / s[2]),
                                  "train_acc": float(s[1] / s[2]), "val_acc": val_acc, "lr": lr})
             log.info("epoch %d: loss %.4f train acc %.4f val acc %.4f", epoch + 1, s[0] / s[2],
@@ -263,6 +308,13 @@ class Trainer:
             self._epoch_sums = torch.zeros(3, dtype=torch.float64)
             for cb in self.callbacks:
                 cb.on_epoch_end(self)
+
+
+def _nonempty(data: Any) -> bool:
+    try:
+        return len(data) > 0
+    except TypeError:
+        return True
 
 
 class _Progress:
@@ -286,14 +338,15 @@ class _Progress:
         self._p.stop()
 
 
-def train(model: nn.Module, data: Dataset, config: TrainConfig | None = None, *,
+def train(model: nn.Module, data: Dataset | LoaderData, config: TrainConfig | None = None, *,
           callbacks: Sequence[Callback] = (), checkpoint: str | os.PathLike[str] | None = None,
           checkpoint_every: int = 0, resume: bool = False, progress: bool = False) -> TrainResult:
     """Train ``model`` in place on ``data.train`` (validation accuracy logged per epoch).
 
     Args:
         model: any ``nn.Module`` mapping a batch of ``data`` inputs to class logits.
-        data: the splits; callbacks may read ``trainer.data.val`` (never the test split).
+        data: the splits, a :class:`~netsurgeon.data.Dataset` or the user's DataLoaders wrapped by
+            :func:`netsurgeon.data.from_loaders`; callbacks may read the validation split, never the test split.
         config: hyper-parameters (default :class:`TrainConfig`).
         callbacks: training-time methods (DNS, AutoPrune, ...), see :class:`Callback`.
         checkpoint: file to write checkpoints to (atomically); also written on Ctrl-C and at the end.
@@ -303,3 +356,27 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig | None = None, *,
     """
     return Trainer(model, data, config or TrainConfig(), callbacks).fit(
         checkpoint, checkpoint_every, resume, progress)
+
+
+def run_training(model: nn.Module, ctx: StageContext, config: TrainConfig,
+                 callback: Callback | None = None) -> dict[str, Any]:
+    """Run one training stage of a pipeline: train with ``callback`` (if any), then ``callback.finalize``."""
+    data = ctx.require_data(config.owner)
+    result = train(model, data, config, callbacks=[callback] if callback is not None else [],
+                   progress=ctx.progress)
+    if callback is not None:
+        callback.finalize(model)
+    last = result.history[-1] if result.history else {}
+    return {"steps": result.steps, "val_acc": last.get("val_acc"), "train_loss": last.get("loss")}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    owner: ClassVar[str] = "finetune"
+
+
+@register("finetune", kind="training", config=FinetuneConfig, accepts=("float", "shared"), needs_data=True,
+          citation="Han et al. 2015 Sec. 3.3 (retraining); Han et al. 2016 Sec. 3.3 (centroid fine-tuning)",
+          summary="train with the current masks / codebooks fixed in place (pruned weights stay zero)")
+def _finetune(model: nn.Module, cfg: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
+    return run_training(model, ctx, cfg)

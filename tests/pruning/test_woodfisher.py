@@ -110,5 +110,5 @@ def test_relative_damp_scales_with_the_fisher():
     p.fit(m, s)
     from netsurgeon.stats import collect_gradients
 
-    g = collect_gradients(m, s.x, s.y, p.tensors_, 40, 1, 0)
+    g = collect_gradients(m, s, p.tensors_, 40, 1, 0)
     assert p.damp_ == pytest.approx(0.5 * float(g.pow(2).mean()), rel=1e-5)

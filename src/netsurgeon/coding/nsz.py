@@ -34,7 +34,7 @@ from .huffman import encoded_bits, huffman_code_lengths, huffman_decode, huffman
 from .sparse import best_index_bits, decode_relative, encode_relative, relative_entries
 
 __all__ = ["FORMAT_VERSION", "TensorRecord", "CompressedFile", "save_compressed",
-           "read_compressed", "load_state_checked"]
+           "read_compressed", "load_state_checked", "decode_shared_parts", "decode_int8"]
 
 FORMAT_VERSION = 2
 _READABLE = (1, 2)
@@ -74,6 +74,7 @@ class CompressedFile:
     dense_bytes: int        # the same parameters as dense float32
     records: list[TensorRecord]
     header: dict[str, Any]
+    blobs: dict[str, bytes] | None = None
 
     @property
     def compression(self) -> float:
@@ -231,12 +232,14 @@ def _int_stream(p: Path, rec: TensorRecord, blobs: dict[str, bytes], key: str, n
         raise NszError(f"{p}: tensor {rec.name!r}: {e}") from e
 
 
-def _decode_shared(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
+def decode_shared_parts(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> tuple[Tensor, Tensor]:
+    """The codebook (codebook_size,) float32 and the index (rec.shape, int64; 0 = zero) of a ``shared`` record."""
+    p = Path(p)
     dt = np.dtype(_VALUE_DTYPES.get(rec.value_dtype, np.float32))
     book_b = blobs.get(f"{rec.name}/codebook", b"")
     if len(book_b) != rec.codebook_size * dt.itemsize:
         raise NszError(f"{p}: tensor {rec.name!r}: codebook has the wrong length.")
-    table = np.concatenate([[0.0], np.frombuffer(book_b, dtype=dt).astype(np.float32)]).astype(np.float32)
+    book = np.frombuffer(book_b, dtype=dt).astype(np.float32)
     gaps = _int_stream(p, rec, blobs, "index", rec.index_bits)
     codes = _int_stream(p, rec, blobs, "codes", rec.code_bits)
     if codes.size and int(codes.max()) > rec.codebook_size:
@@ -245,7 +248,12 @@ def _decode_shared(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tenso
         flat_codes = decode_relative(gaps, codes, rec.numel)
     except ValueError as e:
         raise NszError(f"{p}: tensor {rec.name!r}: {e}") from e
-    return torch.from_numpy(table[flat_codes]).reshape(rec.shape)
+    return torch.from_numpy(book.copy()), torch.from_numpy(flat_codes.astype(np.int64)).reshape(rec.shape)
+
+
+def _decode_shared(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
+    book, index = decode_shared_parts(p, rec, blobs)
+    return torch.cat([book.new_zeros(1), book])[index]
 
 
 def decode_int8(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> tuple[Tensor, Tensor]:
@@ -287,8 +295,12 @@ def _decode(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
     return out.float() if out.is_floating_point() else out
 
 
-def read_compressed(path: str | os.PathLike[str]) -> tuple[CompressedFile, dict[str, Tensor]]:
+def read_compressed(path: str | os.PathLike[str], *,
+                    with_blobs: bool = False) -> tuple[CompressedFile, dict[str, Tensor]]:
     """Read a ``.nsz`` file: its description and the decoded state dict (float tensors as float32).
+
+    With ``with_blobs`` the raw streams are kept on the returned description (``info.blobs``) for callers that
+    rebuild the stored form (k-means codebooks, int8 values) rather than dense tensors.
 
     Raises:
         NszError: the file is missing, truncated, corrupt or of a newer format version.
@@ -314,7 +326,8 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[CompressedFile, dict[
         if int(np.prod(r.shape)) != r.numel:
             raise NszError(f"{p}: tensor {r.name!r}: shape {list(r.shape)} does not hold {r.numel} entries.")
         state[r.name] = _decode(p, r, blobs)
-    info = CompressedFile(str(p), os.path.getsize(p), sum(r.numel * 4 for r in records), records, header)
+    info = CompressedFile(str(p), os.path.getsize(p), sum(r.numel * 4 for r in records), records, header,
+                          blobs if with_blobs else None)
     return info, state
 
 

@@ -24,7 +24,9 @@ reasoning in docs/autoprune.md, and each rule is a switch so its contribution ca
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +34,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model, check_positive
-from ..masks import prunable_layers
-from ..train import Callback, Trainer
+from ..data import Split, batches
+from ..masks import Mask, prunable_layers
+from ..registry import StageContext, option, register
+from ..train import Callback, TrainConfig, Trainer, run_training
 
-__all__ = ["STE_KINDS", "ste_derivative", "AuxGate", "AutoPrune"]
+__all__ = ["STE_KINDS", "ste_derivative", "AuxGate", "AutoPrune", "AutoPruneConfig"]
 
 log = logging.getLogger(__name__)
 STE_KINDS = ("identity", "leaky_relu", "softplus")
@@ -131,10 +135,19 @@ class AutoPrune(Callback):
         self._gates: dict[str, AuxGate] = {}
         self._opt: torch.optim.Optimizer | None = None
         self._model: nn.Module | None = None
+        self._val: Any = None
+        self._val_iter: Iterator[tuple[Tensor, Tensor]] | None = None
+        self.step_ = 0
 
-    def prepare(self, model: nn.Module) -> None:
-        """Attach an :class:`AuxGate` to every Linear/Conv2d weight. Modifies ``model`` in place."""
+    def prepare(self, model: nn.Module, *, val_data: Any = None, **_: Any) -> None:
+        """Attach an :class:`AuxGate` to every Linear/Conv weight. Modifies ``model`` in place.
+
+        ``val_data`` (a Split or any iterable of ``(x, y)`` batches, e.g. a DataLoader) trains M.
+        """
         check_finite_model("AutoPrune", model)
+        if val_data is None or (isinstance(val_data, Split) and len(val_data) == 0):
+            raise ValueError("AutoPrune: needs a validation split (bi-level optimization); pass val_data.")
+        self._val, self._val_iter = val_data, None
         self._gates = {}
         for name, mod in prunable_layers(model, "AutoPrune").items():
             w = mod.weight.detach()
@@ -165,27 +178,39 @@ class AutoPrune(Callback):
         return {n: float((g.m > 0).float().mean()) for n, g in self._gates.items()}
 
     def on_train_start(self, trainer: Trainer) -> None:
-        if self._model is not trainer.model:
-            self.prepare(trainer.model)
-        if len(trainer.data.val) == 0:
-            raise ValueError("AutoPrune: needs a validation split (bi-level optimization).")
+        super().on_train_start(trainer)
         if not self.history_:
-            self.history_.append({"step": trainer.step, "kept": self.kept()})
+            self.history_.append({"step": self.step_, "kept": self.kept()})
 
-    def after_step(self, trainer: Trainer) -> None:
-        assert self._opt is not None
-        step = trainer.step
+    def _val_batch(self) -> tuple[Tensor, Tensor]:
+        if isinstance(self._val, Split):
+            idx = torch.randint(len(self._val), (self.val_batch,), generator=self._gen)
+            return self._val.x[idx], self._val.y[idx]
+        for _ in range(2):  # a loader is cycled through
+            if self._val_iter is None:
+                self._val_iter = batches(self._val)
+            try:
+                return next(self._val_iter)
+            except StopIteration:
+                self._val_iter = None
+        raise ValueError("AutoPrune: the validation loader yielded no batch.")
+
+    def after_step(self, trainer: Trainer | None = None) -> None:
+        if self._opt is None or self._model is None:
+            raise ValueError("AutoPrune: call prepare(model, val_data=...) before training.")
+        self.step_ += 1
+        step = self.step_
+        model = self._model
         if step % self.log_every == 0:
             self.history_.append({"step": step, "kept": self.kept()})
         for g in self._gates.values():
             g.m.grad = None  # the W step also produced dL_train/dm: M follows the validation loss only
         if (self.stop is not None and step > self.stop) or step % self.m_every:
             return
-        val = trainer.data.val
-        idx = torch.randint(len(val), (self.val_batch,), generator=self._gen)
-        was = trainer.model.training
-        trainer.model.train()
-        loss = F.cross_entropy(trainer.model(val.x[idx]), val.y[idx]) + self.mu * self.regularizer()
+        xv, yv = self._val_batch()
+        was = model.training
+        model.train()
+        loss = F.cross_entropy(model(xv), yv) + self.mu * self.regularizer()
         params = [g.m for g in self._gates.values()]
         grads = torch.autograd.grad(loss, params)
         for p, gr in zip(params, grads, strict=True):
@@ -193,23 +218,60 @@ class AutoPrune(Callback):
         self._opt.step()
         for p in params:
             p.grad = None
-        trainer.model.train(was)
+        model.train(was)
 
     def state_dict(self) -> dict[str, Any]:
         assert self._opt is not None
         return {"generator": self._gen.get_state(), "optimizer": self._opt.state_dict(),
-                "history": list(self.history_)}
+                "history": list(self.history_), "step": self.step_}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         assert self._opt is not None
         self._gen.set_state(state["generator"])
         self._opt.load_state_dict(state["optimizer"])
         self.history_ = list(state["history"])
+        self.step_ = int(state.get("step", 0))
 
     @torch.no_grad()
-    def finalize(self, model: nn.Module) -> nn.Module:
-        """Bake W ⊙ h(M) into plain weights and remove the gates. Modifies ``model`` in place."""
-        for name in list(self._gates):
-            parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=True)
+    def finalize(self, model: nn.Module | None = None) -> nn.Module:
+        """Replace each gate by a plain mask 1[m > 0] over W ⊙ h(M): pruned weights stay zero in any later
+        training. Modifies ``model`` in place."""
+        model = super().finalize(model)
+        for name, gate in list(self._gates.items()):
+            mod = model.get_submodule(name)
+            keep = (gate.m > 0).to(mod.weight.dtype)
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            parametrize.register_parametrization(mod, "weight", Mask(keep.detach().clone()), unsafe=True)
         self._gates = {}
         return model
+
+
+@dataclass(frozen=True)
+class AutoPruneConfig(TrainConfig):
+    """AutoPrune's arguments plus the training fields of the run (``seed`` also seeds validation batches)."""
+
+    owner: ClassVar[str] = "autoprune"
+    mu: float = option(1.0, "strength of R(M), the network's kept fraction", low=0)
+    ste: str = option("leaky_relu", "surrogate derivative of the step indicator", choices=STE_KINDS)
+    alpha: float = option(0.1, "leaky slope of the leaky_relu STE", low=0)
+    tau: float = option(1.0, "softplus STE temperature", low=0, low_open=True)
+    m_lr: float = option(1e-2, "Adam learning rate of the auxiliary parameters M", low=0, low_open=True)
+    m_init: float = option(0.05, "initial |m| (sign: kept or already pruned)", low=0, low_open=True)
+    m_every: int = option(1, "update M after every this many weight steps", low=1)
+    val_batch: int = option(128, "validation batch size for M's updates", low=1)
+    sensitivity: bool = option(True, "update rule: scale m's update by |w| / mean|w| of its layer")
+    correlation: bool = option(True, "update rule: straight-through gradient to pruned weights")
+    direction: bool = option(True, "update rule: m follows sgn(w) (only without sensitivity)")
+    stop: int | None = option(None, "no M updates after this many steps (null: never stop)", low=0)
+    log_every: int = option(100, "history record period in steps", low=1)
+
+
+@register("autoprune", kind="training", config=AutoPruneConfig, needs_data=True,
+          citation="Xiao, Wang, Rajasekaran 2019, NeurIPS (interpretation: docs/autoprune.md)",
+          summary="prune by regularizing auxiliary gate parameters trained on the validation split")
+def _run_autoprune(model: nn.Module, cfg: AutoPruneConfig, ctx: StageContext) -> dict[str, Any]:
+    keys = ("mu", "ste", "alpha", "tau", "m_lr", "m_init", "m_every", "val_batch", "sensitivity", "correlation",
+            "direction", "stop", "log_every")
+    ap = AutoPrune(**{k: getattr(cfg, k) for k in keys}, seed=cfg.seed)
+    report = run_training(model, ctx, cfg, ap)
+    return {**report, "kept_per_layer": {k: v for k, v in ap.history_[-1]["kept"].items()}}

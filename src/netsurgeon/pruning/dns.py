@@ -26,16 +26,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .._validation import check_finite_model, check_positive
-from ..masks import attach_masks, original, prunable_layers
-from ..train import Callback, Trainer
+from ..masks import attach_masks, freeze_masks, layer_kind, original, prunable_layers
+from ..registry import StageContext, option, register
+from ..train import Callback, TrainConfig, Trainer, run_training
 
-__all__ = ["DNS", "dns_update_mask", "dns_thresholds", "surgery_probability", "calibrate_c_rate"]
+__all__ = ["DNS", "DNSConfig", "dns_update_mask", "dns_thresholds", "surgery_probability", "calibrate_c_rate"]
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,6 @@ def calibrate_c_rate(tensors: list[Tensor], kept: float) -> float:
 def surgery_probability(iteration: int, gamma: float, power: float) -> float:
     """σ(i) = (1 + γ·i)^(−power), the probability of a mask update at surgery iteration i (Sec. 3.4)."""
     return (1.0 + gamma * iteration) ** (-power)
-
-
-def _kind(module: nn.Module) -> str:
-    return "conv" if isinstance(module, nn.Conv2d) else "fc"
 
 
 @dataclass
@@ -152,6 +149,7 @@ class DNS(Callback):
         self._gen = torch.Generator().manual_seed(seed)
         self._model: nn.Module | None = None
         self._masks: dict[str, Any] = {}
+        self._started = False
 
     @classmethod
     def separate_phases(cls, conv_iters: int, fc_iters: int, **kwargs: Any) -> DNS:
@@ -169,8 +167,8 @@ class DNS(Callback):
             return value[kind]
         raise ValueError(f"DNS: no value for layer {name!r} (type {kind!r}) in {dict(value)!r}.")
 
-    def prepare(self, model: nn.Module) -> None:
-        """Attach straight-through masks to every Linear/Conv2d layer. Modifies ``model`` in place.
+    def prepare(self, model: nn.Module, **_: Any) -> None:
+        """Attach straight-through masks to every Linear/Conv layer. Modifies ``model`` in place.
 
         Raises:
             ValueError: an unsupported layer type, NaN weights, or a c_rate key naming no layer.
@@ -183,7 +181,7 @@ class DNS(Callback):
                 raise ValueError(f"DNS: c_rate names unknown layer(s) {sorted(unknown)}; layers are {list(layers)}.")
         self.layers_ = {}
         for name, m in layers.items():
-            kind = _kind(m)
+            kind = layer_kind(m)
             tensors = [f"{name}.weight"]
             if self.include_bias and getattr(m, "bias", None) is not None:
                 tensors.append(f"{name}.bias")
@@ -195,15 +193,25 @@ class DNS(Callback):
                                    straight_through=True)
         self._model = model
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        if self._model is not trainer.model:
-            self.prepare(trainer.model)
-        if self.iteration_ == 0:
-            self._surgery()
+    def _begin(self) -> None:
+        if not self._started and self.iteration_ == 0:
+            self._surgery()  # iteration 0: thresholds and first masks before the first step
+        self._started = True
 
-    def after_step(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
+        super().on_train_start(trainer)
+        self._begin()
+
+    def after_step(self, trainer: Trainer | None = None) -> None:
+        if self._model is None:
+            raise ValueError("DNS: call prepare(model) before training.")
+        self._begin()  # the user's own loop has no on_train_start
         self.iteration_ += 1
         self._surgery()
+
+    def finalize(self, model: nn.Module | None = None) -> nn.Module:
+        """End of surgery: masks become plain (pruned weights get no gradient and stay zero from now on)."""
+        return freeze_masks(super().finalize(model))
 
     # -- the surgery ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -253,3 +261,30 @@ class DNS(Callback):
                 raise ValueError(f"DNS: checkpoint has layer {n!r} that this model lacks.")
             s = self.layers_[n]
             s.a, s.b, s.pruned, s.spliced, s.updates = v["a"], v["b"], v["pruned"], v["spliced"], v["updates"]
+
+
+@dataclass(frozen=True)
+class DNSConfig(TrainConfig):
+    """DNS's arguments plus the surgery run's training fields (``seed`` also seeds the update draws)."""
+
+    owner: ClassVar[str] = "dns"
+    c_rate: float | dict[str, float] = option(3.0, "crate c: one number, or {conv|fc|layer: c}; larger prunes more")
+    gamma: float = option(1e-3, "update probability (1 + gamma*i)^-power", low=0)
+    power: float = option(1.0, "update probability power", low=0, low_open=True)
+    iter_start: int | dict[str, int] = option(0, "first surgery step: one int or {conv|fc|layer: step}", low=0)
+    iter_stop: int | dict[str, int] = option(10_000, "no mask updates from this step on: int or {conv|fc|layer: step}",
+                                             low=0)
+    low: float = option(0.9, "a_k = low x max(mu + c sigma, 0)", low=0, low_open=True, high=1)
+    high: float = option(1.1, "b_k = high x max(mu + c sigma, 0)", low=1)
+    include_bias: bool = option(True, "mask biases too (the released models do)")
+    log_every: int = option(100, "history record period in steps", low=1)
+
+
+@register("dns", kind="training", config=DNSConfig, needs_data=True,
+          citation="Guo, Yao, Chen 2016, arXiv:1608.04493, Eq. (1)-(3), Sec. 3.2-3.4",
+          summary="prune and splice while training: band thresholds, straight-through masks")
+def _run_dns(model: nn.Module, cfg: DNSConfig, ctx: StageContext) -> dict[str, Any]:
+    keys = ("c_rate", "gamma", "power", "iter_start", "iter_stop", "low", "high", "include_bias", "log_every")
+    surgery = DNS(**{k: getattr(cfg, k) for k in keys}, seed=cfg.seed)
+    report = run_training(model, ctx, cfg, surgery)
+    return {**report, "surgery": surgery.summary()}

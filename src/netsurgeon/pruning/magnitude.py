@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,9 +24,11 @@ from torch import Tensor, nn
 from .._validation import check_finite_model, check_fraction, check_positive
 from ..data import Dataset
 from ..masks import LayerSparsity, attach_masks, original, prunable_tensors, sparsity_report
+from ..registry import StageContext, option, register
 from ..train import TrainConfig, TrainResult, train
 
-__all__ = ["magnitude_mask", "quality_mask", "prune_magnitude", "prune_and_retrain", "round_targets"]
+__all__ = ["magnitude_mask", "quality_mask", "prune_magnitude", "prune_and_retrain", "round_targets",
+           "MagnitudeConfig", "QualityConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +155,68 @@ def prune_and_retrain(model: nn.Module, data: Dataset, *, sparsity: float | Mapp
             results.append(train(model, data, replace(rt, seed=base.seed + r + 1), progress=progress))
     return results
 
+
+
+# -- registered methods ----------------------------------------------------------------------------------
+_HAN = "Han, Pool, Tran, Dally 2015, arXiv:1506.02626, Sec. 3.1-3.3 and 4"
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig(TrainConfig):
+    """Iterative magnitude pruning to a target sparsity; the training fields are those of each retraining
+    round (``lr`` is the *original* LR, retraining runs at ``lr * lr_factor``)."""
+
+    owner: ClassVar[str] = "magnitude"
+    epochs: int = option(2, "retraining epochs per round (0: prune only, no data needed)", low=0)
+    sparsity: float | dict[str, float] = option(0.9, "fraction of weights removed: one number or {layer: s}",
+                                                 low=0, high=1, high_open=True)
+    scope: str = option("layer", "layer: each tensor to its sparsity; global: one ranking over all layers",
+                        choices=("layer", "global"))
+    rounds: int = option(3, "prune/retrain rounds; each removes the same fraction of the survivors", low=1)
+    lr_factor: float = option(0.1, "retraining LR = lr x lr_factor (Sec. 3.3)", low=0, low_open=True)
+
+    def validate(self) -> None:
+        if self.scope == "global" and isinstance(self.sparsity, dict):
+            raise ValueError(f"{self.owner}: scope 'global' takes one sparsity number; got {self.sparsity!r}.")
+
+
+@dataclass(frozen=True)
+class QualityConfig(TrainConfig):
+    """Han's own rule: each round removes |w| < quality x std of the layer's surviving weights."""
+
+    owner: ClassVar[str] = "quality"
+    epochs: int = option(2, "retraining epochs per round (0: prune only, no data needed)", low=0)
+    quality: float | dict[str, float] = option(0.5, "threshold in layer std units: one number or {layer: q}",
+                                                low=0)
+    rounds: int = option(3, "prune/retrain rounds", low=1)
+    lr_factor: float = option(0.1, "retraining LR = lr x lr_factor (Sec. 3.3)", low=0, low_open=True)
+
+
+def _kept(model: nn.Module) -> dict[str, Any]:
+    rows = sparsity_report(model, include_bias=False)
+    return {"kept": sum(r.nonzero for r in rows) / sum(r.numel for r in rows),
+            "kept_per_layer": {r.name.removesuffix(".weight"): r.kept for r in rows}}
+
+
+@register("magnitude", kind="oneshot", config=MagnitudeConfig, citation=_HAN, needs_data=lambda c: c.epochs > 0,
+          summary="remove the smallest |w| (per layer or global), retrain, repeat")
+def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) -> dict[str, Any]:
+    if cfg.epochs == 0:
+        prune_magnitude(model, sparsity=cfg.sparsity, scope=cfg.scope)
+    else:
+        prune_and_retrain(model, ctx.require_data("magnitude"), sparsity=cfg.sparsity, rounds=cfg.rounds,
+                          epochs_per_round=cfg.epochs, scope=cfg.scope, config=replace(cfg, epochs=1).train_config(),
+                          lr_factor=cfg.lr_factor, progress=ctx.progress)
+    return _kept(model)
+
+
+@register("quality", kind="oneshot", config=QualityConfig, citation=_HAN, needs_data=lambda c: c.epochs > 0,
+          summary="Han's rule: remove |w| < quality x std(layer), retrain, repeat")
+def _run_quality(model: nn.Module, cfg: QualityConfig, ctx: StageContext) -> dict[str, Any]:
+    for r in range(cfg.rounds):
+        prune_magnitude(model, quality=cfg.quality)
+        log.info("quality round %d/%d: kept %.2f%%", r + 1, cfg.rounds, 100 * _kept(model)["kept"])
+        if cfg.epochs > 0:
+            train(model, ctx.require_data("quality"),
+                  replace(cfg, lr=cfg.lr * cfg.lr_factor, seed=cfg.seed + r + 1).train_config(), progress=ctx.progress)
+    return _kept(model)

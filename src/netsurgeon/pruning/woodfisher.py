@@ -21,13 +21,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .._validation import check_finite_model, check_fraction, check_positive
-from ..data import Split
+from ..data import Split, batches
 from ..linalg import (
     ImplicitFisherInverse,
     fisher_inverse,
@@ -38,9 +38,10 @@ from ..linalg import (
     woodtaylor_update,
 )
 from ..masks import attach_masks, original, prunable_tensors, sparsity_report
+from ..registry import MethodConfig, StageContext, option, register
 from ..stats import collect_gradients
 
-__all__ = ["METHODS", "FisherConfig", "OneShotPruner", "one_shot_prune", "available_memory"]
+__all__ = ["METHODS", "FisherConfig", "OneShotPruner", "one_shot_prune", "available_memory", "SecondOrderConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,10 @@ class OneShotPruner:
         self.fit_seconds_ = 0.0
 
     # -- statistics ----------------------------------------------------------------------------------
-    def fit(self, model: nn.Module, data: Split) -> OneShotPruner:
-        """Gather the statistics of ``model`` on ``data`` (use the train or validation split, never test)."""
+    def fit(self, model: nn.Module, data: Split | Any) -> OneShotPruner:
+        """Gather the statistics of ``model`` on ``data`` (use the train or validation split, never test).
+
+        ``data`` is a Split or any iterable of ``(x, y)`` batches (the user's DataLoader)."""
         t0 = time.perf_counter()
         check_finite_model("OneShotPruner", model)
         self.tensors_ = prunable_tensors(model, include_bias=False, owner="OneShotPruner")
@@ -173,7 +176,7 @@ class OneShotPruner:
 
     def _grads(self, model: nn.Module, data: Split, sample_labels: bool = False) -> Tensor:
         f = self.fisher
-        return collect_gradients(model, data.x, data.y, self.tensors_, f.num_grads, f.grad_batch, f.seed,
+        return collect_gradients(model, data, self.tensors_, f.num_grads, f.grad_batch, f.seed,
                                  sample_labels=sample_labels)
 
     def _block_ranges(self, d: int) -> list[tuple[int, int]]:
@@ -200,7 +203,7 @@ class OneShotPruner:
                 f"block_size (e.g. 2000).")
         return ranges
 
-    def _exact_hessian(self, model: nn.Module, data: Split) -> Tensor:
+    def _exact_hessian(self, model: nn.Module, data: Split | Any) -> Tensor:
         d = sum(self.sizes_)
         if d > _OBS_MAX_PARAMS:
             raise ValueError(f"OneShotPruner: exact OBS is limited to {_OBS_MAX_PARAMS} weights (an exact "
@@ -208,10 +211,17 @@ class OneShotPruner:
         import torch.nn.functional as F
         from torch.func import functional_call, jacrev
 
-        n = min(len(data), self.fisher.num_grads * self.fisher.grad_batch)
-        x, y = data.x[:n].double(), data.y[:n]
+        n = self.fisher.num_grads * self.fisher.grad_batch
+        xs, ys = [], []
+        for xb, yb in batches(data):
+            xs.append(xb)
+            ys.append(yb)
+            if sum(len(v) for v in ys) >= n:
+                break
+        x, y = torch.cat(xs)[:n].double(), torch.cat(ys)[:n]
         keys = [_orig_key(t) for t in self.tensors_]
-        model.double()
+        was = model.training
+        model.double().eval()  # BatchNorm with its running statistics (train mode would mutate them)
         try:
             base = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -224,7 +234,7 @@ class OneShotPruner:
             # reverse-over-reverse: torch.func.hessian uses forward mode, which warns through torch.jit
             return jacrev(jacrev(loss))(torch.cat([base[k].flatten() for k in keys])).detach()
         finally:
-            model.float()
+            model.float().train(was)
 
     # -- pruning -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -281,3 +291,57 @@ def one_shot_prune(model: nn.Module, data: Split, sparsity: float, method: str =
     out = pruner.prune(model, sparsity)
     out["fit_seconds"] = pruner.fit_seconds_
     return out
+
+
+# -- registered methods ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SecondOrderConfig(MethodConfig):
+    """One global sparsity, the gradient statistics, and the weight update (see module docstring)."""
+
+    owner: ClassVar[str] = "second-order"
+    sparsity: float = option(0.9, "fraction of all weights removed (one global ranking)", low=0, high=1,
+                             high_open=True)
+    num_grads: int = option(1000, "gradients in the Fisher (the paper's m)", low=1)
+    grad_batch: int = option(1, "samples averaged into each gradient", low=1)
+    damp: float = option(1e-5, "dampening lambda", low=0, low_open=True)
+    block_size: int | None = option(2000, "Fisher block size (null: one full inverse)", low=1)
+    relative_damp: bool = option(False, "lambda = damp x mean(diag F) (docs/woodfisher.md)")
+    update: str = option("single", "weight update: sum of single OBS updates, exact joint, or none",
+                         choices=_UPDATES)
+    seed: int = option(0, "seed of the gradient mini-batches", low=0)
+
+    def fisher(self) -> FisherConfig:
+        return FisherConfig(self.num_grads, self.grad_batch, self.damp, self.block_size, self.seed, self.relative_damp)
+
+
+_SECOND_ORDER = {
+    "obd": ("LeCun, Denker, Solla 1990, Optimal Brain Damage (NIPS 2), saliency h_kk u_k^2 / 2",
+            "saliency 1/2 H_qq w_q^2 with the Gauss-Newton diagonal; no weight update"),
+    "diag_fisher": ("Singh & Alistarh 2020, arXiv:2004.14340, Sec. 6 (diagonal-Fisher baseline)",
+                    "saliency 1/2 F_qq w_q^2 with the empirical Fisher diagonal"),
+    "obs": ("Hassibi & Stork 1993, Optimal Brain Surgeon (NIPS 5), saliency and update",
+            "exact Hessian inverse, OBS saliency and update (small models only)"),
+    "woodfisher": ("Singh & Alistarh 2020, arXiv:2004.14340, Sec. 3-4",
+                   "OBS with the Woodbury-inverted empirical Fisher (block-wise or full)"),
+    "woodtaylor": ("Singh & Alistarh 2020, arXiv:2004.14340, Sec. 5",
+                   "WoodFisher keeping the gradient term of the local quadratic model"),
+}
+
+
+def _register_second_order(name: str, citation: str, summary: str) -> None:
+    damp = 0.1 if name == "woodtaylor" else 1e-5
+    cfg = dataclass(frozen=True)(type(f"{name.title().replace('_', '')}Config", (SecondOrderConfig,), {
+        "__annotations__": {"damp": "float"}, "owner": name,
+        "damp": option(damp, "dampening lambda", low=0, low_open=True),
+        "__module__": __name__}))
+
+    def run(model: nn.Module, c: SecondOrderConfig, ctx: StageContext) -> dict[str, Any]:
+        pruner = OneShotPruner(name, c.fisher(), c.update).fit(model, ctx.require_data(name).train)
+        out = pruner.prune(model, c.sparsity)
+        return {**out, "fit_seconds": pruner.fit_seconds_}
+
+    register(name, kind="oneshot", config=cfg, citation=citation, summary=summary, needs_data=True)(run)
+
+
+for _name, (_cite, _summary) in _SECOND_ORDER.items():
+    _register_second_order(_name, _cite, _summary)

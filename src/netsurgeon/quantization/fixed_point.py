@@ -10,15 +10,17 @@ where round-to-nearest silently drops them. Values outside the range saturate.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._validation import check_positive
-from ..train import Callback, Trainer
+from ..registry import StageContext, option, register
+from ..train import Callback, TrainConfig, Trainer, run_training
 
-__all__ = ["fixed_point", "FixedPointTraining"]
+__all__ = ["fixed_point", "FixedPointTraining", "FixedPointConfig"]
 
 _ROUNDING = ("nearest", "stochastic")
 
@@ -59,18 +61,42 @@ class FixedPointTraining(Callback):
         self._gen = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
-    def _round(self, trainer: Trainer) -> None:
-        for p in trainer.model.parameters():
+    def _round(self) -> None:
+        if self._model is None:
+            raise ValueError("FixedPointTraining: call prepare(model) before training.")
+        for p in self._model.parameters():
             p.copy_(fixed_point(p, self.int_bits, self.frac_bits, self.rounding, self._gen))
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        self._round(trainer)
+    def prepare(self, model: nn.Module, **_: Any) -> None:
+        self._model = model
+        self._round()
 
-    def after_step(self, trainer: Trainer) -> None:
-        self._round(trainer)
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self._model is not trainer.model:
+            self.prepare(trainer.model)
+        else:
+            self._round()
+
+    def after_step(self, trainer: Trainer | None = None) -> None:
+        self._round()
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._gen.set_state(state["generator"])
+
+
+@dataclass(frozen=True)
+class FixedPointConfig(TrainConfig):
+    owner: ClassVar[str] = "fixed_point"
+    int_bits: int = option(4, "integer bits IL (sign included)", low=1, high=32)
+    frac_bits: int = option(12, "fractional bits FL (step 2^-FL)", low=0, high=32)
+    rounding: str = option("stochastic", "rounding of every parameter after each step (Eq. (2))", choices=_ROUNDING)
+
+
+@register("fixed_point", kind="training", config=FixedPointConfig, needs_data=True,
+          citation="Gupta, Agrawal, Gopalakrishnan, Narayanan 2015, arXiv:1502.02551, Sec. 3, Eq. (1)-(2)",
+          summary="train with every parameter on an <IL, FL> fixed-point grid (nearest or stochastic rounding)")
+def _run_fixed_point(model: nn.Module, cfg: FixedPointConfig, ctx: StageContext) -> dict[str, Any]:
+    return run_training(model, ctx, cfg, FixedPointTraining(cfg.int_bits, cfg.frac_bits, cfg.rounding, cfg.seed))

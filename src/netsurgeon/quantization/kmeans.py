@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model, check_positive
-from ..masks import prunable_layers
+from ..masks import layer_kind, prunable_layers, prunable_tensors
+from ..registry import MethodConfig, StageContext, option, register
+from ..stats import collect_gradients
 
-__all__ = ["kmeans_1d", "SharedWeights", "share_weights", "share_weights_global", "SharingReport"]
+__all__ = ["kmeans_1d", "SharedWeights", "share_weights", "share_weights_global", "SharingReport", "KMeansConfig",
+           "HessianKMeansConfig", "fisher_diagonal"]
 
 log = logging.getLogger(__name__)
 _INITS = ("linear", "density", "random")
@@ -89,8 +93,7 @@ class SharingReport:
 def _bits_for(bits: int | dict[str, int], name: str, module: nn.Module) -> int:
     if isinstance(bits, int):
         return bits
-    kind = "conv" if isinstance(module, nn.Conv2d) else "fc"
-    return int(bits.get(name, bits.get(kind, 0)))
+    return int(bits.get(name, bits.get(layer_kind(module), 0)))
 
 
 @torch.no_grad()
@@ -170,3 +173,68 @@ def share_weights_global(model: nn.Module, bits: int, importance: dict[str, Tens
         parametrize.register_parametrization(m, "weight", p, unsafe=True)
         sq += float((m.weight - ws[name]).pow(2).sum())
     return SharingReport("all", bits, (1 << bits) - 1, int(x.numel()), (sq / max(x.numel(), 1)) ** 0.5)
+
+
+def fisher_diagonal(model: nn.Module, data: Any, num_grads: int = 1000, grad_batch: int = 16,
+                    seed: int = 0) -> dict[str, Tensor]:
+    """``{fqn: diag of the empirical Fisher}`` of every prunable weight, the importance of Hessian-weighted
+    k-means (Choi et al. 2017, Sec. 4.2 use the Hessian diagonal; its Fisher estimate is the cheap stand-in).
+    ``data``: a Split or any iterable of ``(x, y)`` batches."""
+    names = prunable_tensors(model, owner="fisher_diagonal")
+    g = collect_gradients(model, data, names, num_grads, grad_batch, seed)
+    diag = g.pow(2).mean(0)
+    out, off = {}, 0
+    for n in names:
+        mod, _, attr = n.rpartition(".")
+        t = getattr(model.get_submodule(mod), attr)
+        out[n] = diag[off:off + t.numel()].view_as(t)
+        off += t.numel()
+    return out
+
+
+# -- registered methods ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KMeansConfig(MethodConfig):
+    owner: ClassVar[str] = "kmeans"
+    bits: int | dict[str, int] = option({"conv": 8, "fc": 5}, "bits per layer: one int, or {conv|fc|layer: bits}; "
+                                        "0 leaves a layer alone", low=0, high=16)
+    init: str = option("linear", "centroid initialization (Sec. 3.2)", choices=_INITS)
+    iters: int = option(50, "Lloyd iterations at most", low=1)
+    seed: int = option(0, "seed of the random init", low=0)
+
+
+@register("kmeans", kind="quantizer", config=KMeansConfig, gives="shared",
+          citation="Han, Mao, Dally 2016, Deep Compression, arXiv:1510.00149, Sec. 3, Eq. (1)-(3)",
+          summary="k-means weight sharing per layer (zeros stay zero); fine-tune centroids with a finetune stage")
+def _run_kmeans(model: nn.Module, cfg: KMeansConfig, ctx: StageContext) -> dict[str, Any]:
+    rows = share_weights(model, cfg.bits, cfg.init, cfg.iters, cfg.seed)
+    if not rows:
+        layers = {n: layer_kind(m) for n, m in prunable_layers(model, "kmeans").items()}
+        raise ValueError(f"kmeans: nothing was shared: bits {cfg.bits!r} selects no layer of this model "
+                         f"(layers and types: {layers}).")
+    return {"layers": {r.name: {"bits": r.bits, "nonzero": r.nonzero, "rms_error": r.rms_error} for r in rows}}
+
+
+@dataclass(frozen=True)
+class HessianKMeansConfig(MethodConfig):
+    owner: ClassVar[str] = "hessian_kmeans"
+    bits: int = option(5, "bits of the one network-wide codebook", low=1, high=16)
+    init: str = option("linear", "centroid initialization", choices=_INITS)
+    iters: int = option(50, "Lloyd iterations at most", low=1)
+    num_grads: int = option(1000, "gradients for the Fisher-diagonal importance", low=1)
+    grad_batch: int = option(16, "samples per gradient", low=1)
+    weighted: bool = option(True, "weight by the Fisher diagonal (false: plain k-means over all layers)")
+    seed: int = option(0, "seed of init and of the gradient mini-batches", low=0)
+
+
+@register("hessian_kmeans", kind="quantizer", config=HessianKMeansConfig, gives="shared",
+          needs_data=lambda c: c.weighted,
+          citation="Choi, El-Khamy, Lee 2017, Towards the Limit of Network Quantization, arXiv:1612.01543, "
+                   "Sec. 3-4",
+          summary="one codebook for all layers, k-means weighted by the Hessian (Fisher) diagonal")
+def _run_hessian_kmeans(model: nn.Module, cfg: HessianKMeansConfig, ctx: StageContext) -> dict[str, Any]:
+    imp = None
+    if cfg.weighted:
+        imp = fisher_diagonal(model, ctx.require_data("hessian_kmeans").train, cfg.num_grads, cfg.grad_batch, cfg.seed)
+    r = share_weights_global(model, cfg.bits, imp, cfg.init, cfg.iters, cfg.seed)
+    return {"bits": r.bits, "nonzero": r.nonzero, "rms_error": r.rms_error}

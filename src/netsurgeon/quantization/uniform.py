@@ -8,15 +8,20 @@ q·s and passes the gradient straight through to the float weights (the straight
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
 from ..masks import prunable_layers
-from ..train import Callback, Trainer
+from ..registry import MethodConfig, StageContext, option, register
+from ..train import Callback, TrainConfig, run_training
 
-__all__ = ["quantize_int8", "Int8Weights", "FakeQuantInt8", "quantize_model_int8", "QuantizationAwareTraining"]
+__all__ = ["quantize_int8", "Int8Weights", "FakeQuantInt8", "quantize_model_int8", "QuantizationAwareTraining",
+           "Int8Config", "QATConfig"]
 
 
 def quantize_int8(w: Tensor, per_channel: bool = True) -> tuple[Tensor, Tensor]:
@@ -77,13 +82,53 @@ def quantize_model_int8(model: nn.Module, per_channel: bool = True, linear_only:
 
 class QuantizationAwareTraining(Callback):
     """Attach fake int8 quantization to every weight at the start of training (masks are kept: the
-    fake quantizer stacks on top of them)."""
+    fake quantizer stacks on top of them). :meth:`finalize` turns the trained weights into int8."""
 
-    def __init__(self, per_channel: bool = True) -> None:
-        self.per_channel = per_channel
+    def __init__(self, per_channel: bool = True, linear_only: bool = False) -> None:
+        self.per_channel, self.linear_only = per_channel, linear_only
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        for _, m in prunable_layers(trainer.model, "QuantizationAwareTraining").items():
+    def prepare(self, model: nn.Module, **_: Any) -> None:
+        self._model = model
+        for _, m in prunable_layers(model, "QuantizationAwareTraining").items():
+            if self.linear_only and not isinstance(m, nn.Linear):
+                continue
             plist = m.parametrizations["weight"] if parametrize.is_parametrized(m, "weight") else []
             if not any(isinstance(p, FakeQuantInt8) for p in plist):
                 parametrize.register_parametrization(m, "weight", FakeQuantInt8(self.per_channel), unsafe=True)
+
+    def finalize(self, model: nn.Module | None = None) -> nn.Module:
+        """Replace the fake quantizers by int8 weights and scales (post-training quantization of the result)."""
+        return quantize_model_int8(super().finalize(model), self.per_channel, self.linear_only)
+
+
+# -- registered methods ----------------------------------------------------------------------------------
+_SURVEY = "Cheng et al., A Survey of Model Compression and Acceleration for DNNs, Sec. 2.1 (8-bit quantization)"
+
+
+@dataclass(frozen=True)
+class Int8Config(MethodConfig):
+    owner: ClassVar[str] = "int8"
+    per_channel: bool = option(True, "one scale per output channel (false: per tensor)")
+    linear_only: bool = option(False, "quantize Linear layers only (convolutions stay float)")
+
+
+@register("int8", kind="quantizer", config=Int8Config, gives="int8", citation=_SURVEY,
+          summary="symmetric int8 post-training quantization of weights, max|w|/127 scales")
+def _run_int8(model: nn.Module, cfg: Int8Config, ctx: StageContext) -> dict[str, Any]:
+    quantize_model_int8(model, cfg.per_channel, cfg.linear_only)
+    return {}
+
+
+@dataclass(frozen=True)
+class QATConfig(TrainConfig):
+    owner: ClassVar[str] = "qat"
+    epochs: int = option(1, "training epochs with fake quantization", low=1)
+    per_channel: bool = option(True, "one scale per output channel (false: per tensor)")
+    linear_only: bool = option(False, "quantize Linear layers only (convolutions stay float)")
+
+
+@register("qat", kind="training", config=QATConfig, gives="int8", needs_data=True,
+          citation=_SURVEY + "; fake quantization with the straight-through estimator (Bengio et al. 2013)",
+          summary="int8 quantization-aware training (fake quantization), then int8 weights")
+def _run_qat(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> dict[str, Any]:
+    return run_training(model, ctx, cfg, QuantizationAwareTraining(cfg.per_channel, cfg.linear_only))

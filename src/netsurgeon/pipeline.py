@@ -1,0 +1,268 @@
+"""Pipelines: a compression run as a list of registered stages, checked as a whole before any work starts.
+
+    stages:
+      - dns: {c_rate: 3.0, epochs: 20}
+      - kmeans: {bits: {conv: 8, fc: 5}}
+      - finetune: {epochs: 2, lr: 0.001, weight_decay: 0}
+      - encode: {value_dtype: float16}
+
+Each stage names a method of the registry (``netsurgeon methods`` lists them) and its options. A pipeline is
+refused before anything runs when a stage cannot take the weights the previous one leaves (k-means before a
+method that needs float weights), when ``encode`` is not last, or when a stage needs data and none is given.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import yaml
+from torch import nn
+
+from ._validation import check_finite_model
+from .registry import FORMS, KINDS, REGISTRY, Method, MethodConfig, StageContext, option, register
+
+__all__ = ["METHOD_MODULES", "methods", "get_method", "Stage", "Pipeline", "EncodeConfig", "parse_value",
+           "weight_form"]
+
+log = logging.getLogger(__name__)
+
+# The modules that register methods; importing them fills the registry. A new method module goes here.
+METHOD_MODULES = (
+    "netsurgeon.train", "netsurgeon.pruning.magnitude", "netsurgeon.pruning.dns", "netsurgeon.pruning.autoprune",
+    "netsurgeon.pruning.l1", "netsurgeon.pruning.woodfisher", "netsurgeon.pruning.schedules",
+    "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
+)
+_FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",
+              "int8": "int8 weights"}
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method, by name (imports the method modules on first use)."""
+    for mod in METHOD_MODULES:
+        importlib.import_module(mod)
+    return dict(REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; an unknown name is an error listing the valid ones."""
+    known = methods()
+    if name not in known:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(known))}.")
+    return known[name]
+
+
+@dataclass(frozen=True)
+class EncodeConfig(MethodConfig):
+    owner: ClassVar[str] = "encode"
+    value_dtype: str = option("float32", "dtype of stored float values", choices=("float32", "float16"))
+    index_bits: int | str = option("auto", "relative-index width 1..16, or auto (smallest file per tensor)",
+                                   low=1, high=16, choices=("auto",))
+    huffman: bool = option(True, "Huffman-code the streams of shared tensors where that is smaller (Sec. 4)")
+
+
+@register("encode", kind="codec", config=EncodeConfig, accepts=FORMS,
+          citation="Han, Mao, Dally 2016, Deep Compression, arXiv:1510.00149, Sec. 2 (relative indices), Sec. 4",
+          summary="how the .nsz file is written: value dtype, index width, Huffman coding (last stage)")
+def _encode(model: nn.Module, cfg: EncodeConfig, ctx: StageContext) -> dict[str, Any]:
+    return {}  # the file is written by Pipeline.save with these options
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML (numbers, true/false, null, lists, {k: v} mappings), else the plain string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+@dataclass(frozen=True)
+class Stage:
+    method: str
+    config: MethodConfig
+
+    @property
+    def spec(self) -> Method:
+        return get_method(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.method: self.config.to_dict()}
+
+    def changed(self) -> dict[str, Any]:
+        """The options that differ from the method's defaults."""
+        default = type(self.config)().to_dict()
+        return {k: v for k, v in self.config.to_dict().items() if default.get(k) != v}
+
+
+def weight_form(model: nn.Module) -> str:
+    """The weight form of ``model``: ``shared``/``int8`` if any layer holds k-means or int8 weights, else float."""
+    from torch.nn.utils import parametrize
+
+    forms = set()
+    for m in model.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            for p in m.parametrizations["weight"]:
+                if hasattr(p, "codebook") and hasattr(p, "index"):
+                    forms.add("shared")
+                elif hasattr(p, "q") and hasattr(p, "scale"):
+                    forms.add("int8")
+    return "shared" if "shared" in forms else "int8" if "int8" in forms else "float"
+
+
+class Pipeline:
+    """An ordered list of :class:`Stage`\\ s, plus what a recipe says about the model and the data.
+
+    Build it with :meth:`from_spec` (a list like the YAML ``stages``; an ``encode`` stage is appended when the
+    last stage is not one) or :meth:`from_yaml`; ``overrides``
+    (``"key=value"``, ``"stage.key=value"`` or ``"N.key=value"`` with N the 1-based stage number) change
+    options, and ``defaults`` (e.g. ``{"seed": 0}``) fill keys that neither the spec nor an override set.
+    """
+
+    def __init__(self, stages: Sequence[Stage], model: dict[str, Any] | None = None,
+                 data: dict[str, Any] | None = None) -> None:
+        if not stages:
+            raise ValueError("pipeline: no stages; give at least one method.")
+        self.stages, self.model, self.data = list(stages), model, data
+
+    # -- building ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: Sequence[Any], overrides: Sequence[str] = (), defaults: Mapping[str, Any] | None = None,
+                  model: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+                  source: str = "pipeline") -> Pipeline:
+        if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
+            raise ValueError(f"{source}: 'stages' must be a list of {{method: {{options}}}}; got {spec!r}.")
+        raw: list[tuple[str, dict[str, Any]]] = []
+        for i, item in enumerate(spec, 1):
+            if isinstance(item, str):
+                item = {item: {}}
+            if not isinstance(item, Mapping) or len(item) != 1:
+                raise ValueError(f"{source}: stage {i} must be one method name or {{method: {{options}}}}; "
+                                 f"got {item!r}.")
+            (name, opts), = item.items()
+            opts = {} if opts is None else opts
+            if not isinstance(opts, Mapping):
+                raise ValueError(f"{source}: options of stage {i} ({name!r}) must be a mapping; got {opts!r}.")
+            get_method(str(name))
+            raw.append((str(name), dict(opts)))
+        if not raw or get_method(raw[-1][0]).kind != "codec":
+            raw.append(("encode", {}))  # every pipeline ends by writing the file; its options can be --set
+        for text in overrides:
+            cls._apply_override(raw, text, source)
+        stages = []
+        for i, (name, opts) in enumerate(raw, 1):
+            m = get_method(name)
+            for k, v in (defaults or {}).items():
+                if k in m.config.keys():
+                    opts.setdefault(k, v)
+            try:
+                stages.append(Stage(name, m.make_config(opts)))
+            except TypeError as e:
+                raise ValueError(f"{source}: stage {i} ({name!r}): {e}") from e
+            except ValueError as e:
+                raise ValueError(f"{source}: stage {i}: {e}") from e
+        return cls(stages, model, data)
+
+    @staticmethod
+    def _apply_override(raw: list[tuple[str, dict[str, Any]]], text: str, source: str) -> None:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value (or stage.key=value); got {text!r}.")
+        target, _, opt = key.rpartition(".")
+        if target:
+            if target.isdigit():
+                idx = [int(target) - 1] if 1 <= int(target) <= len(raw) else []
+            else:
+                idx = [i for i, (n, _) in enumerate(raw) if n == target]
+            if not idx:
+                raise ValueError(f"--set {text!r}: no stage {target!r}; stages: "
+                                 f"{', '.join(f'{i}. {n}' for i, (n, _) in enumerate(raw, 1))}.")
+            if len(idx) > 1:
+                raise ValueError(f"--set {text!r}: {len(idx)} stages are {target!r}; name one by its number "
+                                 f"({', '.join(str(i + 1) for i in idx)}).")
+        else:
+            idx = [i for i, (n, _) in enumerate(raw) if opt in get_method(n).config.keys()]
+            if not idx:
+                valid = sorted({k for n, _ in raw for k in get_method(n).config.keys()})
+                raise ValueError(f"--set {text!r}: no stage has an option {opt!r}; valid keys: {', '.join(valid)}.")
+            if len(idx) > 1:
+                where = ", ".join(f"{i + 1}.{opt} ({raw[i][0]})" for i in idx)
+                raise ValueError(f"--set {text!r}: {opt!r} is an option of several stages; write one of {where}.")
+        name, opts = raw[idx[0]]
+        if opt not in get_method(name).config.keys():
+            raise ValueError(f"--set {text!r}: method {name!r} has no option {opt!r}; valid keys: "
+                             f"{', '.join(get_method(name).config.keys())}.")
+        opts[opt] = parse_value(value.strip())
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], overrides: Sequence[str] = (),
+                  defaults: Mapping[str, Any] | None = None) -> Pipeline:
+        from .recipes import read_recipe
+
+        raw = read_recipe(path)
+        return cls.from_spec(raw["stages"], overrides, defaults, raw.get("model"), raw.get("data"), source=str(path))
+
+    # -- checking and running ------------------------------------------------------------------------------
+    def check(self, *, has_data: bool, start_form: str = "float") -> None:
+        """Refuse an impossible order, a misplaced codec, or a stage that needs data when there is none."""
+        form, came_from = start_form, "the input model"
+        for i, st in enumerate(self.stages, 1):
+            m = st.spec
+            if m.kind == "codec" and i != len(self.stages):
+                raise ValueError(f"pipeline: stage {i} {m.name!r} writes the file and must be the last stage.")
+            if form not in m.accepts:
+                need = " or ".join(_FORM_TEXT[f] for f in sorted(m.accepts))
+                raise ValueError(f"pipeline: stage {i} {m.name!r} needs {need}, but {came_from} leaves "
+                                 f"{_FORM_TEXT[form]}; put {m.name!r} earlier.")
+            if m.requires_data(st.config) and not has_data:
+                raise ValueError(f"pipeline: stage {i} {m.name!r} needs data ({KINDS[m.kind]}); give a data set.")
+            if m.gives is not None:
+                form, came_from = m.gives, f"stage {i} {m.name!r}"
+
+    @property
+    def encode(self) -> EncodeConfig:
+        last = self.stages[-1].config
+        return last if isinstance(last, EncodeConfig) else EncodeConfig()
+
+    def run(self, model: nn.Module, data: Any = None, *, progress: bool = False) -> list[dict[str, Any]]:
+        """Run every stage on ``model`` in place; returns one record per stage (method, config, report, seconds).
+
+        ``data`` is a :class:`~netsurgeon.data.Dataset` or :func:`~netsurgeon.data.from_loaders` data; stages
+        train on its train split and choose on its validation split, never the test split.
+        """
+        self.check(has_data=data is not None, start_form=weight_form(model))
+        check_finite_model("pipeline", model)
+        ctx = StageContext(data, progress)
+        out = []
+        for i, st in enumerate(self.stages, 1):
+            log.info("stage %d/%d: %s", i, len(self.stages), st.method)
+            t0 = time.perf_counter()
+            report = st.spec.run(model, st.config, ctx)
+            out.append({"stage": i, "method": st.method, "config": st.config.to_dict(), "report": report,
+                        "seconds": time.perf_counter() - t0})
+        return out
+
+    def save(self, model: nn.Module, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
+             history: Sequence[dict[str, Any]] = (), arch: dict[str, Any] | None = None) -> Any:
+        """Write ``model`` with the encode stage's options; ``meta["pipeline"]`` gets the earlier ``history``
+        (from the input file) followed by this pipeline's stages, so chained runs keep their provenance."""
+        from .coding.nsz import save_compressed
+
+        enc = self.encode
+        runs = [*history, *({"method": st.method, "config": st.config.to_dict()} for st in self.stages)]
+        meta = {**(meta or {}), "method": "+".join(st.method for st in self.stages), "pipeline": runs}
+        return save_compressed(model, path, value_dtype=enc.value_dtype, index_bits=enc.index_bits, arch=arch,
+                               meta=meta, huffman=enc.huffman)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"stages": [st.to_dict() for st in self.stages]}
+        if self.model:
+            out["model"] = self.model
+        if self.data:
+            out["data"] = self.data
+        return out
