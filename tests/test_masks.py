@@ -99,7 +99,7 @@ def test_unsupported_layer_is_refused_by_name():
     m = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
     with pytest.raises(ValueError, match="layer '1' of type LSTM is not supported"):
         prunable_layers(m, "DNS")
-    with pytest.raises(ValueError, match="no Linear or Conv2d layer"):
+    with pytest.raises(ValueError, match="no Linear, Conv1d or Conv2d layer"):
         prunable_layers(nn.Sequential(nn.ReLU()))
     ok = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))  # norms are left alone, not refused
     assert list(prunable_layers(ok)) == ["0"]

@@ -4,44 +4,60 @@ import pytest
 import torch
 
 import netsurgeon as ns
-from netsurgeon.recipes import apply_recipe, load_recipe
+from netsurgeon.recipes import apply_recipe, convert_legacy, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
-def test_bundled_recipes_parse(path):
-    r = load_recipe(path)
-    assert r.method in ("magnitude", "dns", "woodfisher", "autoprune")
-    assert not r.quantize or set(r.quantize["bits"]) == {"conv", "fc"}
-    r.train_config()
+def test_bundled_recipes_parse_and_compose(path):
+    pipe = load_recipe(path)
+    pipe.check(has_data=True)
+    assert pipe.stages[-1].method == "encode"
+    assert all(st.method in ns.pipeline.methods() for st in pipe.stages)
 
 
 def test_recipe_errors_name_the_key(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("method: magnitude\nsparsity: 0.5\nsparsty: 0.4\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sparsty'\]"):
+    p.write_text("stages:\n  - magnitude: {sparsty: 0.4}\n")
+    with pytest.raises(ValueError, match=r"stage 1: magnitude: unknown key\(s\) \['sparsty'\]; valid keys: epochs"):
         load_recipe(p)
-    p.write_text("method: magnitude\nsparsity: 0.5\nfinetune: {epoch: 3}\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epoch'\] under 'finetune'"):
+    p.write_text("stages:\n  - sorcery: {}\n")
+    with pytest.raises(ValueError, match="unknown method 'sorcery'; valid methods: autoprune"):
         load_recipe(p)
-    p.write_text("method: sorcery\nsparsity: 0.5\n")
-    with pytest.raises(ValueError, match="method must be one of"):
-        load_recipe(p)
-    p.write_text("method: [unclosed\n")
+    p.write_text("stages: [unclosed\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_recipe(p)
-    p.write_text("method: magnitude\n")
-    with pytest.raises(ValueError, match="exactly one of 'sparsity' or 'quality'"):
+    p.write_text("stages:\n  - magnitude: {sparsity: 1.5}\n")
+    with pytest.raises(ValueError, match=r"magnitude: sparsity must be a number in \[0, 1\).*got 1.5"):
         load_recipe(p)
+    p.write_text("stagez: []\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stagez'\]"):
+        load_recipe(p)
+    p.write_text("stages:\n  - kmeans: {bits: 4}\n  - dns: {}\n")
+    with pytest.raises(ValueError, match="stage 2 'dns' needs float weights, but stage 1 'kmeans' leaves k-means"):
+        load_recipe(p).check(has_data=True)
 
 
-def test_quality_recipe_prunes_and_retrains(digits, tmp_path):
+def test_legacy_recipe_is_converted_to_the_same_stages():
+    raw = {"method": "magnitude", "sparsity": {"fc1": 0.9}, "rounds": 2, "finetune": {"epochs": 3, "lr": 0.05},
+           "quantize": {"bits": {"fc": 5}, "epochs": 1, "lr": 0.001}, "save": {"value_dtype": "float16"}}
+    assert convert_legacy(raw)["stages"] == [
+        {"magnitude": {"epochs": 3, "lr": 0.05, "sparsity": {"fc1": 0.9}, "rounds": 2}},
+        {"kmeans": {"bits": {"fc": 5}}},
+        {"finetune": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0}},
+        {"encode": {"value_dtype": "float16"}}]
+    wf = convert_legacy({"method": "woodfisher", "sparsity": 0.9, "fisher": {"num_grads": 10}, "finetune": {"epochs": 1}})
+    assert [next(iter(s)) for s in wf["stages"]] == ["woodfisher", "finetune", "encode"]
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sparsty'\]"):
+        convert_legacy({"method": "magnitude", "sparsty": 0.5})
+
+
+def test_quality_recipe_prunes_and_retrains(digits):
     torch.manual_seed(0)
     m = ns.build_model("lenet300", digits.input_shape)
     ns.train(m, digits, ns.TrainConfig(epochs=5, lr=0.05))
-    r = load_recipe(RECIPES / "magnitude_quality.yaml")
-    apply_recipe(m, digits, r)
+    apply_recipe(m, digits, RECIPES / "magnitude_quality.yaml")
     nz, total = ns.stats.count_nonzero(m)
-    assert nz < 0.6 * total  # three rounds of |w| < 1.0 std remove a good half
+    assert nz < 0.6 * total  # three rounds of |w| < 0.5 std of the survivors remove a good half
     assert ns.evaluate(m, digits.test)[1] > 0.9

@@ -112,8 +112,11 @@ def test_lr_schedules():
     assert lr_at(c, 10_000, 10, 100) == pytest.approx(0.01 * 2 ** -0.75)
 
 
-@pytest.mark.parametrize("kw,msg", [({"epochs": 0}, "epochs must be a positive integer"),
-                                     ({"lr": -1.0}, "lr must be a positive number"),
+@pytest.mark.parametrize("kw,msg", [({"epochs": 0}, r"TrainConfig: epochs must be an integer >= 1; got 0\."),
+                                     ({"lr": -1.0}, r"TrainConfig: lr must be a number > 0; got -1\.0\."),
+                                     ({"epochs": 2.5}, r"epochs must be an integer >= 1; got 2\.5"),
+                                     ({"max_steps": 0}, r"max_steps must be an integer >= 1 or null; got 0"),
+                                     ({"momentum": True}, r"momentum must be a number in \[0, 1\); got True"),
                                      ({"optimizer": "rmsprop"}, "optimizer must be one of"),
                                      ({"schedule": "warm"}, "schedule must be one of")])
 def test_config_errors(kw, msg):

@@ -12,6 +12,7 @@ import click
 import yaml
 
 from . import __version__
+from .coding.container import NszError
 from .data import DATASETS, load_dataset
 from .models import MODELS, build_model
 
@@ -215,8 +216,15 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
                  data_dir: Path | None, seed: int, threads: int | None, output: Path) -> None:
     """Run a compression pipeline on MODEL_FILE and write a .nsz file.
 
-    MODEL_FILE is a .safetensors (from `train`, or your own state dict with --model) or a .nsz.
-    Example: netsurgeon compress base.safetensors --method dns --set c_rate=3 --set iter_stop=8000 -o dns.nsz"""
+    MODEL_FILE is a .safetensors (from `train`, or a plain state dict with --model) or a .nsz file.
+
+    \b
+    Examples:
+      netsurgeon compress base.safetensors --method dns --set c_rate=3 -o dns.nsz
+      netsurgeon compress base.safetensors --method magnitude,kmeans,finetune \\
+          --set sparsity=0.9 --set bits=5 --set 3.lr=0.001 -o small.nsz
+      netsurgeon compress base.safetensors --recipe recipes/deep_compression_lenet5.yaml -o dc.nsz
+    """
     from .pipeline import Pipeline
     from .train import evaluate
 
@@ -238,11 +246,14 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
         names = [n.strip() for n in method_names.split(",") if n.strip()]  # type: ignore[union-attr]
         pipe = Pipeline.from_spec(names, overrides, defaults, source="--method")
     kwargs = _model_args(model_args)
-    if model_spec is None and pipe.model:
-        model_spec = pipe.model.get("factory") or pipe.model.get("name")
-        kwargs = {**(pipe.model.get("kwargs") or {}), **kwargs}
     _set_threads(threads)
-    model, meta = _read_input(model_file, model_spec, kwargs, trust_code)
+    try:
+        model, meta = _read_input(model_file, model_spec, kwargs, trust_code)
+    except NszError as e:  # a plain state dict: the recipe's model, if it names one, rebuilds the architecture
+        if model_spec is not None or not pipe.model or "records no architecture" not in str(e):
+            raise
+        spec = pipe.model.get("factory") or pipe.model.get("name")
+        model, meta = _read_input(model_file, spec, {**(pipe.model.get("kwargs") or {}), **kwargs}, trust_code)
     pipe.check(has_data=True, start_form=_form(model))
     data_name = data_name or (pipe.data or {}).get("name") or meta.get("data") or ("mnist" if data_dir else "digits")
     data = load_dataset(data_name, data_dir, seed=seed)

@@ -145,11 +145,12 @@ class AutoPrune(Callback):
         ``val_data`` (a Split or any iterable of ``(x, y)`` batches, e.g. a DataLoader) trains M.
         """
         check_finite_model("AutoPrune", model)
+        layers = prunable_layers(model, "AutoPrune")
         if val_data is None or (isinstance(val_data, Split) and len(val_data) == 0):
             raise ValueError("AutoPrune: needs a validation split (bi-level optimization); pass val_data.")
         self._val, self._val_iter = val_data, None
         self._gates = {}
-        for name, mod in prunable_layers(model, "AutoPrune").items():
+        for name, mod in layers.items():
             w = mod.weight.detach()
             if parametrize.is_parametrized(mod, "weight"):
                 parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)

@@ -36,6 +36,8 @@ class L1Proximal(Callback):
 
     @torch.no_grad()
     def after_step(self, trainer: Trainer | None = None) -> None:
+        if trainer is not None and self._model is not trainer.model:
+            self.prepare(trainer.model)
         opt = trainer.optimizer if trainer is not None else self._optimizer
         if opt is None or self._model is None:
             raise ValueError("L1Proximal: call prepare(model, optimizer=opt) before training.")

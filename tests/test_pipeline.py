@@ -1,0 +1,143 @@
+"""Every registered method, on a non-paper model (small ResNet: BatchNorm, residual adds, 1x1 shortcuts) and on
+LeNet-5: run as a pipeline stage, saved to .nsz, loaded back; the loaded module computes what the in-memory
+model computes."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import netsurgeon as ns
+from netsurgeon.data import Dataset, Split
+from netsurgeon.pipeline import Pipeline, get_method, methods
+from netsurgeon.registry import KINDS, MethodConfig
+
+# The smallest settings that exercise each method; a new method must add itself here (test below).
+QUICK = {
+    "magnitude": {"sparsity": 0.5, "rounds": 1, "epochs": 1},
+    "quality": {"quality": 0.5, "rounds": 1, "epochs": 1},
+    "dns": {"c_rate": 0.5, "epochs": 1, "iter_stop": 3},
+    "autoprune": {"mu": 5.0, "epochs": 1, "val_batch": 16},
+    "l1": {"lam": 0.05, "epochs": 1},
+    "obd": {"sparsity": 0.5, "num_grads": 8, "block_size": None},
+    "diag_fisher": {"sparsity": 0.5, "num_grads": 8, "block_size": None},
+    "obs": {"sparsity": 0.3, "num_grads": 4},
+    "woodfisher": {"sparsity": 0.5, "num_grads": 8, "block_size": None},
+    "woodtaylor": {"sparsity": 0.5, "num_grads": 8, "block_size": None},
+    "gradual": {"target": 0.5, "start": 0, "end": 2, "every": 1, "epochs": 1},
+    "kmeans": {"bits": 3},
+    "hessian_kmeans": {"bits": 3, "num_grads": 4, "grad_batch": 4},
+    "int8": {},
+    "qat": {"epochs": 1},
+    "fixed_point": {"epochs": 1},
+    "finetune": {"epochs": 1},
+    "encode": {},
+}
+
+
+def _random_data(shape, n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def split(k):
+        return Split(torch.randn(k, *shape, generator=g), torch.randint(0, 10, (k,), generator=g))
+
+    return Dataset("random", split(n), split(32), split(32), num_classes=10)
+
+
+def _model(name):
+    torch.manual_seed(0)
+    if name == "resnet_small":
+        return ns.build_model("resnet_small", (1, 8, 8), width=4, blocks=[1, 1]), _random_data((1, 8, 8))
+    return ns.build_model("lenet5", (1, 28, 28)), _random_data((1, 28, 28))
+
+
+def test_registry_every_method_has_config_citation_and_cli_entry(runner):
+    from netsurgeon.cli import cli
+
+    registered = methods()
+    assert set(registered) == set(QUICK), "add the new method to QUICK (and to this test file's expectations)"
+    for name, m in registered.items():
+        assert m.kind in KINDS
+        assert issubclass(m.config, MethodConfig) and dataclasses.is_dataclass(m.config)
+        assert m.config.__dataclass_params__.frozen
+        assert m.config.owner == name, f"{name}: errors must name the method"
+        assert len(m.citation) > 10 and len(m.summary) > 10
+        cfg = m.make_config()   # the defaults are valid
+        for row in m.config.describe():
+            assert row["help"], f"{name}.{row['key']} has no help"
+            assert row["key"] in cfg.to_dict()
+        out = runner.invoke(cli, ["methods", name], terminal_width=200)
+        assert out.exit_code == 0 and m.citation[:20] in out.output
+
+
+def test_config_errors_name_method_key_range_and_value():
+    with pytest.raises(ValueError, match=r"^dns: gamma must be a number >= 0; got -1\.$"):
+        get_method("dns").make_config({"gamma": -1})
+    with pytest.raises(ValueError, match=r"^kmeans: unknown key\(s\) \['bitz'\]; valid keys: bits, init, iters, seed\.$"):
+        get_method("kmeans").make_config({"bitz": 4})
+    with pytest.raises(ValueError, match=r"woodfisher: block_size must be an integer >= 1 or null; got 'big'"):
+        get_method("woodfisher").make_config({"block_size": "big"})
+    with pytest.raises(ValueError, match=r"gradual: need start < end; got start=5, end=5"):
+        get_method("gradual").make_config({"start": 5, "end": 5})
+    assert get_method("woodtaylor").make_config().damp == 0.1 and get_method("woodfisher").make_config().damp == 1e-5
+
+
+def test_overrides_resolve_by_key_stage_name_and_number():
+    p = Pipeline.from_spec(["dns", "kmeans", "finetune"], ["c_rate={fc: 2, conv: 1}", "kmeans.bits=4", "3.lr=0.001",
+                                                          "1.epochs=2", "value_dtype=float16"], {"seed": 7})
+    assert [s.method for s in p.stages] == ["dns", "kmeans", "finetune", "encode"]
+    assert p.stages[0].config.c_rate == {"fc": 2.0, "conv": 1.0} and p.stages[0].config.epochs == 2
+    assert p.stages[1].config.bits == 4 and p.stages[2].config.lr == 0.001
+    assert p.stages[0].config.seed == 7 and p.stages[2].config.seed == 7 and p.encode.value_dtype == "float16"
+    with pytest.raises(ValueError, match="write one of 1.epochs \\(dns\\), 3.epochs \\(finetune\\)"):
+        Pipeline.from_spec(["dns", "kmeans", "finetune"], ["epochs=3"])
+    with pytest.raises(ValueError, match="2 stages are 'finetune'; name one by its number \\(1, 2\\)"):
+        Pipeline.from_spec(["finetune", "finetune"], ["finetune.lr=0.1"])
+
+
+def test_composition_is_checked_before_any_work():
+    for stages, msg in ((["int8", "kmeans"], "stage 2 'kmeans' needs float weights, but stage 1 'int8' leaves int8"),
+                        (["kmeans", "woodfisher"], "stage 2 'woodfisher' needs float weights"),
+                        (["encode", "finetune"], "must be the last stage"),
+                        (["qat", "finetune"], "stage 2 'finetune' needs float weights or k-means-shared")):
+        with pytest.raises(ValueError, match=msg):
+            Pipeline.from_spec(stages).check(has_data=True)
+    with pytest.raises(ValueError, match="stage 1 'dns' needs data"):
+        Pipeline.from_spec(["dns"]).check(has_data=False)
+    Pipeline.from_spec(["magnitude"], ["epochs=0"]).check(has_data=False)  # prune only: no data needed
+    for ok in (["dns", "kmeans", "finetune"], ["woodfisher", "int8"], ["autoprune", "kmeans"], ["l1", "qat"]):
+        Pipeline.from_spec(ok).check(has_data=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    Pipeline.from_spec(["int8"]).run(model)
+    with pytest.raises(ValueError, match="stage 1 'magnitude' needs float weights, but the input model leaves int8"):
+        Pipeline.from_spec(["magnitude"], ["epochs=0"]).run(model)
+
+
+@pytest.mark.parametrize("model_name", ["resnet_small", "lenet5"])
+@pytest.mark.parametrize("method", sorted(QUICK))
+def test_every_method_compresses_saves_and_reloads_the_same_module(method, model_name, tmp_path):
+    model, data = _model(model_name)
+    stages = [method] if get_method(method).kind != "codec" else []
+    pipe = Pipeline.from_spec(stages or ["encode"], [f"{k}={json.dumps(v)}" for k, v in QUICK[method].items()])
+    if method == "obs" and model_name == "lenet5":  # an exact Hessian of 431k weights: refused, clearly
+        with pytest.raises(ValueError, match="exact OBS is limited to 4096 weights"):
+            pipe.run(model, data)
+        return
+    records = pipe.run(model, data)
+    assert [r["method"] for r in records][-1] == "encode"
+    model.eval()
+    x = data.test.x[:8]
+    with torch.no_grad():
+        expected = model(x)
+    path = tmp_path / "m.nsz"
+    info = pipe.save(model, path)
+    assert info.file_bytes == path.stat().st_size
+    for keep in (False, True):
+        loaded = ns.load_compressed(path, keep_codecs=keep)
+        assert type(loaded) is type(model)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+    if get_method(method).gives is not None:  # the stored form is the method's: k-means codes or int8 values
+        codecs = {r.codec for r in info.records if r.name.endswith("weight") and len(r.shape) > 1}
+        assert codecs == {"shared" if method.endswith("kmeans") else "int8"}
