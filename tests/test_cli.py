@@ -26,8 +26,8 @@ def test_train_compress_eval_info_pipeline(runner, tmp_path):
     out = _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "3", "--lr", "0.05", "-o", str(base)]))
     assert "test accuracy" in out and base.is_file()
     out = _ok(runner.invoke(cli, ["compress", str(base), "--method", "magnitude", "--set", "sparsity=0.9",
-                                  "--set", "rounds=2", "--set", "epochs=1", "--set", "lr=0.05", "--set", "value_dtype=float16",
-                                  "-o", str(small)]))
+                                  "--set", "rounds=2", "--set", "epochs=1", "--set", "lr=0.05",
+                                  "--set", "value_dtype=float16", "-o", str(small)]))
     assert "smaller than dense float32" in out
     out = _ok(runner.invoke(cli, ["eval", str(small), "--json", "--batch", "8"]))
     s = json.loads(out)
@@ -129,7 +129,8 @@ def test_deep_compression_from_cli(runner, tmp_path):
     base, pruned, small = tmp_path / "b.safetensors", tmp_path / "p.nsz", tmp_path / "s.nsz"
     _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "3", "--lr", "0.05", "-o", str(base)]))
     _ok(runner.invoke(cli, ["compress", str(base), "--method", "magnitude", "--set", "sparsity=0.9",
-                            "--set", "rounds=1", "--set", "epochs=1", "--set", "value_dtype=float16", "-o", str(pruned)]))
+                            "--set", "rounds=1", "--set", "epochs=1", "--set", "value_dtype=float16",
+                            "-o", str(pruned)]))
     out = _ok(runner.invoke(cli, ["compress", str(pruned), "--method", "kmeans,finetune", "--set", "bits={fc: 4}",
                                   "--set", "epochs=1", "--set", "lr=0.001", "-o", str(small)]))
     assert "test accuracy" in out

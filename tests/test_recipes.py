@@ -47,7 +47,8 @@ def test_legacy_recipe_is_converted_to_the_same_stages():
         {"kmeans": {"bits": {"fc": 5}}},
         {"finetune": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0}},
         {"encode": {"value_dtype": "float16"}}]
-    wf = convert_legacy({"method": "woodfisher", "sparsity": 0.9, "fisher": {"num_grads": 10}, "finetune": {"epochs": 1}})
+    wf = convert_legacy({"method": "woodfisher", "sparsity": 0.9, "fisher": {"num_grads": 10},
+                         "finetune": {"epochs": 1}})
     assert [next(iter(s)) for s in wf["stages"]] == ["woodfisher", "finetune", "encode"]
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['sparsty'\]"):
         convert_legacy({"method": "magnitude", "sparsty": 0.5})
