@@ -43,7 +43,7 @@ def test_prepare_attaches_straight_through_masks_on_weights_and_biases():
 
 def test_gradient_reaches_pruned_weights():
     m = _net()
-    DNS().prepare(m)
+    DNS(c_rate=-10.0).prepare(m)  # threshold max(mu - 10 sigma, 0) = 0: the first surgery keeps everything
     get_masks(m)["2.weight"].mask.zero_()
     m(torch.randn(4, 6)).pow(2).sum().backward()
     assert (original(m, "2.weight").grad != 0).any()

@@ -168,7 +168,8 @@ class DNS(Callback):
         raise ValueError(f"DNS: no value for layer {name!r} (type {kind!r}) in {dict(value)!r}.")
 
     def prepare(self, model: nn.Module, **_: Any) -> None:
-        """Attach straight-through masks to every Linear/Conv layer. Modifies ``model`` in place.
+        """Attach straight-through masks to every Linear/Conv layer and run the surgery of iteration 0
+        (thresholds from the current weights, first masks), as before the first training step. In place.
 
         Raises:
             ValueError: an unsupported layer type, NaN weights, or a c_rate key naming no layer.
@@ -192,20 +193,21 @@ class DNS(Callback):
         self._masks = attach_masks(model, [t for s in self.layers_.values() for t in s.tensors],
                                    straight_through=True)
         self._model = model
+        self._started = False
+        self._begin()
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        super().on_train_start(trainer)
+        self._begin()
 
     def _begin(self) -> None:
         if not self._started and self.iteration_ == 0:
             self._surgery()  # iteration 0: thresholds and first masks before the first step
         self._started = True
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        super().on_train_start(trainer)
-        self._begin()
-
     def after_step(self, trainer: Trainer | None = None) -> None:
         if self._model is None:
             raise ValueError("DNS: call prepare(model) before training.")
-        self._begin()  # the user's own loop has no on_train_start
         self.iteration_ += 1
         self._surgery()
 
