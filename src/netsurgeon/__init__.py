@@ -3,7 +3,10 @@
 from . import data as data
 from . import masks as masks
 from . import models as models
+from . import pipeline as pipeline
 from . import pruning as pruning
+from . import quantization as quantization
+from . import registry as registry
 from . import stats as stats
 
 # storage
@@ -15,6 +18,11 @@ from .coding import save_compressed as save_compressed
 from .data import DataError as DataError
 from .data import load_dataset as load_dataset
 from .models import build_model as build_model
+
+# methods and pipelines
+from .pipeline import Pipeline as Pipeline
+from .pipeline import get_method as get_method
+from .pipeline import methods as methods
 from .runtime import load_compressed as load_compressed
 
 # engine

@@ -93,3 +93,13 @@ def test_hessian_weighting_moves_centroids_to_important_weights():
     share_weights_global(lin, bits=1, importance=imp)  # one shared value
     # weighted mean (1 + 200 + 10 + 11) / 103 instead of the plain mean 6
     assert float(lin[0].weight[0, 0].detach()) == pytest.approx(222 / 103, rel=1e-5)
+
+
+def test_global_sharing_of_an_all_zero_model_is_a_clear_error():
+    from netsurgeon.quantization.kmeans import share_weights_global
+
+    m = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        m[0].weight.zero_()
+    with pytest.raises(ValueError, match="every weight of the model is zero"):
+        share_weights_global(m, bits=3)

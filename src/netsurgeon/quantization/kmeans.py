@@ -153,6 +153,8 @@ def share_weights_global(model: nn.Module, bits: int, importance: dict[str, Tens
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     alive = {n: w != 0 for n, w in ws.items()}
     x = torch.cat([ws[n][alive[n]] for n in ws])
+    if x.numel() == 0:
+        raise ValueError("share_weights_global: every weight of the model is zero; there is nothing to share.")
     h = None
     if importance is not None:
         missing = [f"{n}.weight" for n in ws if f"{n}.weight" not in importance]
