@@ -250,3 +250,49 @@ def test_model_and_data_that_do_not_fit_are_one_line_before_any_work(runner, tmp
                             str(mnist_dir), "-o", str(tmp_path / "x.nsz")])
     assert r.exit_code == 2 and "does not accept inputs of shape [1, 28, 28] (mnist)" in r.output
     assert not (tmp_path / "x.nsz").exists()
+
+
+def _quick_overrides(recipe):
+    """--set values that shrink a recipe to seconds on the bundled digits (same stages, same options otherwise)."""
+    from netsurgeon.recipes import load_recipe
+
+    out = []
+    for i, st in enumerate(load_recipe(recipe).stages, 1):
+        keys = st.config.to_dict()
+        for key, value in (("epochs", 1), ("max_steps", 20), ("iter_stop", 10), ("stop", 10), ("num_grads", 16),
+                           ("block_size", 256)):
+            if key in keys and (key != "block_size" or keys[key] is not None):
+                out += ["--set", f"{i}.{key}={value}"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["autoprune_lenet300", "deep_compression_lenet300", "dns_lenet300",
+                                    "magnitude_lenet300", "magnitude_quality", "woodfisher_lenet300"])
+def test_bundled_recipes_run_end_to_end(runner, tmp_path, recipe):
+    from tests.conftest import REPO
+
+    base = tmp_path / "b.safetensors"
+    _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "3", "--lr", "0.05", "-o", str(base)]))
+    path = REPO / "recipes" / f"{recipe}.yaml"
+    out = _ok(runner.invoke(cli, ["compress", str(base), "--recipe", str(path), "--data", "digits",
+                                  *_quick_overrides(path), "-o", str(tmp_path / "r.nsz")]))
+    assert "test accuracy" in out
+    info = _ok(runner.invoke(cli, ["info", str(tmp_path / "r.nsz")], terminal_width=200))
+    assert "stage 1:" in info and "encode (value_dtype=float16" in info
+
+
+@pytest.mark.slow
+def test_small_resnet_through_the_cli_reloads_to_the_accuracy_compress_measured(runner, tmp_path):
+    base = tmp_path / "r.safetensors"
+    _ok(runner.invoke(cli, ["train", "--model", "resnet_small", "--model-arg", "width=4", "--model-arg",
+                            "blocks=[1, 1]", "--epochs", "2", "--lr", "0.05", "-o", str(base)]))
+    runs = {"dns,finetune,kmeans,finetune": ["1.epochs=1", "2.epochs=1", "4.epochs=1", "4.lr=0.001"],
+            "woodfisher,int8": ["num_grads=16", "block_size=null"], "autoprune,qat": ["1.epochs=1", "2.epochs=1"]}
+    for i, (methods, sets) in enumerate(runs.items()):
+        out_file = tmp_path / f"m{i}.nsz"
+        out = _ok(runner.invoke(cli, ["compress", str(base), "--method", methods,
+                                      *[a for kv in sets for a in ("--set", kv)], "-o", str(out_file)]))
+        acc = float(out.rsplit("test accuracy ", 1)[1].split("%")[0])
+        s = json.loads(_ok(runner.invoke(cli, ["eval", str(out_file), "--json", "--batch", "2"])))
+        assert s["test_accuracy"] * 100 == pytest.approx(acc, abs=0.006)
