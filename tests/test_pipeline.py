@@ -45,8 +45,28 @@ def _random_data(shape, n=96, seed=0):
     return Dataset("random", split(n), split(32), split(32), num_classes=10)
 
 
+class UserNet(torch.nn.Module):
+    """Not built by netsurgeon: depthwise and grouped Conv2d, Conv1d, BatchNorm, a residual add."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, width, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(width)
+        self.dw = torch.nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.pw = torch.nn.Conv2d(width, width, 1, groups=2)
+        self.seq = torch.nn.Conv1d(width, width, 3, padding=1)
+        self.head = torch.nn.Linear(width * 64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = h + self.pw(torch.relu(self.dw(h)))
+        return self.head(torch.relu(self.seq(h.flatten(2))).flatten(1))
+
+
 def _model(name):
     torch.manual_seed(0)
+    if name == "user_net":
+        return UserNet(), _random_data((1, 8, 8))
     if name == "resnet_small":
         return ns.build_model("resnet_small", (1, 8, 8), width=4, blocks=[1, 1]), _random_data((1, 8, 8))
     return ns.build_model("lenet5", (1, 28, 28)), _random_data((1, 28, 28))
@@ -114,7 +134,7 @@ def test_composition_is_checked_before_any_work():
         Pipeline.from_spec(["magnitude"], ["epochs=0"]).run(model)
 
 
-@pytest.mark.parametrize("model_name", ["resnet_small", "lenet5"])
+@pytest.mark.parametrize("model_name", ["resnet_small", "lenet5", "user_net"])
 @pytest.mark.parametrize("method", sorted(QUICK))
 def test_every_method_compresses_saves_and_reloads_the_same_module(method, model_name, tmp_path):
     model, data = _model(model_name)
@@ -134,7 +154,8 @@ def test_every_method_compresses_saves_and_reloads_the_same_module(method, model
     info = pipe.save(model, path)
     assert info.file_bytes == path.stat().st_size
     for keep in (False, True):
-        loaded = ns.load_compressed(path, keep_codecs=keep)
+        fresh = UserNet() if model_name == "user_net" else None  # the file records no architecture for it
+        loaded = ns.load_compressed(path, fresh, keep_codecs=keep)
         assert type(loaded) is type(model)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
