@@ -42,6 +42,29 @@ def check_finite_model(owner: str, model: nn.Module) -> None:
             raise ValueError(f"{owner}: tensor {name!r} holds {bad} NaN/inf value(s); refusing to continue.")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _finish(tmp: str, path: Path) -> None:
+    """Give the temporary file the mode a plain ``open()`` would (0666 minus the umask; mkstemp makes it 0600),
+    flush it to disk, rename it over ``path`` and flush the directory entry."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds.
@@ -56,7 +79,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _finish(tmp, path)
     except BaseException:
         with _suppress():
             os.unlink(tmp)
@@ -71,7 +94,9 @@ def atomic_save(path: str | os.PathLike[str], write: Callable[[str], None]) -> N
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _finish(tmp, path)
     except BaseException:
         with _suppress():
             os.unlink(tmp)

@@ -93,6 +93,24 @@ _threads_opt = click.option("--threads", type=click.IntRange(min=1), default=Non
                             help="torch threads (set it on a busy machine; see README, Troubleshooting).")
 
 
+def _data_name(given: str | None, data_dir: Path | None, *known: str | None) -> str:
+    """The data set to use: ``--data``, else what the recipe or the model file says, else MNIST when a directory
+    is given, else the bundled digits. A directory is never silently ignored."""
+    if given is not None:
+        if given == "digits" and data_dir is not None:
+            raise _Fail(f"--data digits is bundled and takes no --data-dir (got {str(data_dir)!r}).")
+        return given
+    name = next((k for k in known if k), None)
+    if data_dir is None:
+        return name or "digits"
+    if name in (None, "digits"):
+        if name == "digits":
+            raise _Fail(f"the model was trained on the bundled digits, but --data-dir {str(data_dir)!r} was given; "
+                        "pass --data mnist (or fashion-mnist) to use that directory.")
+        return "mnist"
+    return name
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
@@ -137,7 +155,7 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       weight_decay=weight_decay, schedule=schedule, seed=seed)
     _set_threads(threads)
-    data_name = data_name or ("mnist" if data_dir else "digits")
+    data_name = _data_name(data_name, data_dir)
     data = load_dataset(data_name, data_dir, seed=seed)
     torch.manual_seed(seed)  # the model's initial weights: same seed, same weights
     if ":" in model_spec:
@@ -255,7 +273,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
         spec = pipe.model.get("factory") or pipe.model.get("name")
         model, meta = _read_input(model_file, spec, {**(pipe.model.get("kwargs") or {}), **kwargs}, trust_code)
     pipe.check(has_data=True, start_form=_form(model))
-    data_name = data_name or (pipe.data or {}).get("name") or meta.get("data") or ("mnist" if data_dir else "digits")
+    data_name = _data_name(data_name, data_dir, (pipe.data or {}).get("name"), meta.get("data"))
     data = load_dataset(data_name, data_dir, seed=seed)
     _check_input_shape(model, data, str(model_file))
     history = meta.get("pipeline") or ([{"method": meta["method"]}] if meta.get("method") else [])
@@ -316,7 +334,7 @@ def eval_cmd(model_file: Path, model_spec: str | None, model_args: tuple[str, ..
     from .report import layers_table, summarize, summary_table
 
     model, meta = _read_input(model_file, model_spec, _model_args(model_args), trust_code, keep_codecs=False)
-    data_name = data_name or meta.get("data") or ("mnist" if data_dir else "digits")
+    data_name = _data_name(data_name, data_dir, meta.get("data"))
     data = load_dataset(data_name, data_dir, seed=seed)
     shape = tuple((arch_of(model) or {}).get("input_shape", data.input_shape))
     if shape != data.input_shape:
@@ -364,13 +382,15 @@ def _changed_options(run: dict[str, Any]) -> str:
 @cli.command("demo")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("netsurgeon-demo"),
               show_default=True, help="Directory for the demo's files.")
-@click.option("--sparsity", type=float, default=0.95, show_default=True)
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.95, show_default=True)
+@_threads_opt
 @_friendly
-def demo_cmd(output: Path, sparsity: float) -> None:
+def demo_cmd(output: Path, sparsity: float, threads: int | None) -> None:
     """Train, prune, write .nsz, reload and evaluate on the bundled digits (no files needed)."""
     from .demo import run_demo
     from .report import summary_table
 
+    _set_threads(threads)
     r = run_demo(output, sparsity=sparsity, progress=True)
     _echo_table(summary_table({"dense": r["before"], "pruned .nsz": r["after"]},
                               title="LeNet-300-100 on bundled digits: before / after"))

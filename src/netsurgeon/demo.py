@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ._validation import atomic_write
 from .coding.nsz import save_compressed
 from .data import digits
@@ -31,6 +33,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "netsurgeon-demo", *, sparsity: f
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = digits(seed=seed)
+    torch.manual_seed(seed)  # initial weights: the same seed gives the same demo
     model = build_model("lenet300", data.input_shape)
     cfg = TrainConfig(epochs=20, lr=0.05, batch_size=64, seed=seed)
     train(model, data, cfg, progress=progress)

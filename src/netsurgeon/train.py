@@ -224,8 +224,13 @@ class Trainer:
         if len(state["callbacks"]) != len(self.callbacks):
             raise ValueError(f"checkpoint {str(path)!r} holds {len(state['callbacks'])} callback states, "
                              f"this run has {len(self.callbacks)} callbacks.")
-        attach_masks_for_state_dict(self.model, state["model"])
-        self.model.load_state_dict(state["model"])
+        try:
+            attach_masks_for_state_dict(self.model, state["model"])
+            self.model.load_state_dict(state["model"])
+        except (RuntimeError, ValueError, AttributeError) as e:
+            first = " ".join(str(e).split())[:300]
+            raise ValueError(f"checkpoint {str(path)!r} holds another model's weights ({first}); "
+                             "resume with the model it was written for, or drop --resume.") from e
         self.optimizer = self._make_optimizer()  # parameters may have moved under new masks
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

@@ -342,5 +342,8 @@ def load_state_checked(model: nn.Module, state: dict[str, Tensor], source: str =
         if tuple(own[k].shape) != tuple(v.shape):
             raise NszError(f"{source}: tensor {k!r} has shape {list(v.shape)} in the file but "
                            f"{list(own[k].shape)} in the model.")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise NszError(f"{source}: tensor {k!r} holds {bad} NaN/inf value(s); refusing to load it.")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model
