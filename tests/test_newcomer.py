@@ -131,3 +131,20 @@ def test_data_set_comes_from_the_model_file(runner, tmp_path):
     _err(runner.invoke(cli, ["compress", str(tmp_path / "m.safetensors"), "--method", "magnitude", "--set", "epochs=0",
                              "-o", str(tmp_path / "x.nsz")]), "data set 'fashion-mnist' needs --data-dir")
     _err(runner.invoke(cli, ["eval", str(tmp_path / "m.safetensors")]), "data set 'fashion-mnist' needs --data-dir")
+
+
+def test_speed_columns_come_from_one_interleaved_measurement(runner, tmp_path):
+    from netsurgeon.report import summarize, summary_table
+
+    out = _ok(runner.invoke(cli, ["demo", "-o", str(tmp_path / "d")], terminal_width=120))
+    s = json.loads((tmp_path / "d" / "summary.json").read_text())
+    for b, lat in s["after"]["latency"].items():
+        assert lat["speedup"] == pytest.approx(lat["dense_ms"] / lat["runtime_ms"])
+        assert f"{lat['runtime_ms']:.3f} / {lat['dense_ms']:.3f}" in out, b
+    m = ns.build_model("lenet300", (1, 8, 8))
+    dense = ns.build_model("lenet300", (1, 8, 8))
+    calls = []
+    dense.register_forward_hook(lambda *a: calls.append(1))
+    r = summarize(m, (1, 8, 8), batches=(4,), repeats=5, reference=dense)
+    assert len(calls) == 5 + 10  # the reference is what "dense" was timed on (warm-up 10, then 5 runs)
+    assert "batch 4: runtime / dense ms" in str(summary_table({"x": r}).columns[0]._cells)

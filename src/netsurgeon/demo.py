@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -39,12 +40,13 @@ def run_demo(out_dir: str | os.PathLike[str] = "netsurgeon-demo", *, sparsity: f
     train(model, data, cfg, progress=progress)
     save_model(model, out / "base.safetensors", meta={"data": "digits"})
     before = summarize(model, data.input_shape, data=data, file_path=out / "base.safetensors")
+    dense = copy.deepcopy(model).eval()   # the original dense model: the reference of every speed figure
     prune_and_retrain(model, data, sparsity=sparsity, rounds=3, epochs_per_round=10, scope="global",
                       config=cfg, progress=progress)
     kept = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, include_bias=False)}
     save_compressed(model, out / "small.nsz", value_dtype="float16", meta={"data": "digits", "method": "magnitude"})
     small = load_compressed(out / "small.nsz")
-    after = summarize(small, data.input_shape, data=data, file_path=out / "small.nsz")
+    after = summarize(small, data.input_shape, data=data, file_path=out / "small.nsz", reference=dense)
     plot_kept({"kept %": kept}, out / "kept.png",
               f"LeNet-300-100 on digits, magnitude pruning to {100 * sparsity:.0f}% (global)")
     result = {"before": before, "after": after, "kept_pct": kept, "wall_s": time.perf_counter() - t0,
