@@ -148,3 +148,22 @@ def test_speed_columns_come_from_one_interleaved_measurement(runner, tmp_path):
     r = summarize(m, (1, 8, 8), batches=(4,), repeats=5, reference=dense)
     assert len(calls) == 5 + 10  # the reference is what "dense" was timed on (warm-up 10, then 5 runs)
     assert "batch 4: runtime / dense ms" in str(summary_table({"x": r}).columns[0]._cells)
+
+
+def test_help_and_usage_errors_answer_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        from netsurgeon.cli import cli
+        for args in (["--help"], ["compress", "--help"], ["compress", "x.st", "-o", "y.nsz"], ["train", "-o", "y"]):
+            try:
+                cli(args, standalone_mode=False)
+            except Exception:
+                pass
+        print("torch imported:", "torch" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "torch imported: False"

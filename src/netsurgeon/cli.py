@@ -12,9 +12,9 @@ import click
 import yaml
 
 from . import __version__
-from .coding.container import NszError
-from .data import DATASETS, load_dataset
-from .models import MODELS, build_model
+from ._catalog import DATASETS, MODEL_NAMES
+
+# Everything that imports torch is imported inside the commands: --help and argument errors answer fast.
 
 log = logging.getLogger("netsurgeon")
 
@@ -141,17 +141,19 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
               seed: int, output: Path, epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float,
               schedule: str, checkpoint: Path | None, checkpoint_every: int, resume: bool, threads: int | None) -> None:
     """Train a model from scratch and save it as .safetensors."""
-    import torch
-
-    from .modelfile import save_model
-    from .train import TrainConfig, evaluate, train
-
     if model_spec is None:
-        raise click.UsageError("give --model (one of " + ", ".join(MODELS) + ", or pkg.module:factory).")
+        raise click.UsageError("give --model (one of " + ", ".join(MODEL_NAMES) + ", or pkg.module:factory).")
     if resume and checkpoint is None:
         raise click.BadParameter("--resume needs --checkpoint FILE.", param_hint="--resume")
     _check_output(output)
     kwargs = _model_args(model_args)
+    import torch  # torch from here on
+
+    from .data import load_dataset
+    from .modelfile import save_model
+    from .models import build_model
+    from .train import TrainConfig, evaluate, train
+
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       weight_decay=weight_decay, schedule=schedule, seed=seed)
     _set_threads(threads)
@@ -202,6 +204,7 @@ def _read_input(model_file: Path, model_spec: str | None, kwargs: dict[str, Any]
                 keep_codecs: bool = True) -> tuple[Any, dict[str, Any]]:
     """Load the model to compress and the metadata of its file (``.nsz`` in its stored form, or safetensors)."""
     from .modelfile import load_model
+    from .models import build_model
     from .runtime import load_compressed
 
     model = None
@@ -243,14 +246,15 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
           --set sparsity=0.9 --set bits=5 --set 3.lr=0.001 -o small.nsz
       netsurgeon compress base.safetensors --recipe recipes/deep_compression_lenet5.yaml -o dc.nsz
     """
-    from .pipeline import Pipeline
-    from .train import evaluate
-
     if (method_names is None) == (recipe is None):
         raise click.UsageError("give --method NAME[,NAME...] or --recipe FILE (not both).")
     if not model_file.is_file():
         raise _Fail(f"model file {str(model_file)!r} does not exist.")
     _check_output(output, model_file)
+    from .data import load_dataset  # torch from here on
+    from .pipeline import Pipeline
+    from .train import evaluate
+
     defaults: dict[str, Any] = {"seed": seed}
     if model_file.suffix == ".nsz":  # keep the input's value dtype unless told otherwise
         from .coding.nsz import read_compressed
@@ -267,7 +271,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     _set_threads(threads)
     try:
         model, meta = _read_input(model_file, model_spec, kwargs, trust_code)
-    except NszError as e:  # a plain state dict: the recipe's model, if it names one, rebuilds the architecture
+    except ValueError as e:  # a plain state dict: the recipe's model, if it names one, rebuilds the architecture
         if model_spec is not None or not pipe.model or "records no architecture" not in str(e):
             raise
         spec = pipe.model.get("factory") or pipe.model.get("name")
@@ -330,6 +334,7 @@ def eval_cmd(model_file: Path, model_spec: str | None, model_args: tuple[str, ..
     """Accuracy, file bytes, nonzeros, FLOPs and latency ratio of a .nsz or .safetensors model."""
     import json
 
+    from .data import load_dataset
     from .models import arch_of
     from .report import layers_table, summarize, summary_table
 

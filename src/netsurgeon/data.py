@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._catalog import DATASETS
+
 __all__ = ["DataError", "Dataset", "Split", "LoaderData", "from_loaders", "batches", "read_idx", "mnist", "digits",
            "load_dataset", "DATASETS"]
 
@@ -198,7 +200,6 @@ def digits(*, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0
     return Dataset("digits", norm(train), norm(val), norm(test), num_classes=10)
 
 
-DATASETS = ("digits", "mnist", "fashion-mnist")
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *, seed: int = 0) -> Dataset:
