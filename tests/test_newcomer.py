@@ -167,3 +167,17 @@ def test_help_and_usage_errors_answer_without_importing_torch(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert out.stdout.strip().splitlines()[-1] == "torch imported: False"
+
+
+def test_long_phases_show_progress_off_a_terminal(runner, base, tmp_path, monkeypatch):
+    from netsurgeon.progress import Progress
+
+    monkeypatch.setattr(Progress, "every_s", 0.0)  # a line per update instead of every few seconds
+    r = runner.invoke(cli, ["compress", str(base), "--method", "woodfisher,magnitude", "--set", "num_grads=20",
+                            "--set", "block_size=500", "--set", "2.sparsity=0.95", "--set", "2.epochs=1",
+                            "--set", "rounds=2", "-o", str(tmp_path / "w.nsz")])
+    out = _ok(r)
+    for line in ("stage 1/3: woodfisher", "woodfisher: 50,200 weights, 20 gradients: about", "gradients: 10/20",
+                 "woodfisher: inverting", "stage 2/3: magnitude", "magnitude round 2/2: kept",
+                 "train: done", "stage 3/3: encode"):
+        assert line in out, line

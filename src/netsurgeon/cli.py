@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -17,6 +18,18 @@ from ._catalog import DATASETS, MODEL_NAMES
 # Everything that imports torch is imported inside the commands: --help and argument errors answer fast.
 
 log = logging.getLogger("netsurgeon")
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the ``sys.stderr`` of the moment (it may be replaced after the handler is made)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 class _Fail(click.ClickException):
@@ -51,6 +64,14 @@ def cli(verbose: int) -> None:
     """Make trained PyTorch networks smaller and faster, and measure it."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Long phases report on this logger: a bar on a terminal, plain lines every few seconds otherwise.
+    progress = logging.getLogger("netsurgeon.progress")
+    progress.setLevel(logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in progress.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(handler)
+        progress.propagate = False
 
 
 _data_opts = [

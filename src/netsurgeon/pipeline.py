@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 
 from ._validation import check_finite_model
+from .progress import log as progress_log
 from .registry import FORMS, KINDS, REGISTRY, Method, MethodConfig, StageContext, option, register
 
 __all__ = ["METHOD_MODULES", "methods", "get_method", "Stage", "Pipeline", "EncodeConfig", "parse_value",
@@ -240,7 +241,7 @@ class Pipeline:
         ctx = StageContext(data, progress)
         out = []
         for i, st in enumerate(self.stages, 1):
-            log.info("stage %d/%d: %s", i, len(self.stages), st.method)
+            (progress_log if progress else log).info("stage %d/%d: %s", i, len(self.stages), st.method)
             t0 = time.perf_counter()
             report = st.spec.run(model, st.config, ctx)
             out.append({"stage": i, "method": st.method, "config": st.config.to_dict(), "report": report,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .data import Split, batches
 from .masks import SUPPORTED_LAYERS, original, prunable_layers
+from .progress import Progress
 
 __all__ = ["count_nonzero", "LayerFlops", "layer_flops", "total_flops", "Latency", "measure_latency",
            "num_threads", "collect_gradients"]
@@ -157,7 +158,8 @@ def _gradient_batches(data: Any, num_grads: int, batch_size: int,
 
 
 def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], num_grads: int,
-                      batch_size: int = 1, seed: int = 0, sample_labels: bool = False) -> Tensor:
+                      batch_size: int = 1, seed: int = 0, sample_labels: bool = False,
+                      progress: bool = False) -> Tensor:
     """Gradients of the cross-entropy w.r.t. ``tensors`` on ``num_grads`` mini-batches of ``batch_size``.
 
     ``data`` is a Split (mini-batches drawn at random, seeded) or any iterable of ``(x, y)`` batches such as
@@ -177,8 +179,10 @@ def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], n
     out = torch.empty(num_grads, sum(p.numel() for p in params))
     was = model.training
     model.eval()
+    bar = Progress("gradients", num_grads, enabled=progress)
     try:
         for i, (xb, yb) in enumerate(_gradient_batches(data, num_grads, batch_size, g)):
+            bar.update(i)
             logits = model(xb)
             if sample_labels:
                 with torch.no_grad():
@@ -186,6 +190,8 @@ def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], n
             grads = torch.autograd.grad(F.cross_entropy(logits, yb), params, allow_unused=True)
             out[i] = torch.cat([torch.zeros(p.numel()) if gr is None else gr.flatten()
                                 for p, gr in zip(params, grads, strict=True)])
+        bar.update(num_grads)
     finally:
+        bar.close()
         model.train(was)
     return out

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ._validation import atomic_save, check_finite_model
 from .data import Dataset, LoaderData, Split, batches
 from .masks import attach_masks_for_state_dict
+from .progress import Progress
 from .registry import MethodConfig, StageContext, option, register
 
 __all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "lr_at", "run_training"]
@@ -253,13 +254,15 @@ class Trainer:
                 raise ValueError(f"resume: no checkpoint file at {str(checkpoint)!r}.")
             self.load_checkpoint(checkpoint)
             log.info("resumed from %s at step %d", checkpoint, self.step)
-        bar = _Progress(self.total_steps, self.step) if progress else None
+        bar = Progress("train", self.total_steps, start=self.step) if progress else None
         self.model.train()
         try:
             while self.step < self.total_steps:
                 self._one_step()
                 if bar:
-                    bar.update(self.step, self._epoch_sums)
+                    sums = self._epoch_sums
+                    bar.update(self.step, f"loss {float(sums[0] / sums[2]):.4f} acc {float(sums[1] / sums[2]):.4f}"
+                               if sums[2] else "")
                 if checkpoint and checkpoint_every and self.step % checkpoint_every == 0:
                     self.save_checkpoint(checkpoint)
         except KeyboardInterrupt:
@@ -320,27 +323,6 @@ def _nonempty(data: Any) -> bool:
         return len(data) > 0
     except TypeError:
         return True
-
-
-class _Progress:
-    """A rich progress bar on stderr with the running loss and accuracy of the epoch."""
-
-    def __init__(self, total: int, start: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                           console=Console(stderr=True), transient=False)
-        self._task = self._p.add_task("train", total=total, completed=start, info="")
-        self._p.start()
-
-    def update(self, step: int, sums: Tensor) -> None:
-        info = f"loss {float(sums[0] / sums[2]):.4f} acc {float(sums[1] / sums[2]):.4f}" if sums[2] else ""
-        self._p.update(self._task, completed=step, info=info)
-
-    def close(self) -> None:
-        self._p.stop()
 
 
 def train(model: nn.Module, data: Dataset | LoaderData, config: TrainConfig | None = None, *,

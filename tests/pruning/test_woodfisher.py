@@ -95,7 +95,8 @@ def test_errors():
         one_shot_prune(m, s, 1.0, "magnitude")
     with pytest.raises(ValueError, match="call fit"):
         OneShotPruner().prune(m, 0.5)
-    with pytest.raises(ValueError, match="full inverse over 66 weights needs about .* use a smaller block_size"):
+    with pytest.raises(ValueError, match="woodfisher over 66 weights with 1000 gradients and block_size=None needs "
+                                         "about .* GiB but 0.0 GiB are available; use fewer num_grads"):
         OneShotPruner("woodfisher", FisherConfig(block_size=None), memory_limit=1000).fit(m, s)
     big = ns.build_model("mlpnet")
     with pytest.raises(ValueError, match="exact OBS is limited to 4096 weights"):
@@ -112,3 +113,32 @@ def test_relative_damp_scales_with_the_fisher():
 
     g = collect_gradients(m, s, p.tensors_, 40, 1, 0)
     assert p.damp_ == pytest.approx(0.5 * float(g.pow(2).mean()), rel=1e-5)
+
+
+def test_memory_is_estimated_and_logged_before_any_gradient_and_blocks_pick_the_cheaper_form(caplog):
+    import logging
+
+    from netsurgeon.linalg import ImplicitFisherInverse
+
+    m, s = _trained()
+    pruner = OneShotPruner("woodfisher", FisherConfig(num_grads=10, block_size=30))
+    with caplog.at_level(logging.INFO, logger="netsurgeon.progress"):
+        pruner.fit(m, s)
+    assert "woodfisher: 66 weights, 10 gradients: about" in caplog.text
+    # blocks of 30 weights with 10 gradients: 2·m·n = 600 numbers factored vs n² = 900 explicit
+    assert all(isinstance(b.hinv, ImplicitFisherInverse) for b in pruner.blocks_ if len(b.alive) > 20)
+    est = pruner.memory_estimate(66, 30)
+    assert est["gradients"] == 4 * 10 * 66 and est["total"] > est["inverses"] > 0
+    big = ns.build_model("lenet300")
+    calls = []
+    import netsurgeon.pruning.woodfisher as wf
+
+    orig = wf.collect_gradients
+    wf.collect_gradients = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        with pytest.raises(ValueError, match="use block_size=1000"):
+            OneShotPruner("woodfisher", FisherConfig(num_grads=1000, block_size=4000),
+                          memory_limit=int(3 * 2**30)).fit(big, s)
+    finally:
+        wf.collect_gradients = orig
+    assert calls == []   # refused before computing a single gradient

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .._validation import check_finite_model, check_fraction, check_positive
 from ..data import Dataset
 from ..masks import LayerSparsity, attach_masks, original, prunable_tensors, sparsity_report
+from ..progress import log as progress_log
 from ..registry import StageContext, option, register
 from ..train import TrainConfig, TrainResult, train
 
@@ -150,7 +151,8 @@ def prune_and_retrain(model: nn.Module, data: Dataset, *, sparsity: float | Mapp
             target = round_targets(sparsity, rounds)[r]
         rep = prune_magnitude(model, sparsity=target, scope=scope)
         kept = sum(x.nonzero for x in rep) / sum(x.numel for x in rep)
-        log.info("round %d/%d: kept %.2f%% of prunable weights", r + 1, rounds, 100 * kept)
+        (progress_log if progress else log).info("magnitude round %d/%d: kept %.2f%% of prunable weights",
+                                                 r + 1, rounds, 100 * kept)
         if epochs_per_round > 0:
             results.append(train(model, data, replace(rt, seed=base.seed + r + 1), progress=progress))
     return results
@@ -215,7 +217,8 @@ def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) ->
 def _run_quality(model: nn.Module, cfg: QualityConfig, ctx: StageContext) -> dict[str, Any]:
     for r in range(cfg.rounds):
         prune_magnitude(model, quality=cfg.quality)
-        log.info("quality round %d/%d: kept %.2f%%", r + 1, cfg.rounds, 100 * _kept(model)["kept"])
+        (progress_log if ctx.progress else log).info("quality round %d/%d: kept %.2f%%", r + 1, cfg.rounds,
+                                                     100 * _kept(model)["kept"])
         if cfg.epochs > 0:
             train(model, ctx.require_data("quality"),
                   replace(cfg, lr=cfg.lr * cfg.lr_factor, seed=cfg.seed + r + 1).train_config(), progress=ctx.progress)

@@ -38,6 +38,8 @@ from ..linalg import (
     woodtaylor_update,
 )
 from ..masks import attach_masks, original, prunable_tensors, sparsity_report
+from ..progress import Progress
+from ..progress import log as progress_log
 from ..registry import MethodConfig, StageContext, option, register
 from ..stats import collect_gradients
 
@@ -49,6 +51,12 @@ METHODS = ("magnitude", "diag_fisher", "obd", "obs", "woodfisher", "woodtaylor")
 _UPDATES = ("single", "joint", "none")
 _OBS_MAX_PARAMS = 4096
 _EXPLICIT_MAX = 8192     # larger blocks (the full inverse of a big model) stay in factored Woodbury form
+
+
+def _factored(n: int, m: int) -> bool:
+    """Keep a block of n weights (m gradients) as the factored Woodbury form (2·m·n numbers) rather than the
+    explicit n x n inverse, when that is smaller (n > 2m) or the block is too big to hold explicitly."""
+    return n > 2 * m or n > _EXPLICIT_MAX
 _JOINT_MAX = 4096        # the exact joint update solves a |Q| x |Q| system per block
 
 
@@ -119,10 +127,12 @@ class OneShotPruner:
         self.fit_seconds_ = 0.0
 
     # -- statistics ----------------------------------------------------------------------------------
-    def fit(self, model: nn.Module, data: Split | Any) -> OneShotPruner:
+    def fit(self, model: nn.Module, data: Split | Any, *, progress: bool = False) -> OneShotPruner:
         """Gather the statistics of ``model`` on ``data`` (use the train or validation split, never test).
 
-        ``data`` is a Split or any iterable of ``(x, y)`` batches (the user's DataLoader)."""
+        ``data`` is a Split or any iterable of ``(x, y)`` batches (the user's DataLoader). The memory the
+        statistics will take is estimated and logged first; a fit that would not fit is refused before any
+        gradient is computed. ``progress`` shows the gradient and inversion phases."""
         t0 = time.perf_counter()
         check_finite_model("OneShotPruner", model)
         self.tensors_ = prunable_tensors(model, include_bias=False, owner="OneShotPruner")
@@ -132,30 +142,33 @@ class OneShotPruner:
         alive = torch.cat([masks[t].mask.flatten() for t in self.tensors_]).bool()
         d = w.numel()
         m = self.method
+        ranges = self._plan(d)  # memory estimate, representation per block, refusal: before any work
         self.grad_mean_: Tensor | None = None
         self.blocks_: list[_Block] = []
         if m == "magnitude":
             self.scores_ = w.abs()
         elif m in ("diag_fisher", "obd"):
-            g = self._grads(model, data, sample_labels=(m == "obd"))
+            g = self._grads(model, data, sample_labels=(m == "obd"), progress=progress)
             diag = g.pow(2).mean(0)
             damp = self.fisher.damp * float(diag.mean()) if self.fisher.relative_damp else self.fisher.damp
             self.scores_ = 0.5 * w.pow(2) * (damp + diag)
         else:
             self.scores_ = torch.full((d,), float("inf"))
-            g = None if m == "obs" else self._grads(model, data)
+            g = None if m == "obs" else self._grads(model, data, progress=progress)
             self.damp_ = self.fisher.damp
             if g is not None and self.fisher.relative_damp:
                 self.damp_ = self.fisher.damp * float(g.pow(2).mean())
             if m == "woodtaylor":
                 self.grad_mean_ = g.mean(0).double()
             hess = self._exact_hessian(model, data) if m == "obs" else None
-            for start, stop in self._block_ranges(d):
+            bar = Progress(f"{m}: inverting {len(ranges)} block(s)", len(ranges), enabled=progress)
+            for i, (start, stop) in enumerate(ranges):
+                bar.update(i)
                 idx = torch.arange(start, stop)[alive[start:stop]]
                 if hess is not None:
                     h = hess[idx][:, idx] + self.damp_ * torch.eye(len(idx), dtype=torch.float64)
                     hinv = torch.linalg.inv(h)
-                elif len(idx) > _EXPLICIT_MAX:
+                elif _factored(len(idx), self.fisher.num_grads):
                     hinv = ImplicitFisherInverse(g[:, idx].double(), self.damp_)
                 else:
                     hinv = fisher_inverse(g[:, idx].double(), self.damp_)
@@ -166,6 +179,8 @@ class OneShotPruner:
                     s = obs_scores(wb, hinv.diagonal())
                 self.scores_[idx] = s.float()
                 self.blocks_.append(_Block(start, stop, idx, hinv))
+            bar.update(len(ranges))
+            bar.close()
         self.scores_[~alive] = -float("inf")  # already pruned: counted as removed first
         self.fit_seconds_ = time.perf_counter() - t0
         return self
@@ -174,34 +189,62 @@ class OneShotPruner:
         return torch.cat([model.get_submodule(t.rsplit(".", 1)[0]).weight.detach().flatten()
                           for t in self.tensors_])
 
-    def _grads(self, model: nn.Module, data: Split, sample_labels: bool = False) -> Tensor:
+    def _grads(self, model: nn.Module, data: Split | Any, sample_labels: bool = False,
+               progress: bool = False) -> Tensor:
         f = self.fisher
         return collect_gradients(model, data, self.tensors_, f.num_grads, f.grad_batch, f.seed,
-                                 sample_labels=sample_labels)
+                                 sample_labels=sample_labels, progress=progress)
 
-    def _block_ranges(self, d: int) -> list[tuple[int, int]]:
-        bs = self.fisher.block_size if self.method != "obs" else None
-        if bs is None:
-            largest = d
-            ranges = [(0, d)]
-        else:
-            ranges, off = [], 0
-            for n in self.sizes_:
-                ranges += [(off + s, off + min(s + bs, n)) for s in range(0, n, bs)]
-                off += n
-            largest = max(b - a for a, b in ranges)
-        m = self.fisher.num_grads
-        if largest > _EXPLICIT_MAX:  # factored form: G and X (m x d) plus the m x m system
-            need = 8 * (3 * m * d + 2 * m * m)
-        else:  # stored blocks + work space
-            need = 8 * (sum((b - a) ** 2 for a, b in ranges) + 2 * largest ** 2 + m * largest)
-        limit = self.memory_limit if self.memory_limit is not None else int(0.8 * available_memory())
-        if need > limit:
-            raise ValueError(
-                f"OneShotPruner: the {'full' if bs is None else 'block-wise'} inverse over {d:,} weights needs "
-                f"about {need / 2**30:.1f} GiB but {limit / 2**30:.1f} GiB are available; use a smaller "
-                f"block_size (e.g. 2000).")
+    def _ranges(self, d: int, block_size: int | None) -> list[tuple[int, int]]:
+        if block_size is None or self.method == "obs":
+            return [(0, d)]
+        ranges, off = [], 0
+        for n in self.sizes_:
+            ranges += [(off + s, off + min(s + block_size, n)) for s in range(0, n, block_size)]
+            off += n
         return ranges
+
+    def memory_estimate(self, d: int, block_size: int | None) -> dict[str, int]:
+        """Bytes the statistics take: the gradients (float32, m x d), the stored inverses (float64; per block the
+        cheaper of the explicit B x B matrix and the factored 2 x m x B form) and the work space of the largest."""
+        m, meth = self.fisher.num_grads, self.method
+        if meth == "magnitude":
+            return {"gradients": 0, "inverses": 0, "work": 0, "total": 0}
+        grads = 0 if meth == "obs" else 4 * m * d
+        if meth in ("diag_fisher", "obd"):
+            return {"gradients": grads, "inverses": 0, "work": 4 * d, "total": grads + 4 * d}
+        if meth == "obs":
+            inv, work = 8 * d * d, 16 * d * d
+        else:
+            sizes = [b - a for a, b in self._ranges(d, block_size)]
+            inv = sum(8 * (2 * m * n if _factored(n, m) else n * n) for n in sizes)
+            big = max(sizes)
+            work = 8 * (m * big + (m * m if _factored(big, m) else big * big))
+        return {"gradients": grads, "inverses": inv, "work": work, "total": grads + inv + work}
+
+    def _plan(self, d: int) -> list[tuple[int, int]]:
+        """Estimate memory, log it, and refuse (with a block size that would fit) before any gradient."""
+        if self.method == "obs" and d > _OBS_MAX_PARAMS:
+            raise ValueError(f"OneShotPruner: exact OBS is limited to {_OBS_MAX_PARAMS} weights (an exact "
+                             f"Hessian); this model has {d:,}. Use method='woodfisher'.")
+        bs = self.fisher.block_size
+        est = self.memory_estimate(d, bs)
+        limit = self.memory_limit if self.memory_limit is not None else int(0.8 * available_memory())
+        sizes = [b - a for a, b in self._ranges(d, bs)]
+        factored = sum(_factored(n, self.fisher.num_grads) for n in sizes)
+        progress_log.info("%s: %s weights, %d gradients: about %.2f GiB (gradients %.2f, inverses %.2f, work %.2f; "
+                          "%d block(s), %d factored) of %.1f GiB available", self.method, f"{d:,}",
+                          self.fisher.num_grads, est["total"] / 2**30, est["gradients"] / 2**30,
+                          est["inverses"] / 2**30, est["work"] / 2**30, len(sizes), factored, limit / 2**30)
+        if est["total"] > limit:
+            fits = [b for b in (4000, 2000, 1000, 500, 250, 100) if self.memory_estimate(d, b)["total"] <= limit]
+            hint = (f"use block_size={fits[0]}" if fits and self.method != "obs" else
+                    "use fewer num_grads" if self.method != "obs" else "use woodfisher")
+            raise ValueError(
+                f"OneShotPruner: {self.method} over {d:,} weights with {self.fisher.num_grads} gradients and "
+                f"block_size={bs} needs about {est['total'] / 2**30:.1f} GiB but {limit / 2**30:.1f} GiB are "
+                f"available; {hint}.")
+        return self._ranges(d, bs)
 
     def _exact_hessian(self, model: nn.Module, data: Split | Any) -> Tensor:
         d = sum(self.sizes_)
@@ -336,7 +379,8 @@ def _register_second_order(name: str, citation: str, summary: str) -> None:
         "__module__": __name__}))
 
     def run(model: nn.Module, c: SecondOrderConfig, ctx: StageContext) -> dict[str, Any]:
-        pruner = OneShotPruner(name, c.fisher(), c.update).fit(model, ctx.require_data(name).train)
+        pruner = OneShotPruner(name, c.fisher(), c.update).fit(model, ctx.require_data(name).train,
+                                                               progress=ctx.progress)
         out = pruner.prune(model, c.sparsity)
         return {**out, "fit_seconds": pruner.fit_seconds_}
 

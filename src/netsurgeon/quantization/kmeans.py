@@ -178,12 +178,12 @@ def share_weights_global(model: nn.Module, bits: int, importance: dict[str, Tens
 
 
 def fisher_diagonal(model: nn.Module, data: Any, num_grads: int = 1000, grad_batch: int = 16,
-                    seed: int = 0) -> dict[str, Tensor]:
+                    seed: int = 0, progress: bool = False) -> dict[str, Tensor]:
     """``{fqn: diag of the empirical Fisher}`` of every prunable weight, the importance of Hessian-weighted
     k-means (Choi et al. 2017, Sec. 4.2 use the Hessian diagonal; its Fisher estimate is the cheap stand-in).
     ``data``: a Split or any iterable of ``(x, y)`` batches."""
     names = prunable_tensors(model, owner="fisher_diagonal")
-    g = collect_gradients(model, data, names, num_grads, grad_batch, seed)
+    g = collect_gradients(model, data, names, num_grads, grad_batch, seed, progress=progress)
     diag = g.pow(2).mean(0)
     out, off = {}, 0
     for n in names:
@@ -237,6 +237,7 @@ class HessianKMeansConfig(MethodConfig):
 def _run_hessian_kmeans(model: nn.Module, cfg: HessianKMeansConfig, ctx: StageContext) -> dict[str, Any]:
     imp = None
     if cfg.weighted:
-        imp = fisher_diagonal(model, ctx.require_data("hessian_kmeans").train, cfg.num_grads, cfg.grad_batch, cfg.seed)
+        imp = fisher_diagonal(model, ctx.require_data("hessian_kmeans").train, cfg.num_grads, cfg.grad_batch, cfg.seed,
+                              progress=ctx.progress)
     r = share_weights_global(model, cfg.bits, imp, cfg.init, cfg.iters, cfg.seed)
     return {"bits": r.bits, "nonzero": r.nonzero, "rms_error": r.rms_error}
