@@ -387,7 +387,8 @@ def info_cmd(model_file: Path) -> None:
     meta = dict(info.header.get("meta") or {})
     runs = meta.pop("pipeline", None)
     if meta or runs:
-        click.echo(yaml.safe_dump({"arch": info.header.get("arch"), "meta": meta}, sort_keys=False).rstrip())
+        click.echo(yaml.safe_dump({"arch": info.header.get("arch"), "meta": meta}, sort_keys=False,
+                                  default_flow_style=None, width=80).rstrip())
     for i, run in enumerate(runs or [], 1):
         click.echo(f"stage {i}: {_changed_options(run)}")
 

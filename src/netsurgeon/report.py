@@ -104,23 +104,25 @@ def layers_table(model: nn.Module, title: str = "") -> Table:
 def file_table(info: Any) -> Table:
     """Per-tensor table of a ``.nsz`` file (a :class:`netsurgeon.coding.CompressedFile`)."""
     t = Table(title=f"{info.path}: {info.file_bytes:,} bytes, {info.compression:.2f}x vs dense float32 "
-                    f"({info.dense_bytes:,} bytes)")
-    for c in ("tensor", "shape", "codec", "kept %", "index bits", "weight bits", "stored entries",
-              "bytes before Huffman", "bytes", "dense bytes"):
-        t.add_column(c, justify="left" if c in ("tensor", "codec") else "right")
-    for r in info.records:
+                    f"({info.dense_bytes:,} bytes)", caption="codec shared/K+H: K shared values, Huffman-coded; bits: "
+                    "index / weight bits; entries: stored values incl. fillers; pre-Huffman, bytes, dense: bytes "
+                    "before Huffman, in the file, as dense float32")
+    for c in ("tensor", "shape", "codec", "kept %", "bits", "entries", "pre-Huffman", "bytes", "dense"):
+        t.add_column(c, justify="left" if c in ("tensor", "codec") else "right", no_wrap=True)
+    for r in info.records:  # in the file's order, which is the model's state_dict order
         vbits = r.code_bits or {"float32": 32, "float16": 16, "int64": 64}.get(r.value_dtype, 0)
-        codec = f"{r.codec} ({r.codebook_size} values{', Huffman' if r.huffman else ''})" if r.codec == "shared" \
-            else r.codec
+        codec = f"shared/{r.codebook_size}{'+H' if r.huffman else ''}" if r.codec == "shared" else r.codec
         t.add_row(r.name, "x".join(map(str, r.shape)), codec, f"{100 * r.kept:.2f}",
-                  str(r.index_bits or "-"), str(vbits), f"{r.entries:,}", f"{r.bytes_fixed or r.bytes:,}",
+                  f"{r.index_bits or '-'} / {vbits}", f"{r.entries:,}", f"{r.bytes_fixed or r.bytes:,}",
                   f"{r.bytes:,}", f"{4 * r.numel:,}")
     return t
 
 
 def print_table(table: Table) -> None:
-    """Print a table to stdout at a fixed width (wide enough for the per-tensor table)."""
-    Console(width=140).print(table)
+    """Print a table to stdout: the terminal's width on a terminal, 100 columns otherwise (files, pipes)."""
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 100).print(table)
 
 
 def plot_kept(series: dict[str, dict[str, float]], path: str | os.PathLike[str], title: str) -> None:
