@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from . import __version__
 from ._catalog import DATASETS, MODEL_NAMES
@@ -387,10 +386,24 @@ def info_cmd(model_file: Path) -> None:
     meta = dict(info.header.get("meta") or {})
     runs = meta.pop("pipeline", None)
     if meta or runs:
-        click.echo(yaml.safe_dump({"arch": info.header.get("arch"), "meta": meta}, sort_keys=False,
-                                  default_flow_style=None, width=80).rstrip())
+        for line in _fields_text({"arch": info.header.get("arch"), **meta}):
+            click.echo(line)
     for i, run in enumerate(runs or [], 1):
         click.echo(f"stage {i}: {_changed_options(run)}")
+
+
+def _fields_text(fields: dict[str, Any], width: int = 100) -> list[str]:
+    """``key: value`` lines, nested mappings as ``k=v`` lists, wrapped to ``width`` columns."""
+    import textwrap
+
+    out = []
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.6g}"
+        out += textwrap.wrap(f"{key}: {value}", width, subsequent_indent="    ") or [f"{key}:"]
+    return out
 
 
 def _changed_options(run: dict[str, Any]) -> str:
