@@ -231,9 +231,9 @@ def _read_input(model_file: Path, model_spec: str | None, kwargs: dict[str, Any]
     if model_spec is not None:
         model = build_model(model_spec, **kwargs) if ":" in model_spec else build_model(model_spec, None, **kwargs)
     if model_file.suffix == ".nsz":
-        from .coding.nsz import read_compressed
+        from .coding.nsz import read_header
 
-        meta = read_compressed(model_file)[0].header.get("meta") or {}
+        meta = read_header(model_file).header.get("meta") or {}
         return load_compressed(model_file, model, trust_code=trust_code, keep_codecs=keep_codecs), meta
     return load_model(model_file, model, trust_code=trust_code)
 
@@ -277,9 +277,9 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
 
     defaults: dict[str, Any] = {"seed": seed}
     if model_file.suffix == ".nsz":  # keep the input's value dtype unless told otherwise
-        from .coding.nsz import read_compressed
+        from .coding.nsz import read_header
 
-        vds = {r.value_dtype for r in read_compressed(model_file)[0].records if r.value_dtype.startswith("float")}
+        vds = {r.value_dtype for r in read_header(model_file).records if r.value_dtype.startswith("float")}
         if vds == {"float16"}:
             defaults["value_dtype"] = "float16"
     if recipe is not None:
@@ -300,7 +300,8 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     data_name = _data_name(data_name, data_dir, (pipe.data or {}).get("name"), meta.get("data"))
     data = load_dataset(data_name, data_dir, seed=seed)
     _check_input_shape(model, data, str(model_file))
-    history = meta.get("pipeline") or ([{"method": meta["method"]}] if meta.get("method") else [])
+    history = [r for r in meta.get("pipeline") or [] if isinstance(r, dict)] if isinstance(meta.get("pipeline"), list) \
+        else ([{"method": str(meta["method"])}] if meta.get("method") else [])
     pipe.run(model, data, progress=True)
     acc = evaluate(model, data.test)[1]
     from .models import arch_of
@@ -378,18 +379,18 @@ def eval_cmd(model_file: Path, model_spec: str | None, model_args: tuple[str, ..
 @_friendly
 def info_cmd(model_file: Path) -> None:
     """Per-layer table of a .nsz file: shape, kept %, index bits, value bits, bytes."""
-    from .coding.nsz import read_compressed
+    from .coding.nsz import read_header
     from .report import file_table
 
-    info, _ = read_compressed(model_file)
+    info = read_header(model_file)  # validated, never decoded
     _echo_table(file_table(info))
     meta = dict(info.header.get("meta") or {})
     runs = meta.pop("pipeline", None)
     if meta or runs:
         for line in _fields_text({"arch": info.header.get("arch"), **meta}):
             click.echo(line)
-    for i, run in enumerate(runs or [], 1):
-        click.echo(f"stage {i}: {_changed_options(run)}")
+    for i, run in enumerate(runs if isinstance(runs, list) else [], 1):
+        click.echo(f"stage {i}: {_changed_options(run) if isinstance(run, dict) else str(run)[:80]}")
 
 
 def _fields_text(fields: dict[str, Any], width: int = 100) -> list[str]:
@@ -410,7 +411,9 @@ def _changed_options(run: dict[str, Any]) -> str:
     """``method (key=value, ...)`` with only the options that differ from the method's defaults."""
     from .pipeline import get_method
 
-    name, config = str(run.get("method")), run.get("config") or {}
+    name, config = str(run.get("method"))[:40], run.get("config") or {}
+    if not isinstance(config, dict):
+        config = {}
     try:
         default = get_method(name).config().to_dict()
     except ValueError:

@@ -13,9 +13,10 @@ from torch import nn
 
 from ._validation import atomic_save, check_finite_model
 from .coding.container import NszError
-from .coding.nsz import load_state_checked
+from .coding.nsz import check_state_shapes, load_state_checked
+from .coding.schema import check_arch
 from .masks import effective_state_dict
-from .models import arch_of, rebuild
+from .models import UntrustedCodeError, arch_of, rebuild_matching
 
 __all__ = ["save_model", "load_model", "load_any"]
 
@@ -48,19 +49,29 @@ def load_model(path: str | os.PathLike[str], model: nn.Module | None = None, *,
 
         with safe_open(str(p), framework="pt") as f:
             header = json.loads((f.metadata() or {}).get("netsurgeon", "{}"))
-        state = load_file(str(p))
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (no data read)
     except (SafetensorError, OSError, ValueError) as e:
         raise NszError(f"{p}: not a readable safetensors file ({e}).") from e
+    if not isinstance(header, dict):
+        raise NszError(f"{p}: the netsurgeon metadata is not a mapping.")
     if model is None:
-        arch = header.get("arch")
+        arch = check_arch(str(p), header.get("arch"))
         if not arch:
             raise NszError(f"{p}: the file records no architecture; pass the model to fill.")
         try:
-            model = rebuild(arch, trust_code=trust_code, source=str(p))
-        except TypeError as e:
-            raise NszError(f"{p}: cannot rebuild the recorded architecture {arch!r}: {e}") from e
+            model = rebuild_matching(arch, shapes, trust_code=trust_code, source=str(p))
+        except UntrustedCodeError:
+            raise
+        except ValueError as e:
+            raise NszError(str(e)) from e
+    check_state_shapes(model, shapes, str(p))   # before the data is read
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise NszError(f"{p}: not a readable safetensors file ({e}).") from e
     load_state_checked(model, state, str(p))
-    return model, header.get("meta", {})
+    meta = header.get("meta", {})
+    return model, meta if isinstance(meta, dict) else {}
 
 
 def load_any(path: str | os.PathLike[str], model: nn.Module | None = None, *,

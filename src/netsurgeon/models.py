@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "resnet_small",
-           "UntrustedCodeError"]
+__all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "rebuild_matching",
+           "resnet_small", "UntrustedCodeError"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
 
@@ -225,6 +225,34 @@ def rebuild(arch: dict[str, Any], *, trust_code: bool = False, source: str = "fi
     if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(classes, int):
         raise ValueError(f"{source}: the architecture record is malformed ({arch!r}).")
     return build_model(name, tuple(shape), classes, **kwargs)
+
+
+def rebuild_matching(arch: dict[str, Any], shapes: dict[str, tuple[int, ...]], *, trust_code: bool = False,
+                     source: str = "file") -> nn.Module:
+    """:func:`rebuild` ``arch``, but only if its state_dict has exactly the tensor names and ``shapes`` a file
+    declares: the architecture is first built on torch's ``meta`` device (no memory), so a record that would
+    build a huge model, or one that does not match the file, is refused before anything is allocated.
+
+    Raises:
+        UntrustedCodeError: a user's factory without ``trust_code``.
+        ValueError: the record cannot be built, or its tensors differ from ``shapes`` (names them).
+    """
+    try:
+        with torch.device("meta"):
+            probe = rebuild(arch, trust_code=trust_code, source=source)
+    except UntrustedCodeError:
+        raise
+    except (ValueError, TypeError, RuntimeError, OverflowError, AttributeError) as e:
+        raise ValueError(f"{source}: cannot rebuild the recorded architecture: {' '.join(str(e).split())[:200]}") from e
+    own = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    if own != shapes:
+        missing, unexpected = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
+        wrong = sorted(k for k in set(own) & set(shapes) if own[k] != shapes[k])
+        detail = (f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else
+                  f"tensor {wrong[0]!r} is {list(shapes[wrong[0]])} in the file but {list(own[wrong[0]])} in the "
+                  "recorded architecture")
+        raise ValueError(f"{source}: the file's tensors do not match its recorded architecture: {detail}.")
+    return rebuild(arch, trust_code=trust_code, source=source)
 
 
 def arch_of(model: nn.Module) -> dict | None:

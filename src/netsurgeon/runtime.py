@@ -18,7 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from .coding.container import NszError
-from .coding.nsz import CompressedFile, decode_int8, decode_shared_parts, load_state_checked, read_compressed
+from .coding.nsz import (
+    CompressedFile,
+    check_state_shapes,
+    decode_int8,
+    decode_shared_parts,
+    decode_state,
+    load_state_checked,
+    read_header,
+)
+from .coding.schema import check_arch
 from .stats import measure_latency
 
 __all__ = ["CSRLinear", "sparsify_linear_layers", "int8_linear_layers", "load_compressed"]
@@ -127,7 +136,7 @@ def _restore_codecs(model: nn.Module, info: CompressedFile) -> None:
 def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
                     sparse_kernels: bool = False, min_sparsity: float = 0.9,
                     tune_batch: int | None = None, int8_kernels: bool = False, trust_code: bool = False,
-                    keep_codecs: bool = False) -> nn.Module:
+                    keep_codecs: bool = False, max_elements: int | None = None) -> nn.Module:
     """Load a ``.nsz`` file as a plain ``nn.Module`` in eval mode.
 
     Args:
@@ -137,6 +146,8 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         sparse_kernels: replace sufficiently sparse Linear layers by CSR kernels (faster, see module doc).
         tune_batch: with ``sparse_kernels``, keep a CSR kernel only where it times faster at this batch.
         int8_kernels: run Linear layers stored as ``int8`` with PyTorch's int8 kernels.
+        max_elements: the most elements the file may declare (default: bounded by its size, see
+            ``coding.schema.max_elements_for``); the header is validated in full before anything is decoded.
         keep_codecs: rebuild k-means-shared and int8 weights in their stored form (codebook + indices, int8 +
             scales, as parametrizations) instead of dense floats, so a later stage (centroid fine-tuning, saving
             again) keeps them; zero weights of other tensors get masks so they stay zero.
@@ -145,22 +156,26 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         NszError: corrupt/truncated file, or tensors that do not match the model's names or shapes.
         UntrustedCodeError: the file names a user's model factory and ``trust_code`` is False.
     """
-    from .models import UntrustedCodeError, rebuild
+    from .models import UntrustedCodeError, rebuild_matching
 
-    info, state = read_compressed(path, with_blobs=keep_codecs)
+    info = read_header(path, max_elements=max_elements)
+    shapes = {r.name: r.shape for r in info.records}
     if model is None:
-        arch = info.header.get("arch")
+        arch = check_arch(str(path), info.header.get("arch"))
         if not arch:
             raise NszError(f"{path}: the file records no architecture; pass the model to fill.")
         try:
-            model = rebuild(arch, trust_code=trust_code, source=str(path))
+            model = rebuild_matching(arch, shapes, trust_code=trust_code, source=str(path))
         except UntrustedCodeError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise NszError(f"{path}: cannot rebuild the recorded architecture {arch!r}: {e}") from e
+        except ValueError as e:
+            raise NszError(str(e)) from e
+    check_state_shapes(model, shapes, str(path))  # before decoding: a file for another model allocates nothing
+    state = decode_state(info)
     load_state_checked(model, state, str(path))
     if keep_codecs:
         _restore_codecs(model, info)
+    info = CompressedFile(info.path, info.file_bytes, info.dense_bytes, info.records, info.header)
     model.eval()
     if int8_kernels:
         model = int8_linear_layers(model, [r.name.rsplit(".", 1)[0] for r in info.records if r.codec == "int8"])

@@ -22,9 +22,10 @@ from typing import Any
 
 from .._validation import atomic_write
 
-__all__ = ["MAGIC", "NszError", "write_container", "read_container"]
+__all__ = ["MAGIC", "MAX_HEADER_BYTES", "NszError", "write_container", "read_container"]
 
 MAGIC = b"\x89NSZ\r\n\x1a\n"
+MAX_HEADER_BYTES = 16 << 20   # a decompressed header larger than 16 MiB is refused (about 50,000 tensors)
 
 
 class NszError(ValueError):
@@ -46,6 +47,17 @@ def write_container(path: str | os.PathLike[str], header: dict[str, Any], blobs:
         for data in blobs.values():
             f.write(data)
     return os.path.getsize(path)
+
+
+def _inflate(head: bytes) -> bytes:
+    """zlib-decompress at most MAX_HEADER_BYTES + 1 bytes (a small file must not expand without bound)."""
+    d = zlib.decompressobj()
+    out = d.decompress(head, MAX_HEADER_BYTES + 1)
+    if len(out) > MAX_HEADER_BYTES or d.unconsumed_tail:
+        return out + b"x"  # over the cap: the caller refuses it by length
+    if not d.eof:
+        raise zlib.error("truncated header stream")
+    return out
 
 
 def read_container(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -71,15 +83,22 @@ def read_container(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
     if zlib.crc32(head) != crc:
         raise NszError(f"{p}: header checksum mismatch (the file is corrupt).")
     try:
-        header = json.loads(head if head[:1] == b"{" else zlib.decompress(head))
-    except (ValueError, zlib.error) as e:
-        raise NszError(f"{p}: header is not valid JSON ({e}).") from e
+        text = head if head[:1] == b"{" else _inflate(head)
+        if len(text) > MAX_HEADER_BYTES:
+            raise NszError(f"{p}: the header is larger than {MAX_HEADER_BYTES >> 20} MiB.")
+        header = json.loads(text)
+    except (ValueError, zlib.error, RecursionError) as e:
+        if isinstance(e, NszError):
+            raise
+        raise NszError(f"{p}: header is not valid JSON ({type(e).__name__}: {str(e)[:100]}).") from e
+    if not isinstance(header, dict):
+        raise NszError(f"{p}: the header is not a mapping.")
     table = header.get("blobs")
     if not isinstance(table, dict):
         raise NszError(f"{p}: header has no blob table.")
     blobs, end = {}, 0
     for name, entry in table.items():
-        if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(v, int) for v in entry)):
+        if not (isinstance(entry, list) and len(entry) == 3 and all(type(v) is int for v in entry)):
             raise NszError(f"{p}: blob {name!r} has a malformed table entry {entry!r}.")
         off, length, bcrc = entry
         if off < 0 or length < 0 or body + off + length > len(raw):

@@ -31,38 +31,17 @@ from ..masks import effective_state_dict
 from .bits import pack_bits, packed_size, unpack_bits
 from .container import NszError, read_container, write_container
 from .huffman import encoded_bits, huffman_code_lengths, huffman_decode, huffman_encode
+from .schema import TensorRecord, check_arch, max_elements_for, parse_records
 from .sparse import best_index_bits, decode_relative, encode_relative, relative_entries
 
-__all__ = ["FORMAT_VERSION", "TensorRecord", "CompressedFile", "save_compressed",
+__all__ = ["FORMAT_VERSION", "TensorRecord", "CompressedFile", "save_compressed", "read_header", "decode_state",
+           "check_state_shapes",
            "read_compressed", "load_state_checked", "decode_shared_parts", "decode_int8"]
 
 FORMAT_VERSION = 2
 _READABLE = (1, 2)
 _VALUE_DTYPES = {"float32": np.float32, "float16": np.float16}
 _RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
-
-
-@dataclass(frozen=True)
-class TensorRecord:
-    """How one tensor is stored. ``bytes`` counts its payload (index + value streams)."""
-
-    name: str
-    shape: tuple[int, ...]
-    codec: str              # "dense" or "sparse"
-    value_dtype: str
-    index_bits: int         # 0 for dense
-    numel: int
-    nonzero: int
-    entries: int            # stored values, fillers included (= numel for dense)
-    bytes: int
-    code_bits: int = 0      # shared: bits of a codebook index before Huffman
-    huffman: bool = False   # shared: streams are Huffman-coded
-    codebook_size: int = 0  # shared: number of shared values
-    bytes_fixed: int = 0    # shared: payload bytes with fixed-width streams (before Huffman)
-
-    @property
-    def kept(self) -> float:
-        return self.nonzero / self.numel if self.numel else 0.0
 
 
 @dataclass(frozen=True)
@@ -224,7 +203,13 @@ def _int_stream(p: Path, rec: TensorRecord, blobs: dict[str, bytes], key: str, n
             lengths = np.frombuffer(blobs[f"{rec.name}/{key}_lengths"], dtype=np.uint8)
             if lengths.size != 1 << nbits:
                 raise ValueError(f"{key} code table has {lengths.size} entries, expected {1 << nbits}")
-            return huffman_decode(data, lengths, rec.entries)
+            out = huffman_decode(data, lengths, rec.entries)
+            used = encoded_bits(out, lengths)
+            pad = 8 * len(data) - used  # bitarray writes big-endian bits: padding is the low bits of the last byte
+            if pad >= 8 or pad < 0 or (pad and data[-1] & ((1 << pad) - 1)):
+                raise ValueError(f"{key} stream holds {pad} bits after its {rec.entries} entries "
+                                 "(the record's entry count does not match the stream)")
+            return out
         if len(data) != packed_size(rec.entries, nbits):
             raise ValueError(f"{key} stream has the wrong length")
         return unpack_bits(data, rec.entries, nbits).astype(np.int64)
@@ -295,53 +280,83 @@ def _decode(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
     return out.float() if out.is_floating_point() else out
 
 
-def read_compressed(path: str | os.PathLike[str], *,
-                    with_blobs: bool = False) -> tuple[CompressedFile, dict[str, Tensor]]:
-    """Read a ``.nsz`` file: its description and the decoded state dict (float tensors as float32).
+def read_header(path: str | os.PathLike[str], *, max_elements: int | None = None) -> CompressedFile:
+    """Read and validate a ``.nsz`` file's header and streams without decoding any tensor.
 
-    With ``with_blobs`` the raw streams are kept on the returned description (``info.blobs``) for callers that
-    rebuild the stored form (k-means codebooks, int8 values) rather than dense tensors.
+    Every field is typed and bounded and every stream's length checked against its record (``coding.schema``);
+    the file may declare at most ``max_elements`` elements (default :func:`~netsurgeon.coding.schema.
+    max_elements_for` its size). The returned description keeps the raw streams for :func:`decode_state`.
 
     Raises:
-        NszError: the file is missing, truncated, corrupt or of a newer format version.
+        NszError: missing, truncated, corrupt, of a newer version, or a header that fails the schema.
     """
     p = Path(path)
     header, blobs = read_container(p)
     if header.get("format") != "netsurgeon.nsz":
-        raise NszError(f"{p}: not a netsurgeon model file (format {header.get('format')!r}).")
+        raise NszError(f"{p}: not a netsurgeon model file (format {str(header.get('format'))[:40]!r}).")
     if header.get("version") not in _READABLE:
-        raise NszError(f"{p}: format version {header.get('version')!r} is not supported "
+        raise NszError(f"{p}: format version {str(header.get('version'))[:20]} is not supported "
                        f"(this netsurgeon reads versions {', '.join(map(str, _READABLE))}).")
-    try:
-        records = [TensorRecord(name=t["name"], shape=tuple(t["shape"]), codec=t["codec"],
-                                value_dtype=t["value_dtype"], index_bits=t["index_bits"], numel=t["numel"],
-                                nonzero=t["nonzero"], entries=t["entries"], bytes=t["bytes"],
-                                code_bits=t.get("code_bits", 0), huffman=t.get("huffman", False),
-                                codebook_size=t.get("codebook_size", 0), bytes_fixed=t.get("bytes_fixed", 0))
-                   for t in header["tensors"]]
-    except (KeyError, TypeError) as e:
-        raise NszError(f"{p}: malformed tensor table in the header ({e!r}).") from e
-    state = {}
-    for r in records:
-        if int(np.prod(r.shape)) != r.numel:
-            raise NszError(f"{p}: tensor {r.name!r}: shape {list(r.shape)} does not hold {r.numel} entries.")
-        state[r.name] = _decode(p, r, blobs)
-    info = CompressedFile(str(p), os.path.getsize(p), sum(r.numel * 4 for r in records), records, header,
-                          blobs if with_blobs else None)
+    size = os.path.getsize(p)
+    records = parse_records(str(p), header, blobs, max_elements if max_elements is not None else max_elements_for(size))
+    check_arch(str(p), header.get("arch"))
+    meta = header.get("meta", {})
+    if meta is not None and not isinstance(meta, dict):
+        raise NszError(f"{p}: the header's 'meta' must be a mapping.")
+    return CompressedFile(str(p), size, sum(r.numel * 4 for r in records), records, header, blobs)
+
+
+def decode_state(info: CompressedFile) -> dict[str, Tensor]:
+    """Decode every tensor of a validated file (float tensors as float32); a stream that does not decode to
+    exactly what its record declares is an NszError naming the tensor."""
+    assert info.blobs is not None
+    p, state = Path(info.path), {}
+    for r in info.records:
+        try:
+            state[r.name] = _decode(p, r, info.blobs)
+        except NszError:
+            raise
+        except (ValueError, TypeError, OverflowError, IndexError) as e:
+            raise NszError(f"{p}: tensor {r.name!r}: {' '.join(str(e).split())[:200]}") from e
+    return state
+
+
+def read_compressed(path: str | os.PathLike[str], *, with_blobs: bool = False,
+                    max_elements: int | None = None) -> tuple[CompressedFile, dict[str, Tensor]]:
+    """Read a ``.nsz`` file: its description and the decoded state dict (float tensors as float32).
+
+    With ``with_blobs`` the raw streams stay on the returned description (``info.blobs``) for callers that
+    rebuild the stored form (k-means codebooks, int8 values) rather than dense tensors.
+
+    Raises:
+        NszError: the file is missing, truncated, corrupt, of a newer format version, or fails the schema.
+    """
+    info = read_header(path, max_elements=max_elements)
+    state = decode_state(info)
+    if not with_blobs:
+        info = CompressedFile(info.path, info.file_bytes, info.dense_bytes, info.records, info.header)
     return info, state
 
 
-def load_state_checked(model: nn.Module, state: dict[str, Tensor], source: str = "file") -> nn.Module:
-    """Copy ``state`` into ``model`` after checking names and shapes; errors name each mismatch."""
+def check_state_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str = "file") -> None:
+    """Refuse, naming the mismatch, a file whose tensor names or shapes differ from ``model``'s state_dict."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
     if missing or unexpected:
-        raise NszError(f"{source}: tensors do not match the model: missing {missing}, unexpected {unexpected}.")
-    for k, v in state.items():
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise NszError(f"{source}: tensor {k!r} has shape {list(v.shape)} in the file but "
+        raise NszError(f"{source}: tensors do not match the model: missing {missing[:8]}, unexpected "
+                       f"{unexpected[:8]}.")
+    for k, shape in shapes.items():
+        if tuple(own[k].shape) != tuple(shape):
+            raise NszError(f"{source}: tensor {k!r} has shape {list(shape)} in the file but "
                            f"{list(own[k].shape)} in the model.")
+
+
+def load_state_checked(model: nn.Module, state: dict[str, Tensor], source: str = "file") -> nn.Module:
+    """Copy ``state`` into ``model`` after checking names, shapes and finiteness; errors name each problem."""
+    own = model.state_dict()
+    check_state_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, source)
+    for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             bad = int((~torch.isfinite(v)).sum())
             raise NszError(f"{source}: tensor {k!r} holds {bad} NaN/inf value(s); refusing to load it.")
