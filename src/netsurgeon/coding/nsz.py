@@ -225,6 +225,8 @@ def decode_shared_parts(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes
     if len(book_b) != rec.codebook_size * dt.itemsize:
         raise NszError(f"{p}: tensor {rec.name!r}: codebook has the wrong length.")
     book = np.frombuffer(book_b, dtype=dt).astype(np.float32)
+    if not np.isfinite(book).all():
+        raise NszError(f"{p}: tensor {rec.name!r}: the codebook holds NaN/inf values.")
     gaps = _int_stream(p, rec, blobs, "index", rec.index_bits)
     codes = _int_stream(p, rec, blobs, "codes", rec.code_bits)
     if codes.size and int(codes.max()) > rec.codebook_size:
@@ -247,7 +249,10 @@ def decode_int8(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> tu
     if len(vals) != rec.numel or len(scale) != 4 * rec.codebook_size:
         raise NszError(f"{p}: tensor {rec.name!r}: int8 streams have the wrong length.")
     q = torch.from_numpy(np.frombuffer(vals, dtype=np.int8).copy()).reshape(rec.shape)
-    return q, torch.from_numpy(np.frombuffer(scale, dtype=np.float32).copy()).reshape(
+    scales = np.frombuffer(scale, dtype=np.float32)
+    if not np.isfinite(scales).all():
+        raise NszError(f"{p}: tensor {rec.name!r}: the int8 scales hold NaN/inf values.")
+    return q, torch.from_numpy(scales.copy()).reshape(
         (rec.codebook_size,) if rec.codebook_size > 1 else ())
 
 

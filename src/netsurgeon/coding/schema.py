@@ -92,12 +92,13 @@ def _parse_one(p: str, i: int, t: Any) -> TensorRecord:
         raise NszError(f"{where}: field 'shape' must be a list of at most {MAX_DIMS} integers; got {_short(shape)}.")
     dims = tuple(_int(where, "shape", d, 0, 1 << 40) for d in shape)
     codec, dtype = t["codec"], t["value_dtype"]
-    if codec not in _CODEC_DTYPES:
+    if not isinstance(codec, str) or codec not in _CODEC_DTYPES:
         raise NszError(f"{where}: field 'codec' must be one of {list(_CODEC_DTYPES)}; got {_short(codec)}.")
-    if dtype not in _CODEC_DTYPES[codec]:
+    if not isinstance(dtype, str) or dtype not in _CODEC_DTYPES[codec]:
         raise NszError(f"{where}: field 'value_dtype' of a {codec} record must be one of "
                        f"{list(_CODEC_DTYPES[codec])}; got {_short(dtype)}.")
-    ints = {f: _int(where, f, t.get(f, _OPTIONAL.get(f))) for f in _INT_FIELDS}
+    ints = {f: _int(where, f, t.get(f, _OPTIONAL.get(f)), 0, 32 if f.endswith("_bits") else 1 << 62)
+            for f in _INT_FIELDS}
     huffman = t.get("huffman", False)
     if not isinstance(huffman, bool):
         raise NszError(f"{where}: field 'huffman' must be true or false; got {_short(huffman)}.")
