@@ -25,7 +25,7 @@ from .._validation import atomic_write
 __all__ = ["MAGIC", "MAX_HEADER_BYTES", "NszError", "write_container", "read_container"]
 
 MAGIC = b"\x89NSZ\r\n\x1a\n"
-MAX_HEADER_BYTES = 16 << 20   # a decompressed header larger than 16 MiB is refused (about 50,000 tensors)
+MAX_HEADER_BYTES = 1 << 20    # a larger decompressed header is refused (1 MiB holds about 3,000 tensor records)
 
 
 class NszError(ValueError):
@@ -49,19 +49,22 @@ def write_container(path: str | os.PathLike[str], header: dict[str, Any], blobs:
     return os.path.getsize(path)
 
 
-def _inflate(head: bytes) -> bytes:
-    """zlib-decompress at most MAX_HEADER_BYTES + 1 bytes (a small file must not expand without bound)."""
+def _inflate(head: bytes, cap: int) -> bytes | None:
+    """zlib-decompress at most ``cap`` bytes; None when the header is larger (a small file must not expand
+    without bound: a 200 MB header compresses into 200 KB)."""
     d = zlib.decompressobj()
-    out = d.decompress(head, MAX_HEADER_BYTES + 1)
-    if len(out) > MAX_HEADER_BYTES or d.unconsumed_tail:
-        return out + b"x"  # over the cap: the caller refuses it by length
+    out = d.decompress(head, cap)
+    if d.unconsumed_tail or (not d.eof and len(out) == cap):
+        return None
     if not d.eof:
         raise zlib.error("truncated header stream")
     return out
 
 
-def read_container(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Read and verify a container; returns ``(header, blobs)``.
+def read_container(path: str | os.PathLike[str], *,
+                   max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Read and verify a container; returns ``(header, blobs)``. A header larger than ``max_header_bytes`` once
+    decompressed is refused.
 
     Raises:
         NszError: naming what is wrong (missing file, bad magic, truncated header or blob, crc mismatch).
@@ -83,9 +86,10 @@ def read_container(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
     if zlib.crc32(head) != crc:
         raise NszError(f"{p}: header checksum mismatch (the file is corrupt).")
     try:
-        text = head if head[:1] == b"{" else _inflate(head)
-        if len(text) > MAX_HEADER_BYTES:
-            raise NszError(f"{p}: the header is larger than {MAX_HEADER_BYTES >> 20} MiB.")
+        text = head if head[:1] == b"{" else _inflate(head, max_header_bytes)
+        if text is None or len(text) > max_header_bytes:
+            raise NszError(f"{p}: the header is larger than {max_header_bytes:,} bytes once decompressed "
+                           "(pass max_header_bytes to read a file you trust).")
         header = json.loads(text)
     except (ValueError, zlib.error, RecursionError) as e:
         if isinstance(e, NszError):
