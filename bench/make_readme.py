@@ -67,6 +67,17 @@ def render() -> str:
             for name, r in res["models"].items():
                 lines += ["", f"autoprune_mnist {name}: FLOPs kept {r['autoprune']['flops_kept_pct']:.1f}% "
                           "(paper, LeNet-5: 7%)."]
+        if res.get("benchmark") == "fuzz_nsz":
+            o, t = res["outcomes"], res["targets"]
+            verdict = "all targets met" if res["met"] else "MISSED: " + ", ".join(k for k, v in t.items() if not v)
+            lines += ["", f"fuzz_nsz ({verdict}): "
+                      f"{res['inputs']:,} crafted .nsz files in {res['wall_s']:.0f} s ({res['workers']} workers): "
+                      f"{o.get('NszError', 0):,} clean NszError, {o.get('ok', 0):,} loaded with finite weights, "
+                      f"{res['other_exceptions']} other exceptions, {res['over_2s']} over 2 s (slowest "
+                      f"{res['slowest_s']:.2f} s), peak memory "
+                      f"+{res['peak_memory_above_baseline_bytes'] / 2**20:.1f} MB "
+                      f"(budget {res['memory_budget_bytes'] / 2**20:.1f} MB = 10x the largest valid file + the "
+                      f"largest model's dense size; {res['memory_method']})."]
         if res.get("benchmark") == "int8_mnist":
             for name, r in res["models"].items():
                 lat = r["latency_int8_linear_vs_float32"]
