@@ -78,7 +78,8 @@ def test_woodtaylor_reduces_to_obs_at_zero_gradient_and_is_optimal_otherwise():
     dw = woodtaylor_update(w, hinv, g, q)
     assert abs(float(w[3] + dw[3])) < 1e-12
     change = g @ dw + 0.5 * dw @ h @ dw
-    torch.testing.assert_close(change, woodtaylor_scores(w, hinv, g)[3])
+    # the score is the predicted change up to -1/2 g'H^-1 g, a constant shared by every weight
+    torch.testing.assert_close(change, woodtaylor_scores(w, hinv, g)[3] - 0.5 * (g @ hinv @ g))
 
 
 def test_implicit_inverse_matches_the_explicit_one():
@@ -97,3 +98,30 @@ def test_implicit_inverse_matches_the_explicit_one():
     q[[0, 3, 4]] = True
     torch.testing.assert_close(obs_update_joint(w, imp, q), obs_update_joint(w, dense, q))
     torch.testing.assert_close(obs_update_single_sum(w, imp, q), obs_update_single_sum(w, dense, q))
+
+
+def test_woodtaylor_scores_rank_the_same_block_wise_as_on_the_whole_block_diagonal_matrix():
+    """Regression (issue 13): a per-block constant made blocks shift against each other in a global ranking."""
+    from netsurgeon.linalg import woodtaylor_scores
+
+    g = torch.Generator().manual_seed(0)
+    blocks = []
+    for n in (5, 7):
+        a = torch.randn(n, n, generator=g, dtype=torch.float64)
+        blocks.append(torch.linalg.inv(a @ a.T + n * torch.eye(n, dtype=torch.float64)))
+    w = torch.randn(12, generator=g, dtype=torch.float64)
+    grad = torch.randn(12, generator=g, dtype=torch.float64)
+    whole = woodtaylor_scores(w, torch.block_diag(*blocks), grad)
+    parts = torch.cat([woodtaylor_scores(w[:5], blocks[0], grad[:5]), woodtaylor_scores(w[5:], blocks[1], grad[5:])])
+    torch.testing.assert_close(parts, whole)
+    assert torch.equal(torch.argsort(parts), torch.argsort(whole))
+
+
+def test_nearest_psd_clips_negative_eigenvalues_and_keeps_psd_matrices():
+    from netsurgeon.linalg import nearest_psd
+
+    v = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=D))[0]
+    h = (v * torch.tensor([3.0, 1.0, -2.0, -0.5], dtype=D)) @ v.T
+    torch.testing.assert_close(nearest_psd(h), (v * torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=D)) @ v.T)
+    a = (v * torch.tensor([3.0, 1.0, 2.0, 0.5], dtype=D)) @ v.T
+    torch.testing.assert_close(nearest_psd(a), a)

@@ -90,6 +90,18 @@ def _columns(hinv: Tensor | ImplicitFisherInverse, idx: Tensor) -> Tensor:
     return hinv.columns(idx) if isinstance(hinv, ImplicitFisherInverse) else hinv[:, idx]
 
 
+def nearest_psd(h: Tensor) -> Tensor:
+    """The symmetric positive semi-definite matrix nearest to ``h`` in Frobenius norm: eigenvalues clipped at 0
+    (Higham 1988, "Computing a nearest symmetric positive semidefinite matrix", Theorem 2.1).
+
+    The exact Hessian of a trained network is indefinite; OBS's saliency w_q² / (2 [H⁻¹]_qq) is meaningless
+    for negative [H⁻¹]_qq (the most important weights would rank first). Shapes: (d, d) -> (d, d).
+    """
+    sym = 0.5 * (h + h.T)
+    vals, vecs = torch.linalg.eigh(sym)
+    return (vecs * vals.clamp_min(0)) @ vecs.T
+
+
 def obs_scores(w: Tensor, hinv_diag: Tensor) -> Tensor:
     """OBS saliency ρ_q = w_q² / (2 [H⁻¹]_qq) (Hassibi & Stork 1993; WoodFisher Sec. 4). Shapes: (d,), (d,)."""
     return w.pow(2) / (2 * hinv_diag)
@@ -121,12 +133,14 @@ def obs_update_joint(w: Tensor, hinv: Tensor | ImplicitFisherInverse, prune: Ten
 
 
 def woodtaylor_scores(w: Tensor, hinv: Tensor | ImplicitFisherInverse, grad: Tensor) -> Tensor:
-    """WoodTaylor saliency with the gradient term kept (WoodFisher Sec. 5, "WoodTaylor"):
+    """WoodTaylor saliency with the gradient term kept (WoodFisher Sec. 5, "WoodTaylor"), for ranking:
 
-    ρ_q = ½ (w_q − [H⁻¹g]_q)² / [H⁻¹]_qq − ½ gᵀH⁻¹g. Shapes: w, grad (d,), hinv (d, d) -> (d,).
+    ρ_q = ½ (w_q − [H⁻¹g]_q)² / [H⁻¹]_qq. The full change of the local model also has −½ gᵀH⁻¹g, but that term
+    is the same for every weight of the network, so it is left out: computed per block, it would shift whole
+    blocks against each other in a global ranking. Shapes: w, grad (d,), hinv (d, d) -> (d,).
     """
     hg = hinv @ grad
-    return 0.5 * (w - hg).pow(2) / hinv.diagonal() - 0.5 * (grad @ hg)
+    return 0.5 * (w - hg).pow(2) / hinv.diagonal()
 
 
 def woodtaylor_update(w: Tensor, hinv: Tensor | ImplicitFisherInverse, grad: Tensor,

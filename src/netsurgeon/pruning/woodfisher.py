@@ -4,7 +4,8 @@
   Fisher) diagonal, estimated from gradients with labels drawn from the model's own predictions.
 * Diagonal Fisher: the same statistic with the *empirical* Fisher diagonal (the WoodFisher paper's baseline).
 * OBS (Hassibi & Stork 1993): ρ_q = w_q² / (2 [H⁻¹]_qq) and δw = −(w_q/[H⁻¹]_qq) H⁻¹e_q, with the exact
-  Hessian of the loss (small models only: a reference for the approximations).
+  Hessian of the loss (small models only: a reference for the approximations), projected onto the positive
+  semi-definite matrices (Higham 1988) and damped, since a trained network's Hessian is indefinite.
 * WoodFisher (Singh & Alistarh 2020, arXiv:2004.14340): OBS with H ≈ F = λI + (1/m) Σ ∇ℓ∇ℓᵀ, the damped
   empirical Fisher, inverted by Woodbury (Sec. 3), block-wise (blocks never straddle a tensor) or in full.
   Several weights removed at once get either the sum of single-weight updates (the official code) or the
@@ -31,6 +32,7 @@ from ..data import Split, batches
 from ..linalg import (
     ImplicitFisherInverse,
     fisher_inverse,
+    nearest_psd,
     obs_scores,
     obs_update_joint,
     obs_update_single_sum,
@@ -120,6 +122,9 @@ class OneShotPruner:
             raise ValueError(f"OneShotPruner: method must be one of {METHODS}; got {method!r}.")
         if update not in _UPDATES:
             raise ValueError(f"OneShotPruner: update must be one of {_UPDATES}; got {update!r}.")
+        if method == "woodtaylor" and update == "joint":
+            raise ValueError("OneShotPruner: woodtaylor has no joint update (its step is the Newton step plus summed "
+                             "single-weight corrections); use update='single' or method='woodfisher'.")
         default_damp = 0.1 if method == "woodtaylor" else 1e-5
         self.method, self.update = method, update
         self.fisher = fisher or FisherConfig(damp=default_damp)
@@ -143,6 +148,8 @@ class OneShotPruner:
         d = w.numel()
         m = self.method
         ranges = self._plan(d)  # memory estimate, representation per block, refusal: before any work
+        if m == "woodtaylor":
+            self.probe_ = _probe_batch(data, 512)
         self.grad_mean_: Tensor | None = None
         self.blocks_: list[_Block] = []
         if m == "magnitude":
@@ -165,8 +172,8 @@ class OneShotPruner:
             for i, (start, stop) in enumerate(ranges):
                 bar.update(i)
                 idx = torch.arange(start, stop)[alive[start:stop]]
-                if hess is not None:
-                    h = hess[idx][:, idx] + self.damp_ * torch.eye(len(idx), dtype=torch.float64)
+                if hess is not None:  # projected to PSD, then damped: positive definite (see linalg.nearest_psd)
+                    h = nearest_psd(hess[idx][:, idx]) + self.damp_ * torch.eye(len(idx), dtype=torch.float64)
                     hinv = torch.linalg.inv(h)
                 elif _factored(len(idx), self.fisher.num_grads):
                     hinv = ImplicitFisherInverse(g[:, idx].double(), self.damp_)
@@ -313,13 +320,50 @@ class OneShotPruner:
                 delta[b.alive] = obs_update_joint(w[b.alive], b.hinv, q)
             elif q.any():
                 delta[b.alive] = obs_update_single_sum(w[b.alive], b.hinv, q)
-        new_w = torch.where(prune, torch.zeros_like(w), w + delta).float()
+        scale = 1.0
+        if self.method == "woodtaylor":  # the Newton part can overshoot: a line search on held-out fit data
+            scale = self._line_search(model, masks, w, delta, prune)
+        self._apply(model, masks, torch.where(prune, torch.zeros_like(w), w + scale * delta).float(), prune)
+        per_layer = {r.name.removesuffix(".weight"): 1 - r.kept for r in sparsity_report(model, include_bias=False)}
+        return {"sparsity": float(prune.float().mean()), "per_layer": per_layer, "step_scale": scale,
+                "seconds": time.perf_counter() - t0}
+
+    def _apply(self, model: nn.Module, masks: dict, new_w: Tensor, prune: Tensor) -> None:
         for t, part, keep in zip(self.tensors_, new_w.split(self.sizes_), (~prune).split(self.sizes_), strict=True):
             masks[t].mask.copy_(keep.view_as(masks[t].mask).float())
             original(model, t).copy_(part.view_as(masks[t].mask))
-        per_layer = {r.name.removesuffix(".weight"): 1 - r.kept for r in sparsity_report(model, include_bias=False)}
-        return {"sparsity": float(prune.float().mean()), "per_layer": per_layer,
-                "seconds": time.perf_counter() - t0}
+
+    def _line_search(self, model: nn.Module, masks: dict, w: Tensor, delta: Tensor, prune: Tensor) -> float:
+        """The scale in {1, 1/2, ..., 1/16, 0} of the WoodTaylor update with the lowest loss on the probe batch
+        kept from the fitting data (never the test split). 0 keeps the surviving weights as they were, so pruning
+        nothing can never make the model worse."""
+        import torch.nn.functional as F
+
+        x, y = self.probe_
+        was = model.training
+        model.eval()
+        best = (float("inf"), 0.0)
+        try:
+            for scale in (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0):
+                self._apply(model, masks, torch.where(prune, torch.zeros_like(w), w + scale * delta).float(), prune)
+                loss = float(F.cross_entropy(model(x), y))
+                if loss < best[0]:
+                    best = (loss, scale)
+        finally:
+            model.train(was)
+        return best[1]
+
+
+def _probe_batch(data: Split | Any, n: int) -> tuple[Tensor, Tensor]:
+    """Up to ``n`` samples of the fitting data (the first ones), for WoodTaylor's line search."""
+    xs, ys, have = [], [], 0
+    for xb, yb in batches(data, n):
+        xs.append(xb)
+        ys.append(yb)
+        have += len(yb)
+        if have >= n:
+            break
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
 def _orig_key(fqn: str) -> str:
@@ -352,6 +396,10 @@ class SecondOrderConfig(MethodConfig):
     update: str = option("single", "weight update: sum of single OBS updates, exact joint, or none",
                          choices=_UPDATES)
     seed: int = option(0, "seed of the gradient mini-batches", low=0)
+
+    def validate(self) -> None:
+        if self.owner == "woodtaylor" and self.update == "joint":
+            raise ValueError("woodtaylor: update 'joint' does not exist for WoodTaylor; use 'single' or 'none'.")
 
     def fisher(self) -> FisherConfig:
         return FisherConfig(self.num_grads, self.grad_batch, self.damp, self.block_size, self.seed, self.relative_damp)
