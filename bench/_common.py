@@ -97,8 +97,9 @@ def load_dense(path: Path):
     return load_model(path)[0]
 
 
-def parse_args(doc: str, models: list[str], quick_help: str):
-    """The command line every MNIST benchmark shares; returns (args, data) with logging set up."""
+def parse_args(doc: str, models: list[str], quick_help: str, extra: Callable[[Any], None] | None = None):
+    """The command line every MNIST benchmark shares (``extra(parser)`` adds a script's own options); returns
+    (args, data) with logging set up."""
     import argparse
     import logging
 
@@ -107,6 +108,8 @@ def parse_args(doc: str, models: list[str], quick_help: str):
     ap.add_argument("--models", nargs="+", default=models, choices=models)
     ap.add_argument("--fresh", action="store_true", help="ignore cached stages")
     ap.add_argument("--quick", action="store_true", help=quick_help)
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     return args, ns.data.mnist(args.data_dir)
