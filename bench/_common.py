@@ -18,6 +18,7 @@ from netsurgeon._validation import atomic_save, atomic_write
 from netsurgeon.modelfile import load_model, save_model
 
 ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
 RESULTS = ROOT / "results"
 CACHE = ROOT / ".cache"
 
@@ -56,6 +57,12 @@ def cached_json(name: str, compute: Callable[[], dict[str, Any]], fresh: bool = 
     return out
 
 
+def rel(path: str | Path) -> str:
+    """``path`` relative to the repository, as results record it (absolute paths of this machine mean nothing
+    elsewhere); ``REPO / rel(p)`` reads it back, and ``REPO / p`` also reads an old absolute record."""
+    return str(Path(path).resolve().relative_to(REPO))
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     with atomic_write(path, "w") as f:
@@ -84,6 +91,7 @@ def dense_model(name: str, data: ns.data.Dataset, fresh: bool = False,
     wall_file = CACHE / f"han_{name}_dense{tag}.wall"
     if fresh or not path.is_file():
         t0 = time.perf_counter()
+        torch.manual_seed(0)  # the initial weights too: the same dense model on every run (same threads)
         model = ns.build_model(name)
         ns.train(model, data, cfg, checkpoint=ckpt, checkpoint_every=500, resume=ckpt.is_file() and not fresh,
                  progress=True)

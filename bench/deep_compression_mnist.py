@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 import netsurgeon as ns
-from _common import RESULTS, cached_json, machine, parse_args, pyplot, save_figure, write_result
+from _common import REPO, RESULTS, cached_json, machine, parse_args, pyplot, rel, save_figure, write_result
 from netsurgeon.masks import prunable_tensors
 from netsurgeon.quantization.kmeans import share_weights, share_weights_global
 from netsurgeon.stats import collect_gradients
@@ -54,13 +54,13 @@ def pipeline(name: str, label: str, src: str, data) -> dict:
                                   meta={"method": f"{label} + k-means {BITS} + centroid fine-tuning"})
         loaded = ns.load_compressed(f)
         out["huffman" if huff else "fixed"] = {
-            "file": str(f), "file_bytes": info.file_bytes, "compression_bytes": info.compression,
+            "file": rel(f), "file_bytes": info.file_bytes, "compression_bytes": info.compression,
             "test_error_pct": 100 * (1 - ns.evaluate(loaded, data.test)[1])}
     nz, total = ns.stats.count_nonzero(loaded)
     out.update(nonzero=nz, params=total, compression_nonzero=total / nz,
                per_tensor={r.name: {"codec": r.codec, "bytes": r.bytes, "bytes_fixed": r.bytes_fixed,
                                     "index_bits": r.index_bits, "code_bits": r.code_bits}
-                           for r in ns.read_compressed(out["huffman"]["file"])[0].records})
+                           for r in ns.read_compressed(REPO / out["huffman"]["file"])[0].records})
     return out
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import netsurgeon as ns
 from _common import (
     CACHE,
+    REPO,
     RESULTS,
     cached_json,
     dense_model,
@@ -26,6 +27,7 @@ from _common import (
     machine,
     parse_args,
     pyplot,
+    rel,
     save_figure,
     write_result,
 )
@@ -69,7 +71,7 @@ def surgery(name: str, data, dense_path: Path, targets: dict[str, float], tag: s
     ns.save_compressed(model, f, value_dtype="float16", meta={"method": "dns", "c_rate": c})
     kept = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, include_bias=False)}
     return {"tag": tag, "targets_pct": targets, "c_rate": c, "kept_pct": kept, "iterations": iterations,
-            "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]), "wall_s": wall, "file": str(f),
+            "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]), "wall_s": wall, "file": rel(f),
             "surgery": dns.summary(), "history": dns.history_}
 
 
@@ -86,7 +88,7 @@ def magnitude_same_budget(name: str, data, dense_path: Path, kept: dict[str, flo
     f = (CACHE if "quick" in tag else RESULTS / "files") / f"dns_{name}_magnitude_baseline{tag}.nsz"
     ns.save_compressed(model, f, value_dtype="float16", meta={"method": "magnitude"})
     got = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, include_bias=False)}
-    return {"kept_pct": got, "iterations": 3 * epochs_per_round * steps_per_epoch, "wall_s": wall, "file": str(f),
+    return {"kept_pct": got, "iterations": 3 * epochs_per_round * steps_per_epoch, "wall_s": wall, "file": rel(f),
             "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1])}
 
 
@@ -119,7 +121,7 @@ def run_model(name: str, data, fresh: bool, quick: bool = False) -> dict:
     runs.append(cached_json(f"dns_{name}_run3{q}", lambda: surgery(name, data, dense_path, secant, f"run3{q}",
                                                                    iters), fresh))
     for r in runs:
-        m = ns.load_compressed(r["file"])
+        m = ns.load_compressed(REPO / r["file"])
         nz, total = ns.stats.count_nonzero(m)
         r["compression_nonzero"] = total / nz
     ok = [r for r in runs if r["compression_nonzero"] >= p["compression"]]
@@ -129,7 +131,7 @@ def run_model(name: str, data, fresh: bool, quick: bool = False) -> dict:
         name, data, dense_path, chosen["kept_pct"], iters, q), fresh)
     out = {"paper": p, "dense": dense, "runs": runs, "chosen": chosen["tag"]}
     for key, r in (("dns", chosen), ("magnitude", mag)):
-        s = summarize(ns.load_compressed(r["file"]), data.input_shape, data=data, file_path=r["file"])
+        s = summarize(ns.load_compressed(REPO / r["file"]), data.input_shape, data=data, file_path=REPO / r["file"])
         out[key] = {**s, **{k: v for k, v in r.items() if k != "history"}}
     d = out["dns"]
     out["target"] = {"compression_nonzero_min": p["compression"], "error_max_pct": p["target_error"],
