@@ -166,3 +166,12 @@ def test_calibrate_c_rate_hits_the_kept_fraction_on_the_given_weights():
         assert float((w.abs() >= a).float().mean()) == pytest.approx(kept, abs=2e-4)
     with pytest.raises(ValueError, match=r"kept must be in \(0, 1\]"):
         calibrate_c_rate([w], 0.0)
+
+
+def test_default_mask_update_stops_are_the_official_codes():
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    dns = DNS()
+    dns.prepare(conv)
+    assert {n: s["window"] for n, s in dns.summary().items()} == {"0": [0, 10_000], "2": [0, 8_000]}
+    from netsurgeon.pipeline import get_method
+    assert get_method("dns").make_config().iter_stop == {"conv": 10_000, "fc": 8_000}

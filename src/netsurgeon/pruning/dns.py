@@ -40,6 +40,8 @@ __all__ = ["DNS", "DNSConfig", "dns_update_mask", "dns_thresholds", "surgery_pro
 
 log = logging.getLogger(__name__)
 
+OFFICIAL_ITER_STOP = {"conv": 10_000, "fc": 8_000}  # the official Caffe code's mask-update stops per layer type
+
 
 def dns_update_mask(w: Tensor, mask: Tensor, a: float, b: float) -> Tensor:
     """Return h_k of Eq. (3): 0 where |w| < a, 1 where |w| >= b, ``mask`` in the band [a, b)."""
@@ -111,7 +113,7 @@ class DNS(Callback):
             name ``{"fc1": 4.0}`` (a name wins over a type). Larger c prunes more.
         gamma, power: σ(i) = (1 + γ·i)^(−power). Official defaults 1e-3 and 1.
         iter_start, iter_stop: surgery window per layer type (or one int for all), counted in optimizer
-            steps of this callback. Official stops: 10,000 (conv), 8,000 (fc).
+            steps of this callback. Default: the official code's stops, 10,000 (conv) and 8,000 (fc).
         low, high: band factors around max(μ + cσ, 0); 0.9 and 1.1 in the official code.
         include_bias: mask biases too (the released models do).
         seed: seed of the callback's own generator (the update draws); saved with its state.
@@ -123,10 +125,11 @@ class DNS(Callback):
 
     def __init__(self, c_rate: float | Mapping[str, float] = 3.0, *, gamma: float = 1e-3, power: float = 1.0,
                  iter_start: int | Mapping[str, int] = 0,
-                 iter_stop: int | Mapping[str, int] = 10_000,
+                 iter_stop: int | Mapping[str, int] | None = None,
                  low: float = 0.9, high: float = 1.1, include_bias: bool = True, seed: int = 0,
                  log_every: int = 100) -> None:
         owner = "DNS"
+        iter_stop = dict(OFFICIAL_ITER_STOP) if iter_stop is None else iter_stop
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
             raise ValueError(f"{owner}: gamma must be a number >= 0; got {gamma!r}.")
         check_positive(owner, "power", power)
@@ -274,8 +277,8 @@ class DNSConfig(TrainConfig):
     gamma: float = option(1e-3, "update probability (1 + gamma*i)^-power", low=0)
     power: float = option(1.0, "update probability power", low=0, low_open=True)
     iter_start: int | dict[str, int] = option(0, "first surgery step: one int or {conv|fc|layer: step}", low=0)
-    iter_stop: int | dict[str, int] = option(10_000, "no mask updates from this step on: int or {conv|fc|layer: step}",
-                                             low=0)
+    iter_stop: int | dict[str, int] = option(dict(OFFICIAL_ITER_STOP), "no mask updates from this step on: int or "
+                                             "{conv|fc|layer: step} (default: the official code's)", low=0)
     low: float = option(0.9, "a_k = low x max(mu + c sigma, 0)", low=0, low_open=True, high=1)
     high: float = option(1.1, "b_k = high x max(mu + c sigma, 0)", low=1)
     include_bias: bool = option(True, "mask biases too (the released models do)")
