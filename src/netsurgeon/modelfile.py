@@ -18,7 +18,7 @@ from .coding.schema import check_arch
 from .masks import effective_state_dict
 from .models import UntrustedCodeError, arch_of, rebuild_matching
 
-__all__ = ["save_model", "load_model", "load_any"]
+__all__ = ["save_model", "load_model", "load_any", "model_for_file"]
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> None:
@@ -27,6 +27,30 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, A
     state = {k: v.contiguous() for k, v in effective_state_dict(model).items()}
     info = {"netsurgeon": json.dumps({"arch": arch_of(model), "meta": meta or {}})}
     atomic_save(path, lambda tmp: save_file(state, tmp, metadata=info))
+
+
+def model_for_file(model: nn.Module | None, arch: Any, shapes: dict[str, tuple[int, ...]], *,
+                   trust_code: bool = False, source: str = "file") -> nn.Module:
+    """The module a file's tensors go into, checked against the file's tensor ``shapes`` before any data is read:
+    ``model`` if given, else the file's architecture record, validated and matched on the meta device first
+    (so a record for a huge or different model allocates nothing).
+
+    Raises:
+        NszError: no or a malformed record, or tensors that do not match.
+        UntrustedCodeError: the record names a user's factory and ``trust_code`` is False.
+    """
+    if model is None:
+        arch = check_arch(source, arch)
+        if not arch:
+            raise NszError(f"{source}: the file records no architecture; pass the model to fill.")
+        try:
+            model = rebuild_matching(arch, shapes, trust_code=trust_code, source=source)
+        except UntrustedCodeError:
+            raise
+        except ValueError as e:
+            raise NszError(str(e)) from e
+    check_state_shapes(model, shapes, source)
+    return model
 
 
 def load_model(path: str | os.PathLike[str], model: nn.Module | None = None, *,
@@ -54,17 +78,7 @@ def load_model(path: str | os.PathLike[str], model: nn.Module | None = None, *,
         raise NszError(f"{p}: not a readable safetensors file ({e}).") from e
     if not isinstance(header, dict):
         raise NszError(f"{p}: the netsurgeon metadata is not a mapping.")
-    if model is None:
-        arch = check_arch(str(p), header.get("arch"))
-        if not arch:
-            raise NszError(f"{p}: the file records no architecture; pass the model to fill.")
-        try:
-            model = rebuild_matching(arch, shapes, trust_code=trust_code, source=str(p))
-        except UntrustedCodeError:
-            raise
-        except ValueError as e:
-            raise NszError(str(e)) from e
-    check_state_shapes(model, shapes, str(p))   # before the data is read
+    model = model_for_file(model, header.get("arch"), shapes, trust_code=trust_code, source=str(p))
     try:
         state = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as e:

@@ -17,17 +17,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .coding.container import NszError
 from .coding.nsz import (
     CompressedFile,
-    check_state_shapes,
     decode_int8,
     decode_shared_parts,
     decode_state,
     load_state_checked,
     read_header,
 )
-from .coding.schema import check_arch
 from .stats import measure_latency
 
 __all__ = ["CSRLinear", "sparsify_linear_layers", "int8_linear_layers", "load_compressed"]
@@ -156,21 +153,12 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         NszError: corrupt/truncated file, or tensors that do not match the model's names or shapes.
         UntrustedCodeError: the file names a user's model factory and ``trust_code`` is False.
     """
-    from .models import UntrustedCodeError, rebuild_matching
+    from .modelfile import model_for_file
 
     info = read_header(path, max_elements=max_elements)
-    shapes = {r.name: r.shape for r in info.records}
-    if model is None:
-        arch = check_arch(str(path), info.header.get("arch"))
-        if not arch:
-            raise NszError(f"{path}: the file records no architecture; pass the model to fill.")
-        try:
-            model = rebuild_matching(arch, shapes, trust_code=trust_code, source=str(path))
-        except UntrustedCodeError:
-            raise
-        except ValueError as e:
-            raise NszError(str(e)) from e
-    check_state_shapes(model, shapes, str(path))  # before decoding: a file for another model allocates nothing
+    # before decoding: a file for another (or a huge) model allocates nothing
+    model = model_for_file(model, info.header.get("arch"), {r.name: r.shape for r in info.records},
+                           trust_code=trust_code, source=str(path))
     state = decode_state(info)
     load_state_checked(model, state, str(path))
     if keep_codecs:
