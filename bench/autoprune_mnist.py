@@ -30,7 +30,8 @@ from netsurgeon.pruning.l1 import L1Proximal
 from netsurgeon.pruning.magnitude import prune_and_retrain
 
 PAPER = {"lenet5": {"compression": 310.0, "flops_pct": 7.0, "target_error": 0.95},
-         "lenet300": {"compression": 56.0, "target_error": 2.0}}   # LeNet-300-100: "above DNS" (issue)
+         # LeNet-300-100: the AutoPrune paper gives no figure; 56x is DNS's, the project's goal ("above DNS")
+         "lenet300": {"compression": 56.0, "target_error": 2.0, "goal_not_paper": True}}
 EPOCHS = 10
 MU = {"lenet300": 100.0, "lenet5": 300.0}
 DNS_C = {"lenet300": {"fc1": 3.47, "fc2": 4.02, "fc3": 2.78},              # recipes/dns_lenet300.yaml
@@ -108,7 +109,7 @@ def main() -> None:
                 "model": name, "method": label, "error_pct": v["test_error_pct"], "paper_error_pct": None,
                 "dense_error_pct": None, "paper_dense_error_pct": None, "kept_pct": 100 * v["nonzero"] / v["params"],
                 "compression_nonzero": v["compression_nonzero"],
-                "paper_compression": p["compression"] if key == "autoprune" else None,
+                "paper_compression": p["compression"] if key == "autoprune" and not p.get("goal_not_paper") else None,
                 "compression_bytes": v["compression_bytes"], "speedup_b1": None, "speedup_b256": None,
                 "wall_s": v["wall_s"], "target_met": r["target"]["met"] if key == "autoprune" else None})
     # sensitivity to the regularization strength, and the ablation, on LeNet-300-100 (3 epochs each)
