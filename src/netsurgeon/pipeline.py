@@ -62,8 +62,9 @@ def get_method(name: str) -> Method:
 class EncodeConfig(MethodConfig):
     owner: ClassVar[str] = "encode"
     value_dtype: str = option("float32", "dtype of stored float values", choices=("float32", "float16"))
-    index_bits: int | str = option("auto", "relative-index width 1..16, or auto (smallest file per tensor)",
-                                   low=1, high=16, choices=("auto",))
+    index_bits: int | str | dict[str, int] = option("auto", "relative-index width 1..16, auto (smallest file per "
+                                                    "tensor), or {conv|fc|layer: bits} (the paper: conv 8, fc 5)",
+                                                    low=1, high=16, choices=("auto",))
     huffman: bool = option(True, "Huffman-code the streams of shared tensors where that is smaller (Sec. 4)")
 
 

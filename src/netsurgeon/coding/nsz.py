@@ -18,6 +18,7 @@ The size of a compressed model is ``os.path.getsize`` of this file, never a coun
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,14 +141,35 @@ def _encode_shared(name: str, codebook: Tensor, index: Tensor, value_dtype: str,
     return rec, blobs
 
 
+def _bits_for(model: nn.Module, fqn: str, index_bits: int | str | Mapping[str, int | str]) -> int | str:
+    """The index width of tensor ``fqn``: one value, or from a mapping by tensor name, layer name, then the
+    layer's type ("conv" or "fc"); "auto" where the mapping says nothing (e.g. BatchNorm buffers)."""
+    if not isinstance(index_bits, Mapping):
+        return index_bits
+    from ..masks import layer_kind
+
+    layer = fqn.rpartition(".")[0]
+    for key in (fqn, layer):
+        if key in index_bits:
+            return index_bits[key]
+    try:
+        module = model.get_submodule(layer.split(".parametrizations")[0]) if layer else model
+    except AttributeError:
+        return "auto"
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        return index_bits.get(layer_kind(module), "auto")
+    return "auto"
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dtype: str = "float32",
-                    index_bits: int | str = "auto", arch: dict[str, Any] | None = None,
+                    index_bits: int | str | Mapping[str, int | str] = "auto", arch: dict[str, Any] | None = None,
                     meta: dict[str, Any] | None = None, huffman: bool = True) -> CompressedFile:
     """Write ``model`` (masks multiplied in) to a ``.nsz`` file atomically.
 
     Args:
         value_dtype: "float32" (lossless) or "float16".
-        index_bits: gap width of the sparse streams, 1..16, or "auto" (smallest file, per tensor).
+        index_bits: gap width of the sparse streams, 1..16, or "auto" (smallest file, per tensor), or a
+            mapping by tensor, layer or layer type, e.g. ``{"conv": 8, "fc": 5}`` (Deep Compression's format).
         arch: how to rebuild the model, e.g. ``{"name": "lenet5", "input_shape": [1, 28, 28],
             "num_classes": 10}``; defaults to what :func:`netsurgeon.models.build_model` recorded.
         meta: free-form JSON-serializable facts to keep (data set, accuracy, method).
@@ -160,12 +182,16 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
 
     if value_dtype not in _VALUE_DTYPES:
         raise ValueError(f"save_compressed: value_dtype must be one of {list(_VALUE_DTYPES)}; got {value_dtype!r}.")
-    if index_bits != "auto" and not (isinstance(index_bits, int) and 1 <= index_bits <= 16):
-        raise ValueError(f"save_compressed: index_bits must be 'auto' or an int in [1, 16]; got {index_bits!r}.")
+    widths = index_bits.values() if isinstance(index_bits, Mapping) else [index_bits]
+    if not widths or any(w != "auto" and not (isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 16)
+                         for w in widths):
+        raise ValueError(f"save_compressed: index_bits must be 'auto', an int in [1, 16], or a mapping "
+                         f"{{conv|fc|layer: bits}}; got {index_bits!r}.")
     check_finite_model("save_compressed", model)
     state = effective_state_dict(model)
     records, blobs = [], {}
     for name, t in state.items():
+        bits = _bits_for(model, name, index_bits)
         par = _parametrization(model, name)
         i8 = par if hasattr(par, "q") and hasattr(par, "scale") else None            # quantization.uniform
         sw = par if hasattr(par, "codebook") and hasattr(par, "index") else None     # quantization.kmeans
@@ -175,9 +201,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
                                q.nbytes + i8.scale.numel() * 4, code_bits=8, codebook_size=i8.scale.numel())
             b = {f"{name}/values": q.astype(np.int8).tobytes(), f"{name}/scale": i8.scale.numpy().tobytes()}
         elif sw is not None:
-            rec, b = _encode_shared(name, sw.codebook, sw.index, value_dtype, index_bits, huffman)
+            rec, b = _encode_shared(name, sw.codebook, sw.index, value_dtype, bits, huffman)
         else:
-            rec, b = _encode(name, t, value_dtype, index_bits)
+            rec, b = _encode(name, t, value_dtype, bits)
         records.append(rec)
         blobs.update(b)
     header = {"format": "netsurgeon.nsz", "version": FORMAT_VERSION, "arch": arch or arch_of(model),
