@@ -118,7 +118,8 @@ def main() -> None:
         name, data, mu, epochs=3, tag=f"mu{mu:g}"), args.fresh) for mu in (10.0, 100.0, 1000.0)}
     res["l1_sweep"] = {f"{lam:g}": cached_json(f"ap_l1_{lam:g}", lambda lam=lam: l1_run(name, data, lam, 3),
                                                args.fresh) for lam in (1e-4, 1e-3, 1e-2)}
-    variants = {"leaky_relu, all rules": {}, "identity STE": {"ste": "identity"}, "softplus STE": {"ste": "softplus"},
+    variants = {"leaky_relu, sensitivity + correlation (direction adds nothing with sensitivity on)": {},
+                "identity STE": {"ste": "identity"}, "softplus STE": {"ste": "softplus"},
                 "no sensitivity": {"sensitivity": False}, "no correlation": {"correlation": False},
                 "no direction": {"direction": False},
                 "no sensitivity, no direction": {"sensitivity": False, "direction": False}}

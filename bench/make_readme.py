@@ -64,6 +64,8 @@ def render() -> str:
                       f"nonzeros at test error): AutoPrune mu {fmt(res['mu_sweep'])}; L1 penalty on the weights "
                       f"lambda {fmt(res['l1_sweep'])}.", "",
                       f"autoprune_mnist ablation (LeNet-300-100, mu 100, 3 epochs): {fmt(res['ablation'])}."]
+            if res.get("data_note"):
+                lines += ["", f"autoprune_mnist data: {res['data_note']}."]
             for name, r in res["models"].items():
                 lines += ["", f"autoprune_mnist {name}: FLOPs kept {r['autoprune']['flops_kept_pct']:.1f}% "
                           "(paper, LeNet-5: 7%)."]

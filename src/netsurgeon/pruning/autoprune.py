@@ -14,7 +14,9 @@ reasoning in docs/autoprune.md, and each rule is a switch so its contribution ca
   - ``sensitivity``: the update of m_ij scales with |w_ij| relative to its layer's mean |w|, so layers with
     small weights are not frozen and important weights move their m more;
   - ``direction``: the sign of the m update follows the direction in which |w_ij| would move (sgn(w)
-    instead of w in the chain rule);
+    instead of w in the chain rule). With ``sensitivity`` on it adds nothing: sgn(w)·|w|/mean|w| is
+    w/mean|w|, so the rules are two, not three, unless sensitivity is off (measured: the ablation's
+    "no direction" row equals the default);
   - ``correlation``: W gets the straight-through gradient dL/dT for every entry, so a pruned weight keeps
     learning and its m sees the weight's current importance (as DNS does for W).
   With all three off, dL/dm is the plain chain rule dL/dT · w · h'(m).
