@@ -272,7 +272,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
         raise _Fail(f"model file {str(model_file)!r} does not exist.")
     _check_output(output, model_file)
     from .data import load_dataset  # torch from here on
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, weight_form
     from .train import evaluate
 
     defaults: dict[str, Any] = {"seed": seed}
@@ -296,7 +296,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
             raise
         spec = pipe.model.get("factory") or pipe.model.get("name")
         model, meta = _read_input(model_file, spec, {**(pipe.model.get("kwargs") or {}), **kwargs}, trust_code)
-    pipe.check(has_data=True, start_form=_form(model))
+    pipe.check(has_data=True, start_form=weight_form(model))
     data_name = _data_name(data_name, data_dir, (pipe.data or {}).get("name"), meta.get("data"))
     data = load_dataset(data_name, data_dir, seed=seed)
     _check_input_shape(model, data, str(model_file))
@@ -313,12 +313,6 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
                      arch=arch)
     click.echo(f"{output}: {info.file_bytes:,} bytes ({info.compression:.2f}x smaller than dense float32), "
                f"test accuracy {100 * acc:.2f}%")
-
-
-def _form(model: Any) -> str:
-    from .pipeline import weight_form
-
-    return weight_form(model)
 
 
 @cli.command("methods")
