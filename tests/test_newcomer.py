@@ -55,7 +55,8 @@ def test_arguments_are_checked_before_any_data_is_loaded(runner, base, tmp_path)
                              "mnist", "--data-dir", nowhere, "-o", str(tmp_path / "x.nsz")]), "got 1.5.")
     _err(runner.invoke(cli, ["compress", str(base), "--method", "woodfisher", "--set", "index_bits=40", "--data",
                              "mnist", "--data-dir", nowhere, "-o", str(tmp_path / "x.nsz")]),
-         "encode: index_bits must be an integer in [1, 16] or one of ['auto']; got 40.")
+         "encode: index_bits must be an integer in [1, 16] or one of ['auto'] or a mapping {layer: an integer in "
+         "[1, 16]}; got 40.")
     # a --data-dir is never silently ignored
     _err(runner.invoke(cli, ["compress", str(base), "--method", "magnitude", "--data-dir", nowhere,
                              "-o", str(tmp_path / "x.nsz")]), "trained on the bundled digits, but --data-dir")

@@ -154,7 +154,7 @@ def test_unknown_architecture_needs_a_model(tmp_path):
 def test_bad_arguments(pruned, tmp_path):
     with pytest.raises(ValueError, match="value_dtype must be one of"):
         save_compressed(pruned, tmp_path / "m.nsz", value_dtype="int4")
-    with pytest.raises(ValueError, match=r"index_bits must be 'auto' or an int in \[1, 16\]"):
+    with pytest.raises(ValueError, match=r"index_bits must be 'auto', an int in \[1, 16\], or a mapping"):
         save_compressed(pruned, tmp_path / "m.nsz", index_bits=0)
 
 
