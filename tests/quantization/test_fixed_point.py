@@ -37,3 +37,29 @@ def test_errors():
         fixed_point(torch.ones(1), 4, 2, "up")
     with pytest.raises(ValueError, match="frac_bits must be an int >= 0"):
         FixedPointTraining(4, -1)
+
+
+def test_activations_and_backpropagated_errors_are_on_the_grid_while_training():
+    """The paper's simulation (issue 13): layer outputs rounded after wide accumulation, errors rounded too."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    raw = {}
+    m[0].register_forward_hook(lambda mod, i, out: raw.__setitem__("out", out))   # before the rounding hook
+    cb = FixedPointTraining(4, 6, "nearest")
+    cb.prepare(m)
+    x = torch.randn(5, 4)
+    assert torch.equal(m[0](x), fixed_point(m[0](x), 4, 6))                     # what the next layer sees
+    out = m(x)
+    raw["out"].register_hook(lambda g: raw.__setitem__("grad", g))
+    (out * torch.linspace(0.001, 0.3, 2)).sum().backward()
+    assert raw["grad"].abs().sum() > 0
+    assert torch.equal(raw["grad"], fixed_point(raw["grad"], 4, 6))            # the error reaching the layer
+    m.eval()
+    assert not torch.equal(m[0](torch.full((1, 4), 0.013)), fixed_point(m[0](torch.full((1, 4), 0.013)), 4, 6))
+    cb.finalize(m)
+    m.train()
+    x = torch.full((1, 4), 0.013)
+    assert torch.equal(m[0](x), torch.nn.functional.linear(x, m[0].weight, m[0].bias))   # hooks removed
+    params_only = FixedPointTraining(4, 6, "nearest", activations=False)
+    params_only.prepare(m)
+    assert torch.equal(m[0](x), torch.nn.functional.linear(x, m[0].weight, m[0].bias))

@@ -45,20 +45,42 @@ def fixed_point(x: Tensor, int_bits: int, frac_bits: int, rounding: str = "neare
     return (q * eps).clamp(lo, hi)
 
 
-class FixedPointTraining(Callback):
-    """Keep every parameter on a fixed-point grid during training (Gupta et al. 2015, Sec. 4).
+class _RoundBothWays(torch.autograd.Function):
+    """Identity whose forward output and backward gradient are both rounded to the callback's format."""
 
-    The parameters are rounded at the start and after every optimizer step, so each update is itself
-    rounded: with ``rounding="nearest"`` updates below ε/2 are lost; with ``"stochastic"`` they survive in
-    expectation. The callback's generator is seeded and saved with its state.
+    @staticmethod
+    def forward(ctx, x: Tensor, owner: FixedPointTraining) -> Tensor:  # type: ignore[override]
+        ctx.owner = owner
+        return owner.round(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.owner.round(g), None
+
+
+class FixedPointTraining(Callback):
+    """Train in simulated fixed point (Gupta et al. 2015, Sec. 3-4).
+
+    Parameters are rounded at the start and after every optimizer step, so each update is itself rounded:
+    with ``rounding="nearest"`` updates below ε/2 are lost; with ``"stochastic"`` they survive in expectation.
+    With ``activations=True`` (the paper's simulation) the output of every Linear/Conv layer is rounded too,
+    after the layer's products are accumulated in float32 (the wide accumulator), and so is the
+    back-propagated error arriving at that output; ``activations=False`` rounds the parameters only. Layer
+    outputs are rounded while the model trains; evaluation runs the fixed-point parameters in float. The
+    callback's generator is seeded and saved with its state.
     """
 
-    def __init__(self, int_bits: int = 4, frac_bits: int = 12, rounding: str = "stochastic", seed: int = 0) -> None:
+    def __init__(self, int_bits: int = 4, frac_bits: int = 12, rounding: str = "stochastic", seed: int = 0,
+                 activations: bool = True) -> None:
         if rounding not in _ROUNDING:
             raise ValueError(f"FixedPointTraining: rounding must be one of {_ROUNDING}; got {rounding!r}.")
         fixed_point(torch.zeros(1), int_bits, frac_bits)  # validates the format
-        self.int_bits, self.frac_bits, self.rounding = int_bits, frac_bits, rounding
+        self.int_bits, self.frac_bits, self.rounding, self.activations = int_bits, frac_bits, rounding, activations
         self._gen = torch.Generator().manual_seed(seed)
+        self._hooks: list[Any] = []
+
+    def round(self, x: Tensor) -> Tensor:
+        return fixed_point(x, self.int_bits, self.frac_bits, self.rounding, self._gen)
 
     @torch.no_grad()
     def _round(self) -> None:
@@ -70,6 +92,24 @@ class FixedPointTraining(Callback):
     def prepare(self, model: nn.Module, **_: Any) -> None:
         self._model = model
         self._round()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.activations:
+            from ..masks import prunable_layers
+
+            def hook(module: nn.Module, inputs: Any, out: Tensor) -> Tensor | None:
+                return _RoundBothWays.apply(out, self) if module.training else None
+
+            self._hooks = [m.register_forward_hook(hook)
+                           for m in prunable_layers(model, "FixedPointTraining").values()]
+
+    def finalize(self, model: nn.Module | None = None) -> nn.Module:
+        """Remove the activation rounding (the parameters stay on the grid)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return super().finalize(model)
 
     def on_train_start(self, trainer: Trainer) -> None:
         if self._model is not trainer.model:
@@ -91,6 +131,7 @@ class FixedPointTraining(Callback):
 class FixedPointConfig(TrainConfig):
     owner: ClassVar[str] = "fixed_point"
     int_bits: int = option(4, "integer bits IL (sign included)", low=1, high=32)
+    activations: bool = option(True, "also round layer outputs and back-propagated errors (the paper's simulation)")
     frac_bits: int = option(12, "fractional bits FL (step 2^-FL)", low=0, high=32)
     rounding: str = option("stochastic", "rounding of every parameter after each step (Eq. (2))", choices=_ROUNDING)
 
@@ -99,4 +140,5 @@ class FixedPointConfig(TrainConfig):
           citation="Gupta, Agrawal, Gopalakrishnan, Narayanan 2015, arXiv:1502.02551, Sec. 3, Eq. (1)-(2)",
           summary="train with every parameter on an <IL, FL> fixed-point grid (nearest or stochastic rounding)")
 def _run_fixed_point(model: nn.Module, cfg: FixedPointConfig, ctx: StageContext) -> dict[str, Any]:
-    return run_training(model, ctx, cfg, FixedPointTraining(cfg.int_bits, cfg.frac_bits, cfg.rounding, cfg.seed))
+    return run_training(model, ctx, cfg, FixedPointTraining(cfg.int_bits, cfg.frac_bits, cfg.rounding, cfg.seed,
+                                                            cfg.activations))
