@@ -53,8 +53,12 @@ def render() -> str:
             lines += ["", _sweep_table(res)]
         if res.get("benchmark") == "fixed_point_mnist":
             lines += ["", "fixed_point_mnist (Gupta et al. 2015; paper: 16-bit stochastic rounding matches float32, "
-                      "round-to-nearest does not), LeNet-300-100, 5 epochs plain SGD, test error %: " + ", ".join(
-                          f"{k} {v['test_error_pct']:.2f}" for k, v in res["runs"].items()) + "."]
+                      "round-to-nearest does not), LeNet-300-100, 5 epochs plain SGD, test error % "
+                      + ("(mean ± std over seeds " + ", ".join(map(str, next(iter(res["runs"].values()))["seeds"]))
+                         + "; without 'params only' the layer outputs and back-propagated errors are in fixed point "
+                           "too)" if "seeds" in next(iter(res["runs"].values())) else "") + ": " + ", ".join(
+                          f"{k} {v['test_error_pct']:.2f}" + (f" ± {v['test_error_std']:.2f}" if "test_error_std" in v
+                                                              else "") for k, v in res["runs"].items()) + "."]
         if res.get("benchmark") == "autoprune_mnist":
             def fmt(d: dict) -> str:
                 return "; ".join(f"{k}: {v['compression_nonzero']:.1f}x at {v['test_error_pct']:.2f}%"
