@@ -128,3 +128,14 @@ def test_resume_with_a_loader_gives_the_same_weights(digits, tmp_path):
     ns.train(m2, data, cfg, callbacks=[DNS(c_rate=1.0), Callback()], checkpoint=ck, resume=True)
     for pa, pb in zip(ref.state_dict().values(), m2.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_a_bare_dataloader_trains_and_runs_pipelines(digits):
+    m = _trained(digits)
+    loader = _loader(digits.train)
+    r = ns.train(m, loader, ns.TrainConfig(epochs=1, lr=0.01))
+    assert r.steps == len(loader)
+    Pipeline.from_spec(["magnitude", "finetune"], ["sparsity=0.5", "1.epochs=1", "2.epochs=1"]).run(m, loader)
+    assert ns.evaluate(m, digits.test)[1] > 0.85
+    with pytest.raises(ns.DataError, match="expected a netsurgeon Dataset"):
+        ns.train(m, 42)

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from ._catalog import DATASETS
 
-__all__ = ["DataError", "Dataset", "Split", "LoaderData", "from_loaders", "batches", "read_idx", "mnist", "digits",
-           "load_dataset", "DATASETS"]
+__all__ = ["DataError", "Dataset", "Split", "LoaderData", "from_loaders", "as_data", "batches", "read_idx", "mnist",
+           "digits", "load_dataset", "DATASETS"]
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -89,6 +89,17 @@ def from_loaders(train: Iterable[Any], val: Iterable[Any] | None = None, test: I
         raise DataError(f"from_loaders: the training loader must have a length (batches per epoch); got "
                         f"{type(train).__name__}.") from e
     return LoaderData(train, val, test, num_classes=num_classes)
+
+
+def as_data(data: Any) -> Dataset | LoaderData:
+    """A :class:`Dataset` or :class:`LoaderData` as is; a bare DataLoader (any iterable of ``(x, y)`` batches
+    with a length) becomes the training split of a :class:`LoaderData`."""
+    if isinstance(data, (Dataset, LoaderData)):
+        return data
+    if hasattr(data, "__iter__") and hasattr(data, "__len__"):
+        return from_loaders(data)
+    raise DataError(f"expected a netsurgeon Dataset, ns.data.from_loaders(...), or a DataLoader; got "
+                    f"{type(data).__name__}.")
 
 
 def batches(data: Split | Iterable[Any], batch_size: int = 1000) -> Iterator[tuple[Tensor, Tensor]]:

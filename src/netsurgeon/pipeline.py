@@ -237,6 +237,9 @@ class Pipeline:
         ``data`` is a :class:`~netsurgeon.data.Dataset` or :func:`~netsurgeon.data.from_loaders` data; stages
         train on its train split and choose on its validation split, never the test split.
         """
+        from .data import as_data
+
+        data = None if data is None else as_data(data)
         self.check(has_data=data is not None, start_form=weight_form(model))
         check_finite_model("pipeline", model)
         ctx = StageContext(data, progress)

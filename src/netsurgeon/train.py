@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validation import atomic_save, check_finite_model
-from .data import Dataset, LoaderData, Split, batches
+from .data import Dataset, LoaderData, Split, as_data, batches
 from .masks import attach_masks_for_state_dict
 from .progress import Progress
 from .registry import MethodConfig, StageContext, option, register
@@ -325,7 +325,7 @@ def _nonempty(data: Any) -> bool:
         return True
 
 
-def train(model: nn.Module, data: Dataset | LoaderData, config: TrainConfig | None = None, *,
+def train(model: nn.Module, data: Dataset | LoaderData | Any, config: TrainConfig | None = None, *,
           callbacks: Sequence[Callback] = (), checkpoint: str | os.PathLike[str] | None = None,
           checkpoint_every: int = 0, resume: bool = False, progress: bool = False) -> TrainResult:
     """Train ``model`` in place on ``data.train`` (validation accuracy logged per epoch).
@@ -333,7 +333,8 @@ def train(model: nn.Module, data: Dataset | LoaderData, config: TrainConfig | No
     Args:
         model: any ``nn.Module`` mapping a batch of ``data`` inputs to class logits.
         data: the splits, a :class:`~netsurgeon.data.Dataset` or the user's DataLoaders wrapped by
-            :func:`netsurgeon.data.from_loaders`; callbacks may read the validation split, never the test split.
+            :func:`netsurgeon.data.from_loaders`, or a bare training DataLoader; callbacks may read the validation
+            split, never the test split.
         config: hyper-parameters (default :class:`TrainConfig`).
         callbacks: training-time methods (DNS, AutoPrune, ...), see :class:`Callback`.
         checkpoint: file to write checkpoints to (atomically); also written on Ctrl-C and at the end.
@@ -341,7 +342,7 @@ def train(model: nn.Module, data: Dataset | LoaderData, config: TrainConfig | No
         resume: continue from ``checkpoint``; the result equals an uninterrupted run's.
         progress: show a progress bar with loss and accuracy on stderr.
     """
-    return Trainer(model, data, config or TrainConfig(), callbacks).fit(
+    return Trainer(model, as_data(data), config or TrainConfig(), callbacks).fit(
         checkpoint, checkpoint_every, resume, progress)
 
 
