@@ -63,6 +63,18 @@ def rel(path: str | Path) -> str:
     return str(Path(path).resolve().relative_to(REPO))
 
 
+def weight_counts(path: str | Path) -> dict[str, Any]:
+    """The one counting rule of every table (issue 13): weights only (Linear/Conv weight tensors), biases
+    reported separately, read from the result's ``.nsz`` file."""
+    info = ns.coding.nsz.read_header(REPO / path)
+    weights = [r for r in info.records if r.name.endswith(".weight") and len(r.shape) >= 2]
+    biases = [r for r in info.records if r.name.endswith(".bias")]
+    n_w, nz_w = sum(r.numel for r in weights), sum(r.nonzero for r in weights)
+    return {"file": rel(REPO / path), "weights": n_w, "weights_nonzero": nz_w,
+            "compression_weights": n_w / max(nz_w, 1), "biases": sum(r.numel for r in biases),
+            "biases_nonzero": sum(r.nonzero for r in biases)}
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     with atomic_write(path, "w") as f:

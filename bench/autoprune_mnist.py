@@ -21,6 +21,7 @@ from _common import (
     parse_args,
     pyplot,
     save_figure,
+    weight_counts,
     write_result,
 )
 from netsurgeon.masks import sparsity_report
@@ -33,6 +34,7 @@ PAPER = {"lenet5": {"compression": 310.0, "flops_pct": 7.0, "target_error": 0.95
          # LeNet-300-100: the AutoPrune paper gives no figure; 56x is DNS's, the project's goal ("above DNS")
          "lenet300": {"compression": 56.0, "target_error": 2.0, "goal_not_paper": True}}
 EPOCHS = 10
+TAGS = {"autoprune": "main", "dns": "dns", "magnitude": "magnitude"}   # each row's file: autoprune_{model}_{tag}.nsz
 MU = {"lenet300": 100.0, "lenet5": 300.0}
 DNS_C = {"lenet300": {"fc1": 3.47, "fc2": 4.02, "fc3": 2.78},              # recipes/dns_lenet300.yaml
          "lenet5": {"conv1": 1.69, "conv2": 3.41, "fc1": 5.34, "fc2": 3.38}}  # recipes/dns_lenet5.yaml
@@ -111,7 +113,8 @@ def main() -> None:
                 "compression_nonzero": v["compression_nonzero"],
                 "paper_compression": p["compression"] if key == "autoprune" and not p.get("goal_not_paper") else None,
                 "compression_bytes": v["compression_bytes"], "speedup_b1": None, "speedup_b256": None,
-                "wall_s": v["wall_s"], "target_met": r["target"]["met"] if key == "autoprune" else None})
+                "wall_s": v["wall_s"], "target_met": r["target"]["met"] if key == "autoprune" else None,
+                **weight_counts(RESULTS / "files" / f"autoprune_{name}_{TAGS[key]}.nsz")})
     # sensitivity to the regularization strength, and the ablation, on LeNet-300-100 (3 epochs each)
     name = "lenet300"
     res["mu_sweep"] = {f"{mu:g}": cached_json(f"ap_sweep_{mu:g}", lambda mu=mu: autoprune_run(

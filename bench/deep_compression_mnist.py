@@ -13,7 +13,18 @@ from __future__ import annotations
 import time
 
 import netsurgeon as ns
-from _common import REPO, RESULTS, cached_json, machine, parse_args, pyplot, rel, save_figure, write_result
+from _common import (
+    REPO,
+    RESULTS,
+    cached_json,
+    machine,
+    parse_args,
+    pyplot,
+    rel,
+    save_figure,
+    weight_counts,
+    write_result,
+)
 from netsurgeon.masks import prunable_tensors
 from netsurgeon.quantization.kmeans import share_weights, share_weights_global
 from netsurgeon.stats import collect_gradients
@@ -153,7 +164,7 @@ def add_paper_width_rows(res: dict, data) -> None:
                 "kept_pct": 100 * v["nonzero"] / v["params"], "compression_nonzero": v["compression_nonzero"],
                 "paper_compression": None, "paper_compression_bytes": p["compression"] if is_han else None,
                 "compression_bytes": w["compression_bytes"], "speedup_b1": None, "speedup_b256": None,
-                "wall_s": None, "target_met": None})
+                "wall_s": None, "target_met": None, **weight_counts(w["file"])})
 
 
 def main() -> None:
@@ -197,7 +208,7 @@ def main() -> None:
                 "kept_pct": 100 * v["nonzero"] / v["params"], "compression_nonzero": v["compression_nonzero"],
                 "paper_compression": None, "paper_compression_bytes": p["compression"] if is_han else None,
                 "compression_bytes": h["compression_bytes"], "speedup_b1": None, "speedup_b256": None,
-                "wall_s": v["wall_s"], "target_met": target})
+                "wall_s": v["wall_s"], "target_met": target, **weight_counts(h["file"])})
         r["init_comparison"] = cached_json(f"dc_{name}_inits", lambda name=name: init_comparison(
             name, SOURCES[name][0][1], data), args.fresh)
         r["hessian_weighted"] = cached_json(f"dc_{name}_hessian", lambda name=name: hessian_weighted(

@@ -29,6 +29,7 @@ from _common import (
     pyplot,
     rel,
     save_figure,
+    weight_counts,
     write_result,
 )
 from netsurgeon.masks import sparsity_report
@@ -184,7 +185,7 @@ def main() -> None:
                 "paper_compression": p["compression"] if key == "dns" else None,
                 "compression_bytes": v["compression_bytes"], "speedup_b1": v["latency"]["1"]["speedup"],
                 "speedup_b256": v["latency"]["256"]["speedup"], "wall_s": v["wall_s"],
-                "target_met": r["target"]["met"] if key == "dns" else None})
+                "target_met": r["target"]["met"] if key == "dns" else None, **weight_counts(v["file"])})
     result["wall_s"] = time.perf_counter() - t0
     if not args.quick:
         path = write_result("dns_mnist", result)

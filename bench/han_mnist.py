@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, replace
 
 import netsurgeon as ns
-from _common import DENSE, RESULTS, cached_json, dense_model, machine, parse_args, write_result
+from _common import DENSE, RESULTS, cached_json, dense_model, machine, parse_args, rel, weight_counts, write_result
 from netsurgeon.masks import sparsity_report
 from netsurgeon.modelfile import load_model
 from netsurgeon.pruning.magnitude import prune_and_retrain
@@ -63,7 +63,7 @@ def run_model(name: str, data: ns.data.Dataset, fresh: bool, quick: bool) -> dic
         f16, f32 = (RESULTS / "files" / f"han_{name}_{slug}_{vd}.nsz" for vd in ("float16", "float32"))
         s = summarize(ns.load_compressed(f16), data.input_shape, data=data, file_path=f16)
         err32 = 100 * (1 - ns.evaluate(ns.load_compressed(f32), data.test)[1])
-        out["variants"][vname] = {**s, "test_error_pct_float32": err32, **v}
+        out["variants"][vname] = {**s, "test_error_pct_float32": err32, **v, "file": rel(f16)}
     return out
 
 
@@ -89,7 +89,8 @@ def main() -> None:
                 "wall_s": v["wall_s"],  # compression only (prune + retrain), dense training excluded
                 # errors are k/10000: compare at 1e-9 so 0.87000000001 is not a miss of 0.87
                 "target_met": bool(v["compression_nonzero"] >= 12.0 * 0.95
-                                   and v["test_error_pct"] <= PAPER[name]["pruned_error"] + 0.1 + 1e-9)})
+                                   and v["test_error_pct"] <= PAPER[name]["pruned_error"] + 0.1 + 1e-9),
+                **weight_counts(v["file"])})
     result["wall_s"] = time.perf_counter() - t0
     if not args.quick:
         path = write_result("han_mnist", result)

@@ -26,9 +26,9 @@ def _paper_x(v) -> str:
 
 def render() -> str:
     lines, machines = [], set()
-    head = ("| benchmark | model | method | test error % (paper) | dense error % (paper) | kept nonzeros | "
-            "compression: nonzeros (paper) | compression: .nsz bytes (paper) | speedup b1 / b256 | compress wall s "
-            "| target |")
+    head = ("| benchmark | model | method | test error % (paper) | dense error % (paper) | kept weights | "
+            "compression: weights (paper) | biases kept | compression: .nsz bytes (paper) | speedup b1 / b256 | "
+            "compress wall s | target |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         res = json.loads(path.read_text())
@@ -39,9 +39,10 @@ def render() -> str:
             lines.append(
                 f"| {res['benchmark']} | {r['model']} | {r['method']} | {_f(r['error_pct'], '.2f')} "
                 f"({_f(r.get('paper_error_pct'), '.2f')}) | {_f(r.get('dense_error_pct'), '.2f')} "
-                f"({_f(r.get('paper_dense_error_pct'), '.2f')}) | {_f(r.get('kept_pct'), '.2f')}% | "
-                f"{_f(r['compression_nonzero'], '.1f')}x ({_f(r.get('paper_compression'), '.0f')}"
-                f"{'x' if r.get('paper_compression') else ''}) | "
+                f"({_f(r.get('paper_dense_error_pct'), '.2f')}) | "
+                f"{_f(100 * r['weights_nonzero'] / r['weights'], '.2f')}% | "
+                f"{_f(r['compression_weights'], '.1f')}x ({_f(r.get('paper_compression'), '.0f')}"
+                f"{'x' if r.get('paper_compression') else ''}) | {r['biases_nonzero']}/{r['biases']} | "
                 f"{_f(r['compression_bytes'], '.1f')}x"
                 f"{_paper_x(r.get('paper_compression_bytes'))}"
                 f" | {_f(r.get('speedup_b1'), '.2f')} / "
