@@ -149,6 +149,18 @@ def paper_widths(name: str, label: str, huffman_file: str, data) -> dict:
             "test_error_pct": 100 * (1 - ns.evaluate(ns.load_compressed(f), data.test)[1])}
 
 
+def _row(name: str, method: str, p: dict, is_han: bool, v: dict, out: dict, wall_s: float | None,
+         target: bool | None) -> dict:
+    """A table row for pipeline result ``v`` whose written file is ``out`` (Huffman or paper-width file)."""
+    return {"model": name, "method": method, "error_pct": out["test_error_pct"],
+            "paper_error_pct": p["error"] if is_han else None, "dense_error_pct": None,
+            "paper_dense_error_pct": p["ref_error"], "kept_pct": 100 * v["nonzero"] / v["params"],
+            "compression_nonzero": v["compression_nonzero"], "paper_compression": None,
+            "paper_compression_bytes": p["compression"] if is_han else None,
+            "compression_bytes": out["compression_bytes"], "speedup_b1": None, "speedup_b256": None,
+            "wall_s": wall_s, "target_met": target, **weight_counts(out["file"])}
+
+
 def add_paper_width_rows(res: dict, data) -> None:
     """Add, for every pipeline, the like-for-like row at the paper's index widths (issue 13, item 3)."""
     res["table_rows"] = [r for r in res["table_rows"] if "paper's fixed index widths" not in r["method"]]
@@ -157,14 +169,9 @@ def add_paper_width_rows(res: dict, data) -> None:
         for label, v in r["pipelines"].items():
             w = v["paper_widths"] = paper_widths(name, label, v["huffman"]["file"], data)
             is_han = label.startswith("magnitude")
-            res["table_rows"].append({
-                "model": name, "method": f"{label} + k-means + Huffman, paper's fixed index widths (conv 8, fc 5)",
-                "error_pct": w["test_error_pct"], "paper_error_pct": p["error"] if is_han else None,
-                "dense_error_pct": None, "paper_dense_error_pct": p["ref_error"],
-                "kept_pct": 100 * v["nonzero"] / v["params"], "compression_nonzero": v["compression_nonzero"],
-                "paper_compression": None, "paper_compression_bytes": p["compression"] if is_han else None,
-                "compression_bytes": w["compression_bytes"], "speedup_b1": None, "speedup_b256": None,
-                "wall_s": None, "target_met": None, **weight_counts(w["file"])})
+            res["table_rows"].append(_row(
+                name, f"{label} + k-means + Huffman, paper's fixed index widths (conv 8, fc 5)", p, is_han, v, w,
+                wall_s=None, target=None))
 
 
 def main() -> None:
@@ -201,14 +208,8 @@ def main() -> None:
                 target = h["compression_bytes"] >= 300 and h["test_error_pct"] <= 1.0 + 1e-9
             r.setdefault("targets", {})[label] = target
             stretch = " (stretch goal >= 300x at <= 1.0%)" if label == "DNS" and name == "lenet5" else ""
-            res["table_rows"].append({
-                "model": name, "method": f"{label} + k-means (conv 8, fc 5 bits) + Huffman{stretch}",
-                "error_pct": h["test_error_pct"], "paper_error_pct": p["error"] if is_han else None,
-                "dense_error_pct": None, "paper_dense_error_pct": p["ref_error"],
-                "kept_pct": 100 * v["nonzero"] / v["params"], "compression_nonzero": v["compression_nonzero"],
-                "paper_compression": None, "paper_compression_bytes": p["compression"] if is_han else None,
-                "compression_bytes": h["compression_bytes"], "speedup_b1": None, "speedup_b256": None,
-                "wall_s": v["wall_s"], "target_met": target, **weight_counts(h["file"])})
+            res["table_rows"].append(_row(name, f"{label} + k-means (conv 8, fc 5 bits) + Huffman{stretch}", p,
+                                          is_han, v, h, wall_s=v["wall_s"], target=target))
         r["init_comparison"] = cached_json(f"dc_{name}_inits", lambda name=name: init_comparison(
             name, SOURCES[name][0][1], data), args.fresh)
         r["hessian_weighted"] = cached_json(f"dc_{name}_hessian", lambda name=name: hessian_weighted(
