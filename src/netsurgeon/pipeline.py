@@ -95,11 +95,6 @@ class Stage:
     def to_dict(self) -> dict[str, Any]:
         return {self.method: self.config.to_dict()}
 
-    def changed(self) -> dict[str, Any]:
-        """The options that differ from the method's defaults."""
-        default = type(self.config)().to_dict()
-        return {k: v for k, v in self.config.to_dict().items() if default.get(k) != v}
-
 
 def weight_form(model: nn.Module) -> str:
     """The weight form of ``model``: ``shared``/``int8`` if any layer holds k-means or int8 weights, else float."""

@@ -189,12 +189,11 @@ class MethodConfig:
 
 @dataclass
 class StageContext:
-    """What a stage's ``run`` may use besides the model: the data (None if the user gave none), a progress
-    flag, and ``teacher``-style extras later stages may need. Stages never read ``data.test``."""
+    """What a stage's ``run`` may use besides the model: the data (None if the user gave none) and a progress
+    flag. Stages never read ``data.test``."""
 
     data: Any = None
     progress: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def require_data(self, method: str) -> Any:
         if self.data is None:
