@@ -52,9 +52,9 @@ def run(name: str, data) -> dict:
 def latency(name: str) -> dict:
     f = RESULTS / "files" / f"int8_{name}_channel.nsz"
     ref = ns.load_compressed(f)                        # same (dequantized) weights in float32
-    fast = ns.load_compressed(f, int8_kernels=True)    # Linear layers on int8 kernels
     out = {}
     for b in (1, 256):
+        fast = ns.load_compressed(f, runtime=True, batch=b, threads=2)  # the runtime's choice (int8 or dense)
         x = torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         lat = measure_latency(fast, ref, x, repeats=100, threads=2)
         out[str(b)] = {"int8_ms": 1e3 * lat.model_s, "float32_ms": 1e3 * lat.reference_s, "speedup": lat.speedup}

@@ -1,9 +1,22 @@
+import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import netsurgeon as ns
 from netsurgeon.pruning.magnitude import prune_magnitude
-from netsurgeon.runtime import CSRLinear, sparsify_linear_layers
+from netsurgeon.quantization.kmeans import share_weights
+from netsurgeon.runtime import CSRLinear, FusedLinearChain, Int8Linear, compile_runtime, kernels, resident_bytes
+
+needs_numba = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+
+
+def _pruned_lenet300(sparsity=0.97, seed=0):
+    torch.manual_seed(seed)
+    m = ns.build_model("lenet300")
+    prune_magnitude(m, sparsity=sparsity)
+    return m
 
 
 def test_csr_linear_matches_dense():
@@ -17,31 +30,115 @@ def test_csr_linear_matches_dense():
     assert "nnz=" in repr(fast)
 
 
-def test_only_sparse_enough_layers_are_converted():
+@needs_numba
+@pytest.mark.parametrize("batch", [1, 2, 37])
+def test_fused_chain_matches_the_layers_it_replaces(batch):
+    m = _pruned_lenet300()
+    fast, plan = compile_runtime(m, batch, forms=("fused",), repeats=3)
+    x = torch.randn(batch, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    # whichever form won the timing, the fused form itself must compute the same
+    chain = FusedLinearChain([{"n_in": 784, "n_out": 300, "bias": m.fc1.bias.detach().numpy(), "relu": True,
+                               **_coo(m.fc1.weight)},
+                              {"n_in": 300, "n_out": 100, "bias": None, "relu": False, **_coo(m.fc2.weight)}],
+                             ["fc1", "fc2"])
+    with torch.no_grad():
+        ref = F.linear(F.relu(m.fc1(x.flatten(1))), m.fc2.weight)
+        torch.testing.assert_close(chain(x.flatten(1)), ref, atol=1e-5, rtol=1e-5)
+    assert plan.runs[0].layers == ["fc1", "fc2", "fc3"] and plan.traced
+
+
+def _coo(w):
+    w = w.detach()
+    r, c = torch.nonzero(w, as_tuple=True)
+    return {"rows": r.numpy(), "cols": c.numpy(), "values": w[r, c].numpy()}
+
+
+@needs_numba
+def test_kmeans_layers_run_from_codes_without_a_dense_copy(tmp_path):
+    m = _pruned_lenet300(0.95)
+    share_weights(m, {"fc": 5})
+    ns.save_compressed(m, tmp_path / "dc.nsz", huffman=True)
+    dense = ns.load_compressed(tmp_path / "dc.nsz")
+    fast, plan = compile_runtime(ns.load_compressed(tmp_path / "dc.nsz", keep_codecs=True), 1, forms=("fused",),
+                                 repeats=3)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), dense(x), atol=1e-5, rtol=1e-5)
+    chains = [mod for mod in fast.modules() if isinstance(mod, FusedLinearChain)]
+    if plan.runs[0].form == "fused":  # the codes (uint8) and uint16 columns, never float32 weights
+        assert chains and chains[0].packed.shared and chains[0].packed.codes.dtype == np.uint8
+        assert chains[0].packed.vals.size == 0 and chains[0].packed.cols.dtype == np.uint16
+        assert plan.resident_bytes < 4 * 266_200 / 4  # far below the dense float32 weights
+    assert plan.runs[0].weights == "shared"
+
+
+def test_int8_layer_matches_float_within_quantization_error():
     torch.manual_seed(0)
-    m = ns.build_model("lenet300")
-    prune_magnitude(m, sparsity={"fc1": 0.95, "fc2": 0.5})
-    fast = sparsify_linear_layers(m, min_sparsity=0.9)
-    assert isinstance(fast.fc1, CSRLinear) and isinstance(fast.fc2, nn.Linear)
-    x = torch.randn(3, 1, 28, 28)
-    torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    lin = nn.Linear(64, 24)
+    w = lin.weight.detach()
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    fast = Int8Linear(q, scale, lin.bias)
+    x = torch.randn(40, 64)
+    ref = F.linear(x, q.float() * scale[:, None], lin.bias)
+    with torch.no_grad():
+        y = fast(x)
+    assert (y - ref).abs().max() < 0.02 * ref.abs().max()
+    assert fast.resident_bytes() < 64 * 24 * 4 / 3
 
 
-def test_load_compressed_with_sparse_kernels(tmp_path):
-    torch.manual_seed(0)
-    m = ns.build_model("lenet300")
-    prune_magnitude(m, sparsity=0.95)
-    ns.save_compressed(m, tmp_path / "s.nsz")
-    fast = ns.load_compressed(tmp_path / "s.nsz", sparse_kernels=True)
-    assert isinstance(fast.fc1, CSRLinear) and not fast.training
-    x = torch.randn(3, 1, 28, 28)
-    torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
-
-
-def test_tuning_keeps_dense_where_csr_loses():
+def test_plan_never_keeps_a_slower_form_and_dense_stays_possible():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 8))
     with torch.no_grad():
-        m[0].weight[:, 1:] = 0  # 87.5% sparse, but a tiny layer: CSR's fixed cost loses at batch 1
-    assert isinstance(sparsify_linear_layers(m, min_sparsity=0.5)[0], CSRLinear)
-    assert isinstance(sparsify_linear_layers(m, min_sparsity=0.5, tune_batch=1)[0], nn.Linear)
+        m[0].weight[:, 1:] = 0
+    fast, plan = compile_runtime(m, 1, repeats=5)
+    (run,) = plan.runs
+    assert run.form == min(run.latency_ms, key=run.latency_ms.get)
+    assert "dense" in run.latency_ms
+    with torch.no_grad():
+        x = torch.randn(1, 8)
+        torch.testing.assert_close(fast(x), m(x))
+
+
+def test_untraceable_model_falls_back_to_layer_by_layer():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(20, 20), nn.Linear(20, 5)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                x = x * 2
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    m = Branchy()
+    prune_magnitude(m, sparsity=0.9)
+    fast, plan = compile_runtime(m, 4, repeats=3)
+    assert not plan.traced and [r.layers for r in plan.runs] == [["a"], ["b"]]
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_load_compressed_runtime_and_bad_arguments(tmp_path):
+    m = _pruned_lenet300()
+    ns.save_compressed(m, tmp_path / "s.nsz")
+    fast = ns.load_compressed(tmp_path / "s.nsz", runtime=True, batch=3)
+    assert not fast.training
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch must be >= 1; got 0"):
+        compile_runtime(m, 0)
+    with pytest.raises(ValueError, match="unknown runtime form 'gpu'"):
+        compile_runtime(m, 1, forms=("gpu",))
+
+
+def test_resident_bytes_counts_shared_storage_once():
+    lin = nn.Linear(10, 10)
+    m = nn.Sequential(lin, nn.ReLU(), lin)
+    assert resident_bytes(m) == (100 + 10) * 4

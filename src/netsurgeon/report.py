@@ -15,7 +15,7 @@ from torch import nn
 from ._validation import atomic_save
 from .data import Dataset
 from .masks import sparsity_report
-from .runtime import sparsify_linear_layers
+from .runtime import compile_runtime
 from .stats import count_nonzero, layer_flops, measure_latency
 from .train import evaluate
 
@@ -28,10 +28,10 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
               threads: int | None = None, repeats: int = 50, reference: nn.Module | None = None) -> dict[str, Any]:
     """The numbers a user judges a compressed model by, as a JSON-ready dict.
 
-    ``latency[b]`` holds one measurement: the runtime form (CSR kernels for Linear layers where they time
-    faster at batch ``b``, see runtime.py) against ``reference``, the original dense model (default: the same
-    architecture run densely, which costs what any dense weights cost), timed interleaved in this process with
-    the same threads; ``speedup = dense_ms / runtime_ms`` of exactly those two medians.
+    ``latency[b]`` holds one measurement: the runtime form (``runtime.compile_runtime`` at batch ``b``: each
+    run of Linear layers on the kernel that times fastest) against ``reference``, the original dense model
+    (default: the same architecture run densely, which costs what any dense weights cost), timed interleaved
+    in this process with the same threads; ``speedup = dense_ms / runtime_ms`` of exactly those two medians.
     """
     nz, total = count_nonzero(model)
     flops = layer_flops(model, input_shape)
@@ -48,12 +48,11 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
         out.update(test_accuracy=acc, test_error_pct=100 * (1 - acc), test_loss=loss)
     lat = {}
     for b in batches:
-        fast = sparsify_linear_layers(model, tune_batch=b)
+        fast, plan = compile_runtime(model, b, threads=threads)
         x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(0))
         r = measure_latency(fast, reference if reference is not None else model, x, threads=threads, repeats=repeats)
         lat[str(b)] = {"runtime_ms": 1e3 * r.model_s, "dense_ms": 1e3 * r.reference_s, "speedup": r.speedup,
-                       "threads": r.threads,
-                       "csr_layers": [n for n, m in fast.named_modules() if type(m).__name__ == "CSRLinear"]}
+                       "threads": r.threads, "forms": {"+".join(c.layers): c.form for c in plan.runs}}
     out["latency"] = lat
     return out
 

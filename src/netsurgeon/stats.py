@@ -112,7 +112,7 @@ def measure_latency(model: nn.Module, reference: nn.Module, x: Tensor, *, warmup
     """
     model.eval()
     reference.eval()
-    with num_threads(threads):
+    with num_threads(threads), torch.inference_mode():  # as a deployed model runs: no autograd bookkeeping
         for _ in range(warmup):
             model(x)
             reference(x)

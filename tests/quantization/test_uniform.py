@@ -31,9 +31,14 @@ def test_ptq_file_runtime_and_speed_path(tmp_path):
     assert rec.codec == "int8" and rec.bytes == 300 * 784 + 300 * 4
     plain = ns.load_compressed(tmp_path / "q.nsz")
     assert torch.equal(plain(x), m(x))
-    fast = ns.load_compressed(tmp_path / "q.nsz", int8_kernels=True)
-    assert "DynamicQuantizedLinear" in repr(fast.fc1) and "quantized.dynamic" in type(fast.fc1).__module__
-    torch.testing.assert_close(fast(x), m(x), atol=0.05, rtol=0.05)
+    from netsurgeon.runtime import compile_runtime
+
+    fast, plan = compile_runtime(ns.load_compressed(tmp_path / "q.nsz", keep_codecs=True), 64, forms=("int8",),
+                                 repeats=3)
+    assert plan.runs[0].weights == "int8" and set(plan.runs[0].latency_ms) == {"int8", "dense"}
+    x64 = torch.randn(64, *x.shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x64), m(x64), atol=0.05, rtol=0.05)
 
 
 def test_qat_trains_through_fake_quantization(digits):

@@ -1,0 +1,279 @@
+"""Turn a compressed model into its fastest runnable form, chosen by measuring on the user's batch size.
+
+``compile_runtime(model, batch)`` traces the model (torch.fx), finds every maximal run of Linear layers joined
+by ReLUs (each intermediate result used only by the next layer), and for each run times the candidate forms
+on a random input of that batch size, interleaved, median of ``repeats``:
+
+- ``fused``: one compiled call for the whole run (float32 values, or k-means codes + codebooks), numba;
+- ``csr``: torch's CSR matmul per layer;
+- ``int8``: int8 x int8 -> int32 per layer (for weights stored as int8);
+- ``dense``: plain ``nn.Linear`` layers with float32 weights (the baseline: never slower than dense).
+
+The fastest wins, so no run is slower than dense up to timing noise. Convolutions stay dense: unstructured
+sparsity does not speed them up on this CPU (docs/runtime.md); removing whole channels (structured pruning)
+does. A model fx cannot trace keeps its structure; each Linear layer is then a run of its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from . import kernels
+from .modules import CSRLinear, FusedLinearChain, Int8Linear, resident_bytes
+
+__all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
+
+KINDS = ("fused", "csr", "int8", "dense")
+
+
+@dataclass
+class RunChoice:
+    """One run of Linear layers: the candidates' median latency (ms) and the form kept."""
+
+    layers: list[str]
+    form: str
+    weights: str  # float / shared / int8
+    density: float
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RuntimePlan:
+    batch: int
+    threads: int
+    runs: list[RunChoice]
+    traced: bool
+    resident_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        lines = [f"runtime plan for batch {self.batch}, {self.threads} threads"
+                 + ("" if self.traced else " (model not traceable by torch.fx: layers replaced one by one)")]
+        for r in self.runs:
+            cands = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(r.latency_ms.items(), key=lambda kv: kv[1]))
+            lines.append(f"  {'+'.join(r.layers)} ({r.weights}, {100 * r.density:.1f}% nonzero): {r.form}"
+                         + (f"  [{cands}]" if cands else ""))
+        return "\n".join(lines)
+
+
+def linear_form(m: nn.Linear) -> tuple[str, dict[str, torch.Tensor]]:
+    """How a Linear layer's weight is held: ``("shared", {book, index})``, ``("int8", {q, scale})`` or
+    ``("float", {weight})`` (pruning masks already applied)."""
+    if parametrize.is_parametrized(m, "weight"):
+        for p in m.parametrizations["weight"]:
+            if type(p).__name__ == "SharedWeights":
+                return "shared", {"book": p.codebook.detach(), "index": p.index}
+            if type(p).__name__ == "Int8Weights":
+                return "int8", {"q": p.q, "scale": p.scale}
+    return "float", {"weight": m.weight.detach()}
+
+
+def _layer_spec(m: nn.Linear, relu: bool) -> dict[str, Any]:
+    form, parts = linear_form(m)
+    bias = None if m.bias is None else m.bias.detach().float().numpy()
+    spec: dict[str, Any] = {"n_in": m.in_features, "n_out": m.out_features, "bias": bias, "relu": relu}
+    if form == "shared":
+        idx = parts["index"]
+        rows, cols = torch.nonzero(idx, as_tuple=True)
+        spec.update(rows=rows.numpy(), cols=cols.numpy(), codes=(idx[rows, cols] - 1).to(torch.uint8).numpy(),
+                    book=parts["book"].float().numpy())
+    else:
+        w = m.weight.detach().float()
+        rows, cols = torch.nonzero(w, as_tuple=True)
+        spec.update(rows=rows.numpy(), cols=cols.numpy(), values=w[rows, cols].numpy())
+    return spec
+
+
+def _dense_linear(m: nn.Linear) -> nn.Linear:
+    out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(m.weight.detach())
+        if m.bias is not None:
+            out.bias.copy_(m.bias.detach())
+    return out.eval()
+
+
+def _candidates(mods: list[nn.Linear], relus: list[bool], names: list[str], form: str,
+                density: float) -> dict[str, nn.Module]:
+    def seq(layers: list[nn.Module]) -> nn.Module:
+        out: list[nn.Module] = []
+        for layer, r in zip(layers, relus, strict=True):
+            out += [layer] + ([nn.ReLU()] if r else [])
+        return nn.Sequential(*out).eval()
+
+    cands: dict[str, nn.Module] = {"dense": seq([_dense_linear(m) for m in mods])}
+    if form == "int8":
+        cands["int8"] = seq([Int8Linear(linear_form(m)[1]["q"], linear_form(m)[1]["scale"], m.bias) for m in mods])
+        return cands
+    if density <= 0.5 or form == "shared":
+        if kernels.available():
+            cands["fused"] = FusedLinearChain([_layer_spec(m, r) for m, r in zip(mods, relus, strict=True)], names)
+        if density <= 0.5:
+            cands["csr"] = seq([CSRLinear(m.weight.detach(), m.bias) for m in mods])
+    return cands
+
+
+def _time(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median ms of each candidate, run interleaved (drift of the machine spreads over all)."""
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    with torch.inference_mode():
+        for m in cands.values():  # warm-up (compiles numba kernels on first use)
+            for _ in range(3):
+                m(x)
+        for _ in range(repeats):
+            for k, m in cands.items():
+                t0 = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.Linear) or super().is_leaf_module(m, qualname)
+
+
+def _is_relu(node: fx.Node, gm: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace", False)
+    return node.op == "call_method" and node.target == "relu"
+
+
+def _runs(gm: fx.GraphModule) -> list[list[tuple[fx.Node, fx.Node | None]]]:
+    """Maximal runs [(linear node, relu node or None), ...] in graph order."""
+    def linear(n: fx.Node) -> bool:
+        return n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Linear)
+
+    seen: set[fx.Node] = set()
+    runs = []
+    for node in gm.graph.nodes:
+        if not linear(node) or node in seen:
+            continue
+        run, cur = [], node
+        while True:
+            seen.add(cur)
+            nxt = list(cur.users)
+            relu = nxt[0] if len(nxt) == 1 and _is_relu(nxt[0], gm) else None
+            run.append((cur, relu))
+            tail = relu or cur
+            users = list(tail.users)
+            if len(users) == 1 and linear(users[0]) and users[0].args == (tail,) and not users[0].kwargs:
+                cur = users[0]
+                continue
+            break
+        runs.append(run)
+    return runs
+
+
+def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = None, repeats: int = 30,
+                    forms: tuple[str, ...] = KINDS) -> tuple[nn.Module, RuntimePlan]:
+    """The runtime form of ``model`` for inputs of ``batch`` samples, and the plan that says what was chosen.
+
+    ``model`` may hold pruned float weights, k-means-shared or int8 weights (as ``load_compressed(...,
+    keep_codecs=True)`` rebuilds them); it is not modified. ``forms`` limits the candidates (``dense`` is
+    always one). Timing uses ``threads`` torch (and numba) threads (default: the current setting).
+    """
+    if batch < 1:
+        raise ValueError(f"compile_runtime: batch must be >= 1; got {batch!r}.")
+    bad = [f for f in forms if f not in KINDS]
+    if bad:
+        raise ValueError(f"compile_runtime: unknown runtime form {bad[0]!r}; choose from {', '.join(KINDS)}.")
+    model = copy.deepcopy(model).eval()
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        try:
+            gm: nn.Module = fx.GraphModule(model, _Tracer().trace(model))
+            traced = True
+            runs = _runs(gm)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - any model fx cannot trace keeps its own forward
+            gm, traced = model, False
+            runs = [[(name, None)] for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        plan = RuntimePlan(batch, torch.get_num_threads(), [], traced)
+        for k, run in enumerate(runs):
+            names = [str(n.target) if traced else n for n, _ in run]
+            mods = [gm.get_submodule(n) for n in names]
+            relus = [r is not None for _, r in run]
+            kinds = {linear_form(m)[0] for m in mods}
+            form = kinds.pop() if len(kinds) == 1 else "mixed"
+            nz = sum(int((m.weight != 0).sum()) for m in mods)
+            density = nz / sum(m.weight.numel() for m in mods)
+            if form == "mixed":  # a run mixing storage forms: each layer on its own
+                plan.runs.append(RunChoice(names, "dense", form, density))
+                continue
+            cands = {f: c for f, c in _candidates(mods, relus, names, form, density).items()
+                     if f in forms or f == "dense"}
+            choice = RunChoice(names, "dense", form, density)
+            if len(cands) > 1:
+                x = torch.randn(batch, mods[0].in_features, generator=torch.Generator().manual_seed(0))
+                choice.latency_ms = _time(cands, x, repeats)
+                choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
+            plan.runs.append(choice)
+            if choice.form == "dense":
+                continue
+            fast = cands[choice.form]
+            if traced:
+                _replace_run(gm, run, fast, f"runtime_{k}")  # type: ignore[arg-type]
+            else:  # one layer per run: swap the module in place
+                parent, _, attr = names[0].rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, attr, fast)
+        for m in list(gm.modules()):  # what stays: plain weights (masks/codebooks applied once, here)
+            if parametrize.is_parametrized(m):
+                _materialize(m)
+        if traced:
+            gm.graph.lint()
+            gm.recompile()
+            gm.delete_all_unused_submodules()  # type: ignore[operator]
+        plan.resident_bytes = resident_bytes(gm)
+        return gm.eval(), plan
+    finally:
+        torch.set_num_threads(old)
+
+
+def _materialize(m: nn.Module) -> None:
+    """Turn ``m``'s parametrized tensors into plain parameters holding their current values.
+
+    Not ``parametrize.remove_parametrizations``: that edits the parametrized *class*, which a deep copy shares
+    with the original model, so the caller's model would lose its weights.
+    """
+    values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+    del m._modules["parametrizations"]
+    m.__class__ = m.__class__.__bases__[0]  # parametrize made the class ParametrizedX(X)
+    for name, v in values.items():
+        m._parameters[name] = nn.Parameter(v, requires_grad=False)
+
+
+def _replace_run(gm: fx.GraphModule, run: list[tuple[fx.Node, fx.Node | None]], fast: nn.Module,
+                 name: str) -> None:
+    gm.add_submodule(name, fast)
+    first, last = run[0][0], run[-1][1] or run[-1][0]
+    args, flatten = first.args, None
+    src = args[0] if len(args) == 1 and not first.kwargs else None
+    if isinstance(fast, FusedLinearChain) and isinstance(src, fx.Node) and src.op == "call_module" \
+            and len(src.users) == 1:
+        mod = gm.get_submodule(str(src.target))
+        if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:
+            fast.flatten, flatten, args = True, src, src.args  # one module call less at batch 1
+    with gm.graph.inserting_before(first):
+        new = gm.graph.call_module(name, args=args, kwargs=first.kwargs)
+    last.replace_all_uses_with(new)
+    for lin, relu in reversed(run):
+        for n in (relu, lin):
+            if n is not None:
+                gm.graph.erase_node(n)
+    if flatten is not None:
+        gm.graph.erase_node(flatten)

@@ -1,0 +1,133 @@
+"""The runtime's layer modules: what a compressed Linear layer (or a run of them) becomes to run fast.
+
+- :class:`FusedLinearChain`: a run of sparse Linear(+ReLU) layers in one compiled call (kernels.py), with
+  float32 values or k-means codes (uint8) into a per-layer codebook: no dense float copy is ever held.
+- :class:`CSRLinear`: torch's CSR matmul for one layer (a candidate at large batch).
+- :class:`Int8Linear`: int8 weights x int8 activations (per-sample scales) through ``torch._int_mm``, the
+  int32 result rescaled in one pass (kernels.py).
+Every module holds its arrays as plain tensors/numpy arrays; ``resident_bytes`` counts them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+
+__all__ = ["FusedLinearChain", "CSRLinear", "Int8Linear", "resident_bytes"]
+
+
+class FusedLinearChain(nn.Module):
+    """``layers`` (dicts, see :func:`kernels.pack_chain`) run as one compiled call on the last input axis."""
+
+    def __init__(self, layers: list[dict], names: list[str], flatten: bool = False) -> None:
+        super().__init__()
+        self.packed = kernels.pack_chain(layers)
+        self.names = names
+        self.flatten = flatten  # the run absorbed the nn.Flatten before it (one module call less)
+        self.nnz = int(sum(len(layer["rows"]) for layer in layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.flatten:
+            x = x.reshape(x.shape[0], -1)
+        lead = x.shape[:-1]
+        if x.dim() != 2:
+            x = x.reshape(-1, x.shape[-1])
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+            x = x.detach().float().contiguous()
+        x2 = x.numpy()
+        if x2.shape[0] > 1:
+            kernels.set_threads(torch.get_num_threads())
+        y = torch.from_numpy(kernels.chain_forward(self.packed, x2))
+        return y if len(lead) == 1 else y.reshape(*lead, self.packed.n_out)
+
+    def resident_bytes(self) -> int:
+        return self.packed.nbytes()
+
+    def extra_repr(self) -> str:
+        kind = "k-means codes" if self.packed.shared else "float32"
+        return f"layers={self.names}, in={self.packed.n_in}, out={self.packed.n_out}, nnz={self.nnz}, values={kind}"
+
+
+def _to_csr(w: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # torch flags CSR support as beta on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        return w.to_sparse_csr()
+
+
+class CSRLinear(nn.Module):
+    """``y = x Wᵀ + b`` with W held as a torch CSR sparse matrix (only the nonzeros are stored and multiplied)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight_csr = _to_csr(weight.detach())
+        self.bias = None if bias is None else bias.detach().clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = torch.sparse.mm(self.weight_csr, x.reshape(-1, self.in_features).t()).t()  # (out, in) @ (in, B)
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def resident_bytes(self) -> int:
+        w = self.weight_csr
+        parts = [w.crow_indices(), w.col_indices(), w.values()] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, nnz={self.weight_csr.values().numel()}"
+
+
+class Int8Linear(nn.Module):
+    """int8 weights (one scale per output row, as stored) times int8 activations (one scale per sample,
+    computed on the fly): ``y = (q_x @ q_wᵀ) * s_x * s_w + b`` with int32 accumulation (``torch._int_mm``)."""
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("q_t", q.to(torch.int8).t().contiguous())  # (in, out), as _int_mm wants
+        s = scale.float().reshape(-1)
+        self.register_buffer("scale", (s.expand(self.out_features) if s.numel() == 1 else s).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).detach().float().contiguous().numpy()
+        kernels.set_threads(torch.get_num_threads())
+        q, s = kernels.quantize_rows(x2)
+        acc = torch._int_mm(torch.from_numpy(q), self.q_t).numpy()
+        b = None if self.bias is None else self.bias.numpy()
+        y = kernels.dequantize_rows(acc, s, self.scale.numpy(), b)
+        return torch.from_numpy(y).reshape(*lead, self.out_features)
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 x int8 -> int32"
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes held by ``model``'s weights as it will run: parameters and buffers, plus what the runtime
+    modules hold outside them (packed numpy arrays, CSR parts). Each tensor's storage is counted once."""
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (FusedLinearChain, CSRLinear)):
+            total += m.resident_bytes()
+            continue
+        if isinstance(m, Int8Linear):
+            total += m.resident_bytes()
+            seen.update(t.untyped_storage().data_ptr() for t in m.buffers())
+            continue
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
