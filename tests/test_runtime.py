@@ -142,3 +142,15 @@ def test_resident_bytes_counts_shared_storage_once():
     lin = nn.Linear(10, 10)
     m = nn.Sequential(lin, nn.ReLU(), lin)
     assert resident_bytes(m) == (100 + 10) * 4
+
+
+def test_bench_latency_report_has_every_column_and_the_flop_bound(tmp_path):
+    from netsurgeon.runtime.bench import latency_report, report_lines
+
+    m = _pruned_lenet300()
+    ns.save_compressed(m, tmp_path / "s.nsz")
+    r = latency_report(tmp_path / "s.nsz", (1, 8), threads=1, repeats=5, onnx=False)
+    assert set(r["batches"]["8"]["ms"]) == {"dense", "runtime", "torch_csr"}
+    assert 30 < r["flop_ratio_bound"] < 40  # 97% of the weights pruned, biases dense
+    assert r["batches"]["1"]["runtime_resident_bytes"] > 0 and r["file_bytes"] == (tmp_path / "s.nsz").stat().st_size
+    assert len(report_lines(r)) == 4

@@ -368,6 +368,72 @@ def eval_cmd(model_file: Path, model_spec: str | None, model_args: tuple[str, ..
         _echo_table(layers_table(model, title="nonzeros per tensor"))
 
 
+def _batch_list(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise _Fail(f"--batch takes positive integers separated by commas, e.g. 1,256; got {value!r}.")
+    return out
+
+
+@cli.command("bench-latency")
+@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch", "batch", default="1,256", show_default=True, metavar="B[,B...]",
+              help="Batch sizes, comma-separated.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="torch, numba and onnxruntime threads.")
+@click.option("--repeats", type=click.IntRange(min=5), default=100, show_default=True)
+@click.option("--no-onnx", is_flag=True, help="Skip the onnxruntime columns.")
+@click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_friendly
+def bench_latency_cmd(model_file: Path, batch: str, threads: int, repeats: int, no_onnx: bool, trust_code: bool,
+                      as_json: bool) -> None:
+    """Latency of a .nsz file: netsurgeon's runtime vs the dense model, torch CSR and onnxruntime, in one
+    process (same threads, interleaved, medians), with the FLOP-ratio bound and the resident weight bytes."""
+    import json
+
+    from .runtime.bench import latency_report, report_lines
+
+    batches = _batch_list(batch)
+    if model_file.suffix != ".nsz":
+        raise _Fail(f"bench-latency reads a .nsz file; got {str(model_file)!r}.")
+    r = latency_report(model_file, batches, threads=threads, repeats=repeats, trust_code=trust_code,
+                       onnx=not no_onnx)
+    click.echo(json.dumps(r, indent=2) if as_json else "\n".join(report_lines(r)))
+
+
+@cli.command("export")
+@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .onnx file to write.")
+@click.option("--dense", is_flag=True, help="Write every weight dense (torch.onnx.export's file as is).")
+@click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
+@_friendly
+def export_cmd(model_file: Path, output: Path, dense: bool, trust_code: bool) -> None:
+    """Export a .nsz file to ONNX: int8 as QDQ, k-means as uint8 codes + Gather, pruned weights as positions +
+    values; onnxruntime then checks it against PyTorch."""
+    from .export import export_onnx, require_onnx
+
+    if model_file.suffix != ".nsz":
+        raise _Fail(f"export reads a .nsz file; got {str(model_file)!r}.")
+    if output.suffix != ".onnx":
+        raise _Fail(f"export writes a .onnx file; got -o {str(output)!r}.")
+    _check_output(output, model_file)
+    try:
+        require_onnx()
+    except ImportError as e:
+        raise _Fail(str(e)) from None
+    info = export_onnx(model_file, output, trust_code=trust_code, compact=not dense)
+    click.echo(f"wrote {output}: {info.file_bytes:,} bytes (dense ONNX: {info.dense_onnx_bytes:,}; "
+               f".nsz: {model_file.stat().st_size:,}); onnxruntime vs PyTorch: max |logit diff| "
+               f"{info.max_abs_logit_diff:.1e}")
+    for name, form in info.compact.items():
+        click.echo(f"  {name}: {form}")
+
+
 @cli.command("info")
 @click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
 @_friendly

@@ -1,0 +1,140 @@
+"""``netsurgeon bench-latency``: how fast a ``.nsz`` file runs, every way it can run, in one process.
+
+For each batch size, these are timed interleaved (same process, same threads, median of ``repeats``):
+
+- ``dense``: the same architecture as a plain float32 ``nn.Module`` (the reference of every ratio);
+- ``runtime``: ``compile_runtime`` at that batch (the form netsurgeon runs);
+- ``torch_csr``: every Linear layer with nonzeros on torch's CSR kernel (the plain torch sparse route);
+- ``ort_dense`` / ``ort_export``: onnxruntime on ``torch.onnx.export``'s dense file and on the compact file of
+  ``netsurgeon export`` (when onnx/onnxruntime are installed).
+
+Next to each measured speedup: the FLOP-ratio bound (dense FLOPs / FLOPs of the nonzero weights), and the
+resident bytes of the runtime module's weights next to the file's bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..stats import num_threads, total_flops
+from .compile import compile_runtime
+from .modules import CSRLinear, resident_bytes
+
+__all__ = ["latency_report", "time_interleaved", "csr_form"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 5) -> dict[str, float]:
+    """Median seconds of each zero-argument callable, run in turn ``repeats`` times (machine drift spreads over
+    all of them)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for f in fns.values():
+            for _ in range(warmup):
+                f()
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def csr_form(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose Linear layers all run torch's CSR matmul."""
+    out = copy.deepcopy(model).eval()
+    for name, m in list(out.named_modules()):
+        if isinstance(m, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, attr, CSRLinear(m.weight.detach(), m.bias))
+    return out
+
+
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 256), *, threads: int = 2,
+                   repeats: int = 100, trust_code: bool = False, onnx: bool = True) -> dict[str, Any]:
+    """The numbers of ``netsurgeon bench-latency`` as a JSON-ready dict (see the module doc)."""
+    from ..models import arch_of
+    from . import load_compressed
+
+    path = Path(path)
+    dense = load_compressed(path, trust_code=trust_code)
+    shape = tuple((arch_of(dense) or {}).get("input_shape") or ())
+    if not shape:
+        raise ValueError(f"bench-latency: {str(path)!r} records no input shape.")
+    stored = load_compressed(path, trust_code=trust_code, keep_codecs=True)
+    flops_dense, flops_eff = total_flops(dense, shape)
+    out: dict[str, Any] = {
+        "file": str(path), "file_bytes": path.stat().st_size, "threads": threads, "input_shape": list(shape),
+        "dense_weight_bytes": resident_bytes(dense), "flops_dense": flops_dense, "flops_effective": flops_eff,
+        "flop_ratio_bound": flops_dense / max(flops_eff, 1), "batches": {}}
+    onnx_ok = False
+    if onnx:
+        try:
+            from ..export import dense_onnx, export_onnx, require_onnx
+
+            require_onnx("bench-latency's onnxruntime columns")
+            onnx_ok = True
+        except ImportError as e:
+            out["onnx_skipped"] = str(e)
+    with tempfile.TemporaryDirectory() as tmp, num_threads(threads):
+        sessions = {}
+        if onnx_ok:
+            ex = export_onnx(path, Path(tmp) / "compact.onnx", trust_code=trust_code)
+            dense_file = Path(tmp) / "dense.onnx"
+            dense_onnx(dense, shape, dense_file, 17)
+            sessions = {"ort_dense": _ort_session(dense_file, threads),
+                        "ort_export": _ort_session(ex.path, threads)}
+            out.update(onnx_bytes=ex.file_bytes, onnx_dense_bytes=dense_file.stat().st_size,
+                       onnx_max_abs_logit_diff=ex.max_abs_logit_diff)
+        csr = csr_form(dense)
+        for b in batches:
+            runtime, plan = compile_runtime(stored, b, threads=threads)
+            x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0))
+            xn = x.numpy()
+            fns: dict[str, Callable[[], Any]] = {"dense": lambda x=x: dense(x),
+                                                 "runtime": lambda x=x, r=runtime: r(x),
+                                                 "torch_csr": lambda x=x: csr(x)}
+            for k, s in sessions.items():
+                fns[k] = lambda s=s, xn=xn: s.run(None, {"input": xn})
+            t = time_interleaved(fns, repeats)
+            out["batches"][str(b)] = {
+                "ms": {k: 1e3 * v for k, v in t.items()},
+                "speedup": {k: t["dense"] / v for k, v in t.items() if k != "dense"},
+                "plan": plan.to_dict(), "runtime_resident_bytes": plan.resident_bytes}
+    return out
+
+
+def report_lines(r: dict[str, Any]) -> list[str]:
+    """Plain-text table of :func:`latency_report`."""
+    cols = [k for k in next(iter(r["batches"].values()))["ms"]]
+    lines = [f"{r['file']}: {r['file_bytes']:,} bytes on disk; dense float32 weights {r['dense_weight_bytes']:,} "
+             f"bytes; {r['threads']} threads; FLOP-ratio bound {r['flop_ratio_bound']:.1f}x"]
+    if "onnx_bytes" in r:
+        lines.append(f"ONNX: compact export {r['onnx_bytes']:,} bytes (torch.onnx.export dense: "
+                     f"{r['onnx_dense_bytes']:,}); max |logit diff| vs PyTorch {r['onnx_max_abs_logit_diff']:.1e}")
+    elif "onnx_skipped" in r:
+        lines.append(f"(no onnxruntime columns: {r['onnx_skipped']})")
+    lines.append("batch | " + " | ".join(f"{c} ms (x)" for c in cols) + " | runtime resident bytes | forms")
+    for b, v in r["batches"].items():
+        cells = [f"{v['ms'][c]:.4f}" + ("" if c == "dense" else f" ({v['speedup'][c]:.2f}x)") for c in cols]
+        forms = ", ".join(f"{'+'.join(x['layers'])}: {x['form']}" for x in v["plan"]["runs"])
+        lines.append(f"{b} | " + " | ".join(cells) + f" | {v['runtime_resident_bytes']:,} | {forms}")
+    return lines
