@@ -6,11 +6,11 @@ Why numba: it installs from pip alone (no system compiler), compiles at first us
 code next to this file; the measurements that chose it are in docs/runtime.md. Every kernel is also correct
 without numba installed (``available()`` is then False and the runtime keeps torch's kernels).
 
-Layout of a chain (``pack``): the layers' CSR row pointers (int32), column indices (uint16 when every layer
-has < 65,536 inputs, else int32), values (float32) *or* codes (uint8) with one codebook per layer, and
-biases are each concatenated into one array, and ``meta[l] = (n_in, n_out, rowptr offset, bias offset or -1,
-relu, codebook offset)``. One call runs the whole chain, so at batch 1 the framework's per-layer call cost
-(~7 us per torch CSR call here) is paid once. Two loops:
+Layout of a chain (``pack_chain``): the layers' CSR row pointers (int32), column indices (uint16 when every
+layer has < 65,536 inputs and the values are codes, else int32), values (float32) *or* codes (uint8) with one
+codebook per layer, and biases are each concatenated into one array, and ``meta[l] = (n_in, n_out, rowptr
+offset, bias offset or -1, relu, codebook offset)``. One call runs the whole chain, so at batch 1 the
+framework's per-layer call cost (~7 us per torch CSR call here) is paid once. Two loops:
 
 - batch 1: for each output row, a scalar dot product over its nonzeros, gathering the inputs;
 - batch > 1: the activations are held transposed (features x batch), so each nonzero adds ``v * x[c, :]``,
@@ -39,10 +39,14 @@ def available() -> bool:
     return _HAVE_NUMBA
 
 
+_threads = [0]
+
+
 def set_threads(n: int) -> None:
     """numba's worker count for the parallel kernels (capped at what numba started with)."""
-    if _HAVE_NUMBA:
+    if _HAVE_NUMBA and n != _threads[0]:
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+        _threads[0] = n
 
 
 class PackedChain:
@@ -71,7 +75,9 @@ def pack_chain(layers: list[dict]) -> PackedChain:
     keep = np.unique(first_cols)
     remap = np.full(layers[0]["n_in"], -1, dtype=np.int64)
     remap[keep] = np.arange(keep.size)
-    col_dtype = np.uint16 if max(layer["n_in"] for layer in layers) < 65536 else np.int32
+    # uint16 columns keep a k-means chain's memory near its file size; int32 gathers ~20% faster at batch 1
+    # (docs/runtime.md), so float chains, which hold 4-byte values anyway, use int32
+    col_dtype = np.uint16 if shared and max(layer["n_in"] for layer in layers) < 65536 else np.int32
     meta, rowptrs, cols, vals, codes, books, biases = [], [], [], [], [], [], []
     nz = rp = bo = bk = 0
     for i, layer in enumerate(layers):
@@ -146,11 +152,22 @@ if _HAVE_NUMBA:
                     bv = bias[boff + i] if boff >= 0 else np.float32(0.0)
                     for t in range(n):
                         d[t] = bv
-                    for p in range(rowptr[rp0 + i], rowptr[rp0 + i + 1]):
+                    p, pe = rowptr[rp0 + i], rowptr[rp0 + i + 1]
+                    while p + 4 <= pe:  # four nonzeros per pass: a quarter of the loads/stores of d
+                        v0 = books[bk + codes[p]] if shared else vals[p]
+                        v1 = books[bk + codes[p + 1]] if shared else vals[p + 1]
+                        v2 = books[bk + codes[p + 2]] if shared else vals[p + 2]
+                        v3 = books[bk + codes[p + 3]] if shared else vals[p + 3]
+                        s0, s1, s2, s3 = src[cols[p]], src[cols[p + 1]], src[cols[p + 2]], src[cols[p + 3]]
+                        for t in range(n):
+                            d[t] += (v0 * s0[t] + v1 * s1[t]) + (v2 * s2[t] + v3 * s3[t])
+                        p += 4
+                    while p < pe:
                         v = books[bk + codes[p]] if shared else vals[p]
                         s = src[cols[p]]
                         for t in range(n):
                             d[t] += v * s[t]
+                        p += 1
                     if relu:
                         for t in range(n):
                             d[t] = max(d[t], np.float32(0.0))
@@ -161,6 +178,19 @@ if _HAVE_NUMBA:
 
     _FLOAT = _make(False)
     _SHARED = _make(True)
+
+    @njit(boundscheck=False, parallel=True, cache=True)
+    def _gather_t(x, keep, out):
+        """``out[j, t] = x[t, keep[j]]`` in 32 x 32 blocks (what numpy's ``x[:, keep].T`` copy does, faster)."""
+        n, nk = x.shape[0], keep.shape[0]
+        for jb in prange((nk + 31) // 32):
+            j0, j1 = jb * 32, min(nk, jb * 32 + 32)
+            for t0 in range(0, n, 32):
+                t1 = min(n, t0 + 32)
+                for j in range(j0, j1):
+                    c = keep[j]
+                    for t in range(t0, t1):
+                        out[j, t] = x[t, c]
 
     @njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
     def _quantize_rows(x, q, scale):
@@ -203,7 +233,8 @@ def chain_forward(pc: PackedChain, x: np.ndarray) -> np.ndarray:
         one(x[0], pc.keep, out[0], pc.meta, pc.rowptr, pc.cols, pc.vals,
             pc.codes, pc.books, pc.bias, pc.width)
         return out
-    xt = np.ascontiguousarray(x[:, pc.keep].T) if pc.keep.size != pc.n_in else np.ascontiguousarray(x.T)
+    xt = np.empty((pc.keep.size, x.shape[0]), np.float32)
+    _gather_t(x, pc.keep, xt)
     return many(xt, pc.meta, pc.rowptr, pc.cols, pc.vals, pc.codes, pc.books, pc.bias, pc.width).T
 
 

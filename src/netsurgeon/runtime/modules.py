@@ -31,17 +31,14 @@ class FusedLinearChain(nn.Module):
         self.nnz = int(sum(len(layer["rows"]) for layer in layers))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.flatten:
-            x = x.reshape(x.shape[0], -1)
-        lead = x.shape[:-1]
-        if x.dim() != 2:
-            x = x.reshape(-1, x.shape[-1])
-        if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+        if x.dtype != torch.float32 or x.requires_grad or not x.is_contiguous():
             x = x.detach().float().contiguous()
-        x2 = x.numpy()
-        if x2.shape[0] > 1:
+        xn = x.numpy()  # shapes are handled on the numpy side: a torch reshape costs ~1 us at batch 1
+        lead = xn.shape[:1] if self.flatten else xn.shape[:-1]
+        xn = xn.reshape(xn.shape[0], -1) if self.flatten else xn.reshape(-1, xn.shape[-1])
+        if xn.shape[0] > 1:
             kernels.set_threads(torch.get_num_threads())
-        y = torch.from_numpy(kernels.chain_forward(self.packed, x2))
+        y = torch.from_numpy(kernels.chain_forward(self.packed, xn))
         return y if len(lead) == 1 else y.reshape(*lead, self.packed.n_out)
 
     def resident_bytes(self) -> int:
