@@ -35,7 +35,7 @@ from _common import (
 )
 from netsurgeon.pruning.magnitude import prune_magnitude
 from netsurgeon.runtime import compile_runtime
-from netsurgeon.runtime.bench import latency_report
+from netsurgeon.runtime.bench import latency_report, ort_session
 
 FILES = {  # (model, label, file, goal)
     "dns_lenet300": ("lenet300", "DNS", "dns_lenet300_run3.nsz",
@@ -57,11 +57,7 @@ def _predictions(model, x: torch.Tensor, batch: int) -> np.ndarray:
 
 
 def _ort_predictions(path: Path, x: torch.Tensor, threads: int) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads)
     return np.concatenate([sess.run(None, {"input": x[i:i + 256].numpy()})[0].argmax(1)
                            for i in range(0, len(x), 256)])
 
