@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import kernels
-from .modules import CSRLinear, FusedLinearChain, Int8Linear, resident_bytes
+from .modules import CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
@@ -114,7 +114,8 @@ def _candidates(mods: list[nn.Linear], relus: list[bool], names: list[str], form
 
     cands: dict[str, nn.Module] = {"dense": seq([_dense_linear(m) for m in mods])}
     if form == "int8":
-        cands["int8"] = seq([Int8Linear(linear_form(m)[1]["q"], linear_form(m)[1]["scale"], m.bias) for m in mods])
+        cands["int8"] = Int8Chain([{**linear_form(m)[1], "bias": m.bias, "relu": r}
+                                   for m, r in zip(mods, relus, strict=True)], names)
         return cands
     if density <= 0.5 or form == "shared":
         if kernels.available():
@@ -274,7 +275,7 @@ def _replace_run(gm: fx.GraphModule, run: list[tuple[fx.Node, fx.Node | None]], 
     first, last = run[0][0], run[-1][1] or run[-1][0]
     args, flatten = first.args, None
     src = args[0] if len(args) == 1 and not first.kwargs else None
-    if isinstance(fast, FusedLinearChain) and isinstance(src, fx.Node) and src.op == "call_module" \
+    if isinstance(fast, (FusedLinearChain, Int8Chain)) and isinstance(src, fx.Node) and src.op == "call_module" \
             and len(src.users) == 1:
         mod = gm.get_submodule(str(src.target))
         if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:

@@ -3,8 +3,8 @@
 - :class:`FusedLinearChain`: a run of sparse Linear(+ReLU) layers in one compiled call (kernels.py), with
   float32 values or k-means codes (uint8) into a per-layer codebook: no dense float copy is ever held.
 - :class:`CSRLinear`: torch's CSR matmul for one layer (a candidate at large batch).
-- :class:`Int8Linear`: int8 weights x int8 activations (per-sample scales) through ``torch._int_mm``, the
-  int32 result rescaled in one pass (kernels.py).
+- :class:`Int8Chain`: a run of int8 Linear(+ReLU) layers, int8 weights x int8 activations (per-sample
+  scales) through ``torch._int_mm``, each int32 result rescaled (+bias, ReLU) in one pass (kernels.py).
 Every module holds its arrays as plain tensors/numpy arrays; ``resident_bytes`` counts them.
 """
 
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import kernels
 
-__all__ = ["FusedLinearChain", "CSRLinear", "Int8Linear", "resident_bytes"]
+__all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "resident_bytes"]
 
 
 class FusedLinearChain(nn.Module):
@@ -79,33 +80,43 @@ class CSRLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, nnz={self.weight_csr.values().numel()}"
 
 
-class Int8Linear(nn.Module):
-    """int8 weights (one scale per output row, as stored) times int8 activations (one scale per sample,
-    computed on the fly): ``y = (q_x @ q_wᵀ) * s_x * s_w + b`` with int32 accumulation (``torch._int_mm``)."""
+class Int8Chain(nn.Module):
+    """A run of Linear(+ReLU) layers with int8 weights (one scale per output row, as stored) computed on int8
+    activations (one scale per sample, computed on the fly): per layer ``y = (q_x @ q_wᵀ) * s_x * s_w + b``
+    with int32 accumulation (``torch._int_mm``), the rescale, bias and ReLU in one pass (kernels.py)."""
 
-    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+    def __init__(self, layers: list[dict], names: list[str], flatten: bool = False) -> None:
         super().__init__()
-        self.in_features, self.out_features = q.shape[1], q.shape[0]
-        self.register_buffer("q_t", q.to(torch.int8).t().contiguous())  # (in, out), as _int_mm wants
-        s = scale.float().reshape(-1)
-        self.register_buffer("scale", (s.expand(self.out_features) if s.numel() == 1 else s).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.names, self.flatten = names, flatten
+        self.q_t = [layer["q"].to(torch.int8).t().contiguous() for layer in layers]  # (in, out) for _int_mm
+        self.scales = [np.ascontiguousarray(np.broadcast_to(layer["scale"].float().reshape(-1).numpy(),
+                                                            (layer["q"].shape[0],)), dtype=np.float32)
+                       for layer in layers]
+        self.biases = [None if layer["bias"] is None else layer["bias"].detach().float().numpy().copy()
+                       for layer in layers]
+        self.relus = [bool(layer["relu"]) for layer in layers]
+        self.n_in, self.n_out = layers[0]["q"].shape[1], layers[-1]["q"].shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).detach().float().contiguous().numpy()
+        if x.dtype != torch.float32 or x.requires_grad or not x.is_contiguous():
+            x = x.detach().float().contiguous()
+        xn = x.numpy()
+        lead = xn.shape[:1] if self.flatten else xn.shape[:-1]
+        xn = xn.reshape(xn.shape[0], -1) if self.flatten else xn.reshape(-1, xn.shape[-1])
         kernels.set_threads(torch.get_num_threads())
-        q, s = kernels.quantize_rows(x2)
-        acc = torch._int_mm(torch.from_numpy(q), self.q_t).numpy()
-        b = None if self.bias is None else self.bias.numpy()
-        y = kernels.dequantize_rows(acc, s, self.scale.numpy(), b)
-        return torch.from_numpy(y).reshape(*lead, self.out_features)
+        for q_t, scale, bias, relu in zip(self.q_t, self.scales, self.biases, self.relus, strict=True):
+            q, s = kernels.quantize_rows(xn)
+            acc = torch._int_mm(torch.from_numpy(q), q_t).numpy()
+            xn = kernels.dequantize_rows(acc, s, scale, bias, relu)
+        y = torch.from_numpy(xn)
+        return y if len(lead) == 1 else y.reshape(*lead, self.n_out)
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        return sum(t.numel() for t in self.q_t) + sum(a.nbytes for a in self.scales) + sum(
+            b.nbytes for b in self.biases if b is not None)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 x int8 -> int32"
+        return f"layers={self.names}, in={self.n_in}, out={self.n_out}, int8 x int8 -> int32"
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -114,12 +125,8 @@ def resident_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        if isinstance(m, (FusedLinearChain, CSRLinear)):
+        if isinstance(m, (FusedLinearChain, CSRLinear, Int8Chain)):
             total += m.resident_bytes()
-            continue
-        if isinstance(m, Int8Linear):
-            total += m.resident_bytes()
-            seen.update(t.untyped_storage().data_ptr() for t in m.buffers())
             continue
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
             key = t.untyped_storage().data_ptr()
