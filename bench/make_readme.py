@@ -14,10 +14,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+RT_START, RT_END = "<!-- runtime:start -->", "<!-- runtime:end -->"
 
 
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _pm(r: dict, key: str, fmt: str) -> str:
+    """``value`` or ``mean ± std`` when the row holds several seeds."""
+    sd = r.get(f"{key}_std")
+    return _f(r.get(key), fmt) + ("" if sd is None else f" ± {format(sd, fmt)}")
 
 
 def _paper_x(v) -> str:
@@ -37,11 +44,11 @@ def render() -> str:
                      f"({m.get('date', '?')}, commit {m.get('commit', '?')})")
         for r in res.get("table_rows", []):
             lines.append(
-                f"| {res['benchmark']} | {r['model']} | {r['method']} | {_f(r['error_pct'], '.2f')} "
+                f"| {res['benchmark']} | {r['model']} | {r['method']} | {_pm(r, 'error_pct', '.2f')} "
                 f"({_f(r.get('paper_error_pct'), '.2f')}) | {_f(r.get('dense_error_pct'), '.2f')} "
                 f"({_f(r.get('paper_dense_error_pct'), '.2f')}) | "
                 f"{_f(100 * r['weights_nonzero'] / r['weights'], '.2f')}% | "
-                f"{_f(r['compression_weights'], '.1f')}x ({_f(r.get('paper_compression'), '.0f')}"
+                f"{_pm(r, 'compression_weights', '.1f')}x ({_f(r.get('paper_compression'), '.0f')}"
                 f"{'x' if r.get('paper_compression') else ''}) | {r['biases_nonzero']}/{r['biases']} | "
                 f"{_f(r['compression_bytes'], '.1f')}x"
                 f"{_paper_x(r.get('paper_compression_bytes'))}"
@@ -111,6 +118,53 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def render_runtime() -> str:
+    """The "Is it faster?" section from bench/results/runtime_mnist.json."""
+    path = ROOT / "bench" / "results" / "runtime_mnist.json"
+    if not path.is_file():
+        return "(run `python bench/runtime_mnist.py --data-dir DIR`)"
+    res = json.loads(path.read_text())
+    m = res["machine"]
+    cols = ["runtime", "torch_csr", "ort_dense", "ort_export"]
+    out = [f"Measured on {m['cpu']}, {res['threads']} threads, torch {m['torch']} ({m['date']}, commit "
+           f"{m['commit']}); medians of {res['repeats']} interleaved runs. Each cell: milliseconds (speedup over "
+           "the dense float32 nn.Module of the same architecture, timed in the same pass). onnxruntime is timed in "
+           "a second pass against the dense model again.", "",
+           "| file | batch | dense ms | netsurgeon runtime | torch CSR | onnxruntime, dense ONNX | onnxruntime, "
+           "compact ONNX | FLOP bound | runtime forms | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in res["files"].items():
+        lat = r["latency"]
+        for b, v in lat["batches"].items():
+            cells = " | ".join(f"{v['ms'][c]:.4f} ({v['speedup'][c]:.2f}x)" if c in v["ms"] else "-" for c in cols)
+            forms = ", ".join(f"{'+'.join(x['layers'])}: {x['form']}" for x in v["plan"]["runs"])
+            goal = [f"{k.replace('speedup_b', 'b')} >= {g:g}x: {'met' if r['met'][k] else 'MISSED'}"
+                    for k, g in r["goal"].items() if k == f"speedup_b{b}"]
+            if b == "1" and "resident_over_file" in r["goal"]:
+                goal.append(f"resident <= {r['goal']['resident_over_file']:g}x file: "
+                            f"{'met' if r['met']['resident_over_file'] else 'MISSED'}")
+            out.append(f"| {key} ({r['label']}) | {b} | {v['ms']['dense']:.4f} | {cells} | "
+                       f"{lat['flop_ratio_bound']:.1f}x | {forms} | {'; '.join(goal) or '-'} |")
+    out += ["", "| file | .nsz bytes | runtime resident weight bytes (batch 1 / 256) | dense float32 weight bytes | "
+            "compact ONNX bytes (dense ONNX) | test error %: dense / runtime b1 / b256 / onnxruntime | "
+            "predictions equal to dense (b1 / b256 / onnxruntime) |", "|---|---|---|---|---|---|---|"]
+    for key, r in res["files"].items():
+        lat, rt, ox = r["latency"], r["runtime"], r["onnx"]
+        n = rt["1"]["of"]
+        out.append(f"| {key} | {lat['file_bytes']:,} | {lat['batches']['1']['runtime_resident_bytes']:,} / "
+                   f"{lat['batches']['256']['runtime_resident_bytes']:,} | {lat['dense_weight_bytes']:,} | "
+                   f"{ox['file_bytes']:,} ({ox['dense_onnx_bytes']:,}) | {r['dense_error_pct']:.2f} / "
+                   f"{rt['1']['error_pct']:.2f} / {rt['256']['error_pct']:.2f} / {ox['error_pct']:.2f} | "
+                   f"{rt['1']['same_predictions']:,} / {rt['256']['same_predictions']:,} / "
+                   f"{ox['same_predictions']:,} of {n:,} |")
+    sw = res["sparsity_sweep"]
+    out += ["", "LeNet-300-100 pruned one-shot (global magnitude) to each sparsity, runtime speedup at batch 1 / 256 "
+            "(FLOP-ratio bound): " + "; ".join(
+                f"{100 * r['sparsity']:g}%: {r['speedup_b1']:.2f}x / {r['speedup_b256']:.2f}x "
+                f"({r['flop_ratio_bound']:.0f}x)" for r in sw) + ".", "",
+            "![speedup vs sparsity](bench/results/runtime_mnist.png)"]
+    return "\n".join(out)
+
+
 def _sweep_table(res: dict) -> str:
     """One-shot accuracy-vs-sparsity table (mean ± std over seeds) of a sweep benchmark."""
     sp = list(next(iter(res["sweep"].values()))["mean"])
@@ -160,7 +214,9 @@ def _sweep_table(res: dict) -> str:
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END), f"{START}\n{render()}\n{END}", text, flags=re.S)
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{render()}\n{END}", text, flags=re.S)
+    new = re.sub(re.escape(RT_START) + ".*?" + re.escape(RT_END), lambda _: f"{RT_START}\n{render_runtime()}\n{RT_END}",
+                 new, flags=re.S)
     readme.write_text(new)
     print(render())
 

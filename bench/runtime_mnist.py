@@ -118,7 +118,7 @@ def sweep(data, threads: int, repeats: int) -> list[dict]:
 def plot(res: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    sw = res["sweep"]
+    sw = res["sparsity_sweep"]
     kept = [100 * (1 - r["sparsity"]) for r in sw]
     for ax, b in zip(axes, ("1", "256"), strict=True):
         ax.plot(kept, [r["flop_ratio_bound"] for r in sw], "k--", label="FLOP-ratio bound")
@@ -172,7 +172,7 @@ def main() -> None:
               f"ms) b256 {b256['speedup']['runtime']:.2f}x | resident {b1['runtime_resident_bytes']:,} B vs file "
               f"{lat['file_bytes']:,} B | predictions differ {fb:.2f}% | onnx {r['onnx']['file_bytes']:,} B "
               f"err {r['onnx']['error_pct']:.2f}% | met {r['met']}", flush=True)
-    res["sweep"] = sweep(data, args.threads, max(30, args.repeats // 4))
+    res["sparsity_sweep"] = sweep(data, args.threads, max(30, args.repeats // 4))
     res["wall_s"] = time.perf_counter() - t0
     write_result("runtime_mnist", res)
     plot(res, RESULTS / "runtime_mnist.png")
