@@ -26,6 +26,7 @@ QUICK = {
     "woodfisher": {"sparsity": 0.5, "num_grads": 8, "block_size": None},
     "woodtaylor": {"sparsity": 0.5, "num_grads": 8, "block_size": None},
     "gradual": {"target": 0.5, "start": 0, "end": 2, "every": 1, "epochs": 1},
+    "l1_filters": {"fraction": 0.5},
     "kmeans": {"bits": 3},
     "hessian_kmeans": {"bits": 3, "num_grads": 4, "grad_batch": 4},
     "int8": {},

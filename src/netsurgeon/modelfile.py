@@ -39,9 +39,16 @@ def model_for_file(model: nn.Module | None, arch: Any, shapes: dict[str, tuple[i
         NszError: no or a malformed record, or tensors that do not match.
         UntrustedCodeError: the record names a user's factory and ``trust_code`` is False.
     """
+    arch = check_arch(source, arch)
+    if model is not None and arch and arch.get("resized"):  # structured pruning made some layers smaller
+        from .models import apply_resized
+
+        try:
+            apply_resized(model, arch["resized"], source)
+        except ValueError as e:
+            raise NszError(str(e)) from e
     if model is None:
-        arch = check_arch(source, arch)
-        if not arch:
+        if not arch or ("name" not in arch and "factory" not in arch):
             raise NszError(f"{source}: the file records no architecture; pass the model to fill.")
         try:
             model = rebuild_matching(arch, shapes, trust_code=trust_code, source=source)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "rebuild_matching",
-           "resnet_small", "UntrustedCodeError"]
+           "resnet_small", "UntrustedCodeError", "record_resized", "resized_record", "apply_resized", "layer_sizes"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
 
@@ -212,6 +212,15 @@ def rebuild(arch: dict[str, Any], *, trust_code: bool = False, source: str = "fi
     kwargs = arch.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"{source}: the architecture's kwargs are malformed ({kwargs!r}).")
+    model = _rebuild_base(arch, trust_code=trust_code, source=source)
+    if arch.get("resized"):  # a structured-pruned model: its smaller layers (pruning/channels.py)
+        apply_resized(model, arch["resized"], source)
+        object.__setattr__(model, _ARCH_ATTR, dict(arch))
+    return model
+
+
+def _rebuild_base(arch: dict[str, Any], *, trust_code: bool, source: str) -> nn.Module:
+    kwargs = arch.get("kwargs") or {}
     if "factory" in arch:
         factory = arch["factory"]
         if not isinstance(factory, str):
@@ -255,6 +264,16 @@ def rebuild_matching(arch: dict[str, Any], shapes: dict[str, tuple[int, ...]], *
     return rebuild(arch, trust_code=trust_code, source=source)
 
 
+def record_resized(model: nn.Module, resized: dict[str, dict[str, int]]) -> None:
+    """Record on ``model`` the layer sizes that differ from its architecture as built (structured pruning),
+    merged with any recorded before, so a ``.nsz`` file rebuilds the smaller model."""
+    arch = arch_of(model) or {}  # a model without a record still records its sizes: a file can resize the
+    merged = {k: dict(v) for k, v in (arch.get("resized") or {}).items()}  # model the user passes to fill
+    for name, sizes in resized.items():
+        merged.setdefault(name, {}).update(sizes)
+    object.__setattr__(model, _ARCH_ATTR, {**arch, "resized": merged})
+
+
 def arch_of(model: nn.Module) -> dict | None:
     """How to rebuild ``model`` (what :func:`build_model` or :func:`record_arch` recorded), or None."""
     return getattr(model, _ARCH_ATTR, None)
@@ -263,3 +282,54 @@ def arch_of(model: nn.Module) -> dict | None:
 def count_params(model: nn.Module) -> int:
     """Number of parameters (dense count, zeros included)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The size fields of every Linear, Conv1d/2d and BatchNorm layer, by name."""
+    out = {}
+    for name, m in model.named_modules():
+        keys = ("in_features", "out_features") if isinstance(m, nn.Linear) else \
+            ("in_channels", "out_channels", "groups") if isinstance(m, (nn.Conv1d, nn.Conv2d)) else \
+            ("num_features",) if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) else ()
+        if keys:
+            out[name] = {k: int(getattr(m, k)) for k in keys}
+    return out
+
+
+def resized_record(model: nn.Module, before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The layers of ``model`` whose sizes differ from ``before`` (:func:`layer_sizes` of the architecture as
+    built), with their new sizes: what a ``.nsz`` file records so the smaller model is rebuilt without pickle."""
+    out = {}
+    for name, sizes in layer_sizes(model).items():
+        diff = {k: v for k, v in sizes.items() if before.get(name, {}).get(k, v) != v}
+        if diff:
+            out[name] = diff
+    return out
+
+
+def apply_resized(model: nn.Module, resized: dict[str, dict[str, int]], source: str = "file") -> nn.Module:
+    """Rebuild the layers named in ``resized`` (see :func:`resized_record`) at their recorded sizes (fresh
+    weights, same device as the model's); raises ValueError naming a layer or field that does not fit."""
+    for name, sizes in resized.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{source}: resized layer {name!r} is not in the model.") from None
+        p = next(old.parameters(), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        if isinstance(old, nn.Linear) and set(sizes) <= {"in_features", "out_features"}:
+            new: nn.Module = nn.Linear(sizes.get("in_features", old.in_features),
+                                       sizes.get("out_features", old.out_features), bias=old.bias is not None,
+                                       device=dev)
+        elif isinstance(old, (nn.Conv1d, nn.Conv2d)) and set(sizes) <= {"in_channels", "out_channels", "groups"}:
+            new = type(old)(sizes.get("in_channels", old.in_channels), sizes.get("out_channels", old.out_channels),
+                            old.kernel_size, old.stride, old.padding, old.dilation, sizes.get("groups", old.groups),
+                            old.bias is not None, old.padding_mode, device=dev)
+        elif isinstance(old, (nn.BatchNorm1d, nn.BatchNorm2d)) and set(sizes) <= {"num_features"}:
+            new = type(old)(sizes["num_features"], old.eps, old.momentum, old.affine, old.track_running_stats,
+                            device=dev)
+        else:
+            raise ValueError(f"{source}: cannot resize layer {name!r} ({type(old).__name__}) with {sizes}.")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model

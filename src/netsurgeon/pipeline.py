@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 METHOD_MODULES = (
     "netsurgeon.train", "netsurgeon.pruning.magnitude", "netsurgeon.pruning.dns", "netsurgeon.pruning.autoprune",
     "netsurgeon.pruning.l1", "netsurgeon.pruning.woodfisher", "netsurgeon.pruning.schedules",
+    "netsurgeon.pruning.structured",
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
 )
 _FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",

@@ -197,10 +197,11 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
     where = f"{p}: architecture record"
     if not isinstance(arch, dict):
         raise NszError(f"{where} must be a mapping; got {_short(arch)}.")
-    known = {"name", "input_shape", "num_classes", "kwargs", "factory"}
+    known = {"name", "input_shape", "num_classes", "kwargs", "factory", "resized"}
     if set(arch) - known:
         raise NszError(f"{where}: unknown field(s) {sorted(map(str, set(arch) - known))}.")
-    if ("name" in arch) == ("factory" in arch):
+    if ("name" in arch and "factory" in arch) or ("name" not in arch and "factory" not in arch
+                                                   and "resized" not in arch):
         raise NszError(f"{where} needs exactly one of 'name' or 'factory'.")
     for key in ("name", "factory"):
         if key in arch and (not isinstance(arch[key], str) or not 0 < len(arch[key]) <= 200):
@@ -216,4 +217,15 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
             raise NszError(f"{where}: field 'input_shape' {dims} has more than {MAX_INPUT_ELEMENTS:,} elements.")
     if "name" in arch:
         _int(where, "num_classes", arch.get("num_classes"), 1, MAX_CLASSES)
+    resized = arch.get("resized")
+    if resized is not None:  # structured pruning: {layer: {field: size}}, bounded like every other size
+        fields = {"in_features", "out_features", "in_channels", "out_channels", "groups", "num_features"}
+        if not isinstance(resized, dict) or len(resized) > 10_000:
+            raise NszError(f"{where}: field 'resized' must be a mapping of layers; got {_short(resized)}.")
+        for layer, sizes in resized.items():
+            if not isinstance(layer, str) or not isinstance(sizes, dict) or not sizes or set(sizes) - fields:
+                raise NszError(f"{where}: field 'resized' entry {_short(layer)}: {_short(sizes)} must map "
+                               f"{sorted(fields)} to sizes.")
+            for k, v in sizes.items():
+                _int(where, f"resized.{layer}.{k}", v, 1, 1 << 24)
     return arch

@@ -1,0 +1,243 @@
+"""Dependency-aware removal of whole channels (structured pruning's surgery), traced with torch.fx.
+
+A *channel group* is a set of tensor slices that must be removed together: the output channels (rows) of the
+layers that produce a feature map, every per-channel parameter on its way (BatchNorm, depthwise convolutions),
+and the input columns of the layers that consume it, including a Linear layer after a flatten (one block of
+H·W columns per channel). A residual add ties the groups of its inputs into one. A group whose feature map
+reaches anything else (the model's output, a concatenation, a reshape other than flatten, an op this module
+does not know) cannot be shrunk, and :func:`channel_groups` says which op stops it.
+
+:func:`remove_channels` then slices every member in place: the model stays the same ``nn.Module`` with smaller
+layers, and ``models.resized_record`` lists the new sizes so a ``.nsz`` file can rebuild it without pickle.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["ChannelGroup", "channel_groups", "remove_channels"]
+
+_CONV = (nn.Conv1d, nn.Conv2d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Hardswish,
+                 nn.Dropout, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.elu,
+                   F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+                   F.adaptive_avg_pool2d}
+_PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
+_ADD = {operator.add, torch.add, operator.iadd}
+
+
+@dataclass
+class ChannelGroup:
+    """One removable set of channels. ``members``: (module name, role, flat factor) with role ``out`` (rows of
+    a producer), ``in`` (columns of a consumer; a flatten makes each channel ``factor`` columns), ``bn`` or
+    ``dw`` (a per-channel module on the way). ``blocked``: why the group cannot shrink (empty if it can)."""
+
+    size: int
+    members: list[tuple[str, str, int]] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+
+    @property
+    def producers(self) -> list[str]:
+        return [n for n, role, _ in self.members if role == "out"]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked and bool(self.producers)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (*_CONV, nn.Linear, *_BN)) or super().is_leaf_module(m, qualname)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, _CONV) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[ChannelGroup]:
+    """The channel groups of ``model`` for inputs of ``input_shape`` (one sample, no batch dimension)."""
+    try:
+        gm = fx.GraphModule(model, _Tracer().trace(model))
+    except Exception as e:  # noqa: BLE001 - any tracing failure is one clear error
+        raise ValueError(f"channel_groups: torch.fx cannot trace the model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); structured removal needs a traceable forward.") from e
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
+    model.train(was)
+    parent: list[int] = []
+    groups: list[ChannelGroup] = []
+
+    def new(size: int) -> int:
+        parent.append(len(parent))
+        groups.append(ChannelGroup(size))
+        return len(parent) - 1
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a: int, b: int) -> int:
+        a, b = find(a), find(b)
+        if a != b:
+            parent[b] = a
+            groups[a].members += groups[b].members
+            groups[a].blocked += groups[b].blocked
+            if groups[a].size != groups[b].size:
+                groups[a].blocked.append("an add of feature maps with different channel counts")
+        return a
+
+    space: dict[fx.Node, int] = {}   # node -> the group its channel dimension belongs to
+    flat: dict[fx.Node, int] = {}    # node -> columns per channel, after a flatten
+
+    def block(n: fx.Node, why: str) -> None:
+        if n in space:
+            groups[find(space[n])].blocked.append(why)
+
+    for node in gm.graph.nodes:
+        args = list(node.all_input_nodes)  # nested ones too (torch.cat's list)
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if node.op == "call_module":
+            m = gm.get_submodule(str(node.target))
+            name = str(node.target)
+            if isinstance(m, nn.Linear) or (isinstance(m, _CONV) and m.groups == 1):
+                if src in space:
+                    groups[find(space[src])].members.append((name, "in", flat.get(src, 1)))
+                    if src not in flat and isinstance(m, nn.Linear) and len(src.meta["tensor_meta"].shape) != 2:
+                        block(src, f"{name} (a Linear on a {len(src.meta['tensor_meta'].shape)}-d input)")
+                out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+                space[node] = new(out)
+                groups[space[node]].members.append((name, "out", 1))
+            elif _is_depthwise(m) or isinstance(m, _BN):
+                if src in space:
+                    space[node] = space[src]
+                    groups[find(space[src])].members.append((name, "dw" if isinstance(m, _CONV) else "bn", 1))
+            elif isinstance(m, _CONV):  # grouped, not depthwise: channel sets would have to stay per group
+                if src is not None:
+                    block(src, f"{name} (a grouped convolution)")
+                space[node] = new(m.out_channels)
+                groups[space[node]].blocked.append(f"{name} (a grouped convolution)")
+            elif isinstance(m, nn.Flatten):
+                _pass_flatten(node, src, space, flat, block)
+            elif isinstance(m, _PASS_MODULES):
+                _pass(node, src, space, flat)
+            else:
+                for a in args:
+                    block(a, f"{name} ({type(m).__name__})")
+        elif node.op == "call_function":
+            if node.target in _ADD and len(args) == 2 and all(a in space for a in args) \
+                    and flat.get(args[0]) == flat.get(args[1]):
+                space[node] = union(space[args[0]], space[args[1]])
+                if args[0] in flat:
+                    flat[node] = flat[args[0]]
+            elif node.target is torch.flatten and node.args[1:] in ((1,), ()) and not node.kwargs:
+                _pass_flatten(node, src, space, flat, block)
+            elif node.target in _PASS_FUNCTIONS:
+                _pass(node, src, space, flat)
+                for a in args[1:]:
+                    block(a, f"{getattr(node.target, '__name__', node.target)}")
+            else:
+                for a in args:
+                    block(a, f"{getattr(node.target, '__name__', str(node.target))}")
+        elif node.op == "call_method":
+            if node.target in _PASS_METHODS:
+                _pass(node, src, space, flat)
+            elif node.target in ("view", "reshape", "flatten") and src in space and _is_flatten(node):
+                _pass_flatten(node, src, space, flat, block)
+            else:
+                for a in args:
+                    block(a, f"the tensor method .{node.target}()")
+        elif node.op == "output":
+            for a in args:
+                block(a, "the model's output")
+    roots = sorted({find(i) for i in range(len(parent))})
+    out = []
+    for r in roots:
+        g = groups[r]
+        g.blocked = sorted(set(g.blocked))
+        out.append(g)
+    return out
+
+
+def _is_flatten(node: fx.Node) -> bool:
+    shape = node.meta.get("tensor_meta")
+    return shape is not None and len(shape.shape) == 2
+
+
+def _pass(node: fx.Node, src, space, flat) -> None:
+    if src in space:
+        space[node] = space[src]
+        if src in flat:
+            flat[node] = flat[src]
+
+
+def _pass_flatten(node: fx.Node, src, space, flat, block) -> None:
+    if src not in space:
+        return
+    if src in flat:
+        _pass(node, src, space, flat)
+        return
+    shape = src.meta["tensor_meta"].shape  # (batch, channels, *spatial)
+    per = 1
+    for d in shape[2:]:
+        per *= int(d)
+    space[node] = space[src]
+    flat[node] = per
+
+
+@torch.no_grad()
+def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: dict[int, Tensor]) -> None:
+    """Keep only channels ``keep[i]`` (sorted indices) of ``groups[i]``, slicing every member in place."""
+    rows: dict[str, Tensor] = {}
+    cols: dict[str, Tensor] = {}
+    for i, idx in keep.items():
+        g = groups[i]
+        if not g.prunable:
+            raise ValueError(f"remove_channels: group {i} cannot shrink: {', '.join(g.blocked)}.")
+        idx = torch.as_tensor(idx, dtype=torch.long).sort().values
+        if idx.numel() == 0 or int(idx.max()) >= g.size or int(idx.min()) < 0:
+            raise ValueError(f"remove_channels: group {i} keeps {idx.numel()} of {g.size} channels; it must keep "
+                             "at least one, with indices below its size.")
+        for name, role, factor in g.members:
+            if role == "in":
+                cols[name] = (idx[:, None] * factor + torch.arange(factor)).reshape(-1) if factor > 1 else idx
+            else:
+                rows[name] = idx
+    for name in set(rows) | set(cols):
+        _slice(model.get_submodule(name), rows.get(name), cols.get(name))
+
+
+def _slice(m: nn.Module, r: Tensor | None, c: Tensor | None) -> None:
+    def param(t: Tensor | None, dim: int, idx: Tensor | None) -> None:
+        if t is None or idx is None:
+            return
+        t.data = t.data.index_select(dim, idx).contiguous()
+
+    if isinstance(m, _BN):
+        for t in (m.weight, m.bias, m.running_mean, m.running_var):
+            param(t, 0, r)
+        m.num_features = m.running_mean.numel() if m.running_mean is not None else m.weight.numel()
+        return
+    param(m.weight, 0, r)
+    param(m.bias, 0, r)
+    if isinstance(m, nn.Linear):
+        param(m.weight, 1, c)
+        m.out_features, m.in_features = m.weight.shape
+        return
+    if _is_depthwise(m):  # one filter per channel: rows only, and its groups follow
+        m.out_channels = m.in_channels = m.groups = m.weight.shape[0]
+        return
+    param(m.weight, 1, c)
+    m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups

@@ -1,0 +1,141 @@
+import pytest
+import torch
+from torch import nn
+
+import netsurgeon as ns
+from netsurgeon.models import apply_resized, layer_sizes, resized_record
+from netsurgeon.pruning.channels import channel_groups, remove_channels
+
+SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "mlpnet": (1, 28, 28), "digits_cnn": (1, 8, 8),
+          "resnet_small": (1, 8, 8)}
+
+
+class DepthwiseNet(nn.Module):
+    """Depthwise-separable blocks, a residual add, a 1-output-channel conv and a functional flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.dw, self.pw = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 6, 1)
+        self.one = nn.Conv2d(6, 1, 1)  # one output channel: not depthwise (Torch-Pruning #126)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = h + self.pw(torch.relu(self.dw(h)))
+        return self.head(torch.flatten(torch.relu(self.one(h)), 1))
+
+
+def _masked(model, groups, keep):
+    """The reference: the same model with every consumer's columns of removed channels zeroed."""
+    m = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        for i, idx in keep.items():
+            drop = torch.ones(groups[i].size, dtype=torch.bool)
+            drop[idx] = False
+            for name, role, factor in groups[i].members:
+                if role == "in":
+                    cols = drop.repeat_interleave(factor)
+                    m.get_submodule(name).weight[:, cols] = 0
+    return m
+
+
+@pytest.mark.parametrize("name", [*SHAPES, "depthwise"])
+def test_removal_equals_masking_on_every_model(name):
+    torch.manual_seed(0)
+    model = DepthwiseNet() if name == "depthwise" else ns.build_model(name, SHAPES[name])
+    shape = (1, 8, 8) if name == "depthwise" else SHAPES[name]
+    model.eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    groups = channel_groups(model, shape)
+    prunable = [i for i, g in enumerate(groups) if g.prunable]
+    assert prunable, [g.blocked for g in groups]
+    g = torch.Generator().manual_seed(1)
+    keep = {i: torch.randperm(groups[i].size, generator=g)[: max(1, groups[i].size // 2)].sort().values
+            for i in prunable}
+    ref = _masked(model, groups, keep)
+    n_before = sum(p.numel() for p in model.parameters())
+    remove_channels(model, groups, keep)
+    assert sum(p.numel() for p in model.parameters()) < n_before
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-4)
+    if name != "depthwise":  # a file records the new sizes; the smaller model is rebuilt from them
+        rebuilt = apply_resized(ns.build_model(name, shape), resized_record(model, layer_sizes(ns.build_model(
+            name, shape))))
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
+            {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_the_output_layer_and_unknown_ops_block_their_group():
+    torch.manual_seed(0)
+    groups = channel_groups(ns.build_model("lenet300"), (1, 28, 28))
+    by_producer = {tuple(g.producers): g for g in groups}
+    assert by_producer[("fc3",)].blocked == ["the model's output"]
+    assert by_producer[("fc1",)].prunable and by_producer[("fc2",)].prunable
+
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 3), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3))
+
+    blocked = {tuple(g.producers): g.blocked for g in channel_groups(Cat(), (1, 8, 8))}
+    assert blocked[("a",)] == ["cat"] and blocked[("b",)] == ["cat"]
+
+
+def test_bad_keep_is_refused_before_anything_changes():
+    model = ns.build_model("lenet300")
+    groups = channel_groups(model, (1, 28, 28))
+    i = next(i for i, g in enumerate(groups) if g.producers == ["fc1"])
+    with pytest.raises(ValueError, match="must keep at least one"):
+        remove_channels(model, groups, {i: torch.tensor([], dtype=torch.long)})
+    out = next(i for i, g in enumerate(groups) if g.producers == ["fc3"])
+    with pytest.raises(ValueError, match="cannot shrink: the model's output"):
+        remove_channels(model, groups, {out: torch.tensor([0])})
+    assert model.fc1.out_features == 300
+
+
+def test_untraceable_model_is_one_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="torch.fx cannot trace the model"):
+        channel_groups(Branchy(), (4,))
+
+
+def test_l1_filters_removes_the_weakest_filters_and_the_file_rebuilds_the_smaller_model(tmp_path):
+    from netsurgeon.pruning.magnitude import prune_magnitude
+    from netsurgeon.pruning.structured import l1_filter_prune
+
+    torch.manual_seed(0)
+    model = ns.build_model("lenet5")
+    with torch.no_grad():
+        model.conv1.weight[3] *= 0.01  # the weakest filter by sum |K|
+    weakest = float(model.conv1.weight[3].abs().sum())
+    reports = l1_filter_prune(model, {"conv1": 0.25, "fc1": 0.5}, (1, 28, 28))
+    assert {r.layers: (r.before, r.after) for r in reports} == {("conv1",): (20, 15), ("fc1",): (500, 250)}
+    assert model.conv1.out_channels == 15 and model.conv2.in_channels == 15 and model.fc2.in_features == 250
+    assert float(model.conv1.weight.abs().sum((1, 2, 3)).min()) > weakest
+    info = ns.save_compressed(model, tmp_path / "s.nsz")
+    loaded = ns.load_compressed(tmp_path / "s.nsz")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert info.dense_bytes < 4 * 431_080 * 0.6
+    with pytest.raises(ValueError, match="'fc9' is not a layer whose filters can be pruned"):
+        l1_filter_prune(ns.build_model("lenet5"), {"fc9": 0.5}, (1, 28, 28))
+    masked = ns.build_model("lenet5")
+    prune_magnitude(masked, sparsity=0.5)
+    with pytest.raises(ValueError, match="remove whole filters first"):
+        l1_filter_prune(masked, 0.5, (1, 28, 28))
