@@ -139,3 +139,37 @@ def test_l1_filters_removes_the_weakest_filters_and_the_file_rebuilds_the_smalle
     prune_magnitude(masked, sparsity=0.5)
     with pytest.raises(ValueError, match="remove whole filters first"):
         l1_filter_prune(masked, 0.5, (1, 28, 28))
+
+
+def test_ssl_zeroes_whole_groups_and_their_removal_changes_nothing(digits):
+    from netsurgeon.pruning.structured import GroupLassoProximal, remove_zero_channels
+
+    torch.manual_seed(0)
+    model = ns.build_model("digits_cnn", digits.input_shape)
+    cb = GroupLassoProximal(2.0, 2.0, digits.input_shape)
+    ns.train(model, digits, ns.TrainConfig(epochs=2, lr=0.1), callbacks=[cb])
+    model.eval()
+    x = digits.test.x[:16]
+    with torch.no_grad():
+        before = model(x)
+    n = sum(p.numel() for p in model.parameters())
+    reports = remove_zero_channels(model, digits.input_shape)
+    assert reports and sum(p.numel() for p in model.parameters()) < n
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_slimming_ranks_channels_by_batchnorm_scale():
+    from netsurgeon.pruning.structured import slim
+
+    torch.manual_seed(0)
+    model = ns.build_model("resnet_small", (1, 8, 8), width=8, blocks=[1, 1])
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:
+            m.weight.uniform_(0.5, 1.0)
+        model.get_submodule(next(n for n, m in model.named_modules() if m is bns[1])).weight[:4] = 0.01
+    reports = slim(model, 0.1, (1, 8, 8))
+    assert reports and all(r.after < r.before for r in reports)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)

@@ -7,10 +7,14 @@ that read those maps go with them (the surgery: pruning/channels.py). Where a re
 layers' feature maps into one channel set (Sec. 3.3 prunes such layers together), a channel's score is the sum
 of its filters' scores in every tied layer (our reading; the paper selects them by the shortcut's layer). The
 paper retrains afterwards: follow this stage with ``finetune``.
+
+Network slimming (Liu et al. 2017) and structured sparsity learning (Wen et al. 2016) are training-time: they
+make channels unimportant (small BatchNorm scales) or exactly zero (group Lasso), then remove them the same way.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,11 +22,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._validation import check_positive
 from ..models import arch_of, layer_sizes, record_resized, resized_record
 from ..registry import MethodConfig, StageContext, option, register
+from ..train import Callback, TrainConfig, Trainer, run_training
 from .channels import ChannelGroup, channel_groups, remove_channels
 
-__all__ = ["l1_filter_prune", "FilterReport", "L1FiltersConfig"]
+log = logging.getLogger(__name__)
+
+__all__ = ["l1_filter_prune", "FilterReport", "L1FiltersConfig", "SlimmingPenalty", "slim", "GroupLassoProximal",
+           "remove_zero_channels"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,14 @@ class FilterReport:
     layers: tuple[str, ...]  # the producers of one channel group
     before: int
     after: int
+
+
+def _check_plain(model: nn.Module, owner: str) -> None:
+    from torch.nn.utils import parametrize
+
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise ValueError(f"{owner}: the model holds masks or codebooks (parametrized weights); remove whole "
+                         "filters first, then prune or share weights.")
 
 
 def _scores(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
@@ -44,11 +61,7 @@ def l1_filter_prune(model: nn.Module, fraction: float | Mapping[str, float], inp
                     min_channels: int = 1) -> list[FilterReport]:
     """Remove ``fraction`` of the channels of every removable group (a mapping: per producing layer name, the
     others untouched) with the smallest l1 scores, in place. Returns one report per shrunk group."""
-    from torch.nn.utils import parametrize
-
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise ValueError("l1_filters: the model holds masks or codebooks (parametrized weights); remove whole "
-                         "filters first, then prune or share weights.")
+    _check_plain(model, "l1_filters")
     groups = channel_groups(model, input_shape)
     keep, reports = {}, []
     for i, g in enumerate(groups):
@@ -103,3 +116,177 @@ def _input_shape(model: nn.Module, ctx: StageContext) -> tuple[int, ...]:
 def _run_l1_filters(model: nn.Module, cfg: L1FiltersConfig, ctx: StageContext) -> dict[str, Any]:
     reports = l1_filter_prune(model, cfg.fraction, _input_shape(model, ctx), min_channels=cfg.min_channels)
     return {"groups": [{"layers": list(r.layers), "before": r.before, "after": r.after} for r in reports]}
+
+
+def _remove_by_score(model: nn.Module, input_shape: tuple[int, ...], score, fraction: float, min_channels: int,
+                     owner: str) -> list[FilterReport]:
+    """Remove the ``fraction`` of all removable channels with the smallest ``score(group)`` values, one
+    threshold across every group (channels scoring exactly 0 always go), keeping ``min_channels`` per group."""
+    _check_plain(model, owner)
+    groups = channel_groups(model, input_shape)
+    scored = {i: score(g) for i, g in enumerate(groups) if g.prunable}
+    scored = {i: s for i, s in scored.items() if s is not None}
+    if not scored:
+        log.warning("%s: no removable channel group has what this method ranks (blocked: %s); nothing removed",
+                    owner, "; ".join(sorted({b for g in groups for b in g.blocked})) or "-")
+        return []
+    allv = torch.cat(list(scored.values()))
+    k = int(round(fraction * allv.numel()))
+    thr = allv.sort().values[k - 1] if k > 0 else torch.tensor(-1.0)
+    keep, reports = {}, []
+    for i, s in scored.items():
+        idx = torch.nonzero((s > thr) & (s > 0)).flatten()
+        if idx.numel() < min(min_channels, s.numel()):
+            idx = torch.topk(s, min(min_channels, s.numel())).indices.sort().values
+        if idx.numel() < s.numel():
+            keep[i] = idx
+            reports.append(FilterReport(tuple(groups[i].producers), s.numel(), idx.numel()))
+    before = layer_sizes(model)
+    remove_channels(model, groups, keep)
+    record_resized(model, resized_record(model, before))
+    return reports
+
+
+class SlimmingPenalty(Callback):
+    """Network slimming's sparsity term (Liu et al. 2017, Eq. 1): λ·Σ|γ| over every BatchNorm scale, added as
+    its subgradient λ·sign(γ) to γ's gradient after each backward pass."""
+
+    def __init__(self, lam: float) -> None:
+        check_positive("SlimmingPenalty", "lam", lam)
+        self.lam = lam
+        self._gammas: list[torch.Tensor] = []
+
+    def prepare(self, model: nn.Module, **_: Any) -> None:
+        self._gammas = [m.weight for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+                        and m.weight is not None]
+        if not self._gammas:
+            raise ValueError("slimming: the model has no BatchNorm layer with a scale (affine=True) to make sparse.")
+
+    @torch.no_grad()
+    def after_backward(self, trainer: Trainer | None = None) -> None:
+        if trainer is not None and not self._gammas:
+            self.prepare(trainer.model)
+        for g in self._gammas:
+            if g.grad is not None:
+                g.grad.add_(torch.sign(g), alpha=self.lam)
+
+
+def slim(model: nn.Module, fraction: float, input_shape: tuple[int, ...], *, min_channels: int = 1
+         ) -> list[FilterReport]:
+    """Remove the ``fraction`` of BatchNorm-scaled channels with the smallest |γ|, one global threshold (Liu et
+    al. 2017, Sec. 4: "a global threshold across all layers"); a residual group's score sums its |γ|s."""
+    def score(g: ChannelGroup):
+        bns = [n for n, role, _ in g.members if role == "bn"]
+        if not bns:
+            return None
+        return sum(model.get_submodule(n).weight.detach().abs().cpu() for n in bns)
+
+    return _remove_by_score(model, input_shape, score, fraction, min_channels, "slimming")
+
+
+class GroupLassoProximal(Callback):
+    """Structured sparsity learning's group Lasso (Wen et al. 2016, Eq. 2; Lebedev & Lempitsky 2016) on
+    filter-wise groups (a producer's output rows) and channel-wise groups (a consumer's input columns), applied
+    as proximal steps after each optimizer step: ``w_g <- w_g · max(0, 1 − lr·λ/‖w_g‖₂)``, exact zeros."""
+
+    def __init__(self, lam_filter: float, lam_channel: float, input_shape: tuple[int, ...]) -> None:
+        self.lam_filter, self.lam_channel, self.input_shape = lam_filter, lam_channel, input_shape
+        self._groups: list[ChannelGroup] = []
+
+    def prepare(self, model: nn.Module, **_: Any) -> None:
+        _check_plain(model, "ssl")
+        self._model = model
+        self._groups = [g for g in channel_groups(model, self.input_shape) if g.prunable]
+
+    @torch.no_grad()
+    def after_step(self, trainer: Trainer | None = None) -> None:
+        if trainer is not None and not self._groups:
+            self.prepare(trainer.model)
+        lr = trainer.optimizer.param_groups[0]["lr"] if trainer is not None else 0.0
+        for g in self._groups:
+            for name, role, factor in g.members:
+                w = self._model.get_submodule(name).weight
+                if role == "out" and self.lam_filter > 0:
+                    _group_shrink(w.reshape(w.shape[0], -1), lr * self.lam_filter)
+                elif role == "in" and self.lam_channel > 0:
+                    cols = w.reshape(w.shape[0], w.shape[1], -1).transpose(0, 1)  # (in, out, k)
+                    if factor > 1:  # a Linear after a flatten: one group per channel's block of columns
+                        cols = w.reshape(w.shape[0], -1, factor).transpose(0, 1)
+                    _group_shrink(cols.reshape(cols.shape[0], -1), lr * self.lam_channel, view_of=cols)
+
+
+def _group_shrink(rows: torch.Tensor, t: float, view_of: torch.Tensor | None = None) -> None:
+    norms = rows.norm(dim=1, keepdim=True)
+    factor = (1 - t / norms.clamp_min(1e-12)).clamp_min(0)
+    if view_of is None:
+        rows.mul_(factor)
+    else:
+        view_of.mul_(factor.reshape(-1, *([1] * (view_of.dim() - 1))))
+
+
+def remove_zero_channels(model: nn.Module, input_shape: tuple[int, ...], *, min_channels: int = 1
+                         ) -> list[FilterReport]:
+    """Remove every channel whose removal leaves the function unchanged: its columns in every consumer are zero
+    (what reads it ignores it), or, in a group without BatchNorm, its filters and biases are zero in every
+    producer (it carries zeros)."""
+    def col_norms(name: str, factor: int) -> torch.Tensor:
+        w = model.get_submodule(name).weight.detach().cpu()
+        return w.reshape(w.shape[0], -1, factor).abs().sum((0, 2)) if factor > 1 else \
+            w.transpose(0, 1).reshape(w.shape[1], -1).abs().sum(1)
+
+    def score(g: ChannelGroup):
+        consumers = [col_norms(n, f) for n, role, f in g.members if role == "in"]
+        read = sum(consumers) if consumers else torch.full((g.size,), float("inf"))
+        if any(role in ("bn", "dw") for _, role, _ in g.members):
+            return read
+        carried = torch.zeros(g.size)
+        for n in g.producers:
+            m = model.get_submodule(n)
+            carried += m.weight.detach().abs().reshape(g.size, -1).sum(1).cpu()
+            if m.bias is not None:
+                carried += m.bias.detach().abs().cpu()
+        return torch.minimum(read, carried)
+
+    return _remove_by_score(model, input_shape, score, 0.0, min_channels, "ssl")
+
+
+@dataclass(frozen=True)
+class SlimmingConfig(TrainConfig):
+    owner: ClassVar[str] = "slimming"
+    lam: float = option(1e-4, "lambda of the l1 penalty on BatchNorm scales (paper: 1e-4, 1e-5)", low=0,
+                        low_open=True)
+    fraction: float = option(0.5, "fraction of BatchNorm-scaled channels removed after training (global)",
+                             low=0, high=1, high_open=True)
+    min_channels: int = option(1, "never keep fewer channels than this in a layer", low=1)
+
+
+@register("slimming", kind="training", config=SlimmingConfig, needs_data=True,
+          citation="Liu, Li, Shen, Huang, Yan, Zhang 2017 (ICCV), Learning Efficient Convolutional Networks "
+                   "through Network Slimming, Eq. 1 and Sec. 4",
+          summary="train with l1 on BatchNorm scales, then remove the channels with the smallest scales")
+def _run_slimming(model: nn.Module, cfg: SlimmingConfig, ctx: StageContext) -> dict[str, Any]:
+    shape = _input_shape(model, ctx)
+    report = run_training(model, ctx, cfg, SlimmingPenalty(cfg.lam))
+    reports = slim(model, cfg.fraction, shape, min_channels=cfg.min_channels)
+    return {**report, "groups": [{"layers": list(r.layers), "before": r.before, "after": r.after}
+                                 for r in reports]}
+
+
+@dataclass(frozen=True)
+class SSLConfig(TrainConfig):
+    owner: ClassVar[str] = "ssl"
+    lam_filter: float = option(1e-3, "group-Lasso strength on whole filters (output rows)", low=0)
+    lam_channel: float = option(1e-3, "group-Lasso strength on whole input channels (columns)", low=0)
+    min_channels: int = option(1, "never keep fewer channels than this in a layer", low=1)
+
+
+@register("ssl", kind="training", config=SSLConfig, needs_data=True,
+          citation="Wen, Wu, Wang, Chen, Li 2016 (NeurIPS), Learning Structured Sparsity in Deep Neural Networks, "
+                   "Eq. 2 (filter-wise and channel-wise groups); Lebedev & Lempitsky 2016",
+          summary="train with a group Lasso on filters and channels (proximal steps), then remove zeroed ones")
+def _run_ssl(model: nn.Module, cfg: SSLConfig, ctx: StageContext) -> dict[str, Any]:
+    shape = _input_shape(model, ctx)
+    report = run_training(model, ctx, cfg, GroupLassoProximal(cfg.lam_filter, cfg.lam_channel, shape))
+    reports = remove_zero_channels(model, shape, min_channels=cfg.min_channels)
+    return {**report, "groups": [{"layers": list(r.layers), "before": r.before, "after": r.after}
+                                 for r in reports]}
