@@ -78,6 +78,23 @@ def digits_cnn(input_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10) 
     ]))
 
 
+def vgg_small(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, width: int = 16) -> nn.Sequential:
+    """A small VGG-style CNN (Simonyan & Zisserman 2015's pattern at MNIST scale): two stages of two 3x3
+    conv + BatchNorm + ReLU and a 2x2 max-pool, widths ``width`` and ``2·width``, then fc 128 + ReLU, fc."""
+    c, h, w = _image_shape("vgg_small", input_shape, min_side=4)
+    layers: list[tuple[str, nn.Module]] = []
+    c_in = c
+    for i, c_out in enumerate([width, width, 2 * width, 2 * width], 1):
+        layers += [(f"conv{i}", nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)), (f"bn{i}", nn.BatchNorm2d(c_out)),
+                   (f"relu{i}", nn.ReLU())]
+        if i % 2 == 0:
+            layers.append((f"pool{i // 2}", nn.MaxPool2d(2)))
+        c_in = c_out
+    layers += [("flatten", nn.Flatten()), ("fc1", nn.Linear(c_in * (h // 4) * (w // 4), 128)),
+               ("relu5", nn.ReLU()), ("fc2", nn.Linear(128, num_classes))]
+    return nn.Sequential(OrderedDict(layers))
+
+
 class _BasicBlock(nn.Module):
     """Two 3x3 conv + BatchNorm layers and a residual add; a 1x1 conv + BN shortcut where the shape changes."""
 
@@ -126,6 +143,7 @@ def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": lenet300, "lenet5": lenet5, "mlpnet": mlpnet, "digits_cnn": digits_cnn, "resnet_small": resnet_small,
+    "vgg_small": vgg_small,
 }
 
 

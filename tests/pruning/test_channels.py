@@ -7,7 +7,7 @@ from netsurgeon.models import apply_resized, layer_sizes, resized_record
 from netsurgeon.pruning.channels import channel_groups, remove_channels
 
 SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "mlpnet": (1, 28, 28), "digits_cnn": (1, 8, 8),
-          "resnet_small": (1, 8, 8)}
+          "resnet_small": (1, 8, 8), "vgg_small": (1, 8, 8)}
 
 
 class DepthwiseNet(nn.Module):

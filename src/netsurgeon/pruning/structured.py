@@ -39,6 +39,7 @@ class FilterReport:
     layers: tuple[str, ...]  # the producers of one channel group
     before: int
     after: int
+    kept: tuple[int, ...] = ()  # the channels kept (indices before removal)
 
 
 def _check_plain(model: nn.Module, owner: str) -> None:
@@ -78,7 +79,7 @@ def l1_filter_prune(model: nn.Module, fraction: float | Mapping[str, float], inp
         if n_keep >= g.size:
             continue
         keep[i] = torch.topk(_scores(model, g), n_keep).indices.sort().values
-        reports.append(FilterReport(tuple(g.producers), g.size, n_keep))
+        reports.append(FilterReport(tuple(g.producers), g.size, n_keep, tuple(keep[i].tolist())))
     if isinstance(fraction, Mapping):
         known = {p for g in groups for p in g.producers}
         unknown = sorted(set(fraction) - known)
@@ -140,7 +141,7 @@ def _remove_by_score(model: nn.Module, input_shape: tuple[int, ...], score, frac
             idx = torch.topk(s, min(min_channels, s.numel())).indices.sort().values
         if idx.numel() < s.numel():
             keep[i] = idx
-            reports.append(FilterReport(tuple(groups[i].producers), s.numel(), idx.numel()))
+            reports.append(FilterReport(tuple(groups[i].producers), s.numel(), idx.numel(), tuple(idx.tolist())))
     before = layer_sizes(model)
     remove_channels(model, groups, keep)
     record_resized(model, resized_record(model, before))

@@ -1,0 +1,186 @@
+"""Structured pruning on MNIST (issue 14): l1-norm filters (Li et al. 2017), network slimming (Liu et al. 2017)
+and structured sparsity learning (Wen et al. 2016) on LeNet-5, the small ResNet and a small VGG-style CNN, each
+followed by fine-tuning; beside them, Torch-Pruning removing the same channels as l1_filters.
+
+    python bench/structured_mnist.py --data-dir ../shared/data/mnist [--models lenet5 resnet_small vgg_small]
+
+Per row: test error, parameters, FLOPs, .nsz bytes, and the latency of the shrunk model against the dense
+model at batch 1 and 256 (interleaved, same process, 2 threads, medians) beside the FLOP-ratio bound; the goal
+is a measured speedup >= 80% of the FLOP ratio at batch 256. Training stages are cached in bench/.cache/;
+latency is measured on every run (so it can be re-taken on a quiet machine). Torch-Pruning is a benchmark-only
+dependency (pip install torch-pruning); its rows are skipped, saying so, when it is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+import netsurgeon as ns
+from _common import (
+    CACHE,
+    REPO,
+    RESULTS,
+    cached_json,
+    dense_model,
+    load_dense,
+    machine,
+    parse_args,
+    pyplot,
+    rel,
+    save_figure,
+    weight_counts,
+    write_result,
+)
+from netsurgeon.modelfile import save_model
+from netsurgeon.pruning.structured import l1_filter_prune
+from netsurgeon.stats import measure_latency, total_flops
+
+SHAPE = (1, 28, 28)
+TRAIN = {"resnet_small": ns.TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4, schedule="cosine"),
+         "vgg_small": ns.TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4, schedule="cosine")}
+FINETUNE = ns.TrainConfig(epochs=1, lr=0.005, weight_decay=1e-4, schedule="cosine")
+FRACTION = 0.5  # of the channels of every removable group (l1_filters) / of all BN-scaled channels (slimming)
+METHODS = {  # name -> pipeline stages (the fine-tuning stage is added by run())
+    "l1_filters": [("l1_filters", {"fraction": FRACTION})],
+    "slimming": [("slimming", {"lam": 1e-4, "fraction": FRACTION, "epochs": 1, "lr": 0.01})],
+    "ssl": [("ssl", {"lam_filter": 0.1, "lam_channel": 0.1, "epochs": 1, "lr": 0.01})],  # strength not tuned
+}
+
+
+def dense(name: str, data):
+    if name == "lenet5":
+        return dense_model("lenet5", data)[0]
+    path = CACHE / f"structured_{name}_dense.safetensors"
+    if not path.is_file():
+        torch.manual_seed(0)
+        m = ns.build_model(name, SHAPE)
+        ns.train(m, data, TRAIN[name], checkpoint=CACHE / f"structured_{name}_dense.ckpt", checkpoint_every=500,
+                 resume=(CACHE / f"structured_{name}_dense.ckpt").is_file(), progress=True)
+        save_model(m, path)
+    return path
+
+
+def run(name: str, method: str, data) -> dict:
+    src = dense(name, data)
+    model = load_dense(src)
+    t0 = time.perf_counter()
+    stages = [{k: v} for k, v in METHODS[method]] + [{"finetune": {**FINETUNE.__dict__}}]
+    pipe = ns.Pipeline.from_spec(stages)
+    pipe.run(model, data)
+    wall = time.perf_counter() - t0
+    f = RESULTS / "files" / f"structured_{name}_{method}.nsz"
+    pipe.save(model, f, meta={"method": method})
+    return {"file": rel(f), "wall_s": wall, "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1])}
+
+
+def torch_pruning_same_channels(name: str, data) -> dict:
+    """l1_filters one-shot (no fine-tuning) by us and by Torch-Pruning with the same channel indices."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return {"skipped": "torch-pruning is not installed (pip install torch-pruning)"}
+    ours = load_dense(dense(name, data))
+    theirs = copy.deepcopy(ours)
+    reports = l1_filter_prune(ours, FRACTION, SHAPE)
+    dg = tp.DependencyGraph().build_dependency(theirs, example_inputs=torch.randn(1, *SHAPE))
+    for r in reports:
+        layer = theirs.get_submodule(r.layers[0])
+        drop = sorted(set(range(r.before)) - set(r.kept))
+        fn = tp.prune_linear_out_channels if isinstance(layer, torch.nn.Linear) else tp.prune_conv_out_channels
+        group = dg.get_pruning_group(layer, fn, idxs=drop)
+        group.prune()
+    ours.eval(), theirs.eval()
+    same_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    x = data.test.x[:256]
+    with torch.no_grad():
+        diff = float((ours(x) - theirs(x)).abs().max())
+    lat = {}
+    for b in (1, 256):
+        xb = torch.randn(b, *SHAPE, generator=torch.Generator().manual_seed(0))
+        r = measure_latency(ours, theirs, xb, repeats=100 if b == 1 else 30, threads=2)
+        lat[str(b)] = {"ours_ms": 1e3 * r.model_s, "torch_pruning_ms": 1e3 * r.reference_s,
+                       "ours_over_theirs_speed": r.speedup}
+    return {"same_shapes": same_shapes, "max_abs_output_diff": diff, "latency": lat,
+            "error_pct_ours": 100 * (1 - ns.evaluate(ours, data.test)[1]),
+            "error_pct_torch_pruning": 100 * (1 - ns.evaluate(theirs, data.test)[1]),
+            "saving": "Torch-Pruning saves a pruned model as a pickled whole module (torch.save(model), loaded with "
+                      "weights_only=False); ours is a .nsz rebuilt from its recorded layer sizes"}
+
+
+def measure(name: str, path, data, reference) -> dict:
+    model = ns.load_compressed(path)
+    fd, _ = total_flops(reference, SHAPE)
+    fm, _ = total_flops(model, SHAPE)
+    out = {"test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]),
+           "params": sum(p.numel() for p in model.parameters()), "flops": fm, "flop_ratio": fd / fm,
+           "file_bytes": path.stat().st_size, "latency": {}}
+    for b in (1, 256):
+        x = torch.randn(b, *SHAPE, generator=torch.Generator().manual_seed(0))
+        r = measure_latency(model, reference, x, repeats=100 if b == 1 else 30, threads=2)
+        out["latency"][str(b)] = {"ms": 1e3 * r.model_s, "dense_ms": 1e3 * r.reference_s, "speedup": r.speedup}
+    out["speedup_over_flop_bound_b256"] = out["latency"]["256"]["speedup"] / out["flop_ratio"]
+    return out
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    def extra(ap) -> None:
+        ap.add_argument("--train-threads", type=int, default=2, help="torch threads for training (timing: 2)")
+
+    args, data = parse_args(__doc__, ["lenet5", "resnet_small", "vgg_small"], "not supported", extra)
+    torch.set_num_threads(args.train_threads)
+    res = {"benchmark": "structured_mnist", "paper": "Li et al. 2017; Liu et al. 2017; Wen et al. 2016 (no MNIST "
+           "figures for these models)", "machine": machine(), "fraction": FRACTION, "finetune": FINETUNE.__dict__,
+           "models": {}, "table_rows": []}
+    for name in args.models:
+        ref = load_dense(dense(name, data)).eval()
+        r = {"dense": {"test_error_pct": 100 * (1 - ns.evaluate(ref, data.test)[1]),
+                       "params": sum(p.numel() for p in ref.parameters()), "flops": total_flops(ref, SHAPE)[0]},
+             "methods": {}, "torch_pruning": torch_pruning_same_channels(name, data)}
+        for method in METHODS:
+            if method == "slimming" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules()):
+                continue
+            stage = cached_json(f"structured_{name}_{method}", lambda m=method, n=name: run(n, m, data), args.fresh)
+            v = {**stage, **measure(name, REPO / stage["file"], data, ref)}
+            r["methods"][method] = v
+            res["table_rows"].append({
+                "model": name, "method": f"{method} ({FRACTION:g} of channels) + 1 epoch fine-tune",
+                "error_pct": v["test_error_pct"], "paper_error_pct": None,
+                "dense_error_pct": r["dense"]["test_error_pct"], "paper_dense_error_pct": None,
+                "compression_nonzero": r["dense"]["params"] / v["params"], "paper_compression": None,
+                "compression_bytes": 4 * r["dense"]["params"] / v["file_bytes"],
+                "speedup_b1": v["latency"]["1"]["speedup"], "speedup_b256": v["latency"]["256"]["speedup"],
+                "flop_ratio": v["flop_ratio"], "wall_s": v["wall_s"],
+                "target_met": bool(v["speedup_over_flop_bound_b256"] >= 0.8), **weight_counts(stage["file"])})
+            print(f"{name:13s} {method:10s} err {v['test_error_pct']:.2f}% (dense {r['dense']['test_error_pct']:.2f}) "
+                  f"params {v['params']:,} / {r['dense']['params']:,} | FLOP ratio {v['flop_ratio']:.2f}x | speedup "
+                  f"b1 {v['latency']['1']['speedup']:.2f}x b256 {v['latency']['256']['speedup']:.2f}x", flush=True)
+        res["models"][name] = r
+        tpr = r["torch_pruning"]
+        if "latency" in tpr:
+            print(f"{name:13s} vs Torch-Pruning (same channels): same shapes {tpr['same_shapes']}, max |diff| "
+                  f"{tpr['max_abs_output_diff']:.1e}, our speed / theirs b1 "
+                  f"{tpr['latency']['1']['ours_over_theirs_speed']:.2f} b256 "
+                  f"{tpr['latency']['256']['ours_over_theirs_speed']:.2f}", flush=True)
+    res["wall_s"] = time.perf_counter() - t0
+    write_result("structured_mnist", res)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, row in enumerate(res["table_rows"]):
+        ax.scatter(row["flop_ratio"], row["speedup_b256"], color=f"C{i % 10}", label=f"{row['model']} "
+                   f"{row['method'].split()[0]}")
+    lim = max([r["flop_ratio"] for r in res["table_rows"]] + [2])
+    ax.plot([1, lim], [1, lim], "k--", label="speedup = FLOP ratio")
+    ax.plot([1, lim], [0.8, 0.8 * lim], "k:", label="goal: 80% of it")
+    ax.set_xlabel("FLOP ratio (dense / shrunk)")
+    ax.set_ylabel("measured speedup, batch 256")
+    ax.legend(fontsize=6)
+    save_figure(fig, RESULTS / "structured_mnist.png")
+
+
+if __name__ == "__main__":
+    main()
