@@ -251,6 +251,14 @@ def remove_zero_channels(model: nn.Module, input_shape: tuple[int, ...], *, min_
     return _remove_by_score(model, input_shape, score, 0.0, min_channels, "ssl")
 
 
+def _train_then_remove(model: nn.Module, cfg: TrainConfig, ctx: StageContext, callback, remove) -> dict[str, Any]:
+    """A training-time structured method's stage: train with ``callback(shape)``, then ``remove(shape)``."""
+    shape = _input_shape(model, ctx)
+    report = run_training(model, ctx, cfg, callback(shape))
+    return {**report, "groups": [{"layers": list(r.layers), "before": r.before, "after": r.after}
+                                 for r in remove(shape)]}
+
+
 @dataclass(frozen=True)
 class SlimmingConfig(TrainConfig):
     owner: ClassVar[str] = "slimming"
@@ -266,11 +274,8 @@ class SlimmingConfig(TrainConfig):
                    "through Network Slimming, Eq. 1 and Sec. 4",
           summary="train with l1 on BatchNorm scales, then remove the channels with the smallest scales")
 def _run_slimming(model: nn.Module, cfg: SlimmingConfig, ctx: StageContext) -> dict[str, Any]:
-    shape = _input_shape(model, ctx)
-    report = run_training(model, ctx, cfg, SlimmingPenalty(cfg.lam))
-    reports = slim(model, cfg.fraction, shape, min_channels=cfg.min_channels)
-    return {**report, "groups": [{"layers": list(r.layers), "before": r.before, "after": r.after}
-                                 for r in reports]}
+    return _train_then_remove(model, cfg, ctx, lambda shape: SlimmingPenalty(cfg.lam),
+                              lambda shape: slim(model, cfg.fraction, shape, min_channels=cfg.min_channels))
 
 
 @dataclass(frozen=True)
@@ -286,8 +291,5 @@ class SSLConfig(TrainConfig):
                    "Eq. 2 (filter-wise and channel-wise groups); Lebedev & Lempitsky 2016",
           summary="train with a group Lasso on filters and channels (proximal steps), then remove zeroed ones")
 def _run_ssl(model: nn.Module, cfg: SSLConfig, ctx: StageContext) -> dict[str, Any]:
-    shape = _input_shape(model, ctx)
-    report = run_training(model, ctx, cfg, GroupLassoProximal(cfg.lam_filter, cfg.lam_channel, shape))
-    reports = remove_zero_channels(model, shape, min_channels=cfg.min_channels)
-    return {**report, "groups": [{"layers": list(r.layers), "before": r.before, "after": r.after}
-                                 for r in reports]}
+    return _train_then_remove(model, cfg, ctx, lambda shape: GroupLassoProximal(cfg.lam_filter, cfg.lam_channel, shape),
+                              lambda shape: remove_zero_channels(model, shape, min_channels=cfg.min_channels))
