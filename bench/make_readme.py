@@ -81,6 +81,23 @@ def render() -> str:
             for name, r in res["models"].items():
                 lines += ["", f"autoprune_mnist {name}: FLOPs kept {r['autoprune']['flops_kept_pct']:.1f}% "
                           "(paper, LeNet-5: 7%)."]
+        if res.get("benchmark") == "structured_mnist":
+            for name, r in res["models"].items():
+                tp = r["torch_pruning"]
+                if "latency" not in tp:
+                    lines += ["", f"structured_mnist {name}: Torch-Pruning comparison skipped ({tp.get('skipped')})."]
+                    continue
+                lines += ["", f"structured_mnist {name}, l1_filters one-shot vs Torch-Pruning removing the same "
+                          f"channels: same shapes {tp['same_shapes']}, max |output difference| "
+                          f"{tp['max_abs_output_diff']:.1e}, test error {tp['error_pct_ours']:.2f}% / "
+                          f"{tp['error_pct_torch_pruning']:.2f}%, latency ours / theirs batch 1 "
+                          f"{tp['latency']['1']['ours_ms']:.3f} / {tp['latency']['1']['torch_pruning_ms']:.3f} ms, "
+                          f"batch 256 {tp['latency']['256']['ours_ms']:.2f} / "
+                          f"{tp['latency']['256']['torch_pruning_ms']:.2f} ms; FLOP ratio and measured speedup "
+                          "per method: " + "; ".join(
+                              f"{k} {v['flop_ratio']:.2f}x FLOPs, {v['latency']['256']['speedup']:.2f}x at batch 256 "
+                              f"({100 * v['speedup_over_flop_bound_b256']:.0f}% of it; goal 80%)"
+                              for k, v in r["methods"].items()) + "."]
         if res.get("benchmark") == "fuzz_nsz":
             o, t = res["outcomes"], res["targets"]
             verdict = "all targets met" if res["met"] else "MISSED: " + ", ".join(k for k, v in t.items() if not v)

@@ -313,6 +313,13 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
                      arch=arch)
     click.echo(f"{output}: {info.file_bytes:,} bytes ({info.compression:.2f}x smaller than dense float32), "
                f"test accuracy {100 * acc:.2f}%")
+    from .models import original_model
+
+    orig = original_model(arch, trust_code=True)  # the user's own factory, already run to build the input
+    if orig is not None:
+        n0, n = sum(p.numel() for p in orig.parameters()), sum(p.numel() for p in model.parameters())
+        click.echo(f"structured: {n:,} of the original {n0:,} parameters ({n0 / n:.2f}x fewer); the file is "
+                   f"{4 * n0 / info.file_bytes:.2f}x smaller than the original dense float32 model")
 
 
 @cli.command("methods")

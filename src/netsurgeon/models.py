@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "rebuild_matching",
-           "resnet_small", "UntrustedCodeError", "record_resized", "resized_record", "apply_resized", "layer_sizes"]
+           "resnet_small", "UntrustedCodeError", "record_resized", "resized_record", "apply_resized", "layer_sizes",
+           "original_model"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
 
@@ -290,6 +291,16 @@ def record_resized(model: nn.Module, resized: dict[str, dict[str, int]]) -> None
     for name, sizes in resized.items():
         merged.setdefault(name, {}).update(sizes)
     object.__setattr__(model, _ARCH_ATTR, {**arch, "resized": merged})
+
+
+def original_model(arch: dict[str, Any] | None, *, trust_code: bool = False, device: str = "meta") -> nn.Module | None:
+    """The architecture a structured-pruned record was made from (its ``resized`` layers at their built sizes),
+    on ``device`` ("meta": no memory); None when the record has no resized layers or cannot be rebuilt."""
+    if not arch or not arch.get("resized") or ("name" not in arch and "factory" not in arch):
+        return None
+    base = {k: v for k, v in arch.items() if k != "resized"}
+    with torch.device(device):
+        return rebuild(base, trust_code=trust_code)
 
 
 def arch_of(model: nn.Module) -> dict | None:

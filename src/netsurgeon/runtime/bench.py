@@ -2,7 +2,9 @@
 
 For each batch size, these are timed interleaved (same process, same threads, median of ``repeats``):
 
-- ``dense``: the same architecture as a plain float32 ``nn.Module`` (the reference of every ratio);
+- ``dense``: the same architecture as a plain float32 ``nn.Module`` (the reference of every ratio); for a
+  structured-pruned file, the architecture before its layers shrank (random weights: latency does not depend
+  on the values of dense weights);
 - ``runtime``: ``compile_runtime`` at that batch (the form netsurgeon runs);
 - ``torch_csr``: every Linear layer with nonzeros on torch's CSR kernel (the plain torch sparse route);
 - ``ort_dense`` / ``ort_export``: onnxruntime on ``torch.onnx.export``'s dense file and on the compact file of
@@ -76,19 +78,23 @@ def ort_session(path: Path, threads: int):
 def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 256), *, threads: int = 2,
                    repeats: int = 100, trust_code: bool = False, onnx: bool = True) -> dict[str, Any]:
     """The numbers of ``netsurgeon bench-latency`` as a JSON-ready dict (see the module doc)."""
-    from ..models import arch_of
+    from ..models import arch_of, original_model
     from . import load_compressed
 
     path = Path(path)
     dense = load_compressed(path, trust_code=trust_code)
     shape = tuple((arch_of(dense) or {}).get("input_shape") or ())
+    original = original_model(arch_of(dense), trust_code=trust_code, device="cpu")
+    if original is not None:  # structured pruning: the reference is the architecture before layers shrank
+        dense = original.eval()
     if not shape:
         raise ValueError(f"bench-latency: {str(path)!r} records no input shape.")
     stored = load_compressed(path, trust_code=trust_code, keep_codecs=True)
-    flops_dense, flops_eff = total_flops(dense, shape)
+    flops_dense, flops_eff = total_flops(dense, shape)[0], total_flops(stored, shape)[1]
     out: dict[str, Any] = {
         "file": str(path), "file_bytes": path.stat().st_size, "threads": threads, "input_shape": list(shape),
-        "dense_weight_bytes": resident_bytes(dense), "flops_dense": flops_dense, "flops_effective": flops_eff,
+        "dense_weight_bytes": resident_bytes(dense), "structured": original is not None,
+        "flops_dense": flops_dense, "flops_effective": flops_eff,
         "flop_ratio_bound": flops_dense / max(flops_eff, 1), "batches": {}}
     onnx_ok = False
     if onnx:
@@ -109,7 +115,7 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
                         "ort_export": ort_session(ex.path, threads)}
             out.update(onnx_bytes=ex.file_bytes, onnx_dense_bytes=dense_file.stat().st_size,
                        onnx_max_abs_logit_diff=ex.max_abs_logit_diff)
-        csr = csr_form(dense)
+        csr = csr_form(load_compressed(path, trust_code=trust_code))  # the file's own weights, on torch CSR
         for b in batches:
             runtime, plan = compile_runtime(stored, b, threads=threads)
             x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0))
