@@ -173,3 +173,16 @@ def test_slimming_ranks_channels_by_batchnorm_scale():
     assert reports and all(r.after < r.before for r in reports)
     with torch.no_grad():
         assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_latency_of_a_structured_file_is_against_the_original_architecture(tmp_path):
+    from netsurgeon.pruning.structured import l1_filter_prune
+    from netsurgeon.runtime.bench import latency_report
+
+    torch.manual_seed(0)
+    model = ns.build_model("digits_cnn")
+    l1_filter_prune(model, 0.5, (1, 8, 8))
+    ns.save_compressed(model, tmp_path / "s.nsz")
+    r = latency_report(tmp_path / "s.nsz", (2,), threads=1, repeats=5, onnx=False)
+    assert r["structured"] and r["flop_ratio_bound"] > 2.5
+    assert r["dense_weight_bytes"] == 4 * sum(p.numel() for p in ns.build_model("digits_cnn").parameters())
