@@ -33,6 +33,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
     (default: the same architecture run densely, which costs what any dense weights cost), timed interleaved
     in this process with the same threads; ``speedup = dense_ms / runtime_ms`` of exactly those two medians.
     """
+    from .models import arch_of, original_model
+
     nz, total = count_nonzero(model)
     flops = layer_flops(model, input_shape)
     out: dict[str, Any] = {
@@ -40,6 +42,13 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
         "dense_bytes": total * 4,
         "flops_dense": sum(r.dense for r in flops), "flops_effective": sum(r.effective for r in flops),
     }
+    orig = original_model(arch_of(model), trust_code=True)  # arch_of: recorded by a model already built here
+    if orig is not None:  # structured pruning: counts against the architecture before its layers shrank
+        n0 = sum(p.numel() for p in orig.parameters())
+        dense_orig = original_model(arch_of(model), trust_code=True, device="cpu")
+        out.update(params_original=n0, compression_nonzero=n0 / max(nz, 1), dense_bytes=4 * n0,
+                   flops_dense=sum(r.dense for r in layer_flops(dense_orig, input_shape)))
+        reference = reference if reference is not None else dense_orig.eval()  # latency: against it, too
     if file_path is not None:
         out["file_bytes"] = os.path.getsize(file_path)
         out["compression_bytes"] = out["dense_bytes"] / out["file_bytes"]
@@ -75,7 +84,8 @@ def summary_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
             return f"{v:.4f}"
         return f"{v:,}"
 
-    keys = ["test_error_pct", "params", "nonzero", "compression_nonzero", "file_bytes", "compression_bytes",
+    keys = ["test_error_pct", "params_original", "params", "nonzero", "compression_nonzero", "file_bytes",
+            "compression_bytes",
             "flops_dense", "flops_effective"]
     for k in keys:
         if any(k in r for r in rows.values()):
