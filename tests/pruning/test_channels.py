@@ -186,3 +186,17 @@ def test_latency_of_a_structured_file_is_against_the_original_architecture(tmp_p
     r = latency_report(tmp_path / "s.nsz", (2,), threads=1, repeats=5, onnx=False)
     assert r["structured"] and r["flop_ratio_bound"] > 2.5
     assert r["dense_weight_bytes"] == 4 * sum(p.numel() for p in ns.build_model("digits_cnn").parameters())
+
+
+def test_filter_sensitivity_prunes_one_layer_at_a_time(digits):
+    from netsurgeon.pruning.structured import filter_sensitivity
+
+    torch.manual_seed(0)
+    model = ns.build_model("digits_cnn", digits.input_shape)
+    ns.train(model, digits, ns.TrainConfig(epochs=3, lr=0.05))
+    n = sum(p.numel() for p in model.parameters())
+    curves = filter_sensitivity(model, digits.val, digits.input_shape, fractions=(0.1, 0.9))
+    assert set(curves) == {"conv1", "conv2", "fc1"} and sum(p.numel() for p in model.parameters()) == n
+    acc = ns.evaluate(model, digits.val)[1]
+    for c in curves.values():
+        assert c[0.9] <= c[0.1] + 0.05 and c[0.1] <= acc + 0.05

@@ -30,8 +30,8 @@ from .channels import ChannelGroup, channel_groups, remove_channels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["l1_filter_prune", "FilterReport", "L1FiltersConfig", "SlimmingPenalty", "slim", "GroupLassoProximal",
-           "remove_zero_channels"]
+__all__ = ["l1_filter_prune", "filter_sensitivity", "FilterReport", "L1FiltersConfig", "SlimmingPenalty", "slim",
+           "GroupLassoProximal", "remove_zero_channels"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,32 @@ class FilterReport:
     before: int
     after: int
     kept: tuple[int, ...] = ()  # the channels kept (indices before removal)
+
+
+def filter_sensitivity(model: nn.Module, data: Any, input_shape: tuple[int, ...],
+                       fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+                       ) -> dict[str, dict[float, float]]:
+    """Li et al. 2017, Sec. 3.2 and Fig. 2(b): prune each removable group alone by each fraction of its
+    smallest-l1 filters, without retraining, and record the accuracy on ``data`` (use the validation split:
+    the per-layer fractions chosen from it must not see the test split). Keys: the group's producing layers
+    joined by '+'. ``model`` is not modified."""
+    import copy
+
+    from ..train import evaluate
+
+    _check_plain(model, "filter_sensitivity")
+    groups = channel_groups(model, input_shape)
+    out: dict[str, dict[float, float]] = {}
+    for g in groups:
+        if not g.prunable:
+            continue
+        key = "+".join(g.producers)
+        out[key] = {}
+        for f in fractions:
+            m = copy.deepcopy(model)
+            l1_filter_prune(m, {p: f for p in g.producers}, input_shape)
+            out[key][f] = evaluate(m, data)[1]
+    return out
 
 
 def _check_plain(model: nn.Module, owner: str) -> None:
