@@ -35,7 +35,7 @@ from _common import (
     write_result,
 )
 from netsurgeon.modelfile import save_model
-from netsurgeon.pruning.structured import l1_filter_prune
+from netsurgeon.pruning.structured import filter_sensitivity, l1_filter_prune
 from netsurgeon.stats import measure_latency, total_flops
 
 SHAPE = (1, 28, 28)
@@ -140,7 +140,11 @@ def main() -> None:
         ref = load_dense(dense(name, data)).eval()
         r = {"dense": {"test_error_pct": 100 * (1 - ns.evaluate(ref, data.test)[1]),
                        "params": sum(p.numel() for p in ref.parameters()), "flops": total_flops(ref, SHAPE)[0]},
-             "methods": {}, "torch_pruning": torch_pruning_same_channels(name, data)}
+             "methods": {}, "torch_pruning": torch_pruning_same_channels(name, data),
+             # Li et al. 2017 Fig. 2(b): each layer pruned alone, no retraining, validation accuracy
+             "sensitivity": cached_json(f"structured_{name}_sensitivity", lambda n=name: {
+                 k: {f"{f:g}": a for f, a in v.items()}
+                 for k, v in filter_sensitivity(load_dense(dense(n, data)), data.val, SHAPE).items()}, args.fresh)}
         for method in METHODS:
             if method == "slimming" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules()):
                 continue
@@ -169,7 +173,9 @@ def main() -> None:
     res["wall_s"] = time.perf_counter() - t0
     write_result("structured_mnist", res)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    models = list(res["models"])
+    fig, axes = plt.subplots(1, 1 + len(models), figsize=(5 * (1 + len(models)), 4), squeeze=False)
+    ax = axes[0][0]
     for i, row in enumerate(res["table_rows"]):
         ax.scatter(row["flop_ratio"], row["speedup_b256"], color=f"C{i % 10}", label=f"{row['model']} "
                    f"{row['method'].split()[0]}")
@@ -179,6 +185,14 @@ def main() -> None:
     ax.set_xlabel("FLOP ratio (dense / shrunk)")
     ax.set_ylabel("measured speedup, batch 256")
     ax.legend(fontsize=6)
+    for ax, name in zip(axes[0][1:], models, strict=True):
+        for layer, curve in res["models"][name]["sensitivity"].items():
+            ax.plot([100 * float(f) for f in curve], [100 * a for a in curve.values()], marker="o", ms=3,
+                    label=layer)
+        ax.set_title(f"{name}: one layer pruned, no retraining (Li et al. Fig. 2b)", fontsize=8)
+        ax.set_xlabel("filters pruned away %")
+        ax.set_ylabel("validation accuracy %")
+        ax.legend(fontsize=6)
     save_figure(fig, RESULTS / "structured_mnist.png")
 
 
