@@ -66,12 +66,21 @@ def rel(path: str | Path) -> str:
 def weight_counts(path: str | Path) -> dict[str, Any]:
     """The one counting rule of every table (issue 13): weights only (Linear/Conv weight tensors), biases
     reported separately, read from the result's ``.nsz`` file."""
+    from netsurgeon.models import original_model
+
     info = ns.coding.nsz.read_header(REPO / path)
     weights = [r for r in info.records if r.name.endswith(".weight") and len(r.shape) >= 2]
     biases = [r for r in info.records if r.name.endswith(".bias")]
     n_w, nz_w = sum(r.numel for r in weights), sum(r.nonzero for r in weights)
+    n_b = sum(r.numel for r in biases)
+    orig = original_model(info.header.get("arch"))  # structured pruning: count against the layers as built
+    if orig is not None:
+        state = orig.state_dict()
+        names = {r.name for r in weights} | {r.name for r in biases}
+        n_w = sum(v.numel() for k, v in state.items() if k in names and k.endswith(".weight") and v.dim() >= 2)
+        n_b = sum(v.numel() for k, v in state.items() if k in names and k.endswith(".bias"))
     return {"file": rel(REPO / path), "weights": n_w, "weights_nonzero": nz_w,
-            "compression_weights": n_w / max(nz_w, 1), "biases": sum(r.numel for r in biases),
+            "compression_weights": n_w / max(nz_w, 1), "biases": n_b,
             "biases_nonzero": sum(r.nonzero for r in biases)}
 
 
