@@ -200,3 +200,15 @@ def test_filter_sensitivity_prunes_one_layer_at_a_time(digits):
     acc = ns.evaluate(model, digits.val)[1]
     for c in curves.values():
         assert c[0.9] <= c[0.1] + 0.05 and c[0.1] <= acc + 0.05
+
+
+def test_round_to_keeps_a_multiple_of_channels():
+    from netsurgeon.pruning.structured import l1_filter_prune, slim
+
+    torch.manual_seed(0)
+    model = ns.build_model("lenet5")
+    l1_filter_prune(model, {"conv1": 0.5, "conv2": 0.5}, (1, 28, 28), round_to=8)
+    assert (model.conv1.out_channels, model.conv2.out_channels) == (16, 32)  # 10 -> 16, 25 -> 32
+    vgg = ns.build_model("vgg_small", (1, 8, 8))
+    slim(vgg, 0.5, (1, 8, 8), round_to=8)
+    assert all(m.out_channels % 8 == 0 for m in vgg.modules() if isinstance(m, nn.Conv2d))

@@ -84,10 +84,17 @@ def _scores(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
     return s
 
 
+def _rounded(n: int, size: int, round_to: int) -> int:
+    """``n`` rounded up to a multiple of ``round_to`` (at most ``size``), for accelerators and kernels that want
+    aligned channel counts (on this CPU, 11 -> 14 channels ran no slower per FLOP than 16 -> 16: measured)."""
+    return min(size, -(-n // round_to) * round_to)
+
+
 def l1_filter_prune(model: nn.Module, fraction: float | Mapping[str, float], input_shape: tuple[int, ...], *,
-                    min_channels: int = 1) -> list[FilterReport]:
+                    min_channels: int = 1, round_to: int = 1) -> list[FilterReport]:
     """Remove ``fraction`` of the channels of every removable group (a mapping: per producing layer name, the
-    others untouched) with the smallest l1 scores, in place. Returns one report per shrunk group."""
+    others untouched) with the smallest l1 scores, in place; each layer keeps a multiple of ``round_to``
+    channels. Returns one report per shrunk group."""
     _check_plain(model, "l1_filters")
     groups = channel_groups(model, input_shape)
     keep, reports = {}, []
@@ -101,7 +108,7 @@ def l1_filter_prune(model: nn.Module, fraction: float | Mapping[str, float], inp
             f = max(given)
         else:
             f = fraction
-        n_keep = max(min(min_channels, g.size), g.size - int(round(f * g.size)))
+        n_keep = _rounded(max(min(min_channels, g.size), g.size - int(round(f * g.size))), g.size, round_to)
         if n_keep >= g.size:
             continue
         keep[i] = torch.topk(_scores(model, g), n_keep).indices.sort().values
@@ -124,6 +131,7 @@ class L1FiltersConfig(MethodConfig):
     fraction: float | dict[str, float] = option(0.5, "fraction of filters (channels) to remove per layer: a number, or "
                                 "{layer: fraction} for the producing layers named", low=0, high=1, high_open=True)
     min_channels: int = option(1, "never keep fewer channels than this in a layer", low=1)
+    round_to: int = option(1, "keep a multiple of this many channels per layer (aligned sizes)", low=1)
 
 
 def _input_shape(model: nn.Module, ctx: StageContext) -> tuple[int, ...]:
@@ -141,12 +149,13 @@ def _input_shape(model: nn.Module, ctx: StageContext) -> tuple[int, ...]:
           citation="Li, Kadav, Durdanovic, Samet, Graf 2017 (ICLR), Pruning Filters for Efficient ConvNets, Sec. 3.1",
           summary="remove whole filters/neurons with the smallest l1 norms; the model gets smaller layers")
 def _run_l1_filters(model: nn.Module, cfg: L1FiltersConfig, ctx: StageContext) -> dict[str, Any]:
-    reports = l1_filter_prune(model, cfg.fraction, _input_shape(model, ctx), min_channels=cfg.min_channels)
+    reports = l1_filter_prune(model, cfg.fraction, _input_shape(model, ctx), min_channels=cfg.min_channels,
+                              round_to=cfg.round_to)
     return {"groups": [{"layers": list(r.layers), "before": r.before, "after": r.after} for r in reports]}
 
 
 def _remove_by_score(model: nn.Module, input_shape: tuple[int, ...], score, fraction: float, min_channels: int,
-                     owner: str) -> list[FilterReport]:
+                     owner: str, round_to: int = 1) -> list[FilterReport]:
     """Remove the ``fraction`` of all removable channels with the smallest ``score(group)`` values, one
     threshold across every group (channels scoring exactly 0 always go), keeping ``min_channels`` per group."""
     _check_plain(model, owner)
@@ -163,8 +172,9 @@ def _remove_by_score(model: nn.Module, input_shape: tuple[int, ...], score, frac
     keep, reports = {}, []
     for i, s in scored.items():
         idx = torch.nonzero((s > thr) & (s > 0)).flatten()
-        if idx.numel() < min(min_channels, s.numel()):
-            idx = torch.topk(s, min(min_channels, s.numel())).indices.sort().values
+        want = _rounded(max(idx.numel(), min(min_channels, s.numel())), s.numel(), round_to)
+        if idx.numel() < want:  # the best-scoring channels up to the count wanted
+            idx = torch.topk(s, want).indices.sort().values
         if idx.numel() < s.numel():
             keep[i] = idx
             reports.append(FilterReport(tuple(groups[i].producers), s.numel(), idx.numel(), tuple(idx.tolist())))
@@ -198,8 +208,8 @@ class SlimmingPenalty(Callback):
                 g.grad.add_(torch.sign(g), alpha=self.lam)
 
 
-def slim(model: nn.Module, fraction: float, input_shape: tuple[int, ...], *, min_channels: int = 1
-         ) -> list[FilterReport]:
+def slim(model: nn.Module, fraction: float, input_shape: tuple[int, ...], *, min_channels: int = 1,
+         round_to: int = 1) -> list[FilterReport]:
     """Remove the ``fraction`` of BatchNorm-scaled channels with the smallest |γ|, one global threshold (Liu et
     al. 2017, Sec. 4: "a global threshold across all layers"); a residual group's score sums its |γ|s."""
     def score(g: ChannelGroup):
@@ -208,7 +218,7 @@ def slim(model: nn.Module, fraction: float, input_shape: tuple[int, ...], *, min
             return None
         return sum(model.get_submodule(n).weight.detach().abs().cpu() for n in bns)
 
-    return _remove_by_score(model, input_shape, score, fraction, min_channels, "slimming")
+    return _remove_by_score(model, input_shape, score, fraction, min_channels, "slimming", round_to)
 
 
 class GroupLassoProximal(Callback):
@@ -293,6 +303,7 @@ class SlimmingConfig(TrainConfig):
     fraction: float = option(0.5, "fraction of BatchNorm-scaled channels removed after training (global)",
                              low=0, high=1, high_open=True)
     min_channels: int = option(1, "never keep fewer channels than this in a layer", low=1)
+    round_to: int = option(1, "keep a multiple of this many channels per layer (aligned sizes)", low=1)
 
 
 @register("slimming", kind="training", config=SlimmingConfig, needs_data=True,
@@ -301,7 +312,8 @@ class SlimmingConfig(TrainConfig):
           summary="train with l1 on BatchNorm scales, then remove the channels with the smallest scales")
 def _run_slimming(model: nn.Module, cfg: SlimmingConfig, ctx: StageContext) -> dict[str, Any]:
     return _train_then_remove(model, cfg, ctx, lambda shape: SlimmingPenalty(cfg.lam),
-                              lambda shape: slim(model, cfg.fraction, shape, min_channels=cfg.min_channels))
+                              lambda shape: slim(model, cfg.fraction, shape, min_channels=cfg.min_channels,
+                                                 round_to=cfg.round_to))
 
 
 @dataclass(frozen=True)
