@@ -39,6 +39,8 @@ from netsurgeon.pruning.structured import filter_sensitivity, l1_filter_prune
 from netsurgeon.stats import measure_latency, total_flops
 
 SHAPE = (1, 28, 28)
+LABEL = {"l1_filters": "half of each layer's channels", "slimming": "half of all BatchNorm channels, global",
+         "ssl": "group Lasso 0.1, zeroed channels"}
 TRAIN = {"resnet_small": ns.TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4, schedule="cosine"),
          "vgg_small": ns.TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4, schedule="cosine")}
 FINETUNE = ns.TrainConfig(epochs=1, lr=0.005, weight_decay=1e-4, schedule="cosine")
@@ -152,7 +154,7 @@ def main() -> None:
             v = {**stage, **measure(name, REPO / stage["file"], data, ref)}
             r["methods"][method] = v
             res["table_rows"].append({
-                "model": name, "method": f"{method} ({FRACTION:g} of channels) + 1 epoch fine-tune",
+                "model": name, "method": f"{method} ({LABEL[method]}) + 1 epoch fine-tune",
                 "error_pct": v["test_error_pct"], "paper_error_pct": None,
                 "dense_error_pct": r["dense"]["test_error_pct"], "paper_dense_error_pct": None,
                 "compression_nonzero": r["dense"]["params"] / v["params"], "paper_compression": None,
