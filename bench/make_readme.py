@@ -145,8 +145,8 @@ def render_runtime() -> str:
     cols = ["runtime", "torch_csr", "ort_dense", "ort_export"]
     out = [f"Measured on {m['cpu']}, {res['threads']} threads, torch {m['torch']} ({m['date']}, commit "
            f"{m['commit']}); medians of {res['repeats']} interleaved runs. Each cell: milliseconds (speedup over "
-           "the dense float32 nn.Module of the same architecture, timed in the same pass). onnxruntime is timed in "
-           "a second pass against the dense model again.", "",
+           "the dense float32 nn.Module of the same architecture, timed interleaved with it in its own pass; the dense "
+           "column is the runtime pass's).", "",
            "| file | batch | dense ms | netsurgeon runtime | torch CSR | onnxruntime, dense ONNX | onnxruntime, "
            "compact ONNX | FLOP bound | runtime forms | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in res["files"].items():

@@ -8,9 +8,12 @@ For each batch size, these are timed interleaved (same process, same threads, me
 - ``runtime``: ``compile_runtime`` at that batch (the form netsurgeon runs);
 - ``torch_csr``: every Linear layer with nonzeros on torch's CSR kernel (the plain torch sparse route);
 - ``ort_dense`` / ``ort_export``: onnxruntime on ``torch.onnx.export``'s dense file and on the compact file of
-  ``netsurgeon export`` (when onnx/onnxruntime are installed), timed in a second pass interleaved with the
-  dense model again (their ratios are against that pass's dense median: run between onnxruntime calls, torch
-  itself slows down, which would flatter every other column).
+  ``netsurgeon export`` (when onnx/onnxruntime are installed).
+
+Each candidate is timed in its own pass, interleaved with the dense model alone; its ratio is against that
+pass's dense median (``dense_ms_per_pass``). Timed beside other candidates, the dense model itself ran up to
+1.2x slower (a large CSR matrix evicting its weights; torch slowed between onnxruntime calls), which would
+flatter every column.
 
 Next to each measured speedup: the FLOP-ratio bound (dense FLOPs / FLOPs of the nonzero weights), and the
 resident bytes of the runtime module's weights next to the file's bytes.
@@ -39,14 +42,16 @@ __all__ = ["latency_report", "time_interleaved", "csr_form"]
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 5) -> dict[str, float]:
     """Median seconds of each zero-argument callable, run in turn ``repeats`` times (machine drift spreads over
-    all of them)."""
+    all of them). The order rotates every round, so no candidate always runs right after the same other one
+    (measured: the dense model timed just after a large CSR candidate ran 1.2x slower, from a cold cache)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    items = list(fns.items())
     with torch.inference_mode():
         for f in fns.values():
             for _ in range(warmup):
                 f()
-        for _ in range(repeats):
-            for k, f in fns.items():
+        for r in range(repeats):
+            for k, f in items[r % len(items):] + items[:r % len(items)]:
                 t0 = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t0)
@@ -120,22 +125,21 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
             runtime, plan = compile_runtime(stored, b, threads=threads)
             x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0))
             xn = x.numpy()
-            fns: dict[str, Callable[[], Any]] = {"dense": lambda x=x: dense(x),
-                                                 "runtime": lambda x=x, r=runtime: r(x),
-                                                 "torch_csr": lambda x=x: csr(x)}
-            t = time_interleaved(fns, repeats)
-            row = {"ms": {k: 1e3 * v for k, v in t.items()},
-                   "speedup": {k: t["dense"] / v for k, v in t.items() if k != "dense"},
-                   "plan": plan.to_dict(), "runtime_resident_bytes": plan.resident_bytes}
-            if sessions:  # a second pass: interleaved with onnxruntime, torch itself runs slower (34 -> 46 us
-                # for dense LeNet-300-100 at batch 1), so onnxruntime's ratios come from their own pass
-                ort_fns: dict[str, Callable[[], Any]] = {"dense": lambda x=x: dense(x)}
-                for k, s in sessions.items():
-                    ort_fns[k] = lambda s=s, xn=xn: s.run(None, {"input": xn})
-                t2 = time_interleaved(ort_fns, repeats)
-                row["ms_onnx_pass"] = {k: 1e3 * v for k, v in t2.items()}
-                row["ms"].update({k: 1e3 * v for k, v in t2.items() if k != "dense"})
-                row["speedup"].update({k: t2["dense"] / v for k, v in t2.items() if k != "dense"})
+            cands: dict[str, Callable[[], Any]] = {"runtime": lambda x=x, r=runtime: r(x),
+                                                   "torch_csr": lambda x=x: csr(x)}
+            for k, s in sessions.items():
+                cands[k] = lambda s=s, xn=xn: s.run(None, {"input": xn})
+            # one pass per candidate, each against the dense model alone: timed beside a third candidate, the
+            # dense model ran up to 1.2x slower (a large CSR matrix evicting its weights), and between
+            # onnxruntime calls torch itself slows down (34 -> 46 us for dense LeNet-300-100 at batch 1)
+            row: dict[str, Any] = {"ms": {}, "speedup": {}, "dense_ms_per_pass": {}, "plan": plan.to_dict(),
+                                   "runtime_resident_bytes": plan.resident_bytes}
+            for k, f in cands.items():
+                t = time_interleaved({"dense": lambda x=x: dense(x), k: f}, repeats)
+                if k == "runtime":
+                    row["ms"]["dense"] = 1e3 * t["dense"]
+                row["ms"][k], row["speedup"][k] = 1e3 * t[k], t["dense"] / t[k]
+                row["dense_ms_per_pass"][k] = 1e3 * t["dense"]
             out["batches"][str(b)] = row
     return out
 
