@@ -65,7 +65,7 @@ def _ort_predictions(path: Path, x: torch.Tensor, threads: int) -> np.ndarray:
 def measure_file(key: str, data, threads: int, repeats: int) -> dict:
     model_name, label, fname, goal = FILES[key]
     path = RESULTS / "files" / fname
-    rep = latency_report(path, (1, 256), threads=threads, repeats=repeats)
+    rep = {**latency_report(path, (1, 256), threads=threads, repeats=repeats), "file": rel(path)}
     dense = ns.load_compressed(path)
     x, y = data.test.x, data.test.y.numpy()
     ref = _predictions(dense, x, 256)

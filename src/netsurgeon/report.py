@@ -42,13 +42,13 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
         "dense_bytes": total * 4,
         "flops_dense": sum(r.dense for r in flops), "flops_effective": sum(r.effective for r in flops),
     }
-    orig = original_model(arch_of(model), trust_code=True)  # arch_of: recorded by a model already built here
+    # arch_of: recorded by a model already built in this process, so its factory is trusted
+    orig = original_model(arch_of(model), trust_code=True, device="cpu")
     if orig is not None:  # structured pruning: counts against the architecture before its layers shrank
         n0 = sum(p.numel() for p in orig.parameters())
-        dense_orig = original_model(arch_of(model), trust_code=True, device="cpu")
         out.update(params_original=n0, compression_nonzero=n0 / max(nz, 1), dense_bytes=4 * n0,
-                   flops_dense=sum(r.dense for r in layer_flops(dense_orig, input_shape)))
-        reference = reference if reference is not None else dense_orig.eval()  # latency: against it, too
+                   flops_dense=sum(r.dense for r in layer_flops(orig, input_shape)))
+        reference = reference if reference is not None else orig.eval()  # latency: against it, too
     if file_path is not None:
         out["file_bytes"] = os.path.getsize(file_path)
         out["compression_bytes"] = out["dense_bytes"] / out["file_bytes"]

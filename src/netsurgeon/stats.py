@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +103,25 @@ class Latency:
         return self.reference_s / self.model_s
 
 
-@torch.inference_mode()
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 5) -> dict[str, float]:
+    """Median seconds of each zero-argument callable, run in turn ``repeats`` times under inference mode
+    (machine drift spreads over all of them). The order rotates every round, so no candidate always runs
+    right after the same other one (measured: a dense model timed just after a large CSR candidate ran 1.2x
+    slower, from a cold cache)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    items = list(fns.items())
+    with torch.inference_mode():  # as a deployed model runs: no autograd bookkeeping
+        for f in fns.values():
+            for _ in range(warmup):
+                f()
+        for r in range(repeats):
+            for k, f in items[r % len(items):] + items[:r % len(items)]:
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def measure_latency(model: nn.Module, reference: nn.Module, x: Tensor, *, warmup: int = 10,
                     repeats: int = 50, threads: int | None = None) -> Latency:
     """Time ``model(x)`` against ``reference(x)``: warm-up, then alternate runs, report medians.
@@ -112,20 +130,9 @@ def measure_latency(model: nn.Module, reference: nn.Module, x: Tensor, *, warmup
     """
     model.eval()
     reference.eval()
-    with num_threads(threads), torch.inference_mode():  # as a deployed model runs: no autograd bookkeeping
-        for _ in range(warmup):
-            model(x)
-            reference(x)
-        tm, tr = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            t1 = time.perf_counter()
-            reference(x)
-            t2 = time.perf_counter()
-            tm.append(t1 - t0)
-            tr.append(t2 - t1)
-        return Latency(statistics.median(tm), statistics.median(tr), int(x.shape[0]), torch.get_num_threads())
+    with num_threads(threads):
+        t = time_interleaved({"model": lambda: model(x), "reference": lambda: reference(x)}, repeats, warmup)
+        return Latency(t["model"], t["reference"], int(x.shape[0]), torch.get_num_threads())
 
 
 def _gradient_batches(data: Any, num_grads: int, batch_size: int,

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,29 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..stats import num_threads, total_flops
+from ..stats import num_threads, time_interleaved, total_flops
 from .compile import compile_runtime
 from .modules import CSRLinear, resident_bytes
 
-__all__ = ["latency_report", "time_interleaved", "csr_form"]
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 5) -> dict[str, float]:
-    """Median seconds of each zero-argument callable, run in turn ``repeats`` times (machine drift spreads over
-    all of them). The order rotates every round, so no candidate always runs right after the same other one
-    (measured: the dense model timed just after a large CSR candidate ran 1.2x slower, from a cold cache)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    items = list(fns.items())
-    with torch.inference_mode():
-        for f in fns.values():
-            for _ in range(warmup):
-                f()
-        for r in range(repeats):
-            for k, f in items[r % len(items):] + items[:r % len(items)]:
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+__all__ = ["latency_report", "csr_form", "report_lines", "ort_session"]
 
 
 def csr_form(model: nn.Module) -> nn.Module:

@@ -17,8 +17,6 @@ does. A model fx cannot trace keeps its structure; each Linear layer is then a r
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from ..stats import time_interleaved
 from . import kernels
 from .modules import CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
 
@@ -126,18 +125,9 @@ def _candidates(mods: list[nn.Linear], relus: list[bool], names: list[str], form
 
 
 def _time(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median ms of each candidate, run interleaved (drift of the machine spreads over all)."""
-    times: dict[str, list[float]] = {k: [] for k in cands}
-    with torch.inference_mode():
-        for m in cands.values():  # warm-up (compiles numba kernels on first use)
-            for _ in range(3):
-                m(x)
-        for _ in range(repeats):
-            for k, m in cands.items():
-                t0 = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    """Median ms of each candidate, interleaved (the first warm-up call compiles numba kernels)."""
+    t = time_interleaved({k: (lambda m=m: m(x)) for k, m in cands.items()}, repeats, warmup=3)
+    return {k: 1e3 * v for k, v in t.items()}
 
 
 class _Tracer(fx.Tracer):
