@@ -47,6 +47,13 @@ def model_for_file(model: nn.Module | None, arch: Any, shapes: dict[str, tuple[i
             apply_resized(model, arch["resized"], source)
         except ValueError as e:
             raise NszError(str(e)) from e
+    if model is not None and arch and arch.get("binary_inputs"):  # binary networks: inputs binarized by hooks
+        from .quantization.binary import apply_binary_inputs
+
+        try:
+            apply_binary_inputs(model, arch["binary_inputs"], source)
+        except ValueError as e:
+            raise NszError(str(e)) from e
     if model is None:
         if not arch or ("name" not in arch and "factory" not in arch):
             raise NszError(f"{source}: the file records no architecture; pass the model to fill.")

@@ -7,6 +7,9 @@
 | mlpnet      | WoodFisher's MNIST MLP 784-40-20-10, no bias (ReLU)            | 32,360               |
 | digits_cnn  | small CNN for 8x8 digits: conv 16@3x3, pool, conv 32@3x3, pool, fc 64, fc 10 | 13,706 (8x8) |
 | resnet_small| CIFAR-style ResNet (He et al. 2016): 3 stages of basic blocks, BatchNorm, residual | 77,754 (3x32) |
+| vgg_small   | two stages of 2 x (3x3 conv, BN, ReLU) + pool, fc 128, fc 10                  | 79,498 (width 16) |
+| mlp_bn      | BinaryConnect/BNN MLP: widths x (fc, BN, ReLU or HardTanh), fc 10, BN         | 10.0M (3 x 2048) |
+| lenet5_bn   | LeNet-5 in XNOR-Net's block order (BN before each binary layer)               | 432,220          |
 
 Any other model is built from an import path, ``build_model("pkg.module:factory", **kwargs)``; the path and
 the keyword arguments are recorded so a saved file can rebuild it (see :func:`rebuild`).
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 
 __all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "rebuild_matching",
            "resnet_small", "UntrustedCodeError", "record_resized", "resized_record", "apply_resized", "layer_sizes",
-           "original_model"]
+           "original_model", "mlp_bn", "lenet5_bn", "record_binary_inputs"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
 
@@ -96,6 +99,41 @@ def vgg_small(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
     return nn.Sequential(OrderedDict(layers))
 
 
+def mlp_bn(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+           widths: list[int] | tuple[int, ...] = (2048, 2048, 2048), act: str = "relu",
+           eps: float = 1e-4) -> nn.Sequential:
+    """The MNIST MLP of BinaryConnect (ReLU) and BNN (HardTanh, whose sign the next binary layer takes):
+    each hidden layer fc → BatchNorm (ε 1e-4, as the authors' code) → activation, then fc → BatchNorm on the
+    outputs (the "L2-SVM" output layer of both papers' code)."""
+    if act not in ("relu", "hardtanh"):
+        raise ValueError(f"mlp_bn: act must be 'relu' or 'hardtanh'; got {act!r}.")
+    if not widths or any(int(w) < 1 for w in widths):
+        raise ValueError(f"mlp_bn: widths must be a non-empty list of sizes >= 1; got {widths!r}.")
+    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+    sizes = [math.prod(input_shape), *map(int, widths), num_classes]
+    for i in range(len(sizes) - 1):
+        layers += [(f"fc{i + 1}", nn.Linear(sizes[i], sizes[i + 1])), (f"bn{i + 1}", nn.BatchNorm1d(sizes[i + 1], eps))]
+        if i < len(sizes) - 2:
+            layers.append((f"act{i + 1}", nn.ReLU() if act == "relu" else nn.Hardtanh()))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def lenet5_bn(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """Caffe's LeNet-5 sizes in XNOR-Net's block order (Sec. 3.2, Fig. 3: BN → BinActiv → BinConv → Pool):
+    conv1 20@5x5 → BN → ReLU → pool; BN → conv2 50@5x5 → pool → ReLU; BN → fc1 500 → ReLU; BN → fc2.
+    Trained in float it is the like-for-like baseline of the binary versions; the first and last layers stay
+    real in XNOR-Net."""
+    c, h, w = _image_shape("lenet5_bn", input_shape, min_side=16)
+    side = lambda s: ((s - 4) // 2 - 4) // 2  # noqa: E731
+    flat = 50 * side(h) * side(w)
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(c, 20, 5)), ("bn1", nn.BatchNorm2d(20)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+        ("bn2", nn.BatchNorm2d(20)), ("conv2", nn.Conv2d(20, 50, 5)), ("pool2", nn.MaxPool2d(2)), ("relu2", nn.ReLU()),
+        ("flatten", nn.Flatten()), ("bn3", nn.BatchNorm1d(flat)), ("fc1", nn.Linear(flat, 500)), ("relu3", nn.ReLU()),
+        ("bn4", nn.BatchNorm1d(500)), ("fc2", nn.Linear(500, num_classes)),
+    ]))
+
+
 class _BasicBlock(nn.Module):
     """Two 3x3 conv + BatchNorm layers and a residual add; a 1x1 conv + BN shortcut where the shape changes."""
 
@@ -144,7 +182,7 @@ def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": lenet300, "lenet5": lenet5, "mlpnet": mlpnet, "digits_cnn": digits_cnn, "resnet_small": resnet_small,
-    "vgg_small": vgg_small,
+    "vgg_small": vgg_small, "mlp_bn": mlp_bn, "lenet5_bn": lenet5_bn,
 }
 
 
@@ -234,6 +272,11 @@ def rebuild(arch: dict[str, Any], *, trust_code: bool = False, source: str = "fi
     model = _rebuild_base(arch, trust_code=trust_code, source=source)
     if arch.get("resized"):  # a structured-pruned model: its smaller layers (pruning/channels.py)
         apply_resized(model, arch["resized"], source)
+    if arch.get("binary_inputs"):  # layers that binarize their input (quantization/binary.py)
+        from .quantization.binary import apply_binary_inputs
+
+        apply_binary_inputs(model, arch["binary_inputs"], source)
+    if arch.get("resized") or arch.get("binary_inputs"):
         object.__setattr__(model, _ARCH_ATTR, dict(arch))
     return model
 
@@ -293,12 +336,19 @@ def record_resized(model: nn.Module, resized: dict[str, dict[str, int]]) -> None
     object.__setattr__(model, _ARCH_ATTR, {**arch, "resized": merged})
 
 
+def record_binary_inputs(model: nn.Module, inputs: dict[str, str]) -> None:
+    """Record on ``model`` which layers binarize their input ({layer: "sign" | "scaled"}), so a ``.nsz`` file
+    rebuilds them (a model without a record still records them, for the model the user passes to fill)."""
+    arch = arch_of(model) or {}
+    object.__setattr__(model, _ARCH_ATTR, {**arch, "binary_inputs": {**(arch.get("binary_inputs") or {}), **inputs}})
+
+
 def original_model(arch: dict[str, Any] | None, *, trust_code: bool = False, device: str = "meta") -> nn.Module | None:
     """The architecture a structured-pruned record was made from (its ``resized`` layers at their built sizes),
     on ``device`` ("meta": no memory); None when the record has no resized layers or cannot be rebuilt."""
     if not arch or not arch.get("resized") or ("name" not in arch and "factory" not in arch):
         return None
-    base = {k: v for k, v in arch.items() if k != "resized"}
+    base = {k: v for k, v in arch.items() if k not in ("resized", "binary_inputs")}
     with torch.device(device):
         return rebuild(base, trust_code=trust_code)
 

@@ -39,9 +39,10 @@ METHOD_MODULES = (
     "netsurgeon.pruning.l1", "netsurgeon.pruning.woodfisher", "netsurgeon.pruning.schedules",
     "netsurgeon.pruning.structured",
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
+    "netsurgeon.quantization.binary",
 )
 _FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",
-              "int8": "int8 weights"}
+              "int8": "int8 weights", "binary": "binary weights (one bit each, plus scales)"}
 
 
 def methods() -> dict[str, Method]:
@@ -98,7 +99,8 @@ class Stage:
 
 
 def weight_form(model: nn.Module) -> str:
-    """The weight form of ``model``: ``shared``/``int8`` if any layer holds k-means or int8 weights, else float."""
+    """The weight form of ``model``: ``shared``/``int8``/``binary`` if any layer holds k-means, int8 or binary
+    weights, else float."""
     from torch.nn.utils import parametrize
 
     forms = set()
@@ -109,7 +111,9 @@ def weight_form(model: nn.Module) -> str:
                     forms.add("shared")
                 elif hasattr(p, "q") and hasattr(p, "scale"):
                     forms.add("int8")
-    return "shared" if "shared" in forms else "int8" if "int8" in forms else "float"
+                elif hasattr(p, "signs") and hasattr(p, "scale"):
+                    forms.add("binary")
+    return next((f for f in ("shared", "int8", "binary") if f in forms), "float")
 
 
 class Pipeline:

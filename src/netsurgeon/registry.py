@@ -16,7 +16,8 @@ The CLI (``netsurgeon methods``, ``compress --method NAME --set key=value``), YA
 messages are all generated from that one declaration: nothing outside the method's module lists its options.
 
 Weight forms describe what a stage needs and leaves, so a pipeline can refuse an impossible order before any
-work starts: ``float`` (float weights, possibly masked), ``shared`` (k-means codebook + indices), ``int8``.
+work starts: ``float`` (float weights, possibly masked), ``shared`` (k-means codebook + indices), ``int8``,
+``binary`` (±1 weights and scales).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ KINDS: dict[str, str] = {
     "quantizer": "quantizer (changes how weights are represented)",
     "codec": "codec (how the file is written; last stage)",
 }
-FORMS = ("float", "shared", "int8")
+FORMS = ("float", "shared", "int8", "binary")
 
 
 def option(default: Any, help: str, *, low: float | None = None, high: float | None = None,

@@ -27,12 +27,14 @@ from .masks import attach_masks_for_state_dict
 from .progress import Progress
 from .registry import MethodConfig, StageContext, option, register
 
-__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "lr_at", "run_training"]
+__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "lr_at", "run_training",
+           "squared_hinge"]
 
 log = logging.getLogger(__name__)
 
 _OPTIMIZERS = ("sgd", "adam")
-_SCHEDULES = ("constant", "step", "cosine", "inv")
+_SCHEDULES = ("constant", "step", "cosine", "inv", "exp")
+_LOSSES = ("cross_entropy", "squared_hinge")
 
 
 class Callback:
@@ -98,12 +100,15 @@ class TrainConfig(MethodConfig):
     lr: float = option(0.01, "learning rate", low=0, low_open=True)
     momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
     weight_decay: float = option(5e-4, "L2 weight decay", low=0)
-    schedule: str = option("constant", "LR schedule (inv: Caffe's lr*(1+g*it)^-p)", choices=_SCHEDULES)
-    lr_gamma: float = option(0.1, "step: factor per lr_step_epochs; inv: g", low=0)
+    schedule: str = option("constant", "LR schedule (inv: Caffe's lr*(1+g*it)^-p; exp: lr to lr*lr_gamma over "
+                                       "the run, geometrically per epoch)", choices=_SCHEDULES)
+    lr_gamma: float = option(0.1, "step: factor per lr_step_epochs; inv: g; exp: final/initial LR", low=0)
     lr_step_epochs: int = option(5, "step schedule period in epochs", low=1)
     lr_power: float = option(0.75, "inv schedule power", low=0)
     seed: int = option(0, "seed of batch order and of the method's own draws", low=0)
     max_steps: int | None = option(None, "stop after this many optimizer steps", low=1)
+    loss: str = option("cross_entropy", "training loss (squared_hinge: the L2-SVM loss of BinaryConnect/BNN, "
+                                        "sum over classes of max(0, 1 - t·y)^2 with t = ±1)", choices=_LOSSES)
 
     def train_config(self) -> TrainConfig:
         """The plain training fields of this config (drops a method's own fields)."""
@@ -118,7 +123,16 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     if cfg.schedule == "inv":
         return cfg.lr * (1 + cfg.lr_gamma * step) ** (-cfg.lr_power)
+    if cfg.schedule == "exp":  # BinaryConnect / BNN: LR x (final/initial)^(1/epochs) after every epoch
+        return cfg.lr * cfg.lr_gamma ** (min(step // steps_per_epoch, cfg.epochs - 1) / max(1, cfg.epochs - 1))
     return cfg.lr
+
+
+def squared_hinge(out: Tensor, y: Tensor) -> Tensor:
+    """Σ_k max(0, 1 − t_k·y_k)² over classes, mean over the batch, targets t = ±1 (the L2-SVM output of
+    BinaryConnect's and BNN's code)."""
+    t = F.one_hot(y, out.shape[1]).to(out.dtype) * 2 - 1
+    return (1 - t * out).clamp_min(0).pow(2).sum(1).mean()
 
 
 @dataclass
@@ -285,7 +299,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         out = self.model(x)
-        loss = F.cross_entropy(out, y)
+        loss = squared_hinge(out, y) if self.config.loss == "squared_hinge" else F.cross_entropy(out, y)
         total = loss
         for cb in self.callbacks:
             extra = cb.loss(out, (x, y), self)

@@ -7,6 +7,8 @@ Per tensor the writer picks the smaller of
 
 * ``int8`` (version 2): post-training int8 weights (``quantization.uniform``) as raw int8 plus float32
   scales (per tensor or per output channel).
+* ``binary`` (version 2): a binarized weight (``quantization.binary``) as one bit per weight (1 = +1, bit
+  order little-endian within each byte, row-major) plus float32 scales (one, or one per output channel).
 * ``shared`` (version 2): a k-means-shared tensor (Deep Compression Sec. 3) stored as relative gaps plus
   codebook indices (code 0 = zero/filler) and the codebook; both integer streams Huffman-coded (Sec. 4)
   with canonical codes whose lengths are stored, or bit-packed when ``huffman=False``.
@@ -37,7 +39,7 @@ from .sparse import best_index_bits, decode_relative, encode_relative, relative_
 
 __all__ = ["FORMAT_VERSION", "TensorRecord", "CompressedFile", "save_compressed", "read_header", "decode_state",
            "check_state_shapes",
-           "read_compressed", "load_state_checked", "decode_shared_parts", "decode_int8"]
+           "read_compressed", "load_state_checked", "decode_shared_parts", "decode_int8", "decode_binary"]
 
 FORMAT_VERSION = 2
 _READABLE = (1, 2)
@@ -195,7 +197,14 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
         par = _parametrization(model, name)
         i8 = par if hasattr(par, "q") and hasattr(par, "scale") else None            # quantization.uniform
         sw = par if hasattr(par, "codebook") and hasattr(par, "index") else None     # quantization.kmeans
-        if i8 is not None:
+        bw = par if hasattr(par, "signs") and hasattr(par, "scale") else None        # quantization.binary
+        if bw is not None:
+            bits = np.packbits(bw.signs.numpy().ravel() > 0, bitorder="little")
+            scale = bw.scale.numpy().astype(np.float32).ravel()
+            rec = TensorRecord(name, tuple(t.shape), "binary", "float32", 0, t.numel(), t.numel(), t.numel(),
+                               bits.nbytes + scale.nbytes, code_bits=1, codebook_size=scale.size)
+            b = {f"{name}/bits": bits.tobytes(), f"{name}/scale": scale.tobytes()}
+        elif i8 is not None:
             q = i8.q.numpy().ravel()
             rec = TensorRecord(name, tuple(t.shape), "int8", "float32", 0, q.size, int(np.count_nonzero(q)), q.size,
                                q.nbytes + i8.scale.numel() * 4, code_bits=8, codebook_size=i8.scale.numel())
@@ -282,7 +291,23 @@ def decode_int8(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> tu
         (rec.codebook_size,) if rec.codebook_size > 1 else ())
 
 
+def decode_binary(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> tuple[Tensor, Tensor]:
+    """The signs (int8 ±1, rec.shape) and scales of a ``binary`` record."""
+    bits, scale = blobs.get(f"{rec.name}/bits", b""), blobs.get(f"{rec.name}/scale", b"")
+    if len(bits) != (rec.numel + 7) // 8 or len(scale) != 4 * rec.codebook_size:
+        raise NszError(f"{p}: tensor {rec.name!r}: binary streams have the wrong length.")
+    ones = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=rec.numel, bitorder="little")
+    signs = torch.from_numpy(ones.astype(np.int8) * 2 - 1).reshape(rec.shape)
+    scales = np.frombuffer(scale, dtype=np.float32)
+    if not np.isfinite(scales).all():
+        raise NszError(f"{p}: tensor {rec.name!r}: the binary scales hold NaN/inf values.")
+    return signs, torch.from_numpy(scales.copy()).reshape((rec.codebook_size,) if rec.codebook_size > 1 else ())
+
+
 def _decode(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
+    if rec.codec == "binary":
+        signs, scale = decode_binary(p, rec, blobs)
+        return signs.float() * (scale.view(-1, *([1] * (signs.dim() - 1))) if scale.dim() else scale)
     if rec.codec == "shared":
         return _decode_shared(p, rec, blobs)
     if rec.codec == "int8":

@@ -21,7 +21,8 @@ __all__ = ["TensorRecord", "parse_records", "check_arch", "max_elements_for", "V
 
 VALUE_ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8}
 _CODEC_DTYPES = {"dense": ("float32", "float16", "int64"), "sparse": ("float32", "float16"),
-                 "shared": ("float32", "float16"), "int8": ("float32",)}
+                 "shared": ("float32", "float16"), "int8": ("float32",),
+                 "binary": ("float32",)}
 _INT_FIELDS = ("index_bits", "numel", "nonzero", "entries", "bytes", "code_bits", "codebook_size", "bytes_fixed")
 _FIELDS = {"name", "shape", "codec", "value_dtype", "huffman", *_INT_FIELDS}
 _OPTIONAL = {"code_bits": 0, "huffman": False, "codebook_size": 0, "bytes_fixed": 0}  # absent in version 1
@@ -41,7 +42,7 @@ class TensorRecord:
 
     name: str
     shape: tuple[int, ...]
-    codec: str              # "dense", "sparse", "shared" or "int8"
+    codec: str              # "dense", "sparse", "shared", "int8" or "binary"
     value_dtype: str
     index_bits: int         # 0 for dense
     numel: int
@@ -50,7 +51,7 @@ class TensorRecord:
     bytes: int
     code_bits: int = 0      # shared: bits of a codebook index before Huffman
     huffman: bool = False   # shared: streams are Huffman-coded
-    codebook_size: int = 0  # shared: number of shared values; int8: number of scales
+    codebook_size: int = 0  # shared: number of shared values; int8, binary: number of scales
     bytes_fixed: int = 0    # shared: payload bytes with fixed-width streams (before Huffman)
 
     @property
@@ -154,6 +155,12 @@ def _check_blobs(p: str, r: TensorRecord, blobs: dict[str, bytes]) -> list[str]:
             raise NszError(f"{where}: an int8 record needs 1 or {channels} scales (one per output channel) and "
                            f"8-bit codes; got codebook_size {r.codebook_size}, code_bits {r.code_bits}.")
         return [need("values", r.numel), need("scale", 4 * r.codebook_size)]
+    if r.codec == "binary":
+        channels = r.shape[0] if r.shape else 1
+        if r.codebook_size not in (1, channels) or r.code_bits != 1 or r.index_bits != 0:
+            raise NszError(f"{where}: a binary record needs 1 or {channels} scales, code_bits 1 and index_bits 0; "
+                           f"got codebook_size {r.codebook_size}, code_bits {r.code_bits}, index_bits {r.index_bits}.")
+        return [need("bits", (r.numel + 7) // 8), need("scale", 4 * r.codebook_size)]
     if not 1 <= r.index_bits <= MAX_STREAM_BITS:
         raise NszError(f"{where}: field 'index_bits' must be in [1, {MAX_STREAM_BITS}]; got {r.index_bits}.")
     if r.codec == "sparse":
@@ -197,11 +204,11 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
     where = f"{p}: architecture record"
     if not isinstance(arch, dict):
         raise NszError(f"{where} must be a mapping; got {_short(arch)}.")
-    known = {"name", "input_shape", "num_classes", "kwargs", "factory", "resized"}
+    known = {"name", "input_shape", "num_classes", "kwargs", "factory", "resized", "binary_inputs"}
     if set(arch) - known:
         raise NszError(f"{where}: unknown field(s) {sorted(map(str, set(arch) - known))}.")
     if ("name" in arch and "factory" in arch) or ("name" not in arch and "factory" not in arch
-                                                   and "resized" not in arch):
+                                                   and "resized" not in arch and "binary_inputs" not in arch):
         raise NszError(f"{where} needs exactly one of 'name' or 'factory'.")
     for key in ("name", "factory"):
         if key in arch and (not isinstance(arch[key], str) or not 0 < len(arch[key]) <= 200):
@@ -228,4 +235,10 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
                                f"{sorted(fields)} to sizes.")
             for k, v in sizes.items():
                 _int(where, f"resized.{layer}.{k}", v, 1, 1 << 24)
+    inputs = arch.get("binary_inputs")
+    if inputs is not None:  # binary networks: {layer: "sign" | "scaled"}
+        if not isinstance(inputs, dict) or len(inputs) > 10_000 or not all(
+                isinstance(k, str) and 0 < len(k) <= MAX_NAME and v in ("sign", "scaled") for k, v in inputs.items()):
+            raise NszError(f"{where}: field 'binary_inputs' must map layer names to 'sign' or 'scaled'; got "
+                           f"{_short(inputs)}.")
     return arch

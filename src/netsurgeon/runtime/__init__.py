@@ -13,6 +13,7 @@ import os
 
 from torch import nn
 
+from ..coding import nsz
 from ..coding.nsz import CompressedFile, decode_int8, decode_shared_parts, decode_state, load_state_checked, read_header
 from .compile import RunChoice, RuntimePlan, compile_runtime, linear_form
 from .modules import CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
@@ -25,19 +26,22 @@ def _restore_codecs(model: nn.Module, info: CompressedFile) -> None:
     from torch.nn.utils import parametrize
 
     from ..masks import mask_zeros, prunable_tensors
+    from ..quantization.binary import BinaryWeights
     from ..quantization.kmeans import SharedWeights
     from ..quantization.uniform import Int8Weights
 
     assert info.blobs is not None
     coded = set()
     for rec in info.records:
-        if rec.codec not in ("shared", "int8"):
+        if rec.codec not in ("shared", "int8", "binary"):
             continue
         mod_name, _, attr = rec.name.rpartition(".")
         module = model.get_submodule(mod_name)
         if rec.codec == "shared":
             book, index = decode_shared_parts(info.path, rec, info.blobs)
             par: nn.Module = SharedWeights(book, index)
+        elif rec.codec == "binary":
+            par = BinaryWeights(*nsz.decode_binary(info.path, rec, info.blobs))
         else:
             par = Int8Weights(*decode_int8(info.path, rec, info.blobs))
         parametrize.register_parametrization(module, attr, par, unsafe=True)

@@ -9,6 +9,10 @@ on a random input of that batch size, interleaved, median of ``repeats``:
 - ``int8``: int8 x int8 -> int32 per layer (for weights stored as int8);
 - ``dense``: plain ``nn.Linear`` layers with float32 weights (the baseline: never slower than dense).
 
+A binary layer whose input is binarized too (BNN, XNOR-Net; ``quantization/binary.py``) is timed on its own
+against its dense form: ``xnor`` packs the input's signs and multiplies by XNOR + popcount (bitops.py). A binary
+convolution needs its input size, taken from one probe run at the model's recorded input shape.
+
 The fastest wins, so no run is slower than dense up to timing noise. Convolutions stay dense: unstructured
 sparsity does not speed them up on this CPU (docs/runtime.md); removing whole channels (structured pruning)
 does. A model fx cannot trace keeps its structure; each Linear layer is then a run of its own.
@@ -26,12 +30,12 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..stats import time_interleaved
-from . import kernels
-from .modules import CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
+from . import bitops, kernels
+from .modules import CSRLinear, FusedLinearChain, Int8Chain, XnorConv2d, XnorLinear, _Xnor, resident_bytes
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
-KINDS = ("fused", "csr", "int8", "dense")
+KINDS = ("fused", "csr", "int8", "xnor", "dense")
 
 
 @dataclass
@@ -40,7 +44,7 @@ class RunChoice:
 
     layers: list[str]
     form: str
-    weights: str  # float / shared / int8
+    weights: str  # float / shared / int8 / binary
     density: float
     latency_ms: dict[str, float] = field(default_factory=dict)
 
@@ -132,7 +136,68 @@ def _time(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[st
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, nn.Linear) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (nn.Linear, _Xnor)) or super().is_leaf_module(m, qualname)
+
+
+def _binary_parts(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if parametrize.is_parametrized(m, "weight"):
+        for p in m.parametrizations["weight"]:
+            if type(p).__name__ == "BinaryWeights":
+                return p.signs, p.scale
+    return None
+
+
+def _input_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """The input shape of each layer in ``names`` on one probe run at the model's recorded input shape."""
+    from ..models import arch_of
+
+    shape = (arch_of(model) or {}).get("input_shape")
+    if not shape:
+        return {}
+    seen: dict[str, tuple[int, ...]] = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: seen.__setitem__(n, tuple(args[0].shape))) for n in names]
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)))
+    except Exception:  # noqa: BLE001 - a model that does not run on its recorded shape keeps its convolutions
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _swap_binary(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan) -> None:
+    """Time each binary-input layer against its XNOR form and keep the faster, in place."""
+    from ..quantization.binary import binary_inputs_of
+
+    layers = {n: mode for n, mode in binary_inputs_of(model).items() if _binary_parts(model.get_submodule(n))}
+    convs = [n for n in layers if isinstance(model.get_submodule(n), nn.Conv2d)]
+    shapes = _input_shapes(model, convs) if convs else {}
+    gen = torch.Generator().manual_seed(0)
+    for name, mode in layers.items():
+        m = model.get_submodule(name)
+        signs, scale = _binary_parts(m)  # type: ignore[misc]
+        try:
+            if isinstance(m, nn.Linear):
+                fast: nn.Module = XnorLinear(m, signs, scale, mode)
+                x = torch.randn(batch, m.in_features, generator=gen)
+            elif isinstance(m, nn.Conv2d) and name in shapes:
+                fast = XnorConv2d(m, signs, scale, mode)
+                x = torch.randn(batch, *shapes[name][1:], generator=gen)
+            else:
+                continue
+        except ValueError:  # padding, groups: the XNOR form does not apply; the layer stays dense
+            continue
+        dense = copy.deepcopy(m)
+        _materialize(dense)
+        choice = RunChoice([name], "dense", "binary", 1.0, _time({"dense": dense, "xnor": fast}, x, repeats))
+        choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
+        plan.runs.append(choice)
+        if choice.form == "xnor":
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, fast)
 
 
 def _is_relu(node: fx.Node, gm: nn.Module) -> bool:
@@ -145,8 +210,11 @@ def _is_relu(node: fx.Node, gm: nn.Module) -> bool:
 
 def _runs(gm: fx.GraphModule) -> list[list[tuple[fx.Node, fx.Node | None]]]:
     """Maximal runs [(linear node, relu node or None), ...] in graph order."""
-    def linear(n: fx.Node) -> bool:
-        return n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Linear)
+    def linear(n: fx.Node) -> bool:  # a layer with hooks (e.g. a binarized input) keeps its own call
+        if n.op != "call_module":
+            return False
+        m = gm.get_submodule(str(n.target))
+        return isinstance(m, nn.Linear) and not m._forward_hooks and not m._forward_pre_hooks
 
     seen: set[fx.Node] = set()
     runs = []
@@ -187,6 +255,9 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        plan = RuntimePlan(batch, torch.get_num_threads(), [], True)
+        if "xnor" in forms and bitops.available():
+            _swap_binary(model, batch, repeats, plan)
         try:
             gm: nn.Module = fx.GraphModule(model, _Tracer().trace(model))
             traced = True
@@ -194,7 +265,7 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         except Exception:  # noqa: BLE001 - any model fx cannot trace keeps its own forward
             gm, traced = model, False
             runs = [[(name, None)] for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        plan = RuntimePlan(batch, torch.get_num_threads(), [], traced)
+        plan.traced = traced
         for k, run in enumerate(runs):
             names = [str(n.target) if traced else n for n, _ in run]
             mods = [gm.get_submodule(n) for n in names]
@@ -225,7 +296,7 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         for m in list(gm.modules()):  # what stays: plain weights (masks/codebooks applied once, here)
             if parametrize.is_parametrized(m):
                 _materialize(m)
-        if traced and all(r.form == "dense" for r in plan.runs):
+        if traced and all(r.form == "dense" or r.weights == "binary" for r in plan.runs):
             gm = model  # nothing replaced: the model's own forward (a GraphModule's costs ~4 us at batch 1)
         elif traced:
             gm.graph.lint()

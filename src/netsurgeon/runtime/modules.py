@@ -5,6 +5,9 @@
 - :class:`CSRLinear`: torch's CSR matmul for one layer (a candidate at large batch).
 - :class:`Int8Chain`: a run of int8 Linear(+ReLU) layers, int8 weights x int8 activations (per-sample
   scales) through ``torch._int_mm``, each int32 result rescaled (+bias, ReLU) in one pass (kernels.py).
+- :class:`XnorLinear` / :class:`XnorConv2d`: a binary layer whose input is binarized too (BNN, XNOR-Net):
+  the input's signs are packed into 64-bit words and multiplied by the packed weights with XNOR + popcount
+  (bitops.py); weights take 1 bit each in memory as on disk.
 Every module holds its arrays as plain tensors/numpy arrays; ``resident_bytes`` counts them.
 """
 
@@ -14,11 +17,12 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import bitops, kernels
 
-__all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "resident_bytes"]
+__all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "resident_bytes"]
 
 
 class FusedLinearChain(nn.Module):
@@ -119,13 +123,83 @@ class Int8Chain(nn.Module):
         return f"layers={self.names}, in={self.n_in}, out={self.n_out}, int8 x int8 -> int32"
 
 
+class _Xnor(nn.Module):
+    """Shared state of the XNOR layers: packed weight signs [N, W] (uint64), per-output scale, bias, and the
+    input mode (``sign``: BNN; ``scaled``: XNOR-Net's β / K output scale)."""
+
+    def __init__(self, signs: Tensor, scale: Tensor, bias: Tensor | None, mode: str) -> None:
+        super().__init__()
+        flat = signs.reshape(signs.shape[0], -1).float().numpy()
+        self.k = flat.shape[1]
+        self.packed = bitops.pack_signs(flat)
+        self.scale = np.ascontiguousarray(np.broadcast_to(scale.float().reshape(-1).numpy(), (signs.shape[0],)),
+                                          dtype=np.float32)
+        self.bias = None if bias is None else bias.detach().float().numpy().copy()
+        self.mode = mode
+
+    def _matmul(self, cols: np.ndarray, row_scale: np.ndarray | None) -> np.ndarray:
+        if cols.shape[0] > 1:
+            kernels.set_threads(torch.get_num_threads())
+        return bitops.xnor_matmul(bitops.pack_signs(cols), self.packed, self.k, self.scale, row_scale, self.bias)
+
+    def resident_bytes(self) -> int:
+        return self.packed.nbytes + self.scale.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+class XnorLinear(_Xnor):
+    """A binary Linear layer with a binarized input: y = (sign(x)·sign(W)ᵀ)·α (·β) + b, by XNOR + popcount."""
+
+    def __init__(self, layer: nn.Linear, signs: Tensor, scale: Tensor, mode: str) -> None:
+        super().__init__(signs, scale, layer.bias, mode)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        xn = x.detach().float().contiguous().numpy()
+        lead = xn.shape[:-1]
+        xn = xn.reshape(-1, self.in_features)
+        beta = np.abs(xn).mean(1, dtype=np.float32) if self.mode == "scaled" else None
+        y = torch.from_numpy(self._matmul(xn, beta))
+        return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, input={self.mode}, XNOR + popcount"
+
+
+class XnorConv2d(_Xnor):
+    """A binary Conv2d (padding 0, dilation 1, groups 1) with a binarized input, as im2col + XNOR GEMM; for
+    ``scaled`` the output is multiplied by XNOR-Net's K (Eq. (11))."""
+
+    def __init__(self, layer: nn.Conv2d, signs: Tensor, scale: Tensor, mode: str) -> None:
+        if any(p != 0 for p in layer.padding) or any(d != 1 for d in layer.dilation) or layer.groups != 1:  # type: ignore[union-attr]
+            raise ValueError("XnorConv2d: needs padding 0, dilation 1 and groups 1 (zero padding is not ±1).")
+        super().__init__(signs, scale, layer.bias, mode)
+        self.out_channels, self.kernel_size, self.stride = layer.out_channels, layer.kernel_size, layer.stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.detach().float()
+        b, _, h, w = x.shape
+        oh = (h - self.kernel_size[0]) // self.stride[0] + 1
+        ow = (w - self.kernel_size[1]) // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, stride=self.stride).transpose(1, 2).reshape(-1, self.k)  # [B·L, K]
+        out = torch.from_numpy(self._matmul(cols.contiguous().numpy(), None))  # [B·L, N]
+        out = out.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
+        if self.mode == "scaled":
+            k = F.avg_pool2d(x.abs().mean(1, keepdim=True), self.kernel_size, self.stride)
+            bias = 0 if self.bias is None else torch.from_numpy(self.bias).view(1, -1, 1, 1)
+            out = (out - bias) * k + bias
+        return out
+
+    def extra_repr(self) -> str:
+        return f"out={self.out_channels}, kernel={tuple(self.kernel_size)}, input={self.mode}, XNOR + popcount"
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s weights as it will run: parameters and buffers, plus what the runtime
     modules hold outside them (packed numpy arrays, CSR parts). Each tensor's storage is counted once."""
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        if isinstance(m, (FusedLinearChain, CSRLinear, Int8Chain)):
+        if isinstance(m, (FusedLinearChain, CSRLinear, Int8Chain, _Xnor)):
             total += m.resident_bytes()
             continue
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):

@@ -1,0 +1,414 @@
+"""Binary networks: BinaryConnect, BNN and XNOR-Net / BWN as one training-time method with three settings.
+
+Papers (equation numbers of the arXiv versions; ``../shared/papers/binary.md`` in the project notes):
+
+* **BinaryConnect** (Courbariaux, Bengio, David 2015, arXiv:1511.00363, Sec. 2.2-2.4): the forward and backward
+  passes use w_b = sign(w) (deterministic, Eq. (1)) or w_b = +1 with probability σ(w) = clip((w+1)/2, 0, 1)
+  (stochastic, Eq. (2)-(3), the "hard sigmoid"); the gradient with respect to w_b updates the real w (an
+  identity straight-through estimator), and w is clipped to [-1, 1] after every update (Sec. 2.4). The
+  per-layer learning-rate scale of the authors' code (the "Glorot" factor s = 1 / sqrt(1.5 / (fan_in +
+  fan_out))) multiplies each binary layer's update. At test time deterministic BinaryConnect runs with the
+  binary weights and stochastic BinaryConnect with the real weights (Sec. 2.5, and the official code); the
+  stored model is always binary (sign of the real weights), and the benchmark reports both errors.
+* **BNN** (Hubara, Courbariaux et al. 2016, arXiv:1602.02830, Sec. 1.1-1.3): weights *and* the inputs of every
+  binary layer but the first are binarized; the activation's straight-through estimator cancels the gradient
+  where |x| > 1 (Eq. (4): g_r = g_q · 1_{|r| <= 1}). The first layer's input stays real.
+* **XNOR-Net** (Rastegari et al. 2016, arXiv:1603.05279): Binary-Weight-Networks approximate W ≈ α·sign(W)
+  with one α = ‖W‖₁ / n per output filter (Sec. 3.1, Eq. (4)-(6)); their gradient is the paper's
+  ∂C/∂W_i = ∂C/∂W̃_i · (1/n + α·1_{|W_i| <= 1}) (Sec. 3.1, "Training Binary-Weights-Networks"). XNOR-Networks
+  also binarize the layer input, sign(I), and scale the output by K = A ∗ k, the mean of |I| over channels
+  averaged over each filter window (Eq. (11); for a Linear layer β = mean|x| per sample, Eq. (7)-(10)).
+  The first and last layers stay real (Sec. 4.1). The paper's block order BN → BinActiv → BinConv → Pool is
+  the model's business (``models.lenet5_bn`` follows it).
+
+One sign rule everywhere, training and the bit kernels alike: sign(x) = +1 for x >= 0, else −1 (torch.sign(0)
+is 0, which no binary code can hold).
+
+Where a layer's input is binarized, forward hooks on that layer do it, so parameter names do not change and a
+``.nsz`` file records which layers binarize their input (the architecture record's ``binary_inputs``).
+The stored form is :class:`BinaryWeights`: one bit per weight plus one scale per output channel (or one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .._validation import check_finite_model
+from ..masks import prunable_layers
+from ..registry import StageContext, option, register
+from ..train import Callback, TrainConfig, Trainer, run_training
+
+__all__ = ["sign_pm", "BinarizeWeights", "BinaryWeights", "Binarize", "install_binary_input",
+           "binary_inputs_of", "apply_binary_inputs", "glorot_lr_scale", "BinaryConnectConfig", "BNNConfig",
+           "XNORConfig", "INPUT_MODES"]
+
+INPUT_MODES = ("sign", "scaled")   # BNN's sign(x); XNOR-Net's sign(x) with the β / K output scale
+_WEIGHT_MODES = ("sign", "stochastic", "alpha")
+_HOOK_ATTR = "_netsurgeon_binary_input"
+
+
+def sign_pm(x: Tensor) -> Tensor:
+    """+1 where x >= 0, −1 elsewhere, in x's dtype."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class _SignIdentity(torch.autograd.Function):
+    """sign(w) forward, identity backward (BinaryConnect / BNN weights; the clip bounds w)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:  # type: ignore[override]
+        return sign_pm(w)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        return g
+
+
+class _SignCancel(torch.autograd.Function):
+    """sign(x) forward, g · 1_{|x| <= 1} backward (BNN Eq. (4); XNOR-Net's activation STE)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return sign_pm(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+
+class _StochasticSign(torch.autograd.Function):
+    """+1 with probability hard_sigmoid(w) = clip((w + 1) / 2, 0, 1), else −1 (BinaryConnect Eq. (2)-(3));
+    identity backward."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, u: Tensor) -> Tensor:  # type: ignore[override]
+        p = ((w + 1) / 2).clamp(0, 1)
+        return torch.where(u < p, 1.0, -1.0).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return g, None
+
+
+def _alpha(w: Tensor) -> Tensor:
+    """XNOR-Net's α = ‖W_c‖₁ / n per output filter c (Eq. (6)), shaped to broadcast against w."""
+    return w.abs().flatten(1).mean(1).view(-1, *([1] * (w.dim() - 1)))
+
+
+class _ScaledSign(torch.autograd.Function):
+    """α·sign(W) forward; the paper's gradient ∂C/∂W_i = ∂C/∂W̃_i · (1/n + α·1_{|W_i| <= 1}) backward
+    (XNOR-Net Sec. 3.1; autograd through α would instead couple every weight of a filter)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:  # type: ignore[override]
+        a = _alpha(w)
+        ctx.save_for_backward(w, a)
+        return a * sign_pm(w)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        w, a = ctx.saved_tensors
+        n = w[0].numel()
+        return g * (1.0 / n + a * (w.abs() <= 1).to(g.dtype))
+
+
+class BinarizeWeights(nn.Module):
+    """Training parametrization: the layer computes with binary weights, the real ones learn.
+
+    ``mode``: ``sign`` (BinaryConnect deterministic, BNN), ``stochastic`` (BinaryConnect stochastic: sampled in
+    training, the real weights in eval mode, as the paper evaluates), ``alpha`` (XNOR-Net / BWN: α·sign(W)).
+    """
+
+    def __init__(self, mode: str, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if mode not in _WEIGHT_MODES:
+            raise ValueError(f"BinarizeWeights: mode must be one of {_WEIGHT_MODES}; got {mode!r}.")
+        self.mode, self.generator = mode, generator
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.mode == "alpha":
+            return _ScaledSign.apply(w)
+        if self.mode == "stochastic":
+            if not self.training:
+                return w
+            u = torch.rand(w.shape, generator=self.generator, dtype=w.dtype, device=w.device)
+            return _StochasticSign.apply(w, u)
+        return _SignIdentity.apply(w)
+
+
+class BinaryWeights(nn.Module):
+    """The stored form: ``signs`` (int8, ±1) and ``scale`` (one per output channel, or one); forward gives
+    signs · scale. A ``.nsz`` file holds it as one bit per weight plus the float32 scales."""
+
+    def __init__(self, signs: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        if signs.dtype != torch.int8 or not bool(((signs == 1) | (signs == -1)).all()):
+            raise ValueError("BinaryWeights: signs must be an int8 tensor of ±1.")
+        if scale.dim() > 1 or (scale.dim() == 1 and scale.numel() != signs.shape[0]):
+            raise ValueError(f"BinaryWeights: need one scale or one per output channel ({signs.shape[0]}); "
+                             f"got shape {list(scale.shape)}.")
+        self.register_buffer("signs", signs)
+        self.register_buffer("scale", scale.float())
+
+    def forward(self, w: Tensor) -> Tensor:
+        s = self.scale.view(-1, *([1] * (self.signs.dim() - 1))) if self.scale.dim() else self.scale
+        return self.signs.to(s.dtype) * s
+
+
+class _InputBinarizer:
+    """Forward hooks binarizing a layer's input (BNN: sign; XNOR-Net: sign, output scaled by K or β)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self._k: Tensor | None = None
+
+    def pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        if self.mode == "scaled":
+            self._k = _input_scale(module, x)
+        return (_SignCancel.apply(x), *args[1:])
+
+    def post(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
+        if self.mode != "scaled":
+            return out
+        k, self._k = self._k, None
+        bias = getattr(module, "bias", None)
+        if bias is None:
+            return out * k
+        b = bias.view(1, -1, *([1] * (out.dim() - 2)))
+        return (out - b) * k + b
+
+
+def _input_scale(module: nn.Module, x: Tensor) -> Tensor:
+    """XNOR-Net's K (Eq. (11)) for a convolution: mean |x| over channels, averaged over each filter window
+    (zero padding counted, as the convolution counts it); β = mean |x| per sample (Eq. (10)) for a Linear."""
+    if isinstance(module, nn.Linear):
+        return x.abs().mean(-1, keepdim=True)
+    a = x.abs().mean(1, keepdim=True)
+    if isinstance(module, nn.Conv2d):
+        return F.avg_pool2d(a, module.kernel_size, module.stride, module.padding, count_include_pad=True)  # type: ignore[arg-type]
+    return F.avg_pool1d(a, module.kernel_size, module.stride, module.padding, count_include_pad=True)  # type: ignore[arg-type]
+
+
+def install_binary_input(layer: nn.Module, mode: str) -> None:
+    """Binarize ``layer``'s input from now on (idempotent: a layer already binarizing keeps its hooks)."""
+    if mode not in INPUT_MODES:
+        raise ValueError(f"binary input: mode must be one of {INPUT_MODES}; got {mode!r}.")
+    if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        raise ValueError(f"binary input: only Linear and Conv1d/2d layers binarize their input; got "
+                         f"{type(layer).__name__}.")
+    if getattr(layer, _HOOK_ATTR, None) is not None:
+        return
+    if mode == "scaled" and isinstance(layer, (nn.Conv1d, nn.Conv2d)) and (
+            any(d != 1 for d in layer.dilation) or layer.groups != 1 or layer.padding_mode != "zeros"):  # type: ignore[union-attr]
+        raise ValueError("binary input: XNOR-Net's input scale needs dilation 1, groups 1 and zero padding.")
+    hook = _InputBinarizer(mode)
+    layer.register_forward_pre_hook(hook.pre)
+    layer.register_forward_hook(hook.post)
+    object.__setattr__(layer, _HOOK_ATTR, mode)
+
+
+def binary_inputs_of(model: nn.Module) -> dict[str, str]:
+    """``{layer name: mode}`` of every layer that binarizes its input."""
+    return {name: getattr(m, _HOOK_ATTR) for name, m in model.named_modules()
+            if getattr(m, _HOOK_ATTR, None) is not None}
+
+
+def apply_binary_inputs(model: nn.Module, inputs: dict[str, str], source: str = "file") -> nn.Module:
+    """Install the input binarization a file records; raises ValueError naming a layer that does not fit."""
+    for name, mode in inputs.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{source}: binary-input layer {name!r} is not in the model.") from None
+        try:
+            install_binary_input(layer, mode)
+        except ValueError as e:
+            raise ValueError(f"{source}: layer {name!r}: {e}") from None
+    return model
+
+
+def glorot_lr_scale(layer: nn.Module) -> float:
+    """BinaryConnect's per-layer update scale 1 / sqrt(1.5 / (fan_in + fan_out)) (the authors' code; for a
+    convolution both fans include the kernel size)."""
+    w = layer.weight
+    receptive = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+    return 1.0 / math.sqrt(1.5 / (w.shape[1] * receptive + w.shape[0] * receptive))
+
+
+class Binarize(Callback):
+    """Binary training as a callback (BinaryConnect, BNN, XNOR-Net / BWN; see the module docstring).
+
+    Args:
+        weights: ``sign``, ``stochastic`` or ``alpha`` (see :class:`BinarizeWeights`).
+        inputs: None (weights only), ``sign`` (BNN) or ``scaled`` (XNOR-Net): binarize the input of every binary
+            layer except the first (whose input is the data).
+        keep_first, keep_last: leave the first / last Linear-or-conv layer (in module order) real.
+        lr_scale: multiply each binary layer's update by :func:`glorot_lr_scale` (BinaryConnect, BNN).
+        clip: clip the real weights to [-1, 1] after every update.
+        seed: seed of the stochastic binarization draws (saved in checkpoints).
+
+    In the user's own loop: ``prepare(model)``, create the optimizer, then per step ``after_backward()``
+    before ``optimizer.step()`` and ``after_step()`` after it; ``finalize()`` leaves :class:`BinaryWeights`.
+    """
+
+    def __init__(self, weights: str = "sign", inputs: str | None = None, *, keep_first: bool = False,
+                 keep_last: bool = False, lr_scale: bool = True, clip: bool = True, seed: int = 0) -> None:
+        if weights not in _WEIGHT_MODES:
+            raise ValueError(f"Binarize: weights must be one of {_WEIGHT_MODES}; got {weights!r}.")
+        if inputs is not None and inputs not in INPUT_MODES:
+            raise ValueError(f"Binarize: inputs must be None or one of {INPUT_MODES}; got {inputs!r}.")
+        self.weights, self.inputs = weights, inputs
+        self.keep_first, self.keep_last, self.lr_scale, self.clip = keep_first, keep_last, lr_scale, clip
+        self.generator = torch.Generator().manual_seed(seed)
+        self.layers: dict[str, nn.Module] = {}
+        self.scales: dict[str, float] = {}
+        self._before: dict[str, Tensor] = {}
+
+    def prepare(self, model: nn.Module, **_: Any) -> None:
+        check_finite_model("binary", model)
+        layers = prunable_layers(model, "binary")
+        names = list(layers)
+        chosen = names[1 if self.keep_first else 0:len(names) - 1 if self.keep_last else len(names)]
+        if not chosen:
+            raise ValueError(f"binary: no layer left to binarize (the model has {len(names)} layer(s) and "
+                             f"keep_first={self.keep_first}, keep_last={self.keep_last}).")
+        for name in chosen:
+            m = layers[name]
+            if parametrize.is_parametrized(m, "weight"):
+                kinds = [type(p).__name__ for p in m.parametrizations["weight"]]
+                if any(k in ("BinarizeWeights", "BinaryWeights") for k in kinds):
+                    continue  # resumed or prepared twice
+                raise ValueError(f"binary: layer {name!r} already holds {', '.join(kinds)} weights; binarize a "
+                                 "float model (sign(0) = +1 would undo pruning).")
+            with torch.no_grad():
+                if self.clip:
+                    m.weight.clamp_(-1, 1)
+            parametrize.register_parametrization(m, "weight", BinarizeWeights(self.weights, self.generator))
+            self.layers[name] = m
+            self.scales[name] = glorot_lr_scale(m) if self.lr_scale else 1.0
+        if self.inputs is not None:
+            for name in chosen:
+                if name != names[0]:  # the first layer's input is the data: it stays real
+                    install_binary_input(layers[name], self.inputs)
+        self._model = model
+
+    def _real(self, name: str) -> Tensor:
+        return self.layers[name].parametrizations["weight"].original
+
+    def after_backward(self, trainer: Trainer | None = None) -> None:
+        if self.lr_scale:
+            self._before = {n: self._real(n).detach().clone() for n in self.layers if self.scales[n] != 1.0}
+
+    @torch.no_grad()
+    def after_step(self, trainer: Trainer | None = None) -> None:
+        for name in self.layers:
+            w = self._real(name)
+            before = self._before.get(name)
+            if before is not None:  # w <- w_before + s·(w - w_before): the update scaled by s
+                w.sub_(before).mul_(self.scales[name]).add_(before)
+            if self.clip:
+                w.clamp_(-1, 1)
+        self._before = {}
+
+    def finalize(self, model: nn.Module | None = None) -> nn.Module:
+        """Replace the training parametrizations by :class:`BinaryWeights` (sign of the real weights, scale 1,
+        or α per output filter for ``alpha``) and record the binary inputs on the model."""
+        out = super().finalize(model)
+        from ..models import record_binary_inputs
+
+        for m in prunable_layers(out, "binary").values():
+            if not parametrize.is_parametrized(m, "weight"):
+                continue
+            if not any(isinstance(p, BinarizeWeights) for p in m.parametrizations["weight"]):
+                continue
+            real = m.parametrizations["weight"].original.detach()
+            scale = _alpha(real).flatten() if self.weights == "alpha" else torch.ones(())
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            signs = sign_pm(real).to(torch.int8)
+            with torch.no_grad():
+                m.weight.copy_(real)
+            parametrize.register_parametrization(m, "weight", BinaryWeights(signs, scale), unsafe=True)
+        inputs = binary_inputs_of(out)
+        if inputs:
+            record_binary_inputs(out, inputs)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# -- registered methods ----------------------------------------------------------------------------------
+_BC = "Courbariaux, Bengio, David 2015, BinaryConnect, arXiv:1511.00363, Sec. 2 (Eq. (1)-(3))"
+_BNN = "Hubara, Courbariaux, Soudry, El-Yaniv, Bengio 2016, Binarized Neural Networks, arXiv:1602.02830, Sec. 1"
+_XNOR = "Rastegari, Ordonez, Redmon, Farhadi 2016, XNOR-Net, arXiv:1603.05279, Sec. 3 (Eq. (1)-(11))"
+
+
+@dataclass(frozen=True)
+class _BinaryTrain(TrainConfig):
+    owner: ClassVar[str] = "binary"
+    optimizer: str = option("adam", "sgd (with momentum) or adam", choices=("sgd", "adam"))
+    lr: float = option(1e-3, "learning rate", low=0, low_open=True)
+    weight_decay: float = option(0.0, "L2 weight decay (the papers use none on binary weights)", low=0)
+    keep_first: bool = option(False, "leave the first Linear/conv layer real")
+    keep_last: bool = option(False, "leave the last Linear/conv layer real")
+    lr_scale: bool = option(True, "scale each binary layer's update by 1/sqrt(1.5/(fan_in+fan_out)) (the "
+                                  "authors' code)")
+
+
+@dataclass(frozen=True)
+class BinaryConnectConfig(_BinaryTrain):
+    owner: ClassVar[str] = "binaryconnect"
+    stochastic: bool = option(False, "stochastic binarization (hard sigmoid) instead of sign")
+
+
+@dataclass(frozen=True)
+class BNNConfig(_BinaryTrain):
+    owner: ClassVar[str] = "bnn"
+
+
+@dataclass(frozen=True)
+class XNORConfig(_BinaryTrain):
+    owner: ClassVar[str] = "xnor"
+    keep_first: bool = option(True, "leave the first Linear/conv layer real (the paper does)")
+    keep_last: bool = option(True, "leave the last Linear/conv layer real (the paper does)")
+    lr_scale: bool = option(False, "scale each binary layer's update by 1/sqrt(1.5/(fan_in+fan_out))")
+    binarize_inputs: bool = option(True, "XNOR-Network (binary inputs too); false: Binary-Weight-Network")
+    input_scale: bool = option(True, "scale binary-input outputs by K / β (Eq. (11)); the official code drops it")
+
+
+@register("binaryconnect", kind="training", config=BinaryConnectConfig, gives="binary", needs_data=True,
+          citation=_BC, summary="train with ±1 weights (deterministic or stochastic), real weights clipped to [-1, 1]")
+def _run_bc(model: nn.Module, cfg: BinaryConnectConfig, ctx: StageContext) -> dict[str, Any]:
+    cb = Binarize("stochastic" if cfg.stochastic else "sign", None, keep_first=cfg.keep_first,
+                  keep_last=cfg.keep_last, lr_scale=cfg.lr_scale, seed=cfg.seed)
+    return {**run_training(model, ctx, cfg, cb), "binary_layers": list(cb.layers)}
+
+
+@register("bnn", kind="training", config=BNNConfig, gives="binary", needs_data=True, citation=_BNN,
+          summary="binary weights and binary layer inputs (sign, straight-through with |x| <= 1)")
+def _run_bnn(model: nn.Module, cfg: BNNConfig, ctx: StageContext) -> dict[str, Any]:
+    cb = Binarize("sign", "sign", keep_first=cfg.keep_first, keep_last=cfg.keep_last, lr_scale=cfg.lr_scale,
+                  seed=cfg.seed)
+    return {**run_training(model, ctx, cfg, cb), "binary_layers": list(cb.layers)}
+
+
+@register("xnor", kind="training", config=XNORConfig, gives="binary", needs_data=True, citation=_XNOR,
+          summary="XNOR-Net: α·sign(W) per filter, binary inputs scaled by K (binarize_inputs=false: BWN)")
+def _run_xnor(model: nn.Module, cfg: XNORConfig, ctx: StageContext) -> dict[str, Any]:
+    inputs = ("scaled" if cfg.input_scale else "sign") if cfg.binarize_inputs else None
+    cb = Binarize("alpha", inputs, keep_first=cfg.keep_first, keep_last=cfg.keep_last, lr_scale=cfg.lr_scale,
+                  seed=cfg.seed)
+    return {**run_training(model, ctx, cfg, cb), "binary_layers": list(cb.layers)}

@@ -1,0 +1,132 @@
+"""XNOR + popcount kernels for binary layers (BNN, XNOR-Net) on packed 64-bit words, compiled by numba.
+
+Encoding: bit 1 means +1 (x >= 0), bit 0 means −1; bit j of word w holds element 64·w + j. The padding bits
+past K are 0 in both operands, so they always agree and drop out of
+    a·b = K − 2·popcount(a XOR b)
+which is exactly the ±1 dot product (an integer, so the kernel is bit-exact against a float matmul of the
+same ±1 tensors as long as K < 2^24).
+
+numba 0.68 types neither ``np.bitwise_count`` nor ``int.bit_count`` inside ``@njit``; an intrinsic emitting
+LLVM's ``ctpop`` (one POPCNT instruction on x86-64) does the job (``../shared/papers/binary.md`` §5).
+Each kernel fuses the epilogue: out[m, n] = dot · col_scale[n] · row_scale[m] + bias[n].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import available
+
+__all__ = ["pack_signs", "xnor_matmul", "words_for", "available"]
+
+if available():
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _popcount(typingctx, x):  # type: ignore[no-untyped-def]
+        if not (isinstance(x, types.Integer) and x.bitwidth == 64):
+            return None
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.ctpop(args[0])
+
+        return types.uint64(x), codegen
+
+    @njit(cache=True, parallel=True, nogil=True)
+    def _pack(x, out):  # x: float32 [M, K]; out: uint64 [M, W], zero padded
+        m_rows, k = x.shape
+        n_words = out.shape[1]
+        for m in prange(m_rows):
+            for w in range(n_words):
+                word = np.uint64(0)
+                base = 64 * w
+                top = min(64, k - base)
+                for j in range(top):
+                    if x[m, base + j] >= 0:
+                        word |= np.uint64(1) << np.uint64(j)
+                out[m, w] = word
+
+    @njit(cache=True, nogil=True)
+    def _gemm_one(a, b, k, col_scale, row_scale, bias, out, n0, n1):
+        n_words = a.shape[1]
+        for n in range(n0, n1):
+            pc = 0
+            for w in range(n_words):
+                pc += _popcount(a[0, w] ^ b[n, w])
+            out[0, n] = np.float32(k - 2 * pc) * col_scale[n] * row_scale[0] + bias[n]
+
+    @njit(cache=True, parallel=True, nogil=True)
+    def _gemm_b1(a, b, k, col_scale, row_scale, bias, out):
+        n_out = b.shape[0]
+        chunks = (n_out + 63) // 64
+        for c in prange(chunks):
+            _gemm_one(a, b, k, col_scale, row_scale, bias, out, 64 * c, min(n_out, 64 * c + 64))
+
+    @njit(cache=True, parallel=True, nogil=True)
+    def _gemm(a, b, k, col_scale, row_scale, bias, out):
+        m_rows, n_words = a.shape
+        n_out = b.shape[0]
+        for m in prange(m_rows):
+            n = 0
+            while n + 4 <= n_out:  # four outputs share each loaded input word
+                p0 = 0
+                p1 = 0
+                p2 = 0
+                p3 = 0
+                for w in range(n_words):
+                    aw = a[m, w]
+                    p0 += _popcount(aw ^ b[n, w])
+                    p1 += _popcount(aw ^ b[n + 1, w])
+                    p2 += _popcount(aw ^ b[n + 2, w])
+                    p3 += _popcount(aw ^ b[n + 3, w])
+                rs = row_scale[m]
+                out[m, n] = np.float32(k - 2 * p0) * col_scale[n] * rs + bias[n]
+                out[m, n + 1] = np.float32(k - 2 * p1) * col_scale[n + 1] * rs + bias[n + 1]
+                out[m, n + 2] = np.float32(k - 2 * p2) * col_scale[n + 2] * rs + bias[n + 2]
+                out[m, n + 3] = np.float32(k - 2 * p3) * col_scale[n + 3] * rs + bias[n + 3]
+                n += 4
+            while n < n_out:
+                pc = 0
+                for w in range(n_words):
+                    pc += _popcount(a[m, w] ^ b[n, w])
+                out[m, n] = np.float32(k - 2 * pc) * col_scale[n] * row_scale[m] + bias[n]
+                n += 1
+
+
+def words_for(k: int) -> int:
+    """64-bit words that hold ``k`` bits."""
+    return (k + 63) // 64
+
+
+def pack_signs(x: np.ndarray) -> np.ndarray:
+    """Pack the signs of a float32 [M, K] array (bit 1: x >= 0) into uint64 [M, ceil(K/64)], zero padded."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], words_for(x.shape[1])), dtype=np.uint64)
+    if available():
+        _pack(x, out)
+        return out
+    bits = np.zeros((x.shape[0], out.shape[1] * 64), dtype=bool)
+    bits[:, :x.shape[1]] = x >= 0
+    return np.packbits(bits, axis=1, bitorder="little").view(np.uint64).reshape(out.shape)
+
+
+def xnor_matmul(a: np.ndarray, b: np.ndarray, k: int, col_scale: np.ndarray, row_scale: np.ndarray | None = None,
+                bias: np.ndarray | None = None) -> np.ndarray:
+    """``(K − 2·popcount(a[m] XOR b[n])) · col_scale[n] · row_scale[m] + bias[n]`` as float32 [M, N].
+
+    ``a``: packed inputs uint64 [M, W]; ``b``: packed weights uint64 [N, W]; ``k``: the true number of bits.
+    """
+    m, n = a.shape[0], b.shape[0]
+    rs = np.ones(m, np.float32) if row_scale is None else np.ascontiguousarray(row_scale, np.float32).reshape(m)
+    bs = np.zeros(n, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    cs = np.ascontiguousarray(col_scale, np.float32).reshape(n)
+    out = np.empty((m, n), dtype=np.float32)
+    if not available():  # reference path: unpack and count in numpy (slow, exact)
+        diff = np.unpackbits((a[:, None, :] ^ b[None, :, :]).view(np.uint8), axis=-1).sum(-1)
+        return ((k - 2 * diff).astype(np.float32) * cs[None, :] * rs[:, None] + bs[None, :]).astype(np.float32)
+    if m == 1:
+        _gemm_b1(a, b, k, cs, rs, bs, out)
+    else:
+        _gemm(a, b, k, cs, rs, bs, out)
+    return out
