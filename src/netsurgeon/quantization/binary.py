@@ -189,14 +189,19 @@ class _InputBinarizer:
 
 
 def _input_scale(module: nn.Module, x: Tensor) -> Tensor:
-    """XNOR-Net's K (Eq. (11)) for a convolution: mean |x| over channels, averaged over each filter window
-    (zero padding counted, as the convolution counts it); β = mean |x| per sample (Eq. (10)) for a Linear."""
+    """XNOR-Net's K (Eq. (11)) for a convolution: mean |x| over the input channels (of each group), averaged
+    over each filter window with the layer's stride, padding and dilation (zero padding counted, as the
+    convolution counts it), one value per output position (and group); β = mean |x| per sample (Eq. (10)) for
+    a Linear layer."""
     if isinstance(module, nn.Linear):
         return x.abs().mean(-1, keepdim=True)
-    a = x.abs().mean(1, keepdim=True)
-    if isinstance(module, nn.Conv2d):
-        return F.avg_pool2d(a, module.kernel_size, module.stride, module.padding, count_include_pad=True)  # type: ignore[arg-type]
-    return F.avg_pool1d(a, module.kernel_size, module.stride, module.padding, count_include_pad=True)  # type: ignore[arg-type]
+    conv = F.conv2d if isinstance(module, nn.Conv2d) else F.conv1d
+    g = module.groups  # type: ignore[union-attr]
+    a = x.abs().unflatten(1, (g, -1)).mean(2)  # [B, groups, *spatial]
+    box = torch.full((g, 1, *module.kernel_size), 1.0 / math.prod(module.kernel_size), dtype=x.dtype,  # type: ignore[union-attr]
+                     device=x.device)
+    k = conv(a, box, None, module.stride, module.padding, module.dilation, g)  # type: ignore[union-attr]
+    return k.repeat_interleave(module.out_channels // g, dim=1) if g > 1 else k  # type: ignore[union-attr]
 
 
 def install_binary_input(layer: nn.Module, mode: str) -> None:
@@ -208,9 +213,8 @@ def install_binary_input(layer: nn.Module, mode: str) -> None:
                          f"{type(layer).__name__}.")
     if getattr(layer, _HOOK_ATTR, None) is not None:
         return
-    if mode == "scaled" and isinstance(layer, (nn.Conv1d, nn.Conv2d)) and (
-            any(d != 1 for d in layer.dilation) or layer.groups != 1 or layer.padding_mode != "zeros"):  # type: ignore[union-attr]
-        raise ValueError("binary input: XNOR-Net's input scale needs dilation 1, groups 1 and zero padding.")
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.padding_mode != "zeros":
+        raise ValueError(f"binary input: padding_mode {layer.padding_mode!r} is not supported (zeros only).")
     hook = _InputBinarizer(mode)
     layer.register_forward_pre_hook(hook.pre)
     layer.register_forward_hook(hook.post)

@@ -48,6 +48,17 @@ if available():
                 out[m, w] = word
 
     @njit(cache=True, nogil=True)
+    def _pack_one(x, out):  # one row: no thread start-up
+        k = x.shape[1]
+        for w in range(out.shape[1]):
+            word = np.uint64(0)
+            base = 64 * w
+            for j in range(min(64, k - base)):
+                if x[0, base + j] >= 0:
+                    word |= np.uint64(1) << np.uint64(j)
+            out[0, w] = word
+
+    @njit(cache=True, nogil=True)
     def _gemm_one(a, b, k, col_scale, row_scale, bias, out, n0, n1):
         n_words = a.shape[1]
         for n in range(n0, n1):
@@ -104,7 +115,7 @@ def pack_signs(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], words_for(x.shape[1])), dtype=np.uint64)
     if available():
-        _pack(x, out)
+        (_pack_one if x.shape[0] == 1 else _pack)(x, out)
         return out
     bits = np.zeros((x.shape[0], out.shape[1] * 64), dtype=bool)
     bits[:, :x.shape[1]] = x >= 0

@@ -1,0 +1,247 @@
+"""Binary networks on MNIST (issue 21): BinaryConnect (deterministic, stochastic) and BNN MLPs, XNOR-Net and
+BWN on LeNet-5, each beside the same architecture trained in float with the same data, loss, optimizer and
+epochs; the .nsz file bytes; and the latency of the XNOR + popcount runtime against float32, interleaved in one
+process.
+
+    python bench/binary_mnist.py --data-dir ../shared/data/mnist [--epochs 10] [--bnn-wide-epochs 3]
+
+Protocol (the authors' code, ../shared/papers/binary.md): 50,000 / 10,000 / 10,000 split; batch 100; Adam
+with the LR decayed exponentially per epoch (``schedule=exp``); squared hinge loss on a BatchNorm output layer
+for the MLPs; test error of the epoch with the best *validation* error (the papers' rule). The papers train
+250-1000 epochs on a GPU; this CPU budget allows ``--epochs`` (say so beside every row). One seed.
+Training stages are cached (bench/.cache) and checkpointed, so an interrupted run resumes; the latency stage
+is re-measured on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import netsurgeon as ns
+from _common import CACHE, RESULTS, cached_json, machine, pyplot, rel, save_figure, weight_counts, write_result
+from netsurgeon.quantization.binary import Binarize
+from netsurgeon.runtime import bitops, kernels
+from netsurgeon.stats import measure_latency, time_interleaved
+
+THREADS = 2
+PAPER = {  # test error %, and where the figure comes from
+    "bc_det": (1.29, "BinaryConnect deterministic, 3x1024 SGD 1000 ep (as quoted in BNN Table 1)"),
+    "bc_stoch": (1.18, "BinaryConnect stochastic (paper Table 2)"),
+    "float_mlp": (1.30, "BinaryConnect Table 2, no regularizer"),
+    "bnn": (0.96, "BNN Theano, 3x4096, 1000 epochs"),
+    "bnn_wide": (0.96, "BNN Theano, 3x4096, 1000 epochs"),
+    "xnor_lenet5": (None, "XNOR-Net reports no MNIST figure"),
+    "bwn_lenet5": (None, "XNOR-Net reports no MNIST figure"),
+    "float_lenet5": (None, "-"),
+}
+
+
+class BestOnValidation(ns.Callback):
+    """Keep the weights of the epoch with the best validation accuracy and restore them at the end (the
+    papers' model selection; the test split is never read)."""
+
+    def __init__(self) -> None:
+        self.best_acc, self.best_epoch, self.best = -1.0, 0, None
+
+    def on_epoch_end(self, trainer=None) -> None:
+        h = trainer.history[-1]
+        if h["val_acc"] > self.best_acc:
+            self.best_acc, self.best_epoch = h["val_acc"], h["epoch"]
+            self.best = copy.deepcopy(trainer.model.state_dict())
+
+    def restore(self, model) -> None:
+        if self.best is not None:
+            model.load_state_dict(self.best)
+
+    def state_dict(self) -> dict:
+        return {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_acc, self.best_epoch, self.best = state["best_acc"], state["best_epoch"], state["best"]
+
+
+def _err(model, split) -> float:
+    return 100 * (1 - ns.evaluate(model, split)[1])
+
+
+def _config(key: str, epochs: int) -> ns.TrainConfig:
+    mlp = not key.endswith("lenet5")
+    lr = 3e-3 if key.startswith("bnn") else 1e-3
+    return ns.TrainConfig(epochs=epochs, batch_size=100, optimizer="adam", lr=lr, weight_decay=0.0,
+                          schedule="exp", lr_gamma=1e-2, loss="squared_hinge" if mlp else "cross_entropy", seed=0)
+
+
+SETUPS = {  # key: (model, model kwargs, Binarize arguments or None for the float baseline)
+    "float_mlp": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, None),
+    "bc_det": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "sign"}),
+    "bc_stoch": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "stochastic"}),
+    "bnn": ("mlp_bn", {"widths": [2048] * 3, "act": "hardtanh"}, {"weights": "sign", "inputs": "sign"}),
+    "bnn_wide": ("mlp_bn", {"widths": [4096] * 3, "act": "hardtanh"}, {"weights": "sign", "inputs": "sign"}),
+    "float_lenet5": ("lenet5_bn", {}, None),
+    "bwn_lenet5": ("lenet5_bn", {}, {"weights": "alpha", "keep_first": True, "keep_last": True,
+                                     "lr_scale": False}),
+    "xnor_lenet5": ("lenet5_bn", {}, {"weights": "alpha", "inputs": "scaled", "keep_first": True,
+                                      "keep_last": True, "lr_scale": False}),
+}
+
+
+def train_one(key: str, data, epochs: int) -> dict:
+    model_name, kwargs, binarize = SETUPS[key]
+    torch.manual_seed(0)
+    model = ns.build_model(model_name, **kwargs)
+    cfg = _config(key, epochs)
+    best = BestOnValidation()
+    callbacks = ([Binarize(**binarize)] if binarize else []) + [best]
+    ckpt = CACHE / f"binary_{key}_{epochs}.ckpt"
+    t0 = time.perf_counter()
+    ns.train(model, data, cfg, callbacks=callbacks, checkpoint=ckpt, checkpoint_every=500, resume=ckpt.is_file(),
+             progress=True)
+    wall = time.perf_counter() - t0
+    best.restore(model)
+    out = {"model": model_name, "kwargs": kwargs, "binarize": binarize, "epochs": epochs,
+           "best_val_epoch": best.best_epoch, "train_config": cfg.to_dict(), "wall_s": wall}
+    if binarize and binarize["weights"] == "stochastic":  # the paper evaluates with the real weights
+        out["test_error_real_weights_pct"] = _err(model, data.test)
+    if binarize:
+        callbacks[0].finalize(model)
+    f = RESULTS / "files" / f"binary_{key}.nsz"
+    info = ns.save_compressed(model, f, meta={"benchmark": "binary_mnist", "setup": key})
+    loaded = ns.load_compressed(f)
+    out.update(file=rel(f), file_bytes=info.file_bytes, dense_bytes=info.dense_bytes,
+               compression_bytes=info.compression, test_error_pct=_err(loaded, data.test),
+               val_error_pct=_err(loaded, data.val))
+    binary = [r for r in info.records if r.codec == "binary"]
+    if binary:
+        out["binary_layers_bytes"] = sum(r.bytes for r in binary)
+        out["binary_layers_float32_bytes"] = sum(4 * r.numel for r in binary)
+    return out
+
+
+def kernel_bench(repeats: int) -> dict:
+    """One 2048 x 2048 binary layer: XNOR + popcount (packing the input included) against float32 F.linear,
+    interleaved; and the bit-exactness check against the float product of the same ±1 tensors."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 2048, generator=g)
+    wb = bitops.pack_signs(w.numpy())
+    ones = np.ones(2048, np.float32)
+    out = {}
+    for b in (1, 256):
+        x = torch.randn(b, 2048, generator=g)
+        xs, ws = torch.where(x >= 0, 1.0, -1.0), torch.where(w >= 0, 1.0, -1.0)
+        exact = np.array_equal(bitops.xnor_matmul(bitops.pack_signs(x.numpy()), wb, 2048, ones),
+                               (xs @ ws.T).numpy())
+        t = time_interleaved({"xnor": lambda x=x: bitops.xnor_matmul(bitops.pack_signs(x.numpy()), wb, 2048, ones),
+                              "float32": lambda x=x: torch.nn.functional.linear(x, w)}, repeats, warmup=5)
+        out[str(b)] = {"xnor_ms": 1e3 * t["xnor"], "float32_ms": 1e3 * t["float32"],
+                       "speedup": t["float32"] / t["xnor"], "bit_exact": bool(exact)}
+    return out
+
+
+def model_latency(key: str, data, repeats: int) -> dict:
+    """The runtime form of the stored binary model against the same architecture with float32 weights and no
+    binarization (the dense model the user would otherwise ship), interleaved, median."""
+    f = RESULTS / "files" / f"binary_{key}.nsz"
+    model_name, kwargs, _ = SETUPS[key]
+    plain = ns.build_model(model_name, **kwargs)
+    plain.load_state_dict(ns.load_compressed(f).state_dict())  # same weights, float32 kernels, no sign hooks
+    plain.eval()
+    out = {}
+    for b in (1, 256):
+        fast = ns.load_compressed(f, runtime=True, batch=b, threads=THREADS)
+        x = data.test.x[:b]
+        with torch.no_grad():
+            same = bool((fast(x).argmax(1) == ns.load_compressed(f)(x).argmax(1)).all())
+        lat = measure_latency(fast, plain, x, repeats=repeats, threads=THREADS)
+        out[str(b)] = {"runtime_ms": 1e3 * lat.model_s, "float32_ms": 1e3 * lat.reference_s,
+                       "speedup": lat.speedup, "same_predictions": same}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, required=True, help="MNIST IDX directory, e.g. ../shared/data/mnist")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs of every run but bnn_wide")
+    ap.add_argument("--bnn-wide-epochs", type=int, default=3, help="epochs of the 3 x 4096 BNN (0: skip it)")
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--fresh", action="store_true", help="ignore cached stages")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(THREADS)
+    kernels.set_threads(THREADS)
+    data = ns.data.mnist(args.data_dir, val_size=10_000)
+    res = {"benchmark": "binary_mnist", "machine": machine(), "threads": THREADS, "split": "50k/10k/10k",
+           "hyperparameters": "the authors' code settings (Adam, batch 100, exponential LR decay, squared hinge "
+                              "for the MLPs), epochs cut to the CPU budget; model selection on the validation "
+                              "split (best epoch); nothing tuned on the test split", "setups": {}}
+    for key in args.setups:
+        epochs = args.bnn_wide_epochs if key == "bnn_wide" else args.epochs
+        if epochs <= 0:
+            continue
+        r = cached_json(f"binary_{key}_{epochs}", lambda k=key, e=epochs: train_one(k, data, e), args.fresh)
+        res["setups"][key] = r
+        print(key, {k: v for k, v in r.items() if k not in ("train_config", "kwargs")})
+    res["kernel_2048"] = kernel_bench(args.repeats)
+    print("kernel 2048x2048", res["kernel_2048"])
+    for key in res["setups"]:
+        if SETUPS[key][2] and SETUPS[key][2].get("inputs"):
+            res["setups"][key]["latency"] = model_latency(key, data, args.repeats)
+            print(key, "latency", res["setups"][key]["latency"])
+    res["table_rows"] = _rows(res)
+    write_result("binary_mnist", res)
+    _plot(res)
+
+
+def _rows(res: dict) -> list[dict]:
+    rows = []
+    for key, r in res["setups"].items():
+        counts = weight_counts(r["file"])
+        lat = r.get("latency", {})
+        paper, source = PAPER[key]
+        rows.append({"model": f"{r['model']} {'x'.join(map(str, r['kwargs'].get('widths', []))) or ''}".strip(),
+                     "method": key, "error_pct": r["test_error_pct"],
+                     "error_real_weights_pct": r.get("test_error_real_weights_pct"),
+                     "compression_nonzero": counts["compression_weights"],
+                     "compression_bytes": r["compression_bytes"],
+                     "binary_layers_compression_bytes": (r["binary_layers_float32_bytes"] / r["binary_layers_bytes"]
+                                                         if r.get("binary_layers_bytes") else None),
+                     "speedup_b1": lat.get("1", {}).get("speedup"), "speedup_b256": lat.get("256", {}).get("speedup"),
+                     "latency_b1_ms": lat.get("1", {}).get("runtime_ms"),
+                     "float32_latency_b1_ms": lat.get("1", {}).get("float32_ms"),
+                     "wall_s": r["wall_s"], "epochs": r["epochs"], "paper_error_pct": paper, "paper_source": source})
+    return rows
+
+
+def _plot(res: dict) -> None:
+    plt = pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    keys = list(res["setups"])
+    errs = [res["setups"][k]["test_error_pct"] for k in keys]
+    a1.bar(keys, errs, color=["#888" if k.startswith("float") else "#3a7" for k in keys])
+    for i, k in enumerate(keys):
+        if PAPER[k][0] is not None:
+            a1.plot([i - 0.4, i + 0.4], [PAPER[k][0]] * 2, "r-", lw=2)
+    a1.set_ylabel("test error % (red: paper)")
+    a1.tick_params(axis="x", rotation=45)
+    labels, vals = ["2048x2048 layer b1", "2048x2048 layer b256"], [res["kernel_2048"]["1"]["speedup"],
+                                                                     res["kernel_2048"]["256"]["speedup"]]
+    for k in keys:
+        for b, v in res["setups"][k].get("latency", {}).items():
+            labels.append(f"{k} b{b}")
+            vals.append(v["speedup"])
+    a2.bar(labels, vals)
+    a2.axhline(1.0, color="k", lw=0.8)
+    a2.set_ylabel("speedup vs float32 (x)")
+    a2.tick_params(axis="x", rotation=45)
+    save_figure(fig, RESULTS / "binary_mnist.png")
+
+
+if __name__ == "__main__":
+    main()
