@@ -5,6 +5,8 @@ weight initializer is replaced by a few constant nodes that rebuild it from its 
 them once when the session starts, so inference runs on ordinary dense weights:
 
 - int8 (``int8`` records): the int8 tensor and its scales -> ``DequantizeLinear`` (QDQ, per output channel);
+- binary (``binary`` records): the ±1 signs as int8 and the scales -> ``DequantizeLinear`` (ONNX has no 1-bit
+  type; binarized inputs export as the ops the sign hooks run);
 - k-means (``shared``): uint8 codes -> ``Cast`` -> ``Gather`` from the codebook (index 0 = a pruned zero);
 - pruned (``sparse``, or ``shared`` with few nonzeros): positions as gaps (uint16 when they fit) -> ``CumSum``
   -> ``ScatterElements`` of the nonzero values (or gathered codes) into zeros -> ``Reshape``.
@@ -107,11 +109,12 @@ def _compact(rec, weight: np.ndarray, parts: dict | None) -> tuple[_Graph, str] 
     shape = tuple(weight.shape)
     flat = weight.reshape(-1)
     nz = np.flatnonzero(flat)
-    if rec.codec == "int8" and parts is not None and weight.ndim >= 2:
+    if rec.codec in ("int8", "binary") and parts is not None and weight.ndim >= 2:
+        # binary: ONNX has no 1-bit tensor type; the ±1 signs travel as int8 (4x smaller than float32)
         q, scale = parts["q"].numpy(), parts["scale"].numpy().astype(np.float32)
         g.node("DequantizeLinear", [g.const(q), g.const(scale), g.const(np.zeros(scale.shape, np.int8))],
                output=rec.name, **({"axis": 0} if scale.ndim == 1 else {}))
-        return g, "int8 + DequantizeLinear (QDQ)"
+        return g, f"{'±1 as ' if rec.codec == 'binary' else ''}int8 + DequantizeLinear (QDQ)"
     if rec.codec == "shared" and parts is not None:
         index = parts["index"].numpy().reshape(-1)
         table = g.const(np.concatenate([[0.0], parts["book"].numpy()]).astype(np.float32))
@@ -169,7 +172,7 @@ def export_onnx(path: str | os.PathLike[str], output: str | os.PathLike[str], *,
                 continue
             mod_name, _, attr = rec.name.rpartition(".")
             parts = None
-            if rec.codec in ("shared", "int8") and attr == "weight":
+            if rec.codec in ("shared", "int8", "binary") and attr == "weight":
                 form, p = linear_form(model.get_submodule(mod_name))  # any layer kind: reads the parametrization
                 parts = p if form == rec.codec else None
             built = _compact(rec, state[rec.name].detach().float().numpy(), parts)

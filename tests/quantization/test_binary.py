@@ -220,3 +220,18 @@ def test_squared_hinge_is_the_l2_svm_loss():
     out = torch.tensor([[0.5, -2.0, 0.0]])
     # targets +1 for class 0, -1 otherwise: (1 - 0.5)^2 + 0 + (1 - 0)^2
     assert float(squared_hinge(out, torch.tensor([0]))) == pytest.approx(1.25)
+
+
+def test_onnx_export_of_a_binary_network_matches(digits, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from netsurgeon.export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_model("lenet5_bn", (1, 16, 16))
+    cb = Binarize("alpha", "scaled", keep_first=True, keep_last=True)
+    cb.prepare(model)
+    cb.finalize(model)
+    ns.save_compressed(model, tmp_path / "x.nsz")
+    report = export_onnx(tmp_path / "x.nsz", tmp_path / "x.onnx")
+    assert report.max_abs_logit_diff < 1e-4
+    assert "±1 as int8" in report.compact["conv2.weight"]

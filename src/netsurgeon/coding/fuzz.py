@@ -45,6 +45,7 @@ def build_corpus(directory: str | os.PathLike[str]) -> list[Path]:
 
     from ..models import build_model
     from ..pruning.magnitude import prune_magnitude
+    from ..quantization.binary import Binarize
     from ..quantization.kmeans import share_weights
     from ..quantization.uniform import quantize_model_int8
     from .nsz import save_compressed
@@ -52,10 +53,14 @@ def build_corpus(directory: str | os.PathLike[str]) -> list[Path]:
     out, d = [], Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     for name, kwargs in (("lenet300", {}), ("digits_cnn", {}), ("resnet_small", {"width": 4, "blocks": [1, 1]})):
-        for variant in ("dense", "sparse16", "shared", "int8"):
+        for variant in ("dense", "sparse16", "shared", "int8", "binary"):
             torch.manual_seed(0)
             m = build_model(name, (1, 8, 8), **kwargs)
-            if variant != "dense":
+            if variant == "binary":  # XNOR-Net: 1-bit weights, per-filter scales, binary inputs in the arch record
+                cb = Binarize("alpha", "scaled")
+                cb.prepare(m)
+                cb.finalize(m)
+            elif variant != "dense":
                 prune_magnitude(m, sparsity=0.9, scope="global")
             if variant == "shared":
                 share_weights(m, bits={"conv": 5, "fc": 4})
