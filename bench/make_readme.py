@@ -109,6 +109,21 @@ def render() -> str:
                       f"+{res['peak_memory_above_baseline_bytes'] / 2**20:.1f} MB "
                       f"(budget {res['memory_budget_bytes'] / 2**20:.1f} MB = 10x the largest valid file + the "
                       f"largest model's dense size; {res['memory_method']})."]
+        if res.get("benchmark") == "binary_mnist":
+            k = res["kernel_2048"]
+            lines += ["", "binary_mnist: one 2048x2048 binary layer, XNOR + popcount on packed 64-bit words (input "
+                      "packing included, bit-exact: " + ("yes" if all(v["bit_exact"] for v in k.values()) else "NO")
+                      + f") vs float32 F.linear, interleaved: batch 1 {k['1']['speedup']:.1f}x "
+                      f"({k['1']['xnor_ms'] * 1e3:.0f} vs {k['1']['float32_ms'] * 1e3:.0f} us; goal 20x "
+                      f"{'met' if k['1']['speedup'] >= 20 else 'MISSED'}), batch 256 {k['256']['speedup']:.1f}x "
+                      f"(goal 4x {'met' if k['256']['speedup'] >= 4 else 'MISSED'}). Binary layers in the file: "
+                      + ", ".join(f"{r['method']} {r['binary_layers_compression_bytes']:.1f}x smaller than float32"
+                                  for r in res["table_rows"] if r.get("binary_layers_compression_bytes"))
+                      + ". Stochastic BinaryConnect evaluated with its real weights (the paper's protocol): "
+                      + ", ".join(f"{r['error_real_weights_pct']:.2f}%" for r in res["table_rows"]
+                                  if r.get("error_real_weights_pct") is not None)
+                      + " (the table row is the stored binary model). Epochs are cut to the CPU budget (papers: "
+                      "250-1000); one seed; test error at the best-validation epoch."]
         if res.get("benchmark") == "int8_mnist":
             for name, r in res["models"].items():
                 lat = r["latency_int8_linear_vs_float32"]

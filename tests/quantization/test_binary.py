@@ -235,3 +235,20 @@ def test_onnx_export_of_a_binary_network_matches(digits, tmp_path):
     report = export_onnx(tmp_path / "x.nsz", tmp_path / "x.onnx")
     assert report.max_abs_logit_diff < 1e-4
     assert "±1 as int8" in report.compact["conv2.weight"]
+
+
+def test_table_lookup_layer_equals_the_binary_weight_layer_with_real_input():
+    from netsurgeon.runtime.modules import SignLutLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(83, 11)           # 83 inputs: a partial last byte and word
+    cb = Binarize("alpha")
+    cb.prepare(nn.Sequential(lin))
+    cb.finalize()
+    par = lin.parametrizations.weight[0]
+    fast = SignLutLinear(lin, par.signs, par.scale)
+    x = torch.randn(3, 83)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), lin(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x[:1]), lin(x[:1]), rtol=1e-5, atol=1e-5)
+    assert fast.resident_bytes() == 11 * 16 + 11 * 4 + 11 * 4   # 2 words of bits per row, scales, biases

@@ -17,7 +17,9 @@ import numpy as np
 
 from .kernels import available
 
-__all__ = ["pack_signs", "xnor_matmul", "words_for", "available"]
+__all__ = ["pack_signs", "xnor_matmul", "words_for", "available", "sign_lut_matmul"]
+
+_LOWBIT = np.array([0] + [(b & -b).bit_length() - 1 for b in range(1, 256)], dtype=np.int64)
 
 if available():
     from numba import njit, prange, types
@@ -103,6 +105,49 @@ if available():
                     pc += _popcount(a[m, w] ^ b[n, w])
                 out[m, n] = np.float32(k - 2 * pc) * col_scale[n] * row_scale[m] + bias[n]
                 n += 1
+
+
+    @njit(cache=True, parallel=True, nogil=True)
+    def _lut(x, wbytes, lowbit, col_scale, bias, out):
+        """Real input x [M, 8·G] (zero padded) times ±1 weights given as bytes [N, G] (bit 1 = +1): per sample,
+        a table T[g, b] = Σ_j (bit j of b ? x : −x)[8g + j] for every byte value b, then each output sums G
+        table entries (the "four Russians" trick: 8 inputs per lookup instead of 8 multiply-adds)."""
+        m_rows = x.shape[0]
+        n_out, groups = wbytes.shape
+        table = np.empty((groups, 256), dtype=np.float32)
+        for m in range(m_rows):
+            for g in prange(groups):
+                base = 8 * g
+                s = np.float32(0.0)
+                for j in range(8):
+                    s -= x[m, base + j]
+                table[g, 0] = s
+                for b in range(1, 256):
+                    j = lowbit[b]
+                    table[g, b] = table[g, b ^ (1 << j)] + np.float32(2.0) * x[m, base + j]
+            for n in prange(n_out):
+                acc = np.float32(0.0)
+                for g in range(groups):
+                    acc += table[g, wbytes[n, g]]
+                out[m, n] = acc * col_scale[n] + bias[n]
+
+
+def sign_lut_matmul(x: np.ndarray, wbytes: np.ndarray, col_scale: np.ndarray, bias: np.ndarray | None = None,
+                    ) -> np.ndarray:
+    """``x @ (±1 weights)ᵀ · col_scale + bias`` for a real input (float32 [M, K]) and weights packed as
+    :func:`pack_signs` bytes ([N, ceil(K/64)·8] uint8), by table lookup; float32 [M, N]."""
+    m, k = x.shape
+    n, groups = wbytes.shape
+    xp = np.zeros((m, 8 * groups), dtype=np.float32)
+    xp[:, :k] = x
+    cs = np.ascontiguousarray(col_scale, np.float32).reshape(n)
+    bs = np.zeros(n, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    out = np.empty((m, n), dtype=np.float32)
+    if not available():
+        bits = np.unpackbits(wbytes, axis=1, bitorder="little").astype(np.float32) * 2 - 1
+        return ((xp @ bits.T) * cs + bs).astype(np.float32)
+    _lut(xp, wbytes, _LOWBIT, cs, bs, out)
+    return out
 
 
 def words_for(k: int) -> int:

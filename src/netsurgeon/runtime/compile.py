@@ -10,7 +10,8 @@ on a random input of that batch size, interleaved, median of ``repeats``:
 - ``dense``: plain ``nn.Linear`` layers with float32 weights (the baseline: never slower than dense).
 
 A binary layer whose input is binarized too (BNN, XNOR-Net; ``quantization/binary.py``) is timed on its own
-against its dense form: ``xnor`` packs the input's signs and multiplies by XNOR + popcount (bitops.py). A binary
+against its dense form (a run of binary-weight layers with real inputs gets ``lut``: the weights as bits,
+the product by table lookup): ``xnor`` packs the input's signs and multiplies by XNOR + popcount (bitops.py). A binary
 convolution needs its input size, taken from one probe run at the model's recorded input shape.
 
 The fastest wins, so no run is slower than dense up to timing noise. Convolutions stay dense: unstructured
@@ -31,11 +32,20 @@ from torch.nn.utils import parametrize
 
 from ..stats import time_interleaved
 from . import bitops, kernels
-from .modules import CSRLinear, FusedLinearChain, Int8Chain, XnorConv2d, XnorLinear, _Xnor, resident_bytes
+from .modules import (
+    CSRLinear,
+    FusedLinearChain,
+    Int8Chain,
+    SignLutLinear,
+    XnorConv2d,
+    XnorLinear,
+    _Xnor,
+    resident_bytes,
+)
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
-KINDS = ("fused", "csr", "int8", "xnor", "dense")
+KINDS = ("fused", "csr", "int8", "xnor", "lut", "dense")
 
 
 @dataclass
@@ -118,6 +128,10 @@ def _candidates(mods: list[nn.Linear], relus: list[bool], names: list[str], form
         return nn.Sequential(*out).eval()
 
     cands: dict[str, nn.Module] = {"dense": seq([_dense_linear(m) for m in mods])}
+    if form == "binary":  # ±1 weights, real inputs (BinaryConnect, a BNN's first layer): table lookup
+        if kernels.available():
+            cands["lut"] = seq([SignLutLinear(m, *_binary_parts(m)) for m in mods])  # type: ignore[misc]
+        return cands
     if form == "int8":
         cands["int8"] = Int8Chain([{**linear_form(m)[1], "bias": m.bias, "relu": r}
                                    for m, r in zip(mods, relus, strict=True)], names)
@@ -138,7 +152,7 @@ def _time(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[st
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Linear, _Xnor)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (nn.Linear, _Xnor, SignLutLinear)) or super().is_leaf_module(m, qualname)
 
 
 def _binary_parts(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

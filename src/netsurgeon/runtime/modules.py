@@ -5,6 +5,8 @@
 - :class:`CSRLinear`: torch's CSR matmul for one layer (a candidate at large batch).
 - :class:`Int8Chain`: a run of int8 Linear(+ReLU) layers, int8 weights x int8 activations (per-sample
   scales) through ``torch._int_mm``, each int32 result rescaled (+bias, ReLU) in one pass (kernels.py).
+- :class:`SignLutLinear`: a Linear layer with ±1 weights and a real input (BinaryConnect; a BNN's first
+  layer): 1 bit per weight in memory, the product by table lookup over bytes of 8 inputs (bitops.py).
 - :class:`XnorLinear` / :class:`XnorConv2d`: a binary layer whose input is binarized too (BNN, XNOR-Net):
   the input's signs are packed into 64-bit words and multiplied by the packed weights with XNOR + popcount
   (bitops.py); weights take 1 bit each in memory as on disk.
@@ -22,7 +24,8 @@ from torch import Tensor, nn
 
 from . import bitops, kernels
 
-__all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "resident_bytes"]
+__all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "SignLutLinear",
+           "resident_bytes"]
 
 
 class FusedLinearChain(nn.Module):
@@ -193,13 +196,39 @@ class XnorConv2d(_Xnor):
         return f"out={self.out_channels}, kernel={tuple(self.kernel_size)}, input={self.mode}, XNOR + popcount"
 
 
+class SignLutLinear(nn.Module):
+    """y = x · sign(W)ᵀ · α + b for a real input, the weights held as bits (:func:`bitops.sign_lut_matmul`)."""
+
+    def __init__(self, layer: nn.Linear, signs: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.wbytes = np.ascontiguousarray(bitops.pack_signs(signs.float().numpy()).view(np.uint8))
+        self.scale = np.ascontiguousarray(np.broadcast_to(scale.float().reshape(-1).numpy(), (self.out_features,)),
+                                          dtype=np.float32)
+        self.bias = None if layer.bias is None else layer.bias.detach().float().numpy().copy()
+
+    def forward(self, x: Tensor) -> Tensor:
+        xn = x.detach().float().contiguous().numpy()
+        lead = xn.shape[:-1]
+        kernels.set_threads(torch.get_num_threads())
+        y = torch.from_numpy(bitops.sign_lut_matmul(xn.reshape(-1, self.in_features), self.wbytes, self.scale,
+                                                    self.bias))
+        return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
+
+    def resident_bytes(self) -> int:
+        return self.wbytes.nbytes + self.scale.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, ±1 weights as bits, table lookup"
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s weights as it will run: parameters and buffers, plus what the runtime
     modules hold outside them (packed numpy arrays, CSR parts). Each tensor's storage is counted once."""
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        if isinstance(m, (FusedLinearChain, CSRLinear, Int8Chain, _Xnor)):
+        if isinstance(m, (FusedLinearChain, CSRLinear, Int8Chain, _Xnor, SignLutLinear)):
             total += m.resident_bytes()
             continue
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
