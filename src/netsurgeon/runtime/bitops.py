@@ -17,7 +17,7 @@ import numpy as np
 
 from .kernels import available
 
-__all__ = ["pack_signs", "xnor_matmul", "words_for", "available", "sign_lut_matmul"]
+__all__ = ["pack_signs", "xnor_matmul", "xnor_matmul_signs", "words_for", "available", "sign_lut_matmul"]
 
 _LOWBIT = np.array([0] + [(b & -b).bit_length() - 1 for b in range(1, 256)], dtype=np.int64)
 
@@ -108,6 +108,26 @@ if available():
 
 
     @njit(cache=True, parallel=True, nogil=True)
+    def _gemm_signs(a, b, k, col_scale, bias, out):
+        """Like _gemm, but the next binary layer only needs the signs: out[m] packs (z >= 0) of
+        z[n] = dot·col_scale[n] + bias[n], 64 outputs per word (a BNN layer with its BatchNorm folded in)."""
+        m_rows, n_words = a.shape
+        n_out = b.shape[0]
+        out_words = out.shape[1]
+        for idx in prange(m_rows * out_words):
+            m = idx // out_words
+            ow = idx - m * out_words
+            word = np.uint64(0)
+            for j in range(min(64, n_out - 64 * ow)):
+                n = 64 * ow + j
+                pc = 0
+                for w in range(n_words):
+                    pc += _popcount(a[m, w] ^ b[n, w])
+                if np.float32(k - 2 * pc) * col_scale[n] + bias[n] >= 0:
+                    word |= np.uint64(1) << np.uint64(j)
+            out[m, ow] = word
+
+    @njit(cache=True, parallel=True, nogil=True)
     def _lut(x, wbytes, lowbit, col_scale, bias, out):
         """Real input x [M, 8·G] (zero padded) times ±1 weights given as bytes [N, G] (bit 1 = +1): per sample,
         a table T[g, b] = Σ_j (bit j of b ? x : −x)[8g + j] for every byte value b, then each output sums G
@@ -130,6 +150,18 @@ if available():
                 for g in range(groups):
                     acc += table[g, wbytes[n, g]]
                 out[m, n] = acc * col_scale[n] + bias[n]
+
+
+def xnor_matmul_signs(a: np.ndarray, b: np.ndarray, k: int, col_scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The packed signs (uint64 [M, ceil(N/64)]) of ``(K − 2·popcount(a[m] XOR b[n]))·col_scale[n] + bias[n]``."""
+    n = b.shape[0]
+    out = np.empty((a.shape[0], words_for(n)), dtype=np.uint64)
+    cs = np.ascontiguousarray(col_scale, np.float32).reshape(n)
+    bs = np.ascontiguousarray(bias, np.float32).reshape(n)
+    if not available():
+        return pack_signs(xnor_matmul(a, b, k, cs, None, bs))
+    _gemm_signs(a, b, k, cs, bs, out)
+    return out
 
 
 def sign_lut_matmul(x: np.ndarray, wbytes: np.ndarray, col_scale: np.ndarray, bias: np.ndarray | None = None,

@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 from ..stats import time_interleaved
 from . import bitops, kernels
 from .modules import (
+    BinaryChain,
     CSRLinear,
     FusedLinearChain,
     Int8Chain,
@@ -152,7 +153,7 @@ def _time(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[st
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Linear, _Xnor, SignLutLinear)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (nn.Linear, _Xnor, SignLutLinear, BinaryChain)) or super().is_leaf_module(m, qualname)
 
 
 def _binary_parts(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -184,13 +185,99 @@ def _input_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ..
     return seen
 
 
-def _swap_binary(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan) -> None:
-    """Time each binary-input layer against its XNOR form and keep the faster, in place."""
+def _binary_chains(gm: fx.GraphModule) -> list[list[tuple[fx.Node, fx.Node | None, fx.Node | None]]]:
+    """Runs of BNN units [(binary Linear, BatchNorm1d or None, HardTanh or None), ...]: each unit's output (after
+    its BatchNorm and sign-keeping activation) is used only by the next unit's Linear, which binarizes its input
+    by sign. The last unit's activation stays outside the run."""
     from ..quantization.binary import binary_inputs_of
 
-    layers = {n: mode for n, mode in binary_inputs_of(model).items() if _binary_parts(model.get_submodule(n))}
+    hooks = binary_inputs_of(gm)
+
+    def mod(n: fx.Node) -> nn.Module | None:
+        return gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+
+    def binary_linear(n: fx.Node | None) -> bool:
+        m = None if n is None else mod(n)
+        return isinstance(m, nn.Linear) and _binary_parts(m) is not None and hooks.get(str(n.target)) in (None, "sign")
+
+    def sole(n: fx.Node) -> fx.Node | None:
+        users = list(n.users)
+        return users[0] if len(users) == 1 and users[0].args == (n,) and not users[0].kwargs else None
+
+    chains, seen = [], set()
+    for node in gm.graph.nodes:
+        if node in seen or not binary_linear(node):
+            continue
+        chain, cur = [], node
+        while True:
+            seen.add(cur)
+            bn = act = None
+            nxt = sole(cur)
+            if nxt is not None and isinstance(mod(nxt), nn.BatchNorm1d):
+                bn, nxt = nxt, sole(nxt)
+            m = None if nxt is None else mod(nxt)
+            if isinstance(m, nn.Hardtanh) and m.min_val < 0 < m.max_val:
+                act, nxt = nxt, sole(nxt)  # type: ignore[arg-type]
+            if binary_linear(nxt) and hooks.get(str(nxt.target)) == "sign":  # type: ignore[union-attr]
+                chain.append((cur, bn, act))
+                cur = nxt  # type: ignore[assignment]
+                continue
+            chain.append((cur, bn, None))
+            break
+        if len(chain) >= 2:
+            chains.append(chain)
+    return chains
+
+
+def _fuse_binary_chains(gm: fx.GraphModule, batch: int, repeats: int, plan: RuntimePlan) -> set[str]:
+    """Time each BNN run (:func:`_binary_chains`) as one :class:`BinaryChain` against its modules; keep the
+    faster. Returns the names of the Linear layers that were fused."""
+    from ..quantization.binary import binary_inputs_of
+
+    hooks, fused = binary_inputs_of(gm), set()
+    for k, chain in enumerate(_binary_chains(gm)):
+        names = [str(lin.target) for lin, _, _ in chain]
+        units, parts = [], []
+        for i, (lin, bn, act) in enumerate(chain):
+            m = gm.get_submodule(str(lin.target))
+            signs, scale = _binary_parts(m)  # type: ignore[misc]
+            units.append({"signs": signs, "scale": scale, "bias": m.bias, "real_input": i == 0 and str(lin.target)
+                          not in hooks, "bn": None if bn is None else gm.get_submodule(str(bn.target))})
+            dense = copy.deepcopy(m)
+            _materialize(dense)
+            parts += [dense] + [copy.deepcopy(gm.get_submodule(str(n.target))) for n in (bn, act) if n is not None]
+        fast = BinaryChain(units, names)
+        x = torch.randn(batch, fast.n_in, generator=torch.Generator().manual_seed(0))
+        choice = RunChoice(names, "dense", "binary", 1.0, _time({"dense": nn.Sequential(*parts).eval(),
+                                                                 "xnor chain": fast}, x, repeats))
+        choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
+        plan.runs.append(choice)
+        if choice.form == "dense":
+            continue
+        name = f"binary_chain_{k}"
+        gm.add_submodule(name, fast)
+        first, last = chain[0][0], chain[-1][1] or chain[-1][0]
+        with gm.graph.inserting_before(first):
+            new = gm.graph.call_module(name, args=first.args, kwargs=first.kwargs)
+        last.replace_all_uses_with(new)
+        for lin, bn, act in reversed(chain):
+            for n in (act, bn, lin):
+                if n is not None:
+                    gm.graph.erase_node(n)
+        fused.update(names)
+    return fused
+
+
+def _swap_binary(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan, probe: nn.Module,
+                 skip: set[str]) -> None:
+    """Time each binary-input layer (not in ``skip``) against its XNOR form and keep the faster, in place.
+    ``probe``: the model whose recorded input shape gives the convolutions' input sizes."""
+    from ..quantization.binary import binary_inputs_of
+
+    layers = {n: mode for n, mode in binary_inputs_of(model).items()
+              if n not in skip and _binary_parts(model.get_submodule(n))}
     convs = [n for n in layers if isinstance(model.get_submodule(n), nn.Conv2d)]
-    shapes = _input_shapes(model, convs) if convs else {}
+    shapes = _input_shapes(probe, convs) if convs else {}
     gen = torch.Generator().manual_seed(0)
     for name, mode in layers.items():
         m = model.get_submodule(name)
@@ -272,14 +359,18 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         torch.set_num_threads(threads)
     try:
         plan = RuntimePlan(batch, torch.get_num_threads(), [], True)
-        if "xnor" in forms and bitops.available():
-            _swap_binary(model, batch, repeats, plan)
         try:
             gm: nn.Module = fx.GraphModule(model, _Tracer().trace(model))
             traced = True
-            runs = _runs(gm)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - any model fx cannot trace keeps its own forward
             gm, traced = model, False
+        if "xnor" in forms and bitops.available():
+            fused = _fuse_binary_chains(gm, batch, repeats, plan) if traced else set()  # type: ignore[arg-type]
+            _swap_binary(gm, batch, repeats, plan, model, fused)
+        if traced:
+            gm.graph.lint()  # type: ignore[union-attr]
+            runs = _runs(gm)  # type: ignore[arg-type]
+        else:
             runs = [[(name, None)] for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         plan.traced = traced
         for k, run in enumerate(runs):
@@ -312,7 +403,7 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         for m in list(gm.modules()):  # what stays: plain weights (masks/codebooks applied once, here)
             if parametrize.is_parametrized(m):
                 _materialize(m)
-        if traced and all(r.form == "dense" or r.weights == "binary" for r in plan.runs):
+        if traced and all(r.form == "dense" for r in plan.runs):
             gm = model  # nothing replaced: the model's own forward (a GraphModule's costs ~4 us at batch 1)
         elif traced:
             gm.graph.lint()

@@ -7,6 +7,8 @@
   scales) through ``torch._int_mm``, each int32 result rescaled (+bias, ReLU) in one pass (kernels.py).
 - :class:`SignLutLinear`: a Linear layer with ±1 weights and a real input (BinaryConnect; a BNN's first
   layer): 1 bit per weight in memory, the product by table lookup over bytes of 8 inputs (bitops.py).
+- :class:`BinaryChain`: a BNN's run of binary Linear (+BatchNorm) (+HardTanh) layers in one call: each
+  BatchNorm is folded into its layer's scale and bias, and between layers only the packed signs travel.
 - :class:`XnorLinear` / :class:`XnorConv2d`: a binary layer whose input is binarized too (BNN, XNOR-Net):
   the input's signs are packed into 64-bit words and multiplied by the packed weights with XNOR + popcount
   (bitops.py); weights take 1 bit each in memory as on disk.
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from . import bitops, kernels
 
 __all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "SignLutLinear",
-           "resident_bytes"]
+           "BinaryChain", "resident_bytes"]
 
 
 class FusedLinearChain(nn.Module):
@@ -222,13 +224,94 @@ class SignLutLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, ±1 weights as bits, table lookup"
 
 
+def fold_batchnorm(scale: np.ndarray, bias: np.ndarray, bn: nn.Module | None) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with BN(dot·scale + bias) = dot·A + B for an eval-mode BatchNorm1d ``bn`` (None: unchanged)."""
+    if bn is None:
+        return scale.astype(np.float32), bias.astype(np.float32)
+    inv = 1.0 / np.sqrt(bn.running_var.double().numpy() + bn.eps)
+    gamma = bn.weight.detach().double().numpy() if bn.weight is not None else np.ones_like(inv)
+    beta = bn.bias.detach().double().numpy() if bn.bias is not None else np.zeros_like(inv)
+    g = gamma * inv
+    return ((scale * g).astype(np.float32),
+            ((bias - bn.running_mean.double().numpy()) * g + beta).astype(np.float32))
+
+
+class BinaryChain(nn.Module):
+    """Binary Linear layers, each optionally followed by an eval BatchNorm1d and a sign-preserving activation
+    (HardTanh), every layer but the first taking the sign of the previous one's output (BNN). One call:
+
+    - the first layer: its input packed as signs when it binarizes its input, else a real input times the ±1
+      weights (table lookup up to ``lut_batch`` samples, torch's matmul above);
+    - inner layers: XNOR + popcount with the BatchNorm folded into scale and bias, writing only the packed
+      signs of the result (the next layer needs nothing else; HardTanh keeps signs, so it drops out);
+    - the last layer: float output, its BatchNorm folded in (its activation, if any, stays outside the chain).
+    """
+
+    def __init__(self, units: list[dict], names: list[str], lut_batch: int = 8) -> None:
+        super().__init__()
+        self.names, self.lut_batch = names, lut_batch
+        self.real_input = units[0]["real_input"]
+        self.k, self.packed, self.A, self.B = [], [], [], []
+        for u in units:
+            signs = u["signs"].reshape(u["signs"].shape[0], -1).float()
+            self.k.append(signs.shape[1])
+            self.packed.append(bitops.pack_signs(signs.numpy()))
+            n = signs.shape[0]
+            scale = np.broadcast_to(u["scale"].float().reshape(-1).numpy(), (n,)).astype(np.float64)
+            bias = np.zeros(n) if u["bias"] is None else u["bias"].detach().double().numpy()
+            a, b = fold_batchnorm(scale, bias, u.get("bn"))
+            self.A.append(np.ascontiguousarray(a))
+            self.B.append(np.ascontiguousarray(b))
+        self.first_bytes = np.ascontiguousarray(self.packed[0].view(np.uint8)) if self.real_input else None
+        self.first_signs: Tensor | None = None  # float ±1 copy for large batches, made on first use
+        self.n_in, self.n_out = self.k[0], len(self.A[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        xn = x.detach().float().contiguous().numpy()
+        lead = xn.shape[:-1]
+        xn = xn.reshape(-1, self.n_in)
+        kernels.set_threads(torch.get_num_threads())
+        if self.real_input:
+            if xn.shape[0] <= self.lut_batch:
+                z = bitops.sign_lut_matmul(xn, self.first_bytes, self.A[0], self.B[0])
+            else:
+                if self.first_signs is None:
+                    bits = np.unpackbits(self.first_bytes, axis=1, count=self.n_in, bitorder="little")
+                    self.first_signs = torch.from_numpy(bits.astype(np.float32) * 2 - 1)
+                z = (torch.from_numpy(xn) @ self.first_signs.t()).numpy() * self.A[0] + self.B[0]
+            if len(self.A) == 1:
+                y = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+                return y if len(lead) == 1 else y.reshape(*lead, self.n_out)
+            bits = bitops.pack_signs(z)
+            start = 1
+        else:
+            bits, start = bitops.pack_signs(xn), 0
+        last = len(self.A) - 1
+        for i in range(start, last):
+            bits = bitops.xnor_matmul_signs(bits, self.packed[i], self.k[i], self.A[i], self.B[i])
+        y = torch.from_numpy(bitops.xnor_matmul(bits, self.packed[last], self.k[last], self.A[last], None,
+                                                self.B[last]))
+        return y if len(lead) == 1 else y.reshape(*lead, self.n_out)
+
+    def resident_bytes(self) -> int:
+        total = sum(p.nbytes for p in self.packed) + sum(a.nbytes + b.nbytes for a, b in zip(self.A, self.B,
+                                                                                             strict=True))
+        if self.first_signs is not None:  # the large-batch path of a real-input first layer: float ±1
+            total += self.first_signs.numel() * 4
+        return total
+
+    def extra_repr(self) -> str:
+        first = "real" if self.real_input else "sign"
+        return f"layers={self.names}, in={self.n_in}, out={self.n_out}, first input {first}"
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s weights as it will run: parameters and buffers, plus what the runtime
     modules hold outside them (packed numpy arrays, CSR parts). Each tensor's storage is counted once."""
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        if isinstance(m, (FusedLinearChain, CSRLinear, Int8Chain, _Xnor, SignLutLinear)):
+        if isinstance(m, (FusedLinearChain, CSRLinear, Int8Chain, _Xnor, SignLutLinear, BinaryChain)):
             total += m.resident_bytes()
             continue
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
