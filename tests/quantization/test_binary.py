@@ -252,3 +252,35 @@ def test_table_lookup_layer_equals_the_binary_weight_layer_with_real_input():
         torch.testing.assert_close(fast(x), lin(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast(x[:1]), lin(x[:1]), rtol=1e-5, atol=1e-5)
     assert fast.resident_bytes() == 11 * 16 + 11 * 4 + 11 * 4   # 2 words of bits per row, scales, biases
+
+
+@pytest.mark.parametrize("first_input", ["real", "sign"])
+def test_bnn_chain_equals_its_layers_with_batchnorm_folded(first_input):
+    from torch import fx
+
+    from netsurgeon.runtime.compile import _binary_chains, _Tracer, chain_modules
+
+    torch.manual_seed(0)
+    model = build_model("mlp_bn", (1, 9, 9), widths=[70, 130], act="hardtanh")
+    cb = Binarize("alpha", "sign")
+    cb.prepare(model)
+    cb.finalize(model)
+    if first_input == "sign":
+        install_binary_input(model.fc1, "sign")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):   # non-trivial statistics and affine parameters, one negative gain
+            m.running_mean.uniform_(-3, 3)
+            m.running_var.uniform_(0.5, 4)
+            nn.init.uniform_(m.weight, -1, 2)
+            nn.init.uniform_(m.bias, -1, 1)
+    model.eval()
+    gm = fx.GraphModule(model, _Tracer().trace(model))
+    (chain,) = _binary_chains(gm)
+    assert [str(n.target) for n, _, _ in chain] == ["fc1", "fc2", "fc3"]
+    fast, parts = chain_modules(gm, chain)
+    assert fast.real_input == (first_input == "real")
+    for b in (1, 3, 40):   # table lookup (<= 8 samples) and matmul paths of a real first layer
+        x = torch.randn(b, 81)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), nn.Sequential(*parts)(x), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(fast(x), model(x.view(b, 1, 9, 9)), rtol=1e-4, atol=1e-4)

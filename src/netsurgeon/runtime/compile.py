@@ -229,24 +229,32 @@ def _binary_chains(gm: fx.GraphModule) -> list[list[tuple[fx.Node, fx.Node | Non
     return chains
 
 
+def chain_modules(gm: fx.GraphModule, chain: list[tuple[fx.Node, fx.Node | None, fx.Node | None]]
+                  ) -> tuple[BinaryChain, list[nn.Module]]:
+    """The :class:`BinaryChain` of one run of :func:`_binary_chains`, and the run's own modules as plain copies
+    (what it replaces, in order)."""
+    from ..quantization.binary import binary_inputs_of
+
+    hooks = binary_inputs_of(gm)
+    units, parts = [], []
+    for i, (lin, bn, act) in enumerate(chain):
+        m = gm.get_submodule(str(lin.target))
+        signs, scale = _binary_parts(m)  # type: ignore[misc]
+        units.append({"signs": signs, "scale": scale, "bias": m.bias, "real_input": i == 0 and str(lin.target)
+                      not in hooks, "bn": None if bn is None else gm.get_submodule(str(bn.target))})
+        dense = copy.deepcopy(m)
+        _materialize(dense)
+        parts += [dense] + [copy.deepcopy(gm.get_submodule(str(n.target))) for n in (bn, act) if n is not None]
+    return BinaryChain(units, [str(lin.target) for lin, _, _ in chain]), parts
+
+
 def _fuse_binary_chains(gm: fx.GraphModule, batch: int, repeats: int, plan: RuntimePlan) -> set[str]:
     """Time each BNN run (:func:`_binary_chains`) as one :class:`BinaryChain` against its modules; keep the
     faster. Returns the names of the Linear layers that were fused."""
-    from ..quantization.binary import binary_inputs_of
-
-    hooks, fused = binary_inputs_of(gm), set()
+    fused = set()
     for k, chain in enumerate(_binary_chains(gm)):
         names = [str(lin.target) for lin, _, _ in chain]
-        units, parts = [], []
-        for i, (lin, bn, act) in enumerate(chain):
-            m = gm.get_submodule(str(lin.target))
-            signs, scale = _binary_parts(m)  # type: ignore[misc]
-            units.append({"signs": signs, "scale": scale, "bias": m.bias, "real_input": i == 0 and str(lin.target)
-                          not in hooks, "bn": None if bn is None else gm.get_submodule(str(bn.target))})
-            dense = copy.deepcopy(m)
-            _materialize(dense)
-            parts += [dense] + [copy.deepcopy(gm.get_submodule(str(n.target))) for n in (bn, act) if n is not None]
-        fast = BinaryChain(units, names)
+        fast, parts = chain_modules(gm, chain)
         x = torch.randn(batch, fast.n_in, generator=torch.Generator().manual_seed(0))
         choice = RunChoice(names, "dense", "binary", 1.0, _time({"dense": nn.Sequential(*parts).eval(),
                                                                  "xnor chain": fast}, x, repeats))
