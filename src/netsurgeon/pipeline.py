@@ -39,10 +39,11 @@ METHOD_MODULES = (
     "netsurgeon.pruning.l1", "netsurgeon.pruning.woodfisher", "netsurgeon.pruning.schedules",
     "netsurgeon.pruning.structured",
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
-    "netsurgeon.quantization.binary",
+    "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
 )
 _FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",
-              "int8": "int8 weights", "binary": "binary weights (one bit each, plus scales)"}
+              "int8": "int8 weights", "binary": "binary weights (one bit each, plus scales)",
+              "hashed": "hashed weights (HashedNets buckets)"}
 
 
 def methods() -> dict[str, Method]:
@@ -113,7 +114,9 @@ def weight_form(model: nn.Module) -> str:
                     forms.add("int8")
                 elif hasattr(p, "signs") and hasattr(p, "scale"):
                     forms.add("binary")
-    return next((f for f in ("shared", "int8", "binary") if f in forms), "float")
+                elif hasattr(p, "buckets") and hasattr(p, "seed"):
+                    forms.add("hashed")
+    return next((f for f in ("shared", "int8", "binary", "hashed") if f in forms), "float")
 
 
 class Pipeline:

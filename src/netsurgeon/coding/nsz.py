@@ -9,6 +9,8 @@ Per tensor the writer picks the smaller of
   scales (per tensor or per output channel).
 * ``binary`` (version 2): a binarized weight (``quantization.binary``) as one bit per weight (1 = +1, bit
   order little-endian within each byte, row-major) plus float32 scales (one, or one per output channel).
+* ``hashed`` (version 2): a HashedNets tensor (``sharing.hashed``): its K real weights and the hash seed; the
+  virtual tensor is rebuilt as ξ·w[h] (``coding.hashing``).
 * ``shared`` (version 2): a k-means-shared tensor (Deep Compression Sec. 3) stored as relative gaps plus
   codebook indices (code 0 = zero/filler) and the codebook; both integer streams Huffman-coded (Sec. 4)
   with canonical codes whose lengths are stored, or bit-packed when ``huffman=False``.
@@ -39,7 +41,8 @@ from .sparse import best_index_bits, decode_relative, encode_relative, relative_
 
 __all__ = ["FORMAT_VERSION", "TensorRecord", "CompressedFile", "save_compressed", "read_header", "decode_state",
            "check_state_shapes",
-           "read_compressed", "load_state_checked", "decode_shared_parts", "decode_int8", "decode_binary"]
+           "read_compressed", "load_state_checked", "decode_shared_parts", "decode_int8", "decode_binary",
+           "decode_hashed"]
 
 FORMAT_VERSION = 2
 _READABLE = (1, 2)
@@ -198,7 +201,18 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
         i8 = par if hasattr(par, "q") and hasattr(par, "scale") else None            # quantization.uniform
         sw = par if hasattr(par, "codebook") and hasattr(par, "index") else None     # quantization.kmeans
         bw = par if hasattr(par, "signs") and hasattr(par, "scale") else None        # quantization.binary
-        if bw is not None:
+        hw = par if hasattr(par, "buckets") and hasattr(par, "seed") else None       # sharing.hashed
+        if hw is not None:
+            mod_name, _, attr = name.rpartition(".")
+            real = (model.get_submodule(mod_name) if mod_name else model).parametrizations[attr].original
+            vals = real.detach().cpu().numpy().astype(_VALUE_DTYPES[value_dtype])
+            if not np.isfinite(vals).all():
+                raise ValueError(f"save_compressed: tensor {name!r} does not fit in {value_dtype} (overflow or NaN).")
+            rec = TensorRecord(name, tuple(t.shape), "hashed", value_dtype, 0, t.numel(),
+                               int(np.count_nonzero(vals)), vals.size, vals.nbytes, codebook_size=vals.size,
+                               seed=int(hw.seed))
+            b = {f"{name}/values": vals.tobytes()}
+        elif bw is not None:
             bits = np.packbits(bw.signs.numpy().ravel() > 0, bitorder="little")
             scale = bw.scale.numpy().astype(np.float32).ravel()
             rec = TensorRecord(name, tuple(t.shape), "binary", "float32", 0, t.numel(), t.numel(), t.numel(),
@@ -226,7 +240,7 @@ def _record_to_json(r: TensorRecord) -> dict[str, Any]:
     return {"name": r.name, "shape": list(r.shape), "codec": r.codec, "value_dtype": r.value_dtype,
             "index_bits": r.index_bits, "numel": r.numel, "nonzero": r.nonzero, "entries": r.entries,
             "bytes": r.bytes, "code_bits": r.code_bits, "huffman": r.huffman, "codebook_size": r.codebook_size,
-            "bytes_fixed": r.bytes_fixed}
+            "bytes_fixed": r.bytes_fixed, **({"seed": r.seed} if r.codec == "hashed" else {})}
 
 
 def _int_stream(p: Path, rec: TensorRecord, blobs: dict[str, bytes], key: str, nbits: int) -> np.ndarray:
@@ -304,7 +318,21 @@ def decode_binary(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> 
     return signs, torch.from_numpy(scales.copy()).reshape((rec.codebook_size,) if rec.codebook_size > 1 else ())
 
 
+def decode_hashed(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
+    """The K real weights (float32) of a ``hashed`` record."""
+    dt = np.dtype(_VALUE_DTYPES.get(rec.value_dtype, np.float32))
+    vals = blobs.get(f"{rec.name}/values", b"")
+    if len(vals) != rec.codebook_size * dt.itemsize:
+        raise NszError(f"{p}: tensor {rec.name!r}: hashed value stream has the wrong length.")
+    return torch.from_numpy(np.frombuffer(vals, dtype=dt).astype(np.float32))
+
+
 def _decode(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
+    if rec.codec == "hashed":
+        from .hashing import hash_maps
+
+        idx, sign = hash_maps(rec.shape, rec.codebook_size, rec.seed)
+        return decode_hashed(p, rec, blobs)[idx] * sign
     if rec.codec == "binary":
         signs, scale = decode_binary(p, rec, blobs)
         return signs.float() * (scale.view(-1, *([1] * (signs.dim() - 1))) if scale.dim() else scale)

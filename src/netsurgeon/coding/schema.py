@@ -22,10 +22,12 @@ __all__ = ["TensorRecord", "parse_records", "check_arch", "max_elements_for", "V
 VALUE_ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8}
 _CODEC_DTYPES = {"dense": ("float32", "float16", "int64"), "sparse": ("float32", "float16"),
                  "shared": ("float32", "float16"), "int8": ("float32",),
-                 "binary": ("float32",)}
-_INT_FIELDS = ("index_bits", "numel", "nonzero", "entries", "bytes", "code_bits", "codebook_size", "bytes_fixed")
+                 "binary": ("float32",), "hashed": ("float32", "float16")}
+_INT_FIELDS = ("index_bits", "numel", "nonzero", "entries", "bytes", "code_bits", "codebook_size", "bytes_fixed",
+               "seed")
 _FIELDS = {"name", "shape", "codec", "value_dtype", "huffman", *_INT_FIELDS}
-_OPTIONAL = {"code_bits": 0, "huffman": False, "codebook_size": 0, "bytes_fixed": 0}  # absent in version 1
+_OPTIONAL = {"code_bits": 0, "huffman": False, "codebook_size": 0, "bytes_fixed": 0,  # absent in version 1
+             "seed": 0}                                                                 # hashed records only
 MAX_TENSORS = 100_000
 MAX_DIMS = 8
 MAX_NAME = 512
@@ -42,7 +44,7 @@ class TensorRecord:
 
     name: str
     shape: tuple[int, ...]
-    codec: str              # "dense", "sparse", "shared", "int8" or "binary"
+    codec: str              # "dense", "sparse", "shared", "int8", "binary" or "hashed"
     value_dtype: str
     index_bits: int         # 0 for dense
     numel: int
@@ -53,6 +55,7 @@ class TensorRecord:
     huffman: bool = False   # shared: streams are Huffman-coded
     codebook_size: int = 0  # shared: number of shared values; int8, binary: number of scales
     bytes_fixed: int = 0    # shared: payload bytes with fixed-width streams (before Huffman)
+    seed: int = 0           # hashed: the seed of the index and sign hashes (coding/hashing.py)
 
     @property
     def kept(self) -> float:
@@ -109,7 +112,7 @@ def _parse_one(p: str, i: int, t: Any) -> TensorRecord:
         raise NszError(f"{where}: field 'nonzero' ({ints['nonzero']}) exceeds 'numel' ({ints['numel']}).")
     return TensorRecord(name, dims, codec, dtype, ints["index_bits"], ints["numel"], ints["nonzero"],
                         ints["entries"], ints["bytes"], ints["code_bits"], huffman, ints["codebook_size"],
-                        ints["bytes_fixed"])
+                        ints["bytes_fixed"], ints["seed"])
 
 
 def _stream_keys(p: str, r: TensorRecord, blobs: dict[str, bytes], key: str, nbits: int) -> list[str]:
@@ -155,6 +158,12 @@ def _check_blobs(p: str, r: TensorRecord, blobs: dict[str, bytes]) -> list[str]:
             raise NszError(f"{where}: an int8 record needs 1 or {channels} scales (one per output channel) and "
                            f"8-bit codes; got codebook_size {r.codebook_size}, code_bits {r.code_bits}.")
         return [need("values", r.numel), need("scale", 4 * r.codebook_size)]
+    if r.codec == "hashed":  # K real weights; the virtual tensor is rebuilt from (shape, K, seed)
+        if not 1 <= r.codebook_size <= max(r.numel, 1) or r.entries != r.codebook_size or r.index_bits != 0:
+            raise NszError(f"{where}: a hashed record needs 1 <= codebook_size (buckets) <= numel ({r.numel}), "
+                           f"entries = codebook_size and index_bits 0; got codebook_size {r.codebook_size}, "
+                           f"entries {r.entries}, index_bits {r.index_bits}.")
+        return [need("values", r.codebook_size * item)]
     if r.codec == "binary":
         channels = r.shape[0] if r.shape else 1
         if r.codebook_size not in (1, channels) or r.code_bits != 1 or r.index_bits != 0:

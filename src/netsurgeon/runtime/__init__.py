@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from ..coding import nsz
@@ -33,13 +34,22 @@ def _restore_codecs(model: nn.Module, info: CompressedFile) -> None:
     assert info.blobs is not None
     coded = set()
     for rec in info.records:
-        if rec.codec not in ("shared", "int8", "binary"):
+        if rec.codec not in ("shared", "int8", "binary", "hashed"):
             continue
         mod_name, _, attr = rec.name.rpartition(".")
         module = model.get_submodule(mod_name)
         if rec.codec == "shared":
             book, index = decode_shared_parts(info.path, rec, info.blobs)
             par: nn.Module = SharedWeights(book, index)
+        elif rec.codec == "hashed":
+            from ..sharing.hashed import HashedWeights
+
+            par = HashedWeights(rec.shape, rec.codebook_size, rec.seed)
+            parametrize.register_parametrization(module, attr, par, unsafe=True)
+            with torch.no_grad():
+                module.parametrizations[attr].original.copy_(nsz.decode_hashed(info.path, rec, info.blobs))
+            coded.add(rec.name)
+            continue
         elif rec.codec == "binary":
             par = BinaryWeights(*nsz.decode_binary(info.path, rec, info.blobs))
         else:

@@ -1,0 +1,1 @@
+"""Weight sharing beyond k-means: HashedNets (``hashed``) and soft weight sharing (``soft``)."""
