@@ -39,6 +39,7 @@ QUICK = {
     "bnn": {"epochs": 1},
     "xnor": {"epochs": 1},
     "hashednets": {"epochs": 1, "compression": 0.25},
+    "soft_sharing": {"epochs": 1, "tau": 0.5},
     "encode": {},
 }
 

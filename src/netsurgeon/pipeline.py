@@ -40,6 +40,7 @@ METHOD_MODULES = (
     "netsurgeon.pruning.structured",
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
     "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
+    "netsurgeon.sharing.soft",
 )
 _FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",
               "int8": "int8 weights", "binary": "binary weights (one bit each, plus scales)",
