@@ -9,7 +9,8 @@
 | resnet_small| CIFAR-style ResNet (He et al. 2016): 3 stages of basic blocks, BatchNorm, residual | 77,754 (3x32) |
 | vgg_small   | two stages of 2 x (3x3 conv, BN, ReLU) + pool, fc 128, fc 10                  | 79,498 (width 16) |
 | mlp_bn      | BinaryConnect/BNN MLP: widths x (fc, BN, ReLU or HardTanh), fc 10, BN         | 10.0M (3 x 2048) |
-| lenet5_bn   | LeNet-5 in XNOR-Net's block order (BN before each binary layer)               | 432,220          |
+| lenet5_bn   | LeNet-5 in XNOR-Net's block order (BN before each binary layer)               | 433,760          |
+| mlp_dropout | HashedNets' MLP: dropout on the input and after every hidden ReLU              | 795,010 (1 x 1000) |
 
 Any other model is built from an import path, ``build_model("pkg.module:factory", **kwargs)``; the path and
 the keyword arguments are recorded so a saved file can rebuild it (see :func:`rebuild`).
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 __all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "rebuild_matching",
            "resnet_small", "UntrustedCodeError", "record_resized", "resized_record", "apply_resized", "layer_sizes",
-           "original_model", "mlp_bn", "lenet5_bn", "record_binary_inputs"]
+           "original_model", "mlp_bn", "lenet5_bn", "mlp_dropout", "record_binary_inputs"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
 
@@ -118,6 +119,23 @@ def mlp_bn(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
     return nn.Sequential(OrderedDict(layers))
 
 
+def mlp_dropout(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
+                widths: list[int] | tuple[int, ...] = (1000,), dropout: float = 0.25) -> nn.Sequential:
+    """The MNIST net of HashedNets' released code: dropout (drop probability ``dropout``) on the input and after
+    each hidden fc + ReLU; the default is the "3-layer" net (one hidden layer of 1000 units)."""
+    if not 0 <= dropout < 1:
+        raise ValueError(f"mlp_dropout: dropout must be in [0, 1); got {dropout!r}.")
+    if not widths or any(int(w) < 1 for w in widths):
+        raise ValueError(f"mlp_dropout: widths must be a non-empty list of sizes >= 1; got {widths!r}.")
+    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten()), ("drop0", nn.Dropout(dropout))]
+    sizes = [math.prod(input_shape), *map(int, widths), num_classes]
+    for i in range(len(sizes) - 1):
+        layers.append((f"fc{i + 1}", nn.Linear(sizes[i], sizes[i + 1])))
+        if i < len(sizes) - 2:
+            layers += [(f"relu{i + 1}", nn.ReLU()), (f"drop{i + 1}", nn.Dropout(dropout))]
+    return nn.Sequential(OrderedDict(layers))
+
+
 def lenet5_bn(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
     """Caffe's LeNet-5 sizes in XNOR-Net's block order (Sec. 3.2, Fig. 3: BN → BinActiv → BinConv → Pool):
     conv1 20@5x5 → BN → ReLU → pool; BN → conv2 50@5x5 → pool → ReLU; BN → fc1 500 → ReLU; BN → fc2.
@@ -183,6 +201,7 @@ def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": lenet300, "lenet5": lenet5, "mlpnet": mlpnet, "digits_cnn": digits_cnn, "resnet_small": resnet_small,
     "vgg_small": vgg_small, "mlp_bn": mlp_bn, "lenet5_bn": lenet5_bn,
+    "mlp_dropout": mlp_dropout,
 }
 
 

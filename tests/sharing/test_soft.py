@@ -69,3 +69,18 @@ def test_own_loop_needs_the_training_set_size():
     assert cb.prior.means.grad is not None and model[0].weight.grad is not None
     cb.after_step()
     assert cb.prior.means.grad is None                                 # stepped and cleared by the callback
+
+
+def test_a_pruned_model_keeps_its_zeros(digits):
+    from netsurgeon.pruning.magnitude import prune_magnitude
+
+    torch.manual_seed(0)
+    model = ns.build_model("lenet300", digits.input_shape)
+    prune_magnitude(model, sparsity=0.8, scope="global")
+    zeros = [m.weight.detach() == 0 for m in (model.fc1, model.fc2, model.fc3)]
+    cb = SoftWeightSharing(components=5, n_train=len(digits.train))
+    ns.train(model, digits, ns.TrainConfig(epochs=1, optimizer="adam", lr=1e-3, weight_decay=0), callbacks=[cb])
+    cb.finalize(model)
+    for z, m in zip(zeros, (model.fc1, model.fc2, model.fc3), strict=True):
+        assert bool((m.weight.detach()[z] == 0).all())
+    assert cb.report["kept"] <= 0.2 + 1e-6

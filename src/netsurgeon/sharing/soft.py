@@ -116,7 +116,8 @@ def merge_components(mu: Tensor, var: Tensor, pi: Tensor, threshold: float) -> t
 class SoftWeightSharing(Callback):
     """Soft weight sharing as a training callback (module docstring). Its mixture has its own Adam optimizer
     (stepped in :meth:`after_step`), so it runs in ``ns.train`` and in the user's own loop alike (there, give
-    ``n_train``, the training-set size that scales τ)."""
+    ``n_train``, the training-set size that scales τ). A model with pruning masks keeps them: pruned weights
+    stay zero and count in component 0 (e.g. DNS, then soft sharing)."""
 
     def __init__(self, components: int = 17, pi0: float = 0.999, tau: float = 0.05, init_std: float = 0.25,
                  lr_means: float = 1e-4, lr_log_precision: float = 3e-3, lr_mix: float = 3e-3,
@@ -133,7 +134,9 @@ class SoftWeightSharing(Callback):
         check_finite_model("soft_sharing", model)
         self.layers = prunable_layers(model, "soft_sharing")
         for name, m in self.layers.items():
-            if parametrize.is_parametrized(m, "weight"):
+            kinds = [type(p).__name__ for p in m.parametrizations["weight"]] if parametrize.is_parametrized(
+                m, "weight") else []
+            if any(k not in ("Mask", "StraightThroughMask") for k in kinds):  # a pruned model is fine: zeros stay
                 raise ValueError(f"soft_sharing: layer {name!r} already holds "
                                  f"{', '.join(type(p).__name__ for p in m.parametrizations['weight'])} weights; "
                                  "start from a float model.")
@@ -188,10 +191,12 @@ class SoftWeightSharing(Callback):
         for m in self.layers.values():
             w = m.weight.detach().reshape(-1)
             resp = torch.log(pi) - 0.5 * var.log() - 0.5 * (w.unsqueeze(1) - mu) ** 2 / var
-            k = resp.argmax(1)
+            k = torch.where(w == 0, 0, resp.argmax(1))  # an exact zero (a pruned weight) stays zero
             used[k.unique()] = True
             kept_total += int((k != 0).sum())
             index = k.reshape(m.weight.shape)
+            if parametrize.is_parametrized(m, "weight"):  # a pruning mask: its zeros are in component 0 already
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
             p = SharedWeights(book.detach(), index)
             p.codebook = book  # one codebook for every layer, as in the paper
             parametrize.register_parametrization(m, "weight", p, unsafe=True)
