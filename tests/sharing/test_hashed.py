@@ -75,3 +75,18 @@ def test_refusals():
         hash_layers(nn.Sequential(nn.Conv2d(1, 2, 3)), 0.5)
     with pytest.raises(ValueError, match="hashednets: compression must be a number in \\(0, 1\\]; got 2"):
         ns.pipeline.get_method("hashednets").make_config({"compression": 2})
+
+
+def test_runtime_without_the_virtual_matrix_equals_the_hashed_layer():
+    from netsurgeon.runtime.hashed import HashedLinearRuntime
+
+    torch.manual_seed(0)
+    lin = nn.Linear(37, 11)
+    hash_layers(nn.Sequential(lin), 0.25, seed=4, hash_bias=False)
+    par = lin.parametrizations.weight[0]
+    fast = HashedLinearRuntime(lin.parametrizations.weight.original, par.seed, 37, 11, lin.bias)
+    for b in (1, 5):
+        x = torch.randn(b, 37)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), lin(x), rtol=1e-5, atol=1e-5)
+    assert fast.resident_bytes() == (math.ceil(0.25 * 37 * 11) + 11) * 4
