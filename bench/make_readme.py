@@ -124,6 +124,28 @@ def render() -> str:
                                   if r.get("error_real_weights_pct") is not None)
                       + " (the table row is the stored binary model). Epochs are cut to the CPU budget (papers: "
                       "250-1000); one seed; test error at the best-validation epoch."]
+        if res.get("benchmark") == "sharing_mnist":
+            h = res["hashednets"]
+            lat = res.get("hashednets_runtime_1/8", {})
+            lines += ["", "sharing_mnist HashedNets (784-1000-10, dropout 0.25, trained from scratch for "
+                      f"{h['1/1']['hashednets']['epochs']} epochs; test error % at each factor, HashedNets / plain "
+                      "net with the same real parameters): " + "; ".join(
+                          f"{lb} {v['hashednets']['test_error_pct']:.2f} / {v['plain']['test_error_pct']:.2f} "
+                          f"({v['plain']['hidden']} hidden)" for lb, v in h.items() if "plain" in v)
+                      + f"; dense {h['1/1']['hashednets']['test_error_pct']:.2f}. Paper (HashNet, 3-layer): 1.45 at "
+                      "1/8, 2.79 at 1/64."
+                      + (f" Computing the 1/8 net from its buckets (hashes per multiply-add, no virtual matrix) "
+                         f"against the materialized matrices: batch 1 {lat['1']['speedup']:.2f}x, batch 256 "
+                         f"{lat['256']['speedup']:.2f}x (below 1 = slower), so the runtime keeps them materialized."
+                         if lat else "")]
+            for key, r in res["sws"].items():
+                lines += ["", f"sharing_mnist soft weight sharing {key} (τ {r['tau']}, {r['epochs']} epochs): start "
+                          f"{r['start_error_pct']:.2f}% → retrained {r['retrained_error_pct']:.2f}% → quantized "
+                          f"{r['auto']['test_error_pct']:.2f}%; {100 * r['kept']:.2f}% of weights nonzero; "
+                          f"{r['components_used']} of {r['components_after_merge']} merged components used; file "
+                          f"{r['auto']['compression_bytes']:.0f}x (ours) / "
+                          f"{r['paper_widths']['compression_bytes']:.0f}x (the paper's 8/5-bit index widths) smaller "
+                          "than float32."]
         if res.get("benchmark") == "int8_mnist":
             for name, r in res["models"].items():
                 lat = r["latency_int8_linear_vs_float32"]

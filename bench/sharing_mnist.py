@@ -101,7 +101,8 @@ def hashed_run(label: str, data, epochs: int) -> dict:
         model.eval()
         f = RESULTS / "files" / f"sharing_hash_{label.replace('/', 'over')}_{kind}.nsz"
         info = ns.save_compressed(model, f)
-        out[kind] = {"real_params": _real_params(model), "test_error_pct": _err(ns.load_compressed(f), data.test),
+        out[kind] = {"epochs": epochs, "real_params": _real_params(model),
+                     "test_error_pct": _err(ns.load_compressed(f), data.test),
                      "val_error_pct": _err(model, data.val), "best_val_epoch": best.best_epoch, "wall_s": wall,
                      "file": rel(f), "file_bytes": info.file_bytes, "hidden": model.fc1.out_features
                      if kind == "plain" else 1000}
