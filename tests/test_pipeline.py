@@ -40,6 +40,7 @@ QUICK = {
     "xnor": {"epochs": 1},
     "hashednets": {"epochs": 1, "compression": 0.25},
     "soft_sharing": {"epochs": 1, "tau": 0.5},
+    "distill": {"epochs": 1},
     "encode": {},
 }
 

@@ -13,6 +13,7 @@ method that needs float weights), when ``encode`` is not last, or when a stage n
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
@@ -40,7 +41,7 @@ METHOD_MODULES = (
     "netsurgeon.pruning.structured",
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
     "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
-    "netsurgeon.sharing.soft",
+    "netsurgeon.sharing.soft", "netsurgeon.distill",
 )
 _FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",
               "int8": "int8 weights", "binary": "binary weights (one bit each, plus scales)",
@@ -246,7 +247,8 @@ class Pipeline:
         data = None if data is None else as_data(data)
         self.check(has_data=data is not None, start_form=weight_form(model))
         check_finite_model("pipeline", model)
-        ctx = StageContext(data, progress)
+        teacher = copy.deepcopy(model).eval() if any(st.method == "distill" for st in self.stages) else None
+        ctx = StageContext(data, progress, teacher)
         out = []
         for i, st in enumerate(self.stages, 1):
             (progress_log if progress else log).info("stage %d/%d: %s", i, len(self.stages), st.method)

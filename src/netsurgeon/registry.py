@@ -190,11 +190,13 @@ class MethodConfig:
 
 @dataclass
 class StageContext:
-    """What a stage's ``run`` may use besides the model: the data (None if the user gave none) and a progress
-    flag. Stages never read ``data.test``."""
+    """What a stage's ``run`` may use besides the model: the data (None if the user gave none), a progress
+    flag, and ``teacher``: the model as the pipeline received it (kept only when a stage distills from it).
+    Stages never read ``data.test``."""
 
     data: Any = None
     progress: bool = False
+    teacher: Any = None
 
     def require_data(self, method: str) -> Any:
         if self.data is None:

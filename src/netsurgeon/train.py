@@ -45,6 +45,7 @@ class Callback:
     loss term or None), ``after_backward`` (gradients are in ``.grad``), ``after_step`` (weights updated),
     ``on_epoch_end``, and ``finalize`` at the end (leave a plain masked model: pruned weights stay zero in
     any later training). ``state_dict``/``load_state_dict`` carry the callback's state through checkpoints.
+    A callback may set ``hard_loss_weight`` (default 1) to scale the label loss (distillation: 1 − α).
 
     The ``trainer`` argument is optional everywhere, so a method runs in the user's own loop too::
 
@@ -300,7 +301,8 @@ class Trainer:
             g["lr"] = lr
         out = self.model(x)
         loss = squared_hinge(out, y) if self.config.loss == "squared_hinge" else F.cross_entropy(out, y)
-        total = loss
+        weight = math.prod(getattr(cb, "hard_loss_weight", 1.0) for cb in self.callbacks)  # distillation: 1 - α
+        total = loss * weight if weight != 1.0 else loss
         for cb in self.callbacks:
             extra = cb.loss(out, (x, y), self)
             if extra is not None:
