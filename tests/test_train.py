@@ -141,3 +141,21 @@ def test_trainer_exposes_splits_to_callbacks(digits):
 
     ns.train(_model(), digits, TrainConfig(epochs=1, max_steps=1), callbacks=[Peek()])
     assert seen["val"] == 180
+
+
+def test_batchnorm_recalibration_averages_the_data_with_the_current_weights():
+    from torch import nn
+
+    from netsurgeon.data import Split
+    from netsurgeon.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    x = torch.randn(300, 3)
+    model.eval()
+    recalibrate_batchnorm(model, Split(x, torch.zeros(300, dtype=torch.long)), max_batches=3, batch_size=100)
+    h = model[0](x)
+    torch.testing.assert_close(model[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+    per_batch = torch.stack([h[i:i + 100].var(0) for i in (0, 100, 200)]).mean(0)   # unbiased, averaged
+    torch.testing.assert_close(model[1].running_var, per_batch, rtol=1e-4, atol=1e-5)
+    assert not model.training and not model[1].training and model[1].momentum == 0.1   # modes and momentum restored

@@ -28,7 +28,7 @@ from .progress import Progress
 from .registry import MethodConfig, StageContext, option, register
 
 __all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "lr_at", "run_training",
-           "squared_hinge"]
+           "squared_hinge", "recalibrate_batchnorm"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,36 @@ def evaluate(model: nn.Module, split: Split | Any, batch_size: int = 1000) -> tu
         model.train(was)
     n = max(n, 1)
     return loss / n, correct / n
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data: Split | Any, max_batches: int = 100, batch_size: int = 100) -> int:
+    """Re-estimate every BatchNorm's running mean and variance as a plain average over up to ``max_batches``
+    training batches, with the weights the model computes with now; the rest of the model stays in eval mode
+    (no dropout, no stochastic sampling). Needed whenever the weights changed after the statistics were taken
+    (BinaryConnect's authors re-estimate them after each epoch). Returns the number of samples used."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was = model.training
+    model.eval()
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: the plain mean over the batches seen
+        bn.train()
+    n = 0
+    try:
+        for i, (x, _) in enumerate(batches(data, batch_size)):
+            if i >= max_batches:
+                break
+            model(x)
+            n += len(x)
+    finally:
+        for bn, m in zip(bns, momenta, strict=True):
+            bn.momentum = m
+        model.train(was)
+    return n
 
 
 class Trainer:

@@ -43,7 +43,7 @@ from torch.nn.utils import parametrize
 from .._validation import check_finite_model
 from ..masks import prunable_layers
 from ..registry import StageContext, option, register
-from ..train import Callback, TrainConfig, Trainer, run_training
+from ..train import Callback, TrainConfig, Trainer, recalibrate_batchnorm, run_training
 
 __all__ = ["sign_pm", "BinarizeWeights", "BinaryWeights", "Binarize", "install_binary_input",
            "binary_inputs_of", "apply_binary_inputs", "glorot_lr_scale", "BinaryConnectConfig", "BNNConfig",
@@ -260,26 +260,32 @@ class Binarize(Callback):
         lr_scale: multiply each binary layer's update by :func:`glorot_lr_scale` (BinaryConnect, BNN).
         clip: clip the real weights to [-1, 1] after every update.
         seed: seed of the stochastic binarization draws (saved in checkpoints).
+        recalibrate_bn: at :meth:`finalize`, re-estimate BatchNorm statistics with the stored binary weights on
+            training batches (the running averages were taken with moving, or sampled, weights; BinaryConnect's
+            code re-estimates them too). Needs ``train_data`` at :meth:`prepare` (``ns.train`` passes it).
 
     In the user's own loop: ``prepare(model)``, create the optimizer, then per step ``after_backward()``
     before ``optimizer.step()`` and ``after_step()`` after it; ``finalize()`` leaves :class:`BinaryWeights`.
     """
 
     def __init__(self, weights: str = "sign", inputs: str | None = None, *, keep_first: bool = False,
-                 keep_last: bool = False, lr_scale: bool = True, clip: bool = True, seed: int = 0) -> None:
+                 keep_last: bool = False, lr_scale: bool = True, clip: bool = True, seed: int = 0,
+                 recalibrate_bn: bool = True) -> None:
         if weights not in _WEIGHT_MODES:
             raise ValueError(f"Binarize: weights must be one of {_WEIGHT_MODES}; got {weights!r}.")
         if inputs is not None and inputs not in INPUT_MODES:
             raise ValueError(f"Binarize: inputs must be None or one of {INPUT_MODES}; got {inputs!r}.")
         self.weights, self.inputs = weights, inputs
         self.keep_first, self.keep_last, self.lr_scale, self.clip = keep_first, keep_last, lr_scale, clip
+        self.recalibrate_bn, self._train_data = recalibrate_bn, None
         self.generator = torch.Generator().manual_seed(seed)
         self.layers: dict[str, nn.Module] = {}
         self.scales: dict[str, float] = {}
         self._before: dict[str, Tensor] = {}
 
-    def prepare(self, model: nn.Module, **_: Any) -> None:
+    def prepare(self, model: nn.Module, *, train_data: Any = None, **_: Any) -> None:
         check_finite_model("binary", model)
+        self._train_data = train_data
         layers = prunable_layers(model, "binary")
         names = list(layers)
         chosen = names[1 if self.keep_first else 0:len(names) - 1 if self.keep_last else len(names)]
@@ -345,6 +351,8 @@ class Binarize(Callback):
         inputs = binary_inputs_of(out)
         if inputs:
             record_binary_inputs(out, inputs)
+        if self.recalibrate_bn and self._train_data is not None:
+            recalibrate_batchnorm(out, self._train_data)
         return out
 
     def state_dict(self) -> dict[str, Any]:
