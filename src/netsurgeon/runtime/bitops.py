@@ -19,8 +19,6 @@ from .kernels import available
 
 __all__ = ["pack_signs", "xnor_matmul", "xnor_matmul_signs", "words_for", "available", "sign_lut_matmul"]
 
-_LOWBIT = np.array([0] + [(b & -b).bit_length() - 1 for b in range(1, 256)], dtype=np.int64)
-
 if available():
     from numba import njit, prange, types
     from numba.extending import intrinsic
@@ -127,29 +125,49 @@ if available():
                     word |= np.uint64(1) << np.uint64(j)
             out[m, ow] = word
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _lut_table(x, m, table):
+        """table[g, b] = Σ_j (bit j of b ? x : −x)[m, 8g + j] for every byte value b: the sum of a 16-entry table of
+        the low nibble and one of the high nibble, so the 256 entries are independent adds (vectorized)."""
+        lo = np.empty(16, np.float32)
+        hi = np.empty(16, np.float32)
+        for g in range(table.shape[0]):
+            base = 8 * g
+            for b in range(16):
+                s = np.float32(0.0)
+                t = np.float32(0.0)
+                for j in range(4):
+                    if (b >> j) & 1:
+                        s += x[m, base + j]
+                        t += x[m, base + 4 + j]
+                    else:
+                        s -= x[m, base + j]
+                        t -= x[m, base + 4 + j]
+                lo[b] = s
+                hi[b] = t
+            for h in range(16):
+                for lo_b in range(16):
+                    table[g, 16 * h + lo_b] = hi[h] + lo[lo_b]
+
     @njit(cache=True, parallel=True, nogil=True)
-    def _lut(x, wbytes, lowbit, col_scale, bias, out):
-        """Real input x [M, 8·G] (zero padded) times ±1 weights given as bytes [N, G] (bit 1 = +1): per sample,
-        a table T[g, b] = Σ_j (bit j of b ? x : −x)[8g + j] for every byte value b, then each output sums G
-        table entries (the "four Russians" trick: 8 inputs per lookup instead of 8 multiply-adds)."""
+    def _lut(x, wbytes, col_scale, bias, out, chunks):
+        """Real input x [M, 8·G] (zero padded) times ±1 weights given as bytes [N, G] (bit 1 = +1): per sample a
+        table of the 256 signed sums of each group of 8 inputs, then each output sums G table entries (8 inputs
+        per lookup). Each of ``chunks`` threads builds its own table (one fork per call) for its outputs."""
         m_rows = x.shape[0]
         n_out, groups = wbytes.shape
-        table = np.empty((groups, 256), dtype=np.float32)
-        for m in range(m_rows):
-            for g in prange(groups):
-                base = 8 * g
-                s = np.float32(0.0)
-                for j in range(8):
-                    s -= x[m, base + j]
-                table[g, 0] = s
-                for b in range(1, 256):
-                    j = lowbit[b]
-                    table[g, b] = table[g, b ^ (1 << j)] + np.float32(2.0) * x[m, base + j]
-            for n in prange(n_out):
-                acc = np.float32(0.0)
-                for g in range(groups):
-                    acc += table[g, wbytes[n, g]]
-                out[m, n] = acc * col_scale[n] + bias[n]
+        step = (n_out + chunks - 1) // chunks
+        for c in prange(chunks):
+            n0 = c * step
+            n1 = min(n_out, n0 + step)
+            table = np.empty((groups, 256), dtype=np.float32)
+            for m in range(m_rows):
+                _lut_table(x, m, table)
+                for n in range(n0, n1):
+                    acc = np.float32(0.0)
+                    for g in range(groups):
+                        acc += table[g, wbytes[n, g]]
+                    out[m, n] = acc * col_scale[n] + bias[n]
 
 
 def xnor_matmul_signs(a: np.ndarray, b: np.ndarray, k: int, col_scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -178,7 +196,9 @@ def sign_lut_matmul(x: np.ndarray, wbytes: np.ndarray, col_scale: np.ndarray, bi
     if not available():
         bits = np.unpackbits(wbytes, axis=1, bitorder="little").astype(np.float32) * 2 - 1
         return ((xp @ bits.T) * cs + bs).astype(np.float32)
-    _lut(xp, wbytes, _LOWBIT, cs, bs, out)
+    import numba
+
+    _lut(xp, wbytes, cs, bs, out, max(1, min(numba.get_num_threads(), n)))
     return out
 
 

@@ -265,13 +265,21 @@ def _fuse_binary_chains(gm: fx.GraphModule, batch: int, repeats: int, plan: Runt
         name = f"binary_chain_{k}"
         gm.add_submodule(name, fast)
         first, last = chain[0][0], chain[-1][1] or chain[-1][0]
+        args, flatten = first.args, None
+        src = args[0] if len(args) == 1 and not first.kwargs else None
+        if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1:
+            mod = gm.get_submodule(str(src.target))
+            if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:
+                fast.flatten, flatten, args = True, src, src.args  # one module call less at batch 1
         with gm.graph.inserting_before(first):
-            new = gm.graph.call_module(name, args=first.args, kwargs=first.kwargs)
+            new = gm.graph.call_module(name, args=args, kwargs=first.kwargs)
         last.replace_all_uses_with(new)
         for lin, bn, act in reversed(chain):
             for n in (act, bn, lin):
                 if n is not None:
                     gm.graph.erase_node(n)
+        if flatten is not None:
+            gm.graph.erase_node(flatten)
         fused.update(names)
     return fused
 

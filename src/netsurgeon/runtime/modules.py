@@ -265,10 +265,11 @@ class BinaryChain(nn.Module):
         self.first_bytes = np.ascontiguousarray(self.packed[0].view(np.uint8)) if self.real_input else None
         self.first_signs: Tensor | None = None  # float ±1 copy for large batches, made on first use
         self.n_in, self.n_out = self.k[0], len(self.A[-1])
+        self.flatten = False  # the run absorbed the nn.Flatten before it
 
     def forward(self, x: Tensor) -> Tensor:
         xn = x.detach().float().contiguous().numpy()
-        lead = xn.shape[:-1]
+        lead = xn.shape[:1] if self.flatten else xn.shape[:-1]
         xn = xn.reshape(-1, self.n_in)
         kernels.set_threads(torch.get_num_threads())
         if self.real_input:
