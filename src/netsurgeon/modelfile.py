@@ -47,6 +47,13 @@ def model_for_file(model: nn.Module | None, arch: Any, shapes: dict[str, tuple[i
             apply_resized(model, arch["resized"], source)
         except ValueError as e:
             raise NszError(str(e)) from e
+    if model is not None and arch and arch.get("factorized"):  # low-rank factor pairs replaced some Linear layers
+        from .models import apply_factorized
+
+        try:
+            apply_factorized(model, arch["factorized"], source)
+        except ValueError as e:
+            raise NszError(str(e)) from e
     if model is not None and arch and arch.get("binary_inputs"):  # binary networks: inputs binarized by hooks
         from .quantization.binary import apply_binary_inputs
 

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 __all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "rebuild_matching",
            "resnet_small", "UntrustedCodeError", "record_resized", "resized_record", "apply_resized", "layer_sizes",
-           "original_model", "mlp_bn", "lenet5_bn", "mlp_dropout", "record_binary_inputs"]
+           "original_model", "mlp_bn", "lenet5_bn", "mlp_dropout", "record_binary_inputs", "record_factorized",
+           "apply_factorized"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
 
@@ -291,11 +292,13 @@ def rebuild(arch: dict[str, Any], *, trust_code: bool = False, source: str = "fi
     model = _rebuild_base(arch, trust_code=trust_code, source=source)
     if arch.get("resized"):  # a structured-pruned model: its smaller layers (pruning/channels.py)
         apply_resized(model, arch["resized"], source)
+    if arch.get("factorized"):  # low-rank factor pairs (lowrank.py)
+        apply_factorized(model, arch["factorized"], source)
     if arch.get("binary_inputs"):  # layers that binarize their input (quantization/binary.py)
         from .quantization.binary import apply_binary_inputs
 
         apply_binary_inputs(model, arch["binary_inputs"], source)
-    if arch.get("resized") or arch.get("binary_inputs"):
+    if arch.get("resized") or arch.get("binary_inputs") or arch.get("factorized"):
         object.__setattr__(model, _ARCH_ATTR, dict(arch))
     return model
 
@@ -362,12 +365,43 @@ def record_binary_inputs(model: nn.Module, inputs: dict[str, str]) -> None:
     object.__setattr__(model, _ARCH_ATTR, {**arch, "binary_inputs": {**(arch.get("binary_inputs") or {}), **inputs}})
 
 
+def record_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Record on ``model`` the Linear layers replaced by low-rank factor pairs ({layer: rank}), merged with any
+    recorded before, so a ``.nsz`` file rebuilds them."""
+    arch = arch_of(model) or {}
+    object.__setattr__(model, _ARCH_ATTR, {**arch, "factorized": {**(arch.get("factorized") or {}), **ranks}})
+
+
+def apply_factorized(model: nn.Module, ranks: dict[str, int], source: str = "file") -> nn.Module:
+    """Replace each Linear named in ``ranks`` by ``Sequential(Linear(in, r, bias=False), Linear(r, out))`` (fresh
+    weights); a layer already factorized at that rank is left alone. Raises ValueError naming a misfit."""
+    for name, r in ranks.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{source}: factorized layer {name!r} is not in the model.") from None
+        if isinstance(old, nn.Sequential) and len(old) == 2 and isinstance(old[0], nn.Linear) \
+                and old[0].out_features == r:
+            continue
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"{source}: factorized layer {name!r} is a {type(old).__name__}, not a Linear layer.")
+        p = next(old.parameters(), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        new = nn.Sequential(nn.Linear(old.in_features, r, bias=False, device=dev),
+                            nn.Linear(r, old.out_features, bias=old.bias is not None, device=dev))
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
+
+
 def original_model(arch: dict[str, Any] | None, *, trust_code: bool = False, device: str = "meta") -> nn.Module | None:
-    """The architecture a structured-pruned record was made from (its ``resized`` layers at their built sizes),
-    on ``device`` ("meta": no memory); None when the record has no resized layers or cannot be rebuilt."""
-    if not arch or not arch.get("resized") or ("name" not in arch and "factory" not in arch):
+    """The architecture a structured-pruned or factorized record was made from (its ``resized`` layers at their
+    built sizes, its ``factorized`` layers whole), on ``device`` ("meta": no memory); None when the record has
+    neither or cannot be rebuilt."""
+    if not arch or not (arch.get("resized") or arch.get("factorized")) or ("name" not in arch
+                                                                           and "factory" not in arch):
         return None
-    base = {k: v for k, v in arch.items() if k not in ("resized", "binary_inputs")}
+    base = {k: v for k, v in arch.items() if k not in ("resized", "binary_inputs", "factorized")}
     with torch.device(device):
         return rebuild(base, trust_code=trust_code)
 

@@ -42,6 +42,7 @@ METHOD_MODULES = (
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
     "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
     "netsurgeon.sharing.soft", "netsurgeon.distill",
+    "netsurgeon.lowrank",
 )
 _FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",
               "int8": "int8 weights", "binary": "binary weights (one bit each, plus scales)",

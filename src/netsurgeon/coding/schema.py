@@ -213,11 +213,11 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
     where = f"{p}: architecture record"
     if not isinstance(arch, dict):
         raise NszError(f"{where} must be a mapping; got {_short(arch)}.")
-    known = {"name", "input_shape", "num_classes", "kwargs", "factory", "resized", "binary_inputs"}
+    known = {"name", "input_shape", "num_classes", "kwargs", "factory", "resized", "binary_inputs", "factorized"}
     if set(arch) - known:
         raise NszError(f"{where}: unknown field(s) {sorted(map(str, set(arch) - known))}.")
     if ("name" in arch and "factory" in arch) or ("name" not in arch and "factory" not in arch
-                                                   and "resized" not in arch and "binary_inputs" not in arch):
+                                                   and not {"resized", "binary_inputs", "factorized"} & set(arch)):
         raise NszError(f"{where} needs exactly one of 'name' or 'factory'.")
     for key in ("name", "factory"):
         if key in arch and (not isinstance(arch[key], str) or not 0 < len(arch[key]) <= 200):
@@ -244,6 +244,13 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
                                f"{sorted(fields)} to sizes.")
             for k, v in sizes.items():
                 _int(where, f"resized.{layer}.{k}", v, 1, 1 << 24)
+    ranks = arch.get("factorized")
+    if ranks is not None:  # low-rank factor pairs: {layer: rank}
+        if not isinstance(ranks, dict) or len(ranks) > 10_000 or not all(
+                isinstance(k, str) and 0 < len(k) <= MAX_NAME for k in ranks):
+            raise NszError(f"{where}: field 'factorized' must map layer names to ranks; got {_short(ranks)}.")
+        for layer, r in ranks.items():
+            _int(where, f"factorized.{layer}", r, 1, 1 << 24)
     inputs = arch.get("binary_inputs")
     if inputs is not None:  # binary networks: {layer: "sign" | "scaled"}
         if not isinstance(inputs, dict) or len(inputs) > 10_000 or not all(
