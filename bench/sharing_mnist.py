@@ -163,6 +163,8 @@ def main() -> None:
         ap.add_argument("--hash-epochs", type=int, default=10)
         ap.add_argument("--sws-epochs", type=int, default=40)
         ap.add_argument("--tau", type=float, default=0.05, help="soft weight sharing's τ (paper: 0.05)")
+        ap.add_argument("--sws", nargs="+", help="soft-sharing runs MODEL_START[:EPOCHS], e.g. lenet5_dns:20 "
+                                                 "(default: every model from dense and from DNS)")
 
     args, data = parse_args(__doc__, ["lenet300", "lenet5"], "not supported for this benchmark", extra)
     torch.set_num_threads(THREADS)
@@ -177,14 +179,15 @@ def main() -> None:
         print("hashednets", label, res["hashednets"][label])
     res["hashednets_runtime_1/8"] = hash_latency(res)
     print("hashed runtime", res["hashednets_runtime_1/8"])
-    for name in args.models:
-        for start in ("dense", "dns"):
-            key = f"{name}_{start}"
-            res["sws"][key] = cached_json(f"sharing_sws_{key}_{args.sws_epochs}_{args.tau}",
-                                          lambda n=name, s=start: sws_run(n, data, args.sws_epochs, s, args.tau),
-                                          args.fresh)
-            r = res["sws"][key]
-            print("sws", key, {k: v for k, v in r.items() if k not in ("means", "stds", "mixing")})
+    runs = args.sws or [f"{n}_{s}" for n in args.models for s in ("dense", "dns")]
+    for item in runs:
+        key, _, ep = item.partition(":")
+        name, start = key.split("_")
+        epochs = int(ep) if ep else args.sws_epochs
+        res["sws"][key] = cached_json(f"sharing_sws_{key}_{epochs}_{args.tau}",
+                                      lambda n=name, s=start, e=epochs: sws_run(n, data, e, s, args.tau), args.fresh)
+        r = res["sws"][key]
+        print("sws", key, {k: v for k, v in r.items() if k not in ("means", "stds", "mixing")})
     res["table_rows"] = _rows(res)
     write_result("sharing_mnist", res)
     _plot(res)
