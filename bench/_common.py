@@ -84,6 +84,30 @@ def weight_counts(path: str | Path) -> dict[str, Any]:
             "biases_nonzero": sum(r.nonzero for r in biases)}
 
 
+class BestOnValidation(ns.Callback):
+    """Keep the weights of the epoch with the best validation accuracy and restore them at the end (the papers'
+    model selection; the test split is never read). Its state goes into checkpoints, so a resumed run keeps it."""
+
+    def __init__(self) -> None:
+        self.best_acc, self.best_epoch, self.best = -1.0, 0, None
+
+    def on_epoch_end(self, trainer=None) -> None:
+        h = trainer.history[-1]
+        if h["val_acc"] > self.best_acc:
+            self.best_acc, self.best_epoch = h["val_acc"], h["epoch"]
+            self.best = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    def restore(self, model) -> None:
+        if self.best is not None:
+            model.load_state_dict(self.best)
+
+    def state_dict(self) -> dict:
+        return {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_acc, self.best_epoch, self.best = state["best_acc"], state["best_epoch"], state["best"]
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     with atomic_write(path, "w") as f:

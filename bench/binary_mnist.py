@@ -16,7 +16,6 @@ is re-measured on every run.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import time
 from pathlib import Path
@@ -25,7 +24,18 @@ import numpy as np
 import torch
 
 import netsurgeon as ns
-from _common import CACHE, RESULTS, cached_json, machine, pyplot, rel, save_figure, weight_counts, write_result
+from _common import (
+    CACHE,
+    RESULTS,
+    BestOnValidation,
+    cached_json,
+    machine,
+    pyplot,
+    rel,
+    save_figure,
+    weight_counts,
+    write_result,
+)
 from netsurgeon.quantization.binary import Binarize
 from netsurgeon.runtime import bitops, kernels
 from netsurgeon.stats import measure_latency, time_interleaved
@@ -42,30 +52,6 @@ PAPER = {  # test error %, and where the figure comes from
     "bwn_lenet5": (None, "XNOR-Net reports no MNIST figure"),
     "float_lenet5": (None, "-"),
 }
-
-
-class BestOnValidation(ns.Callback):
-    """Keep the weights of the epoch with the best validation accuracy and restore them at the end (the
-    papers' model selection; the test split is never read)."""
-
-    def __init__(self) -> None:
-        self.best_acc, self.best_epoch, self.best = -1.0, 0, None
-
-    def on_epoch_end(self, trainer=None) -> None:
-        h = trainer.history[-1]
-        if h["val_acc"] > self.best_acc:
-            self.best_acc, self.best_epoch = h["val_acc"], h["epoch"]
-            self.best = copy.deepcopy(trainer.model.state_dict())
-
-    def restore(self, model) -> None:
-        if self.best is not None:
-            model.load_state_dict(self.best)
-
-    def state_dict(self) -> dict:
-        return {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "best": self.best}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best_acc, self.best_epoch, self.best = state["best_acc"], state["best_epoch"], state["best"]
 
 
 def _err(model, split) -> float:

@@ -24,6 +24,7 @@ import netsurgeon as ns
 from _common import (
     REPO,
     RESULTS,
+    BestOnValidation,
     cached_json,
     dense_model,
     load_dense,
@@ -47,23 +48,6 @@ PAPER_SWS = {"lenet300": {"dense": 1.89, "error": 1.94, "kept_pct": 4.3, "compre
              "lenet5": {"dense": 0.88, "error": 0.97, "kept_pct": 0.5, "compression": 162}}
 DNS_FILE = {"lenet5": "bench/results/files/dns_lenet5_run3.nsz",      # the DNS table's files
             "lenet300": "bench/results/files/dns_lenet300_run3.nsz"}
-
-
-class BestOnValidation(ns.Callback):
-    """Keep the weights (and callback-free state) of the best-validation epoch; restore them at the end."""
-
-    def __init__(self) -> None:
-        self.best_acc, self.best_epoch, self.best = -1.0, 0, None
-
-    def on_epoch_end(self, trainer=None) -> None:
-        h = trainer.history[-1]
-        if h["val_acc"] > self.best_acc:
-            self.best_acc, self.best_epoch = h["val_acc"], h["epoch"]
-            self.best = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-
-    def restore(self, model) -> None:
-        if self.best is not None:
-            model.load_state_dict(self.best)
 
 
 def _err(model, split) -> float:

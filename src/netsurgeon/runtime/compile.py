@@ -262,24 +262,8 @@ def _fuse_binary_chains(gm: fx.GraphModule, batch: int, repeats: int, plan: Runt
         plan.runs.append(choice)
         if choice.form == "dense":
             continue
-        name = f"binary_chain_{k}"
-        gm.add_submodule(name, fast)
-        first, last = chain[0][0], chain[-1][1] or chain[-1][0]
-        args, flatten = first.args, None
-        src = args[0] if len(args) == 1 and not first.kwargs else None
-        if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1:
-            mod = gm.get_submodule(str(src.target))
-            if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:
-                fast.flatten, flatten, args = True, src, src.args  # one module call less at batch 1
-        with gm.graph.inserting_before(first):
-            new = gm.graph.call_module(name, args=args, kwargs=first.kwargs)
-        last.replace_all_uses_with(new)
-        for lin, bn, act in reversed(chain):
-            for n in (act, bn, lin):
-                if n is not None:
-                    gm.graph.erase_node(n)
-        if flatten is not None:
-            gm.graph.erase_node(flatten)
+        nodes = [n for unit in chain for n in unit if n is not None]
+        _replace_nodes(gm, nodes, chain[-1][1] or chain[-1][0], fast, f"binary_chain_{k}")
         fused.update(names)
     return fused
 
@@ -457,21 +441,25 @@ def _materialize(m: nn.Module) -> None:
 
 def _replace_run(gm: fx.GraphModule, run: list[tuple[fx.Node, fx.Node | None]], fast: nn.Module,
                  name: str) -> None:
+    _replace_nodes(gm, [n for pair in run for n in pair if n is not None], run[-1][1] or run[-1][0], fast, name)
+
+
+def _replace_nodes(gm: fx.GraphModule, nodes: list[fx.Node], last: fx.Node, fast: nn.Module, name: str) -> None:
+    """Replace ``nodes`` (in graph order; ``last`` gives the output) by one call of ``fast``; a chain module
+    absorbs an ``nn.Flatten`` feeding it alone (one module call less at batch 1)."""
     gm.add_submodule(name, fast)
-    first, last = run[0][0], run[-1][1] or run[-1][0]
+    first = nodes[0]
     args, flatten = first.args, None
     src = args[0] if len(args) == 1 and not first.kwargs else None
-    if isinstance(fast, (FusedLinearChain, Int8Chain)) and isinstance(src, fx.Node) and src.op == "call_module" \
-            and len(src.users) == 1:
+    if isinstance(fast, (FusedLinearChain, Int8Chain, BinaryChain)) and isinstance(src, fx.Node) \
+            and src.op == "call_module" and len(src.users) == 1:
         mod = gm.get_submodule(str(src.target))
         if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:
-            fast.flatten, flatten, args = True, src, src.args  # one module call less at batch 1
+            fast.flatten, flatten, args = True, src, src.args
     with gm.graph.inserting_before(first):
         new = gm.graph.call_module(name, args=args, kwargs=first.kwargs)
     last.replace_all_uses_with(new)
-    for lin, relu in reversed(run):
-        for n in (relu, lin):
-            if n is not None:
-                gm.graph.erase_node(n)
+    for n in reversed(nodes):
+        gm.graph.erase_node(n)
     if flatten is not None:
         gm.graph.erase_node(flatten)
