@@ -49,7 +49,7 @@ def svd_ranks(spectra: dict[str, tuple[Tensor, int, int]], *, energy: float | No
         return {n: _energy_rank(s, e) for n, (s, _, _) in spectra.items()}
 
     def cost(ranks: dict[str, int]) -> int:
-        return sum(min(r * (i + o), i * o) for (n, r), (_, i, o) in zip(ranks.items(), spectra.values(), strict=True))
+        return sum(min(ranks[n] * (i + o), i * o) for n, (_, i, o) in spectra.items())
 
     if energy is not None:
         return ranks_at(energy)

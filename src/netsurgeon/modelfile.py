@@ -40,25 +40,11 @@ def model_for_file(model: nn.Module | None, arch: Any, shapes: dict[str, tuple[i
         UntrustedCodeError: the record names a user's factory and ``trust_code`` is False.
     """
     arch = check_arch(source, arch)
-    if model is not None and arch and arch.get("resized"):  # structured pruning made some layers smaller
-        from .models import apply_resized
+    if model is not None and arch:  # a model the user passes: the file's structural changes first
+        from .models import apply_arch_changes
 
         try:
-            apply_resized(model, arch["resized"], source)
-        except ValueError as e:
-            raise NszError(str(e)) from e
-    if model is not None and arch and arch.get("factorized"):  # low-rank factor pairs replaced some Linear layers
-        from .models import apply_factorized
-
-        try:
-            apply_factorized(model, arch["factorized"], source)
-        except ValueError as e:
-            raise NszError(str(e)) from e
-    if model is not None and arch and arch.get("binary_inputs"):  # binary networks: inputs binarized by hooks
-        from .quantization.binary import apply_binary_inputs
-
-        try:
-            apply_binary_inputs(model, arch["binary_inputs"], source)
+            apply_arch_changes(model, arch, source)
         except ValueError as e:
             raise NszError(str(e)) from e
     if model is None:

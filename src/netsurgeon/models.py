@@ -290,15 +290,7 @@ def rebuild(arch: dict[str, Any], *, trust_code: bool = False, source: str = "fi
     if not isinstance(kwargs, dict):
         raise ValueError(f"{source}: the architecture's kwargs are malformed ({kwargs!r}).")
     model = _rebuild_base(arch, trust_code=trust_code, source=source)
-    if arch.get("resized"):  # a structured-pruned model: its smaller layers (pruning/channels.py)
-        apply_resized(model, arch["resized"], source)
-    if arch.get("factorized"):  # low-rank factor pairs (lowrank.py)
-        apply_factorized(model, arch["factorized"], source)
-    if arch.get("binary_inputs"):  # layers that binarize their input (quantization/binary.py)
-        from .quantization.binary import apply_binary_inputs
-
-        apply_binary_inputs(model, arch["binary_inputs"], source)
-    if arch.get("resized") or arch.get("binary_inputs") or arch.get("factorized"):
+    if apply_arch_changes(model, arch, source):
         object.__setattr__(model, _ARCH_ATTR, dict(arch))
     return model
 
@@ -346,6 +338,21 @@ def rebuild_matching(arch: dict[str, Any], shapes: dict[str, tuple[int, ...]], *
                   "recorded architecture")
         raise ValueError(f"{source}: the file's tensors do not match its recorded architecture: {detail}.")
     return rebuild(arch, trust_code=trust_code, source=source)
+
+
+def apply_arch_changes(model: nn.Module, arch: dict[str, Any], source: str = "file") -> bool:
+    """Apply what a record says changed since the architecture was built, in place: ``resized`` layers
+    (structured pruning), ``factorized`` Linear layers (low rank), ``binary_inputs`` (binary networks).
+    Returns whether there was anything; raises ValueError naming a layer that does not fit."""
+    if arch.get("resized"):
+        apply_resized(model, arch["resized"], source)
+    if arch.get("factorized"):
+        apply_factorized(model, arch["factorized"], source)
+    if arch.get("binary_inputs"):
+        from .quantization.binary import apply_binary_inputs
+
+        apply_binary_inputs(model, arch["binary_inputs"], source)
+    return bool(arch.get("resized") or arch.get("factorized") or arch.get("binary_inputs"))
 
 
 def record_resized(model: nn.Module, resized: dict[str, dict[str, int]]) -> None:
