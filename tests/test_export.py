@@ -59,3 +59,18 @@ def test_export_cli_and_its_errors(tmp_path):
                                  "--threads", "1"])
     assert r.exit_code == 0, r.output
     assert "ort_export" in r.output and "FLOP-ratio bound" in r.output
+
+
+def test_export_of_a_factorized_model(tmp_path):
+    from netsurgeon.lowrank import factorize_layers
+
+    torch.manual_seed(0)
+    m = ns.build_model("lenet5")
+    factorize_layers(m, {"conv1": ("spatial", 2), "conv2": ("cp", 6), "fc1": ("linear", 16)})
+    ns.save_compressed(m, tmp_path / "f.nsz")
+    info = export_onnx(tmp_path / "f.nsz", tmp_path / "f.onnx")
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        ref = m.eval()(x).numpy()
+    assert np.abs(_run(tmp_path / "f.onnx", x) - ref).max() <= 1e-4 and info.max_abs_logit_diff <= 1e-4
+    assert info.file_bytes < 0.1 * 4 * sum(p.numel() for p in ns.build_model("lenet5").parameters())

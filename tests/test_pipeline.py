@@ -41,7 +41,8 @@ QUICK = {
     "hashednets": {"epochs": 1, "compression": 0.25},
     "soft_sharing": {"epochs": 1, "tau": 0.5},
     "distill": {"epochs": 1},
-    "lowrank": {"params": 0.3, "epochs": 1},
+    "lowrank": {"params": 0.3, "epochs": 1, "match_steps": 2},
+    "separable": {"epochs": 1, "match_steps": 2},
     "encode": {},
 }
 

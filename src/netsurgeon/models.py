@@ -372,30 +372,31 @@ def record_binary_inputs(model: nn.Module, inputs: dict[str, str]) -> None:
     object.__setattr__(model, _ARCH_ATTR, {**arch, "binary_inputs": {**(arch.get("binary_inputs") or {}), **inputs}})
 
 
-def record_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Record on ``model`` the Linear layers replaced by low-rank factor pairs ({layer: rank}), merged with any
-    recorded before, so a ``.nsz`` file rebuilds them."""
+def record_factorized(model: nn.Module, ranks: dict[str, Any]) -> None:
+    """Record on ``model`` the layers replaced by low-rank factors ({layer: rank} for a Linear pair,
+    {layer: {"kind", "rank"}} for a convolution), merged with any recorded before, so a ``.nsz`` file rebuilds
+    them."""
     arch = arch_of(model) or {}
     object.__setattr__(model, _ARCH_ATTR, {**arch, "factorized": {**(arch.get("factorized") or {}), **ranks}})
 
 
-def apply_factorized(model: nn.Module, ranks: dict[str, int], source: str = "file") -> nn.Module:
-    """Replace each Linear named in ``ranks`` by ``Sequential(Linear(in, r, bias=False), Linear(r, out))`` (fresh
-    weights); a layer already factorized at that rank is left alone. Raises ValueError naming a misfit."""
-    for name, r in ranks.items():
+def apply_factorized(model: nn.Module, ranks: dict[str, Any], source: str = "file") -> nn.Module:
+    """Replace each layer named in ``ranks`` by the empty factor layers its entry describes (see
+    :func:`record_factorized`); a layer already replaced (an ``nn.Sequential``) is left for the weights to check.
+    Raises ValueError naming a misfit."""
+    from .lowrank import factor_structure
+
+    for name, spec in ranks.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{source}: factorized layer {name!r} is not in the model.") from None
-        if isinstance(old, nn.Sequential) and len(old) == 2 and isinstance(old[0], nn.Linear) \
-                and old[0].out_features == r:
+        if isinstance(old, nn.Sequential):
             continue
-        if not isinstance(old, nn.Linear):
-            raise ValueError(f"{source}: factorized layer {name!r} is a {type(old).__name__}, not a Linear layer.")
-        p = next(old.parameters(), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        new = nn.Sequential(nn.Linear(old.in_features, r, bias=False, device=dev),
-                            nn.Linear(r, old.out_features, bias=old.bias is not None, device=dev))
+        try:
+            new = factor_structure(old, spec)
+        except ValueError as e:
+            raise ValueError(f"{source}: factorized layer {name!r}: {e}") from None
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     return model

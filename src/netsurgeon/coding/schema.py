@@ -36,6 +36,7 @@ MAX_ELEMENTS_FLOOR = 1 << 26  # 64M elements (256 MB as float32) are always allo
 ELEMENTS_PER_BYTE = 512       # beyond the floor: at most 512 elements per file byte (2,048x smaller than float32)
 MAX_INPUT_ELEMENTS = 1 << 24
 MAX_CLASSES = 1_000_000
+CONV_FACTOR_KINDS = ("spatial", "cp", "tucker", "separable")  # netsurgeon.lowrank.CONV_KINDS (a test keeps them equal)
 
 
 @dataclass(frozen=True)
@@ -245,12 +246,27 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
             for k, v in sizes.items():
                 _int(where, f"resized.{layer}.{k}", v, 1, 1 << 24)
     ranks = arch.get("factorized")
-    if ranks is not None:  # low-rank factor pairs: {layer: rank}
+    if ranks is not None:  # low-rank factors: {layer: rank} (Linear) or {layer: {"kind": k, "rank": r}} (Conv2d)
         if not isinstance(ranks, dict) or len(ranks) > 10_000 or not all(
                 isinstance(k, str) and 0 < len(k) <= MAX_NAME for k in ranks):
             raise NszError(f"{where}: field 'factorized' must map layer names to ranks; got {_short(ranks)}.")
         for layer, r in ranks.items():
-            _int(where, f"factorized.{layer}", r, 1, 1 << 24)
+            if not isinstance(r, dict):
+                _int(where, f"factorized.{layer}", r, 1, 1 << 24)
+                continue
+            kind = r.get("kind")
+            if set(r) != {"kind", "rank"} or kind not in CONV_FACTOR_KINDS:
+                raise NszError(f"{where}: field 'factorized' entry {_short(layer)} must be a rank or "
+                               f"{{kind: one of {list(CONV_FACTOR_KINDS)}, rank}}; got {_short(r)}.")
+            rank = r["rank"]
+            if kind == "tucker":
+                if not isinstance(rank, list) or len(rank) != 2:
+                    raise NszError(f"{where}: field 'factorized.{layer}.rank' of a tucker factorization must be "
+                                   f"[R_in, R_out]; got {_short(rank)}.")
+                for x in rank:
+                    _int(where, f"factorized.{layer}.rank", x, 1, 1 << 24)
+            else:
+                _int(where, f"factorized.{layer}.rank", rank, 1, 1 << 24)
     inputs = arch.get("binary_inputs")
     if inputs is not None:  # binary networks: {layer: "sign" | "scaled"}
         if not isinstance(inputs, dict) or len(inputs) > 10_000 or not all(
