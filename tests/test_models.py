@@ -32,3 +32,11 @@ def test_model_errors():
         ns.build_model("vgg")
     with pytest.raises(ValueError, match="lenet5: input_shape must be"):
         ns.build_model("lenet5", (1, 8, 8))
+
+
+def test_mlp_dropout_takes_its_own_input_rate_and_refuses_bad_rates():
+    m = ns.build_model("mlp_dropout", widths=[1200, 1200], dropout=0.5, input_dropout=0.2)
+    assert (m.drop0.p, m.drop1.p, m.drop2.p) == (0.2, 0.5, 0.5)
+    assert ns.build_model("mlp_dropout", dropout=0.3).drop0.p == 0.3  # default: the hidden rate
+    with pytest.raises(ValueError, match=r"input_dropout must be in \[0, 1\); got 1.5"):
+        ns.build_model("mlp_dropout", input_dropout=1.5)

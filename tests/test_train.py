@@ -159,3 +159,46 @@ def test_batchnorm_recalibration_averages_the_data_with_the_current_weights():
     per_batch = torch.stack([h[i:i + 100].var(0) for i in (0, 100, 200)]).mean(0)   # unbiased, averaged
     torch.testing.assert_close(model[1].running_var, per_batch, rtol=1e-4, atol=1e-5)
     assert not model.training and not model[1].training and model[1].momentum == 0.1   # modes and momentum restored
+
+
+def test_jitter_shifts_each_image_by_at_most_n_pixels_with_zero_fill():
+    from netsurgeon.train import jitter_images
+
+    x = torch.zeros(64, 1, 9, 9)
+    x[:, 0, 4, 4] = 1.0  # one lit pixel in the centre
+    out = jitter_images(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.sum(dim=(1, 2, 3)).eq(1).all()  # moved, never lost (|shift| <= 2 < 4)
+    pos = out[:, 0].flatten(1).argmax(1)
+    dy, dx = pos // 9 - 4, pos % 9 - 4
+    assert dy.abs().max() <= 2 and dx.abs().max() <= 2
+    assert len(set(zip(dy.tolist(), dx.tolist(), strict=True))) > 10  # each image its own shift
+    edge = torch.ones(8, 1, 5, 5)
+    shifted = jitter_images(edge, 1, torch.Generator().manual_seed(1))
+    assert (shifted == 0).any()  # what moves in from outside the image is zero
+    assert torch.equal(jitter_images(x, 2, torch.Generator().manual_seed(0)), out)  # same generator, same shifts
+
+
+def test_jitter_training_is_deterministic_and_resumable(digits, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=128, lr=0.05, jitter=1)
+    torch.manual_seed(0)
+    a = ns.build_model("digits_cnn")
+    b = ns.build_model("digits_cnn")
+    b.load_state_dict(a.state_dict())
+    ns.train(a, digits, cfg)
+    ck = tmp_path / "c.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(b, digits, cfg, [Interrupt(5)]).fit(checkpoint=ck)
+    Trainer(b, digits, cfg, [Interrupt(-1)]).fit(checkpoint=ck, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    torch.manual_seed(0)
+    plain = ns.build_model("digits_cnn")
+    ns.train(plain, digits, TrainConfig(epochs=2, batch_size=128, lr=0.05))
+    assert not torch.equal(plain.state_dict()["conv1.weight"], a.state_dict()["conv1.weight"])  # jitter acted
+
+
+def test_jitter_on_flat_inputs_is_refused_before_training(digits):
+    from dataclasses import replace
+
+    flat = replace(digits, train=ns.data.Split(digits.train.x.flatten(1), digits.train.y))
+    with pytest.raises(ValueError, match=r"jitter=2 .*shape \(\d+, 64\)"):
+        Trainer(ns.build_model("mlpnet", (64,)), flat, TrainConfig(jitter=2))

@@ -121,14 +121,19 @@ def mlp_bn(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
 
 
 def mlp_dropout(input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
-                widths: list[int] | tuple[int, ...] = (1000,), dropout: float = 0.25) -> nn.Sequential:
+                widths: list[int] | tuple[int, ...] = (1000,), dropout: float = 0.25,
+                input_dropout: float | None = None) -> nn.Sequential:
     """The MNIST net of HashedNets' released code: dropout (drop probability ``dropout``) on the input and after
-    each hidden fc + ReLU; the default is the "3-layer" net (one hidden layer of 1000 units)."""
-    if not 0 <= dropout < 1:
-        raise ValueError(f"mlp_dropout: dropout must be in [0, 1); got {dropout!r}.")
+    each hidden fc + ReLU; the default is the "3-layer" net (one hidden layer of 1000 units). ``input_dropout``
+    (default: ``dropout``) sets the input's own rate, e.g. Hinton et al. 2015's teacher: 2 x 1200, 0.5 hidden,
+    0.2 input."""
+    input_dropout = dropout if input_dropout is None else input_dropout
+    for label, rate in (("dropout", dropout), ("input_dropout", input_dropout)):
+        if not 0 <= rate < 1:
+            raise ValueError(f"mlp_dropout: {label} must be in [0, 1); got {rate!r}.")
     if not widths or any(int(w) < 1 for w in widths):
         raise ValueError(f"mlp_dropout: widths must be a non-empty list of sizes >= 1; got {widths!r}.")
-    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten()), ("drop0", nn.Dropout(dropout))]
+    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten()), ("drop0", nn.Dropout(input_dropout))]
     sizes = [math.prod(input_shape), *map(int, widths), num_classes]
     for i in range(len(sizes) - 1):
         layers.append((f"fc{i + 1}", nn.Linear(sizes[i], sizes[i + 1])))

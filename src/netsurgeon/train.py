@@ -110,6 +110,8 @@ class TrainConfig(MethodConfig):
     max_steps: int | None = option(None, "stop after this many optimizer steps", low=1)
     loss: str = option("cross_entropy", "training loss (squared_hinge: the L2-SVM loss of BinaryConnect/BNN, "
                                         "sum over classes of max(0, 1 - t·y)^2 with t = ±1)", choices=_LOSSES)
+    jitter: int = option(0, "shift each training image by up to this many pixels in each direction, zero-filled "
+                            "(Hinton et al. 2015's MNIST teacher: 2)", low=0)
 
     def train_config(self) -> TrainConfig:
         """The plain training fields of this config (drops a method's own fields)."""
@@ -127,6 +129,17 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -
     if cfg.schedule == "exp":  # BinaryConnect / BNN: LR x (final/initial)^(1/epochs) after every epoch
         return cfg.lr * cfg.lr_gamma ** (min(step // steps_per_epoch, cfg.epochs - 1) / max(1, cfg.epochs - 1))
     return cfg.lr
+
+
+def jitter_images(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
+    """Shift every image of the batch ``x`` (N, C, H, W) by its own random (dy, dx) in [-pixels, pixels],
+    filling with zeros (the input jitter of Hinton, Vinyals, Dean 2015, Sec. 3)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pixels, pixels, pixels, pixels))
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator)
+    rows = (dy + torch.arange(h))[:, :, None]  # (N, H, 1)
+    cols = (dx + torch.arange(w))[:, None, :]  # (N, 1, W)
+    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def squared_hinge(out: Tensor, y: Tensor) -> Tensor:
@@ -203,6 +216,9 @@ class Trainer:
         if n == 0:
             raise ValueError("train: the training data is empty.")
         self.steps_per_epoch = math.ceil(n / config.batch_size) if self._in_memory else n
+        if config.jitter and self._in_memory and data.train.x.dim() != 4:  # type: ignore[union-attr]
+            raise ValueError(f"train: jitter={config.jitter!r} shifts images, but the training inputs have shape "
+                             f"{tuple(data.train.x.shape)} (need N, C, H, W).")  # type: ignore[union-attr]
         self._loader_iter: Any = None
         self._loader_pos = (-1, -1)  # (epoch, batch) the loader iterator will yield next
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -326,6 +342,12 @@ class Trainer:
         assert self.optimizer is not None
         epoch, i = divmod(self.step, self.steps_per_epoch)
         x, y = self._batch(epoch, i)
+        if self.config.jitter:  # its own generator per step: the same shifts after a resume
+            if x.dim() != 4:
+                raise ValueError(f"train: jitter={self.config.jitter!r} shifts images, but a batch has shape "
+                                 f"{tuple(x.shape)} (need N, C, H, W).")
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7_919 * self.step + 1)
+            x = jitter_images(x, self.config.jitter, g)
         lr = lr_at(self.config, self.step, self.steps_per_epoch, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
