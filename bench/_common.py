@@ -76,9 +76,15 @@ def weight_counts(path: str | Path) -> dict[str, Any]:
     orig = original_model(info.header.get("arch"))  # structured pruning: count against the layers as built
     if orig is not None:
         state = orig.state_dict()
-        names = {r.name for r in weights} | {r.name for r in biases}
-        n_w = sum(v.numel() for k, v in state.items() if k in names and k.endswith(".weight") and v.dim() >= 2)
-        n_b = sum(v.numel() for k, v in state.items() if k in names and k.endswith(".bias"))
+        # a layer of the original counts when the file holds it whole (fc1.weight) or factorized (fc1.0.weight)
+        held = {r.name.rpartition(".")[0] for r in info.records}
+
+        def kept(key: str) -> bool:
+            layer = key.rpartition(".")[0]
+            return layer in held or any(h.startswith(layer + ".") for h in held)
+
+        n_w = sum(v.numel() for k, v in state.items() if kept(k) and k.endswith(".weight") and v.dim() >= 2)
+        n_b = sum(v.numel() for k, v in state.items() if kept(k) and k.endswith(".bias"))
     return {"file": rel(REPO / path), "weights": n_w, "weights_nonzero": nz_w,
             "compression_weights": n_w / max(nz_w, 1), "biases": n_b,
             "biases_nonzero": sum(r.nonzero for r in biases)}
