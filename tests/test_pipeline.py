@@ -27,6 +27,7 @@ QUICK = {
     "woodtaylor": {"sparsity": 0.5, "num_grads": 8, "block_size": None},
     "gradual": {"target": 0.5, "start": 0, "end": 2, "every": 1, "epochs": 1},
     "l1_filters": {"fraction": 0.5},
+    "datafree": {"fraction": 0.5},
     "slimming": {"lam": 1e-3, "fraction": 0.3, "epochs": 1},
     "ssl": {"lam_filter": 0.5, "lam_channel": 0.5, "epochs": 1, "lr": 0.5},
     "kmeans": {"bits": 3},
@@ -153,6 +154,10 @@ def test_every_method_compresses_saves_and_reloads_the_same_module(method, model
     pipe = Pipeline.from_spec(stages or ["encode"], [f"{k}={json.dumps(v)}" for k, v in QUICK[method].items()])
     if method == "slimming" and model_name == "lenet5":  # nothing to make sparse: refused, clearly
         with pytest.raises(ValueError, match="no BatchNorm layer"):
+            pipe.run(model, data)
+        return
+    if method == "datafree" and model_name != "lenet5":  # no hidden fully connected layer: refused, clearly
+        with pytest.raises(ValueError, match="no hidden Linear layer"):
             pipe.run(model, data)
         return
     if method == "obs" and model_name == "lenet5":  # an exact Hessian of 431k weights: refused, clearly
