@@ -28,6 +28,7 @@ QUICK = {
     "gradual": {"target": 0.5, "start": 0, "end": 2, "every": 1, "epochs": 1},
     "l1_filters": {"fraction": 0.5},
     "datafree": {"fraction": 0.5},
+    "biased_decay": {"epochs": 1, "sparsity": 0.5},
     "slimming": {"lam": 1e-3, "fraction": 0.3, "epochs": 1},
     "ssl": {"lam_filter": 0.5, "lam_channel": 0.5, "epochs": 1, "lr": 0.5},
     "kmeans": {"bits": 3},

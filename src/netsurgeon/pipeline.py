@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 METHOD_MODULES = (
     "netsurgeon.train", "netsurgeon.pruning.magnitude", "netsurgeon.pruning.dns", "netsurgeon.pruning.autoprune",
     "netsurgeon.pruning.l1", "netsurgeon.pruning.woodfisher", "netsurgeon.pruning.schedules",
-    "netsurgeon.pruning.structured", "netsurgeon.pruning.datafree",
+    "netsurgeon.pruning.structured", "netsurgeon.pruning.datafree", "netsurgeon.pruning.decay",
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
     "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
     "netsurgeon.sharing.soft", "netsurgeon.distill",
