@@ -6,10 +6,13 @@ m the number of gradients (outer products).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 __all__ = ["woodbury_rank1_update", "fisher_inverse_recursive", "fisher_inverse", "ImplicitFisherInverse", "obs_scores",
+           "KroneckerInverse", "kfac_damped_inverses",
            "obs_update_single_sum", "obs_update_joint", "woodtaylor_scores", "woodtaylor_update"]
 
 
@@ -86,8 +89,42 @@ class ImplicitFisherInverse:
         return cols / self.damp
 
 
-def _columns(hinv: Tensor | ImplicitFisherInverse, idx: Tensor) -> Tensor:
-    return hinv.columns(idx) if isinstance(hinv, ImplicitFisherInverse) else hinv[:, idx]
+class KroneckerInverse:
+    """(G ⊗ A)⁻¹ = G⁻¹ ⊗ A⁻¹ over one Linear layer's weight W (out, in), flattened row-major: the K-FAC
+    approximation of that layer's Fisher (Martens & Grosse 2015, Sec. 3), F_(ij),(kl) = G_ik A_jl with
+    A = E[a aᵀ] (layer inputs) and G = E[g gᵀ] (gradients at its outputs). Never forms the (out·in)² matrix:
+    the diagonal is diag(G⁻¹) diag(A⁻¹)ᵀ and F⁻¹ vec(V) = vec(G⁻¹ V A⁻¹). Shapes: ginv (out, out), ainv (in, in).
+    """
+
+    def __init__(self, ginv: Tensor, ainv: Tensor) -> None:
+        self.ginv, self.ainv = ginv, ainv
+        self.shape = (ginv.shape[0], ainv.shape[0])
+
+    def diagonal(self) -> Tensor:
+        return torch.outer(self.ginv.diagonal(), self.ainv.diagonal()).reshape(-1)
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return (self.ginv @ v.reshape(self.shape) @ self.ainv).reshape(-1)
+
+    def columns(self, idx: Tensor) -> Tensor:
+        """F⁻¹[:, idx], shape (d, len(idx))."""
+        i, j = idx // self.shape[1], idx % self.shape[1]
+        return (self.ginv[:, i][:, None, :] * self.ainv[:, j][None, :, :]).reshape(-1, len(idx))
+
+
+def kfac_damped_inverses(a: Tensor, g: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """Inverses of the K-FAC factors with factored Tikhonov damping (Martens & Grosse 2015, Sec. 6.3):
+    (A + π√λ I)⁻¹ and (G + (√λ/π) I)⁻¹, π = sqrt((tr A / dim A) / (tr G / dim G)), so that the damped
+    Kronecker product approximates F + λI with the damping split in proportion to the factors' scales."""
+    pi = math.sqrt(max(float(a.diagonal().mean()), 1e-30) / max(float(g.diagonal().mean()), 1e-30))
+    root = math.sqrt(damp)
+    ai = torch.linalg.inv(a + pi * root * torch.eye(a.shape[0], dtype=a.dtype))
+    gi = torch.linalg.inv(g + root / pi * torch.eye(g.shape[0], dtype=g.dtype))
+    return 0.5 * (gi + gi.T), 0.5 * (ai + ai.T)
+
+
+def _columns(hinv: Tensor | ImplicitFisherInverse | KroneckerInverse, idx: Tensor) -> Tensor:
+    return hinv.columns(idx) if isinstance(hinv, (ImplicitFisherInverse, KroneckerInverse)) else hinv[:, idx]
 
 
 def nearest_psd(h: Tensor) -> Tensor:

@@ -202,3 +202,60 @@ def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], n
         bar.close()
         model.train(was)
     return out
+
+
+def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_grads: int, batch_size: int = 1,
+                 seed: int = 0, sample_labels: bool = False, progress: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
+    """K-FAC's Kronecker factors (Martens & Grosse 2015, Sec. 3) of each Linear layer in ``layers``:
+    ``A = E[a aᵀ]`` over the layer's inputs and ``G = E[g gᵀ]`` over the gradients of each sample's loss at the
+    layer's outputs, from the same ``num_grads`` x ``batch_size`` samples :func:`collect_gradients` draws with
+    ``seed`` (per-sample statistics: the mini-batch is only how they are computed). ``sample_labels`` draws the
+    labels from the model's predictions (true Fisher, as K-FAC proper) instead of the data's (empirical Fisher).
+    Returns float64 ``{layer: (A, G)}``."""
+    import torch.nn.functional as F
+
+    mods = {name: model.get_submodule(name) for name in layers}
+    for name, m in mods.items():
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"kfac: K-FAC is implemented for Linear layers only; {name!r} is "
+                             f"{type(m).__name__} (use woodfisher for convolutions).")
+    acts: dict[str, Tensor] = {}
+    sums = {n: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64),
+                torch.zeros(m.out_features, m.out_features, dtype=torch.float64)] for n, m in mods.items()}
+    def hook(name: str):
+        def keep(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+            acts[name] = inp[0].detach()
+            if out.requires_grad:  # the gradient of the summed loss at this output: each sample's g_n
+                out.register_hook(add_output_grad)
+
+        def add_output_grad(go: Tensor) -> None:
+            go = go.detach().double()
+            sums[name][1].add_(go.T @ go)
+        return keep
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in mods.items()]
+    g = torch.Generator().manual_seed(seed)
+    was = model.training
+    model.eval()
+    count = 0
+    bar = Progress("K-FAC factors", num_grads, enabled=progress)
+    try:
+        for i, (xb, yb) in enumerate(_gradient_batches(data, num_grads, batch_size, g)):
+            bar.update(i)
+            logits = model(xb)
+            if sample_labels:
+                with torch.no_grad():
+                    yb = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+            F.cross_entropy(logits, yb, reduction="sum").backward()  # per-sample losses: g_n at each output
+            for name in mods:
+                a = acts[name].double()
+                sums[name][0].add_(a.T @ a)
+            count += len(yb)
+        bar.update(num_grads)
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        bar.close()
+        model.train(was)
+    return {n: (a / count, gg / count) for n, (a, gg) in sums.items()}

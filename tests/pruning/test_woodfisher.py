@@ -39,7 +39,7 @@ def test_global_sparsity_is_exact_and_per_layer_is_reported():
     assert total - nz == 33
 
 
-@pytest.mark.parametrize("method", ["magnitude", "diag_fisher", "obd", "obs", "woodfisher", "woodtaylor"])
+@pytest.mark.parametrize("method", ["magnitude", "diag_fisher", "obd", "obs", "woodfisher", "woodtaylor", "kfac"])
 def test_every_method_prunes_and_keeps_pruned_weights_at_zero(method):
     m, s = _trained()
     one_shot_prune(m, s, 0.4, method, FisherConfig(num_grads=64, damp=1e-2, block_size=16))
@@ -167,3 +167,60 @@ def test_obs_on_an_indefinite_hessian_keeps_accuracy_at_small_sparsity(digits):
     dense = ns.evaluate(m, digits.test)[1]
     one_shot_prune(m, digits.train, 0.2, "obs", FisherConfig(num_grads=256, damp=1e-4))
     assert ns.evaluate(m, digits.test)[1] > dense - 0.02
+
+
+def test_kronecker_inverse_equals_the_explicit_kronecker_matrix():
+    from netsurgeon.linalg import KroneckerInverse
+
+    g = torch.Generator().manual_seed(0)
+    ga, gg = torch.randn(5, 5, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+    ainv, ginv = ga @ ga.T + torch.eye(5, dtype=torch.float64), gg @ gg.T + torch.eye(3, dtype=torch.float64)
+    k = KroneckerInverse(ginv, ainv)
+    full = torch.kron(ginv, ainv)  # row-major vec of a (3, 5) weight
+    v = torch.randn(15, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(k.diagonal(), full.diagonal())
+    torch.testing.assert_close(k @ v, full @ v)
+    idx = torch.tensor([0, 7, 14])
+    torch.testing.assert_close(k.columns(idx), full[:, idx])
+
+
+def test_kfac_factors_of_one_sample_give_that_samples_fisher_exactly():
+    """For one sample, the weight gradient is g aᵀ, so its outer product is exactly (g gᵀ) ⊗ (a aᵀ)."""
+    from netsurgeon.stats import collect_gradients, kfac_factors
+
+    m, s = _trained()
+    grads = collect_gradients(m, s, ["1.weight", "3.weight"], 1, 1, seed=3).double()
+    f = kfac_factors(m, s, ["1", "3"], 1, 1, seed=3)
+    for name, (lo, hi) in (("1", (0, 48)), ("3", (48, 66))):
+        a, gg = f[name]
+        gv = grads[0, lo:hi]
+        torch.testing.assert_close(torch.kron(gg, a), torch.outer(gv, gv), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="K-FAC is implemented for Linear layers only; 'conv1'"):
+        OneShotPruner("kfac").fit(ns.build_model("digits_cnn"), _split_images())
+
+
+def _split_images():
+    g = torch.Generator().manual_seed(0)
+    return Split(torch.randn(16, 1, 8, 8, generator=g), torch.randint(10, (16,), generator=g))
+
+
+def test_kfac_update_lowers_the_loss_and_small_sparsity_stays_near_dense():
+    m, s = _trained()
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        dense = float(nn.functional.cross_entropy(m(s.x), s.y))
+    losses = {}
+    for update in ("none", "single", "joint"):
+        mm = _tiny()
+        mm.load_state_dict(base)
+        # damp 1e-2: with far less damping the sum of single-weight updates overshoots (0.80 vs 0.57 with no
+        # update at 1e-4, measured) while the joint update stays exact; the same holds for woodfisher
+        one_shot_prune(mm, s, 0.5, "kfac", FisherConfig(num_grads=300, damp=1e-2), update=update)
+        with torch.no_grad():
+            losses[update] = float(nn.functional.cross_entropy(mm(s.x), s.y))
+    assert losses["single"] < losses["none"] and losses["joint"] < losses["none"]
+    mm = _tiny()
+    mm.load_state_dict(base)
+    one_shot_prune(mm, s, 0.05, "kfac", FisherConfig(num_grads=300, damp=1e-4))
+    with torch.no_grad():
+        assert float(nn.functional.cross_entropy(mm(s.x), s.y)) < dense + 0.1

@@ -12,6 +12,8 @@
   exact joint solution δw = −F⁻¹E_Qᵀ(E_QF⁻¹E_Qᵀ)⁻¹E_Qw (Sec. 4).
 * WoodTaylor (Sec. 5): keeps the gradient term of the local model; λ = 0.1 by default, as in the paper's
   MNIST sweep.
+* K-FAC (Martens & Grosse 2015): OBS with each Linear layer's Fisher approximated by A ⊗ G (input and
+  output-gradient covariances, factored Tikhonov damping), the Kronecker baseline of WoodFisher's Table 1.
 
 All methods rank every weight of every layer together against one target sparsity: the per-layer sparsity
 is chosen by the ranking and reported. Biases are not pruned (as in the official code).
@@ -31,7 +33,9 @@ from .._validation import check_finite_model, check_fraction, check_positive
 from ..data import Split, batches
 from ..linalg import (
     ImplicitFisherInverse,
+    KroneckerInverse,
     fisher_inverse,
+    kfac_damped_inverses,
     nearest_psd,
     obs_scores,
     obs_update_joint,
@@ -43,13 +47,13 @@ from ..masks import attach_masks, original, prunable_tensors, sparsity_report
 from ..progress import Progress
 from ..progress import log as progress_log
 from ..registry import MethodConfig, StageContext, option, register
-from ..stats import collect_gradients
+from ..stats import collect_gradients, kfac_factors
 
 __all__ = ["METHODS", "FisherConfig", "OneShotPruner", "one_shot_prune", "available_memory", "SecondOrderConfig"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "diag_fisher", "obd", "obs", "woodfisher", "woodtaylor")
+METHODS = ("magnitude", "diag_fisher", "obd", "obs", "woodfisher", "woodtaylor", "kfac")
 _UPDATES = ("single", "joint", "none")
 _OBS_MAX_PARAMS = 4096
 _EXPLICIT_MAX = 8192     # larger blocks (the full inverse of a big model) stay in factored Woodbury form
@@ -143,6 +147,7 @@ class OneShotPruner:
         self.tensors_ = prunable_tensors(model, include_bias=False, owner="OneShotPruner")
         masks = attach_masks(model, self.tensors_)
         self.sizes_ = [original(model, t).numel() for t in self.tensors_]
+        self.shapes_ = [tuple(original(model, t).shape) for t in self.tensors_]
         w = self._flat(model)
         alive = torch.cat([masks[t].mask.flatten() for t in self.tensors_]).bool()
         d = w.numel()
@@ -154,6 +159,8 @@ class OneShotPruner:
         self.blocks_: list[_Block] = []
         if m == "magnitude":
             self.scores_ = w.abs()
+        elif m == "kfac":
+            self._fit_kfac(model, data, w, progress)
         elif m in ("diag_fisher", "obd"):
             g = self._grads(model, data, sample_labels=(m == "obd"), progress=progress)
             diag = g.pow(2).mean(0)
@@ -192,6 +199,22 @@ class OneShotPruner:
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
+    def _fit_kfac(self, model: nn.Module, data: Split | Any, w: Tensor, progress: bool) -> None:
+        f = self.fisher
+        layers = [t.rsplit(".", 1)[0] for t in self.tensors_]
+        factors = kfac_factors(model, data, layers, f.num_grads, f.grad_batch, f.seed, progress=progress)
+        self.damp_ = f.damp
+        self.scores_ = torch.full((w.numel(),), float("inf"))
+        off = 0
+        for layer, n in zip(layers, self.sizes_, strict=True):
+            a, g = factors[layer]
+            damp = f.damp * float(g.diagonal().mean() * a.diagonal().mean()) if f.relative_damp else f.damp
+            hinv = KroneckerInverse(*kfac_damped_inverses(a, g, damp))
+            idx = torch.arange(off, off + n)
+            self.scores_[idx] = obs_scores(w[idx].double(), hinv.diagonal()).float()
+            self.blocks_.append(_Block(off, off + n, idx, hinv))
+            off += n
+
     def _flat(self, model: nn.Module) -> Tensor:
         return torch.cat([model.get_submodule(t.rsplit(".", 1)[0]).weight.detach().flatten()
                           for t in self.tensors_])
@@ -203,6 +226,8 @@ class OneShotPruner:
                                  sample_labels=sample_labels, progress=progress)
 
     def _ranges(self, d: int, block_size: int | None) -> list[tuple[int, int]]:
+        if self.method == "kfac":  # one Kronecker block per layer
+            block_size = max(self.sizes_)
         if block_size is None or self.method == "obs":
             return [(0, d)]
         ranges, off = [], 0
@@ -217,6 +242,9 @@ class OneShotPruner:
         m, meth = self.fisher.num_grads, self.method
         if meth == "magnitude":
             return {"gradients": 0, "inverses": 0, "work": 0, "total": 0}
+        if meth == "kfac":
+            inv = sum(8 * 2 * (o * o + (n // o) ** 2) for o, n in zip((s[0] for s in self.shapes_), self.sizes_))
+            return {"gradients": 0, "inverses": inv, "work": 0, "total": inv}
         grads = 0 if meth == "obs" else 4 * m * d
         if meth in ("diag_fisher", "obd"):
             return {"gradients": grads, "inverses": 0, "work": 4 * d, "total": grads + 4 * d}
@@ -305,7 +333,7 @@ class OneShotPruner:
         if k:
             prune[torch.sort(self.scores_, stable=True).indices[:k]] = True
         delta = torch.zeros(d, dtype=torch.float64)
-        update = self.update if self.method in ("obs", "woodfisher", "woodtaylor") else "none"
+        update = self.update if self.method in ("obs", "woodfisher", "woodtaylor", "kfac") else "none"
         for b in self.blocks_:
             if update == "none" or b.hinv is None:
                 break
@@ -416,6 +444,8 @@ _SECOND_ORDER = {
                    "OBS with the Woodbury-inverted empirical Fisher (block-wise or full)"),
     "woodtaylor": ("Singh & Alistarh 2020, arXiv:2004.14340, Sec. 5",
                    "WoodFisher keeping the gradient term of the local quadratic model"),
+    "kfac": ("Martens & Grosse 2015 (ICML), K-FAC, Sec. 3 and 6.3; as the OBS baseline of Singh & Alistarh 2020 "
+             "Table 1", "OBS with each Linear layer's Fisher as a Kronecker product A x G (K-FAC)"),
 }
 
 
