@@ -189,3 +189,32 @@ def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     pyplot().close(fig)
+
+
+def pipeline_run(tag: str, model, stages: list[dict], data, meta: dict) -> dict:
+    """Run ``stages`` on ``model``, save bench/results/files/TAG.nsz, return its validation and test error and
+    the wall time of the stages (saving excluded)."""
+    t0 = time.perf_counter()
+    pipe = ns.Pipeline.from_spec(stages)
+    pipe.run(model, data)
+    wall = time.perf_counter() - t0
+    f = RESULTS / "files" / f"{tag}.nsz"
+    pipe.save(model, f, meta=meta)
+    return {"file": rel(f), "wall_s": wall, "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]),
+            "test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]), "stages": stages}
+
+
+def latency(path: str) -> dict:
+    """The runtime form of a result file against its original dense model (one interleaved measurement, 2
+    threads, medians): speedup and ms at batch 1 and 256, and the FLOP-ratio bound."""
+    from netsurgeon.runtime.bench import latency_report
+
+    rep = latency_report(REPO / path, (1, 256), threads=2, repeats=100, onnx=False)
+    return {b: {"speedup": rep["batches"][b]["speedup"]["runtime"], "ms": rep["batches"][b]["ms"]}
+            for b in ("1", "256")} | {"flop_ratio_bound": rep.get("flop_ratio_bound")}
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    import statistics
+
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)

@@ -42,8 +42,10 @@ from _common import (
     BestOnValidation,
     cached_json,
     dense_model,
+    latency,
     load_dense,
     machine,
+    mean_std,
     parse_args,
     pyplot,
     rel,
@@ -51,9 +53,9 @@ from _common import (
     weight_counts,
     write_result,
 )
+from _common import pipeline_run as common_pipeline_run
 from netsurgeon.distill import Distillation
 from netsurgeon.modelfile import load_model, save_model
-from netsurgeon.runtime.bench import latency_report
 from netsurgeon.stats import measure_latency
 
 TEMPERATURE, ALPHA = 20.0, 0.9  # the paper's MNIST temperature; soft-target weight (hard labels get 1 - alpha)
@@ -126,15 +128,7 @@ def hinton(data, epochs: int, seeds: list[int], fresh: bool) -> dict:
 
 
 def pipeline_run(tag: str, model, stages: list[dict], data, meta: dict) -> dict:
-    """Run ``stages`` on ``model``, save the .nsz under bench/results/files/, return error and wall time."""
-    t0 = time.perf_counter()
-    pipe = ns.Pipeline.from_spec(stages)
-    pipe.run(model, data)
-    wall = time.perf_counter() - t0
-    f = RESULTS / "files" / f"lrd_{tag}.nsz"
-    pipe.save(model, f, meta=meta)
-    return {"file": rel(f), "wall_s": wall, "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]),
-            "test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]), "stages": stages}
+    return common_pipeline_run(f"lrd_{tag}", model, stages, data, meta)
 
 
 def prune_distill(data, seeds: list[int], fresh: bool) -> dict:
@@ -172,16 +166,6 @@ def lowrank(data, models: list[str], fresh: bool) -> dict:
             rows.append({"label": label, "lowrank": run, "magnitude": base})
         out[name] = rows
     return out
-
-
-def latency(path: str) -> dict:
-    rep = latency_report(REPO / path, (1, 256), threads=2, repeats=100, onnx=False)
-    return {b: {"speedup": rep["batches"][b]["speedup"]["runtime"], "ms": rep["batches"][b]["ms"]}
-            for b in ("1", "256")} | {"flop_ratio_bound": rep.get("flop_ratio_bound")}
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def main() -> None:

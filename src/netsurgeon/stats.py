@@ -205,7 +205,8 @@ def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], n
 
 
 def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_grads: int, batch_size: int = 1,
-                 seed: int = 0, sample_labels: bool = False, progress: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
+                 seed: int = 0, sample_labels: bool = False,
+                 progress: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
     """K-FAC's Kronecker factors (Martens & Grosse 2015, Sec. 3) of each Linear layer in ``layers``:
     ``A = E[a aᵀ]`` over the layer's inputs and ``G = E[g gᵀ]`` over the gradients of each sample's loss at the
     layer's outputs, from the same ``num_grads`` x ``batch_size`` samples :func:`collect_gradients` draws with

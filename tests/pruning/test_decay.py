@@ -22,7 +22,7 @@ def test_the_added_gradient_is_the_gradient_of_the_penalty(bias, per):
         w.grad = None
     penalty = sum(cb._term(w) for w in weights) * 0.3
     penalty.backward()
-    for got, w in zip(added, weights):
+    for got, w in zip(added, weights, strict=True):
         torch.testing.assert_close(got, w.grad, rtol=1e-5, atol=1e-7)
     assert float(cb.penalty()) == pytest.approx(float(penalty.detach()), rel=1e-5)
 

@@ -243,7 +243,7 @@ class OneShotPruner:
         if meth == "magnitude":
             return {"gradients": 0, "inverses": 0, "work": 0, "total": 0}
         if meth == "kfac":
-            inv = sum(8 * 2 * (o * o + (n // o) ** 2) for o, n in zip((s[0] for s in self.shapes_), self.sizes_))
+            inv = sum(8 * 2 * (s[0] ** 2 + (n // s[0]) ** 2) for s, n in zip(self.shapes_, self.sizes_, strict=True))
             return {"gradients": 0, "inverses": inv, "work": 0, "total": inv}
         grads = 0 if meth == "obs" else 4 * m * d
         if meth in ("diag_fisher", "obd"):
