@@ -266,7 +266,7 @@ class OneShotPruner:
         est = self.memory_estimate(d, bs)
         limit = self.memory_limit if self.memory_limit is not None else int(0.8 * available_memory())
         sizes = [b - a for a, b in self._ranges(d, bs)]
-        factored = sum(_factored(n, self.fisher.num_grads) for n in sizes)
+        factored = 0 if self.method == "kfac" else sum(_factored(n, self.fisher.num_grads) for n in sizes)
         progress_log.info("%s: %s weights, %d gradients: about %.2f GiB (gradients %.2f, inverses %.2f, work %.2f; "
                           "%d block(s), %d factored) of %.1f GiB available", self.method, f"{d:,}",
                           self.fisher.num_grads, est["total"] / 2**30, est["gradients"] / 2**30,
