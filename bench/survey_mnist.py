@@ -1,0 +1,351 @@
+"""The rest of the survey's catalogue on MNIST (issue 20), each method beside its baselines:
+
+* datafree: Srinivas & Babu 2015, data-free merging of fully connected neurons, no retraining, on LeNet-5
+  (fc1, 500 neurons) and LeNet-300-100 (fc1 and fc2), against removing the same number of neurons without the
+  surgery, the neurons with the smallest l1 norm (Li et al. 2017's rule), and random neurons (3 seeds). The
+  operating point is chosen on the validation split: the largest fraction whose validation error is within
+  0.5 points of the dense model's. Paper (abstract): "up to 85% of the total parameters" of an MNIST network
+  removed "without significantly affecting performance".
+* decay: Hanson & Pratt 1989, biased weight decay (hyperbolic and exponential, per unit) against plain
+  training, weight decay and the L1 penalty, each trained 3 epochs from the dense LeNet-300-100, then cut to
+  the same global sparsity by magnitude and fine-tuned 1 epoch; each strength chosen on the validation split
+  (seed 0), then 3 seeds. The paper reports no MNIST figure (parity and speech problems).
+* kfac: K-FAC (Martens & Grosse 2015) as OBS's Fisher, beside WoodFisher and global magnitude on MLPNet at 95%
+  sparsity, one-shot, 3 Fisher seeds, 100 and 8,000 gradients; WoodFisher's repository reports 81.26% for
+  K-FAC (and 84.18% for WoodFisher) at 95% with 100 gradients from a 93.97% dense model.
+
+    python bench/survey_mnist.py --data-dir ../shared/data/mnist [--parts datafree decay kfac] [--quick]
+
+Rows go to bench/results/survey_mnist.json (``table_rows``) with a plot; every row's weights are counted from
+its .nsz file (weights only, biases apart) and its latency is the runtime form against the dense model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+
+import torch
+
+import netsurgeon as ns
+from _common import (
+    CACHE,
+    REPO,
+    RESULTS,
+    cached_json,
+    dense_model,
+    latency,
+    load_dense,
+    machine,
+    mean_std,
+    parse_args,
+    pipeline_run,
+    pyplot,
+    rel,
+    save_figure,
+    weight_counts,
+    write_result,
+)
+from netsurgeon.models import layer_sizes, record_resized, resized_record
+from netsurgeon.pruning.channels import remove_channels
+from netsurgeon.pruning.datafree import merge_neurons, mergeable_layers
+from netsurgeon.pruning.structured import l1_filter_prune
+from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner
+from woodfisher_mnist import kfac_damp
+
+SHAPE = (1, 28, 28)
+FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
+VAL_SLACK = 0.5  # percentage points of validation error the operating point may lose
+SEEDS = [0, 1, 2]
+DECAY_SPARSITY = 0.95
+DECAY_TRAIN = ns.TrainConfig(epochs=3, lr=0.01, weight_decay=0.0, schedule="cosine", batch_size=64)
+FINETUNE = ns.TrainConfig(epochs=1, lr=0.005, weight_decay=0.0, schedule="cosine", batch_size=64)
+DECAY = {  # row -> (stage method, fixed options, strength key, strength grid chosen on validation)
+    "no regularizer": ("finetune", {}, None, [None]),
+    "weight decay (lambda w^2)": ("biased_decay", {"bias": "standard"}, "lam", [1e-4, 1e-3, 1e-2]),
+    "L1 (proximal)": ("l1", {}, "lam", [1e-5, 1e-4, 1e-3]),
+    "hyperbolic bias, per unit": ("biased_decay", {"bias": "hyperbolic", "per": "unit"}, "lam", [1e-3, 1e-2, 1e-1]),
+    "exponential bias, per unit": ("biased_decay", {"bias": "exponential", "per": "unit"}, "lam",
+                                   [1e-3, 1e-2, 1e-1]),
+}
+KFAC = {"sparsity": 0.95, "grads": [100, 8000], "paper": {"kfac": 81.26, "woodfisher": 84.18, "dense": 93.97}}
+
+
+def err(model, split) -> float:
+    return 100 * (1 - ns.evaluate(model, split)[1])
+
+
+# -- data-free neuron merging -------------------------------------------------------------------------------
+def _layers(model) -> list[str]:
+    return list(mergeable_layers(model, SHAPE))
+
+
+def _remove(model, kind: str, f: float, seed: int = 0) -> None:
+    layers = _layers(model)
+    if kind == "datafree":
+        merge_neurons(model, {n: f for n in layers}, SHAPE)
+    elif kind == "no surgery":
+        merge_neurons(model, {n: f for n in layers}, SHAPE, surgery=False)
+    elif kind == "l1 neurons":
+        l1_filter_prune(model, {n: f for n in layers}, SHAPE)
+    else:  # random neurons: the same counts, chosen uniformly
+        g = torch.Generator().manual_seed(seed)
+        for name in layers:
+            grp = mergeable_layers(model, SHAPE)[name][1]
+            n = grp.size
+            keep = torch.randperm(n, generator=g)[: n - min(n - 1, int(round(f * n)))].sort().values
+            before = layer_sizes(model)
+            remove_channels(model, [grp], {0: keep})
+            record_resized(model, resized_record(model, before))
+
+
+def datafree(data, models: list[str], quick: bool) -> dict:
+    out = {}
+    fractions = [0.5, 0.9] if quick else FRACTIONS
+    for name in models:
+        src = dense_model(name, data)[0]
+        dense = load_dense(src)
+        res = {"dense_val_error_pct": err(dense, data.val), "dense_test_error_pct": err(dense, data.test),
+               "layers": _layers(dense), "sweep": {}}
+        total = sum(p.numel() for p in dense.parameters())
+        for kind in ("datafree", "no surgery", "l1 neurons", "random"):
+            rows = {}
+            for f in fractions:
+                runs = []
+                for seed in (SEEDS if kind == "random" and not quick else [0]):
+                    m = load_dense(src)
+                    t0 = time.perf_counter()
+                    _remove(m, kind, f, seed)
+                    wall = time.perf_counter() - t0
+                    runs.append({"val": err(m, data.val), "test": err(m, data.test), "wall_s": wall,
+                                 "params": sum(p.numel() for p in m.parameters())})
+                rows[str(f)] = {"val_error_pct": mean_std([r["val"] for r in runs])[0],
+                                "test_error_pct": mean_std([r["test"] for r in runs])[0],
+                                "test_error_std": mean_std([r["test"] for r in runs])[1],
+                                "params_removed_pct": 100 * (1 - runs[0]["params"] / total),
+                                "wall_s": mean_std([r["wall_s"] for r in runs])[0], "seeds": len(runs)}
+            res["sweep"][kind] = rows
+            print(f"{name} {kind:11s} " + " ".join(f"{f}:{r['test_error_pct']:.2f}" for f, r in rows.items()),
+                  flush=True)
+        ok = [f for f in fractions if res["sweep"]["datafree"][str(f)]["val_error_pct"]
+              <= res["dense_val_error_pct"] + VAL_SLACK]
+        chosen = max(ok) if ok else min(fractions)
+        res["chosen_fraction"] = chosen
+        res["chosen_how"] = (f"largest fraction of neurons whose validation error (data-free merge) is within "
+                             f"{VAL_SLACK} points of the dense model's; grid {fractions}")
+        files = {}
+        for kind in ("datafree", "l1 neurons"):
+            m = load_dense(src)
+            _remove(m, kind, chosen)
+            f = RESULTS / "files" / f"survey_{name}_{kind.replace(' ', '_')}.nsz"
+            ns.save_compressed(m, f, meta={"method": kind, "fraction": chosen})
+            files[kind] = rel(f)
+        m = load_dense(src)
+        curve = merge_neurons(m, {res["layers"][0]: 0.01}, SHAPE, curve=True)[0].curve
+        res["saliency_curve_first_layer"] = list(curve)
+        res["files"] = files
+        out[name] = res
+    return out
+
+
+# -- biased weight decay ------------------------------------------------------------------------------------
+def _decay_stages(row: str, strength, seed: int) -> list[dict]:
+    method, fixed, key, _ = DECAY[row]
+    train = {**asdict(DECAY_TRAIN), "seed": seed}
+    first = {method: {**train, **fixed, **({key: strength} if key else {})}}
+    if method == "biased_decay":
+        first[method]["sparsity"] = DECAY_SPARSITY
+        cut = []
+    else:
+        cut = [{"magnitude": {"sparsity": DECAY_SPARSITY, "scope": "global", "rounds": 1, "epochs": 0}}]
+    return [first, *cut, {"finetune": {**asdict(FINETUNE), "seed": seed}}]
+
+
+def decay(data, fresh: bool, quick: bool) -> dict:
+    src = dense_model("lenet300", data)[0]
+
+    def run(i: int, row: str, strength, seed: int) -> dict:
+        tag = f"survey_decay_{i}_{strength}_s{seed}{'_quick' if quick else ''}"
+        return cached_json(tag, lambda: pipeline_run(tag, load_dense(src), _decay_stages(row, strength, seed), data,
+                                                     {"method": row}), fresh)
+
+    out = {}
+    for i, (row, (_, _, _, grid)) in enumerate(DECAY.items()):
+        val = {str(st): run(i, row, st, 0) for st in (grid if not quick else grid[:1])}
+        best = min(val, key=lambda k: val[k]["val_error_pct"])
+        strength = None if best == "None" else float(best)
+        runs = [val[best]] + [run(i, row, strength, seed) for seed in ([] if quick else SEEDS[1:])]
+        out[row] = {"chosen_strength": best, "val_error_by_strength": {k: v["val_error_pct"] for k, v in val.items()},
+                    "runs": runs}
+        print(f"decay {row:28s} strength {best}: test {[round(r['test_error_pct'], 2) for r in runs]}", flush=True)
+    return out
+
+
+# -- K-FAC vs WoodFisher --------------------------------------------------------------------------------------
+def kfac(data, quick: bool) -> dict:
+    src = dense_model("mlpnet", data)[0]
+    state = load_dense(src).state_dict()
+    out = {"dense_test_acc": 100 * ns.evaluate(load_dense(src), data.test)[1], "grads": {}}
+    for n in KFAC["grads"][:1] if quick else KFAC["grads"]:
+        damp = kfac_damp(data, state, n)
+        rows = {}
+        for label, method, over in (("K-FAC", "kfac", {"damp": damp["chosen"]}),
+                                    ("WoodFisher block 2000", "woodfisher", {"block_size": 2000, "damp": 1e-5}),
+                                    ("global magnitude", "magnitude", {})):
+            accs, files = [], []
+            for seed in (SEEDS[:1] if quick or method == "magnitude" else SEEDS):
+                m = load_dense(src)
+                t0 = time.perf_counter()
+                OneShotPruner(method, FisherConfig(**{"num_grads": n, "seed": seed, **over})).fit(
+                    m, data.train).prune(m, KFAC["sparsity"])
+                wall = time.perf_counter() - t0
+                accs.append(100 * ns.evaluate(m, data.test)[1])
+                f = RESULTS / "files" / f"survey_mlpnet_{method}_{n}g_s{seed}.nsz"
+                ns.save_compressed(m, f, meta={"method": method, "num_grads": n})
+                files.append({"file": rel(f), "wall_s": wall})
+            rows[label] = {"test_acc": accs, "files": files, "config": over}
+            print(f"mlpnet 95% {n} gradients {label:22s} {accs}", flush=True)
+        out["grads"][str(n)] = {"kfac_damp": damp, "rows": rows}
+    return out
+
+
+# -- the table ---------------------------------------------------------------------------------------------------
+def _row(model: str, method: str, file: str, error: float, std: float | None, dense_err: float, wall: float,
+         paper_err: float | None = None, seeds: int = 1, **extra) -> dict:
+    counts = weight_counts(file)
+    lat = latency(file)
+    return {"model": model, "method": method, "error_pct": error, "error_pct_std": std, "paper_error_pct": paper_err,
+            "dense_error_pct": dense_err, "paper_dense_error_pct": None,
+            "compression_nonzero": counts["compression_weights"],
+            "compression_bytes": counts["weights"] * 4 / (REPO / file).stat().st_size, "paper_compression": None,
+            "speedup_b1": lat["1"]["speedup"], "speedup_b256": lat["256"]["speedup"],
+            "flop_ratio_bound": lat["flop_ratio_bound"], "wall_s": wall, "target_met": None, "seeds": seeds,
+            **counts, **extra}
+
+
+def table(res: dict, data) -> list[dict]:
+    rows = []
+    for name, r in res.get("datafree", {}).items():
+        f = str(r["chosen_fraction"])
+        for kind in ("datafree", "l1 neurons"):
+            s = r["sweep"][kind][f]
+            rows.append(_row(name, f"{'data-free merge' if kind == 'datafree' else 'l1-norm neurons'}, "
+                             f"{float(f):.0%} of {'+'.join(r['layers'])} neurons, no retraining",
+                             r["files"][kind], s["test_error_pct"], None, r["dense_test_error_pct"], s["wall_s"],
+                             params_removed_pct=s["params_removed_pct"],
+                             paper_params_removed_pct=85.0 if kind == "datafree" else None))
+    dense300 = None
+    for row, d in res.get("decay", {}).items():
+        if dense300 is None:
+            dense300 = err(load_dense(dense_model("lenet300", data)[0]), data.test)
+        m, sd = mean_std([r["test_error_pct"] for r in d["runs"]])
+        rows.append(_row("lenet300", f"{row} ({d['chosen_strength']}), {DECAY_TRAIN.epochs} ep, cut to "
+                         f"{DECAY_SPARSITY:.0%}, {FINETUNE.epochs} ep fine-tune", d["runs"][0]["file"], m, sd,
+                         dense300, mean_std([r["wall_s"] for r in d["runs"]])[0], seeds=len(d["runs"])))
+    k = res.get("kfac")
+    if k:
+        for n, g in k["grads"].items():
+            for label, r in g["rows"].items():
+                accs = r["test_acc"]
+                m, sd = mean_std([100 - a for a in accs])
+                paper = None
+                if n == "100" and label in ("K-FAC", "WoodFisher block 2000"):
+                    paper = 100 - KFAC["paper"]["kfac" if label == "K-FAC" else "woodfisher"]
+                rows.append(_row("mlpnet", f"{label}, one-shot {KFAC['sparsity']:.0%}, {n} gradients",
+                                 r["files"][0]["file"], m, sd, 100 - k["dense_test_acc"],
+                                 mean_std([f["wall_s"] for f in r["files"]])[0], paper_err=paper, seeds=len(accs),
+                                 paper_dense_error_pct_note=100 - KFAC["paper"]["dense"]))
+    return rows
+
+
+def plot(res: dict, path) -> None:
+    plt = pyplot()
+    parts = [p for p in ("datafree", "decay", "kfac") if p in res]
+    fig, axes = plt.subplots(1, len(parts) + ("datafree" in res), figsize=(5 * (len(parts) + 1), 4), squeeze=False)
+    axes = list(axes[0])
+    if "datafree" in res:
+        ax = axes.pop(0)
+        for name, r in res["datafree"].items():
+            for kind, rows in r["sweep"].items():
+                xs = [v["params_removed_pct"] for v in rows.values()]
+                ax.plot(xs, [v["test_error_pct"] for v in rows.values()], marker="o", ms=3, label=f"{name} {kind}")
+        ax.axvline(85, ls=":", c="k", lw=1, label="paper: 85% removed")
+        ax.set_yscale("log")
+        ax.set_xlabel("% of all parameters removed (no retraining)")
+        ax.set_ylabel("test error %")
+        ax.set_title("data-free neuron merging")
+        ax.legend(fontsize=6)
+        ax = axes.pop(0)
+        for name, r in res["datafree"].items():
+            ax.plot(range(1, len(r["saliency_curve_first_layer"]) + 1), r["saliency_curve_first_layer"],
+                    label=f"{name} {r['layers'][0]}")
+        ax.set_yscale("log")
+        ax.set_xlabel("neurons removed (greedy)")
+        ax.set_ylabel("saliency of the merge")
+        ax.set_title("saliency curve (the paper's stopping heuristic)")
+        ax.legend(fontsize=7)
+    if "decay" in res:
+        ax = axes.pop(0)
+        names = list(res["decay"])
+        vals = [mean_std([r["test_error_pct"] for r in res["decay"][n]["runs"]]) for n in names]
+        ax.barh(range(len(names)), [v[0] for v in vals], xerr=[v[1] or 0 for v in vals])
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel(f"test error % at {DECAY_SPARSITY:.0%} sparsity (LeNet-300-100)")
+        ax.set_title("pruning by decay, equal sparsity")
+    if "kfac" in res:
+        ax = axes.pop(0)
+        for i, (n, g) in enumerate(res["kfac"]["grads"].items()):
+            labels = list(g["rows"])
+            ms = [mean_std(g["rows"][lb]["test_acc"]) for lb in labels]
+            ax.bar([j + 0.4 * i for j in range(len(labels))], [v[0] for v in ms], 0.4,
+                   yerr=[v[1] or 0 for v in ms], label=f"{n} gradients")
+            ax.set_xticks([j + 0.2 for j in range(len(labels))], labels, fontsize=7)
+        ax.axhline(KFAC["paper"]["kfac"], ls=":", c="k", lw=1, label="paper K-FAC, 100 gradients")
+        ax.set_ylabel(f"test accuracy % at {KFAC['sparsity']:.0%} (MLPNet, one-shot)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+
+    def extra(ap) -> None:
+        ap.add_argument("--parts", nargs="+", default=["datafree", "decay", "kfac"],
+                        choices=["datafree", "decay", "kfac"])
+
+    args, data = parse_args(__doc__, ["lenet5", "lenet300"], "2 fractions, 1 seed, one strength, 100 gradients",
+                            extra)
+    torch.set_num_threads(2)
+    name = "survey_mnist" + ("_quick" if args.quick else "")
+    old = RESULTS / f"{name}.json"
+    res = json.loads(old.read_text()) if old.is_file() and not args.quick else {}
+    res |= {"benchmark": name, "machine": machine(),
+            "paper": "Srinivas & Babu 2015; Hanson & Pratt 1989; Martens & Grosse 2015 (as in Singh & Alistarh 2020)",
+            "hyper_parameters": {"chosen": "on the validation split only (each part says how)",
+                                 "decay_train": asdict(DECAY_TRAIN), "finetune": asdict(FINETUNE),
+                                 "decay_sparsity": DECAY_SPARSITY, "datafree_val_slack_points": VAL_SLACK}}
+    if "datafree" in args.parts:
+        res["datafree"] = cached_json(f"survey_datafree{'_quick' if args.quick else ''}",
+                                      lambda: datafree(data, args.models, args.quick), args.fresh)
+    if "decay" in args.parts:
+        res["decay"] = decay(data, args.fresh, args.quick)
+    if "kfac" in args.parts:
+        res["kfac"] = cached_json(f"survey_kfac{'_quick' if args.quick else ''}", lambda: kfac(data, args.quick),
+                                  args.fresh)
+    res["table_rows"] = table(res, data)
+    for r in res["table_rows"]:
+        print(f"{r['model']:9s} {r['method'][:70]:70s} err {r['error_pct']:.2f} "
+              f"{r['compression_weights']:.1f}x b1 {r['speedup_b1']:.2f} b256 {r['speedup_b256']:.2f}", flush=True)
+    res["wall_s"] = time.perf_counter() - t0
+    if args.quick:
+        (CACHE / f"{name}.json").write_text(json.dumps(res, indent=2))
+        plot(res, CACHE / f"{name}.png")
+    else:
+        write_result(name, res)
+        plot(res, RESULTS / f"{name}.png")
+
+
+if __name__ == "__main__":
+    main()
