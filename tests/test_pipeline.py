@@ -41,6 +41,7 @@ QUICK = {
     "binaryconnect": {"epochs": 1},
     "bnn": {"epochs": 1},
     "xnor": {"epochs": 1},
+    "lab": {"epochs": 1},
     "hashednets": {"epochs": 1, "compression": 0.25},
     "soft_sharing": {"epochs": 1, "tau": 0.5},
     "distill": {"epochs": 1},

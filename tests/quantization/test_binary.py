@@ -284,3 +284,44 @@ def test_bnn_chain_equals_its_layers_with_batchnorm_folded(first_input):
         with torch.no_grad():
             torch.testing.assert_close(fast(x), nn.Sequential(*parts)(x), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(fast(x), model(x.view(b, 1, 9, 9)), rtol=1e-4, atol=1e-4)
+
+
+def test_loss_aware_binarization_weights_alpha_by_adams_second_moments(digits, tmp_path):
+    """LAB (Hou et al. 2017, Eq. (9)): after a step, ŵ = α·sign(w) with α = ‖d ⊙ w‖₁ / ‖d‖₁, d = √v + 1e-8 from
+    the optimizer's own second moments; the stored file holds that α as the layer's one scale; resume is exact."""
+    from netsurgeon.quantization.binary import loss_aware_alpha
+
+    def run(steps, ck=None, resume=False):
+        torch.manual_seed(0)
+        m = build_model("lenet300", digits.input_shape)
+        cb = Binarize("loss_aware", lr_scale=False)
+        cfg = TrainConfig(epochs=1, optimizer="adam", lr=1e-2, weight_decay=0, max_steps=steps)
+        t = ns.train(m, digits, cfg, callbacks=[cb], checkpoint=ck, resume=resume)
+        return m, cb, t
+
+    m, cb, _ = run(5)
+    real = m.fc2.parametrizations["weight"].original.detach()
+    v = cb._binarizer("fc2").curvature
+    d = v  # already √v + ε
+    alpha = float((d * real.abs()).sum() / d.sum())
+    assert alpha != pytest.approx(float(real.abs().mean()), rel=1e-3)  # loss-aware: not BWN's mean |w|
+    assert float(loss_aware_alpha(real, d)) == pytest.approx(alpha)
+    cb.finalize(m)
+    assert isinstance(m.fc2.parametrizations["weight"][0], BinaryWeights)
+    assert float(m.fc2.parametrizations["weight"][0].scale) == pytest.approx(alpha, rel=1e-6)
+    torch.testing.assert_close(m.fc2.weight.detach().abs(), torch.full_like(real, alpha))
+    full = run(6)[0].state_dict()
+    ck = tmp_path / "c.ckpt"
+    run(3, ck)
+    resumed = run(6, ck, resume=True)[0].state_dict()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_loss_aware_binarization_needs_adam(digits):
+    torch.manual_seed(0)
+    m = build_model("lenet300", digits.input_shape)
+    with pytest.raises(ValueError, match="lab: needs Adam's second moments"):
+        ns.train(m, digits, TrainConfig(epochs=1, optimizer="sgd", lr=1e-2, max_steps=2),
+                 callbacks=[Binarize("loss_aware")])
+    with pytest.raises(ValueError, match="lab: optimizer must be one of"):
+        ns.pipeline.Pipeline.from_spec([{"lab": {"optimizer": "sgd"}}])

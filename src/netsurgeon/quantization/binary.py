@@ -20,6 +20,12 @@ Papers (equation numbers of the arXiv versions; ``../shared/papers/binary.md`` i
   averaged over each filter window (Eq. (11); for a Linear layer β = mean|x| per sample, Eq. (7)-(10)).
   The first and last layers stay real (Sec. 4.1). The paper's block order BN → BinActiv → BinConv → Pool is
   the model's business (``models.lenet5_bn`` follows it).
+* **Loss-aware binarization** (Hou, Yao, Kwok 2017, arXiv:1611.01600, Sec. 3, Prop. 3.1 and Algorithm 1):
+  a proximal Newton step with the diagonal Hessian approximated by Adam's second moments, D = diag(√v + ε),
+  whose closed form is ŵ_l = α_l·sign(w_l) with α_l = ‖d_l ⊙ w_l‖₁ / ‖d_l‖₁, one α per layer (Eq. (8)-(9));
+  the gradient at ŵ updates the real w by Adam (straight through), w is clipped to [-1, 1], and v is Adam's
+  own second moment of that gradient (as in the authors' code, which keeps it with β₂ = 0.999 and no bias
+  correction, exactly torch.optim.Adam's ``exp_avg_sq``). Loss-aware, where BWN's α = mean|w| is not.
 
 One sign rule everywhere, training and the bit kernels alike: sign(x) = +1 for x >= 0, else −1 (torch.sign(0)
 is 0, which no binary code can hold).
@@ -47,10 +53,10 @@ from ..train import Callback, TrainConfig, Trainer, recalibrate_batchnorm, run_t
 
 __all__ = ["sign_pm", "BinarizeWeights", "BinaryWeights", "Binarize", "install_binary_input",
            "binary_inputs_of", "apply_binary_inputs", "glorot_lr_scale", "BinaryConnectConfig", "BNNConfig",
-           "XNORConfig", "INPUT_MODES"]
+           "XNORConfig", "LABConfig", "loss_aware_alpha", "INPUT_MODES"]
 
 INPUT_MODES = ("sign", "scaled")   # BNN's sign(x); XNOR-Net's sign(x) with the β / K output scale
-_WEIGHT_MODES = ("sign", "stochastic", "alpha")
+_WEIGHT_MODES = ("sign", "stochastic", "alpha", "loss_aware")
 _HOOK_ATTR = "_netsurgeon_binary_input"
 
 
@@ -121,11 +127,31 @@ class _ScaledSign(torch.autograd.Function):
         return g * (1.0 / n + a * (w.abs() <= 1).to(g.dtype))
 
 
+class _LayerScaledSign(torch.autograd.Function):
+    """α·sign(w) forward with a given per-layer α; identity backward (LAB: the gradient at ŵ updates w)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, a: Tensor) -> Tensor:  # type: ignore[override]
+        return a * sign_pm(w)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return g, None
+
+
+def loss_aware_alpha(w: Tensor, d: Tensor | None) -> Tensor:
+    """LAB's α = ‖d ⊙ w‖₁ / ‖d‖₁ (Hou et al. 2017, Eq. (9)); d = None (no curvature yet) gives mean|w|."""
+    if d is None:
+        return w.detach().abs().mean()
+    return (d * w.detach().abs()).sum() / d.sum()
+
+
 class BinarizeWeights(nn.Module):
     """Training parametrization: the layer computes with binary weights, the real ones learn.
 
     ``mode``: ``sign`` (BinaryConnect deterministic, BNN), ``stochastic`` (BinaryConnect stochastic: sampled in
-    training, the real weights in eval mode, as the paper evaluates), ``alpha`` (XNOR-Net / BWN: α·sign(W)).
+    training, the real weights in eval mode, as the paper evaluates), ``alpha`` (XNOR-Net / BWN: α·sign(W)),
+    ``loss_aware`` (LAB: α·sign(W) with α weighted by the curvature ``d``, set after each step).
     """
 
     def __init__(self, mode: str, generator: torch.Generator | None = None) -> None:
@@ -133,10 +159,13 @@ class BinarizeWeights(nn.Module):
         if mode not in _WEIGHT_MODES:
             raise ValueError(f"BinarizeWeights: mode must be one of {_WEIGHT_MODES}; got {mode!r}.")
         self.mode, self.generator = mode, generator
+        self.curvature: Tensor | None = None  # loss_aware: √v + ε of the real weights (Adam's second moments)
 
     def forward(self, w: Tensor) -> Tensor:
         if self.mode == "alpha":
             return _ScaledSign.apply(w)
+        if self.mode == "loss_aware":
+            return _LayerScaledSign.apply(w, loss_aware_alpha(w, self.curvature))
         if self.mode == "stochastic":
             if not self.training:
                 return w
@@ -277,15 +306,16 @@ class Binarize(Callback):
             raise ValueError(f"Binarize: inputs must be None or one of {INPUT_MODES}; got {inputs!r}.")
         self.weights, self.inputs = weights, inputs
         self.keep_first, self.keep_last, self.lr_scale, self.clip = keep_first, keep_last, lr_scale, clip
-        self.recalibrate_bn, self._train_data = recalibrate_bn, None
+        self.recalibrate_bn, self._train_data, self._optimizer = recalibrate_bn, None, None
         self.generator = torch.Generator().manual_seed(seed)
         self.layers: dict[str, nn.Module] = {}
         self.scales: dict[str, float] = {}
         self._before: dict[str, Tensor] = {}
 
-    def prepare(self, model: nn.Module, *, train_data: Any = None, **_: Any) -> None:
+    def prepare(self, model: nn.Module, *, train_data: Any = None,
+                optimizer: torch.optim.Optimizer | None = None, **_: Any) -> None:
         check_finite_model("binary", model)
-        self._train_data = train_data
+        self._train_data, self._optimizer = train_data, optimizer
         layers = prunable_layers(model, "binary")
         names = list(layers)
         chosen = names[1 if self.keep_first else 0:len(names) - 1 if self.keep_last else len(names)]
@@ -315,6 +345,9 @@ class Binarize(Callback):
     def _real(self, name: str) -> Tensor:
         return self.layers[name].parametrizations["weight"].original
 
+    def _binarizer(self, name: str) -> BinarizeWeights:
+        return next(p for p in self.layers[name].parametrizations["weight"] if isinstance(p, BinarizeWeights))
+
     def after_backward(self, trainer: Trainer | None = None) -> None:
         if self.lr_scale:
             self._before = {n: self._real(n).detach().clone() for n in self.layers if self.scales[n] != 1.0}
@@ -328,7 +361,18 @@ class Binarize(Callback):
                 w.sub_(before).mul_(self.scales[name]).add_(before)
             if self.clip:
                 w.clamp_(-1, 1)
+            if self.weights == "loss_aware":
+                self._binarizer(name).curvature = self._curvature(w, trainer)
         self._before = {}
+
+    def _curvature(self, w: Tensor, trainer: Trainer | None) -> Tensor:
+        """LAB's d = √v + 1e-8 from Adam's second moment of ``w`` (the authors' ε)."""
+        opt = trainer.optimizer if trainer is not None else self._optimizer
+        state = opt.state.get(w, {}) if opt is not None else {}
+        if "exp_avg_sq" not in state:
+            raise ValueError("lab: needs Adam's second moments (optimizer='adam'): the diagonal Hessian "
+                             f"approximation is sqrt(v); got {type(opt).__name__ if opt else 'no optimizer'}.")
+        return state["exp_avg_sq"].detach().sqrt() + 1e-8
 
     def finalize(self, model: nn.Module | None = None) -> nn.Module:
         """Replace the training parametrizations by :class:`BinaryWeights` (sign of the real weights, scale 1,
@@ -342,7 +386,11 @@ class Binarize(Callback):
             if not any(isinstance(p, BinarizeWeights) for p in m.parametrizations["weight"]):
                 continue
             real = m.parametrizations["weight"].original.detach()
-            scale = _alpha(real).flatten() if self.weights == "alpha" else torch.ones(())
+            if self.weights == "loss_aware":
+                b = next(p for p in m.parametrizations["weight"] if isinstance(p, BinarizeWeights))
+                scale = loss_aware_alpha(real, b.curvature).reshape(())
+            else:
+                scale = _alpha(real).flatten() if self.weights == "alpha" else torch.ones(())
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
             signs = sign_pm(real).to(torch.int8)
             with torch.no_grad():
@@ -356,16 +404,23 @@ class Binarize(Callback):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        out: dict[str, Any] = {"generator": self.generator.get_state()}
+        if self.weights == "loss_aware":  # resume exactly: α needs the curvature of the last step
+            out["curvature"] = {n: self._binarizer(n).curvature for n in self.layers}
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        for n, d in state.get("curvature", {}).items():
+            if n in self.layers:
+                self._binarizer(n).curvature = d
 
 
 # -- registered methods ----------------------------------------------------------------------------------
 _BC = "Courbariaux, Bengio, David 2015, BinaryConnect, arXiv:1511.00363, Sec. 2 (Eq. (1)-(3))"
 _BNN = "Hubara, Courbariaux, Soudry, El-Yaniv, Bengio 2016, Binarized Neural Networks, arXiv:1602.02830, Sec. 1"
 _XNOR = "Rastegari, Ordonez, Redmon, Farhadi 2016, XNOR-Net, arXiv:1603.05279, Sec. 3 (Eq. (1)-(11))"
+_LAB = "Hou, Yao, Kwok 2017 (ICLR), Loss-aware Binarization of Deep Networks, arXiv:1611.01600, Prop. 3.1, Eq. (8)-(9)"
 
 
 @dataclass(frozen=True)
@@ -401,6 +456,14 @@ class XNORConfig(_BinaryTrain):
     input_scale: bool = option(True, "scale binary-input outputs by K / β (Eq. (11)); the official code drops it")
 
 
+@dataclass(frozen=True)
+class LABConfig(_BinaryTrain):
+    owner: ClassVar[str] = "lab"
+    optimizer: str = option("adam", "adam only: its second moments are LAB's diagonal Hessian", choices=("adam",))
+    lr_scale: bool = option(False, "scale each binary layer's update by 1/sqrt(1.5/(fan_in+fan_out)) (the LAB "
+                                   "code does not)")
+
+
 @register("binaryconnect", kind="training", config=BinaryConnectConfig, gives="binary", needs_data=True,
           citation=_BC, summary="train with ±1 weights (deterministic or stochastic), real weights clipped to [-1, 1]")
 def _run_bc(model: nn.Module, cfg: BinaryConnectConfig, ctx: StageContext) -> dict[str, Any]:
@@ -422,5 +485,13 @@ def _run_bnn(model: nn.Module, cfg: BNNConfig, ctx: StageContext) -> dict[str, A
 def _run_xnor(model: nn.Module, cfg: XNORConfig, ctx: StageContext) -> dict[str, Any]:
     inputs = ("scaled" if cfg.input_scale else "sign") if cfg.binarize_inputs else None
     cb = Binarize("alpha", inputs, keep_first=cfg.keep_first, keep_last=cfg.keep_last, lr_scale=cfg.lr_scale,
+                  seed=cfg.seed)
+    return {**run_training(model, ctx, cfg, cb), "binary_layers": list(cb.layers)}
+
+
+@register("lab", kind="training", config=LABConfig, gives="binary", needs_data=True, citation=_LAB,
+          summary="loss-aware binarization: alpha·sign(W) per layer, alpha weighted by Adam's second moments")
+def _run_lab(model: nn.Module, cfg: LABConfig, ctx: StageContext) -> dict[str, Any]:
+    cb = Binarize("loss_aware", None, keep_first=cfg.keep_first, keep_last=cfg.keep_last, lr_scale=cfg.lr_scale,
                   seed=cfg.seed)
     return {**run_training(model, ctx, cfg, cb), "binary_layers": list(cb.layers)}
