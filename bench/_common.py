@@ -191,14 +191,14 @@ def save_figure(fig, path: Path) -> None:
     pyplot().close(fig)
 
 
-def pipeline_run(tag: str, model, stages: list[dict], data, meta: dict) -> dict:
-    """Run ``stages`` on ``model``, save bench/results/files/TAG.nsz, return its validation and test error and
-    the wall time of the stages (saving excluded)."""
+def pipeline_run(tag: str, model, stages: list[dict], data, meta: dict, out_dir: Path | None = None) -> dict:
+    """Run ``stages`` on ``model``, save OUT_DIR/TAG.nsz (default bench/results/files/; smoke runs pass the
+    cache), return its validation and test error and the wall time of the stages (saving excluded)."""
     t0 = time.perf_counter()
     pipe = ns.Pipeline.from_spec(stages)
     pipe.run(model, data)
     wall = time.perf_counter() - t0
-    f = RESULTS / "files" / f"{tag}.nsz"
+    f = (out_dir or RESULTS / "files") / f"{tag}.nsz"
     pipe.save(model, f, meta=meta)
     return {"file": rel(f), "wall_s": wall, "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]),
             "test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]), "stages": stages}

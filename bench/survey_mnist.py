@@ -138,7 +138,7 @@ def datafree(data, models: list[str], quick: bool) -> dict:
         for kind in ("datafree", "l1 neurons"):
             m = load_dense(src)
             _remove(m, kind, chosen)
-            f = RESULTS / "files" / f"survey_{name}_{kind.replace(' ', '_')}.nsz"
+            f = (CACHE if quick else RESULTS / "files") / f"survey_{name}_{kind.replace(' ', '_')}.nsz"
             ns.save_compressed(m, f, meta={"method": kind, "fraction": chosen})
             files[kind] = rel(f)
         m = load_dense(src)
@@ -168,7 +168,7 @@ def decay(data, fresh: bool, quick: bool) -> dict:
     def run(i: int, row: str, strength, seed: int) -> dict:
         tag = f"survey_decay_{i}_{strength}_s{seed}{'_quick' if quick else ''}"
         return cached_json(tag, lambda: pipeline_run(tag, load_dense(src), _decay_stages(row, strength, seed), data,
-                                                     {"method": row}), fresh)
+                                                     {"method": row}, CACHE if quick else None), fresh)
 
     out = {}
     for i, (row, (_, _, _, grid)) in enumerate(DECAY.items()):
@@ -201,7 +201,7 @@ def kfac(data, quick: bool) -> dict:
                     m, data.train).prune(m, KFAC["sparsity"])
                 wall = time.perf_counter() - t0
                 accs.append(100 * ns.evaluate(m, data.test)[1])
-                f = RESULTS / "files" / f"survey_mlpnet_{method}_{n}g_s{seed}.nsz"
+                f = (CACHE if quick else RESULTS / "files") / f"survey_mlpnet_{method}_{n}g_s{seed}.nsz"
                 ns.save_compressed(m, f, meta={"method": method, "num_grads": n})
                 files.append({"file": rel(f), "wall_s": wall})
             rows[label] = {"test_acc": accs, "files": files, "config": over}
