@@ -1,7 +1,7 @@
-"""Binary networks on MNIST (issue 21): BinaryConnect (deterministic, stochastic) and BNN MLPs, XNOR-Net and
-BWN on LeNet-5, each beside the same architecture trained in float with the same data, loss, optimizer and
-epochs; the .nsz file bytes; and the latency of the XNOR + popcount runtime against float32, interleaved in one
-process.
+"""Binary networks on MNIST (issue 21): BinaryConnect (deterministic, stochastic), BWN, loss-aware binarization
+(Hou et al. 2017, issue 20) and BNN MLPs, XNOR-Net and BWN on LeNet-5, each beside the same architecture
+trained in float with the same data, loss, optimizer and epochs; the .nsz file bytes; and the latency of the
+XNOR + popcount runtime against float32, interleaved in one process.
 
     python bench/binary_mnist.py --data-dir ../shared/data/mnist [--epochs 10] [--bnn-wide-epochs 3]
 
@@ -51,6 +51,8 @@ PAPER = {  # test error %, and where the figure comes from
     "xnor_lenet5": (None, "XNOR-Net reports no MNIST figure"),
     "bwn_lenet5": (None, "XNOR-Net reports no MNIST figure"),
     "float_lenet5": (None, "-"),
+    "bwn_mlp": (None, "BWN (XNOR-Net's weights, one alpha per neuron) on the same MLP: no paper figure"),
+    "lab_mlp": (None, "LAB (Hou et al. 2017) reports MNIST on this 3x2048 BN MLP; its table was not readable here"),
 }
 
 
@@ -69,6 +71,8 @@ SETUPS = {  # key: (model, model kwargs, Binarize arguments or None for the floa
     "float_mlp": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, None),
     "bc_det": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "sign"}),
     "bc_stoch": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "stochastic"}),
+    "bwn_mlp": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "alpha", "lr_scale": False}),
+    "lab_mlp": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "loss_aware", "lr_scale": False}),
     "bnn": ("mlp_bn", {"widths": [2048] * 3, "act": "hardtanh"}, {"weights": "sign", "inputs": "sign"}),
     "bnn_wide": ("mlp_bn", {"widths": [4096] * 3, "act": "hardtanh"}, {"weights": "sign", "inputs": "sign"}),
     "float_lenet5": ("lenet5_bn", {}, None),
@@ -194,7 +198,8 @@ def main() -> None:
     _plot(res)
 
 
-BASELINE = {"bc_det": "float_mlp", "bc_stoch": "float_mlp", "bnn": "float_mlp", "bnn_wide": "float_mlp",
+BASELINE = {"bc_det": "float_mlp", "bc_stoch": "float_mlp", "bwn_mlp": "float_mlp", "lab_mlp": "float_mlp",
+            "bnn": "float_mlp", "bnn_wide": "float_mlp",
             "bwn_lenet5": "float_lenet5", "xnor_lenet5": "float_lenet5"}
 
 
