@@ -42,6 +42,7 @@ QUICK = {
     "bnn": {"epochs": 1},
     "xnor": {"epochs": 1},
     "lab": {"epochs": 1},
+    "distort": {"epochs": 1, "distortion": "pow2"},
     "hashednets": {"epochs": 1, "compression": 0.25},
     "soft_sharing": {"epochs": 1, "tau": 0.5},
     "distill": {"epochs": 1},
