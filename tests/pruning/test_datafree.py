@@ -87,3 +87,14 @@ def test_pipeline_stage_and_the_layers_it_refuses():
         merge_neurons(ns.build_model("digits_cnn").conv1, 0.5, (1, 8, 8))
     with pytest.raises(ValueError, match="datafree: fraction must be"):
         Pipeline.from_spec([{"datafree": {"fraction": 1.0}}])
+
+
+def test_zero_partner_drops_a_silent_neuron_instead_of_adding_it_to_a_live_one():
+    # neuron 2 has tiny incoming weights; the closest real neuron is far from it, the zero neuron is not
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.01, 0.0], [5.0, 5.0]])
+    a = torch.ones(3, 4)
+    merges, sal, a_new = greedy_merge_order(w, a, 1, zero_partner=True)
+    assert merges == [(-1, 2)] and sal[0] == pytest.approx(0.01 ** 2)
+    assert torch.equal(a_new, a)  # dropped: no outgoing weights moved
+    merges, _, a_new = greedy_merge_order(w, a, 1)  # the paper's rule must pick a real partner
+    assert merges[0][1] == 2 and merges[0][0] >= 0 and float(a_new[0, merges[0][0]]) == 2.0

@@ -64,34 +64,46 @@ def pair_saliency(w_in: Tensor, a_out: Tensor) -> Tensor:
     return s
 
 
-def greedy_merge_order(w_in: Tensor, a_out: Tensor, count: int | None = None
+def greedy_merge_order(w_in: Tensor, a_out: Tensor, count: int | None = None, zero_partner: bool = False
                        ) -> tuple[list[tuple[int, int]], list[float], Tensor]:
     """The paper's greedy removal: ``count`` merges (default: down to one neuron), each of the pair with the
     smallest current saliency. Returns the merges (kept i, removed j), their saliencies, and the outgoing
-    weights after the surgery (``a_i += a_j`` for each merge; removed columns are left in place)."""
+    weights after the surgery (``a_i += a_j`` for each merge; removed columns are left in place).
+
+    ``zero_partner`` (ours, not the paper's): a virtual all-zero neuron is also a candidate partner, so a
+    neuron whose own weights are small may simply be dropped (saliency ⟨a_j²⟩‖W_j‖², merge (-1, j)) instead of
+    being added to a neuron that differs from it more than it differs from nothing."""
     n = w_in.shape[0]
     count = n - 1 if count is None else count
     if not 0 <= count < n:
         raise ValueError(f"data-free merge: cannot remove {count} of {n} neurons (at least one must stay).")
+    if zero_partner:
+        w_in = torch.cat([w_in, w_in.new_zeros(1, w_in.shape[1])])
+        a_out = torch.cat([a_out, a_out.new_zeros(a_out.shape[0], 1)], 1)
     w = w_in.double()
     sq = (w * w).sum(1)
     dist = (sq[:, None] + sq[None, :] - 2 * w @ w.T).clamp_min(0)
-    dist.fill_diagonal_(float("inf"))
+    size = dist.shape[0]
+    # blocked[i, j]: j cannot be removed into i (i = j, either one already gone, or j the virtual neuron);
+    # masked explicitly, since inf * 0 (a neuron with all-zero outgoing weights) would be NaN
+    blocked = torch.eye(size, dtype=torch.bool)
+    if zero_partner:
+        blocked[:, n] = True
     a = a_out.detach().clone().double()
     m = a.pow(2).mean(0)
     merges: list[tuple[int, int]] = []
     sal: list[float] = []
     for _ in range(count):
-        s = dist * m[None, :]
+        s = (dist * m[None, :]).masked_fill(blocked, float("inf"))
         flat = int(torch.argmin(s))
-        i, j = divmod(flat, n)
-        merges.append((i, j))
+        i, j = divmod(flat, size)
+        merges.append((-1 if i == n else i, j))
         sal.append(float(s[i, j]))
         a[:, i] += a[:, j]
         m[i] = a[:, i].pow(2).mean()
-        dist[j, :] = float("inf")  # j is gone: neither kept nor removed again
-        dist[:, j] = float("inf")
-    return merges, sal, a.to(a_out.dtype)
+        blocked[j, :] = True  # j is gone: neither kept nor removed again
+        blocked[:, j] = True
+    return merges, sal, a[:, :n].to(a_out.dtype)
 
 
 def mergeable_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ChannelGroup]]:
@@ -113,12 +125,14 @@ def mergeable_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
 
 @torch.no_grad()
 def merge_neurons(model: nn.Module, fraction: float | Mapping[str, float], input_shape: tuple[int, ...], *,
-                  surgery: bool = True, curve: bool = False) -> list[MergeReport]:
+                  surgery: bool = True, curve: bool = False, zero_partner: bool = False) -> list[MergeReport]:
     """Remove ``fraction`` of the neurons of every mergeable Linear layer (a mapping: per layer name, others
     untouched) by the greedy pairwise merge, in place; ``surgery=False`` removes the same neurons without
     adding their outgoing weights to their partners (the ablation). ``curve=True`` also reports the saliency
-    of every merge down to one neuron. Layers are processed from the input side; each layer's merge reads
-    the weights as the earlier merges left them (the incoming weights of a later layer do change)."""
+    of every merge down to one neuron; ``zero_partner`` lets a neuron be dropped rather than merged when that
+    is cheaper (see :func:`greedy_merge_order`; ours, off by default). Layers are processed from the input
+    side; each layer's merge reads the weights as the earlier merges left them (the incoming weights of a later
+    layer do change)."""
     _check_plain(model, "datafree")
     layers = mergeable_layers(model, input_shape)
     if isinstance(fraction, Mapping):
@@ -145,13 +159,14 @@ def merge_neurons(model: nn.Module, fraction: float | Mapping[str, float], input
             w_in = torch.cat([w_in, prod.bias.detach()[:, None]], 1)
         consumers = [model.get_submodule(c) for c, role, _ in g.members if role == "in"]
         a_out = torch.cat([c.weight.detach() for c in consumers], 0)
-        merges, sal, a_new = greedy_merge_order(w_in, a_out, None if curve else count)
+        merges, sal, a_new = greedy_merge_order(w_in, a_out, None if curve else count, zero_partner)
         merges, sal_done = merges[:count], sal[:count]
         if surgery:
             if curve:  # the full run went past `count`: redo the surgery for the merges kept
                 a_new = a_out.detach().clone()
                 for i, j in merges:
-                    a_new[:, i] += a_new[:, j]
+                    if i >= 0:
+                        a_new[:, i] += a_new[:, j]
             row = 0
             for c in consumers:
                 c.weight.copy_(a_new[row:row + c.weight.shape[0]])
@@ -176,6 +191,8 @@ class DataFreeConfig(MethodConfig):
         low=0, high=1, high_open=True)
     surgery: bool = option(True, "add a removed neuron's outgoing weights to its partner's (the paper); false: "
                                  "just remove it (ablation)")
+    zero_partner: bool = option(False, "also allow dropping a neuron (partner: the zero neuron) when that has the "
+                                       "smaller saliency (ours, not the paper's)")
 
 
 @register("datafree", kind="oneshot", config=DataFreeConfig, needs_data=False,
@@ -183,6 +200,7 @@ class DataFreeConfig(MethodConfig):
                    "(saliency s_ij = <a_j^2> ||W_i - W_j||^2, surgery a_i += a_j)",
           summary="merge near-duplicate neurons of fully connected layers, no data needed; layers get smaller")
 def _run_datafree(model: nn.Module, cfg: DataFreeConfig, ctx: StageContext) -> dict[str, Any]:
-    reports = merge_neurons(model, cfg.fraction, _input_shape(model, ctx), surgery=cfg.surgery)
+    reports = merge_neurons(model, cfg.fraction, _input_shape(model, ctx), surgery=cfg.surgery,
+                            zero_partner=cfg.zero_partner)
     return {"layers": [{"layer": r.layer, "before": r.before, "after": r.after,
                         "max_saliency": max(r.saliencies) if r.saliencies else 0.0} for r in reports]}
