@@ -63,7 +63,8 @@ class DistillConfig(TrainConfig):
     alpha: float = option(0.9, "weight of the soft-target term (1 - alpha on the hard labels)", low=0, high=1)
 
 
-@register("distill", kind="training", config=DistillConfig, accepts=("float", "shared", "hashed"), needs_data=True,
+@register("distill", kind="training", config=DistillConfig, accepts=("float", "shared", "hashed", "pq"),
+          needs_data=True,
           citation="Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531, "
                    "Sec. 2 (Eq. (1)-(2))",
           summary="fine-tune against the soft targets of the model the pipeline started from (masks and codebooks "

@@ -40,14 +40,15 @@ METHOD_MODULES = (
     "netsurgeon.pruning.l1", "netsurgeon.pruning.woodfisher", "netsurgeon.pruning.schedules",
     "netsurgeon.pruning.structured", "netsurgeon.pruning.datafree", "netsurgeon.pruning.decay",
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
-    "netsurgeon.quantization.distortion",
+    "netsurgeon.quantization.distortion", "netsurgeon.quantization.pq",
     "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
     "netsurgeon.sharing.soft", "netsurgeon.distill",
     "netsurgeon.lowrank",
 )
 _FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",
               "int8": "int8 weights", "binary": "binary weights (one bit each, plus scales)",
-              "hashed": "hashed weights (HashedNets buckets)"}
+              "hashed": "hashed weights (HashedNets buckets)",
+              "pq": "vector-quantized weights (codebooks + codes)"}
 
 
 def methods() -> dict[str, Method]:
@@ -120,7 +121,9 @@ def weight_form(model: nn.Module) -> str:
                     forms.add("binary")
                 elif hasattr(p, "buckets") and hasattr(p, "seed"):
                     forms.add("hashed")
-    return next((f for f in ("shared", "int8", "binary", "hashed") if f in forms), "float")
+                elif hasattr(p, "codebooks") and hasattr(p, "codes"):
+                    forms.add("pq")
+    return next((f for f in ("shared", "int8", "binary", "hashed", "pq") if f in forms), "float")
 
 
 class Pipeline:

@@ -42,7 +42,7 @@ from .sparse import best_index_bits, decode_relative, encode_relative, relative_
 __all__ = ["FORMAT_VERSION", "TensorRecord", "CompressedFile", "save_compressed", "read_header", "decode_state",
            "check_state_shapes",
            "read_compressed", "load_state_checked", "decode_shared_parts", "decode_int8", "decode_binary",
-           "decode_hashed"]
+           "decode_hashed", "decode_pq"]
 
 FORMAT_VERSION = 2
 _READABLE = (1, 2)
@@ -202,7 +202,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
         sw = par if hasattr(par, "codebook") and hasattr(par, "index") else None     # quantization.kmeans
         bw = par if hasattr(par, "signs") and hasattr(par, "scale") else None        # quantization.binary
         hw = par if hasattr(par, "buckets") and hasattr(par, "seed") else None       # sharing.hashed
-        if hw is not None:
+        pq = par if hasattr(par, "codebooks") and hasattr(par, "codes") else None    # quantization.pq
+        if pq is not None:
+            rec, b = _encode_pq(name, pq.codebooks.detach(), pq.codes, tuple(t.shape), value_dtype)
+        elif hw is not None:
             mod_name, _, attr = name.rpartition(".")
             real = (model.get_submodule(mod_name) if mod_name else model).parametrizations[attr].original
             vals = real.detach().cpu().numpy().astype(_VALUE_DTYPES[value_dtype])
@@ -236,11 +239,43 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
     return CompressedFile(str(path), size, dense, records, header)
 
 
+def _encode_pq(name: str, books: Tensor, codes: Tensor, shape: tuple[int, ...], value_dtype: str
+               ) -> tuple[TensorRecord, dict[str, bytes]]:
+    """A ``pq`` record: the codebooks (T, S, k, sub_dim) as floats and the codes at ceil(log2 k) bits."""
+    t, s, k, _ = books.shape
+    vals = books.cpu().numpy().astype(_VALUE_DTYPES[value_dtype])
+    if not np.isfinite(vals).all():
+        raise ValueError(f"save_compressed: tensor {name!r} does not fit in {value_dtype} (overflow or NaN).")
+    bits = max(1, (k - 1).bit_length())
+    packed = pack_bits(codes.cpu().numpy().astype(np.int64).ravel(), bits)
+    numel = int(np.prod(shape))
+    rec = TensorRecord(name, shape, "pq", value_dtype, 0, numel, numel, codes.numel(), vals.nbytes + len(packed),
+                       code_bits=bits, codebook_size=k, stages=t, subspaces=s)
+    return rec, {f"{name}/codebook": vals.tobytes(), f"{name}/codes": packed}
+
+
+def decode_pq(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> tuple[Tensor, Tensor]:
+    """The codebooks (T, S, k, sub_dim; float32) and codes (T, rows, S; int64) of a ``pq`` record."""
+    t, rows, s, k, d = rec.pq_layout()
+    dt = np.dtype(_VALUE_DTYPES.get(rec.value_dtype, np.float32))
+    book_b, codes_b = blobs.get(f"{rec.name}/codebook", b""), blobs.get(f"{rec.name}/codes", b"")
+    if len(book_b) != t * s * k * d * dt.itemsize or len(codes_b) != packed_size(rec.entries, rec.code_bits):
+        raise NszError(f"{p}: tensor {rec.name!r}: pq streams have the wrong length.")
+    books = np.frombuffer(book_b, dtype=dt).astype(np.float32)
+    if not np.isfinite(books).all():
+        raise NszError(f"{p}: tensor {rec.name!r}: the pq codebook holds NaN/inf values.")
+    codes = unpack_bits(codes_b, rec.entries, rec.code_bits).astype(np.int64)
+    if codes.size and int(codes.max()) >= k:
+        raise NszError(f"{p}: tensor {rec.name!r}: a pq code is {int(codes.max())}, past the codebook's {k} entries.")
+    return torch.from_numpy(books.copy()).reshape(t, s, k, d), torch.from_numpy(codes.copy()).reshape(t, rows, s)
+
+
 def _record_to_json(r: TensorRecord) -> dict[str, Any]:
     return {"name": r.name, "shape": list(r.shape), "codec": r.codec, "value_dtype": r.value_dtype,
             "index_bits": r.index_bits, "numel": r.numel, "nonzero": r.nonzero, "entries": r.entries,
             "bytes": r.bytes, "code_bits": r.code_bits, "huffman": r.huffman, "codebook_size": r.codebook_size,
-            "bytes_fixed": r.bytes_fixed, **({"seed": r.seed} if r.codec == "hashed" else {})}
+            "bytes_fixed": r.bytes_fixed, **({"seed": r.seed} if r.codec == "hashed" else {}),
+            **({"stages": r.stages, "subspaces": r.subspaces} if r.codec == "pq" else {})}
 
 
 def _int_stream(p: Path, rec: TensorRecord, blobs: dict[str, bytes], key: str, nbits: int) -> np.ndarray:
@@ -328,6 +363,12 @@ def decode_hashed(p: Path | str, rec: TensorRecord, blobs: dict[str, bytes]) -> 
 
 
 def _decode(p: Path, rec: TensorRecord, blobs: dict[str, bytes]) -> Tensor:
+    if rec.codec == "pq":
+        from ..quantization.pq import ProductQuantized
+
+        books, codes = decode_pq(p, rec, blobs)
+        with torch.no_grad():
+            return ProductQuantized(books, codes, rec.shape)(torch.empty(0))
     if rec.codec == "hashed":
         from .hashing import hash_maps
 

@@ -22,12 +22,13 @@ __all__ = ["TensorRecord", "parse_records", "check_arch", "max_elements_for", "V
 VALUE_ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8}
 _CODEC_DTYPES = {"dense": ("float32", "float16", "int64"), "sparse": ("float32", "float16"),
                  "shared": ("float32", "float16"), "int8": ("float32",),
-                 "binary": ("float32",), "hashed": ("float32", "float16")}
+                 "binary": ("float32",), "hashed": ("float32", "float16"), "pq": ("float32", "float16")}
 _INT_FIELDS = ("index_bits", "numel", "nonzero", "entries", "bytes", "code_bits", "codebook_size", "bytes_fixed",
-               "seed")
+               "seed", "stages", "subspaces")
 _FIELDS = {"name", "shape", "codec", "value_dtype", "huffman", *_INT_FIELDS}
 _OPTIONAL = {"code_bits": 0, "huffman": False, "codebook_size": 0, "bytes_fixed": 0,  # absent in version 1
-             "seed": 0}                                                                 # hashed records only
+             "seed": 0,                                                                 # hashed records only
+             "stages": 0, "subspaces": 0}                                               # pq records only
 MAX_TENSORS = 100_000
 MAX_DIMS = 8
 MAX_NAME = 512
@@ -57,6 +58,14 @@ class TensorRecord:
     codebook_size: int = 0  # shared: number of shared values; int8, binary: number of scales
     bytes_fixed: int = 0    # shared: payload bytes with fixed-width streams (before Huffman)
     seed: int = 0           # hashed: the seed of the index and sign hashes (coding/hashing.py)
+    stages: int = 0         # pq: residual stages T (quantization/pq.py)
+    subspaces: int = 0      # pq: segments S per row
+
+    def pq_layout(self) -> tuple[int, int, int, int, int]:
+        """pq: (stages T, rows, subspaces S, centroids k, sub_dim) for this record's shape."""
+        cols = self.shape[1]
+        rows = self.numel // cols
+        return self.stages, rows, self.subspaces, self.codebook_size, -(-cols // self.subspaces)
 
     @property
     def kept(self) -> float:
@@ -113,7 +122,7 @@ def _parse_one(p: str, i: int, t: Any) -> TensorRecord:
         raise NszError(f"{where}: field 'nonzero' ({ints['nonzero']}) exceeds 'numel' ({ints['numel']}).")
     return TensorRecord(name, dims, codec, dtype, ints["index_bits"], ints["numel"], ints["nonzero"],
                         ints["entries"], ints["bytes"], ints["code_bits"], huffman, ints["codebook_size"],
-                        ints["bytes_fixed"], ints["seed"])
+                        ints["bytes_fixed"], ints["seed"], ints["stages"], ints["subspaces"])
 
 
 def _stream_keys(p: str, r: TensorRecord, blobs: dict[str, bytes], key: str, nbits: int) -> list[str]:
@@ -165,6 +174,19 @@ def _check_blobs(p: str, r: TensorRecord, blobs: dict[str, bytes]) -> list[str]:
                            f"entries = codebook_size and index_bits 0; got codebook_size {r.codebook_size}, "
                            f"entries {r.entries}, index_bits {r.index_bits}.")
         return [need("values", r.codebook_size * item)]
+    if r.codec == "pq":  # codebooks (T, S, k, sub_dim) and T x rows x S codes of code_bits bits
+        cols = r.shape[1] if len(r.shape) >= 2 else 0
+        if (cols == 0 or not 1 <= r.stages <= 16 or not 1 <= r.subspaces <= cols or r.index_bits != 0
+                or not 1 <= r.code_bits <= MAX_STREAM_BITS or not 1 <= r.codebook_size <= (1 << r.code_bits)):
+            raise NszError(f"{where}: a pq record needs a shape of 2+ dimensions, 1 <= stages <= 16, 1 <= subspaces "
+                           f"<= shape[1], index_bits 0, 1 <= code_bits <= {MAX_STREAM_BITS} and 1 <= codebook_size "
+                           f"<= 2**code_bits; got shape {list(r.shape)}, stages {r.stages}, subspaces "
+                           f"{r.subspaces}, code_bits {r.code_bits}, codebook_size {r.codebook_size}.")
+        t, rows, sub, k, d = r.pq_layout()
+        if r.entries != t * rows * sub:
+            raise NszError(f"{where}: a pq record holds stages x rows x subspaces = {t * rows * sub} codes; field "
+                           f"'entries' is {r.entries}.")
+        return [need("codebook", t * sub * k * d * item), need("codes", packed_size(r.entries, r.code_bits))]
     if r.codec == "binary":
         channels = r.shape[0] if r.shape else 1
         if r.codebook_size not in (1, channels) or r.code_bits != 1 or r.index_bits != 0:

@@ -34,7 +34,7 @@ def _restore_codecs(model: nn.Module, info: CompressedFile) -> None:
     assert info.blobs is not None
     coded = set()
     for rec in info.records:
-        if rec.codec not in ("shared", "int8", "binary", "hashed"):
+        if rec.codec not in ("shared", "int8", "binary", "hashed", "pq"):
             continue
         mod_name, _, attr = rec.name.rpartition(".")
         module = model.get_submodule(mod_name)
@@ -52,6 +52,10 @@ def _restore_codecs(model: nn.Module, info: CompressedFile) -> None:
             continue
         elif rec.codec == "binary":
             par = BinaryWeights(*nsz.decode_binary(info.path, rec, info.blobs))
+        elif rec.codec == "pq":
+            from ..quantization.pq import ProductQuantized
+
+            par = ProductQuantized(*nsz.decode_pq(info.path, rec, info.blobs), rec.shape)
         else:
             par = Int8Weights(*decode_int8(info.path, rec, info.blobs))
         parametrize.register_parametrization(module, attr, par, unsafe=True)

@@ -1,0 +1,206 @@
+"""Vector quantization of weights: product quantization and residual quantization (Gong, Liu, Yang, Bourdev
+2014, "Compressing Deep Convolutional Networks using Vector Quantization", arXiv:1412.6115, Sec. 3.3-3.4),
+and the Quantized-CNN layout for convolutions (Wu, Leng, Wang, Hu, Cheng 2016, Q-CNN, Sec. 3).
+
+A weight tensor is read as *rows* of vectors along its input dimension: a Linear weight (out, in) has ``out``
+rows of length ``in``; a convolution (out, in, kh, kw) has ``out·kh·kw`` rows, one per output channel and
+kernel position, each the vector of its ``in`` input-channel weights (Q-CNN's layout: a subspace splits the
+input channels, and one codebook serves every output channel and kernel position).
+
+* ``pq`` (Gong Sec. 3.3, Eq. (4)-(5)): the row is split into S segments of ``sub_dim`` columns; each segment
+  position s gets its own k-means codebook of k centroids over the rows' segments; a row is stored as S codes.
+* ``rq`` (Gong Sec. 3.4, Eq. (6)): the whole row is quantized by k-means, then its residual by another
+  codebook, for T stages; a row is stored as T codes.
+
+The stored form (:class:`ProductQuantized`) is general: codebooks (T, S, k, sub_dim) and codes (T, rows, S);
+``W[row, segment s] = Σ_t codebooks[t, s, codes[t, row, s]]`` (the last segment is truncated when sub_dim does
+not divide the row). The codebooks are trainable, so ``finetune`` after ``pq`` updates them with the codes
+fixed, as Deep Compression fine-tunes centroids. A ``.nsz`` file holds it as the ``pq`` codec: the codebook
+floats plus the codes at ceil(log2 k) bits each.
+
+Q-CNN's own refinement, which chooses codebooks and codes to minimise each layer's *response* error on
+training inputs, is not implemented: both layouts here minimise the weight error (Gong's objective).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .._validation import check_finite_model
+from ..masks import prunable_layers
+from ..registry import MethodConfig, StageContext, option, register
+
+__all__ = ["ProductQuantized", "kmeans_vectors", "product_quantize", "residual_quantize", "quantize_vectors",
+           "PQConfig", "rows_of"]
+
+
+def rows_of(w: Tensor) -> Tensor:
+    """The rows a weight is quantized as: (out, in) for Linear, (out·kh·kw, in) for a convolution."""
+    if w.dim() == 2:
+        return w
+    return w.movedim(1, -1).reshape(-1, w.shape[1])
+
+
+def _from_rows(rows: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if len(shape) == 2:
+        return rows.reshape(shape)
+    out, cin, *k = shape
+    return rows.reshape(out, *k, cin).movedim(-1, 1)
+
+
+def kmeans_vectors(x: Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """k-means of the rows of ``x`` (n, d): k-means++ seeding (seeded), Lloyd iterations; returns the centroids
+    (k', d) (k' = min(k, n)) and each row's code (n,). Empty clusters are re-seeded at the worst-fitted row."""
+    n = x.shape[0]
+    k = min(k, n)
+    g = torch.Generator().manual_seed(seed)
+    x = x.double()
+    cents = [x[int(torch.randint(n, (1,), generator=g))]]
+    d2 = ((x - cents[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total > 0:
+            i = int(torch.multinomial(d2 / total, 1, generator=g))
+        else:  # every row is a centroid already: any row
+            i = int(torch.randint(n, (1,), generator=g))
+        cents.append(x[i])
+        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
+    c = torch.stack(cents)
+    codes = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        dist = torch.cdist(x, c) ** 2
+        new = dist.argmin(1)
+        sums = torch.zeros_like(c).index_add_(0, new, x)
+        counts = torch.bincount(new, minlength=k).double()
+        empty = counts == 0
+        c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])
+        if empty.any():  # an empty cluster takes the row that is worst fitted now
+            worst = dist.gather(1, new[:, None]).squeeze(1).argsort(descending=True)
+            c[empty] = x[worst[: int(empty.sum())]]
+        if torch.equal(new, codes):
+            break
+        codes = new
+    codes = (torch.cdist(x, c) ** 2).argmin(1)
+    return c.float(), codes
+
+
+class ProductQuantized(nn.Module):
+    """Parametrization: the weight rebuilt from ``codebooks`` (T, S, k, sub_dim; trainable) and ``codes``
+    (T, rows, S; a buffer) for a weight of ``shape`` (see the module docstring)."""
+
+    def __init__(self, codebooks: Tensor, codes: Tensor, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        t, s, k, d = codebooks.shape
+        cols = shape[1]
+        rows = math.prod(shape) // cols
+        if codes.shape != (t, rows, s) or s * d < cols or (s - 1) * d >= cols:
+            raise ValueError(f"ProductQuantized: codebooks {list(codebooks.shape)} and codes {list(codes.shape)} do "
+                             f"not describe a weight of shape {list(shape)}.")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise ValueError(f"ProductQuantized: codes must lie in [0, {k}).")
+        self.codebooks = nn.Parameter(codebooks.float().clone())
+        self.register_buffer("codes", codes.long())
+        self.shape = tuple(shape)
+
+    def forward(self, w: Tensor) -> Tensor:
+        t, s, k, d = self.codebooks.shape
+        seg = torch.arange(s)
+        rows = sum(self.codebooks[i][seg[None, :], self.codes[i]] for i in range(t))  # (rows, S, d)
+        rows = rows.reshape(rows.shape[0], s * d)[:, : self.shape[1]]
+        return _from_rows(rows, self.shape)
+
+
+def _segments(rows: Tensor, sub_dim: int) -> Tensor:
+    """(rows, cols) -> (rows, S, d) with S = ceil(cols / sub_dim) segments of d = ceil(cols / S) <= sub_dim
+    columns (the layout a file records with S alone), the last segment zero-padded."""
+    n, cols = rows.shape
+    s = -(-cols // sub_dim)
+    d = -(-cols // s)
+    padded = torch.zeros(n, s * d, dtype=rows.dtype)
+    padded[:, :cols] = rows
+    return padded.reshape(n, s, d)
+
+
+def product_quantize(w: Tensor, sub_dim: int, k: int, seed: int = 0) -> ProductQuantized:
+    """Gong et al. Sec. 3.3: k-means per segment position over the rows' segments of ``sub_dim`` columns."""
+    segs = _segments(rows_of(w.detach()), sub_dim)
+    n, s, d = segs.shape
+    books = torch.zeros(1, s, min(k, n), d)
+    codes = torch.zeros(1, n, s, dtype=torch.long)
+    for j in range(s):
+        c, codes[0, :, j] = kmeans_vectors(segs[:, j], k, seed=seed + j)
+        books[0, j, : c.shape[0]] = c
+    return ProductQuantized(books, codes, tuple(w.shape))
+
+
+def residual_quantize(w: Tensor, k: int, stages: int, seed: int = 0) -> ProductQuantized:
+    """Gong et al. Sec. 3.4: whole rows quantized by k-means, then the residual, ``stages`` times."""
+    rows = rows_of(w.detach()).float()
+    n, d = rows.shape
+    books = torch.zeros(stages, 1, min(k, n), d)
+    codes = torch.zeros(stages, n, 1, dtype=torch.long)
+    residual = rows.clone()
+    for t in range(stages):
+        c, codes[t, :, 0] = kmeans_vectors(residual, k, seed=seed + 1000 * t)
+        books[t, 0, : c.shape[0]] = c
+        residual = residual - c[codes[t, :, 0]]
+    return ProductQuantized(books, codes, tuple(w.shape))
+
+
+@torch.no_grad()
+def quantize_vectors(model: nn.Module, kind: str = "pq", *, sub_dim: int = 4, k: int = 256, stages: int = 2,
+                     layers: str = "all", seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Replace each Linear (and, with ``layers="all"``, Conv) weight by its vector-quantized form, in place.
+    Returns per layer: bits per weight of the codes plus codebooks (float32), and the relative RMS error. A layer
+    whose codebooks and codes would take 32 bits per weight or more (few rows: the codebooks dominate) stays
+    float and is reported as skipped."""
+    check_finite_model("pq", model)
+    out = {}
+    for name, m in prunable_layers(model, "pq").items():
+        if layers == "fc" and not isinstance(m, nn.Linear):
+            continue
+        if parametrize.is_parametrized(m, "weight"):
+            raise ValueError(f"pq: layer {name!r} already holds parametrized weights (masks or codebooks); vector "
+                             "quantization starts from float weights.")
+        w = m.weight.detach().clone()
+        par = product_quantize(w, sub_dim, k, seed) if kind == "pq" else residual_quantize(w, k, stages, seed)
+        t, s, kk, d = par.codebooks.shape
+        bits = par.codes.numel() * max(1, (kk - 1).bit_length()) + 32 * par.codebooks.numel()
+        if bits >= 32 * w.numel():
+            out[name] = {"skipped": f"{bits / w.numel():.1f} bits per weight would not be smaller than float32"}
+            continue
+        parametrize.register_parametrization(m, "weight", par, unsafe=True)
+        out[name] = {"bits_per_weight": bits / w.numel(), "codebook_size": kk, "stages": t, "subspaces": s,
+                     "relative_rms_error": float((m.weight - w).norm() / w.norm().clamp_min(1e-12))}
+    if not any("skipped" not in v for v in out.values()):
+        raise ValueError(f"pq: no layer to quantize (layers={layers!r}, or every layer too small for its "
+                         "codebooks).")
+    return out
+
+
+@dataclass(frozen=True)
+class PQConfig(MethodConfig):
+    owner: ClassVar[str] = "pq"
+    kind: str = option("pq", "pq: product quantization (segments of sub_dim); rq: residual quantization of whole "
+                             "rows in `stages` codebooks", choices=("pq", "rq"))
+    sub_dim: int = option(4, "pq: columns per segment (Gong's s = in / sub_dim segments)", low=1, high=4096)
+    k: int = option(256, "centroids per codebook (codes take ceil(log2 k) bits)", low=2, high=65536)
+    stages: int = option(2, "rq: number of residual stages", low=1, high=16)
+    layers: str = option("all", "all: Linear and Conv (Q-CNN's layout for convolutions); fc: Linear only",
+                         choices=("all", "fc"))
+    seed: int = option(0, "seed of the k-means++ seeding", low=0)
+
+
+@register("pq", kind="quantizer", config=PQConfig, gives="pq", needs_data=False,
+          citation="Gong, Liu, Yang, Bourdev 2014, Compressing Deep Convolutional Networks using Vector "
+                   "Quantization, Sec. 3.3-3.4; conv layout as Wu et al. 2016 (Q-CNN), Sec. 3",
+          summary="product / residual vector quantization of weights: codebooks + codes per layer")
+def _run_pq(model: nn.Module, cfg: PQConfig, ctx: StageContext) -> dict[str, Any]:
+    return {"layers": quantize_vectors(model, cfg.kind, sub_dim=cfg.sub_dim, k=cfg.k, stages=cfg.stages,
+                                       layers=cfg.layers, seed=cfg.seed)}

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+import netsurgeon as ns
+from netsurgeon.coding.container import NszError
+from netsurgeon.pipeline import Pipeline
+from netsurgeon.quantization.pq import ProductQuantized, kmeans_vectors, product_quantize, residual_quantize
+
+
+def test_kmeans_with_as_many_centroids_as_distinct_rows_is_exact():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 3, generator=g)
+    x = base[torch.randint(5, (40,), generator=g)]
+    c, codes = kmeans_vectors(x, 5)
+    torch.testing.assert_close(c[codes], x)
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (6, 9, 3, 3)])
+def test_pq_layout_rebuilds_the_weight_and_residual_stages_lower_the_error(shape):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=g)
+    rows = 12 if len(shape) == 2 else 6 * 9
+    exact = product_quantize(w, 4, k=rows)  # as many centroids as rows: every segment is its own centroid
+    torch.testing.assert_close(exact(w).detach(), w)
+    one, two = residual_quantize(w, 4, 1), residual_quantize(w, 4, 2)
+    with torch.no_grad():
+        assert float((two(w) - w).norm()) < float((one(w) - w).norm())
+    coarse = product_quantize(w, 4, k=3)
+    assert coarse.codes.shape == (1, rows, 3) and int(coarse.codes.max()) < 3  # ceil(cols / 4) segments
+    with pytest.raises(ValueError, match="do not describe a weight"):
+        ProductQuantized(coarse.codebooks.detach(), coarse.codes[:, :-1], w.shape)
+
+
+def test_pq_file_holds_codebooks_and_codes_and_reloads_the_same_module(digits, tmp_path):
+    torch.manual_seed(0)
+    model = ns.build_model("lenet300", digits.input_shape)
+    records = Pipeline.from_spec([{"pq": {"k": 16, "sub_dim": 8}}, {"finetune": {"epochs": 1, "max_steps": 5}}]
+                                 ).run(model, digits)
+    layers = records[0]["report"]["layers"]
+    assert layers["fc1"]["bits_per_weight"] < 2.5 and "skipped" in layers["fc3"]  # 10 rows: codebooks dominate
+    book_before = model.fc1.parametrizations["weight"][0].codebooks.detach().clone()
+    assert not torch.equal(book_before, product_quantize(model.fc1.parametrizations["weight"].original, 8, 16)
+                           .codebooks)  # fine-tuning moved the centroids
+    x = digits.test.x[:8]
+    with torch.no_grad():
+        ref = model(x)
+    info = ns.save_compressed(model, tmp_path / "m.nsz")
+    rec = next(r for r in info.records if r.name == "fc1.weight")
+    assert rec.codec == "pq" and rec.code_bits == 4 and rec.subspaces == 8  # digits: 64 inputs, 8 segments
+    assert rec.bytes == 16 * 8 * 8 * 4 + 300 * 8 * 4 // 8  # the codebooks + 4-bit codes
+    for keep in (False, True):
+        with torch.no_grad():
+            torch.testing.assert_close(ns.load_compressed(tmp_path / "m.nsz", keep_codecs=keep)(x), ref)
+    kept = ns.load_compressed(tmp_path / "m.nsz", keep_codecs=True)
+    assert isinstance(kept.fc1.parametrizations["weight"][0], ProductQuantized)
+
+
+def test_a_pq_code_past_the_codebook_is_refused(tmp_path):
+    from netsurgeon.coding.container import read_container, write_container
+
+    torch.manual_seed(0)
+    model = ns.build_model("lenet300")
+    Pipeline.from_spec([{"pq": {"k": 3, "sub_dim": 8, "layers": "fc"}}]).run(model)
+    ns.save_compressed(model, tmp_path / "m.nsz")
+    header, blobs = read_container(tmp_path / "m.nsz")
+    blobs["fc1.weight/codes"] = b"\xff" * len(blobs["fc1.weight/codes"])  # code 3 with k = 3
+    write_container(tmp_path / "bad.nsz", header, blobs)
+    with pytest.raises(NszError, match="past the codebook's 3 entries"):
+        ns.load_compressed(tmp_path / "bad.nsz")
