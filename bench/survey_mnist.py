@@ -14,6 +14,10 @@
   with each weight distortion in the forward pass (binarize, additive noise, power of two), then each network
   tested under each distortion (the paper's table; it reports CIFAR-10 and ImageNet, so the MNIST figures are
   ours alone). Noise columns average 3 draws.
+* pq: vector quantization (Gong et al. 2014: product quantization, residual quantization; convolutions in
+  Q-CNN's layout) of the dense LeNet-300-100 and LeNet-5, no fine-tuning (Gong's protocol), and with 1 epoch of
+  codebook fine-tuning, beside scalar k-means at a similar file size. Gong and Wu et al. report ImageNet, so
+  the MNIST figures are ours alone.
 * kfac: K-FAC (Martens & Grosse 2015) as OBS's Fisher, beside WoodFisher and global magnitude on MLPNet at 95%
   sparsity, one-shot, 3 Fisher seeds, 100 and 8,000 gradients; WoodFisher's repository reports 81.26% for
   K-FAC (and 84.18% for WoodFisher) at 95% with 100 gradients from a 93.97% dense model.
@@ -77,6 +81,13 @@ DISTORT_TRAIN = ns.TrainConfig(epochs=5, lr=0.05, weight_decay=1e-4, schedule="c
 DISTORT_TRAINED = [None, "binarize", "noise", "pow2"]
 DISTORT_TESTS = {"none": None, "binarize": ("binarize", {}), "noise 0.5": ("noise", {"sigma": 0.5}),
                  "multiplicative 0.5": ("multiplicative", {"sigma": 0.5}), "pow2 (8 levels)": ("pow2", {})}
+PQ = {  # label -> stages (before the optional fine-tune)
+    "pq, 4-column segments, k=256": [{"pq": {"kind": "pq", "sub_dim": 4, "k": 256}}],
+    "pq, 8-column segments, k=256": [{"pq": {"kind": "pq", "sub_dim": 8, "k": 256}}],
+    "rq, 2 stages, k=256": [{"pq": {"kind": "rq", "stages": 2, "k": 256}}],
+    "scalar k-means, 2 bits": [{"kmeans": {"bits": 2}}],
+    "scalar k-means, 4 bits": [{"kmeans": {"bits": 4}}],
+}
 KFAC = {"sparsity": 0.95, "grads": [100, 8000], "paper": {"kfac": 81.26, "woodfisher": 84.18, "dense": 93.97}}
 
 
@@ -218,6 +229,25 @@ def distortion(data, quick: bool) -> dict:
     return out
 
 
+# -- vector quantization ---------------------------------------------------------------------------------------
+def vector_quantization(data, models: list[str], fresh: bool, quick: bool) -> dict:
+    out = {}
+    for name in models:
+        src = dense_model(name, data)[0]
+        res = {}
+        for i, (label, stages) in enumerate(PQ.items() if not quick else list(PQ.items())[:1]):
+            for ft in (False, True):
+                tag = f"survey_pq_{name}_{i}{'_ft' if ft else ''}{'_quick' if quick else ''}"
+                st = [*stages, {"finetune": {**asdict(FINETUNE), "max_steps": 20 if quick else None}}] if ft \
+                    else stages
+                res[f"{label}{', 1 ep codebook fine-tune' if ft else ''}"] = cached_json(
+                    tag, lambda t=tag, s=st, lb=label, sr=src: pipeline_run(t, load_dense(sr), s, data, {"method": lb},
+                                                                    CACHE if quick else None), fresh)
+        out[name] = res
+        print(name, {k: round(v["test_error_pct"], 2) for k, v in res.items()}, flush=True)
+    return out
+
+
 # -- K-FAC vs WoodFisher --------------------------------------------------------------------------------------
 def kfac(data, quick: bool) -> dict:
     src = dense_model("mlpnet", data)[0]
@@ -281,6 +311,10 @@ def table(res: dict, data) -> list[dict]:
         rows.append(_row("lenet300", f"{row} ({d['chosen_strength']}), {DECAY_TRAIN.epochs} ep, cut to "
                          f"{DECAY_SPARSITY:.0%}, {FINETUNE.epochs} ep fine-tune", d["runs"][0]["file"], m, sd,
                          dense300, mean_std([r["wall_s"] for r in d["runs"]])[0], seeds=len(d["runs"])))
+    for name, runs in res.get("pq", {}).items():
+        dense_err = err(load_dense(dense_model(name, data)[0]), data.test)
+        for label, r in runs.items():
+            rows.append(_row(name, label, r["file"], r["test_error_pct"], None, dense_err, r["wall_s"]))
     for label, r in res.get("distortion", {}).items():
         rows.append(_row("lenet300", f"trained with distortion: {label}, {DISTORT_TRAIN.epochs} epochs (error clean; "
                          "under each distortion: see distortion)", r["file"], r["test_error_pct"], None, None,
@@ -354,8 +388,8 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def extra(ap) -> None:
-        ap.add_argument("--parts", nargs="+", default=["datafree", "decay", "distortion", "kfac"],
-                        choices=["datafree", "decay", "distortion", "kfac"])
+        ap.add_argument("--parts", nargs="+", default=["datafree", "decay", "distortion", "pq", "kfac"],
+                        choices=["datafree", "decay", "distortion", "pq", "kfac"])
 
     args, data = parse_args(__doc__, ["lenet5", "lenet300"], "2 fractions, 1 seed, one strength, 100 gradients",
                             extra)
@@ -376,6 +410,8 @@ def main() -> None:
     if "distortion" in args.parts:
         res["distortion"] = cached_json(f"survey_distortion{'_quick' if args.quick else ''}",
                                         lambda: distortion(data, args.quick), args.fresh)
+    if "pq" in args.parts:
+        res["pq"] = vector_quantization(data, args.models, args.fresh, args.quick)
     if "kfac" in args.parts:
         res["kfac"] = cached_json(f"survey_kfac{'_quick' if args.quick else ''}", lambda: kfac(data, args.quick),
                                   args.fresh)
