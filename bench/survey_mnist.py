@@ -337,7 +337,7 @@ def table(res: dict, data) -> list[dict]:
 
 def plot(res: dict, path) -> None:
     plt = pyplot()
-    parts = [p for p in ("datafree", "decay", "kfac") if p in res]
+    parts = [p for p in ("datafree", "decay", "distortion", "pq", "kfac") if p in res]
     fig, axes = plt.subplots(1, len(parts) + ("datafree" in res), figsize=(5 * (len(parts) + 1), 4), squeeze=False)
     axes = list(axes[0])
     if "datafree" in res:
@@ -369,6 +369,35 @@ def plot(res: dict, path) -> None:
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel(f"test error % at {DECAY_SPARSITY:.0%} sparsity (LeNet-300-100)")
         ax.set_title("pruning by decay, equal sparsity")
+    if "distortion" in res:
+        ax = axes.pop(0)
+        trained = list(res["distortion"])
+        tests = list(next(iter(res["distortion"].values()))["test_error_under"])
+        grid = [[res["distortion"][t]["test_error_under"][c] for c in tests] for t in trained]
+        from matplotlib.colors import LogNorm
+
+        im = ax.imshow(grid, cmap="viridis_r", norm=LogNorm())
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_xticks(range(len(tests)), tests, rotation=30, fontsize=7)
+        ax.set_yticks(range(len(trained)), [f"trained: {t}" for t in trained], fontsize=7)
+        ax.set_title("test error % under each distortion (LeNet-300-100)")
+        fig.colorbar(im, ax=ax)
+    if "pq" in res:
+        ax = axes.pop(0)
+        for name, runs in res["pq"].items():
+            for label, r in runs.items():
+                size = (REPO / r["file"]).stat().st_size if (REPO / r["file"]).is_file() else None
+                if size:
+                    ax.scatter(size / 1024, r["test_error_pct"], s=12,
+                               marker="o" if "fine-tune" in label else "x", label=f"{name}: {label}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(".nsz KiB")
+        ax.set_ylabel("test error %")
+        ax.set_title("vector vs scalar quantization")
+        ax.legend(fontsize=5)
     if "kfac" in res:
         ax = axes.pop(0)
         for i, (n, g) in enumerate(res["kfac"]["grads"].items()):
