@@ -44,6 +44,7 @@ QUICK = {
     "lab": {"epochs": 1},
     "distort": {"epochs": 1, "distortion": "pow2"},
     "pq": {"k": 4, "sub_dim": 4},
+    "hwgq": {"epochs": 1},
     "hashednets": {"epochs": 1, "compression": 0.25},
     "soft_sharing": {"epochs": 1, "tau": 0.5},
     "distill": {"epochs": 1},
@@ -188,11 +189,11 @@ def test_every_method_compresses_saves_and_reloads_the_same_module(method, model
         assert type(loaded) is type(model)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
-    if get_method(method).gives is not None:  # the stored form is the method's: k-means codes or int8 values
+    form = get_method(method).output_form(pipe.stages[0].config) if stages else None
+    if form is not None:  # the stored form is the method's: k-means codes or int8 values
         codecs = {r.codec for r in info.records if r.name.endswith("weight") and len(r.shape) > 1}
-        form = get_method(method).gives
-        if method in ("xnor", "hashednets", "pq"):  # xnor: the first and last layers stay real; hashednets: fc
-            # only; pq: a layer too small for its codebooks stays float
+        if method in ("xnor", "hwgq", "hashednets", "pq"):  # xnor, hwgq: the first and last layers stay real;
+            # hashednets: fc only; pq: a layer too small for its codebooks stays float
             assert form in codecs and (len(codecs) > 1 or method in ("hashednets", "pq"))
         else:
             assert codecs == {"shared" if form == "shared" else form}

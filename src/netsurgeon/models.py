@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 __all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "rebuild_matching",
            "resnet_small", "UntrustedCodeError", "record_resized", "resized_record", "apply_resized", "layer_sizes",
-           "original_model", "mlp_bn", "lenet5_bn", "mlp_dropout", "record_binary_inputs", "record_factorized",
-           "apply_factorized"]
+           "original_model", "mlp_bn", "lenet5_bn", "mlp_dropout", "record_binary_inputs", "record_hwgq_inputs",
+           "record_factorized", "apply_factorized"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
 
@@ -357,7 +357,11 @@ def apply_arch_changes(model: nn.Module, arch: dict[str, Any], source: str = "fi
         from .quantization.binary import apply_binary_inputs
 
         apply_binary_inputs(model, arch["binary_inputs"], source)
-    return bool(arch.get("resized") or arch.get("factorized") or arch.get("binary_inputs"))
+    if arch.get("hwgq_inputs"):
+        from .quantization.hwgq import apply_hwgq_inputs
+
+        apply_hwgq_inputs(model, arch["hwgq_inputs"], source)
+    return bool(arch.get("resized") or arch.get("factorized") or arch.get("binary_inputs") or arch.get("hwgq_inputs"))
 
 
 def record_resized(model: nn.Module, resized: dict[str, dict[str, int]]) -> None:
@@ -368,6 +372,12 @@ def record_resized(model: nn.Module, resized: dict[str, dict[str, int]]) -> None
     for name, sizes in resized.items():
         merged.setdefault(name, {}).update(sizes)
     object.__setattr__(model, _ARCH_ATTR, {**arch, "resized": merged})
+
+
+def record_hwgq_inputs(model: nn.Module, inputs: dict[str, int]) -> None:
+    """Record the layers whose input is HWGQ-quantized and their bits, so a ``.nsz`` file rebuilds the quantizers."""
+    arch = arch_of(model) or {}
+    object.__setattr__(model, _ARCH_ATTR, {**arch, "hwgq_inputs": {**(arch.get("hwgq_inputs") or {}), **inputs}})
 
 
 def record_binary_inputs(model: nn.Module, inputs: dict[str, str]) -> None:
@@ -414,7 +424,7 @@ def original_model(arch: dict[str, Any] | None, *, trust_code: bool = False, dev
     if not arch or not (arch.get("resized") or arch.get("factorized")) or ("name" not in arch
                                                                            and "factory" not in arch):
         return None
-    base = {k: v for k, v in arch.items() if k not in ("resized", "binary_inputs", "factorized")}
+    base = {k: v for k, v in arch.items() if k not in ("resized", "binary_inputs", "factorized", "hwgq_inputs")}
     with torch.device(device):
         return rebuild(base, trust_code=trust_code)
 

@@ -40,7 +40,7 @@ METHOD_MODULES = (
     "netsurgeon.pruning.l1", "netsurgeon.pruning.woodfisher", "netsurgeon.pruning.schedules",
     "netsurgeon.pruning.structured", "netsurgeon.pruning.datafree", "netsurgeon.pruning.decay",
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
-    "netsurgeon.quantization.distortion", "netsurgeon.quantization.pq",
+    "netsurgeon.quantization.distortion", "netsurgeon.quantization.pq", "netsurgeon.quantization.hwgq",
     "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
     "netsurgeon.sharing.soft", "netsurgeon.distill",
     "netsurgeon.lowrank",
@@ -233,8 +233,9 @@ class Pipeline:
                                  f"{_FORM_TEXT[form]}; put {m.name!r} earlier.")
             if m.requires_data(st.config) and not has_data:
                 raise ValueError(f"pipeline: stage {i} {m.name!r} needs data ({KINDS[m.kind]}); give a data set.")
-            if m.gives is not None:
-                form, came_from = m.gives, f"stage {i} {m.name!r}"
+            gives = m.output_form(st.config)
+            if gives is not None:
+                form, came_from = gives, f"stage {i} {m.name!r}"
 
     @property
     def encode(self) -> EncodeConfig:

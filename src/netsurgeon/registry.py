@@ -215,7 +215,7 @@ class Method:
     summary: str
     run: Callable[..., dict[str, Any]]
     accepts: frozenset[str]
-    gives: str | None
+    gives: str | None | Callable[[Any], str | None]
     needs_data: bool | Callable[[Any], bool]
 
     def make_config(self, values: Mapping[str, Any] | None = None) -> MethodConfig:
@@ -223,6 +223,10 @@ class Method:
 
     def requires_data(self, config: MethodConfig) -> bool:
         return bool(self.needs_data(config) if callable(self.needs_data) else self.needs_data)
+
+    def output_form(self, config: MethodConfig) -> str | None:
+        """The weight form this stage leaves with ``config`` (None: the form it received)."""
+        return self.gives(config) if callable(self.gives) else self.gives
 
 
 REGISTRY: dict[str, Method] = {}
@@ -232,16 +236,16 @@ _Run = Callable[..., dict[str, Any]]
 
 
 def register(name: str, *, kind: str, config: type[MethodConfig], citation: str, summary: str,
-             accepts: tuple[str, ...] = ("float",), gives: str | None = None,
+             accepts: tuple[str, ...] = ("float",), gives: str | None | Callable[[Any], str | None] = None,
              needs_data: bool | Callable[[Any], bool] = False) -> Callable[[_Run], _Run]:
     """Register ``run`` as method ``name``. ``accepts``: weight forms it can start from; ``gives``: the form it
-    leaves (None: unchanged); ``needs_data``: a bool or a function of the config. Raises RuntimeError on a
-    duplicate name or a malformed declaration."""
+    leaves (None: unchanged; or a function of the config); ``needs_data``: a bool or a function of the config.
+    Raises RuntimeError on a duplicate name or a malformed declaration."""
     if kind not in KINDS:
         raise RuntimeError(f"register({name!r}): kind must be one of {list(KINDS)}; got {kind!r}.")
     if not dataclasses.is_dataclass(config) or not issubclass(config, MethodConfig):
         raise RuntimeError(f"register({name!r}): config must be a MethodConfig dataclass.")
-    bad = set(accepts) - set(FORMS) | ({gives} - set(FORMS) - {None})
+    bad = set(accepts) - set(FORMS) | ({gives} - set(FORMS) - {None} if not callable(gives) else set())
     if bad:
         raise RuntimeError(f"register({name!r}): unknown weight form(s) {sorted(map(str, bad))}.")
 

@@ -236,11 +236,13 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
     where = f"{p}: architecture record"
     if not isinstance(arch, dict):
         raise NszError(f"{where} must be a mapping; got {_short(arch)}.")
-    known = {"name", "input_shape", "num_classes", "kwargs", "factory", "resized", "binary_inputs", "factorized"}
+    known = {"name", "input_shape", "num_classes", "kwargs", "factory", "resized", "binary_inputs", "factorized",
+             "hwgq_inputs"}
     if set(arch) - known:
         raise NszError(f"{where}: unknown field(s) {sorted(map(str, set(arch) - known))}.")
     if ("name" in arch and "factory" in arch) or ("name" not in arch and "factory" not in arch
-                                                   and not {"resized", "binary_inputs", "factorized"} & set(arch)):
+                                                   and not {"resized", "binary_inputs", "factorized",
+                                                            "hwgq_inputs"} & set(arch)):
         raise NszError(f"{where} needs exactly one of 'name' or 'factory'.")
     for key in ("name", "factory"):
         if key in arch and (not isinstance(arch[key], str) or not 0 < len(arch[key]) <= 200):
@@ -295,4 +297,11 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
                 isinstance(k, str) and 0 < len(k) <= MAX_NAME and v in ("sign", "scaled") for k, v in inputs.items()):
             raise NszError(f"{where}: field 'binary_inputs' must map layer names to 'sign' or 'scaled'; got "
                            f"{_short(inputs)}.")
+    hwgq = arch.get("hwgq_inputs")
+    if hwgq is not None:  # HWGQ activations: {layer: bits}
+        if not isinstance(hwgq, dict) or len(hwgq) > 10_000 or not all(
+                isinstance(k, str) and 0 < len(k) <= MAX_NAME for k in hwgq):
+            raise NszError(f"{where}: field 'hwgq_inputs' must map layer names to bits; got {_short(hwgq)}.")
+        for layer, bits in hwgq.items():
+            _int(where, f"hwgq_inputs.{layer}", bits, 1, 8)
     return arch
