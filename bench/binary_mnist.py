@@ -1,5 +1,5 @@
 """Binary networks on MNIST (issue 21): BinaryConnect (deterministic, stochastic), BWN, loss-aware binarization
-(Hou et al. 2017, issue 20) and BNN MLPs, XNOR-Net and BWN on LeNet-5, each beside the same architecture
+(Hou et al. 2017, issue 20) and BNN MLPs, XNOR-Net, BWN and HWGQ on LeNet-5, each beside the same architecture
 trained in float with the same data, loss, optimizer and epochs; the .nsz file bytes; and the latency of the
 XNOR + popcount runtime against float32, interleaved in one process.
 
@@ -53,6 +53,7 @@ PAPER = {  # test error %, and where the figure comes from
     "float_lenet5": (None, "-"),
     "bwn_mlp": (None, "BWN (XNOR-Net's weights, one alpha per neuron) on the same MLP: no paper figure"),
     "lab_mlp": (None, "LAB (Hou et al. 2017) reports MNIST on this 3x2048 BN MLP; its table was not readable here"),
+    "hwgq_lenet5": (None, "HWGQ (Cai et al. 2017) reports ImageNet only; 2-bit activations + BWN weights"),
 }
 
 
@@ -80,6 +81,7 @@ SETUPS = {  # key: (model, model kwargs, Binarize arguments or None for the floa
                                      "lr_scale": False}),
     "xnor_lenet5": ("lenet5_bn", {}, {"weights": "alpha", "inputs": "scaled", "keep_first": True,
                                       "keep_last": True, "lr_scale": False}),
+    "hwgq_lenet5": ("lenet5_bn", {}, {"hwgq": {"bits": 2, "backward": "clipped"}}),  # + BWN weights
 }
 
 
@@ -89,7 +91,12 @@ def train_one(key: str, data, epochs: int) -> dict:
     model = ns.build_model(model_name, **kwargs)
     cfg = _config(key, epochs)
     best = BestOnValidation()
-    callbacks = ([Binarize(**binarize)] if binarize else []) + [best]
+    if binarize and "hwgq" in binarize:
+        from netsurgeon.quantization.hwgq import HWGQ
+
+        callbacks = [HWGQ(**binarize["hwgq"]), best]
+    else:
+        callbacks = ([Binarize(**binarize)] if binarize else []) + [best]
     ckpt = CACHE / f"binary_{key}_{epochs}.ckpt"
     wall_file = ckpt.with_suffix(".wall")  # training time summed over the runs that resumed this checkpoint
     t0 = time.perf_counter()
@@ -100,7 +107,7 @@ def train_one(key: str, data, epochs: int) -> dict:
     best.restore(model)
     out = {"model": model_name, "kwargs": kwargs, "binarize": binarize, "epochs": epochs,
            "best_val_epoch": best.best_epoch, "train_config": cfg.to_dict(), "wall_s": wall}
-    if binarize and binarize["weights"] == "stochastic":  # the paper evaluates with the real weights, its code
+    if binarize and binarize.get("weights") == "stochastic":  # the paper evaluates with the real weights, its code
         recalibrate_batchnorm(model, data.train)  # with BN statistics re-estimated for them
         out["test_error_real_weights_pct"] = _err(model, data.test)
     if binarize:
@@ -200,7 +207,7 @@ def main() -> None:
 
 BASELINE = {"bc_det": "float_mlp", "bc_stoch": "float_mlp", "bwn_mlp": "float_mlp", "lab_mlp": "float_mlp",
             "bnn": "float_mlp", "bnn_wide": "float_mlp",
-            "bwn_lenet5": "float_lenet5", "xnor_lenet5": "float_lenet5"}
+            "bwn_lenet5": "float_lenet5", "xnor_lenet5": "float_lenet5", "hwgq_lenet5": "float_lenet5"}
 
 
 def _rows(res: dict) -> list[dict]:
