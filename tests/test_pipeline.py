@@ -45,6 +45,7 @@ QUICK = {
     "distort": {"epochs": 1, "distortion": "pow2"},
     "pq": {"k": 4, "sub_dim": 4},
     "hwgq": {"epochs": 1},
+    "fewmult": {"epochs": 1},
     "hashednets": {"epochs": 1, "compression": 0.25},
     "soft_sharing": {"epochs": 1, "tau": 0.5},
     "distill": {"epochs": 1},

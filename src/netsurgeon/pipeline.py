@@ -41,6 +41,7 @@ METHOD_MODULES = (
     "netsurgeon.pruning.structured", "netsurgeon.pruning.datafree", "netsurgeon.pruning.decay",
     "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
     "netsurgeon.quantization.distortion", "netsurgeon.quantization.pq", "netsurgeon.quantization.hwgq",
+    "netsurgeon.quantization.fewmult",
     "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
     "netsurgeon.sharing.soft", "netsurgeon.distill",
     "netsurgeon.lowrank",
