@@ -18,6 +18,10 @@
   Q-CNN's layout) of the dense LeNet-300-100 and LeNet-5, no fine-tuning (Gong's protocol), and with 1 epoch of
   codebook fine-tuning, beside scalar k-means at a similar file size. Gong and Wu et al. report ImageNet, so
   the MNIST figures are ours alone.
+* fewmult: Lin et al. 2016, a BatchNorm MLP 784-300-100-10 trained from the same initial weights in float, with
+  stochastic ternary connect, ternary connect + quantized back-propagation, and binary connect + quantized
+  back-propagation (Adam, 5 epochs, best validation epoch not used: last epoch, the same for every row). The
+  paper's MNIST table could not be read here (its abstract: no loss against standard training).
 * kfac: K-FAC (Martens & Grosse 2015) as OBS's Fisher, beside WoodFisher and global magnitude on MLPNet at 95%
   sparsity, one-shot, 3 Fisher seeds, 100 and 8,000 gradients; WoodFisher's repository reports 81.26% for
   K-FAC (and 84.18% for WoodFisher) at 95% with 100 gradients from a 93.97% dense model.
@@ -88,6 +92,11 @@ PQ = {  # label -> stages (before the optional fine-tune)
     "scalar k-means, 2 bits": [{"kmeans": {"bits": 2}}],
     "scalar k-means, 4 bits": [{"kmeans": {"bits": 4}}],
 }
+FEWMULT_TRAIN = ns.TrainConfig(epochs=5, lr=1e-3, optimizer="adam", weight_decay=0.0, schedule="cosine",
+                               batch_size=100)
+FEWMULT = {"float": None, "ternary connect": {"weights": "ternary", "quantized_backprop": False},
+           "ternary connect + quantized backprop": {"weights": "ternary", "quantized_backprop": True},
+           "binary connect + quantized backprop": {"weights": "binary", "quantized_backprop": True}}
 KFAC = {"sparsity": 0.95, "grads": [100, 8000], "paper": {"kfac": 81.26, "woodfisher": 84.18, "dense": 93.97}}
 
 
@@ -248,6 +257,20 @@ def vector_quantization(data, models: list[str], fresh: bool, quick: bool) -> di
     return out
 
 
+# -- few multiplications --------------------------------------------------------------------------------------
+def few_multiplications(data, quick: bool) -> dict:
+    out = {}
+    cfg = asdict(FEWMULT_TRAIN) | ({"epochs": 1, "max_steps": 30} if quick else {})
+    for i, (label, opts) in enumerate(FEWMULT.items()):
+        torch.manual_seed(0)  # the same initial weights for every row
+        model = ns.build_model("mlp_bn", widths=[300, 100])
+        stage = {"fewmult": {**cfg, **opts}} if opts else {"finetune": cfg}
+        out[label] = pipeline_run(f"survey_fewmult_{i}", model, [stage], data, {"method": label},
+                                  CACHE if quick else None)
+        print(f"fewmult {label:38s} test {out[label]['test_error_pct']:.2f}%", flush=True)
+    return out
+
+
 # -- K-FAC vs WoodFisher --------------------------------------------------------------------------------------
 def kfac(data, quick: bool) -> dict:
     src = dense_model("mlpnet", data)[0]
@@ -319,6 +342,10 @@ def table(res: dict, data) -> list[dict]:
         rows.append(_row("lenet300", f"trained with distortion: {label}, {DISTORT_TRAIN.epochs} epochs (error clean; "
                          "under each distortion: see distortion)", r["file"], r["test_error_pct"], None, None,
                          r["wall_s"], test_error_under=r["test_error_under"]))
+    fm = res.get("fewmult", {})
+    for label, r in fm.items():
+        rows.append(_row("mlp_bn 300-100", f"{label}, {FEWMULT_TRAIN.epochs} ep", r["file"], r["test_error_pct"], None,
+                         fm["float"]["test_error_pct"] if "float" in fm else None, r["wall_s"]))
     k = res.get("kfac")
     if k:
         for n, g in k["grads"].items():
@@ -337,7 +364,7 @@ def table(res: dict, data) -> list[dict]:
 
 def plot(res: dict, path) -> None:
     plt = pyplot()
-    parts = [p for p in ("datafree", "decay", "distortion", "pq", "kfac") if p in res]
+    parts = [p for p in ("datafree", "decay", "distortion", "pq", "fewmult", "kfac") if p in res]
     fig, axes = plt.subplots(1, len(parts) + ("datafree" in res), figsize=(5 * (len(parts) + 1), 4), squeeze=False)
     axes = list(axes[0])
     if "datafree" in res:
@@ -398,6 +425,13 @@ def plot(res: dict, path) -> None:
         ax.set_ylabel("test error %")
         ax.set_title("vector vs scalar quantization")
         ax.legend(fontsize=5)
+    if "fewmult" in res:
+        ax = axes.pop(0)
+        names = list(res["fewmult"])
+        ax.barh(range(len(names)), [res["fewmult"][n]["test_error_pct"] for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("test error % (BN MLP 300-100)")
+        ax.set_title("few multiplications (Lin et al. 2016)")
     if "kfac" in res:
         ax = axes.pop(0)
         for i, (n, g) in enumerate(res["kfac"]["grads"].items()):
@@ -417,8 +451,8 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def extra(ap) -> None:
-        ap.add_argument("--parts", nargs="+", default=["datafree", "decay", "distortion", "pq", "kfac"],
-                        choices=["datafree", "decay", "distortion", "pq", "kfac"])
+        ap.add_argument("--parts", nargs="+", default=["datafree", "decay", "distortion", "pq", "fewmult", "kfac"],
+                        choices=["datafree", "decay", "distortion", "pq", "fewmult", "kfac"])
 
     args, data = parse_args(__doc__, ["lenet5", "lenet300"], "2 fractions, 1 seed, one strength, 100 gradients",
                             extra)
@@ -441,6 +475,9 @@ def main() -> None:
                                         lambda: distortion(data, args.quick), args.fresh)
     if "pq" in args.parts:
         res["pq"] = vector_quantization(data, args.models, args.fresh, args.quick)
+    if "fewmult" in args.parts:
+        res["fewmult"] = cached_json(f"survey_fewmult{'_quick' if args.quick else ''}",
+                                     lambda: few_multiplications(data, args.quick), args.fresh)
     if "kfac" in args.parts:
         res["kfac"] = cached_json(f"survey_kfac{'_quick' if args.quick else ''}", lambda: kfac(data, args.quick),
                                   args.fresh)

@@ -40,7 +40,9 @@ def test_ternary_training_stores_two_bit_codes_and_reloads(digits, tmp_path):
     Pipeline.from_spec([{"fewmult": {"epochs": 1, "max_steps": 40, "lr": 0.01}}]).run(model, digits)
     model.eval()
     w = model.fc2.weight.detach()
-    assert set(w.unique().tolist()) <= {-1.0, 0.0, 1.0} and "forward" not in model.fc2.__dict__
+    w0 = (6 / (64 + 64)) ** 0.5 / 2
+    torch.testing.assert_close(w.unique(), torch.tensor([-w0, 0.0, w0]))  # ternary: -W0, 0, +W0
+    assert "forward" not in model.fc2.__dict__
     x = digits.test.x[:8]
     with torch.no_grad():
         ref = model(x)

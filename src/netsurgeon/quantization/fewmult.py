@@ -3,23 +3,26 @@
 Two parts, each removing multiplications from training:
 
 * **Stochastic binary / ternary weights in the forward pass** (Sec. 2): with the real weights clipped to
-  [-1, 1], *binary connect* samples w_b = +1 with probability (w + 1)/2, else −1; *ternary connect* samples
-  w_t = sign(w) with probability |w|, else 0 (Eq. (2)-(3)). Multiplications by weights become sign changes
-  (and skips). The gradient at the sampled weights updates the real weights (straight through), as in
-  BinaryConnect; the update is scaled per layer by the Glorot factor of the authors' code (``lr_scale``).
+  [-W0, W0], *binary connect* samples w_b = +W0 with probability (w/W0 + 1)/2, else −W0; *ternary connect*
+  samples w_t = sign(w)·W0 with probability |w|/W0, else 0 (Eq. (2)-(3)). W0 is one scale per layer, half the
+  Glorot initialisation bound, sqrt(6 / (fan_in + fan_out)) / 2, as in the authors' code (the paper writes the
+  weights as ±1 and 0; the scale keeps activations in range without BatchNorm). Multiplications by weights
+  become sign changes (and skips). The gradient at the sampled weights updates the real weights (straight
+  through), as in BinaryConnect.
 * **Quantized back-propagation** (Sec. 3): in the weight gradient ∂E/∂W = δ xᵀ, each layer input x is
   replaced by a power of two, sign(x)·2^k with k = floor(log2|x|) rounded up with probability
   |x|/2^k − 1 (unbiased stochastic rounding in the exponent, as the authors' code does), so the products
   become bit shifts; the error propagated to the layer below (Wᵀδ) is not quantized. ``max_exponents``
   (ours, optional) keeps only that many exponents below the largest, to bound the shift width.
 
-At test time (eval mode) the weights are the deterministic ternary/binary values (ternary: sign(w) where
-|w| > 1/2, else 0; binary: sign(w)), which is what :meth:`FewMultiplications.finalize` stores: a codebook
-{−1, +1} with index 0 for zero (2-bit codes), or the 1-bit binary codec.
+At test time (eval mode) the weights are the deterministic ternary/binary values (ternary: sign(w)·W0 where
+|w| > W0/2, else 0; binary: sign(w)·W0), which is what :meth:`FewMultiplications.finalize` stores: a codebook
+{−W0, +W0} with index 0 for zero (2-bit codes), or the 1-bit binary codec with W0 as the layer's scale.
 """
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -57,30 +60,38 @@ def pow2_stochastic(x: Tensor, generator: torch.Generator | None = None, max_exp
     return torch.where(nz, q, torch.zeros_like(q))
 
 
-class _StochasticWeights(nn.Module):
-    """Training parametrization: sampled ternary/binary weights (straight-through); deterministic in eval."""
+def weight_scale(layer: nn.Module) -> float:
+    """W0 = sqrt(6 / (fan_in + fan_out)) / 2, the authors' per-layer binary/ternary weight magnitude."""
+    w = layer.weight
+    receptive = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+    return math.sqrt(6.0 / (w.shape[1] * receptive + w.shape[0] * receptive)) / 2
 
-    def __init__(self, mode: str, generator: torch.Generator) -> None:
+
+class _StochasticWeights(nn.Module):
+    """Training parametrization: sampled ternary/binary weights of magnitude ``w0`` (straight-through);
+    deterministic in eval mode."""
+
+    def __init__(self, mode: str, w0: float, generator: torch.Generator) -> None:
         super().__init__()
-        self.mode, self.generator = mode, generator
+        self.mode, self.w0, self.generator = mode, w0, generator
 
     def forward(self, w: Tensor) -> Tensor:
         with torch.no_grad():
             if not self.training:
-                q = _deterministic(w, self.mode)
+                q = _deterministic(w, self.mode, self.w0)
             elif self.mode == "ternary":
                 u = torch.rand(w.shape, generator=self.generator, dtype=w.dtype)
-                q = torch.sign(w) * (u < w.abs()).to(w.dtype)
+                q = self.w0 * torch.sign(w) * (u < w.abs() / self.w0).to(w.dtype)
             else:
                 u = torch.rand(w.shape, generator=self.generator, dtype=w.dtype)
-                q = torch.where(u < ((w + 1) / 2).clamp(0, 1), 1.0, -1.0).to(w.dtype)
+                q = self.w0 * torch.where(u < ((w / self.w0 + 1) / 2).clamp(0, 1), 1.0, -1.0).to(w.dtype)
         return w + (q - w).detach()  # the value of q, the gradient of w
 
 
-def _deterministic(w: Tensor, mode: str) -> Tensor:
+def _deterministic(w: Tensor, mode: str, w0: float) -> Tensor:
     if mode == "ternary":
-        return torch.sign(w) * (w.abs() > 0.5).to(w.dtype)
-    return sign_pm(w)
+        return w0 * torch.sign(w) * (w.abs() > w0 / 2).to(w.dtype)
+    return w0 * sign_pm(w)
 
 
 class _QuantizedBackprop(torch.autograd.Function):
@@ -130,7 +141,7 @@ class FewMultiplications(Callback):
     """
 
     def __init__(self, weights: str = "ternary", quantized_backprop: bool = True, *, max_exponents: int = 0,
-                 lr_scale: bool = True, seed: int = 0) -> None:
+                 lr_scale: bool = False, seed: int = 0) -> None:
         if weights not in WEIGHT_MODES:
             raise ValueError(f"fewmult: weights must be one of {list(WEIGHT_MODES)}; got {weights!r}.")
         self.weights, self.qbp, self.max_exponents, self.lr_scale = weights, quantized_backprop, max_exponents, lr_scale
@@ -147,9 +158,10 @@ class FewMultiplications(Callback):
                     self.layers[name] = m
                     continue
                 raise ValueError(f"fewmult: layer {name!r} already holds parametrized weights; start from float.")
+            w0 = weight_scale(m)
             with torch.no_grad():
-                m.weight.clamp_(-1, 1)
-            parametrize.register_parametrization(m, "weight", _StochasticWeights(self.weights, self.generator))
+                m.weight.clamp_(-w0, w0)
+            parametrize.register_parametrization(m, "weight", _StochasticWeights(self.weights, w0, self.generator))
             if self.qbp:
                 object.__setattr__(m, "_netsurgeon_qbp", self)
                 m.forward = types.MethodType(_qbp_forward, m)
@@ -169,7 +181,8 @@ class FewMultiplications(Callback):
             before = self._before.get(name)
             if before is not None:  # the update scaled by the layer's Glorot factor (BinaryConnect's code)
                 w.sub_(before).mul_(glorot_lr_scale(m)).add_(before)
-            w.clamp_(-1, 1)
+            w0 = next(p for p in m.parametrizations["weight"] if isinstance(p, _StochasticWeights)).w0
+            w.clamp_(-w0, w0)
         self._before = {}
 
     def finalize(self, model: nn.Module | None = None) -> nn.Module:
@@ -183,15 +196,16 @@ class FewMultiplications(Callback):
                     isinstance(p, _StochasticWeights) for p in m.parametrizations["weight"]):
                 continue
             real = m.parametrizations["weight"].original.detach().clone()
+            w0 = next(p for p in m.parametrizations["weight"] if isinstance(p, _StochasticWeights)).w0
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-            q = _deterministic(real, self.weights)
+            q = _deterministic(real, self.weights, w0)
             with torch.no_grad():
                 m.weight.copy_(q)
             if self.weights == "ternary":
                 index = torch.where(q > 0, 2, torch.where(q < 0, 1, 0)).long()
-                par: nn.Module = SharedWeights(torch.tensor([-1.0, 1.0]), index)
+                par: nn.Module = SharedWeights(torch.tensor([-w0, w0]), index)
             else:
-                par = BinaryWeights(q.to(torch.int8), torch.ones(()))
+                par = BinaryWeights(torch.sign(q).to(torch.int8), torch.tensor(w0))
             parametrize.register_parametrization(m, "weight", par, unsafe=True)
         return out
 
@@ -210,7 +224,8 @@ class FewMultConfig(TrainConfig):
     quantized_backprop: bool = option(True, "weight gradients from power-of-two layer inputs (bit shifts)")
     max_exponents: int = option(0, "quantized back-propagation: keep this many exponents below the largest "
                                    "(0: all, as the authors' code)", low=0, high=64)
-    lr_scale: bool = option(True, "scale each layer's update by 1/sqrt(1.5/(fan_in+fan_out)) (the authors' code)")
+    lr_scale: bool = option(False, "scale each layer's update by 1/sqrt(1.5/(fan_in+fan_out)) (BinaryConnect's "
+                                   "code; Lin et al.'s scales the weights by W0 instead)")
     weight_decay: float = option(0.0, "L2 weight decay", low=0)
 
 
