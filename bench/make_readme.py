@@ -98,6 +98,27 @@ def render() -> str:
                               f"{k} {v['flop_ratio']:.2f}x FLOPs, {v['latency']['256']['speedup']:.2f}x at batch 256 "
                               f"({100 * v['speedup_over_flop_bound_b256']:.0f}% of it; goal 80%)"
                               for k, v in r["methods"].items()) + "."]
+        if res.get("benchmark") == "survey_mnist":
+            for name, r in res.get("datafree", {}).items():
+                lines += ["", f"survey_mnist data-free neuron removal, {name} ({'+'.join(r['layers'])}), no retraining,"
+                          " "
+                          f"test error % by fraction of neurons removed (dense {r['dense_test_error_pct']:.2f}%; "
+                          f"operating point {r['chosen_fraction']:g}, {r['chosen_how']}): " + "; ".join(
+                              f"{kind}: " + ", ".join(f"{f} {v['test_error_pct']:.2f}" for f, v in rows.items())
+                              for kind, rows in r["sweep"].items()) + "."]
+            for row, d in res.get("decay", {}).items():
+                lines += ["", f"survey_mnist decay, {row}: validation error by strength "
+                          + ", ".join(f"{k}: {v:.2f}%" for k, v in d["val_error_by_strength"].items())
+                          + f" -> chosen {d['chosen_strength']}."]
+            if res.get("distortion"):
+                lines += ["", "survey_mnist distortions (Merolla et al. 2016), LeNet-300-100, test error % of each "
+                          "trained network (rows) under each test-time distortion: " + "; ".join(
+                              f"trained with {t}: " + ", ".join(f"{k} {v:.2f}"
+                                                                for k, v in r["test_error_under"].items())
+                              for t, r in res["distortion"].items()) + "."]
+            for n, g in res.get("kfac", {}).get("grads", {}).items():
+                lines += ["", f"survey_mnist K-FAC damping ({n} gradients): {g['kfac_damp']['how']} -> "
+                          f"{g['kfac_damp']['chosen']:g}."]
         if res.get("benchmark") == "fuzz_nsz":
             o, t = res["outcomes"], res["targets"]
             verdict = "all targets met" if res["met"] else "MISSED: " + ", ".join(k for k, v in t.items() if not v)
