@@ -164,6 +164,18 @@ def _gradient_batches(data: Any, num_grads: int, batch_size: int,
             raise ValueError("collect_gradients: the data loader yielded no batch.")
 
 
+def _labelled_outputs(model: nn.Module, data: Any, num_grads: int, batch_size: int, g: torch.Generator,
+                      sample_labels: bool) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(i, logits, labels) for the ``num_grads`` seeded mini-batches; with ``sample_labels`` the labels are drawn
+    from the model's own predictive distribution (true Fisher) instead of the data's (empirical Fisher)."""
+    for i, (xb, yb) in enumerate(_gradient_batches(data, num_grads, batch_size, g)):
+        logits = model(xb)
+        if sample_labels:
+            with torch.no_grad():
+                yb = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+        yield i, logits, yb
+
+
 def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], num_grads: int,
                       batch_size: int = 1, seed: int = 0, sample_labels: bool = False,
                       progress: bool = False) -> Tensor:
@@ -188,12 +200,8 @@ def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], n
     model.eval()
     bar = Progress("gradients", num_grads, enabled=progress)
     try:
-        for i, (xb, yb) in enumerate(_gradient_batches(data, num_grads, batch_size, g)):
+        for i, logits, yb in _labelled_outputs(model, data, num_grads, batch_size, g, sample_labels):
             bar.update(i)
-            logits = model(xb)
-            if sample_labels:
-                with torch.no_grad():
-                    yb = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
             grads = torch.autograd.grad(F.cross_entropy(logits, yb), params, allow_unused=True)
             out[i] = torch.cat([torch.zeros(p.numel()) if gr is None else gr.flatten()
                                 for p, gr in zip(params, grads, strict=True)])
@@ -241,12 +249,8 @@ def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_gra
     count = 0
     bar = Progress("K-FAC factors", num_grads, enabled=progress)
     try:
-        for i, (xb, yb) in enumerate(_gradient_batches(data, num_grads, batch_size, g)):
+        for i, logits, yb in _labelled_outputs(model, data, num_grads, batch_size, g, sample_labels):
             bar.update(i)
-            logits = model(xb)
-            if sample_labels:
-                with torch.no_grad():
-                    yb = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
             F.cross_entropy(logits, yb, reduction="sum").backward()  # per-sample losses: g_n at each output
             for name in mods:
                 a = acts[name].double()
