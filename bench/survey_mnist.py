@@ -22,6 +22,10 @@
   stochastic ternary connect, ternary connect + quantized back-propagation, and binary connect + quantized
   back-propagation (Adam, 5 epochs, best validation epoch not used: last epoch, the same for every row). The
   paper's MNIST table could not be read here (its abstract: no loss against standard training).
+* binary: loss-aware binarization (Hou et al. 2017) beside BinaryConnect and BWN on one BatchNorm MLP
+  784-3x512-10 (every layer binary, same data, Adam, epochs and loss), and HWGQ (Cai et al. 2017: 2-bit
+  activations + BWN weights) beside BWN alone on LeNet-5 with BatchNorm; each with its float twin. (The 3x2048
+  MLP of bench/binary_mnist.py costs about an hour per run here; these are the like-for-like rows that fit.)
 * kfac: K-FAC (Martens & Grosse 2015) as OBS's Fisher, beside WoodFisher and global magnitude on MLPNet at 95%
   sparsity, one-shot, 3 Fisher seeds, 100 and 8,000 gradients; WoodFisher's repository reports 81.26% for
   K-FAC (and 84.18% for WoodFisher) at 95% with 100 gradients from a 93.97% dense model.
@@ -97,6 +101,18 @@ FEWMULT_TRAIN = ns.TrainConfig(epochs=5, lr=1e-3, optimizer="adam", weight_decay
 FEWMULT = {"float": None, "ternary connect": {"weights": "ternary", "quantized_backprop": False},
            "ternary connect + quantized backprop": {"weights": "ternary", "quantized_backprop": True},
            "binary connect + quantized backprop": {"weights": "binary", "quantized_backprop": True}}
+BINARY_TRAIN = ns.TrainConfig(epochs=5, lr=1e-3, optimizer="adam", weight_decay=0.0, schedule="cosine",
+                              batch_size=100)
+BINARY = {  # label -> (model, kwargs, epochs, stage or None for the float twin)
+    "mlp float": ("mlp_bn", {"widths": [512] * 3}, 5, None),
+    "mlp BinaryConnect": ("mlp_bn", {"widths": [512] * 3}, 5, {"binaryconnect": {}}),
+    "mlp BWN": ("mlp_bn", {"widths": [512] * 3}, 5, {"xnor": {"binarize_inputs": False, "keep_first": False,
+                                                               "keep_last": False}}),
+    "mlp LAB": ("mlp_bn", {"widths": [512] * 3}, 5, {"lab": {}}),
+    "lenet5_bn float": ("lenet5_bn", {}, 3, None),
+    "lenet5_bn BWN (first/last real)": ("lenet5_bn", {}, 3, {"xnor": {"binarize_inputs": False}}),
+    "lenet5_bn HWGQ 2-bit + BWN": ("lenet5_bn", {}, 3, {"hwgq": {"bits": 2}}),
+}
 KFAC = {"sparsity": 0.95, "grads": [100, 8000], "paper": {"kfac": 81.26, "woodfisher": 84.18, "dense": 93.97}}
 
 
@@ -273,6 +289,24 @@ def few_multiplications(data, quick: bool) -> dict:
     return out
 
 
+# -- binary weights: LAB, HWGQ -------------------------------------------------------------------------------
+def binary(data, fresh: bool, quick: bool) -> dict:
+    out = {}
+    for i, (label, (arch, kwargs, epochs, stage)) in enumerate(BINARY.items()):
+        cfg = asdict(BINARY_TRAIN) | {"epochs": 1 if quick else epochs} | ({"max_steps": 20} if quick else {})
+        (name, opts), = (stage or {"finetune": {}}).items()
+        tag = f"survey_binary_{i}{'_quick' if quick else ''}"
+
+        def run(a=arch, k=kwargs, n=name, o=opts, c=cfg, t=tag, lb=label) -> dict:
+            torch.manual_seed(0)  # the same initial weights for a model's rows
+            return pipeline_run(t, ns.build_model(a, **k), [{n: {**c, **o}}], data, {"method": lb},
+                                CACHE if quick else None)
+
+        out[label] = cached_json(tag, run, fresh)
+        print(f"binary {label:34s} test {out[label]['test_error_pct']:.2f}%", flush=True)
+    return out
+
+
 # -- K-FAC vs WoodFisher --------------------------------------------------------------------------------------
 def kfac(data, quick: bool) -> dict:
     src = dense_model("mlpnet", data)[0]
@@ -344,6 +378,13 @@ def table(res: dict, data) -> list[dict]:
         rows.append(_row("lenet300", f"trained with distortion: {label}, {DISTORT_TRAIN.epochs} epochs (error clean; "
                          "under each distortion: see distortion)", r["file"], r["test_error_pct"], None, None,
                          r["wall_s"], test_error_under=r["test_error_under"]))
+    bn = res.get("binary", {})
+    for label, r in bn.items():
+        twin = bn.get("mlp float" if label.startswith("mlp") else "lenet5_bn float", {})
+        (opts,) = r["stages"][0].values()
+        model = "mlp_bn 3x512" if label.startswith("mlp") else "lenet5_bn"
+        rows.append(_row(model, f"{label.split(' ', 1)[1]}, {opts['epochs']} ep", r["file"], r["test_error_pct"],
+                         None, twin.get("test_error_pct"), r["wall_s"]))
     fm = res.get("fewmult", {})
     for label, r in fm.items():
         rows.append(_row("mlp_bn 300-100", f"{label}, {FEWMULT_TRAIN.epochs} ep", r["file"], r["test_error_pct"], None,
@@ -366,7 +407,7 @@ def table(res: dict, data) -> list[dict]:
 
 def plot(res: dict, path) -> None:
     plt = pyplot()
-    parts = [p for p in ("datafree", "decay", "distortion", "pq", "fewmult", "kfac") if p in res]
+    parts = [p for p in ("datafree", "decay", "distortion", "pq", "fewmult", "binary", "kfac") if p in res]
     fig, axes = plt.subplots(1, len(parts) + ("datafree" in res), figsize=(5 * (len(parts) + 1), 4), squeeze=False)
     axes = list(axes[0])
     if "datafree" in res:
@@ -427,6 +468,13 @@ def plot(res: dict, path) -> None:
         ax.set_ylabel("test error %")
         ax.set_title("vector vs scalar quantization")
         ax.legend(fontsize=5)
+    if "binary" in res:
+        ax = axes.pop(0)
+        names = list(res["binary"])
+        ax.barh(range(len(names)), [res["binary"][n]["test_error_pct"] for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("test error %")
+        ax.set_title("binary weights: LAB, BWN, BinaryConnect, HWGQ")
     if "fewmult" in res:
         ax = axes.pop(0)
         names = list(res["fewmult"])
@@ -453,8 +501,8 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def extra(ap) -> None:
-        ap.add_argument("--parts", nargs="+", default=["datafree", "decay", "distortion", "pq", "fewmult", "kfac"],
-                        choices=["datafree", "decay", "distortion", "pq", "fewmult", "kfac"])
+        parts = ["datafree", "decay", "distortion", "pq", "fewmult", "binary", "kfac"]
+        ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
 
     args, data = parse_args(__doc__, ["lenet5", "lenet300"], "2 fractions, 1 seed, one strength, 100 gradients",
                             extra)
@@ -480,6 +528,8 @@ def main() -> None:
     if "fewmult" in args.parts:
         res["fewmult"] = cached_json(f"survey_fewmult{'_quick' if args.quick else ''}",
                                      lambda: few_multiplications(data, args.quick), args.fresh)
+    if "binary" in args.parts:
+        res["binary"] = binary(data, args.fresh, args.quick)
     if "kfac" in args.parts:
         res["kfac"] = cached_json(f"survey_kfac{'_quick' if args.quick else ''}", lambda: kfac(data, args.quick),
                                   args.fresh)
