@@ -256,7 +256,8 @@ def distortion(data, quick: bool) -> dict:
 
 # -- vector quantization ---------------------------------------------------------------------------------------
 def vector_quantization(data, models: list[str], fresh: bool, quick: bool) -> dict:
-    out = {}
+    out: dict = {}
+    skipped = out["skipped"] = {}
     for name in models:
         src = dense_model(name, data)[0]
         res = {}
@@ -267,9 +268,14 @@ def vector_quantization(data, models: list[str], fresh: bool, quick: bool) -> di
                 # k-means codebook of the dense LeNet-5 diverged at LR 5e-3 and at 1e-4)
                 st = [*stages, {"finetune": {**asdict(FINETUNE), "optimizer": "adam", "lr": 1e-4,
                                              "max_steps": 20 if quick else None}}] if ft else stages
-                res[f"{label}{', 1 ep codebook fine-tune' if ft else ''}"] = cached_json(
-                    tag, lambda t=tag, s=st, lb=label, sr=src: pipeline_run(t, load_dense(sr), s, data, {"method": lb},
-                                                                    CACHE if quick else None), fresh)
+                try:
+                    res[f"{label}{', 1 ep codebook fine-tune' if ft else ''}"] = cached_json(
+                        tag, lambda t=tag, s=st, lb=label, sr=src: pipeline_run(
+                            t, load_dense(sr), s, data, {"method": lb}, CACHE if quick else None), fresh)
+                except ValueError as e:  # e.g. rq: every layer of LeNet-300-100 too small for 256 x 784 codebooks
+                    skipped[f"{name}: {label}"] = str(e)
+                    print(f"{name} {label}: skipped ({e})", flush=True)
+                    break
         out[name] = res
         print(name, {k: round(v["test_error_pct"], 2) for k, v in res.items()}, flush=True)
     return out
@@ -371,6 +377,8 @@ def table(res: dict, data) -> list[dict]:
                          f"{DECAY_SPARSITY:.0%}, {FINETUNE.epochs} ep fine-tune", d["runs"][0]["file"], m, sd,
                          dense300, mean_std([r["wall_s"] for r in d["runs"]])[0], seeds=len(d["runs"])))
     for name, runs in res.get("pq", {}).items():
+        if name == "skipped":
+            continue
         dense_err = err(load_dense(dense_model(name, data)[0]), data.test)
         for label, r in runs.items():
             rows.append(_row(name, label, r["file"], r["test_error_pct"], None, dense_err, r["wall_s"]))
@@ -457,6 +465,8 @@ def plot(res: dict, path) -> None:
     if "pq" in res:
         ax = axes.pop(0)
         for name, runs in res["pq"].items():
+            if name == "skipped":
+                continue
             for label, r in runs.items():
                 size = (REPO / r["file"]).stat().st_size if (REPO / r["file"]).is_file() else None
                 if size:
