@@ -116,6 +116,8 @@ def render() -> str:
                               f"trained with {t}: " + ", ".join(f"{k} {v:.2f}"
                                                                 for k, v in r["test_error_under"].items())
                               for t, r in res["distortion"].items()) + "."]
+            for what, why in res.get("pq", {}).get("skipped", {}).items():
+                lines += ["", f"survey_mnist vector quantization, {what}: not run ({why})"]
             for n, g in res.get("kfac", {}).get("grads", {}).items():
                 lines += ["", f"survey_mnist K-FAC damping ({n} gradients): {g['kfac_damp']['how']} -> "
                           f"{g['kfac_damp']['chosen']:g}."]
