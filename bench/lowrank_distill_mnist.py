@@ -150,6 +150,17 @@ def prune_distill(data, seeds: list[int], fresh: bool) -> dict:
     return out
 
 
+def _lowrank_run(tag: str, src, stages: list[dict], ft: dict, data, label: str) -> dict:
+    """One low-rank row; if fine-tuning diverges (CP factors are known to be unstable to fine-tune, Lebedev et al.
+    2015 Sec. 3.2) it is re-run at a tenth of the LR, and the row says so."""
+    try:
+        return pipeline_run(tag, load_dense(src), [*stages, ft], data, {"method": label})
+    except FloatingPointError as e:
+        low = {"finetune": {**ft["finetune"], "lr": ft["finetune"]["lr"] / 10}}
+        return {**pipeline_run(tag, load_dense(src), [*stages, low], data, {"method": label}),
+                "finetune_note": f"diverged at LR {ft['finetune']['lr']:g} ({e}); re-run at {low['finetune']['lr']:g}"}
+
+
 def lowrank(data, models: list[str], fresh: bool) -> dict:
     out = {}
     for name in models:
@@ -158,8 +169,7 @@ def lowrank(data, models: list[str], fresh: bool) -> dict:
         rows = []
         for i, (label, stages) in enumerate(LOWRANK[name]):
             run = cached_json(f"lrd_lowrank_{name}_{i}", lambda st=stages, i=i, lb=label, n=name, src=src, ft=ft:
-                              pipeline_run(f"{n}_lowrank_{i}", load_dense(src), [*st, ft], data, {"method": lb}),
-                              fresh)
+                              _lowrank_run(f"{n}_lowrank_{i}", src, st, ft, data, lb), fresh)
             counts = weight_counts(run["file"])
             sparsity = 1 - counts["weights_nonzero"] / counts["weights"]
             base = cached_json(f"lrd_lowrank_{name}_{i}_magnitude", lambda s=sparsity, i=i, n=name, src=src, ft=ft:
