@@ -261,9 +261,11 @@ def main() -> None:
                     run = r[kind]
                     counts = weight_counts(run["file"])
                     run["latency"] = latency(run["file"])
+                    note = " (diverged at LR 0.01: re-run at 0.001)" if run.get("finetune_note") else ""
                     rows.append({"model": name, "method": (r["label"] if kind == "lowrank" else
                                  f"magnitude global, same weights as '{r['label']}'") + f" + {FINETUNE.epochs} "
-                                 "epochs fine-tune", "error_pct": run["test_error_pct"], "paper_error_pct": None,
+                                 "epochs fine-tune" + note, "finetune_note": run.get("finetune_note"),
+                                 "error_pct": run["test_error_pct"], "paper_error_pct": None,
                                  "dense_error_pct": dense_err, "paper_dense_error_pct": None,
                                  "compression_nonzero": counts["compression_weights"],
                                  "compression_bytes": counts["weights"] * 4 / (REPO / run["file"]).stat().st_size,
