@@ -413,6 +413,15 @@ def table(res: dict, data) -> list[dict]:
     return rows
 
 
+def _bars(ax, vals: dict[str, tuple[float, float | None]], xlabel: str, title: str) -> None:
+    """Horizontal bars of (mean, std) per label."""
+    names = list(vals)
+    ax.barh(range(len(names)), [vals[n][0] for n in names], xerr=[vals[n][1] or 0 for n in names])
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+
+
 def plot(res: dict, path) -> None:
     plt = pyplot()
     parts = [p for p in ("datafree", "decay", "distortion", "pq", "fewmult", "binary", "kfac") if p in res]
@@ -441,12 +450,9 @@ def plot(res: dict, path) -> None:
         ax.legend(fontsize=7)
     if "decay" in res:
         ax = axes.pop(0)
-        names = list(res["decay"])
-        vals = [mean_std([r["test_error_pct"] for r in res["decay"][n]["runs"]]) for n in names]
-        ax.barh(range(len(names)), [v[0] for v in vals], xerr=[v[1] or 0 for v in vals])
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_xlabel(f"test error % at {DECAY_SPARSITY:.0%} sparsity (LeNet-300-100)")
-        ax.set_title("pruning by decay, equal sparsity")
+        vals = {n: mean_std([r["test_error_pct"] for r in d["runs"]]) for n, d in res["decay"].items()}
+        _bars(ax, vals, f"test error % at {DECAY_SPARSITY:.0%} sparsity (LeNet-300-100)",
+              "pruning by decay, equal sparsity")
     if "distortion" in res:
         ax = axes.pop(0)
         trained = list(res["distortion"])
@@ -480,18 +486,12 @@ def plot(res: dict, path) -> None:
         ax.legend(fontsize=5)
     if "binary" in res:
         ax = axes.pop(0)
-        names = list(res["binary"])
-        ax.barh(range(len(names)), [res["binary"][n]["test_error_pct"] for n in names])
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_xlabel("test error %")
-        ax.set_title("binary weights: LAB, BWN, BinaryConnect, HWGQ")
+        _bars(ax, {n: (r["test_error_pct"], None) for n, r in res["binary"].items()}, "test error %",
+              "binary weights: LAB, BWN, BinaryConnect, HWGQ")
     if "fewmult" in res:
         ax = axes.pop(0)
-        names = list(res["fewmult"])
-        ax.barh(range(len(names)), [res["fewmult"][n]["test_error_pct"] for n in names])
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_xlabel("test error % (BN MLP 300-100)")
-        ax.set_title("few multiplications (Lin et al. 2016)")
+        _bars(ax, {n: (r["test_error_pct"], None) for n, r in res["fewmult"].items()},
+              "test error % (BN MLP 300-100)", "few multiplications (Lin et al. 2016)")
     if "kfac" in res:
         ax = axes.pop(0)
         for i, (n, g) in enumerate(res["kfac"]["grads"].items()):
