@@ -425,8 +425,13 @@ def _bars(ax, vals: dict[str, tuple[float, float | None]], xlabel: str, title: s
 def plot(res: dict, path) -> None:
     plt = pyplot()
     parts = [p for p in ("datafree", "decay", "distortion", "pq", "fewmult", "binary", "kfac") if p in res]
-    fig, axes = plt.subplots(1, len(parts) + ("datafree" in res), figsize=(5 * (len(parts) + 1), 4), squeeze=False)
-    axes = list(axes[0])
+    n = len(parts) + ("datafree" in res)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.5 * rows), squeeze=False)
+    axes = [a for row in grid for a in row]
+    for extra in axes[n:]:
+        extra.axis("off")
     if "datafree" in res:
         ax = axes.pop(0)
         for name, r in res["datafree"].items():
