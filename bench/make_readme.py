@@ -99,6 +99,8 @@ def render() -> str:
                               f"({100 * v['speedup_over_flop_bound_b256']:.0f}% of it; goal 80%)"
                               for k, v in r["methods"].items()) + "."]
         if res.get("benchmark") == "survey_mnist":
+            lines += ["", "survey_mnist: its speed columns were timed while another benchmark shared the two cores "
+                      "(noisy; each ratio is still one interleaved measurement of the runtime form against dense)."]
             for name, r in res.get("datafree", {}).items():
                 lines += ["", f"survey_mnist data-free neuron removal, {name} ({'+'.join(r['layers'])}), no retraining,"
                           " "
