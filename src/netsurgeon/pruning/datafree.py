@@ -51,15 +51,19 @@ class MergeReport:
     merges: tuple[tuple[int, int], ...] = field(default=(), repr=False)  # (kept i, removed j), original indices
 
 
+def _sq_distances(w_in: Tensor) -> Tensor:
+    """‖W_i − W_j‖² for every pair of rows of ``w_in`` (float64)."""
+    w = w_in.double()
+    sq = (w * w).sum(1)
+    return (sq[:, None] + sq[None, :] - 2 * w @ w.T).clamp_min(0)
+
+
 def pair_saliency(w_in: Tensor, a_out: Tensor) -> Tensor:
     """The matrix ``s[i, j] = ⟨a_j²⟩ ‖W_i − W_j‖²`` (Srinivas & Babu 2015, Sec. 3.2) for incoming weight sets
     ``w_in`` (n, d) (append the bias as a column) and outgoing weights ``a_out`` (m, n) (the next layer's
     weight; several consumers concatenated along dim 0). The diagonal is +inf (a neuron cannot merge into
     itself)."""
-    w = w_in.double()
-    sq = (w * w).sum(1)
-    dist = (sq[:, None] + sq[None, :] - 2 * w @ w.T).clamp_min(0)  # ‖W_i − W_j‖²
-    s = dist * a_out.double().pow(2).mean(0)[None, :]
+    s = _sq_distances(w_in) * a_out.double().pow(2).mean(0)[None, :]
     s.fill_diagonal_(float("inf"))
     return s
 
@@ -80,9 +84,7 @@ def greedy_merge_order(w_in: Tensor, a_out: Tensor, count: int | None = None, ze
     if zero_partner:
         w_in = torch.cat([w_in, w_in.new_zeros(1, w_in.shape[1])])
         a_out = torch.cat([a_out, a_out.new_zeros(a_out.shape[0], 1)], 1)
-    w = w_in.double()
-    sq = (w * w).sum(1)
-    dist = (sq[:, None] + sq[None, :] - 2 * w @ w.T).clamp_min(0)
+    dist = _sq_distances(w_in)
     size = dist.shape[0]
     # blocked[i, j]: j cannot be removed into i (i = j, either one already gone, or j the virtual neuron);
     # masked explicitly, since inf * 0 (a neuron with all-zero outgoing weights) would be NaN
