@@ -322,6 +322,113 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
                    f"{4 * n0 / info.file_bytes:.2f}x smaller than the original dense float32 model")
 
 
+@cli.command("compare", context_settings={"max_content_width": 100})
+@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--methods", "method_names", default=None, metavar="NAME[,NAME...]",
+              help="Entries to run [default: all]; `netsurgeon compare --list` names them.")
+@click.option("--pipelines", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML {pipelines: {name: [stages]}} to compare instead of (or with --methods, besides) the "
+                   "built-in entries; a stage option `budget: F` takes fraction F of the training budget.")
+@click.option("--budget", default="20m", show_default=True, metavar="DURATION",
+              help="Wall time for the whole comparison (20m, 1h, 90s); sets the training steps every entry gets.")
+@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
+              show_default=True, help="Sparsity the pruning entries aim for.")
+@_with(_model_opts)
+@click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
+@_with(_data_opts)
+@_threads_opt
+@click.option("--repeats", type=click.IntRange(min=5), default=30, show_default=True,
+              help="Timed runs per latency measurement (medians).")
+@click.option("--list", "list_only", is_flag=True, help="List the built-in entries and their stages, then exit.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report directory (index.html, results.json, files/, runs/); re-running it resumes.")
+@_friendly
+def compare_cmd(model_file: Path, method_names: str | None, pipelines: Path | None, budget: str, sparsity: float,
+                model_spec: str | None, model_args: tuple[str, ...], trust_code: bool, data_name: str | None,
+                data_dir: Path | None, seed: int, threads: int | None, repeats: int, list_only: bool,
+                output: Path | None) -> None:
+    """Run every compression method on MODEL_FILE with the same training budget, measure each result the same
+    way (test error, nonzeros, file bytes, FLOPs, latency at batch 1 and 256) and write a report.
+
+    \b
+    Examples:
+      netsurgeon compare base.safetensors --data mnist --data-dir DIR --budget 20m -o report/
+      netsurgeon compare base.safetensors --methods magnitude,dns,kmeans --budget 5m -o quick/
+    Open report/index.html in a browser. Interrupted? Run the same command again: finished methods are kept.
+    """
+    from .compare import SUITE, Plan, parse_budget, read_pipelines, suite_entries
+
+    if list_only:
+        for name, (family, make) in SUITE.items():
+            stages = " -> ".join(next(iter(s)) for s in make(Plan(steps=1, steps_per_epoch=1)))
+            click.echo(f"{name:18s} {family:13s} {stages}")
+        return
+    if output is None:
+        raise click.UsageError("give -o/--output DIR for the report.")
+    if not model_file.is_file():
+        raise _Fail(f"model file {str(model_file)!r} does not exist.")
+    if output.exists() and not output.is_dir():
+        raise _Fail(f"output {str(output)!r} exists and is not a directory.")
+    budget_s = parse_budget(budget)
+    names = None if method_names is None else [n.strip() for n in method_names.split(",") if n.strip()]
+    probe = Plan(steps=1, steps_per_epoch=1, sparsity=sparsity)
+    entries = [] if names is None and pipelines is not None else suite_entries(probe, names)  # names checked now
+    extra = read_pipelines(pipelines, probe) if pipelines is not None else []
+    dup = {e.name for e in entries} & {e.name for e in extra}
+    if dup:
+        raise _Fail(f"--pipelines names {sorted(dup)} are also built-in entries; rename them.")
+    from .data import load_dataset  # torch from here on
+    from .models import arch_of
+    from .pipeline import Pipeline, weight_form
+
+    _set_threads(threads)
+    model, meta = _read_input(model_file, model_spec, _model_args(model_args), trust_code, keep_codecs=True)
+    if weight_form(model) != "float":
+        raise _Fail(f"compare starts from float weights; {str(model_file)!r} holds {weight_form(model)} weights.")
+    for e in extra:  # a user's pipeline that cannot run is refused before anything runs
+        Pipeline.from_spec(e.stages, source=f"{pipelines}: {e.name}").check(has_data=True, start_form="float")
+    data_name = _data_name(data_name, data_dir, meta.get("data"))
+    data = load_dataset(data_name, data_dir, seed=seed)
+    _check_input_shape(model, data, str(model_file))
+    from .compare import compare, input_fingerprint, plan_budget, resumable_plan
+
+    n = (len(SUITE) if names is None and pipelines is None else len(entries)) + len(extra)
+    settings = {"input": input_fingerprint(model_file), "data": data_name, "budget_s": budget_s, "entries": n,
+                "sparsity": sparsity, "seed": seed}
+    plan = resumable_plan(output, settings,
+                          lambda: plan_budget(model, data, budget_s, n, sparsity=sparsity, seed=seed))
+    entries = ([] if names is None and pipelines is not None else suite_entries(plan, names))
+    entries += read_pipelines(pipelines, plan) if pipelines is not None else []
+    arch = arch_of(model) or {}
+    model_name = str(arch.get("name") or arch.get("factory") or model_spec or model_file.stem)
+    r = compare(model, data, output, entries=entries, plan=plan, input_file=model_file, data_name=data_name,
+                model_name=model_name, seed=seed, threads=threads, repeats=repeats, budget_s=budget_s,
+                command=_command_line(), progress=True)
+    ok = [x for x in r["rows"] if x["status"] == "ok"]
+    click.echo(f"{len(ok)} of {len(r['rows'])} methods ran ({r['wall_s_this_run'] / 60:.1f} min); "
+               f"report: {output / 'index.html'}, numbers: {output / 'results.json'}")
+
+
+def _command_line() -> str:
+    """The current command as a user would type it (arguments, and options that differ from their defaults)."""
+    import shlex
+
+    ctx = click.get_current_context()
+    parts = ["netsurgeon", ctx.info_name or ""]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name or "")
+        if isinstance(p, click.Argument):
+            parts.append(str(v))
+        elif v not in (None, False, ()) and v != p.default:
+            flag = max(p.opts, key=len)
+            if getattr(p, "is_flag", False):
+                parts.append(flag)
+            else:
+                for x in v if getattr(p, "multiple", False) else [v]:
+                    parts += [flag, str(x)]
+    return shlex.join(parts)
+
+
 @cli.command("methods")
 @click.argument("name", required=False)
 @_friendly
