@@ -15,6 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RT_START, RT_END = "<!-- runtime:start -->", "<!-- runtime:end -->"
+CMP_START, CMP_END = "<!-- compare:start -->", "<!-- compare:end -->"
+COMPARE = ROOT / "docs" / "compare" / "lenet5_mnist" / "results.json"  # `netsurgeon compare`'s own results
 
 
 def _f(v, fmt: str) -> str:
@@ -293,12 +295,38 @@ def _sweep_table(res: dict) -> str:
     return "\n".join(out)
 
 
+def render_compare() -> str:
+    """The README's table of the committed `netsurgeon compare` run (docs/compare/lenet5_mnist/results.json)."""
+    if not COMPARE.is_file():
+        return "(no committed comparison)"
+    r = json.loads(COMPARE.read_text())
+    d, m, p = r["dense"], r["machine"], r["plan"]
+    out = [f"{r['model']} on {r['data']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {r['date']}: "
+           f"{len(r['rows'])} entries, {p['steps']:,} training steps each ({p['epochs']:.2f} epochs), "
+           f"{r['total_s'] / 60:.1f} min of compressing in all (budget {r['budget_s'] / 60:.0f} min). Dense input: "
+           f"{d['test_error_pct']:.2f}% test error, {d['file_bytes']:,} bytes.", "",
+           "| method | stages | error % | weights / nonzero | file x smaller | speedup b1 | speedup b256 | "
+           "compress s |", "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        stages = " + ".join(next(iter(s)) for s in x.get("stages", []))
+        if x["status"] != "ok":
+            out.append(f"| {x['name']} | {stages} | did not run: {x['error']} | | | | | |")
+            continue
+        lat = x["latency"]
+        out.append(f"| {x['name']} | {stages} | {x['test_error_pct']:.2f} | {x['compression_weights']:.1f}x | "
+                   f"{x['compression_bytes']:.1f}x | {lat['1']['speedup']:.2f}x | {lat['256']['speedup']:.2f}x | "
+                   f"{x['wall_s']:.0f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{render()}\n{END}", text, flags=re.S)
     new = re.sub(re.escape(RT_START) + ".*?" + re.escape(RT_END), lambda _: f"{RT_START}\n{render_runtime()}\n{RT_END}",
                  new, flags=re.S)
+    new = re.sub(re.escape(CMP_START) + ".*?" + re.escape(CMP_END),
+                 lambda _: f"{CMP_START}\n{render_compare()}\n{CMP_END}", new, flags=re.S)
     readme.write_text(new)
     print(render())
 

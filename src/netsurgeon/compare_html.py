@@ -54,13 +54,13 @@ def _scatter(ax: Any, rows: list[dict[str, Any]], xs: list[float], ys: list[floa
     from .compare import pareto_front
 
     seen = set()
-    for r, x, y in zip(rows, xs, ys):
+    for r, x, y in zip(rows, xs, ys, strict=True):
         fam = r.get("family", "pipeline")
         ax.scatter([x], [y], s=28, color=_FAMILY_COLOURS.get(fam, "#7f7f7f"), zorder=3,
                    label=fam if fam not in seen else None)
         seen.add(fam)
         ax.annotate(r["name"], (x, y), fontsize=6.5, xytext=(3, 2), textcoords="offset points", zorder=4)
-    front = pareto_front([(-x if maximise_x else x, y) for x, y in zip(xs, ys)])
+    front = pareto_front([(-x if maximise_x else x, y) for x, y in zip(xs, ys, strict=True)])
     if len(front) > 1:
         ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="#444", lw=1, ls="--",
                 zorder=2, label="Pareto front")

@@ -26,6 +26,22 @@ class DepthwiseNet(nn.Module):
         return self.head(torch.flatten(torch.relu(self.one(h)), 1))
 
 
+class CatNet(nn.Module):
+    """Two concatenations along channels: one feeding a BatchNorm and a conv, one feeding a flatten and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c, self.d = nn.Conv2d(10, 5, 1), nn.Conv2d(1, 3, 1)
+        self.head = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        h = torch.cat([torch.relu(self.c(h)), self.d(x)], dim=1)
+        return self.head(torch.flatten(h, 1))
+
+
 def _masked(model, groups, keep):
     """The reference: the same model with every consumer's columns of removed channels zeroed."""
     m = __import__("copy").deepcopy(model)
@@ -35,16 +51,19 @@ def _masked(model, groups, keep):
             drop[idx] = False
             for name, role, factor in groups[i].members:
                 if role == "in":
-                    cols = drop.repeat_interleave(factor)
-                    m.get_submodule(name).weight[:, cols] = 0
+                    off, total = groups[i].spans.get(name, (0, groups[i].size))
+                    full = torch.zeros(total, dtype=torch.bool)
+                    full[off:off + groups[i].size] = drop
+                    m.get_submodule(name).weight[:, full.repeat_interleave(factor)] = 0
     return m
 
 
-@pytest.mark.parametrize("name", [*SHAPES, "depthwise"])
+@pytest.mark.parametrize("name", [*SHAPES, "depthwise", "cat"])
 def test_removal_equals_masking_on_every_model(name):
     torch.manual_seed(0)
-    model = DepthwiseNet() if name == "depthwise" else ns.build_model(name, SHAPES[name])
-    shape = (1, 8, 8) if name == "depthwise" else SHAPES[name]
+    own = {"depthwise": DepthwiseNet, "cat": CatNet}
+    model = own[name]() if name in own else ns.build_model(name, SHAPES[name])
+    shape = (1, 8, 8) if name in own else SHAPES[name]
     model.eval()
     for m in model.modules():  # non-trivial BatchNorm statistics
         if isinstance(m, nn.BatchNorm2d):
@@ -63,7 +82,7 @@ def test_removal_equals_masking_on_every_model(name):
     x = torch.randn(3, *shape)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-4)
-    if name != "depthwise":  # a file records the new sizes; the smaller model is rebuilt from them
+    if name not in own:  # a file records the new sizes; the smaller model is rebuilt from them
         rebuilt = apply_resized(ns.build_model(name, shape), resized_record(model, layer_sizes(ns.build_model(
             name, shape))))
         assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
@@ -80,13 +99,23 @@ def test_the_output_layer_and_unknown_ops_block_their_group():
     class Cat(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.c = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 3), nn.Conv2d(8, 2, 1)
+            self.a, self.b, self.c = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 1)
 
         def forward(self, x):
-            return self.c(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3))
+            return self.c(torch.cat([self.a(x), self.b(x)], 2)).mean((2, 3))  # along height: not channels
 
     blocked = {tuple(g.producers): g.blocked for g in channel_groups(Cat(), (1, 8, 8))}
-    assert blocked[("a",)] == ["cat"] and blocked[("b",)] == ["cat"]
+    assert blocked[("a",)] == blocked[("b",)] == [
+        "torch.cat (along dim 2, or of a tensor whose channels cannot all be tracked)"]
+
+
+def test_concatenated_groups_stay_apart_and_know_their_offsets():
+    groups = {tuple(g.producers): g for g in channel_groups(CatNet(), (1, 8, 8))}
+    a, b, c, d = (groups[(k,)] for k in "abcd")
+    assert all(g.prunable for g in (a, b, c, d))
+    assert a.spans == {"bn": (0, 10), "c": (0, 10)} and b.spans == {"bn": (4, 10), "c": (4, 10)}
+    assert c.spans == {"head": (0, 8)} and d.spans == {"head": (5, 8)}
+    assert ("head", "in", 64) in d.members
 
 
 def test_bad_keep_is_refused_before_anything_changes():
@@ -212,3 +241,28 @@ def test_round_to_keeps_a_multiple_of_channels():
     vgg = ns.build_model("vgg_small", (1, 8, 8))
     slim(vgg, 0.5, (1, 8, 8), round_to=8)
     assert all(m.out_channels % 8 == 0 for m in vgg.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_channel_views_and_zero_channel_removal_after_a_concatenation():
+    """ssl's view of a consumer's columns is the group's slice of them; channels that nothing reads any more
+    (zeroed columns of `c` for two of b's channels, of `head` for one of d's) are removed, output unchanged."""
+    from netsurgeon.pruning.structured import remove_zero_channels
+
+    torch.manual_seed(0)
+    model = CatNet().eval()
+    groups = {tuple(g.producers): g for g in channel_groups(model, (1, 8, 8))}
+    b, d = groups[("b",)], groups[("d",)]
+    assert torch.equal(b.channels("c", model.c.weight), model.c.weight[:, 4:10].transpose(0, 1).reshape(6, 5, 1))
+    assert torch.equal(b.channels("bn", model.bn.weight), model.bn.weight[4:10])
+    assert b.channels("c", model.c.weight).data_ptr() == model.c.weight[:, 4:].data_ptr()  # a view, not a copy
+    with torch.no_grad():
+        b.channels("c", model.c.weight)[[1, 3]] = 0
+        d.channels("head", model.head.weight, 64)[2] = 0
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    remove_zero_channels(model, (1, 8, 8))
+    assert (model.b.out_channels, model.bn.num_features, model.c.in_channels) == (4, 8, 8)
+    assert (model.d.out_channels, model.head.in_features) == (2, 7 * 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)

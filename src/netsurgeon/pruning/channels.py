@@ -3,9 +3,11 @@
 A *channel group* is a set of tensor slices that must be removed together: the output channels (rows) of the
 layers that produce a feature map, every per-channel parameter on its way (BatchNorm, depthwise convolutions),
 and the input columns of the layers that consume it, including a Linear layer after a flatten (one block of
-H·W columns per channel). A residual add ties the groups of its inputs into one. A group whose feature map
-reaches anything else (the model's output, a concatenation, a reshape other than flatten, an op this module
-does not know) cannot be shrunk, and :func:`channel_groups` says which op stops it.
+H·W columns per channel). A residual add ties the groups of its inputs into one. A concatenation along the
+channel axis keeps its inputs' groups apart: a layer after it reads each group's channels at that input's
+offset (``ChannelGroup.spans``). A group whose feature map reaches anything else (the model's output, a
+concatenation along another axis, a reshape other than flatten, an op this module does not know) cannot be
+shrunk, and :func:`channel_groups` says which op stops it.
 
 :func:`remove_channels` then slices every member in place: the model stays the same ``nn.Module`` with smaller
 layers, and ``models.resized_record`` lists the new sizes so a ``.nsz`` file can rebuild it without pickle.
@@ -44,6 +46,7 @@ class ChannelGroup:
     size: int
     members: list[tuple[str, str, int]] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # member after a torch.cat: (offset, total)
 
     @property
     def producers(self) -> list[str]:
@@ -52,6 +55,16 @@ class ChannelGroup:
     @property
     def prunable(self) -> bool:
         return not self.blocked and bool(self.producers)
+
+    def channels(self, name: str, t: Tensor, factor: int = 1) -> Tensor:
+        """This group's channels of member ``name``'s tensor ``t`` as a view (channel, ...): a per-channel
+        tensor (BatchNorm scale) or a consumer's weight (channel, rows, columns per channel), at the member's
+        offset where a concatenation put this group's channels after others."""
+        off = self.spans.get(name, (0, 0))[0]
+        if t.dim() == 1:
+            return t.narrow(0, off, self.size)
+        per = t.reshape(t.shape[0], t.shape[1] // factor if t.dim() == 2 else t.shape[1], -1).transpose(0, 1)
+        return per.narrow(0, off, self.size)
 
 
 class _Tracer(fx.Tracer):
@@ -95,16 +108,31 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
             parent[b] = a
             groups[a].members += groups[b].members
             groups[a].blocked += groups[b].blocked
+            if set(groups[a].spans) & set(groups[b].spans):
+                groups[a].blocked.append("an add that ties two channel sets one concatenation keeps apart")
+            groups[a].spans.update(groups[b].spans)
             if groups[a].size != groups[b].size:
                 groups[a].blocked.append("an add of feature maps with different channel counts")
         return a
 
-    space: dict[fx.Node, int] = {}   # node -> the group its channel dimension belongs to
+    # node -> the channel segments of its channel axis: (group, first channel); one segment except after a
+    # torch.cat along channels, whose consumers read each input's channels at that input's offset
+    space: dict[fx.Node, list[tuple[int, int]]] = {}
     flat: dict[fx.Node, int] = {}    # node -> columns per channel, after a flatten
 
     def block(n: fx.Node, why: str) -> None:
-        if n in space:
-            groups[find(space[n])].blocked.append(why)
+        for g, _ in space.get(n, []):
+            groups[find(g)].blocked.append(why)
+
+    def join(n: fx.Node, name: str, role: str, factor: int = 1) -> None:
+        """``name`` reads (or, per channel, transforms) ``n``'s channels: a member of each of its groups."""
+        segs = space[n]
+        total = sum(groups[find(g)].size for g, _ in segs)  # every channel of a concatenation is in a segment
+        for g, off in segs:
+            grp = groups[find(g)]
+            grp.members.append((name, role, factor))
+            if len(segs) > 1:
+                grp.spans[name] = (off, total)
 
     for node in gm.graph.nodes:
         args = list(node.all_input_nodes)  # nested ones too (torch.cat's list)
@@ -114,21 +142,23 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
             name = str(node.target)
             if isinstance(m, nn.Linear) or (isinstance(m, _CONV) and m.groups == 1):
                 if src in space:
-                    groups[find(space[src])].members.append((name, "in", flat.get(src, 1)))
+                    join(src, name, "in", flat.get(src, 1))
                     if src not in flat and isinstance(m, nn.Linear) and len(src.meta["tensor_meta"].shape) != 2:
                         block(src, f"{name} (a Linear on a {len(src.meta['tensor_meta'].shape)}-d input)")
                 out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-                space[node] = new(out)
-                groups[space[node]].members.append((name, "out", 1))
+                g = new(out)
+                space[node] = [(g, 0)]
+                groups[g].members.append((name, "out", 1))
             elif _is_depthwise(m) or isinstance(m, _BN):
                 if src in space:
                     space[node] = space[src]
-                    groups[find(space[src])].members.append((name, "dw" if isinstance(m, _CONV) else "bn", 1))
+                    join(src, name, "dw" if isinstance(m, _CONV) else "bn")
             elif isinstance(m, _CONV):  # grouped, not depthwise: channel sets would have to stay per group
                 if src is not None:
                     block(src, f"{name} (a grouped convolution)")
-                space[node] = new(m.out_channels)
-                groups[space[node]].blocked.append(f"{name} (a grouped convolution)")
+                g = new(m.out_channels)
+                space[node] = [(g, 0)]
+                groups[g].blocked.append(f"{name} (a grouped convolution)")
             elif isinstance(m, nn.Flatten):
                 _pass_flatten(node, src, space, flat, block)
             elif isinstance(m, _PASS_MODULES):
@@ -137,11 +167,13 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
                 for a in args:
                     block(a, f"{name} ({type(m).__name__})")
         elif node.op == "call_function":
-            if node.target in _ADD and len(args) == 2 and all(a in space for a in args) \
+            if node.target in _ADD and len(args) == 2 and all(len(space.get(a, [])) == 1 for a in args) \
                     and flat.get(args[0]) == flat.get(args[1]):
-                space[node] = union(space[args[0]], space[args[1]])
+                space[node] = [(union(space[args[0]][0][0], space[args[1]][0][0]), 0)]
                 if args[0] in flat:
                     flat[node] = flat[args[0]]
+            elif node.target is torch.cat:
+                _concat(node, space, flat, block)
             elif node.target is torch.flatten and node.args[1:] in ((1,), ()) and not node.kwargs:
                 _pass_flatten(node, src, space, flat, block)
             elif node.target in _PASS_FUNCTIONS:
@@ -169,6 +201,31 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
         g.blocked = sorted(set(g.blocked))
         out.append(g)
     return out
+
+
+def _concat(node: fx.Node, space, flat, block) -> None:
+    """torch.cat along the channel axis: the output's channels are its inputs' segments one after another, each
+    group keeping its own channels (a consumer reads each at its offset). Along any other axis, of a tensor
+    outside every group, of one group twice, or after a flatten: the groups are blocked."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    inputs = list(node.all_input_nodes)
+    meta = node.meta.get("tensor_meta")
+    ndim = len(meta.shape) if meta is not None else 0
+    ok = isinstance(parts, (list, tuple)) and all(isinstance(p, fx.Node) for p in parts) and ndim >= 2 \
+        and isinstance(dim, int) and dim % ndim == 1 and all(p in space and p not in flat for p in parts)
+    segs: list[tuple[int, int]] = []
+    if ok:
+        off = 0
+        for p in parts:
+            segs += [(g, off + o) for g, o in space[p]]
+            off += int(p.meta["tensor_meta"].shape[1])
+        ok = len({g for g, _ in segs}) == len(segs)
+    if not ok:
+        for a in inputs:
+            block(a, f"torch.cat (along dim {dim}, or of a tensor whose channels cannot all be tracked)")
+        return
+    space[node] = segs
 
 
 def _is_flatten(node: fx.Node) -> bool:
@@ -200,8 +257,7 @@ def _pass_flatten(node: fx.Node, src, space, flat, block) -> None:
 @torch.no_grad()
 def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: dict[int, Tensor]) -> None:
     """Keep only channels ``keep[i]`` (sorted indices) of ``groups[i]``, slicing every member in place."""
-    rows: dict[str, Tensor] = {}
-    cols: dict[str, Tensor] = {}
+    chosen: dict[int, Tensor] = {}
     for i, idx in keep.items():
         g = groups[i]
         if not g.prunable:
@@ -210,11 +266,25 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: dict[int
         if idx.numel() == 0 or int(idx.max()) >= g.size or int(idx.min()) < 0:
             raise ValueError(f"remove_channels: group {i} keeps {idx.numel()} of {g.size} channels; it must keep "
                              "at least one, with indices below its size.")
+        chosen[i] = idx
+    # every module's channel axis as segments (offset, group, columns per channel): one segment, or one per
+    # input of a torch.cat; a segment whose group keeps everything keeps all of its channels
+    layout: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+    for i, g in enumerate(groups):
         for name, role, factor in g.members:
-            if role == "in":
-                cols[name] = (idx[:, None] * factor + torch.arange(factor)).reshape(-1) if factor > 1 else idx
-            else:
-                rows[name] = idx
+            layout.setdefault((name, "cols" if role == "in" else "rows"), []).append(
+                (g.spans.get(name, (0, 0))[0], i, factor))
+    rows: dict[str, Tensor] = {}
+    cols: dict[str, Tensor] = {}
+    for (name, axis), segs in layout.items():
+        if not any(i in chosen for _, i, _ in segs):
+            continue
+        factor = segs[0][2]
+        chans = torch.cat([off + chosen.get(i, torch.arange(groups[i].size)) for off, i, _ in sorted(segs)])
+        if axis == "cols":
+            cols[name] = (chans[:, None] * factor + torch.arange(factor)).reshape(-1) if factor > 1 else chans
+        else:
+            rows[name] = chans
     for name in set(rows) | set(cols):
         _slice(model.get_submodule(name), rows.get(name), cols.get(name))
 

@@ -114,7 +114,7 @@ def mergeable_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
     Maps the layer name to (group index, group)."""
     out = {}
     for gi, g in enumerate(channel_groups(model, input_shape)):
-        if not g.prunable or len(g.producers) != 1:
+        if not g.prunable or len(g.producers) != 1 or g.spans:  # merging needs a layer's whole input
             continue
         prod = model.get_submodule(g.producers[0])
         consumers = [(n, f) for n, role, f in g.members if role == "in"]

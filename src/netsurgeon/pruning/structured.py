@@ -216,7 +216,7 @@ def slim(model: nn.Module, fraction: float, input_shape: tuple[int, ...], *, min
         bns = [n for n, role, _ in g.members if role == "bn"]
         if not bns:
             return None
-        return sum(model.get_submodule(n).weight.detach().abs().cpu() for n in bns)
+        return sum(g.channels(n, model.get_submodule(n).weight.detach().abs().cpu()) for n in bns)
 
     return _remove_by_score(model, input_shape, score, fraction, min_channels, "slimming", round_to)
 
@@ -246,9 +246,7 @@ class GroupLassoProximal(Callback):
                 if role == "out" and self.lam_filter > 0:
                     _group_shrink(w.reshape(w.shape[0], -1), lr * self.lam_filter)
                 elif role == "in" and self.lam_channel > 0:
-                    cols = w.reshape(w.shape[0], w.shape[1], -1).transpose(0, 1)  # (in, out, k)
-                    if factor > 1:  # a Linear after a flatten: one group per channel's block of columns
-                        cols = w.reshape(w.shape[0], -1, factor).transpose(0, 1)
+                    cols = g.channels(name, w, factor)  # (channel, out, k); after a flatten, k = its H·W columns
                     _group_shrink(cols.reshape(cols.shape[0], -1), lr * self.lam_channel, view_of=cols)
 
 
@@ -266,13 +264,11 @@ def remove_zero_channels(model: nn.Module, input_shape: tuple[int, ...], *, min_
     """Remove every channel whose removal leaves the function unchanged: its columns in every consumer are zero
     (what reads it ignores it), or, in a group without BatchNorm, its filters and biases are zero in every
     producer (it carries zeros)."""
-    def col_norms(name: str, factor: int) -> torch.Tensor:
-        w = model.get_submodule(name).weight.detach().cpu()
-        return w.reshape(w.shape[0], -1, factor).abs().sum((0, 2)) if factor > 1 else \
-            w.transpose(0, 1).reshape(w.shape[1], -1).abs().sum(1)
+    def col_norms(g: ChannelGroup, name: str, factor: int) -> torch.Tensor:
+        return g.channels(name, model.get_submodule(name).weight.detach().cpu(), factor).abs().sum((1, 2))
 
     def score(g: ChannelGroup):
-        consumers = [col_norms(n, f) for n, role, f in g.members if role == "in"]
+        consumers = [col_norms(g, n, f) for n, role, f in g.members if role == "in"]
         read = sum(consumers) if consumers else torch.full((g.size,), float("inf"))
         if any(role in ("bn", "dw") for _, role, _ in g.members):
             return read

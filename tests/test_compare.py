@@ -1,0 +1,178 @@
+"""netsurgeon compare: the budget, the entries, resuming, bad input, and the report a browser shows."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+from netsurgeon.cli import cli
+from netsurgeon.compare import SUITE, Plan, layer_kept, pareto_front, parse_budget, read_pipelines, suite_entries
+from netsurgeon.pipeline import Pipeline, methods
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("text, sec", [("20m", 1200), ("90s", 90), ("1h30m", 5400), ("45", 45), ("1.5m", 90)])
+def test_parse_budget(text, sec):
+    assert parse_budget(text) == sec
+
+
+@pytest.mark.parametrize("text", ["ten minutes", "20x", "0", "5m junk", ""])
+def test_parse_budget_refuses_quoting_the_value(text):
+    with pytest.raises(ValueError, match="--budget") as e:
+        parse_budget(text)
+    assert repr(text) in str(e.value)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(10, 5.0), (20, 1.0), (5, 9.0), (15, 6.0), (30, 1.0), (5, 8.0)]
+    assert pareto_front(pts) == [5, 0, 1]  # (5, 8), (10, 5), (20, 1); (5, 9), (15, 6), (30, 1) are dominated
+
+
+def test_plan_gives_steps_as_epochs_and_a_cap():
+    p = Plan(steps=250, steps_per_epoch=100)
+    assert p.train() == {"epochs": 3, "batch_size": 64, "max_steps": 250}
+    assert p.train(0.5) == {"epochs": 2, "batch_size": 64, "max_steps": 125}
+    assert Plan(steps=200, steps_per_epoch=100).train() == {"epochs": 2, "batch_size": 64}
+
+
+def test_every_suite_entry_is_a_valid_pipeline_with_the_same_budget():
+    plan = Plan(steps=300, steps_per_epoch=100, sparsity=0.8)
+    entries = suite_entries(plan)
+    assert [e.name for e in entries] == list(SUITE)
+    for e in entries:
+        pipe = Pipeline.from_spec(e.stages, source=e.name)
+        pipe.check(has_data=True)
+        if e.name != "int8":  # post-training int8 trains nothing
+            assert e.train_steps == 300, e.name
+    # every compressor of the registry has a row (the rest are stages of rows, named with the reason)
+    from netsurgeon.compare import NOT_IN_SUITE
+
+    used = {next(iter(s)) for e in entries for s in e.stages}
+    assert set(methods()) - used <= set(NOT_IN_SUITE)
+
+
+def test_unknown_entry_is_refused_with_the_valid_names():
+    with pytest.raises(ValueError, match=r"unknown method\(s\) 'dsn'.*valid: magnitude"):
+        suite_entries(Plan(10, 10), ["dsn"])
+    with pytest.raises(ValueError, match="fine-tuning stage"):
+        suite_entries(Plan(10, 10), ["distill"])
+
+
+def test_read_pipelines_fills_the_budget(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("pipelines:\n  mine:\n    - magnitude: {sparsity: 0.8, budget: 0.5}\n    - kmeans: {bits: 4}\n"
+                 "    - finetune: {epochs: budget, lr: 0.001}\n")
+    (e,) = read_pipelines(f, Plan(steps=100, steps_per_epoch=40))
+    assert e.stages[0] == {"magnitude": {"sparsity": 0.8, "epochs": 2, "batch_size": 64, "max_steps": 50}}
+    assert e.stages[2]["finetune"] == {"lr": 0.001, "epochs": 3, "batch_size": 64, "max_steps": 100}
+    assert e.train_steps == 150
+    f.write_text("pipelines:\n  mine:\n    - magnitude: {budget: 2}\n")
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]; got 2"):
+        read_pipelines(f, Plan(10, 10))
+    f.write_text("stages: [magnitude]\n")
+    with pytest.raises(ValueError, match="must hold 'pipelines"):
+        read_pipelines(f, Plan(10, 10))
+
+
+def test_layer_kept_counts_factor_and_pruned_layers_against_the_dense_layer():
+    dense = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
+    small = nn.Sequential(nn.Sequential(nn.Linear(10, 2, bias=False), nn.Linear(2, 8)), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        small[2].weight[:, :4] = 0
+    kept = layer_kept(small, dense)
+    assert kept == {"0": pytest.approx(100 * (20 + 16) / 80), "2": pytest.approx(50.0)}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One small comparison on the bundled digits: two methods that run and one that cannot on this model."""
+    from click.testing import CliRunner
+
+    d = tmp_path_factory.mktemp("cmp")
+    runner = CliRunner()
+    base = d / "base.safetensors"
+    _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "3", "--lr", "0.05", "-o", str(base)]))
+    out = _ok(runner.invoke(cli, ["compare", str(base), "--methods", "magnitude,int8,slimming", "--budget", "6s",
+                                  "--repeats", "5", "--threads", "1", "-o", str(d / "rep")]))
+    return d, out, runner
+
+
+def test_compare_writes_a_report_of_measured_files(report):
+    d, out, _ = report
+    assert "2 of 3 methods ran" in out
+    res = json.loads((d / "rep" / "results.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["slimming"]["status"] == "failed" and "BatchNorm" in rows["slimming"]["error"]
+    mag = rows["magnitude"]
+    assert mag["file_bytes"] == (d / "rep" / mag["file"]).stat().st_size  # the number is the file's
+    assert mag["compression_weights"] == pytest.approx(10.0, rel=0.05)  # 90% of the weights removed
+    assert mag["train_steps"] == res["plan"]["steps"] > 0
+    assert rows["int8"]["compression_bytes"] > 3.0 and rows["int8"]["train_steps"] == 0
+    assert set(mag["latency"]) == {"1", "256"} and mag["latency"]["1"]["speedup"] > 0
+    assert res["dense"]["file_bytes"] == (d / "base.safetensors").stat().st_size
+    assert "--budget 6s" in res["command"] and res["command"].startswith("netsurgeon compare ")
+    page = (d / "rep" / "index.html").read_text()
+    assert page.count("<svg") == 5 and "magnitude" in page and "BatchNorm" in page and "http" not in page.split(
+        "<svg")[0]
+
+
+def test_compare_resumes_without_rerunning_finished_methods(report):
+    d, _, runner = report
+    (d / "rep" / "runs" / "int8.json").unlink()  # as if interrupted while int8 ran
+    before = json.loads((d / "rep" / "runs" / "magnitude.json").read_text())
+    out = _ok(runner.invoke(cli, ["compare", str(d / "base.safetensors"), "--methods", "magnitude,int8,slimming",
+                                  "--budget", "6s", "--repeats", "5", "--threads", "1", "-o", str(d / "rep")]))
+    assert "magnitude: done before" in out and "int8: done before" not in out
+    assert json.loads((d / "rep" / "runs" / "magnitude.json").read_text()) == before
+    assert (d / "rep" / "runs" / "int8.json").is_file()
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["missing.safetensors", "-o", "r"], "model file 'missing.safetensors' does not exist"),
+    (["BASE", "--budget", "ten", "-o", "r"], "--budget takes a duration like 20m, 90s, 1h or 1h30m; got 'ten'"),
+    (["BASE", "--methods", "magnitude,dsn", "-o", "r"], "unknown method(s) 'dsn'"),
+    (["BASE"], "give -o/--output DIR"),
+])
+def test_compare_bad_input_is_one_line_before_any_work(report, tmp_path, args, msg):
+    d, _, runner = report
+    args = [str(d / "base.safetensors") if a == "BASE" else str(tmp_path / a) if a == "r" else a for a in args]
+    r = runner.invoke(cli, ["compare", *args])
+    assert r.exit_code == 2 and msg in r.output, r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_compare_list_names_every_entry(runner):
+    out = _ok(runner.invoke(cli, ["compare", "x", "--list"]))
+    assert all(name in out for name in SUITE)
+
+
+def _browser():
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome", "chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless browser (apt-get install chromium)")
+def test_report_renders_in_a_real_browser(report, tmp_path):
+    """Chromium opens the page: no console message or script error, the table and plots are in the DOM after
+    the script ran, and the screenshot is a real picture (not blank)."""
+    d, _, _ = report
+    url = (d / "rep" / "index.html").as_uri()
+    flags = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,1800"]
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
+    console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<tr") == 1 + 1 + 3 and dom.count("<svg") == 5  # header, dense, three methods
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(shot))
+    assert img.shape[0] >= 1000 and img.shape[1] >= 1000
+    assert img[..., :3].std() > 0.05  # text and plots, not an empty page
