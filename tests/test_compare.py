@@ -81,6 +81,31 @@ def test_read_pipelines_fills_the_budget(tmp_path):
         read_pipelines(f, Plan(10, 10))
 
 
+def test_a_pipeline_named_like_a_built_in_entry_is_refused(tmp_path):
+    from netsurgeon.compare import plan_entries
+
+    f = tmp_path / "p.yaml"
+    f.write_text("pipelines:\n  dns:\n    - magnitude: {budget: 1}\n")
+    with pytest.raises(ValueError, match=r"names \['dns'\], which are also built-in entries"):
+        plan_entries(Plan(10, 10), ["dns", "int8"], f)
+    assert [e.name for e in plan_entries(Plan(10, 10), None, f)] == ["dns"]  # alone, it is just a name
+
+
+def test_python_api_compares_a_users_model(tmp_path, digits):
+    """ns.run_comparison on a model built in Python (no file): the same results as the CLI's."""
+    import netsurgeon as ns
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ns.train(model, digits, ns.TrainConfig(epochs=3, lr=0.05))
+    r = ns.run_comparison(model, digits, tmp_path / "rep", methods=["magnitude", "l1_filters"], budget=1,
+                          repeats=5, threads=1, data_name="digits", progress=False)
+    rows = {x["name"]: x for x in r["rows"]}
+    assert rows["magnitude"]["status"] == "ok" and rows["l1_filters"]["status"] == "ok"
+    assert rows["l1_filters"]["layer_kept_pct"]["1"] == pytest.approx(50.0)  # half of the hidden neurons gone
+    assert (tmp_path / "rep" / "index.html").is_file() and (tmp_path / "rep" / "files" / "_dense.safetensors").is_file()
+
+
 def test_layer_kept_counts_factor_and_pruned_layers_against_the_dense_layer():
     dense = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
     small = nn.Sequential(nn.Sequential(nn.Linear(10, 2, bias=False), nn.Linear(2, 8)), nn.ReLU(), nn.Linear(8, 4))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _SUBMODULES = ("data", "masks", "models", "pipeline", "pruning", "quantization", "registry", "stats", "coding",
-               "runtime", "train", "report", "modelfile", "linalg", "recipes", "demo", "export")
+               "runtime", "train", "report", "modelfile", "linalg", "recipes", "demo", "export", "compare")
 _NAMES = {
     # storage
     "NszError": "coding", "read_compressed": "coding", "save_compressed": "coding", "load_compressed": "runtime",
@@ -22,7 +22,7 @@ _NAMES = {
     # data & models
     "DataError": "data", "load_dataset": "data", "build_model": "models",
     # methods and pipelines
-    "Pipeline": "pipeline", "get_method": "pipeline", "methods": "pipeline",
+    "Pipeline": "pipeline", "get_method": "pipeline", "methods": "pipeline", "run_comparison": "compare",
     # engine
     "Callback": "train", "TrainConfig": "train", "evaluate": "train", "train": "train",
 }

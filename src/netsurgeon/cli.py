@@ -356,7 +356,7 @@ def compare_cmd(model_file: Path, method_names: str | None, pipelines: Path | No
       netsurgeon compare base.safetensors --methods magnitude,dns,kmeans --budget 5m -o quick/
     Open report/index.html in a browser. Interrupted? Run the same command again: finished methods are kept.
     """
-    from .compare import SUITE, Plan, parse_budget, read_pipelines, suite_entries
+    from .compare import SUITE, Plan, parse_budget, plan_entries
 
     if list_only:
         for name, (family, make) in SUITE.items():
@@ -369,41 +369,23 @@ def compare_cmd(model_file: Path, method_names: str | None, pipelines: Path | No
         raise _Fail(f"model file {str(model_file)!r} does not exist.")
     if output.exists() and not output.is_dir():
         raise _Fail(f"output {str(output)!r} exists and is not a directory.")
-    budget_s = parse_budget(budget)
+    parse_budget(budget)  # bad input is one line before anything loads
     names = None if method_names is None else [n.strip() for n in method_names.split(",") if n.strip()]
-    probe = Plan(steps=1, steps_per_epoch=1, sparsity=sparsity)
-    entries = [] if names is None and pipelines is not None else suite_entries(probe, names)  # names checked now
-    extra = read_pipelines(pipelines, probe) if pipelines is not None else []
-    dup = {e.name for e in entries} & {e.name for e in extra}
-    if dup:
-        raise _Fail(f"--pipelines names {sorted(dup)} are also built-in entries; rename them.")
-    from .data import load_dataset  # torch from here on
+    plan_entries(Plan(steps=1, steps_per_epoch=1, sparsity=sparsity), names, pipelines)
+    from .compare import run_comparison  # torch from here on
+    from .data import load_dataset
     from .models import arch_of
-    from .pipeline import Pipeline, weight_form
 
     _set_threads(threads)
     model, meta = _read_input(model_file, model_spec, _model_args(model_args), trust_code, keep_codecs=True)
-    if weight_form(model) != "float":
-        raise _Fail(f"compare starts from float weights; {str(model_file)!r} holds {weight_form(model)} weights.")
-    for e in extra:  # a user's pipeline that cannot run is refused before anything runs
-        Pipeline.from_spec(e.stages, source=f"{pipelines}: {e.name}").check(has_data=True, start_form="float")
     data_name = _data_name(data_name, data_dir, meta.get("data"))
     data = load_dataset(data_name, data_dir, seed=seed)
     _check_input_shape(model, data, str(model_file))
-    from .compare import compare, input_fingerprint, plan_budget, resumable_plan
-
-    n = (len(SUITE) if names is None and pipelines is None else len(entries)) + len(extra)
-    settings = {"input": input_fingerprint(model_file), "data": data_name, "budget_s": budget_s, "entries": n,
-                "sparsity": sparsity, "seed": seed}
-    plan = resumable_plan(output, settings,
-                          lambda: plan_budget(model, data, budget_s, n, sparsity=sparsity, seed=seed))
-    entries = ([] if names is None and pipelines is not None else suite_entries(plan, names))
-    entries += read_pipelines(pipelines, plan) if pipelines is not None else []
     arch = arch_of(model) or {}
-    model_name = str(arch.get("name") or arch.get("factory") or model_spec or model_file.stem)
-    r = compare(model, data, output, entries=entries, plan=plan, input_file=model_file, data_name=data_name,
-                model_name=model_name, seed=seed, threads=threads, repeats=repeats, budget_s=budget_s,
-                command=_command_line(), progress=True)
+    r = run_comparison(model, data, output, methods=names, pipelines=pipelines, budget=budget, sparsity=sparsity,
+                       seed=seed, threads=threads, repeats=repeats, input_file=model_file, data_name=data_name,
+                       model_name=str(arch.get("name") or arch.get("factory") or model_spec or model_file.stem),
+                       command=_command_line(), progress=True)
     ok = [x for x in r["rows"] if x["status"] == "ok"]
     click.echo(f"{len(ok)} of {len(r['rows'])} methods ran ({r['wall_s_this_run'] / 60:.1f} min); "
                f"report: {output / 'index.html'}, numbers: {output / 'results.json'}")

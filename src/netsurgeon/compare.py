@@ -37,7 +37,8 @@ from ._validation import atomic_write
 from .progress import log as progress_log
 
 __all__ = ["SUITE", "Entry", "Plan", "parse_budget", "plan_budget", "resumable_plan", "input_fingerprint",
-           "suite_entries", "read_pipelines", "compare", "layer_kept", "pareto_front", "PAPER_POINTS"]
+           "suite_entries", "read_pipelines", "plan_entries", "run_comparison", "compare", "layer_kept",
+           "pareto_front", "PAPER_POINTS"]
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +380,10 @@ def _run_entry(entry: Entry, dense: nn.Module, data: Any, out: Path, meta: dict[
     if arch is not None and "input_shape" not in arch:
         arch["input_shape"] = list(data.input_shape)
     pipe.save(model, path, meta={**meta, "compare_entry": entry.name}, arch=arch)
-    back = load_compressed(path, trust_code=True)  # measured as a user gets it: the file, read back
+    # measured as a user gets it: the file, read back (a model with no recorded architecture is rebuilt from
+    # a copy of the dense input, which the file's recorded sizes and factors reshape)
+    rebuildable = bool(arch and (arch.get("name") or arch.get("factory")))
+    back = load_compressed(path, None if rebuildable else copy.deepcopy(dense), trust_code=True)
     s = _measure(back, dense, data, path, batches, threads, repeats)
     return {"status": "ok", "wall_s": wall, "stage_seconds": [r["seconds"] for r in runs],
             "file": f"files/{entry.name}.nsz", **s}
@@ -400,8 +404,7 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "files").mkdir(exist_ok=True)
     dense = copy.deepcopy(model).eval()
-    fingerprint = _sha256(Path(input_file)) if input_file else hashlib.sha256(
-        b"".join(v.detach().numpy().tobytes() for v in dense.state_dict().values())).hexdigest()
+    fingerprint = _sha256(Path(input_file)) if input_file else _state_hash(dense)
     common = {"input": fingerprint, "data": data_name, "seed": seed, "batches": list(batches), "threads": threads,
               "repeats": repeats}
     t_start = time.perf_counter()
@@ -479,6 +482,53 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
 
     write_report(results, out / "index.html")
     return results
+
+
+def plan_entries(plan: Plan, methods: Sequence[str] | None = None,
+                 pipelines: str | os.PathLike[str] | None = None) -> list[Entry]:
+    """The entries to compare: the built-in ones named in ``methods`` (all of them when neither ``methods`` nor
+    ``pipelines`` is given) and the YAML ``pipelines``. Raises ValueError on an unknown name, a bad file or a
+    name used twice."""
+    entries = [] if methods is None and pipelines is not None else suite_entries(plan, methods)
+    extra = read_pipelines(pipelines, plan) if pipelines is not None else []
+    dup = sorted({e.name for e in entries} & {e.name for e in extra})
+    if dup:
+        raise ValueError(f"compare: the pipelines file names {dup}, which are also built-in entries; rename them.")
+    return entries + extra
+
+
+def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *,
+                   methods: Sequence[str] | None = None, pipelines: str | os.PathLike[str] | None = None,
+                   budget: str | float = "20m", sparsity: float = 0.9, seed: int = 0, threads: int | None = None,
+                   repeats: int = 30, input_file: str | os.PathLike[str] | None = None, data_name: str = "",
+                   model_name: str = "", command: str = "", progress: bool = True) -> dict[str, Any]:
+    """Compare the methods on ``model`` (trained, float weights) and ``data``: check every entry, plan the
+    budget (or reuse the plan of an interrupted run in ``out_dir``), run :func:`compare`. ``budget``: seconds
+    or a duration such as ``"20m"``. Returns the results dict that ``out_dir/results.json`` holds."""
+    from .pipeline import Pipeline, weight_form
+
+    budget_s = parse_budget(budget) if isinstance(budget, str) else float(budget)
+    if not budget_s > 0:
+        raise ValueError(f"compare: budget must be positive; got {budget!r}.")
+    probe = plan_entries(Plan(steps=1, steps_per_epoch=1, sparsity=sparsity), methods, pipelines)
+    form = weight_form(model)
+    if form != "float":
+        raise ValueError(f"compare starts from float weights; the model holds {form} weights.")
+    for e in probe:  # an entry that cannot run in this order is refused before anything runs
+        Pipeline.from_spec(e.stages, source=e.name).check(has_data=True, start_form="float")
+    fingerprint = input_fingerprint(input_file) if input_file else _state_hash(model)
+    settings = {"input": fingerprint, "data": data_name, "budget_s": budget_s, "entries": len(probe),
+                "sparsity": sparsity, "seed": seed}
+    plan = resumable_plan(out_dir, settings, lambda: plan_budget(model, data, budget_s, len(probe),
+                                                                 sparsity=sparsity, seed=seed))
+    return compare(model, data, out_dir, entries=plan_entries(plan, methods, pipelines), plan=plan,
+                   input_file=input_file, data_name=data_name, model_name=model_name, seed=seed, threads=threads,
+                   repeats=repeats, budget_s=budget_s, command=command, progress=progress)
+
+
+def _state_hash(model: nn.Module) -> str:
+    return hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in model.state_dict().values())
+                          ).hexdigest()
 
 
 def _dense_file(dense: nn.Module, out: Path) -> Path:

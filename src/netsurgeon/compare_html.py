@@ -124,7 +124,8 @@ def _front_plot(res: dict[str, Any], what: str) -> str:
         ax.set_xlabel(f"latency at batch {b} (ms, runtime form; dense: median of its paired timings)")
         ax.set_title(f"error vs latency, batch {b}")
     ax.set_ylabel("test error (%)")
-    ax.legend(fontsize=6.5, loc="upper right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6.5, loc="upper right")
     return _svg(fig)
 
 
