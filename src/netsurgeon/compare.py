@@ -400,6 +400,8 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
     Entries already in ``OUT/runs`` with the same settings (stages, input model, data, seed, measurement) are
     not run again. A failing entry is recorded with its error and the comparison goes on; Ctrl-C stops it
     (the finished entries are kept)."""
+    from .pipeline import Pipeline
+
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "files").mkdir(exist_ok=True)
@@ -436,7 +438,9 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
         write_run("_dense", ref)
     rows = []
     for i, entry in enumerate(entries, 1):
-        key = hashlib.sha256(json.dumps({"stages": entry.stages, **common}, sort_keys=True).encode()).hexdigest()
+        # every option of every stage, defaults included: a changed default runs the entry again
+        resolved = Pipeline.from_spec(entry.stages, defaults={"seed": seed}, source=entry.name).to_dict()["stages"]
+        key = hashlib.sha256(json.dumps({"stages": resolved, **common}, sort_keys=True).encode()).hexdigest()
         r = cached(entry.name, key)
         if r is not None:
             progress_log.info("[%d/%d] %s: done before (%s), kept", i, len(entries), entry.name, r["status"])
