@@ -266,3 +266,28 @@ def test_channel_views_and_zero_channel_removal_after_a_concatenation():
     assert (model.d.out_channels, model.head.in_features) == (2, 7 * 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_ssl_shape_wise_groups_are_columns_of_the_lowered_weight():
+    """One proximal step on shape-wise groups (Wen et al. Sec. 3.3): each (input channel, kernel position) column
+    across all filters shrinks by lr*lambda in l2 norm, to exactly zero when its norm is smaller."""
+    from types import SimpleNamespace
+
+    from netsurgeon.pruning.structured import GroupLassoProximal, zero_shapes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 7 * 7, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+        model[0].weight[:, 1, 0, 1] = torch.tensor([0.03, 0.0, -0.04])  # norm 0.05: below the threshold
+        model[0].weight[:, 0, 1, 1] = torch.tensor([3.0, 4.0, 0.0])     # norm 5
+    cb = GroupLassoProximal(0.0, 0.0, (2, 8, 8), lam_shape=1.0)
+    cb.prepare(model)
+    before = model[0].weight.detach().clone()
+    cb.after_step(SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]), model=model))
+    w = model[0].weight.detach()
+    assert torch.equal(w[:, 1, 0, 1], torch.zeros(3))
+    torch.testing.assert_close(w[:, 0, 1, 1], before[:, 0, 1, 1] * (1 - 0.1 / 5))
+    assert zero_shapes(model)["0"] == pytest.approx(100 * sum(
+        float(before[:, c, i, j].norm()) <= 0.1 for c in range(2) for i in range(2) for j in range(2)) / 8)
+    assert not torch.equal(model[3].weight, torch.zeros_like(model[3].weight))  # Linear layers have no shapes

@@ -226,14 +226,20 @@ class GroupLassoProximal(Callback):
     filter-wise groups (a producer's output rows) and channel-wise groups (a consumer's input columns), applied
     as proximal steps after each optimizer step: ``w_g <- w_g · max(0, 1 − lr·λ/‖w_g‖₂)``, exact zeros."""
 
-    def __init__(self, lam_filter: float, lam_channel: float, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, lam_filter: float, lam_channel: float, input_shape: tuple[int, ...],
+                 lam_shape: float = 0.0) -> None:
         self.lam_filter, self.lam_channel, self.input_shape = lam_filter, lam_channel, input_shape
+        self.lam_shape = lam_shape
         self._groups: list[ChannelGroup] = []
+        self._convs: list[nn.Module] = []
 
     def prepare(self, model: nn.Module, **_: Any) -> None:
         _check_plain(model, "ssl")
         self._model = model
         self._groups = [g for g in channel_groups(model, self.input_shape) if g.prunable]
+        # shape-wise groups (Wen et al. Sec. 3.3): one group per (input channel, kernel position) of a
+        # convolution, across all its filters: a column of the lowered (im2col) weight matrix
+        self._convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1]
 
     @torch.no_grad()
     def after_step(self, trainer: Trainer | None = None) -> None:
@@ -248,6 +254,9 @@ class GroupLassoProximal(Callback):
                 elif role == "in" and self.lam_channel > 0:
                     cols = g.channels(name, w, factor)  # (channel, out, k); after a flatten, k = its H·W columns
                     _group_shrink(cols.reshape(cols.shape[0], -1), lr * self.lam_channel, view_of=cols)
+        if self.lam_shape > 0:
+            for m in self._convs:
+                _group_shrink(m.weight.view(m.weight.shape[0], -1).t(), lr * self.lam_shape)
 
 
 def _group_shrink(rows: torch.Tensor, t: float, view_of: torch.Tensor | None = None) -> None:
@@ -317,13 +326,32 @@ class SSLConfig(TrainConfig):
     owner: ClassVar[str] = "ssl"
     lam_filter: float = option(1e-3, "group-Lasso strength on whole filters (output rows)", low=0)
     lam_channel: float = option(1e-3, "group-Lasso strength on whole input channels (columns)", low=0)
+    lam_shape: float = option(0.0, "group-Lasso strength on filter shapes: one group per (input channel, kernel "
+                                   "position) across a conv's filters (stored sparse; not removed as channels)",
+                              low=0)
     min_channels: int = option(1, "never keep fewer channels than this in a layer", low=1)
 
 
 @register("ssl", kind="training", config=SSLConfig, needs_data=True,
           citation="Wen, Wu, Wang, Chen, Li 2016 (NeurIPS), Learning Structured Sparsity in Deep Neural Networks, "
-                   "Eq. 2 (filter-wise and channel-wise groups); Lebedev & Lempitsky 2016",
+                   "Eq. 2 (filter-wise and channel-wise groups; shape-wise groups, Sec. 3.3); Lebedev & Lempitsky "
+                   "2016",
           summary="train with a group Lasso on filters and channels (proximal steps), then remove zeroed ones")
 def _run_ssl(model: nn.Module, cfg: SSLConfig, ctx: StageContext) -> dict[str, Any]:
-    return _train_then_remove(model, cfg, ctx, lambda shape: GroupLassoProximal(cfg.lam_filter, cfg.lam_channel, shape),
-                              lambda shape: remove_zero_channels(model, shape, min_channels=cfg.min_channels))
+    report = _train_then_remove(
+        model, cfg, ctx, lambda shape: GroupLassoProximal(cfg.lam_filter, cfg.lam_channel, shape, cfg.lam_shape),
+        lambda shape: remove_zero_channels(model, shape, min_channels=cfg.min_channels))
+    report["zero_shapes_pct"] = zero_shapes(model)
+    return report
+
+
+def zero_shapes(model: nn.Module) -> dict[str, float]:
+    """% of each convolution's shape-wise groups (input channel x kernel position, across its filters) that are
+    all zero: the columns a lowered (im2col) convolution would skip."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1:
+            w = m.weight.detach()
+            cols = w.reshape(w.shape[0], -1)
+            out[name] = 100.0 * float((cols.abs().sum(0) == 0).float().mean())
+    return out
