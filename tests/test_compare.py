@@ -106,6 +106,19 @@ def test_python_api_compares_a_users_model(tmp_path, digits):
     assert (tmp_path / "rep" / "index.html").is_file() and (tmp_path / "rep" / "files" / "_dense.safetensors").is_file()
 
 
+def test_fixed_steps_give_the_same_files_in_any_run(tmp_path, digits):
+    import netsurgeon as ns
+
+    torch.manual_seed(0)
+    model = ns.build_model("lenet300", digits.input_shape)
+    ns.train(model, digits, ns.TrainConfig(epochs=2, lr=0.05))
+    for d in ("a", "b"):
+        r = ns.run_comparison(model, digits, tmp_path / d, methods=["magnitude"], steps=30, repeats=5, threads=1,
+                              progress=False)
+        assert r["plan"]["steps"] == r["rows"][0]["train_steps"] == 30
+    assert (tmp_path / "a/files/magnitude.nsz").read_bytes() == (tmp_path / "b/files/magnitude.nsz").read_bytes()
+
+
 def test_layer_kept_counts_factor_and_pruned_layers_against_the_dense_layer():
     dense = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
     small = nn.Sequential(nn.Sequential(nn.Linear(10, 2, bias=False), nn.Linear(2, 8)), nn.ReLU(), nn.Linear(8, 4))

@@ -333,6 +333,9 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
               help="Wall time for the whole comparison (20m, 1h, 90s); sets the training steps every entry gets.")
 @click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
               show_default=True, help="Sparsity the pruning entries aim for.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps of every entry, instead of timing them from --budget (the same steps on any "
+                   "machine: reproducible weights).")
 @_with(_model_opts)
 @click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
 @_with(_data_opts)
@@ -344,6 +347,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
               help="Report directory (index.html, results.json, files/, runs/); re-running it resumes.")
 @_friendly
 def compare_cmd(model_file: Path, method_names: str | None, pipelines: Path | None, budget: str, sparsity: float,
+                steps: int | None,
                 model_spec: str | None, model_args: tuple[str, ...], trust_code: bool, data_name: str | None,
                 data_dir: Path | None, seed: int, threads: int | None, repeats: int, list_only: bool,
                 output: Path | None) -> None:
@@ -382,8 +386,8 @@ def compare_cmd(model_file: Path, method_names: str | None, pipelines: Path | No
     data = load_dataset(data_name, data_dir, seed=seed)
     _check_input_shape(model, data, str(model_file))
     arch = arch_of(model) or {}
-    r = run_comparison(model, data, output, methods=names, pipelines=pipelines, budget=budget, sparsity=sparsity,
-                       seed=seed, threads=threads, repeats=repeats, input_file=model_file, data_name=data_name,
+    r = run_comparison(model, data, output, methods=names, pipelines=pipelines, budget=budget, steps=steps,
+                       sparsity=sparsity, seed=seed, threads=threads, repeats=repeats, input_file=model_file, data_name=data_name,
                        model_name=str(arch.get("name") or arch.get("factory") or model_spec or model_file.stem),
                        command=_command_line(), progress=True)
     ok = [x for x in r["rows"] if x["status"] == "ok"]

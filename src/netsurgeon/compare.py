@@ -503,12 +503,14 @@ def plan_entries(plan: Plan, methods: Sequence[str] | None = None,
 
 def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *,
                    methods: Sequence[str] | None = None, pipelines: str | os.PathLike[str] | None = None,
-                   budget: str | float = "20m", sparsity: float = 0.9, seed: int = 0, threads: int | None = None,
+                   budget: str | float = "20m", steps: int | None = None, sparsity: float = 0.9, seed: int = 0,
+                   threads: int | None = None,
                    repeats: int = 30, input_file: str | os.PathLike[str] | None = None, data_name: str = "",
                    model_name: str = "", command: str = "", progress: bool = True) -> dict[str, Any]:
     """Compare the methods on ``model`` (trained, float weights) and ``data``: check every entry, plan the
     budget (or reuse the plan of an interrupted run in ``out_dir``), run :func:`compare`. ``budget``: seconds
-    or a duration such as ``"20m"``. Returns the results dict that ``out_dir/results.json`` holds."""
+    or a duration such as ``"20m"``; ``steps`` fixes the training steps of every entry instead (no timing: the
+    same steps, hence the same weights, on any machine). Returns the results dict of ``out_dir/results.json``."""
     from .pipeline import Pipeline, weight_form
 
     budget_s = parse_budget(budget) if isinstance(budget, str) else float(budget)
@@ -523,8 +525,13 @@ def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str],
     fingerprint = input_fingerprint(input_file) if input_file else _state_hash(model)
     settings = {"input": fingerprint, "data": data_name, "budget_s": budget_s, "entries": len(probe),
                 "sparsity": sparsity, "seed": seed}
-    plan = resumable_plan(out_dir, settings, lambda: plan_budget(model, data, budget_s, len(probe),
-                                                                 sparsity=sparsity, seed=seed))
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"compare: steps must be a positive integer; got {steps!r}.")
+        plan = Plan(steps=steps, steps_per_epoch=max(1, -(-len(data.train) // Plan.batch_size)), sparsity=sparsity)
+    else:
+        plan = resumable_plan(out_dir, settings, lambda: plan_budget(model, data, budget_s, len(probe),
+                                                                     sparsity=sparsity, seed=seed))
     return compare(model, data, out_dir, entries=plan_entries(plan, methods, pipelines), plan=plan,
                    input_file=input_file, data_name=data_name, model_name=model_name, seed=seed, threads=threads,
                    repeats=repeats, budget_s=budget_s, command=command, progress=progress)
