@@ -387,7 +387,8 @@ def compare_cmd(model_file: Path, method_names: str | None, pipelines: Path | No
     _check_input_shape(model, data, str(model_file))
     arch = arch_of(model) or {}
     r = run_comparison(model, data, output, methods=names, pipelines=pipelines, budget=budget, steps=steps,
-                       sparsity=sparsity, seed=seed, threads=threads, repeats=repeats, input_file=model_file, data_name=data_name,
+                       sparsity=sparsity, seed=seed, threads=threads, repeats=repeats, input_file=model_file,
+                       data_name=data_name,
                        model_name=str(arch.get("name") or arch.get("factory") or model_spec or model_file.stem),
                        command=_command_line(), progress=True)
     ok = [x for x in r["rows"] if x["status"] == "ok"]

@@ -185,15 +185,9 @@ def suite_entries(plan: Plan, names: Sequence[str] | None = None) -> list[Entry]
 def read_pipelines(path: str | os.PathLike[str], plan: Plan) -> list[Entry]:
     """Entries from a YAML file ``{pipelines: {name: [stages...]}}`` (stages as in a recipe). A stage option
     ``epochs: budget`` (or ``budget: 0.5``) takes the plan's training budget (or that fraction of it)."""
-    import yaml
+    from .recipes import load_yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"compare: pipelines file {str(path)!r} does not exist.")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"compare: {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = load_yaml(path, "compare: pipelines")
     pipes = raw.get("pipelines") if isinstance(raw, dict) else None
     if not isinstance(pipes, dict) or not pipes:
         raise ValueError(f"compare: {str(path)!r} must hold 'pipelines: {{name: [stages...]}}'; got {raw!r:.80}.")
@@ -551,15 +545,7 @@ def _dense_file(dense: nn.Module, out: Path) -> Path:
 
 
 def _machine(threads: int | None) -> dict[str, Any]:
-    import platform
+    from .stats import cpu_name
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
             "torch": torch.__version__}

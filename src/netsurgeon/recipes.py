@@ -22,12 +22,23 @@ from typing import Any
 import yaml
 from torch import nn
 
-__all__ = ["read_recipe", "load_recipe", "apply_recipe", "convert_legacy"]
+__all__ = ["read_recipe", "load_recipe", "load_yaml", "apply_recipe", "convert_legacy"]
 
 _TOP_KEYS = ("stages", "model", "data")
 _LEGACY_KEYS = {"method", "sparsity", "quality", "scope", "rounds", "lr_factor", "finetune", "save", "dns", "fisher",
                 "update", "quantize", "autoprune"}
 _SECOND_ORDER = ("woodfisher", "woodtaylor", "obs", "obd", "diag_fisher")
+
+
+def load_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """The YAML file ``path`` parsed safely; a missing file or invalid YAML is one ValueError naming ``what``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} file not found: {str(p)!r}.")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {str(p)!r}: not valid YAML ({' '.join(str(e).split())}).") from None
 
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -37,12 +48,7 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
         ValueError: missing file, invalid YAML, unknown top-level keys (named, with the valid ones).
     """
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"recipe file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"recipe {p}: not valid YAML ({' '.join(str(e).split())}).") from e
+    raw = load_yaml(p, "recipe")
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {p}: expected a mapping with 'stages' at the top level.")
     if "stages" not in raw and "method" in raw:

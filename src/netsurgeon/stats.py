@@ -16,11 +16,25 @@ from .data import Split, batches
 from .masks import SUPPORTED_LAYERS, original, prunable_layers
 from .progress import Progress
 
-__all__ = ["count_nonzero", "LayerFlops", "layer_flops", "total_flops", "Latency", "measure_latency",
+__all__ = ["cpu_name", "count_nonzero", "LayerFlops", "layer_flops", "total_flops", "Latency", "measure_latency",
            "num_threads", "collect_gradients"]
 
 
 @torch.no_grad()
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), for the machine line of every measurement."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def count_nonzero(model: nn.Module) -> tuple[int, int]:
     """Return ``(nonzero, total)`` over every parameter of ``model`` as the forward pass sees it.
 
