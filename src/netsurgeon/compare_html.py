@@ -114,15 +114,13 @@ def _front_plot(res: dict[str, Any], what: str) -> str:
         ax.set_xscale("log")
         ax.set_xlabel("weights / nonzero weights (biases excluded)")
         ax.set_title("error vs nonzero weights")
-    else:
+    else:  # the paired ratio: each method's time against the dense model's, timed interleaved with it
         b = what
-        xs = [r["latency"][b]["runtime_ms"] for r in rows]
-        dense_ms = sorted(r["latency"][b]["dense_ms"] for r in rows)
-        _scatter(ax, rows, xs, _clip(ys, ax), dense_ms[len(dense_ms) // 2] if dense_ms else None,
-                 dense["test_error_pct"])
+        xs = [r["latency"][b]["speedup"] for r in rows]
+        _scatter(ax, rows, xs, _clip(ys, ax), 1.0, dense["test_error_pct"], maximise_x=True)
         ax.set_xscale("log")
-        ax.set_xlabel(f"latency at batch {b} (ms, runtime form; dense: median of its paired timings)")
-        ax.set_title(f"error vs latency, batch {b}")
+        ax.set_xlabel(f"speedup at batch {b} (dense time / runtime-form time, timed interleaved)")
+        ax.set_title(f"error vs speed, batch {b}")
     ax.set_ylabel("test error (%)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6.5, loc="upper right")
@@ -162,11 +160,11 @@ def _table(res: dict[str, Any]) -> str:
     dense = res["dense"]
     ok = _ok(rows)
     front = {ok[i]["name"] for i in pareto_front([(r["file_bytes"], r["test_error_pct"]) for r in ok])}
-    cols = [("method", "s"), ("family", "s"), ("stages", "s"), ("test error %", "n"), ("vs dense (points)", "n"),
-            ("weights / nonzero", "n"), ("file bytes", "n"), ("x smaller (bytes)", "n"), ("MFLOPs", "n"),
-            ("b1 ms", "n"), ("b1 speedup", "n"), ("b256 ms", "n"), ("b256 speedup", "n"), ("train steps", "n"),
-            ("compress s", "n")]
-    head = "".join(f'<th data-t="{t}" title="click to sort">{html.escape(c)}</th>' for c, t in cols)
+    cols = [("method", "s"), ("family", "s"), ("stages", "s"), ("error %", "n"), ("&Delta; dense", "n"),
+            ("nonzero x", "n"), ("file bytes", "n"), ("bytes x", "n"), ("MFLOPs", "n"),
+            ("b1 ms (dense)", "n"), ("b1 x", "n"), ("b256 ms (dense)", "n"), ("b256 x", "n"), ("steps", "n"),
+            ("time s", "n")]
+    head = "".join(f'<th data-t="{t}" title="click to sort">{c}</th>' for c, t in cols)
     body = []
 
     def lat(r: dict[str, Any], b: str, key: str) -> Any:
@@ -241,6 +239,7 @@ tr.dense td { background: #f7f7e8; font-weight: 600; }
 tr.failed td { color: #a00; } tr.failed td:last-child { white-space: normal; text-align: left; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; }
 .plots > div { flex: 0 0 auto; } .plots svg { max-width: 640px; height: auto; }
+td small { color: #777; }
 .meta { font-size: 13px; color: #444; } code { background: #f3f3f3; padding: 1px 3px; }
 """
 
@@ -284,12 +283,13 @@ Measured on {html.escape(str(m.get('cpu', '?')))}, {m.get('threads', '?')} threa
 ''))}.<br>
 Command: <code>{html.escape(res.get('command', ''))}</code></p>
 <h2>Results</h2>
-<p class="meta">Test error on the test split (never used for a choice). Weights / nonzero: dense Linear and Conv
-weights over the nonzero weights kept (biases excluded). File bytes: the <code>.nsz</code> file on disk (dense row:
-the input file). Latency: the runtime form of the file against the dense input, timed interleaved in one process,
-median of {res.get('dense', {}).get('latency', {}).get('1', {}).get('threads', '?')}-thread runs; the dense time is in
-brackets and the speedup is the ratio of those two. &#9733;: on the Pareto front of error vs file bytes. Click a
-column to sort.</p>
+<p class="meta">Error: on the test split (never used for a choice); &Delta; dense in points. Nonzero x: dense
+Linear and Conv weights over the nonzero weights kept (biases excluded). File bytes: the <code>.nsz</code> file on
+disk (dense row: the input file); bytes x: how much smaller. Latency: the runtime form of the file against the dense
+input, timed interleaved in one process, medians of
+{res.get('dense', {}).get('latency', {}).get('1', {}).get('threads', '?')}-thread runs; the dense time of the same
+measurement is in brackets and the speedup (x) is the ratio of those two. Steps: training steps the entry got;
+time: seconds it took to compress. &#9733;: on the Pareto front of error vs file bytes. Click a column to sort.</p>
 {_table(res)}
 {fails}
 <h2>Pareto fronts</h2>
