@@ -18,8 +18,13 @@ not divide the row). The codebooks are trainable, so ``finetune`` after ``pq`` u
 fixed, as Deep Compression fine-tunes centroids. A ``.nsz`` file holds it as the ``pq`` codec: the codebook
 floats plus the codes at ceil(log2 k) bits each.
 
-Q-CNN's own refinement, which chooses codebooks and codes to minimise each layer's *response* error on
-training inputs, is not implemented: both layouts here minimise the weight error (Gong's objective).
+* ``response_iters > 0`` (Q-CNN Sec. 3.1 and 3.3, fully connected layers): starting from Gong's codebooks,
+  each Linear layer's codebooks and codes are refined to minimise the *response* error on training inputs,
+  ``Σ_n ‖W x_n − Ŵ x̃_n‖²`` (their Eq. (4) with the error correction of Sec. 3.3: ``x̃_n`` is the input the
+  already quantized layers before it produce, ``W x_n`` the original network's response), by block coordinate
+  descent over the subspaces, each step exact: codes by the quadratic cost of every codeword, codewords by
+  least squares. Convolutions keep Gong's weight-error codebooks (Q-CNN's convolutional response refinement
+  is not implemented).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ..masks import prunable_layers
 from ..registry import MethodConfig, StageContext, option, register
 
 __all__ = ["ProductQuantized", "kmeans_vectors", "product_quantize", "residual_quantize", "quantize_vectors",
-           "PQConfig", "rows_of"]
+           "refine_response", "refine_model_response", "PQConfig", "rows_of"]
 
 
 def rows_of(w: Tensor) -> Tensor:
@@ -184,6 +189,83 @@ def quantize_vectors(model: nn.Module, kind: str = "pq", *, sub_dim: int = 4, k:
     return out
 
 
+@torch.no_grad()
+def refine_response(par: ProductQuantized, x_in: Tensor, target: Tensor, iters: int, damp: float = 1e-6) -> list[float]:
+    """Q-CNN's response-error refinement of one Linear layer's product quantization, in place.
+
+    ``x_in`` (N, in): the layer's inputs in the quantized network; ``target`` (N, out): the original layer's
+    response (without bias). For each subspace j in turn, with the other subspaces' contributions fixed
+    (R = target − x̃ Ŵᵀ + x̃_j Ŵ_jᵀ), every output row's code is the codeword D_k minimising
+    ‖R_c − x̃_j D_k‖² = D_kᵀ G D_k − 2 P_cᵀ D_k + const (G = x̃_jᵀ x̃_j, P = x̃_jᵀ R), and every used codeword is
+    the least-squares fit of its rows, D_k = G⁻¹ mean_{c: code k} P_c. Returns the relative response error
+    ‖target − x̃ Ŵᵀ‖ / ‖target‖ before the first pass and after each pass."""
+    t, s, k, d = par.codebooks.shape
+    if t != 1 or len(par.shape) != 2:
+        raise ValueError("refine_response: product quantization (one stage) of a Linear weight only.")
+    xs = _segments(x_in.float(), _sub_dim(par))                            # (N, S, d), zero-padded like the weight
+    books, codes = par.codebooks.data[0], par.codes[0]                     # (S, k, d), (rows, S)
+    norm = target.norm().clamp_min(1e-12)
+
+    def approx() -> Tensor:  # x̃ Ŵᵀ from the current codebooks
+        w_rows = books[torch.arange(s)[None, :], codes]                    # (rows, S, d)
+        return torch.einsum("nsd,rsd->nr", xs, w_rows)
+
+    errors = [float((target - approx()).norm() / norm)]
+    eye = torch.eye(d)
+    for _ in range(iters):
+        for j in range(s):
+            xj = xs[:, j]                                                  # (N, d)
+            wj = books[j][codes[:, j]]                                     # (rows, d)
+            r = target - approx() + xj @ wj.T                              # (N, rows)
+            g = xj.T @ xj
+            g = g + damp * (g.diagonal().mean() + 1e-12) * eye
+            p = xj.T @ r                                                   # (d, rows)
+            cost = ((books[j] @ g) * books[j]).sum(1)[None, :] - 2 * p.T @ books[j].T   # (rows, k)
+            codes[:, j] = cost.argmin(1)
+            count = torch.bincount(codes[:, j], minlength=k).float()
+            sums = torch.zeros(k, d).index_add_(0, codes[:, j], p.T)
+            used = count > 0
+            books[j, used] = torch.linalg.solve(g, (sums[used] / count[used, None]).T).T
+        errors.append(float((target - approx()).norm() / norm))
+    return errors
+
+
+def _sub_dim(par: ProductQuantized) -> int:
+    """The ``sub_dim`` that :func:`_segments` turns into this parametrization's (S, d) layout."""
+    return int(par.codebooks.shape[3])
+
+
+@torch.no_grad()
+def refine_model_response(model: nn.Module, dense: nn.Module, x: Tensor, iters: int) -> dict[str, list[float]]:
+    """:func:`refine_response` for every product-quantized Linear layer of ``model``, in forward order, with the
+    error correction of Q-CNN Sec. 3.3: each layer's inputs come from ``model`` as quantized so far, its target
+    from ``dense`` (the original network) on the same ``x``."""
+    out = {}
+    lin = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and parametrize.is_parametrized(
+        m, "weight") and isinstance(m.parametrizations["weight"][0], ProductQuantized)]
+    for name, m in lin:
+        par = m.parametrizations["weight"][0]
+        if par.codebooks.shape[0] != 1:
+            continue
+        seen: dict[str, Tensor] = {}
+        hooks = [mod.register_forward_hook(lambda _m, a, _o, key=key, store=seen: store.__setitem__(key, a[0]))
+                 for key, mod in (("q", m), ("d", dense.get_submodule(name)))]
+        was = model.training, dense.training
+        try:
+            model.eval()
+            dense.eval()
+            model(x)
+            dense(x)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was[0])
+            dense.train(was[1])
+        w = dense.get_submodule(name).weight.detach()
+        out[name] = refine_response(par, seen["q"].flatten(1), seen["d"].flatten(1) @ w.T, iters)
+    return out
+
+
 @dataclass(frozen=True)
 class PQConfig(MethodConfig):
     owner: ClassVar[str] = "pq"
@@ -194,13 +276,30 @@ class PQConfig(MethodConfig):
     stages: int = option(2, "rq: number of residual stages", low=1, high=16)
     layers: str = option("all", "all: Linear and Conv (Q-CNN's layout for convolutions); fc: Linear only",
                          choices=("all", "fc"))
-    seed: int = option(0, "seed of the k-means++ seeding", low=0)
+    seed: int = option(0, "seed of the k-means++ seeding and of the samples drawn", low=0)
+    response_iters: int = option(0, "Q-CNN: passes of response-error refinement of the Linear layers' codebooks "
+                                    "and codes on training inputs (0: Gong's weight-error k-means only)", low=0)
+    response_samples: int = option(2000, "training inputs the response error is measured on", low=1)
+
+    def validate(self) -> None:
+        if self.response_iters and self.kind != "pq":
+            raise ValueError("pq: response_iters refines product quantization only; set kind=pq.")
 
 
-@register("pq", kind="quantizer", config=PQConfig, gives="pq", needs_data=False,
+@register("pq", kind="quantizer", config=PQConfig, gives="pq", needs_data=lambda c: c.response_iters > 0,
           citation="Gong, Liu, Yang, Bourdev 2014, Compressing Deep Convolutional Networks using Vector "
-                   "Quantization, Sec. 3.3-3.4; conv layout as Wu et al. 2016 (Q-CNN), Sec. 3",
+                   "Quantization, Sec. 3.3-3.4; conv layout and response-error refinement (fc) as Wu et al. 2016 "
+                   "(Q-CNN), Sec. 3.1, 3.3, Eq. (4)",
           summary="product / residual vector quantization of weights: codebooks + codes per layer")
 def _run_pq(model: nn.Module, cfg: PQConfig, ctx: StageContext) -> dict[str, Any]:
-    return {"layers": quantize_vectors(model, cfg.kind, sub_dim=cfg.sub_dim, k=cfg.k, stages=cfg.stages,
-                                       layers=cfg.layers, seed=cfg.seed)}
+    import copy
+
+    dense = copy.deepcopy(model) if cfg.response_iters else None
+    out: dict[str, Any] = {"layers": quantize_vectors(model, cfg.kind, sub_dim=cfg.sub_dim, k=cfg.k,
+                                                      stages=cfg.stages, layers=cfg.layers, seed=cfg.seed)}
+    if cfg.response_iters:
+        train = ctx.require_data("pq").train
+        g = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randperm(len(train), generator=g)[: cfg.response_samples]
+        out["response_error"] = refine_model_response(model, dense, train.x[idx], cfg.response_iters)
+    return out
