@@ -87,7 +87,8 @@ def main() -> None:
     rows = []
     for r in runs:
         s = r["summary"]
-        rows.append({"model": "lenet5", "method": f"magnitude per-layer (Han), {r['variant']}",
+        chosen = " (chosen on validation)" if r is best else ""
+        rows.append({"model": "lenet5", "method": f"magnitude per-layer (Han), {r['variant']}{chosen}",
                      "error_pct": r["test_error_pct"], "val_error_pct": r["val_error_pct"],
                      "paper_error_pct": PAPER["error"], "dense_error_pct": dense_err,
                      "paper_dense_error_pct": PAPER["ref_error"], "compression_nonzero": s["compression_nonzero"],
