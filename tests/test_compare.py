@@ -177,6 +177,7 @@ def test_compare_resumes_without_rerunning_finished_methods(report):
     (["BASE", "--budget", "ten", "-o", "r"], "--budget takes a duration like 20m, 90s, 1h or 1h30m; got 'ten'"),
     (["BASE", "--methods", "magnitude,dsn", "-o", "r"], "unknown method(s) 'dsn'"),
     (["BASE"], "give -o/--output DIR"),
+    (["-o", "r"], "give MODEL_FILE"),
 ])
 def test_compare_bad_input_is_one_line_before_any_work(report, tmp_path, args, msg):
     d, _, runner = report
@@ -187,7 +188,7 @@ def test_compare_bad_input_is_one_line_before_any_work(report, tmp_path, args, m
 
 
 def test_compare_list_names_every_entry(runner):
-    out = _ok(runner.invoke(cli, ["compare", "x", "--list"]))
+    out = _ok(runner.invoke(cli, ["compare", "--list"]))
     assert all(name in out for name in SUITE)
 
 

@@ -323,7 +323,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
 
 
 @cli.command("compare", context_settings={"max_content_width": 100})
-@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @click.option("--methods", "method_names", default=None, metavar="NAME[,NAME...]",
               help="Entries to run [default: all]; `netsurgeon compare --list` names them.")
 @click.option("--pipelines", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -346,7 +346,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report directory (index.html, results.json, files/, runs/); re-running it resumes.")
 @_friendly
-def compare_cmd(model_file: Path, method_names: str | None, pipelines: Path | None, budget: str, sparsity: float,
+def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Path | None, budget: str, sparsity: float,
                 steps: int | None,
                 model_spec: str | None, model_args: tuple[str, ...], trust_code: bool, data_name: str | None,
                 data_dir: Path | None, seed: int, threads: int | None, repeats: int, list_only: bool,
@@ -367,6 +367,8 @@ def compare_cmd(model_file: Path, method_names: str | None, pipelines: Path | No
             stages = " -> ".join(next(iter(s)) for s in make(Plan(steps=1, steps_per_epoch=1)))
             click.echo(f"{name:18s} {family:13s} {stages}")
         return
+    if model_file is None:
+        raise click.UsageError("give MODEL_FILE, the trained model to compare the methods on (or --list).")
     if output is None:
         raise click.UsageError("give -o/--output DIR for the report.")
     if not model_file.is_file():
