@@ -161,6 +161,15 @@ def test_compare_writes_a_report_of_measured_files(report):
         "<svg")[0]
 
 
+def test_the_page_is_a_pure_function_of_results_json(report):
+    """The page can be re-made from results.json alone, byte for byte (no dates or random ids in the SVGs)."""
+    from netsurgeon.compare_html import render
+
+    d, _, _ = report
+    res = json.loads((d / "rep" / "results.json").read_text())
+    assert render(res) == render(res) == (d / "rep" / "index.html").read_text()
+
+
 def test_compare_resumes_without_rerunning_finished_methods(report):
     d, _, runner = report
     (d / "rep" / "runs" / "int8.json").unlink()  # as if interrupted while int8 ran
