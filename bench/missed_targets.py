@@ -225,7 +225,8 @@ def main() -> None:
     ax.legend(fontsize=7)
     save_figure(fig, RESULTS / "missed_targets.png")
     for r in result["table_rows"]:
-        print(f"{r['method'][:80]:80s} val {r['val_error_pct']:.2f}%  test {r['error_pct']:.2f}%"
+        val = f"val {r['val_error_pct']:.2f}%" if r.get("val_error_pct") is not None else "val -    "
+        print(f"{r['method'][:80]:80s} {val}  test {r['error_pct']:.2f}%"
               + (f" ± {r['error_pct_std']:.2f}" if r.get("error_pct_std") is not None else ""))
     print(f"wrote {path}")
 
