@@ -224,3 +224,29 @@ def test_report_renders_in_a_real_browser(report, tmp_path):
     img = matplotlib.image.imread(str(shot))
     assert img.shape[0] >= 1000 and img.shape[1] >= 1000
     assert img[..., :3].std() > 0.05  # text and plots, not an empty page
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, expected", [
+    ("lenet300", {"obs": "4096 weights", "slimming": "BatchNorm", "separable": "Conv2d"}),
+    ("digits_cnn", {"obs": "4096 weights", "slimming": "BatchNorm", "kfac": "Linear layers only"}),
+    ("vgg_small", {"obs": "4096 weights", "kfac": "Linear layers only"}),   # with BatchNorm: slimming runs
+])
+def test_every_built_in_entry_runs_or_says_why(tmp_path, digits, name, expected):
+    """All 36 entries on an MLP, a CNN and a CNN with BatchNorm (10 steps each): each writes a file that reads
+    back and is measured, or fails with its one-line reason (no convolution, no BatchNorm, a convolution K-FAC
+    does not handle, too many weights for an exact Hessian)."""
+    import netsurgeon as ns
+
+    torch.manual_seed(0)
+    model = ns.build_model(name, digits.input_shape)
+    ns.train(model, digits, ns.TrainConfig(epochs=2, lr=0.05))
+    r = ns.run_comparison(model, digits, tmp_path / "all", steps=10, repeats=5, threads=1, data_name="digits",
+                          progress=False)
+    failed = {x["name"]: x["error"] for x in r["rows"] if x["status"] != "ok"}
+    assert set(failed) == set(expected), failed
+    assert all(expected[k] in failed[k] for k in expected), failed
+    for x in r["rows"]:
+        if x["status"] == "ok":
+            assert (tmp_path / "all" / x["file"]).stat().st_size == x["file_bytes"]
+            assert 0 <= x["test_error_pct"] <= 100 and x["latency"]["1"]["speedup"] > 0
