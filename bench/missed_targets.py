@@ -122,27 +122,44 @@ DNS_PAPER = {"error": 0.91, "compression": 108.0, "iterations": 16_000}
 
 def dns_longer(data, dense_path, dense_err: float) -> dict:
     """DNS LeNet-5 (0.98% at 108.9x after 16,000 iterations in bench/dns_mnist.py; paper 0.91% at 108x): the same
-    initial targets and solver, twice the iterations (masks still freeze at 7/8 of the run)."""
+    solver for twice the iterations (masks still freeze at 7/8 of the run), (a) from the same initial targets,
+    (b) from targets scaled so that the longer run, which splices more weights back, ends near 108x again (scale:
+    the compression (a) lost). Among the runs at >= 108x, the lowest validation error is the result."""
     import json
 
     from dns_mnist import surgery
 
     run3 = json.loads((RESULTS / "dns_mnist.json").read_text())["models"]["lenet5"]["dns"]
-    r = cached_json("missed_dns_lenet5_32k", lambda: surgery("lenet5", data, dense_path, run3["targets_pct"],
-                                                             "attempt_32k", 2 * DNS_PAPER["iterations"]))
-    back = ns.load_compressed(REPO / r["file"])
-    s = summarize(back, data.input_shape, data=data, file_path=REPO / r["file"])
-    row = {"model": "lenet5", "method": "DNS, same initial targets, 32,000 iterations (2x)",
-           "error_pct": s["test_error_pct"], "val_error_pct": r["val_error_pct"], "paper_error_pct": DNS_PAPER["error"],
-           "dense_error_pct": dense_err, "compression_nonzero": s["compression_nonzero"],
-           "paper_compression": DNS_PAPER["compression"], "compression_bytes": s["compression_bytes"],
-           "speedup_b1": s["latency"]["1"]["speedup"], "speedup_b256": s["latency"]["256"]["speedup"],
-           "wall_s": r["wall_s"], "baseline_16k": {"val_error_pct": run3["val_error_pct"],
-                                                   "test_error_pct": run3["test_error_pct"]},
-           "chosen_on_validation": bool(r["val_error_pct"] < run3["val_error_pct"]), **weight_counts(r["file"])}
-    row["target_met"] = bool(row["compression_weights"] >= DNS_PAPER["compression"]
-                             and row["error_pct"] <= 0.95 + 1e-9)
-    return {"row": row, "kept_pct": r["kept_pct"], "run": {k: v for k, v in r.items() if k != "history"}}
+    runs, rows = {}, []
+    for tag, label in (("attempt_32k", "DNS, same initial targets, 32,000 iterations (2x)"),
+                       ("attempt_32k_scaled", "DNS, initial targets scaled to end at ~108x, 32,000 iterations")):
+        if tag == "attempt_32k":
+            targets = run3["targets_pct"]
+        else:  # the first longer run kept 108.9 / c_a times more weights than the 16k run: start that much lower
+            scale = rows[0]["compression_weights"] / run3["compression_nonzero"]
+            targets = {k: v * scale for k, v in run3["targets_pct"].items()}
+        r = cached_json(f"missed_dns_lenet5_{tag.removeprefix('attempt_')}", lambda t=targets, g=tag: surgery(
+            "lenet5", data, dense_path, t, g, 2 * DNS_PAPER["iterations"]))
+        back = ns.load_compressed(REPO / r["file"])
+        s = summarize(back, data.input_shape, data=data, file_path=REPO / r["file"])
+        row = {"model": "lenet5", "method": label, "error_pct": s["test_error_pct"],
+               "val_error_pct": r["val_error_pct"], "paper_error_pct": DNS_PAPER["error"], "dense_error_pct": dense_err,
+               "compression_nonzero": s["compression_nonzero"], "paper_compression": DNS_PAPER["compression"],
+               "compression_bytes": s["compression_bytes"], "speedup_b1": s["latency"]["1"]["speedup"],
+               "speedup_b256": s["latency"]["256"]["speedup"], "wall_s": r["wall_s"],
+               "baseline_16k": {"val_error_pct": run3["val_error_pct"], "test_error_pct": run3["test_error_pct"]},
+               **weight_counts(r["file"])}
+        row["target_met"] = bool(row["compression_weights"] >= DNS_PAPER["compression"]
+                                 and row["error_pct"] <= 0.95 + 1e-9)
+        rows.append(row)
+        runs[tag] = {"targets_pct": targets, **{k: v for k, v in r.items() if k != "history"}}
+    eligible = [x for x in rows if x["compression_weights"] >= DNS_PAPER["compression"]]
+    best = min(eligible, key=lambda x: x["val_error_pct"]) if eligible else None
+    for x in rows:
+        x["chosen_on_validation"] = x is best
+        if x is best:
+            x["method"] += " (chosen on validation)"
+    return {"rows": rows, "runs": runs}
 
 
 def deep_compression(data, han_result: dict) -> dict:
@@ -207,7 +224,7 @@ def main() -> None:
     if "dc" in args.parts:
         result["dc"] = deep_compression(data, result["han"])
     result["table_rows"] = [*result["han"]["rows"], *([result["han_seeds"]["row"]] if "han_seeds" in result else []),
-                            *([result["dns"]["row"]] if "dns" in result else []),
+                            *(result["dns"].get("rows", [result["dns"].get("row")]) if "dns" in result else []),
                             *(result["dc"]["rows"] if "dc" in result else [])]
     result["wall_s"] = time.perf_counter() - t0
     path = write_result("missed_targets", result)
