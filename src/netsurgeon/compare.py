@@ -53,6 +53,11 @@ class Plan:
     sparsity: float = 0.9
     batch_size: int = 64
 
+    @staticmethod
+    def epoch_steps(data: Any, batch_size: int = 64) -> int:
+        """Optimizer steps in one pass over ``data``'s training split."""
+        return max(1, -(-len(data.train) // batch_size))
+
     def train(self, fraction: float = 1.0) -> dict[str, Any]:
         """The training options of a stage that spends ``fraction`` of the budget."""
         steps = max(1, round(fraction * self.steps))
@@ -91,8 +96,9 @@ def _pruned_ft(method: str, **opts: Any) -> Callable[[Plan], list[dict[str, Any]
     return lambda p: [{method: {"sparsity": p.sparsity, **opts}}, _finetune(p)]
 
 
-def _trained(method: str, **opts: Any) -> Callable[[Plan], list[dict[str, Any]]]:
-    return lambda p: [{method: {**opts, **p.train()}}]
+def _trained(method: str, sparse: bool = False, **opts: Any) -> Callable[[Plan], list[dict[str, Any]]]:
+    """``method`` spending the whole budget; ``sparse``: aiming at the plan's sparsity."""
+    return lambda p: [{method: {**({"sparsity": p.sparsity} if sparse else {}), **opts, **p.train()}}]
 
 
 def _dns(p: Plan) -> list[dict[str, Any]]:
@@ -109,15 +115,14 @@ def _gradual(p: Plan) -> list[dict[str, Any]]:
 # compressors of their own (encode, finetune, distill) and distort (a robustness experiment that keeps float
 # weights) appear inside entries, not as rows.
 SUITE: dict[str, tuple[str, Callable[[Plan], list[dict[str, Any]]]]] = {
-    "magnitude": ("pruning", lambda p: [{"magnitude": {"sparsity": p.sparsity, "rounds": 1, **p.train()}}]),
-    "magnitude_global": ("pruning", lambda p: [{"magnitude": {"sparsity": p.sparsity, "rounds": 1,
-                                                              "scope": "global", **p.train()}}]),
-    "quality": ("pruning", lambda p: [{"quality": {"rounds": 1, **p.train()}}]),
+    "magnitude": ("pruning", _trained("magnitude", sparse=True, rounds=1)),
+    "magnitude_global": ("pruning", _trained("magnitude", sparse=True, rounds=1, scope="global")),
+    "quality": ("pruning", _trained("quality", rounds=1)),
     "gradual": ("pruning", _gradual),
     "dns": ("pruning", _dns),
     "autoprune": ("pruning", _trained("autoprune")),
     "l1": ("pruning", _trained("l1")),
-    "biased_decay": ("pruning", lambda p: [{"biased_decay": {"sparsity": p.sparsity, **p.train()}}]),
+    "biased_decay": ("pruning", _trained("biased_decay", sparse=True)),
     "obd": ("second order", _pruned_ft("obd", num_grads=500)),
     "diag_fisher": ("second order", _pruned_ft("diag_fisher", num_grads=500)),
     "woodfisher": ("second order", _pruned_ft("woodfisher", num_grads=500)),
@@ -205,7 +210,8 @@ def read_pipelines(path: str | os.PathLike[str], plan: Plan) -> list[Entry]:
                 if isinstance(opts, dict):
                     frac = opts.pop("budget", None)
                     if opts.get("epochs") == "budget":
-                        frac, _ = 1.0, opts.pop("epochs")
+                        del opts["epochs"]
+                        frac = 1.0
                     if frac is not None:
                         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
                             raise ValueError(f"compare: pipeline {name!r}, {method}: budget must be in (0, 1]; "
@@ -238,8 +244,7 @@ def plan_budget(model: nn.Module, data: Any, budget_s: float, n_entries: int, *,
     same number of steps, so that training takes about ``train_share`` of ``budget_s`` (at least 10 steps)."""
     from .train import TrainConfig, train
 
-    n_train = len(data.train)
-    spe = max(1, -(-n_train // batch_size))
+    spe = Plan.epoch_steps(data, batch_size)
     probe = copy.deepcopy(model)
 
     def timed(n: int) -> float:
@@ -287,16 +292,16 @@ def input_fingerprint(path: str | os.PathLike[str]) -> str:
 def layer_kept(model: nn.Module, dense: nn.Module) -> dict[str, float]:
     """% of each dense Linear/Conv layer's weights that ``model`` keeps as nonzeros: a layer replaced by factors
     (``fc1`` -> ``fc1.0``, ``fc1.1``) or shrunk by structured pruning counts its own modules' nonzeros."""
-    out = {}
-    mods = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-            and m.weight.dim() >= 2]
-    for name, m in dense.named_modules():
-        w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() < 2 or not name:
-            continue
-        nz = sum(int(torch.count_nonzero(x.weight.detach())) for n, x in mods if n == name or n.startswith(name + "."))
-        out[name] = 100.0 * nz / w.numel()
-    return out
+    mods = _weight_layers(model)
+    return {name: 100.0 * sum(int(torch.count_nonzero(x.weight.detach())) for n, x in mods.items()
+                              if n == name or n.startswith(name + ".")) / m.weight.numel()
+            for name, m in _weight_layers(dense).items()}
+
+
+def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The named modules holding a weight matrix or kernel (Linear, Conv, factor layers), the root excluded."""
+    return {n: m for n, m in model.named_modules()
+            if n and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2}
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -350,21 +355,18 @@ def _measure(model: nn.Module, dense: nn.Module, data: Any, path: Path, batches:
                   repeats=repeats, reference=dense)
     s["layer_kept_pct"] = layer_kept(model, dense)
     # the one counting rule of every table: Linear/Conv weights only, biases reported apart
-    w = {n: m.weight.numel() for n, m in dense.named_modules()
-         if n and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2}
+    w = {n: m.weight.numel() for n, m in _weight_layers(dense).items()}
     nz = sum(s["layer_kept_pct"][n] / 100 * w[n] for n in w)
     s.update(weights=sum(w.values()), weights_nonzero=round(nz), compression_weights=sum(w.values()) / max(nz, 1))
     return s
 
 
-def _run_entry(entry: Entry, dense: nn.Module, data: Any, out: Path, meta: dict[str, Any],
+def _run_entry(entry: Entry, pipe: Any, dense: nn.Module, data: Any, out: Path, meta: dict[str, Any],
                batches: Sequence[int], threads: int | None, repeats: int, progress: bool) -> dict[str, Any]:
-    from .pipeline import Pipeline
     from .runtime import load_compressed
 
     path = out / "files" / f"{entry.name}.nsz"
     model = copy.deepcopy(dense)
-    pipe = Pipeline.from_spec(entry.stages, defaults={"seed": meta.get("seed", 0)}, source=entry.name)
     t0 = time.perf_counter()
     runs = pipe.run(model, data, progress=progress)
     wall = time.perf_counter() - t0
@@ -386,13 +388,14 @@ def _run_entry(entry: Entry, dense: nn.Module, data: Any, out: Path, meta: dict[
 def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, entries: Sequence[Entry],
             plan: Plan, input_file: str | os.PathLike[str] | None = None, data_name: str = "",
             model_name: str = "", seed: int = 0, batches: Sequence[int] = (1, 256), threads: int | None = None,
-            repeats: int = 30, budget_s: float | None = None, command: str = "",
+            repeats: int = 30, budget_s: float | None = None, command: str = "", fingerprint: str | None = None,
             progress: bool = True) -> dict[str, Any]:
     """Run every entry on a copy of ``model`` (trained, dense) and measure each result; write ``OUT/runs``,
     ``OUT/files``, ``OUT/results.json`` and ``OUT/index.html``. Returns the results dict.
 
     Entries already in ``OUT/runs`` with the same settings (stages, input model, data, seed, measurement) are
-    not run again. A failing entry is recorded with its error and the comparison goes on; Ctrl-C stops it
+    not run again (``fingerprint`` identifies the input; default: the sha256 of ``input_file``, else of the
+    weights). A failing entry is recorded with its error and the comparison goes on; Ctrl-C stops it
     (the finished entries are kept)."""
     from .pipeline import Pipeline
 
@@ -400,7 +403,7 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "files").mkdir(exist_ok=True)
     dense = copy.deepcopy(model).eval()
-    fingerprint = _sha256(Path(input_file)) if input_file else _state_hash(dense)
+    fingerprint = fingerprint or (_sha256(Path(input_file)) if input_file else _state_hash(dense))
     common = {"input": fingerprint, "data": data_name, "seed": seed, "batches": list(batches), "threads": threads,
               "repeats": repeats}
     t_start = time.perf_counter()
@@ -433,8 +436,9 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
     rows = []
     for i, entry in enumerate(entries, 1):
         # every option of every stage, defaults included: a changed default runs the entry again
-        resolved = Pipeline.from_spec(entry.stages, defaults={"seed": seed}, source=entry.name).to_dict()["stages"]
-        key = hashlib.sha256(json.dumps({"stages": resolved, **common}, sort_keys=True).encode()).hexdigest()
+        pipe = Pipeline.from_spec(entry.stages, defaults={"seed": seed}, source=entry.name)
+        key = hashlib.sha256(json.dumps({"stages": pipe.to_dict()["stages"], **common}, sort_keys=True).encode()
+                             ).hexdigest()
         r = cached(entry.name, key)
         if r is not None:
             progress_log.info("[%d/%d] %s: done before (%s), kept", i, len(entries), entry.name, r["status"])
@@ -445,7 +449,7 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
             meta = {"data": data_name, "seed": seed}
             try:
                 torch.manual_seed(seed)
-                r = _run_entry(entry, dense, data, out, meta, batches, threads, repeats, progress)
+                r = _run_entry(entry, pipe, dense, data, out, meta, batches, threads, repeats, progress)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # one method failing on this model must not stop the others
@@ -522,13 +526,13 @@ def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str],
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"compare: steps must be a positive integer; got {steps!r}.")
-        plan = Plan(steps=steps, steps_per_epoch=max(1, -(-len(data.train) // Plan.batch_size)), sparsity=sparsity)
+        plan = Plan(steps=steps, steps_per_epoch=Plan.epoch_steps(data), sparsity=sparsity)
     else:
         plan = resumable_plan(out_dir, settings, lambda: plan_budget(model, data, budget_s, len(probe),
                                                                      sparsity=sparsity, seed=seed))
     return compare(model, data, out_dir, entries=plan_entries(plan, methods, pipelines), plan=plan,
                    input_file=input_file, data_name=data_name, model_name=model_name, seed=seed, threads=threads,
-                   repeats=repeats, budget_s=budget_s, command=command, progress=progress)
+                   repeats=repeats, budget_s=budget_s, command=command, fingerprint=fingerprint, progress=progress)
 
 
 def _state_hash(model: nn.Module) -> str:

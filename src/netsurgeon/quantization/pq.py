@@ -202,7 +202,7 @@ def refine_response(par: ProductQuantized, x_in: Tensor, target: Tensor, iters: 
     t, s, k, d = par.codebooks.shape
     if t != 1 or len(par.shape) != 2:
         raise ValueError("refine_response: product quantization (one stage) of a Linear weight only.")
-    xs = _segments(x_in.float(), _sub_dim(par))                            # (N, S, d), zero-padded like the weight
+    xs = _segments(x_in.float(), d)  # (N, S, d), zero-padded like the weight (sub_dim d gives back S segments)
     books, codes = par.codebooks.data[0], par.codes[0]                     # (S, k, d), (rows, S)
     norm = target.norm().clamp_min(1e-12)
 
@@ -228,11 +228,6 @@ def refine_response(par: ProductQuantized, x_in: Tensor, target: Tensor, iters: 
             books[j, used] = torch.linalg.solve(g, (sums[used] / count[used, None]).T).T
         errors.append(float((target - approx()).norm() / norm))
     return errors
-
-
-def _sub_dim(par: ProductQuantized) -> int:
-    """The ``sub_dim`` that :func:`_segments` turns into this parametrization's (S, d) layout."""
-    return int(par.codebooks.shape[3])
 
 
 @torch.no_grad()
