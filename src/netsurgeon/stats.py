@@ -179,10 +179,13 @@ def _gradient_batches(data: Any, num_grads: int, batch_size: int,
 
 
 def _labelled_outputs(model: nn.Module, data: Any, num_grads: int, batch_size: int, g: torch.Generator,
-                      sample_labels: bool) -> Iterator[tuple[int, Tensor, Tensor]]:
+                      sample_labels: bool, every: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, Tensor, Tensor]]:
     """(i, logits, labels) for the ``num_grads`` seeded mini-batches; with ``sample_labels`` the labels are drawn
-    from the model's own predictive distribution (true Fisher) instead of the data's (empirical Fisher)."""
+    from the model's own predictive distribution (true Fisher) instead of the data's (empirical Fisher).
+    ``every=(r, k)``: only the batches i with i % k == r are evaluated (the same draws are made for all)."""
     for i, (xb, yb) in enumerate(_gradient_batches(data, num_grads, batch_size, g)):
+        if i % every[1] != every[0]:
+            continue
         logits = model(xb)
         if sample_labels:
             with torch.no_grad():
@@ -205,25 +208,41 @@ def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], n
 
     Shapes: -> (num_grads, total numel of ``tensors``).
     """
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(seed)
     params = [original(model, t) for t in tensors]
     out = torch.empty(num_grads, sum(p.numel() for p in params))
+    for i, row in gradient_rows(model, data, tensors, num_grads, batch_size, seed, sample_labels, progress):
+        out[i] = row
+    return out
+
+
+def gradient_rows(model: nn.Module, data: Split | Any, tensors: list[str], num_grads: int, batch_size: int = 1,
+                  seed: int = 0, sample_labels: bool = False, progress: bool = False,
+                  every: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, Tensor]]:
+    """The rows of :func:`collect_gradients` one at a time, as ``(i, row)``, so a caller can hold a few.
+
+    ``every=(r, k)`` yields only rows i with i % k == r (rank r's share of k ranks; the same rows a single
+    process computes: every draw is made, only the other rows' forward and backward passes are skipped)."""
+    import torch.nn.functional as F
+
+    r, k = every
+    if k > 1 and sample_labels:
+        raise ValueError("gradient_rows: every= shares rows between ranks; sampled labels draw from the "
+                         "generator per row and would differ.")
+    g = torch.Generator().manual_seed(seed)
+    params = [original(model, t) for t in tensors]
     was = model.training
     model.eval()
     bar = Progress("gradients", num_grads, enabled=progress)
     try:
-        for i, logits, yb in _labelled_outputs(model, data, num_grads, batch_size, g, sample_labels):
+        for i, logits, yb in _labelled_outputs(model, data, num_grads, batch_size, g, sample_labels, every):
             bar.update(i)
             grads = torch.autograd.grad(F.cross_entropy(logits, yb), params, allow_unused=True)
-            out[i] = torch.cat([torch.zeros(p.numel()) if gr is None else gr.flatten()
+            yield i, torch.cat([torch.zeros(p.numel()) if gr is None else gr.flatten()
                                 for p, gr in zip(params, grads, strict=True)])
         bar.update(num_grads)
     finally:
         bar.close()
         model.train(was)
-    return out
 
 
 def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_grads: int, batch_size: int = 1,

@@ -4,6 +4,11 @@ Determinism: the order of mini-batches of epoch ``e`` is a permutation drawn fro
 ``(seed, e)``, so a run resumed at step ``s`` sees exactly the batches an uninterrupted run would. The
 checkpoint holds model, optimizer, global RNG state, running epoch statistics and every callback's
 ``state_dict``; a resumed run ends at bit-identical weights on the same machine and thread count.
+
+Under ``torchrun`` (several ranks, see :mod:`netsurgeon.distributed` and docs/distributed.md) each global
+mini-batch is split across ranks and the gradients are combined into the gradient of the global mean loss, so
+the run follows the single-process one; rank 0 writes checkpoints (with every rank's RNG state), all ranks
+resume from them, and the ranks' weights and masks are checked identical at every epoch's end.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed as ddp
 from ._validation import atomic_save, check_finite_model
 from .data import Dataset, LoaderData, Split, as_data, batches
 from .masks import attach_masks_for_state_dict
@@ -221,6 +227,10 @@ class Trainer:
                              f"{tuple(data.train.x.shape)} (need N, C, H, W).")  # type: ignore[union-attr]
         self._loader_iter: Any = None
         self._loader_pos = (-1, -1)  # (epoch, batch) the loader iterator will yield next
+        self.rank, self.world_size = ddp.world()
+        if self.world_size > 1 and config.batch_size < self.world_size:
+            raise ValueError(f"train: batch_size={config.batch_size!r} is smaller than the {self.world_size} ranks "
+                             "it is split across; use batch_size >= the number of ranks.")
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
@@ -263,14 +273,18 @@ class Trainer:
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
         assert self.optimizer is not None
+        rngs = ddp.gather_rng_states()  # a collective: every rank calls save_checkpoint, rank 0 writes
         state = {
             "format": "netsurgeon-checkpoint-1", "config": self._config_key(), "step": self.step,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "epoch_sums": self._epoch_sums.clone(),
+            "torch_rng": rngs[0], "world_size": self.world_size, "torch_rng_ranks": torch.stack(rngs),
+            "epoch_sums": ddp.all_reduce_sum(self._epoch_sums.clone()),  # the ranks' sums: rank 0 resumes them
             "history": json.dumps(self.history),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
         }
-        atomic_save(path, lambda tmp: torch.save(state, tmp))
+        if self.rank == 0:
+            atomic_save(path, lambda tmp: torch.save(state, tmp))
+        ddp.barrier()
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         assert self.optimizer is not None
@@ -283,6 +297,10 @@ class Trainer:
         if state["config"] != self._config_key():
             raise ValueError(f"checkpoint {str(path)!r} was written with another training config; "
                              f"it holds {state['config']}.")
+        written_by = int(state.get("world_size", 1))
+        if written_by != self.world_size:
+            raise ValueError(f"checkpoint {str(path)!r} was written by {written_by} rank(s); this run has "
+                             f"{self.world_size}. Resume with the same --nproc_per_node.")
         if len(state["callbacks"]) != len(self.callbacks):
             raise ValueError(f"checkpoint {str(path)!r} holds {len(state['callbacks'])} callback states, "
                              f"this run has {len(self.callbacks)} callbacks.")
@@ -295,8 +313,10 @@ class Trainer:
                              "resume with the model it was written for, or drop --resume.") from e
         self.optimizer = self._make_optimizer()  # parameters may have moved under new masks
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        self._epoch_sums = state["epoch_sums"].clone()
+        # clone: torch 2.13 segfaults in set_rng_state on a row view with a storage offset
+        torch.set_rng_state((state["torch_rng_ranks"][self.rank] if "torch_rng_ranks" in state
+                             else state["torch_rng"]).clone())
+        self._epoch_sums = state["epoch_sums"].clone() if self.rank == 0 else torch.zeros_like(state["epoch_sums"])
         self.history = json.loads(state["history"])
         self.step = int(state["step"])
         for cb, s in zip(self.callbacks, state["callbacks"], strict=True):
@@ -315,7 +335,7 @@ class Trainer:
                 raise ValueError(f"resume: no checkpoint file at {str(checkpoint)!r}.")
             self.load_checkpoint(checkpoint)
             log.info("resumed from %s at step %d", checkpoint, self.step)
-        bar = Progress("train", self.total_steps, start=self.step) if progress else None
+        bar = Progress("train", self.total_steps, start=self.step) if progress and self.rank == 0 else None
         self.model.train()
         try:
             while self.step < self.total_steps:
@@ -327,7 +347,10 @@ class Trainer:
                 if checkpoint and checkpoint_every and self.step % checkpoint_every == 0:
                     self.save_checkpoint(checkpoint)
         except KeyboardInterrupt:
-            if checkpoint:
+            if checkpoint and self.world_size > 1:  # the other ranks may be gone: no collective now
+                log.warning("interrupted at step %d; resume from the last periodic checkpoint %s", self.step,
+                            checkpoint)
+            elif checkpoint:
                 self.save_checkpoint(checkpoint)
                 log.warning("interrupted at step %d; checkpoint written to %s", self.step, checkpoint)
             raise
@@ -336,7 +359,14 @@ class Trainer:
                 bar.close()
         if checkpoint:
             self.save_checkpoint(checkpoint)
+        self._check_ranks("end of training")
         return TrainResult(self.history, self.step)
+
+    def _check_ranks(self, when: str) -> None:
+        """Under torchrun: stop if the ranks' weights or masks differ (see :func:`distributed.check_identical`)."""
+        if self.world_size > 1:
+            ddp.check_identical([*self.model.named_parameters(), *((n, b) for n, b in self.model.named_buffers()
+                                                                   if n.endswith(".mask"))], when)
 
     def _one_step(self) -> None:
         assert self.optimizer is not None
@@ -348,6 +378,7 @@ class Trainer:
                                  f"{tuple(x.shape)} (need N, C, H, W).")
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7_919 * self.step + 1)
             x = jitter_images(x, self.config.jitter, g)
+        x, y = ddp.shard_rows(x, y)  # this rank's rows of the global batch (all of them in one process)
         lr = lr_at(self.config, self.step, self.steps_per_epoch, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -359,11 +390,16 @@ class Trainer:
             extra = cb.loss(out, (x, y), self)
             if extra is not None:
                 total = total + extra
-        if not torch.isfinite(total):
+        finite = bool(torch.isfinite(total))
+        if self.world_size > 1:  # every rank stops together, or the others would wait in the all-reduce
+            finite = float(ddp.all_reduce_sum(torch.tensor([0.0 if finite else 1.0]))[0]) == 0.0
+        if not finite:
             raise FloatingPointError(f"train: loss became {float(total)} at step {self.step}; "
                                      "lower the learning rate.")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if self.world_size > 1:
+            ddp.sum_weighted_grads([p for p in self.model.parameters() if p.requires_grad], len(y))
         for cb in self.callbacks:
             cb.after_backward(self)
         self.optimizer.step()
@@ -374,9 +410,14 @@ class Trainer:
             self._epoch_sums += torch.tensor([float(loss) * len(y), float((out.argmax(1) == y).sum()), len(y)],
                                              dtype=torch.float64)
         if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+            if self.world_size > 1:
+                ddp.all_reduce_sum(self._epoch_sums)
+                ddp.average_batchnorm_stats(self.model)
+                self._check_ranks(f"epoch {epoch + 1}")
             s = self._epoch_sums
             val = self.data.val
-            _, val_acc = evaluate(self.model, val) if val is not None and _nonempty(val) else (0.0, float("nan"))
+            has_val = val is not None and _nonempty(val)
+            _, val_acc = _evaluate_sharded(self.model, val) if has_val else (0.0, float("nan"))
             self.history.append({"epoch": epoch + 1, "step": self.step, "loss": float(s[0] / s[2]),
                                  "train_acc": float(s[1] / s[2]), "val_acc": val_acc, "lr": lr})
             log.info("epoch %d: loss %.4f train acc %.4f val acc %.4f", epoch + 1, s[0] / s[2],
@@ -384,6 +425,19 @@ class Trainer:
             self._epoch_sums = torch.zeros(3, dtype=torch.float64)
             for cb in self.callbacks:
                 cb.on_epoch_end(self)
+
+
+def _evaluate_sharded(model: nn.Module, split: Split | Any) -> tuple[float, float]:
+    """:func:`evaluate`, each rank on its share of an in-memory split, the sums combined (a loader: every rank
+    evaluates all of it)."""
+    rank, size = ddp.world()
+    if size == 1 or not isinstance(split, Split):
+        return evaluate(model, split)
+    part = Split(split.x[rank::size], split.y[rank::size])
+    n = len(part)
+    loss, acc = evaluate(model, part) if n else (0.0, 0.0)
+    sums = ddp.all_reduce_sum(torch.tensor([loss * n, acc * n, n], dtype=torch.float64))
+    return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
 
 def _nonempty(data: Any) -> bool:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .. import distributed as ddp
 from .._validation import check_finite_model, check_positive
 from ..data import Split, batches
 from ..masks import Mask, prunable_layers
@@ -210,14 +211,17 @@ class AutoPrune(Callback):
             g.m.grad = None  # the W step also produced dL_train/dm: M follows the validation loss only
         if (self.stop is not None and step > self.stop) or step % self.m_every:
             return
-        xv, yv = self._val_batch()
+        xv, yv = ddp.shard_rows(*self._val_batch())  # under torchrun: this rank's rows, gradients summed below
         was = model.training
         model.train()
-        loss = F.cross_entropy(model(xv), yv) + self.mu * self.regularizer()
+        loss = self.mu * self.regularizer()
+        if len(yv):
+            loss = loss + F.cross_entropy(model(xv), yv)
         params = [g.m for g in self._gates.values()]
         grads = torch.autograd.grad(loss, params)
         for p, gr in zip(params, grads, strict=True):
             p.grad = gr
+        ddp.sum_weighted_grads(params, len(yv))  # the validation gradient of the whole batch, on every rank
         self._opt.step()
         for p in params:
             p.grad = None

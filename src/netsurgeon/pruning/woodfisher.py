@@ -17,6 +17,13 @@
 
 All methods rank every weight of every layer together against one target sparsity: the per-layer sparsity
 is chosen by the ranking and reported. Biases are not pruned (as in the official code).
+
+Under ``torchrun`` (several ranks), WoodFisher and WoodTaylor shard the block-diagonal Fisher: each rank owns a
+contiguous run of blocks (:func:`distributed.owner_ranges`), computes its share of the per-sample gradients,
+receives every sample's gradient entries of its own blocks (one all-to-all), inverts and scores its blocks; the
+scores are gathered into one global ranking, each rank computes the OBS update of its blocks and the updates
+are gathered, so every rank ends with the model a single process prunes. Memory per rank: about 1/W of the
+gradients and inverses (docs/distributed.md). The other methods run the same computation on every rank.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as ddp
 from .._validation import check_finite_model, check_fraction, check_positive
 from ..data import Split, batches
 from ..linalg import (
@@ -152,7 +160,18 @@ class OneShotPruner:
         alive = torch.cat([masks[t].mask.flatten() for t in self.tensors_]).bool()
         d = w.numel()
         m = self.method
-        ranges = self._plan(d)  # memory estimate, representation per block, refusal: before any work
+        rank, size = ddp.world()
+        self.shard_: tuple[int, int] | None = None  # this rank's [lo, hi) of the flat weights when sharded
+        self.shard_sizes_: list[int] = [d]
+        sharded = size > 1 and m in ("woodfisher", "woodtaylor")
+        ranges = self._plan(d, size if sharded else 1)  # memory estimate, refusal: before any work
+        if sharded:
+            spans = ddp.owner_ranges(ranges, size)
+            bounds = [ranges[a][0] if a < len(ranges) else d for a, _ in spans] + [d]
+            self.shard_sizes_ = [bounds[r + 1] - bounds[r] for r in range(size)]
+            self.shard_ = (bounds[rank], bounds[rank + 1])
+            ranges = ranges[spans[rank][0]:spans[rank][1]]
+        progress = progress and rank == 0
         if m == "woodtaylor":
             self.probe_ = _probe_batch(data, 512)
         self.grad_mean_: Tensor | None = None
@@ -168,24 +187,33 @@ class OneShotPruner:
             self.scores_ = 0.5 * w.pow(2) * (damp + diag)
         else:
             self.scores_ = torch.full((d,), float("inf"))
-            g = None if m == "obs" else self._grads(model, data, progress=progress)
+            lo = self.shard_[0] if self.shard_ else 0
+            if m == "obs":
+                g = None
+            elif self.shard_:
+                g = self._sharded_grads(model, data, progress)  # (m, hi - lo): all rows, this rank's columns
+            else:
+                g = self._grads(model, data, progress=progress)
             self.damp_ = self.fisher.damp
             if g is not None and self.fisher.relative_damp:
-                self.damp_ = self.fisher.damp * float(g.pow(2).mean())
+                sq = ddp.all_reduce_sum(g.double().pow(2).sum().reshape(1)) if self.shard_ else g.double().pow(2).sum()
+                self.damp_ = self.fisher.damp * float(sq.sum()) / (g.shape[0] * d)
             if m == "woodtaylor":
-                self.grad_mean_ = g.mean(0).double()
+                mean = g.mean(0).double()
+                self.grad_mean_ = ddp.all_gather_concat(mean, self.shard_sizes_) if self.shard_ else mean
             hess = self._exact_hessian(model, data) if m == "obs" else None
             bar = Progress(f"{m}: inverting {len(ranges)} block(s)", len(ranges), enabled=progress)
             for i, (start, stop) in enumerate(ranges):
                 bar.update(i)
                 idx = torch.arange(start, stop)[alive[start:stop]]
+                cols = idx - lo  # this block's columns of g (g holds only this rank's columns when sharded)
                 if hess is not None:  # projected to PSD, then damped: positive definite (see linalg.nearest_psd)
                     h = nearest_psd(hess[idx][:, idx]) + self.damp_ * torch.eye(len(idx), dtype=torch.float64)
                     hinv = torch.linalg.inv(h)
                 elif _factored(len(idx), self.fisher.num_grads):
-                    hinv = ImplicitFisherInverse(g[:, idx].double(), self.damp_)
+                    hinv = ImplicitFisherInverse(g[:, cols].double(), self.damp_)
                 else:
-                    hinv = fisher_inverse(g[:, idx].double(), self.damp_)
+                    hinv = fisher_inverse(g[:, cols].double(), self.damp_)
                 wb = w[idx].double()
                 if m == "woodtaylor":
                     s = woodtaylor_scores(wb, hinv, self.grad_mean_[idx])
@@ -195,6 +223,9 @@ class OneShotPruner:
                 self.blocks_.append(_Block(start, stop, idx, hinv))
             bar.update(len(ranges))
             bar.close()
+            if self.shard_:  # one global ranking: every rank's scores, on every rank
+                self.scores_ = ddp.all_gather_concat(self.scores_[self.shard_[0]:self.shard_[1]].contiguous(),
+                                                     self.shard_sizes_)
         self.scores_[~alive] = -float("inf")  # already pruned: counted as removed first
         self.fit_seconds_ = time.perf_counter() - t0
         return self
@@ -225,6 +256,37 @@ class OneShotPruner:
         return collect_gradients(model, data, self.tensors_, f.num_grads, f.grad_batch, f.seed,
                                  sample_labels=sample_labels, progress=progress)
 
+    def _sharded_grads(self, model: nn.Module, data: Split | Any, progress: bool, chunk: int = 32) -> Tensor:
+        """Every gradient row's entries in this rank's columns. Rank r computes rows i ≡ r (mod W), ``chunk`` at a
+        time; after each chunk one all-to-all sends every rank the columns of its blocks, so a rank never holds
+        more than its (m, d/W) share plus a few rows of the full gradient. Shapes: -> (num_grads, hi - lo)."""
+        import torch.distributed as dist
+
+        from ..stats import gradient_rows
+
+        rank, size = ddp.world()
+        f = self.fisher
+        cuts = [0]
+        for n in self.shard_sizes_:
+            cuts.append(cuts[-1] + n)
+        width = max(self.shard_sizes_)  # gloo's all-to-all takes equal shapes: pad to the widest share
+        out = torch.empty(f.num_grads, self.shard_sizes_[rank])
+        rows = gradient_rows(model, data, self.tensors_, f.num_grads, f.grad_batch, f.seed, progress=progress,
+                             every=(rank, size))
+        for first in range(0, f.num_grads, chunk * size):  # global rows first .. first + chunk*size - 1
+            send = torch.zeros(size, chunk, width)
+            for j in range(len(range(first + rank, min(first + chunk * size, f.num_grads), size))):
+                _, row = next(rows)
+                for q in range(size):
+                    send[q, j, :self.shard_sizes_[q]] = row[cuts[q]:cuts[q + 1]]
+            recv = torch.empty(size, chunk, width)
+            dist.all_to_all(list(recv.unbind(0)), list(send.unbind(0)))
+            for r in range(size):  # rank r's j-th row of this chunk is global row first + r + j*size
+                idx = torch.arange(first + r, min(first + chunk * size, f.num_grads), size)
+                out[idx] = recv[r, :len(idx), :self.shard_sizes_[rank]]
+        rows.close()
+        return out
+
     def _ranges(self, d: int, block_size: int | None) -> list[tuple[int, int]]:
         if self.method == "kfac":  # one Kronecker block per layer
             block_size = max(self.sizes_)
@@ -236,9 +298,11 @@ class OneShotPruner:
             off += n
         return ranges
 
-    def memory_estimate(self, d: int, block_size: int | None) -> dict[str, int]:
+    def memory_estimate(self, d: int, block_size: int | None, ranks: int = 1) -> dict[str, int]:
         """Bytes the statistics take: the gradients (float32, m x d), the stored inverses (float64; per block the
-        cheaper of the explicit B x B matrix and the factored 2 x m x B form) and the work space of the largest."""
+        cheaper of the explicit B x B matrix and the factored 2 x m x B form) and the work space of the largest.
+        ``ranks`` > 1 (sharded WoodFisher/WoodTaylor): per rank, about 1/ranks of the gradients (plus this rank's
+        own rows before the all-to-all) and of the inverses."""
         m, meth = self.fisher.num_grads, self.method
         if meth == "magnitude":
             return {"gradients": 0, "inverses": 0, "work": 0, "total": 0}
@@ -255,15 +319,18 @@ class OneShotPruner:
             inv = sum(8 * (2 * m * n if _factored(n, m) else n * n) for n in sizes)
             big = max(sizes)
             work = 8 * (m * big + (m * m if _factored(big, m) else big * big))
+            if ranks > 1:  # this rank's columns of every row, plus two chunks of 32 rows per rank in flight
+                grads, inv = 4 * (m * -(-d // ranks) + 2 * 32 * ranks * -(-d // ranks)), -(-inv // ranks)
         return {"gradients": grads, "inverses": inv, "work": work, "total": grads + inv + work}
 
-    def _plan(self, d: int) -> list[tuple[int, int]]:
-        """Estimate memory, log it, and refuse (with a block size that would fit) before any gradient."""
+    def _plan(self, d: int, ranks: int = 1) -> list[tuple[int, int]]:
+        """Estimate memory (per rank when sharded), log it, and refuse (with a block size that would fit) before
+        any gradient."""
         if self.method == "obs" and d > _OBS_MAX_PARAMS:
             raise ValueError(f"OneShotPruner: exact OBS is limited to {_OBS_MAX_PARAMS} weights (an exact "
                              f"Hessian); this model has {d:,}. Use method='woodfisher'.")
         bs = self.fisher.block_size
-        est = self.memory_estimate(d, bs)
+        est = self.memory_estimate(d, bs, ranks)
         limit = self.memory_limit if self.memory_limit is not None else int(0.8 * available_memory())
         sizes = [b - a for a, b in self._ranges(d, bs)]
         factored = 0 if self.method == "kfac" else sum(_factored(n, self.fisher.num_grads) for n in sizes)
@@ -272,7 +339,8 @@ class OneShotPruner:
                           self.fisher.num_grads, est["total"] / 2**30, est["gradients"] / 2**30,
                           est["inverses"] / 2**30, est["work"] / 2**30, len(sizes), factored, limit / 2**30)
         if est["total"] > limit:
-            fits = [b for b in (4000, 2000, 1000, 500, 250, 100) if self.memory_estimate(d, b)["total"] <= limit]
+            fits = [b for b in (4000, 2000, 1000, 500, 250, 100)
+                    if self.memory_estimate(d, b, ranks)["total"] <= limit]
             hint = (f"use block_size={fits[0]}" if fits and self.method != "obs" else
                     "use fewer num_grads" if self.method != "obs" else "use woodfisher")
             raise ValueError(
@@ -348,6 +416,8 @@ class OneShotPruner:
                 delta[b.alive] = obs_update_joint(w[b.alive], b.hinv, q)
             elif q.any():
                 delta[b.alive] = obs_update_single_sum(w[b.alive], b.hinv, q)
+        if self.shard_ and update != "none":  # each rank computed its blocks' update: gather them all
+            delta = ddp.all_gather_concat(delta[self.shard_[0]:self.shard_[1]].contiguous(), self.shard_sizes_)
         scale = 1.0
         if self.method == "woodtaylor":  # the Newton part can overshoot: a line search on held-out fit data
             scale = self._line_search(model, masks, w, delta, prune)

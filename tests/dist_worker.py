@@ -1,0 +1,116 @@
+"""One rank of the distributed tests (tests/test_distributed.py launches it with torchrun).
+
+    torchrun --nproc_per_node 2 tests/dist_worker.py SCENARIO OUT_DIR
+
+Scenarios:
+  methods     every training-time method for a few steps; each rank saves the state it ends with
+  woodfisher  sharded WoodFisher (and WoodTaylor) fit + prune; each rank saves the pruned state
+  train       DNS training with periodic checkpoints (``--resume`` continues one; a 4th number kills the last rank
+              once a checkpoint past that step exists); each rank saves the end
+  plain       plain training, each rank saves the end (compared with a 1-rank run)
+  diverge     rank 1 perturbs its weights: the run must stop with the tensor named
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import netsurgeon as ns
+from netsurgeon import distributed as ddp
+
+# every training-time method, a few steps each (options that make a few steps meaningful)
+METHODS = {  # name -> (registered method, options)
+    "dns": ("dns", {"c_rate": 1.0, "gamma": 0.5}),
+    "autoprune": ("autoprune", {"mu": 5.0, "m_lr": 0.05, "val_batch": 64}),
+    "magnitude": ("magnitude", {"sparsity": 0.8, "rounds": 2}),
+    "gradual": ("gradual", {"target": 0.8, "start": 0, "end": 10, "every": 2}),
+    "gradual_woodfisher": ("gradual", {"target": 0.8, "start": 0, "end": 10, "every": 5, "scorer": "woodfisher",
+                                       "num_grads": 16, "block_size": 200}),
+    "binaryconnect": ("binaryconnect", {"stochastic": True}),
+    "bnn": ("bnn", {}),
+    "xnor": ("xnor", {}),
+    "lab": ("lab", {}),
+    "soft_sharing": ("soft_sharing", {}),
+    "distill": ("distill", {}),
+    "qat": ("qat", {}),
+    "hashednets": ("hashednets", {}),
+    "fixed_point": ("fixed_point", {"rounding": "stochastic"}),
+    "fewmult": ("fewmult", {}),
+    "hwgq": ("hwgq", {}),
+    "ssl": ("ssl", {"lam_filter": 0.01}),
+    "biased_decay": ("biased_decay", {}),
+    "distort": ("distort", {}),
+}
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    ddp.init_from_env()
+    rank, size = ddp.world()
+    (out / f"pid{rank}").write_text(str(os.getpid()))
+    data = ns.data.digits(seed=0)
+    torch.manual_seed(0)
+    base = ns.build_model("digits_cnn", data.input_shape)
+    if scenario == "methods":
+        names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(METHODS)
+        for name in names:
+            model = copy.deepcopy(base)
+            method, extra = METHODS[name]
+            opts = {"epochs": 2, "max_steps": 12, "batch_size": 32, "lr": 0.05, **extra}
+            ns.Pipeline.from_spec([{method: opts}]).run(model, data)
+            torch.save(state(model), out / f"{name}_rank{rank}.pt")
+    elif scenario == "woodfisher":
+        from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner
+
+        for method, update in (("woodfisher", "single"), ("woodfisher", "joint"), ("woodtaylor", "single")):
+            model = copy.deepcopy(base)
+            fisher = FisherConfig(num_grads=37, block_size=300, damp=1e-3 if method == "woodfisher" else 0.1)
+            pruner = OneShotPruner(method, fisher, update).fit(model, data.train)
+            pruner.prune(model, 0.7)
+            torch.save({**state(model), "_shard": torch.tensor(pruner.shard_ or (0, 0))},
+                       out / f"{method}_{update}_rank{rank}.pt")
+    elif scenario == "train":
+        steps = int(sys.argv[3])
+        kill_after = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4].isdigit() else 0
+        resume = "--resume" in sys.argv
+        ckpt = out / "ckpt.pt"
+        cb = ns.pruning.dns.DNS(c_rate=1.0, gamma=0.5)
+        cfg = ns.TrainConfig(epochs=100, max_steps=steps, batch_size=32, lr=0.05, seed=3)
+        class Kill(ns.Callback):  # always present (a checkpoint records how many callbacks a run has)
+            def after_step(self, trainer=None) -> None:
+                if kill_after and rank == size - 1 and trainer.step > kill_after and ckpt.is_file():
+                    os.kill(os.getpid(), 9)  # this rank dies abruptly, as a lost machine would
+
+        callbacks = [cb, Kill()]
+        ns.train(base, data, cfg, callbacks=callbacks, checkpoint=ckpt, checkpoint_every=5, resume=resume)
+        cb.finalize(base)
+        torch.save(state(base), out / f"final_rank{rank}.pt")
+    elif scenario == "plain":  # plain training: compared with a 1-rank run
+        ns.train(base, data, ns.TrainConfig(epochs=1, max_steps=30, batch_size=32, lr=0.05, seed=3))
+        torch.save(state(base), out / f"final_rank{rank}.pt")
+    elif scenario == "diverge":  # rank 1 changes its weights on its own: the epoch-end check must stop the run
+        class Drift(ns.Callback):
+            def after_step(self, trainer=None) -> None:
+                if rank == 1 and trainer.step == 3:
+                    with torch.no_grad():
+                        next(base.parameters()).add_(1e-3)
+
+        ns.train(base, data, ns.TrainConfig(epochs=1, batch_size=256, lr=0.05), callbacks=[Drift()])
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    ddp.barrier()
+
+
+if __name__ == "__main__":
+    main()
