@@ -131,3 +131,28 @@ def test_two_ranks_follow_the_single_process_run(tmp_path: Path) -> None:
     a, b = load(one / "final_rank0.pt"), load(two / "final_rank0.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_cli_compress_under_torchrun_writes_one_file_like_a_single_process(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from netsurgeon.cli import cli
+
+    base = tmp_path / "base.safetensors"
+    assert CliRunner().invoke(cli, ["train", "--model", "digits_cnn", "--epochs", "3", "-o", str(base)]).exit_code == 0
+    args = [str(base), "--method", "dns", "--set", "c_rate=0.5", "--set", "epochs=3", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "netsurgeon", "compress", *args, "-o", str(tmp_path / "two.nsz")],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("two.nsz:") == 1  # rank 0 reports and writes; rank 1 stays quiet
+    one = CliRunner().invoke(cli, ["compress", *args, "-o", str(tmp_path / "one.nsz")])
+    assert one.exit_code == 0, one.output
+    a, b = ns.load_compressed(tmp_path / "one.nsz"), ns.load_compressed(tmp_path / "two.nsz")
+    data = ns.data.digits(seed=0)
+    acc_a, acc_b = ns.evaluate(a, data.test)[1], ns.evaluate(b, data.test)[1]
+    assert abs(acc_a - acc_b) < 0.02, (acc_a, acc_b)
+    kept = [float((p != 0).float().mean()) for m in (a, b) for p in [next(m.parameters())]]
+    assert abs(kept[0] - kept[1]) < 0.02

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -71,6 +72,21 @@ def cli(verbose: int) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         progress.addHandler(handler)
         progress.propagate = False
+    if _rank() > 0:  # under torchrun only rank 0 reports; the other ranks say only what goes wrong
+        progress.setLevel(logging.WARNING)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 in a plain run), read without importing torch."""
+    return int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+
+
+def _start_ranks() -> None:
+    """Join torchrun's process group when several ranks run this command (a no-op otherwise)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from .distributed import init_from_env
+
+        init_from_env()
 
 
 _data_opts = [
@@ -177,9 +193,10 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                       weight_decay=weight_decay, schedule=schedule, seed=seed)
     _set_threads(threads)
+    _start_ranks()
     data_name = _data_name(data_name, data_dir)
     data = load_dataset(data_name, data_dir, seed=seed)
-    torch.manual_seed(seed)  # the model's initial weights: same seed, same weights
+    torch.manual_seed(seed)  # the model's initial weights: same seed, same weights (on every rank)
     if ":" in model_spec:
         model = build_model(model_spec, data.input_shape, **kwargs)
     else:
@@ -187,6 +204,8 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
     _check_input_shape(model, data, model_spec)
     train(model, data, cfg, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
           progress=True)
+    if _rank() > 0:  # every rank holds the same weights; rank 0 writes them
+        return
     _, acc = evaluate(model, data.test)
     save_model(model, output, meta={"data": data_name, "test_accuracy": acc, "train": cfg.to_dict()})
     click.echo(f"{model_spec} on {data_name}: test accuracy {100 * acc:.2f}% -> {output}")
@@ -289,6 +308,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
         pipe = Pipeline.from_spec(names, overrides, defaults, source="--method")
     kwargs = _model_args(model_args)
     _set_threads(threads)
+    _start_ranks()
     try:
         model, meta = _read_input(model_file, model_spec, kwargs, trust_code)
     except ValueError as e:  # a plain state dict: the recipe's model, if it names one, rebuilds the architecture
@@ -303,6 +323,8 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     history = [r for r in meta.get("pipeline") or [] if isinstance(r, dict)] if isinstance(meta.get("pipeline"), list) \
         else ([{"method": str(meta["method"])}] if meta.get("method") else [])
     pipe.run(model, data, progress=True)
+    if _rank() > 0:  # every rank holds the same compressed model; rank 0 writes it
+        return
     acc = evaluate(model, data.test)[1]
     from .models import arch_of
 

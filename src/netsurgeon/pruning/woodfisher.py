@@ -126,6 +126,8 @@ class OneShotPruner:
 
     Attributes:
         fit_seconds_: wall time of :meth:`fit`.
+        phase_seconds_: its parts: ``gradients`` (with the all-to-all when sharded) and ``inverses``.
+        held_bytes_: bytes of the inverses this process holds after :meth:`fit` (its own blocks when sharded).
     """
 
     def __init__(self, method: str = "woodfisher", fisher: FisherConfig | None = None, update: str = "single",
@@ -142,6 +144,8 @@ class OneShotPruner:
         self.fisher = fisher or FisherConfig(damp=default_damp)
         self.memory_limit = memory_limit
         self.fit_seconds_ = 0.0
+        self.phase_seconds_: dict[str, float] = {}
+        self.held_bytes_ = 0
 
     # -- statistics ----------------------------------------------------------------------------------
     def fit(self, model: nn.Module, data: Split | Any, *, progress: bool = False) -> OneShotPruner:
@@ -188,6 +192,7 @@ class OneShotPruner:
         else:
             self.scores_ = torch.full((d,), float("inf"))
             lo = self.shard_[0] if self.shard_ else 0
+            t_grad = time.perf_counter()
             if m == "obs":
                 g = None
             elif self.shard_:
@@ -202,6 +207,8 @@ class OneShotPruner:
                 mean = g.mean(0).double()
                 self.grad_mean_ = ddp.all_gather_concat(mean, self.shard_sizes_) if self.shard_ else mean
             hess = self._exact_hessian(model, data) if m == "obs" else None
+            t_inv = time.perf_counter()
+            self.phase_seconds_ = {"gradients": t_inv - t_grad}
             bar = Progress(f"{m}: inverting {len(ranges)} block(s)", len(ranges), enabled=progress)
             for i, (start, stop) in enumerate(ranges):
                 bar.update(i)
@@ -223,6 +230,8 @@ class OneShotPruner:
                 self.blocks_.append(_Block(start, stop, idx, hinv))
             bar.update(len(ranges))
             bar.close()
+            self.phase_seconds_["inverses"] = time.perf_counter() - t_inv
+            self.held_bytes_ = sum(_nbytes(b.hinv) for b in self.blocks_)
             if self.shard_:  # one global ranking: every rank's scores, on every rank
                 self.scores_ = ddp.all_gather_concat(self.scores_[self.shard_[0]:self.shard_[1]].contiguous(),
                                                      self.shard_sizes_)
@@ -450,6 +459,14 @@ class OneShotPruner:
         finally:
             model.train(was)
         return best[1]
+
+
+def _nbytes(hinv: Tensor | ImplicitFisherInverse | None) -> int:
+    if hinv is None:
+        return 0
+    if isinstance(hinv, Tensor):
+        return hinv.numel() * hinv.element_size()
+    return sum(t.numel() * t.element_size() for t in vars(hinv).values() if isinstance(t, Tensor))
 
 
 def _probe_batch(data: Split | Any, n: int) -> tuple[Tensor, Tensor]:
