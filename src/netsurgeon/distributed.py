@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 __all__ = ["init_from_env", "world", "is_main", "barrier", "shard_rows", "sum_weighted_grads",
            "all_reduce_sum", "average_batchnorm_stats", "check_identical", "gather_rng_states", "owner_ranges",
-           "all_gather_concat"]
+           "all_gather_concat", "pin_mmap_threshold"]
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,22 @@ def owner_ranges(blocks: Sequence[tuple[int, int]], size: int) -> list[tuple[int
         bounds.append(j)
     bounds.append(len(blocks))
     return [(bounds[r], bounds[r + 1]) for r in range(size)]
+
+
+def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Fix glibc's mmap threshold at ``nbytes`` (it otherwise rises to the size of the largest block freed so far,
+    up to 32 MiB), so that large temporaries are always mapped and unmapped instead of fragmenting the heap.
+    Measured on the sharded WoodFisher fit of LeNet-5 (2 ranks): without it one rank's peak resident memory was
+    1.5 GiB above its data, which erased a third of the saving; with it both ranks peak at their share. Returns
+    whether it was set (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(nbytes)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def all_gather_concat(part: Tensor, sizes: Sequence[int]) -> Tensor:
