@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RT_START, RT_END = "<!-- runtime:start -->", "<!-- runtime:end -->"
 CMP_START, CMP_END = "<!-- compare:start -->", "<!-- compare:end -->"
+DIST_START, DIST_END = "<!-- distributed:start -->", "<!-- distributed:end -->"
 COMPARE = ROOT / "docs" / "compare" / "lenet5_mnist" / "results.json"  # `netsurgeon compare`'s own results
 
 
@@ -319,7 +320,40 @@ def render_compare() -> str:
     return "\n".join(out)
 
 
+def render_distributed() -> str:
+    """The table of bench/results/distributed.json (README and docs/distributed.md): 1 vs 2 ranks."""
+    path = ROOT / "bench" / "results" / "distributed.json"
+    if not path.is_file():
+        return "(bench/distributed.py not run yet)"
+    r = json.loads(path.read_text())
+    m, ratio = r["machine"], r["memory_ratio_2_vs_1_rank"]
+    out = [f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; LeNet-5 (MNIST), WoodFisher B = "
+           f"{r['fisher']['block_size']}, m = {r['fisher']['num_grads']}, one-shot to {100 * r['sparsity']:.0f}% "
+           "(no fine-tuning). Memory per rank (the largest rank).", "",
+           "| ranks x threads | fit s | inverses held GiB | estimate GiB | peak RSS in fit GiB (above start) | "
+           "test error % | same mask as 1 rank | DNS step ms (batch 64) |", "|---|---|---|---|---|---|---|---|"]
+    for row in r["table_rows"]:
+        key = f"{row['ranks']}r{row['threads_per_rank']}t"
+        above = max(a - b for a, b in zip(row["peak_rss_fit_gib_per_rank"], row["rss_before_fit_gib_per_rank"],
+                                          strict=True))
+        out.append(f"| {row['ranks']} x {row['threads_per_rank']} | {max(row['fit_s_per_rank']):.1f} | "
+                   f"{max(row['held_inverse_gib_per_rank']):.2f} | {max(row['estimate_gib_per_rank']):.2f} | "
+                   f"{max(row['peak_rss_fit_gib_per_rank']):.2f} ({above:.2f}) | {row['error_pct']:.2f} | "
+                   f"{'yes' if r['same_mask_as_1_rank'][key] else 'NO'} | {row['dns_step_ms']:.1f} |")
+    out += ["", f"2 ranks vs 1 rank x 1 thread: inverses held x{ratio['held_inverses']:.2f}, peak memory of the fit "
+                f"above start x{ratio['peak_rss_fit_above_start']:.2f} (whole process x{ratio['peak_rss_fit']:.2f}). "
+                f"Target (per-rank memory roughly halves, same mask): "
+                f"{'met' if r['target_met'] else 'MISSED'}."]
+    return "\n".join(out)
+
+
+def _fill(text: str, start: str, end: str, body: str) -> str:
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{body}\n{end}", text, flags=re.S)
+
+
 def main() -> None:
+    doc = ROOT / "docs" / "distributed.md"
+    doc.write_text(_fill(doc.read_text(), DIST_START, DIST_END, render_distributed()))
     readme = ROOT / "README.md"
     text = readme.read_text()
     new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{render()}\n{END}", text, flags=re.S)
@@ -327,6 +361,7 @@ def main() -> None:
                  new, flags=re.S)
     new = re.sub(re.escape(CMP_START) + ".*?" + re.escape(CMP_END),
                  lambda _: f"{CMP_START}\n{render_compare()}\n{CMP_END}", new, flags=re.S)
+    new = _fill(new, DIST_START, DIST_END, render_distributed())
     readme.write_text(new)
     print(render())
 

@@ -29,6 +29,8 @@ def test_readme_command_lines_parse_and_their_pipelines_validate():
     text = (REPO / "README.md").read_text()
     shell = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ")
     lines = [line.split(" #")[0].strip().removeprefix(".venv/bin/") for line in shell.splitlines()]
+    lines = ["netsurgeon " + line.split("-m netsurgeon ", 1)[1] if line.startswith("torchrun ") else line
+             for line in lines]  # torchrun ... -m netsurgeon CMD: the same command line
     commands = [shlex.split(line)[1:] for line in lines if line.startswith("netsurgeon ")]
     assert len(commands) >= 10
     for args in commands:

@@ -154,6 +154,10 @@ class OneShotPruner:
         ``data`` is a Split or any iterable of ``(x, y)`` batches (the user's DataLoader). The memory the
         statistics will take is estimated and logged first; a fit that would not fit is refused before any
         gradient is computed. ``progress`` shows the gradient and inversion phases."""
+        with ddp.mapped_large_allocations():  # the inversions' temporaries must not fragment the heap
+            return self._fit(model, data, progress)
+
+    def _fit(self, model: nn.Module, data: Split | Any, progress: bool) -> OneShotPruner:
         t0 = time.perf_counter()
         check_finite_model("OneShotPruner", model)
         self.tensors_ = prunable_tensors(model, include_bias=False, owner="OneShotPruner")
@@ -170,7 +174,6 @@ class OneShotPruner:
         sharded = size > 1 and m in ("woodfisher", "woodtaylor")
         ranges = self._plan(d, size if sharded else 1)  # memory estimate, refusal: before any work
         if sharded:
-            ddp.pin_mmap_threshold()  # the point of sharding is memory: keep the heap from fragmenting
             spans = ddp.owner_ranges(ranges, size)
             bounds = [ranges[a][0] if a < len(ranges) else d for a, _ in spans] + [d]
             self.shard_sizes_ = [bounds[r + 1] - bounds[r] for r in range(size)]
@@ -272,9 +275,8 @@ class OneShotPruner:
         """Every gradient row's entries in this rank's columns. Rank r computes rows i ≡ r (mod W), ``chunk`` at a
         time; after each chunk one all-to-all sends every rank the columns of its blocks, so a rank never holds
         more than its (m, d/W) share plus two exchange buffers of ``chunk`` x W rows of d/W (chunk <= m/4W, so
-        the buffers stay under half the share). Returns the (num_grads, hi - lo) columns and the two buffers: the
-        caller frees them after the inversions (freeing big buffers earlier raises glibc's mmap threshold, and the
-        inversions' temporaries then fragment the heap: measured +1.5 GiB peak on LeNet-5)."""
+        the buffers stay under half the share). Returns the (num_grads, hi - lo) columns and the two buffers, which
+        the caller frees after the inversions (see :func:`distributed.mapped_large_allocations`)."""
         import torch.distributed as dist
 
         from ..stats import gradient_rows
