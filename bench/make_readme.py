@@ -340,7 +340,8 @@ def render_distributed() -> str:
                    f"{max(row['held_inverse_gib_per_rank']):.2f} | {max(row['estimate_gib_per_rank']):.2f} | "
                    f"{max(row['peak_rss_fit_gib_per_rank']):.2f} ({above:.2f}) | {row['error_pct']:.2f} | "
                    f"{'yes' if r['same_mask_as_1_rank'][key] else 'NO'} | {row['dns_step_ms']:.1f} |")
-    out += ["", f"2 ranks vs 1 rank x 1 thread: inverses held x{ratio['held_inverses']:.2f}, peak memory of the fit "
+    ref = r.get("reference_1_rank", "1 rank x 1 thread")
+    out += ["", f"2 ranks vs {ref}: inverses held x{ratio['held_inverses']:.2f}, peak memory of the fit "
                 f"above start x{ratio['peak_rss_fit_above_start']:.2f} (whole process x{ratio['peak_rss_fit']:.2f}). "
                 f"Target (per-rank memory roughly halves, same mask): "
                 f"{'met' if r['target_met'] else 'MISSED'}."]

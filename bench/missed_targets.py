@@ -207,13 +207,64 @@ def deep_compression(data, han_result: dict, model: str = "lenet5") -> dict:
     return {"source": run["file"], "pipeline": {k: x for k, x in v.items() if k != "per_tensor"}, "rows": rows}
 
 
+AP_PAPER = {"compression": 310.0, "target_error": 0.95, "source": "Xiao, Wang, Rajasekaran 2019 (NeurIPS), abstract"}
+AP_VARIANTS = {  # tag -> (label, mu, AutoPrune epochs, fine-tuning epochs with the masks fixed)
+    "mu300_30ep": ("AutoPrune mu=300, 30 epochs (3x; M frozen after 80%)", 300.0, 30, 0),
+    "mu1000_10ep_ft10": ("AutoPrune mu=1000, 10 epochs, then 10 epochs of fine-tuning, masks fixed", 1000.0, 10, 10),
+}
+
+
+def autoprune_longer(data, dense_path, dense_err: float) -> dict:
+    """AutoPrune LeNet-5 (bench/autoprune_mnist.py: mu=300, 10 epochs: 143.9x at 1.45%; paper 310x with no
+    accuracy loss, target here: >= 310x at <= 0.95%): (a) the same mu for 3x the epochs, (b) a 3.3x stronger mu
+    for the same 10 epochs, then 10 epochs of fine-tuning with the masks fixed. Among the runs at >= 310x, the
+    lowest validation error is the result (AutoPrune trains its gates on validation batches, so that error is
+    optimistic for it; the test split decides nothing)."""
+    from autoprune_mnist import CFG, autoprune_run
+    from netsurgeon.masks import mask_zeros
+
+    rows, runs = [], {}
+    for tag, (label, mu, epochs, ft) in AP_VARIANTS.items():
+        def run(mu=mu, epochs=epochs, ft=ft, tag=tag) -> dict:
+            r = autoprune_run("lenet5", data, mu, epochs=epochs, tag=f"missed_{tag}")
+            f = RESULTS / "files" / f"autoprune_lenet5_missed_{tag}.nsz"
+            if ft:
+                t0 = time.perf_counter()
+                m = ns.load_compressed(f)
+                mask_zeros(m)
+                ns.train(m, data, replace(CFG, epochs=ft, lr=CFG.lr / 10, seed=1), progress=True)
+                ns.save_compressed(m, f, value_dtype="float16")
+                r["wall_s"] += time.perf_counter() - t0
+            r.pop("history", None)
+            return {**r, "file": rel(f)}
+        r = cached_json(f"missed_ap_{tag}", run)
+        back = ns.load_compressed(REPO / r["file"])
+        s = summarize(back, data.input_shape, data=data, file_path=REPO / r["file"])
+        val = 100 * (1 - ns.evaluate(back, data.val)[1])
+        row = _row({"summary": s, "test_error_pct": s["test_error_pct"], "val_error_pct": val,
+                    "wall_s": r["wall_s"], "file": r["file"]}, label, dense_err, False,
+                   {"error": AP_PAPER["target_error"], "compression": AP_PAPER["compression"]})
+        row["paper_error_pct"] = None  # the paper states "no accuracy loss", no error figure
+        row["target_met"] = bool(row["compression_weights"] >= AP_PAPER["compression"]
+                                 and row["error_pct"] <= AP_PAPER["target_error"] + 1e-9)
+        rows.append(row)
+        runs[tag] = {k: v for k, v in r.items() if k != "history"}
+    eligible = [x for x in rows if x["compression_weights"] >= AP_PAPER["compression"]]
+    best = min(eligible, key=lambda x: x["val_error_pct"]) if eligible else None
+    for x in rows:
+        x["chosen_on_validation"] = x is best
+        if x is best:
+            x["method"] += " (chosen on validation)"
+    return {"rows": rows, "runs": runs, "paper": AP_PAPER}
+
+
 def main() -> None:
     import json
 
     t0 = time.perf_counter()
 
     def extra(ap) -> None:
-        parts = ["han", "han_seeds", "dns", "dc", "han300", "dc300"]
+        parts = ["han", "han_seeds", "dns", "dc", "han300", "dc300", "autoprune"]
         ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
 
     args, data = parse_args(__doc__, ["lenet5"], "not supported here", extra)
@@ -236,6 +287,8 @@ def main() -> None:
         result["dns"] = dns_longer(data, dense_path, dense_err)
     if "dc" in args.parts:
         result["dc"] = deep_compression(data, result["han"])
+    if "autoprune" in args.parts:
+        result["autoprune"] = autoprune_longer(data, dense_path, dense_err)
     if "han300" in args.parts or "dc300" in args.parts:  # Deep Compression LeNet-300-100: 1.58% at 40x
         path300, _ = dense_model("lenet300", data)
         err300 = 100 * (1 - ns.evaluate(load_dense(path300), data.test)[1])
@@ -248,7 +301,8 @@ def main() -> None:
                             *(result["dns"].get("rows", [result["dns"].get("row")]) if "dns" in result else []),
                             *(result["dc"]["rows"] if "dc" in result else []),
                             *(result["han300"]["rows"] if "han300" in result else []),
-                            *(result["dc300"]["rows"] if "dc300" in result else [])]
+                            *(result["dc300"]["rows"] if "dc300" in result else []),
+                            *(result["autoprune"]["rows"] if "autoprune" in result else [])]
     result["wall_s"] = time.perf_counter() - t0
     path = write_result("missed_targets", result)
     runs = result["han"]["runs"]
