@@ -23,8 +23,13 @@ floats plus the codes at ceil(log2 k) bits each.
   ``Σ_n ‖W x_n − Ŵ x̃_n‖²`` (their Eq. (4) with the error correction of Sec. 3.3: ``x̃_n`` is the input the
   already quantized layers before it produce, ``W x_n`` the original network's response), by block coordinate
   descent over the subspaces, each step exact: codes by the quadratic cost of every codeword, codewords by
-  least squares. Convolutions keep Gong's weight-error codebooks (Q-CNN's convolutional response refinement
-  is not implemented).
+  least squares.
+* The same for convolutions (Q-CNN Sec. 3.2, groups = 1, zero padding): the layer's input is unfolded into
+  patches, so its response is a sum over kernel positions p and subspaces j of ``U_pj D_code(o,p,j)``; a code
+  step per (p, j) is exact as for Linear layers, and since one codebook serves every kernel position, each
+  codebook is refitted jointly by least squares over all its positions (the normal equations reduce to the d x d
+  cross-Gram matrices ``U_pjᵀ U_qj``), with a small proximal term so that unused codewords stay and no pass
+  increases the error. Patches are subsampled (``max_rows``, seeded) to bound memory.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from ..masks import prunable_layers
 from ..registry import MethodConfig, StageContext, option, register
 
 __all__ = ["ProductQuantized", "kmeans_vectors", "product_quantize", "residual_quantize", "quantize_vectors",
-           "refine_response", "refine_model_response", "PQConfig", "rows_of"]
+           "refine_response", "refine_conv_response", "refine_model_response", "PQConfig", "rows_of"]
 
 
 def rows_of(w: Tensor) -> Tensor:
@@ -230,14 +235,88 @@ def refine_response(par: ProductQuantized, x_in: Tensor, target: Tensor, iters: 
     return errors
 
 
+def _patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """The inputs of ``conv`` as (N·L, P, C) patches: L output positions, P kernel positions, C input channels."""
+    u = torch.nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (N, C·P, L)
+    n, _, positions = u.shape
+    c = conv.in_channels
+    return u.reshape(n, c, -1, positions).permute(0, 3, 2, 1).reshape(n * positions, -1, c)
+
+
 @torch.no_grad()
-def refine_model_response(model: nn.Module, dense: nn.Module, x: Tensor, iters: int) -> dict[str, list[float]]:
-    """:func:`refine_response` for every product-quantized Linear layer of ``model``, in forward order, with the
-    error correction of Q-CNN Sec. 3.3: each layer's inputs come from ``model`` as quantized so far, its target
-    from ``dense`` (the original network) on the same ``x``."""
+def refine_conv_response(par: ProductQuantized, u: Tensor, target: Tensor, iters: int,
+                         damp: float = 1e-6) -> list[float]:
+    """Q-CNN's response-error refinement of one convolution's product quantization (groups = 1), in place.
+
+    ``u`` (M, P, C): input patches of the quantized network (:func:`_patches`); ``target`` (M, O): the original
+    layer's response at those patches (without bias). Per subspace j: for each kernel position p, every output
+    channel's code is the codeword minimising the exact quadratic cost of its residual (as
+    :func:`refine_response`); then codebook j, shared by all positions, is the least-squares fit of the residual
+    over all positions at once, ``H vec(D) = b`` with ``H_kk' = Σ_o Σ_{p,q: codes k, k'} U_pjᵀU_qj``, plus a
+    proximal term ``λ‖D − D_old‖²`` (λ = damp · mean diagonal of H) that keeps unused codewords. Returns the
+    relative response error before the first pass and after each pass."""
+    t, s, k, d = par.codebooks.shape
+    if t != 1 or len(par.shape) != 4:
+        raise ValueError("refine_conv_response: product quantization (one stage) of a Conv2d weight only.")
+    o, c = par.shape[0], par.shape[1]
+    positions = par.shape[2] * par.shape[3]
+    m = u.shape[0]
+    us = torch.zeros(m, positions, s * d, dtype=torch.float64)
+    us[:, :, :c] = u.double()
+    us = us.reshape(m, positions, s, d)
+    target = target.double()
+    books = par.codebooks.data[0].double()                                 # (S, k, d)
+    codes = par.codes[0].reshape(o, positions, s)                          # a view: updates land in the buffer
+    norm = target.norm().clamp_min(1e-12)
+
+    def weight() -> Tensor:                                                # (O, P, S, d)
+        return books[torch.arange(s)[None, None, :], codes]
+
+    approx = torch.einsum("mpsd,opsd->mo", us, weight())
+    errors = [float((target - approx).norm() / norm)]
+    for _ in range(iters):
+        for j in range(s):
+            for p in range(positions):                                     # codes: exact per (p, j)
+                x = us[:, p, j]
+                old = books[j][codes[:, p, j]]                             # (O, d)
+                r = target - approx + x @ old.T
+                g = x.T @ x
+                cost = ((books[j] @ g) * books[j]).sum(1)[None, :] - 2 * (x.T @ r).T @ books[j].T   # (O, k)
+                codes[:, p, j] = cost.argmin(1)
+                approx += x @ (books[j][codes[:, p, j]] - old).T
+            xj = us[:, :, j]                                               # (M, P, d)
+            cj = codes[:, :, j]                                            # (O, P)
+            old = books[j][cj]                                             # (O, P, d)
+            r = target - approx + torch.einsum("mpd,opd->mo", xj, old)
+            cross = torch.einsum("mpd,mqe->pqde", xj, xj)                  # (P, P, d, d)
+            pair = (cj[:, :, None] * k + cj[:, None, :]).reshape(-1)
+            h = torch.zeros(k * k, d, d, dtype=torch.float64).index_add_(
+                0, pair, cross[None].expand(o, -1, -1, -1, -1).reshape(-1, d, d))
+            h = h.reshape(k, k, d, d).permute(0, 2, 1, 3).reshape(k * d, k * d)
+            b = torch.zeros(k, d, dtype=torch.float64).index_add_(
+                0, cj.reshape(-1), torch.einsum("mpd,mo->opd", xj, r).reshape(-1, d)).reshape(-1)
+            lam = damp * float(h.diagonal().mean()) + 1e-12
+            h.diagonal().add_(lam)
+            books[j] = torch.linalg.solve(h, b + lam * books[j].reshape(-1)).reshape(k, d)
+            approx += torch.einsum("mpd,opd->mo", xj, books[j][cj] - old)
+        errors.append(float((target - approx).norm() / norm))
+    par.codebooks.data[0] = books.float()
+    return errors
+
+
+@torch.no_grad()
+def refine_model_response(model: nn.Module, dense: nn.Module, x: Tensor, iters: int, max_rows: int = 20_000,
+                          seed: int = 0) -> dict[str, list[float]]:
+    """:func:`refine_response` for every product-quantized Linear layer of ``model`` and
+    :func:`refine_conv_response` for every product-quantized Conv2d (groups = 1, zero padding; others are left
+    as Gong's), in forward order, with the error correction of Q-CNN Sec. 3.3: each layer's inputs come from
+    ``model`` as quantized so far, its target from ``dense`` (the original network) on the same ``x``. A
+    convolution's patches are subsampled to ``max_rows`` (seeded by ``seed``)."""
     out = {}
-    lin = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and parametrize.is_parametrized(
-        m, "weight") and isinstance(m.parametrizations["weight"][0], ProductQuantized)]
+    lin = [(n, m) for n, m in model.named_modules() if (isinstance(m, nn.Linear) or (
+        isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"))
+        and parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations["weight"][0], ProductQuantized)]
+    g = torch.Generator().manual_seed(seed)
     for name, m in lin:
         par = m.parametrizations["weight"][0]
         if par.codebooks.shape[0] != 1:
@@ -257,7 +336,14 @@ def refine_model_response(model: nn.Module, dense: nn.Module, x: Tensor, iters: 
             model.train(was[0])
             dense.train(was[1])
         w = dense.get_submodule(name).weight.detach()
-        out[name] = refine_response(par, seen["q"].flatten(1), seen["d"].flatten(1) @ w.T, iters)
+        if isinstance(m, nn.Linear):
+            out[name] = refine_response(par, seen["q"].flatten(1), seen["d"].flatten(1) @ w.T, iters)
+            continue
+        uq, ud = _patches(seen["q"], m), _patches(seen["d"], m)
+        keep = torch.randperm(uq.shape[0], generator=g)[:max_rows]
+        uq, ud = uq[keep], ud[keep]
+        target = torch.einsum("mpc,opc->mo", ud, w.movedim(1, -1).reshape(w.shape[0], -1, w.shape[1]))
+        out[name] = refine_conv_response(par, uq, target, iters)
     return out
 
 
@@ -272,8 +358,9 @@ class PQConfig(MethodConfig):
     layers: str = option("all", "all: Linear and Conv (Q-CNN's layout for convolutions); fc: Linear only",
                          choices=("all", "fc"))
     seed: int = option(0, "seed of the k-means++ seeding and of the samples drawn", low=0)
-    response_iters: int = option(0, "Q-CNN: passes of response-error refinement of the Linear layers' codebooks "
-                                    "and codes on training inputs (0: Gong's weight-error k-means only)", low=0)
+    response_iters: int = option(0, "Q-CNN: passes of response-error refinement of the Linear and Conv2d layers' "
+                                    "codebooks and codes on training inputs (0: Gong's weight-error k-means only)",
+                                 low=0)
     response_samples: int = option(2000, "training inputs the response error is measured on", low=1)
 
     def validate(self) -> None:
@@ -283,8 +370,8 @@ class PQConfig(MethodConfig):
 
 @register("pq", kind="quantizer", config=PQConfig, gives="pq", needs_data=lambda c: c.response_iters > 0,
           citation="Gong, Liu, Yang, Bourdev 2014, Compressing Deep Convolutional Networks using Vector "
-                   "Quantization, Sec. 3.3-3.4; conv layout and response-error refinement (fc) as Wu et al. 2016 "
-                   "(Q-CNN), Sec. 3.1, 3.3, Eq. (4)",
+                   "Quantization, Sec. 3.3-3.4; conv layout and response-error refinement as Wu et al. 2016 "
+                   "(Q-CNN), Sec. 3.1-3.3, Eq. (4)",
           summary="product / residual vector quantization of weights: codebooks + codes per layer")
 def _run_pq(model: nn.Module, cfg: PQConfig, ctx: StageContext) -> dict[str, Any]:
     import copy
@@ -296,5 +383,6 @@ def _run_pq(model: nn.Module, cfg: PQConfig, ctx: StageContext) -> dict[str, Any
         train = ctx.require_data("pq").train
         g = torch.Generator().manual_seed(cfg.seed)
         idx = torch.randperm(len(train), generator=g)[: cfg.response_samples]
-        out["response_error"] = refine_model_response(model, dense, train.x[idx], cfg.response_iters)
+        out["response_error"] = refine_model_response(model, dense, train.x[idx], cfg.response_iters,
+                                                      seed=cfg.seed)
     return out
