@@ -95,9 +95,9 @@ PQ = {  # label -> stages (before the optional fine-tune)
     "rq, 2 stages, k=256": [{"pq": {"kind": "rq", "stages": 2, "k": 256}}],
     "scalar k-means, 2 bits": [{"kmeans": {"bits": 2}}],
     "scalar k-means, 4 bits": [{"kmeans": {"bits": 4}}],
-    # Q-CNN (Wu et al. 2016, Sec. 3.1/3.3): the same pq, its fc codebooks and codes then refined for the layer
-    # response on 2,000 training inputs, 2 passes, with error correction
-    "pq, 4-column segments, k=256, Q-CNN response refinement (fc)": [
+    # Q-CNN (Wu et al. 2016, Sec. 3.1-3.3): the same pq, its fc and conv codebooks and codes then refined for the
+    # layer response on 2,000 training inputs (a conv: 20,000 of their patches), 2 passes, with error correction
+    "pq, 4-column segments, k=256, Q-CNN response refinement (fc and conv)": [
         {"pq": {"kind": "pq", "sub_dim": 4, "k": 256, "response_iters": 2}}],
 }
 FEWMULT_TRAIN = ns.TrainConfig(epochs=5, lr=1e-3, optimizer="adam", weight_decay=0.0, schedule="cosine",
