@@ -242,7 +242,8 @@ def dc300_seeds(data, path300, err300: float, han300: dict, dc300: dict) -> dict
            "paper_dense_error_pct": p["ref_error"], "compression_nonzero": dc300["pipeline"]["compression_nonzero"],
            "paper_compression": None, "paper_compression_bytes": p["compression"], "compression_bytes": cm,
            "compression_bytes_std": csd, "speedup_b1": None, "speedup_b256": None, "wall_s": wall,
-           "target_met": bool(cm >= p["compression"] and m <= p["error"] + 0.1 + 1e-9)}
+           "target_met": bool(cm >= p["compression"] and m <= p["error"] + 0.1 + 1e-9),
+           **weight_counts(dc300["pipeline"]["huffman"]["file"])}  # seed 0's file: the same kept % every seed
     return {"variant": name, "pruned_test_error_per_seed": pruned, "dc_test_error_per_seed": final,
             "compression_bytes_per_seed": comp, "row": row}
 
