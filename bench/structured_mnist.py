@@ -48,8 +48,19 @@ FRACTION = 0.5  # of the channels of every removable group (l1_filters) / of all
 METHODS = {  # name -> pipeline stages (the fine-tuning stage is added by run())
     "l1_filters": [("l1_filters", {"fraction": FRACTION})],
     "slimming": [("slimming", {"lam": 1e-4, "fraction": FRACTION, "epochs": 1, "lr": 0.01})],
-    "ssl": [("ssl", {"lam_filter": 0.1, "lam_channel": 0.1, "epochs": 1, "lr": 0.01})],  # strength not tuned
+    "ssl": [("ssl", {"lam_filter": 0.1, "lam_channel": 0.1, "epochs": 1, "lr": 0.01})],
 }
+# Candidates chosen on the validation split (issue 14): tag -> options replacing the method's defaults above. The
+# rule (RULE) asks for the most removed work at a bounded validation loss, as a user choosing a setting would.
+SWEEP = {
+    "slimming": {"slimming": {}, "slimming_f0.35": {"fraction": 0.35}, "slimming_f0.2": {"fraction": 0.2}},
+    "ssl": {"ssl_lam0.03": {"lam_filter": 0.03, "lam_channel": 0.03}, "ssl": {},
+            "ssl_lam0.3": {"lam_filter": 0.3, "lam_channel": 0.3}},
+}
+VAL_SLACK = 1.0  # points of validation error above the dense model's that a chosen setting may cost
+RULE = (f"among the candidates, the highest FLOP ratio whose validation error is at most the dense model's + "
+        f"{VAL_SLACK:g} point; if none is, the lowest validation error (test split never read to choose)")
+SENS_DROP = 0.01  # l1_filters from the sensitivity curves: per layer, the largest fraction losing <= 1 point
 
 
 def dense(name: str, data):
@@ -65,17 +76,44 @@ def dense(name: str, data):
     return path
 
 
-def run(name: str, method: str, data) -> dict:
+def run(name: str, method: str, data, tag: str | None = None, options: dict | None = None) -> dict:
     src = dense(name, data)
     model = load_dense(src)
     t0 = time.perf_counter()
-    stages = [{k: v} for k, v in METHODS[method]] + [{"finetune": {**FINETUNE.__dict__}}]
+    stages = [{k: {**v, **(options or {})}} for k, v in METHODS[method]] + [{"finetune": {**FINETUNE.__dict__}}]
     pipe = ns.Pipeline.from_spec(stages)
     pipe.run(model, data)
     wall = time.perf_counter() - t0
-    f = RESULTS / "files" / f"structured_{name}_{method}.nsz"
+    f = RESULTS / "files" / f"structured_{name}_{tag or method}.nsz"
     pipe.save(model, f, meta={"method": method})
-    return {"file": rel(f), "wall_s": wall, "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1])}
+    return {"file": rel(f), "wall_s": wall, "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]),
+            "stages": stages}
+
+
+def sensitivity_fractions(curves: dict, dense_val_acc: float) -> dict[str, float]:
+    """Li et al. 2017 Sec. 3.2: sensitive layers are pruned less. Per group, the largest fraction of its curve
+    (each layer pruned alone, no retraining, validation accuracy) that loses at most SENS_DROP; a group that loses
+    more at every fraction is left whole."""
+    out = {}
+    for key, curve in curves.items():
+        ok = [float(f) for f, acc in curve.items() if acc >= dense_val_acc - SENS_DROP]
+        if ok:
+            for layer in key.split("+"):
+                out[layer] = max(ok)
+    return out
+
+
+def choose(name: str, method: str, data, ref, dense_val: float, fresh: bool) -> dict:
+    """Run every candidate of SWEEP[method] (cached), measure its FLOP ratio, and pick one by RULE."""
+    fd, _ = total_flops(ref, SHAPE)
+    cands = {}
+    for tag, opts in SWEEP[method].items():
+        c = cached_json(f"structured_{name}_{tag}", lambda t=tag, o=opts: run(name, method, data, t, o), fresh)
+        c["flop_ratio"] = fd / total_flops(ns.load_compressed(REPO / c["file"]), SHAPE)[0]
+        cands[tag] = {**c, "options": opts}
+    ok = [t for t, c in cands.items() if c["val_error_pct"] <= dense_val + VAL_SLACK]
+    best = max(ok, key=lambda t: cands[t]["flop_ratio"]) if ok else min(cands, key=lambda t: cands[t]["val_error_pct"])
+    return {"chosen": best, "candidates": cands, "rule": RULE, "dense_val_error_pct": dense_val}
 
 
 def torch_pruning_same_channels(name: str, data) -> dict:
@@ -137,6 +175,8 @@ def main() -> None:
     torch.set_num_threads(args.train_threads)
     res = {"benchmark": "structured_mnist", "paper": "Li et al. 2017; Liu et al. 2017; Wen et al. 2016 (no MNIST "
            "figures for these models)", "machine": machine(), "fraction": FRACTION, "finetune": FINETUNE.__dict__,
+           "selection_rule": RULE, "sensitivity_rule": f"per layer, the largest fraction losing <= {SENS_DROP:g} "
+           "validation accuracy when pruned alone without retraining (Li et al. 2017 Sec. 3.2)",
            "models": {}, "table_rows": []}
     for name in args.models:
         ref = load_dense(dense(name, data)).eval()
@@ -147,14 +187,32 @@ def main() -> None:
              "sensitivity": cached_json(f"structured_{name}_sensitivity", lambda n=name: {
                  k: {f"{f:g}": a for f, a in v.items()}
                  for k, v in filter_sensitivity(load_dense(dense(n, data)), data.val, SHAPE).items()}, args.fresh)}
-        for method in METHODS:
+        dense_val = 100 * (1 - ns.evaluate(ref, data.val)[1])
+        r["dense"]["val_error_pct"] = dense_val
+        fractions = sensitivity_fractions(r["sensitivity"], 1 - dense_val / 100)
+        runs = {"l1_filters": (f"l1_filters ({LABEL['l1_filters']}) + 1 epoch fine-tune", cached_json(
+            f"structured_{name}_l1_filters", lambda n=name: run(n, "l1_filters", data), args.fresh))}
+        if fractions:  # Li et al.'s own procedure: per-layer fractions read off the sensitivity curves
+            runs["l1_filters_sensitivity"] = (
+                f"l1_filters (per-layer fractions from the validation sensitivity curves, <= {100 * SENS_DROP:g} point "
+                f"lost each: {', '.join(f'{k} {v:g}' for k, v in fractions.items())}) + 1 epoch fine-tune",
+                cached_json(f"structured_{name}_l1_sens", lambda n=name, fr=fractions: run(
+                    n, "l1_filters", data, "l1_sens", {"fraction": fr}), args.fresh))
+        r["sensitivity_fractions"] = fractions
+        r["selection"] = {}
+        for method in SWEEP:
             if method == "slimming" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules()):
                 continue
-            stage = cached_json(f"structured_{name}_{method}", lambda m=method, n=name: run(n, m, data), args.fresh)
+            sel = r["selection"][method] = choose(name, method, data, ref, dense_val, args.fresh)
+            opts = {**dict(METHODS[method])[method], **sel["candidates"][sel["chosen"]]["options"]}
+            shown = ", ".join(f"{k} {opts[k]:g}" for k in ("lam", "fraction", "lam_filter", "lam_channel") if k in opts)
+            runs[method] = (f"{method} ({shown}; chosen on validation among {len(sel['candidates'])}) + 1 epoch "
+                            "fine-tune", sel["candidates"][sel["chosen"]])
+        for method, (label, stage) in runs.items():
             v = {**stage, **measure(name, REPO / stage["file"], data, ref)}
             r["methods"][method] = v
             res["table_rows"].append({
-                "model": name, "method": f"{method} ({LABEL[method]}) + 1 epoch fine-tune",
+                "model": name, "method": label, "val_error_pct": v["val_error_pct"],
                 "error_pct": v["test_error_pct"], "paper_error_pct": None,
                 "dense_error_pct": r["dense"]["test_error_pct"], "paper_dense_error_pct": None,
                 "compression_nonzero": r["dense"]["params"] / v["params"], "paper_compression": None,
@@ -164,7 +222,7 @@ def main() -> None:
                 # the goal is about removed work: a run that removed (almost) nothing has no speedup to judge
                 "target_met": bool(v["speedup_over_flop_bound_b256"] >= 0.8) if v["flop_ratio"] > 1.1 else None,
                 **weight_counts(stage["file"])})
-            print(f"{name:13s} {method:10s} err {v['test_error_pct']:.2f}% (dense {r['dense']['test_error_pct']:.2f}) "
+            print(f"{name:13s} {method:22s} err {v['test_error_pct']:.2f}% (dense {r['dense']['test_error_pct']:.2f}) "
                   f"params {v['params']:,} / {r['dense']['params']:,} | FLOP ratio {v['flop_ratio']:.2f}x | speedup "
                   f"b1 {v['latency']['1']['speedup']:.2f}x b256 {v['latency']['256']['speedup']:.2f}x", flush=True)
         res["models"][name] = r
