@@ -99,13 +99,20 @@ def test_pq_response_refinement_as_a_stage_needs_data_and_reports_each_layer(dig
         Pipeline.from_spec([{"pq": {"response_iters": 1}}]).check(has_data=False)
     with pytest.raises(ValueError, match="set kind=pq"):
         Pipeline.from_spec([{"pq": {"kind": "rq", "response_iters": 1}}])
-    torch.manual_seed(0)
-    model = ns.build_model("lenet300", digits.input_shape)
-    ns.train(model, digits, ns.TrainConfig(epochs=2, lr=0.05))
-    rec = Pipeline.from_spec([{"pq": {"k": 16, "sub_dim": 8, "response_iters": 2, "response_samples": 500}}]).run(
-        model, digits)
-    errs = rec[0]["report"]["response_error"]
+    _, errs = _refined_stage(digits, "lenet300", sub_dim=8, samples=500)
     assert set(errs) <= {"fc1", "fc2", "fc3"} and errs and all(e[-1] <= e[0] for e in errs.values())
+
+
+def _refined_stage(digits, name: str, sub_dim: int, samples: int):
+    """A briefly trained ``name`` through a pq stage with 2 passes of response refinement: (model, errors)."""
+    from netsurgeon.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    model = ns.build_model(name, digits.input_shape)
+    ns.train(model, digits, ns.TrainConfig(epochs=2, lr=0.05))
+    rec = Pipeline.from_spec([{"pq": {"k": 16, "sub_dim": sub_dim, "response_iters": 2,
+                                      "response_samples": samples}}]).run(model, digits)
+    return model, rec[0]["report"]["response_error"]
 
 
 def test_qcnn_conv_response_refinement_matches_the_convolution_and_lowers_its_error():
@@ -139,14 +146,7 @@ def test_qcnn_conv_response_refinement_matches_the_convolution_and_lowers_its_er
 
 
 def test_pq_response_refinement_reaches_convolutions_in_a_stage(digits):
-    from netsurgeon.pipeline import Pipeline
-
-    torch.manual_seed(0)
-    model = ns.build_model("digits_cnn", digits.input_shape)
-    ns.train(model, digits, ns.TrainConfig(epochs=2, lr=0.05))
-    rec = Pipeline.from_spec([{"pq": {"k": 16, "sub_dim": 4, "response_iters": 2, "response_samples": 200}}]).run(
-        model, digits)
-    errs = rec[0]["report"]["response_error"]
+    model, errs = _refined_stage(digits, "digits_cnn", sub_dim=4, samples=200)
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert any(c in errs for c in convs), errs.keys()
     assert all(e[-1] <= e[0] + 1e-9 for e in errs.values())
