@@ -8,6 +8,7 @@ Scenarios:
   train       DNS training with periodic checkpoints (``--resume`` continues one; a 4th number kills the last rank
               once a checkpoint past that step exists); each rank saves the end
   plain       plain training, each rank saves the end (compared with a 1-rank run)
+  loader      DNS and AutoPrune on DataLoaders with a DistributedSampler (each rank its own samples)
   diverge     rank 1 perturbs its weights: the run must stop with the tensor named
 """
 
@@ -96,6 +97,30 @@ def main() -> None:
         ns.train(base, data, cfg, callbacks=callbacks, checkpoint=ckpt, checkpoint_every=5, resume=resume)
         cb.finalize(base)
         torch.save(state(base), out / f"final_rank{rank}.pt")
+    elif scenario == "loader":  # the user's DataLoaders with DistributedSampler: each rank its own samples
+        from torch.utils.data import DataLoader, TensorDataset
+        from torch.utils.data.distributed import DistributedSampler
+
+        def loader(split, shuffle: bool) -> DataLoader:
+            ds = TensorDataset(split.x, split.y)
+            return DataLoader(ds, batch_size=16, sampler=DistributedSampler(ds, shuffle=shuffle, seed=0))
+
+        tr = loader(data.train, True)
+        seen = []
+        class Rows(ns.Callback):  # the first batch this rank trained on
+            def loss(self, out, batch, trainer=None):
+                if not seen:
+                    seen.append(batch[1].clone())
+                return None
+
+        loaders = ns.data.from_loaders(tr, loader(data.val, False))
+        for name, cb in (("dns", ns.pruning.dns.DNS(c_rate=1.0, gamma=0.5)),
+                         ("autoprune", ns.pruning.autoprune.AutoPrune(mu=5.0, m_lr=0.05, val_batch=64))):
+            model = copy.deepcopy(base)
+            seen.clear()
+            ns.train(model, loaders, ns.TrainConfig(epochs=2, lr=0.05, seed=3), callbacks=[cb, Rows()])
+            cb.finalize(model)
+            torch.save({**state(model), "_first_labels": seen[0]}, out / f"loader_{name}_rank{rank}.pt")
     elif scenario == "plain":  # plain training: compared with a 1-rank run
         ns.train(base, data, ns.TrainConfig(epochs=1, max_steps=30, batch_size=32, lr=0.05, seed=3))
         torch.save(state(base), out / f"final_rank{rank}.pt")

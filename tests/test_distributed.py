@@ -47,6 +47,16 @@ def test_every_training_method_keeps_identical_masks_and_weights_on_two_ranks(tm
         assert masks and 0 < float(sum(m.sum() for m in masks.values())) < sum(m.numel() for m in masks.values())
 
 
+def test_distributed_sampler_loaders_give_each_rank_its_own_rows_and_identical_masks(tmp_path: Path) -> None:
+    torchrun(str(WORKER), "loader", str(tmp_path))
+    for name in ("dns", "autoprune"):
+        a, b = load(tmp_path / f"loader_{name}_rank0.pt"), load(tmp_path / f"loader_{name}_rank1.pt")
+        la, lb = a.pop("_first_labels"), b.pop("_first_labels")
+        assert len(la) == len(lb) == 16 and not torch.equal(la, lb)  # whole batches, different samples
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert any(k.endswith(".mask") and float(v.mean()) < 1 for k, v in a.items()), name
+
+
 def test_sharded_woodfisher_equals_single_process(tmp_path: Path) -> None:
     torchrun(str(WORKER), "woodfisher", str(tmp_path))
     from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner

@@ -5,7 +5,8 @@ is initialised or the world has one rank, so library code calls them uncondition
 
 The rules that keep ranks identical (docs/distributed.md):
 
-* each global mini-batch of the single-process run is split across ranks (rank r takes rows r, r + W, ...);
+* each global mini-batch of the single-process run is split across ranks (rank r takes rows r, r + W, ...),
+  unless the user's DataLoader has a ``DistributedSampler`` (each rank's batches are then its own, used whole);
   the gradients are summed with weights n_r / n over the ranks, which is the gradient of the global mean
   loss, so a W-rank run follows the single-process trajectory up to float rounding;
 * every mask decision reads only what is identical on all ranks: the weights (identical after the same
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["init_from_env", "world", "is_main", "barrier", "shard_rows", "sum_weighted_grads",
+__all__ = ["init_from_env", "world", "is_main", "barrier", "shard_rows", "rank_local", "sum_weighted_grads",
            "all_reduce_sum", "average_batchnorm_stats", "check_identical", "gather_rng_states", "owner_ranges",
            "all_gather_concat", "mapped_large_allocations"]
 
@@ -67,10 +68,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard_rows(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """This rank's rows of a global mini-batch: rows ``rank, rank + W, ...`` (all of them in one process)."""
+def rank_local(loader: object) -> bool:
+    """True under torchrun when ``loader`` already gives each rank its own samples: a DataLoader whose sampler
+    (or its batch sampler's) is a ``DistributedSampler``. Its batches are then used whole, not split again."""
+    if world()[1] == 1:
+        return False
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    return isinstance(sampler, DistributedSampler) or isinstance(getattr(batch_sampler, "sampler", None),
+                                                                 DistributedSampler)
+
+
+def shard_rows(x: Tensor, y: Tensor, source: object = None) -> tuple[Tensor, Tensor]:
+    """This rank's rows of a global mini-batch: rows ``rank, rank + W, ...`` (all of them in one process, and all
+    of them when ``source`` is a rank-local loader: :func:`rank_local`)."""
     rank, size = world()
-    if size == 1:
+    if size == 1 or (source is not None and rank_local(source)):
         return x, y
     return x[rank::size], y[rank::size]
 

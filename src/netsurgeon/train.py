@@ -255,6 +255,9 @@ class Trainer:
             idx = self._batch_order(epoch)[i * self.config.batch_size:(i + 1) * self.config.batch_size]
             return self.data.train.x[idx], self.data.train.y[idx]
         if self._loader_pos != (epoch, i):  # a new epoch, or a resume in the middle of one: skip ahead
+            sampler = getattr(self.data.train, "sampler", None)
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler: its shuffle of epoch e, the same after a resume
+                sampler.set_epoch(epoch)
             self._loader_iter = batches(self.data.train)
             for _ in range(i):
                 next(self._loader_iter)
@@ -378,7 +381,7 @@ class Trainer:
                                  f"{tuple(x.shape)} (need N, C, H, W).")
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7_919 * self.step + 1)
             x = jitter_images(x, self.config.jitter, g)
-        x, y = ddp.shard_rows(x, y)  # this rank's rows of the global batch (all of them in one process)
+        x, y = ddp.shard_rows(x, y, self.data.train)  # this rank's rows (all: one process, or a rank-local loader)
         lr = lr_at(self.config, self.step, self.steps_per_epoch, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -431,6 +434,11 @@ def _evaluate_sharded(model: nn.Module, split: Split | Any) -> tuple[float, floa
     """:func:`evaluate`, each rank on its share of an in-memory split, the sums combined (a loader: every rank
     evaluates all of it)."""
     rank, size = ddp.world()
+    if size > 1 and ddp.rank_local(split):  # each rank holds its own part of the split: combine the sums
+        loss, acc = evaluate(model, split)
+        n = len(split.sampler)  # type: ignore[attr-defined]
+        sums = ddp.all_reduce_sum(torch.tensor([loss * n, acc * n, n], dtype=torch.float64))
+        return float(sums[0] / sums[2]), float(sums[1] / sums[2])
     if size == 1 or not isinstance(split, Split):
         return evaluate(model, split)
     part = Split(split.x[rank::size], split.y[rank::size])

@@ -211,7 +211,8 @@ class AutoPrune(Callback):
             g.m.grad = None  # the W step also produced dL_train/dm: M follows the validation loss only
         if (self.stop is not None and step > self.stop) or step % self.m_every:
             return
-        xv, yv = ddp.shard_rows(*self._val_batch())  # under torchrun: this rank's rows, gradients summed below
+        # under torchrun: this rank's rows (a DistributedSampler loader: its own batch); gradients summed below
+        xv, yv = ddp.shard_rows(*self._val_batch(), self._val)
         was = model.training
         model.train()
         loss = self.mu * self.regularizer()
