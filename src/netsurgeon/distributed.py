@@ -81,11 +81,11 @@ def rank_local(loader: object) -> bool:
                                                                  DistributedSampler)
 
 
-def shard_rows(x: Tensor, y: Tensor, source: object = None) -> tuple[Tensor, Tensor]:
-    """This rank's rows of a global mini-batch: rows ``rank, rank + W, ...`` (all of them in one process, and all
-    of them when ``source`` is a rank-local loader: :func:`rank_local`)."""
+def shard_rows(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's rows of a global mini-batch: rows ``rank, rank + W, ...`` (all of them in one process). Callers
+    skip it for batches of a rank-local loader (:func:`rank_local`), decided once per run."""
     rank, size = world()
-    if size == 1 or (source is not None and rank_local(source)):
+    if size == 1:
         return x, y
     return x[rank::size], y[rank::size]
 

@@ -228,6 +228,8 @@ class Trainer:
         self._loader_iter: Any = None
         self._loader_pos = (-1, -1)  # (epoch, batch) the loader iterator will yield next
         self.rank, self.world_size = ddp.world()
+        # split each global batch across ranks, unless the user's loader already gives each rank its own
+        self._split_rows = self.world_size > 1 and not ddp.rank_local(data.train)
         if self.world_size > 1 and config.batch_size < self.world_size:
             raise ValueError(f"train: batch_size={config.batch_size!r} is smaller than the {self.world_size} ranks "
                              "it is split across; use batch_size >= the number of ranks.")
@@ -381,7 +383,8 @@ class Trainer:
                                  f"{tuple(x.shape)} (need N, C, H, W).")
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7_919 * self.step + 1)
             x = jitter_images(x, self.config.jitter, g)
-        x, y = ddp.shard_rows(x, y, self.data.train)  # this rank's rows (all: one process, or a rank-local loader)
+        if self._split_rows:
+            x, y = ddp.shard_rows(x, y)
         lr = lr_at(self.config, self.step, self.steps_per_epoch, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr

@@ -139,6 +139,7 @@ class AutoPrune(Callback):
         self._opt: torch.optim.Optimizer | None = None
         self._model: nn.Module | None = None
         self._val: Any = None
+        self._split_val = True
         self._val_iter: Iterator[tuple[Tensor, Tensor]] | None = None
         self.step_ = 0
 
@@ -152,6 +153,7 @@ class AutoPrune(Callback):
         if val_data is None or (isinstance(val_data, Split) and len(val_data) == 0):
             raise ValueError("AutoPrune: needs a validation split (bi-level optimization); pass val_data.")
         self._val, self._val_iter = val_data, None
+        self._split_val = not ddp.rank_local(val_data)  # a DistributedSampler loader: each rank its own batch
         self._gates = {}
         for name, mod in layers.items():
             w = mod.weight.detach()
@@ -211,8 +213,9 @@ class AutoPrune(Callback):
             g.m.grad = None  # the W step also produced dL_train/dm: M follows the validation loss only
         if (self.stop is not None and step > self.stop) or step % self.m_every:
             return
-        # under torchrun: this rank's rows (a DistributedSampler loader: its own batch); gradients summed below
-        xv, yv = ddp.shard_rows(*self._val_batch(), self._val)
+        xv, yv = self._val_batch()
+        if self._split_val:  # under torchrun: this rank's rows of the batch; the gradients are summed below
+            xv, yv = ddp.shard_rows(xv, yv)
         was = model.training
         model.train()
         loss = self.mu * self.regularizer()

@@ -157,9 +157,12 @@ class OneShotPruner:
         gradient is computed. ``progress`` shows the gradient and inversion phases."""
         # Sharded, memory is the point: the inversions' temporaries must not fragment the heap. In one process
         # this costs more than it saves (measured: inversions 30 -> 40 s on LeNet-5, same peak in 2 of 2 runs).
-        sharded = ddp.world()[1] > 1 and self.method in ("woodfisher", "woodtaylor")
-        with ddp.mapped_large_allocations() if sharded else contextlib.nullcontext():
+        with ddp.mapped_large_allocations() if self._sharded() else contextlib.nullcontext():
             return self._fit(model, data, progress)
+
+    def _sharded(self) -> bool:
+        """Under torchrun, WoodFisher and WoodTaylor split their Fisher blocks across ranks."""
+        return ddp.world()[1] > 1 and self.method in ("woodfisher", "woodtaylor")
 
     def _fit(self, model: nn.Module, data: Split | Any, progress: bool) -> OneShotPruner:
         t0 = time.perf_counter()
@@ -175,7 +178,7 @@ class OneShotPruner:
         rank, size = ddp.world()
         self.shard_: tuple[int, int] | None = None  # this rank's [lo, hi) of the flat weights when sharded
         self.shard_sizes_: list[int] = [d]
-        sharded = size > 1 and m in ("woodfisher", "woodtaylor")
+        sharded = self._sharded()
         ranges = self._plan(d, size if sharded else 1)  # memory estimate, refusal: before any work
         if sharded:
             spans = ddp.owner_ranges(ranges, size)
@@ -291,7 +294,7 @@ class OneShotPruner:
         for n in self.shard_sizes_:
             cuts.append(cuts[-1] + n)
         width = max(self.shard_sizes_)  # gloo's all-to-all takes equal shapes: pad to the widest share
-        chunk = max(1, min(32, f.num_grads // (4 * size)))
+        chunk = _exchange_chunk(f.num_grads, size)
         out = torch.empty(f.num_grads, self.shard_sizes_[rank])
         send, recv = torch.zeros(size, chunk, width), torch.empty(size, chunk, width)
         rows = gradient_rows(model, data, self.tensors_, f.num_grads, f.grad_batch, f.seed, progress=progress,
@@ -341,7 +344,7 @@ class OneShotPruner:
             big = max(sizes)
             work = 8 * (m * big + (m * m if _factored(big, m) else big * big))
             if ranks > 1:  # this rank's columns of every row, plus the two exchange buffers (_sharded_grads)
-                chunk = max(1, min(32, m // (4 * ranks)))
+                chunk = _exchange_chunk(m, ranks)
                 grads, inv = 4 * (m + 2 * chunk * ranks) * -(-d // ranks), -(-inv // ranks)
         return {"gradients": grads, "inverses": inv, "work": work, "total": grads + inv + work}
 
@@ -472,6 +475,12 @@ class OneShotPruner:
         finally:
             model.train(was)
         return best[1]
+
+
+def _exchange_chunk(num_grads: int, ranks: int) -> int:
+    """Gradient rows each rank sends per all-to-all of the sharded fit: at most 32, and at most m/4W so that the
+    two exchange buffers stay under half a rank's share of the gradients."""
+    return max(1, min(32, num_grads // (4 * ranks)))
 
 
 def _nbytes(hinv: Tensor | ImplicitFisherInverse | None) -> int:
