@@ -182,3 +182,18 @@ def test_long_phases_show_progress_off_a_terminal(runner, base, tmp_path, monkey
                  "woodfisher: inverting", "stage 2/3: magnitude", "magnitude round 2/2: kept",
                  "train: done", "stage 3/3: encode"):
         assert line in out, line
+
+
+def test_progress_time_left_counts_only_this_runs_units(monkeypatch, caplog):
+    """A resumed phase (start=500 of 4000) estimates the time left from the units done since it started: 100
+    units in 10 s leave 3400 units, about 340 s (not 10 s / 600 x 3400 = 57 s)."""
+    import logging
+
+    from netsurgeon import progress
+
+    clock = iter([0.0, 10.0, 10.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="netsurgeon.progress"):
+        bar = progress.Progress("train", 4000, start=500)
+        bar.update(600)
+    assert "600/4000 (10 s, about 340 s left)" in caplog.text

@@ -26,7 +26,7 @@ class Progress:
 
     def __init__(self, description: str, total: int, *, enabled: bool = True, start: int = 0) -> None:
         self.description, self.total, self.enabled = description, max(int(total), 1), enabled
-        self.done, self._t0 = start, time.perf_counter()
+        self.done, self.start, self._t0 = start, start, time.perf_counter()
         self._last = self._t0
         self._bar: Any = None
         if not enabled:
@@ -55,7 +55,8 @@ class Progress:
         if now - self._last >= self.every_s:
             self._last = now
             elapsed = now - self._t0
-            left = elapsed / max(done, 1) * (self.total - done)
+            # the rate of this run only: units done before a resume took no time here
+            left = elapsed / max(done - self.start, 1) * (self.total - done)
             log.info("%s: %d/%d %s(%.0f s, about %.0f s left)", self.description, done, self.total,
                      f"{info} " if info else "", elapsed, left)
 
