@@ -155,3 +155,58 @@ def test_bench_latency_report_has_every_column_and_the_flop_bound(tmp_path):
     assert 30 < r["flop_ratio_bound"] < 40  # 97% of the weights pruned, biases dense
     assert r["batches"]["1"]["runtime_resident_bytes"] > 0 and r["file_bytes"] == (tmp_path / "s.nsz").stat().st_size
     assert len(report_lines(r)) == 4
+
+
+def _zero_columns(conv: nn.Conv2d, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Zero a random ``fraction`` of the lowered weight's columns (input channel x kernel position)."""
+    g = torch.Generator().manual_seed(seed)
+    k = conv.weight[0].numel()
+    gone = torch.randperm(k, generator=g)[: int(k * fraction)]
+    with torch.no_grad():
+        conv.weight.view(conv.weight.shape[0], -1)[:, gone] = 0
+    return gone
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=5), dict(kernel_size=3, padding=1),
+                                dict(kernel_size=3, stride=2, padding=2, bias=False),
+                                dict(kernel_size=(3, 2), dilation=(2, 1), padding=(1, 0))])
+def test_column_conv_computes_the_convolution_from_its_kept_columns_only(kw):
+    from netsurgeon.runtime import ColumnConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, **kw)
+    gone = _zero_columns(conv, 0.6)
+    fast = ColumnConv2d(conv)
+    assert fast.weight.shape == (8, conv.weight[0].numel() - len(gone))  # zero columns are not held
+    for shape in [(1, 6, 11, 13), (5, 6, 9, 9), (1, 6, 11, 13)]:  # a second input size, then the cached one
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), conv(x), atol=1e-5, rtol=1e-5)
+    assert "kept columns" in repr(fast)
+
+
+def test_column_conv_refuses_what_it_cannot_compute():
+    from netsurgeon.runtime import ColumnConv2d
+
+    with pytest.raises(ValueError, match="groups 1"):
+        ColumnConv2d(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="groups 1"):
+        ColumnConv2d(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+
+
+def test_runtime_times_the_column_form_only_for_convolutions_with_zero_columns():
+    torch.manual_seed(0)
+    m = ns.build_model("lenet5")
+    _zero_columns(m.conv2, 0.7)
+    fast, plan = compile_runtime(m, 4, repeats=3, threads=1)
+    convs = [r for r in plan.runs if r.layers[0].startswith("conv")]
+    assert [r.layers for r in convs] == [["conv2"]]  # conv1 has no zero column: not a candidate
+    assert set(convs[0].latency_ms) == {"dense", "columns"}
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    fast, plan = compile_runtime(m, 4, repeats=3, threads=1, forms=("columns",))
+    assert plan.runs[0].form in ("dense", "columns")
+    from netsurgeon.runtime import ColumnConv2d
+
+    assert isinstance(fast.conv2, ColumnConv2d) == (plan.runs[0].form == "columns")

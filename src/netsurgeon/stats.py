@@ -84,6 +84,13 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerFlo
     return rows
 
 
+def zero_columns(weight: Tensor) -> int:
+    """How many columns of a convolution weight lowered to (out, in x kernel) are all zero: the shape-wise
+    groups of structured sparsity learning, the patch rows an im2col convolution can skip."""
+    w = weight.detach()
+    return int((w.reshape(w.shape[0], -1).abs().sum(0) == 0).sum())
+
+
 def total_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
     """``(dense, effective)`` FLOPs per sample summed over layers."""
     rows = layer_flops(model, input_shape)

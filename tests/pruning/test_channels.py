@@ -291,3 +291,31 @@ def test_ssl_shape_wise_groups_are_columns_of_the_lowered_weight():
     assert zero_shapes(model)["0"] == pytest.approx(100 * sum(
         float(before[:, c, i, j].norm()) <= 0.1 for c in range(2) for i in range(2) for j in range(2)) / 8)
     assert not torch.equal(model[3].weight, torch.zeros_like(model[3].weight))  # Linear layers have no shapes
+
+
+def test_ssl_shape_sparsity_survives_fine_tuning_and_runs_as_kept_columns(digits, tmp_path):
+    """ssl with lam_shape masks the zeroed shape-wise groups, so a fine-tuning stage keeps them zero; the .nsz
+    holds them sparse and the runtime form computes the same outputs (from the kept columns where faster)."""
+    from netsurgeon.pipeline import Pipeline
+    from netsurgeon.stats import zero_columns
+
+    torch.manual_seed(0)
+    model = ns.build_model("digits_cnn", digits.input_shape)
+    ns.train(model, digits, ns.TrainConfig(epochs=1, lr=0.1))
+    records = Pipeline.from_spec(["ssl", "finetune"], ["ssl.lam_filter=0", "ssl.lam_channel=0", "lam_shape=1.0",
+                                                       "ssl.epochs=1", "ssl.lr=0.1", "finetune.epochs=1",
+                                                       "finetune.lr=0.05"]).run(model, digits)
+    masked = records[0]["report"]["masked_shapes"]
+    assert masked, "lam_shape=1 zeroed no shape-wise group"
+    zero = {n: zero_columns(model.get_submodule(n[: -len(".weight")]).weight) for n in masked}
+    assert all(v > 0 for v in zero.values())
+    assert records[0]["report"]["zero_shapes_pct"]["conv2"] > 0
+    f = tmp_path / "ssl.nsz"
+    ns.save_compressed(model, f)
+    loaded = ns.load_compressed(f)
+    assert {n: zero_columns(loaded.get_submodule(n[: -len(".weight")]).weight) for n in masked} == zero
+    fast = ns.load_compressed(f, runtime=True, batch=8, threads=1)
+    x = digits.test.x[:8]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)

@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from .._validation import check_positive
+from ..masks import attach_masks, original
 from ..models import arch_of, layer_sizes, record_resized, resized_record
 from ..registry import MethodConfig, StageContext, option, register
+from ..stats import zero_columns
 from ..train import Callback, TrainConfig, Trainer, run_training
 from .channels import ChannelGroup, channel_groups, remove_channels
 
@@ -327,7 +329,8 @@ class SSLConfig(TrainConfig):
     lam_filter: float = option(1e-3, "group-Lasso strength on whole filters (output rows)", low=0)
     lam_channel: float = option(1e-3, "group-Lasso strength on whole input channels (columns)", low=0)
     lam_shape: float = option(0.0, "group-Lasso strength on filter shapes: one group per (input channel, kernel "
-                                   "position) across a conv's filters (stored sparse; not removed as channels)",
+                                   "position) across a conv's filters; zeroed ones are masked (kept zero by later "
+                                   "training) and skipped by the runtime's column form",
                               low=0)
     min_channels: int = option(1, "never keep fewer channels than this in a layer", low=1)
 
@@ -341,8 +344,24 @@ def _run_ssl(model: nn.Module, cfg: SSLConfig, ctx: StageContext) -> dict[str, A
     report = _train_then_remove(
         model, cfg, ctx, lambda shape: GroupLassoProximal(cfg.lam_filter, cfg.lam_channel, shape, cfg.lam_shape),
         lambda shape: remove_zero_channels(model, shape, min_channels=cfg.min_channels))
+    if cfg.lam_shape > 0:
+        report["masked_shapes"] = mask_zero_shapes(model)  # a later fine-tuning stage keeps them zero
     report["zero_shapes_pct"] = zero_shapes(model)
     return report
+
+
+@torch.no_grad()
+def mask_zero_shapes(model: nn.Module) -> list[str]:
+    """Hold every all-zero shape-wise group of a convolution (a column of its lowered weight) at zero with a
+    pruning mask, so later training keeps the structure the runtime's column form (``ColumnConv2d``) skips.
+    Returns the masked tensors."""
+    names = [f"{n}.weight" for n, m in model.named_modules()
+             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1 and zero_columns(m.weight) > 0]
+    for fqn, p in attach_masks(model, names).items():
+        w = original(model, fqn)
+        keep = (w.reshape(w.shape[0], -1).abs().sum(0) != 0).to(p.mask.dtype)
+        p.mask.view(p.mask.shape[0], -1).mul_(keep)
+    return names
 
 
 def zero_shapes(model: nn.Module) -> dict[str, float]:
@@ -351,7 +370,5 @@ def zero_shapes(model: nn.Module) -> dict[str, float]:
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1:
-            w = m.weight.detach()
-            cols = w.reshape(w.shape[0], -1)
-            out[name] = 100.0 * float((cols.abs().sum(0) == 0).float().mean())
+            out[name] = 100.0 * zero_columns(m.weight) / m.weight[0].numel()
     return out

@@ -17,10 +17,10 @@ from torch import nn
 from ..coding import nsz
 from ..coding.nsz import CompressedFile, decode_int8, decode_shared_parts, decode_state, load_state_checked, read_header
 from .compile import RunChoice, RuntimePlan, compile_runtime, linear_form
-from .modules import CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
+from .modules import ColumnConv2d, CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
 
 __all__ = ["load_compressed", "compile_runtime", "RuntimePlan", "RunChoice", "CSRLinear", "FusedLinearChain",
-           "Int8Chain", "resident_bytes", "linear_form"]
+           "Int8Chain", "ColumnConv2d", "resident_bytes", "linear_form"]
 
 
 def _restore_codecs(model: nn.Module, info: CompressedFile) -> None:

@@ -14,9 +14,13 @@ against its dense form (a run of binary-weight layers with real inputs gets ``lu
 the product by table lookup): ``xnor`` packs the input's signs and multiplies by XNOR + popcount (bitops.py). A binary
 convolution needs its input size, taken from one probe run at the model's recorded input shape.
 
-The fastest wins, so no run is slower than dense up to timing noise. Convolutions stay dense: unstructured
-sparsity does not speed them up on this CPU (docs/runtime.md); removing whole channels (structured pruning)
-does. A model fx cannot trace keeps its structure; each Linear layer is then a run of its own.
+A Conv2d whose lowered weight has all-zero columns (SSL's shape-wise groups: input channel x kernel position
+pairs no filter reads) is timed against ``columns``: im2col over the kept columns only + one GEMM
+(:class:`ColumnConv2d`). Otherwise convolutions stay dense: unstructured sparsity does not speed them up on
+this CPU (docs/runtime.md); removing whole channels (structured pruning) does.
+
+The fastest wins, so no run is slower than dense up to timing noise. A model fx cannot trace keeps its
+structure; each Linear layer is then a run of its own.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..stats import time_interleaved
+from ..stats import time_interleaved, zero_columns
 from . import bitops, kernels
 from .modules import (
     BinaryChain,
+    ColumnConv2d,
     CSRLinear,
     FusedLinearChain,
     Int8Chain,
@@ -46,7 +51,7 @@ from .modules import (
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
-KINDS = ("fused", "csr", "int8", "xnor", "lut", "dense")
+KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "dense")
 
 
 @dataclass
@@ -303,6 +308,32 @@ def _swap_binary(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan, 
             setattr(model.get_submodule(parent) if parent else model, attr, fast)
 
 
+def _swap_columns(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan, probe: nn.Module) -> None:
+    """Time each Conv2d with zero columns against its :class:`ColumnConv2d` form and keep the faster, in place.
+    ``probe``: the model whose recorded input shape gives the convolutions' input sizes."""
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1
+             and m.padding_mode == "zeros" and not isinstance(m.padding, str) and not m._forward_hooks
+             and not m._forward_pre_hooks and zero_columns(m.weight)}
+    shapes = _input_shapes(probe, list(convs)) if convs else {}
+    gen = torch.Generator().manual_seed(0)
+    for name, m in convs.items():
+        if name not in shapes:
+            continue
+        fast = ColumnConv2d(m)
+        dense = copy.deepcopy(m)
+        if parametrize.is_parametrized(dense):
+            _materialize(dense)
+        x = torch.randn(batch, *shapes[name][1:], generator=gen)
+        density = float((m.weight != 0).float().mean())
+        choice = RunChoice([name], "dense", linear_form(m)[0], density,
+                           _time({"dense": dense.eval(), "columns": fast}, x, repeats))
+        choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
+        plan.runs.append(choice)
+        if choice.form == "columns":
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, fast)
+
+
 def _is_relu(node: fx.Node, gm: nn.Module) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), nn.ReLU)
@@ -367,6 +398,8 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         if "xnor" in forms and bitops.available():
             fused = _fuse_binary_chains(gm, batch, repeats, plan) if traced else set()  # type: ignore[arg-type]
             _swap_binary(gm, batch, repeats, plan, model, fused)
+        if "columns" in forms:
+            _swap_columns(gm, batch, repeats, plan, model)
         if traced:
             gm.graph.lint()  # type: ignore[union-attr]
             runs = _runs(gm)  # type: ignore[arg-type]

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from . import bitops, kernels
 
-__all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "SignLutLinear",
-           "BinaryChain", "resident_bytes"]
+__all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "ColumnConv2d",
+           "SignLutLinear", "BinaryChain", "resident_bytes"]
 
 
 class FusedLinearChain(nn.Module):
@@ -196,6 +196,65 @@ class XnorConv2d(_Xnor):
 
     def extra_repr(self) -> str:
         return f"out={self.out_channels}, kernel={tuple(self.kernel_size)}, input={self.mode}, XNOR + popcount"
+
+
+class ColumnConv2d(nn.Module):
+    """A Conv2d (groups 1, zero padding) computed as a GEMM over the kept columns of its lowered weight only.
+
+    Lowered (im2col), a convolution is ``W[O, C·kh·kw] @ patches[C·kh·kw, L]``. Structured sparsity learning's
+    shape-wise groups (Wen et al. 2016, Sec. 3.3) zero whole columns of ``W``: the (input channel, kernel
+    position) pairs no filter reads. This form gathers only the kept rows of the patch matrix, straight from
+    the padded input through a precomputed index (one per input size, cached), and multiplies by the
+    ``O x K'`` weight: work and memory traffic scale with the kept columns K'.
+    """
+
+    def __init__(self, layer: nn.Conv2d) -> None:
+        if not isinstance(layer, nn.Conv2d) or layer.groups != 1 or layer.padding_mode != "zeros" \
+                or isinstance(layer.padding, str):
+            raise ValueError("ColumnConv2d: needs an nn.Conv2d with groups 1 and numeric zero padding.")
+        super().__init__()
+        w = layer.weight.detach().float()
+        self.out_channels, self.in_channels = w.shape[0], w.shape[1]
+        self.kernel_size, self.stride = tuple(layer.kernel_size), tuple(layer.stride)
+        self.padding, self.dilation = tuple(layer.padding), tuple(layer.dilation)  # type: ignore[arg-type]
+        flat = w.reshape(w.shape[0], -1)
+        self.keep = torch.nonzero(flat.abs().sum(0) != 0).flatten()  # kept columns, in (c, i, j) order
+        self.total_columns = flat.shape[1]
+        self.register_buffer("weight", flat[:, self.keep].contiguous())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+        self._index: dict[tuple[int, int], tuple[Tensor, int, int]] = {}
+
+    def _gather_index(self, h: int, w: int) -> tuple[Tensor, int, int]:
+        """Positions in the flattened padded input (C, H+2p, W+2p) of every kept patch row, for one input size."""
+        got = self._index.get((h, w))
+        if got is None:
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+            hp, wp = h + 2 * ph, w + 2 * pw
+            oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+            if oh < 1 or ow < 1:
+                raise ValueError(f"ColumnConv2d: input {h}x{w} is smaller than the kernel {kh}x{kw}.")
+            c, r = self.keep // (kh * kw), self.keep % (kh * kw)
+            start = c * hp * wp + (r // kw) * dh * wp + (r % kw) * dw  # top-left tap of each kept column
+            grid = (torch.arange(oh) * sh)[:, None] * wp + (torch.arange(ow) * sw)[None, :]
+            got = ((start[:, None] + grid.reshape(1, -1)).reshape(-1), oh, ow)
+            self._index[(h, w)] = got
+        return got
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        idx, oh, ow = self._gather_index(h, w)
+        ph, pw = self.padding
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        cols = x.reshape(n, -1).index_select(1, idx).view(n, self.weight.shape[1], oh * ow)
+        out = torch.matmul(self.weight, cols)  # [n, O, L]
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.view(n, self.out_channels, oh, ow)
+
+    def extra_repr(self) -> str:
+        return (f"out={self.out_channels}, kernel={self.kernel_size}, kept columns {len(self.keep)}/"
+                f"{self.total_columns}, im2col gather + GEMM")
 
 
 class SignLutLinear(nn.Module):
