@@ -28,7 +28,16 @@ PAPER = {  # Han et al. 2015, Table 1 (errors) and Table 2 (% of weights kept pe
 # (epochs per prune/retrain round, LR factor, final epochs at the last sparsity), 3 rounds: the schedules chosen
 # on the validation split in bench/missed_targets.py (docs/missed_targets.md); before: 6 / 10 epochs, LR / 10, none
 SCHEDULE = {"lenet300": (10, 0.5, 20), "lenet5": (6, 0.1, 12)}
-RETRAIN_EPOCHS = {k: v[0] for k, v in SCHEDULE.items()}
+
+
+def prune_on_schedule(model, data, name: str, cfg: ns.TrainConfig, *, quick: bool = False, **kw) -> None:
+    """Han et al.'s iterative pruning on the schedule chosen on validation (SCHEDULE): 3 rounds of pruning and
+    retraining at LR x lr_factor, then the same masks retrained ``final`` epochs longer. ``kw``: sparsity, scope."""
+    per_round, lr_factor, final = SCHEDULE[name]
+    prune_and_retrain(model, data, rounds=3, epochs_per_round=1 if quick else per_round, config=cfg,
+                      lr_factor=lr_factor, progress=True, **kw)
+    if final and not quick:  # the same masks, retrained longer at the last sparsity
+        ns.train(model, data, replace(cfg, lr=cfg.lr * lr_factor, epochs=final, seed=cfg.seed + 100), progress=True)
 
 
 def run_model(name: str, data: ns.data.Dataset, fresh: bool, quick: bool) -> dict:
@@ -48,12 +57,7 @@ def run_model(name: str, data: ns.data.Dataset, fresh: bool, quick: bool) -> dic
         def stage(kw=kw, vname=vname) -> dict:
             m, _ = load_model(dense_path)
             t = time.perf_counter()
-            per_round, lr_factor, final = SCHEDULE[name]
-            prune_and_retrain(m, data, rounds=3, epochs_per_round=1 if quick else per_round,
-                              config=cfg, lr_factor=lr_factor, progress=True, **kw)
-            if final and not quick:  # the same masks, retrained longer at the last sparsity
-                ns.train(m, data, replace(cfg, lr=cfg.lr * lr_factor, epochs=final, seed=cfg.seed + 100),
-                         progress=True)
+            prune_on_schedule(m, data, name, cfg, quick=quick, **kw)
             wall = time.perf_counter() - t
             kept = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(m, include_bias=False)}
             slug = ("layer" if kw["scope"] == "layer" else "global") + ("_quick" if quick else "")

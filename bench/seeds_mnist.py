@@ -42,7 +42,6 @@ from _common import (
 )
 from netsurgeon.pruning.autoprune import AutoPrune
 from netsurgeon.pruning.dns import DNS, calibrate_c_rate
-from netsurgeon.pruning.magnitude import prune_and_retrain
 from netsurgeon.quantization.kmeans import share_weights
 
 FILES = RESULTS / "files" / "seeds"
@@ -58,9 +57,8 @@ def _measure(model, data, t0: float, path) -> dict:
 def han(name: str, data, seed: int) -> dict:
     model = load_dense(dense_model(name, data)[0])
     t0 = time.perf_counter()
-    prune_and_retrain(model, data, sparsity={k: 1 - v / 100 for k, v in han_bench.PAPER[name]["kept"].items()},
-                      rounds=3, epochs_per_round=han_bench.RETRAIN_EPOCHS[name],
-                      config=replace(DENSE[name], seed=seed), scope="layer", progress=True)
+    han_bench.prune_on_schedule(model, data, name, replace(DENSE[name], seed=seed), scope="layer",
+                                sparsity={k: 1 - v / 100 for k, v in han_bench.PAPER[name]["kept"].items()})
     return _measure(model, data, t0, FILES / f"han_{name}_s{seed}.nsz")
 
 
@@ -123,7 +121,9 @@ def _stage(key: str, name: str, data, seed: int) -> dict:
           "dc_han": lambda: deep_compression(name, "han", data, seed),
           "dc_dns": lambda: deep_compression(name, "dns", data, seed),
           "autoprune": lambda: autoprune(name, data, seed)}[key]
-    return cached_json(f"seeds_{key}_{name}_s{seed}", fn)
+    # v2: Han's rows (and Deep Compression on them) on han_mnist's schedule chosen on validation
+    version = "_v2" if key in ("han", "dc_han") else ""
+    return cached_json(f"seeds_{key}{version}_{name}_s{seed}", fn)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

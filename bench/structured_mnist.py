@@ -36,11 +36,12 @@ from _common import (
 )
 from netsurgeon.modelfile import save_model
 from netsurgeon.pruning.structured import filter_sensitivity, l1_filter_prune
-from netsurgeon.stats import measure_latency, total_flops
+from netsurgeon.runtime import compile_runtime
+from netsurgeon.stats import layer_flops, measure_latency, total_flops, zero_columns
 
 SHAPE = (1, 28, 28)
 LABEL = {"l1_filters": "half of each layer's channels", "slimming": "half of all BatchNorm channels, global",
-         "ssl": "group Lasso 0.1, zeroed channels"}
+         "ssl": "group Lasso 0.1, zeroed channels", "ssl_shape": "group Lasso on filters and filter shapes"}
 TRAIN = {"resnet_small": ns.TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4, schedule="cosine"),
          "vgg_small": ns.TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4, schedule="cosine")}
 FINETUNE = ns.TrainConfig(epochs=1, lr=0.005, weight_decay=1e-4, schedule="cosine")
@@ -49,6 +50,9 @@ METHODS = {  # name -> pipeline stages (the fine-tuning stage is added by run())
     "l1_filters": [("l1_filters", {"fraction": FRACTION})],
     "slimming": [("slimming", {"lam": 1e-4, "fraction": FRACTION, "epochs": 1, "lr": 0.01})],
     "ssl": [("ssl", {"lam_filter": 0.1, "lam_channel": 0.1, "epochs": 1, "lr": 0.01})],
+    # Wen et al. Sec. 3.3 / Table 2: filter-wise and shape-wise groups together; zeroed shapes stay masked through
+    # the fine-tuning and the runtime form skips them (an im2col over the kept columns, ColumnConv2d)
+    "ssl_shape": [("ssl", {"lam_filter": 0.1, "lam_channel": 0.0, "lam_shape": 0.1, "epochs": 1, "lr": 0.01})],
 }
 # Candidates chosen on the validation split (issue 14): tag -> options replacing the method's defaults above. The
 # rule (RULE) asks for the most removed work at a bounded validation loss, as a user choosing a setting would.
@@ -56,6 +60,8 @@ SWEEP = {
     "slimming": {"slimming": {}, "slimming_f0.35": {"fraction": 0.35}, "slimming_f0.2": {"fraction": 0.2}},
     "ssl": {"ssl_lam0.03": {"lam_filter": 0.03, "lam_channel": 0.03}, "ssl": {},
             "ssl_lam0.3": {"lam_filter": 0.3, "lam_channel": 0.3}},
+    "ssl_shape": {"ssl_shape0.03": {"lam_filter": 0.03, "lam_shape": 0.03}, "ssl_shape0.1": {},
+                  "ssl_shape0.3": {"lam_filter": 0.3, "lam_shape": 0.3}},
 }
 VAL_SLACK = 1.0  # points of validation error above the dense model's that a chosen setting may cost
 RULE = (f"among the candidates, the highest FLOP ratio whose validation error is at most the dense model's + "
@@ -109,7 +115,7 @@ def choose(name: str, method: str, data, ref, dense_val: float, fresh: bool) -> 
     cands = {}
     for tag, opts in SWEEP[method].items():
         c = cached_json(f"structured_{name}_{tag}", lambda t=tag, o=opts: run(name, method, data, t, o), fresh)
-        c["flop_ratio"] = fd / total_flops(ns.load_compressed(REPO / c["file"]), SHAPE)[0]
+        c["flop_ratio"] = fd / structured_flops(ns.load_compressed(REPO / c["file"]))
         cands[tag] = {**c, "options": opts}
     ok = [t for t, c in cands.items() if c["val_error_pct"] <= dense_val + VAL_SLACK]
     best = max(ok, key=lambda t: cands[t]["flop_ratio"]) if ok else min(cands, key=lambda t: cands[t]["val_error_pct"])
@@ -151,16 +157,33 @@ def torch_pruning_same_channels(name: str, data) -> dict:
                       "weights_only=False); ours is a .nsz rebuilt from its recorded layer sizes"}
 
 
+def structured_flops(model) -> int:
+    """FLOPs per sample of the layers as a structure-aware kernel runs them: every weight of a Linear layer,
+    the kept (not all-zero) columns of each convolution's lowered weight (SSL's shape-wise groups)."""
+    total = 0
+    for row in layer_flops(model, SHAPE):
+        m = model.get_submodule(row.layer)
+        if isinstance(m, torch.nn.Conv2d) and m.groups == 1:
+            k = m.weight[0].numel()
+            total += row.dense * (k - zero_columns(m.weight)) // k
+        else:
+            total += row.dense
+    return total
+
+
 def measure(name: str, path, data, reference) -> dict:
+    """Error, size and FLOPs of the stored model; latency of its runtime form (``load_compressed(...,
+    runtime=True)``: the form a user ships, chosen by timing on this batch size) against the dense model."""
     model = ns.load_compressed(path)
-    fd, _ = total_flops(reference, SHAPE)
-    fm, _ = total_flops(model, SHAPE)
+    fd, fm = total_flops(reference, SHAPE)[0], structured_flops(model)
     out = {"test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]),
-           "params": sum(p.numel() for p in model.parameters()), "flops": fm, "flop_ratio": fd / fm,
-           "file_bytes": path.stat().st_size, "latency": {}}
+           "params": sum(int((p != 0).sum()) for p in model.parameters()), "flops": fm, "flop_ratio": fd / fm,
+           "file_bytes": path.stat().st_size, "latency": {}, "runtime_plan": {}}
     for b in (1, 256):
         x = torch.randn(b, *SHAPE, generator=torch.Generator().manual_seed(0))
-        r = measure_latency(model, reference, x, repeats=100 if b == 1 else 30, threads=2)
+        fast, plan = compile_runtime(ns.load_compressed(path, keep_codecs=True), b, threads=2)
+        out["runtime_plan"][str(b)] = plan.describe()
+        r = measure_latency(fast, reference, x, repeats=100 if b == 1 else 30, threads=2)
         out["latency"][str(b)] = {"ms": 1e3 * r.model_s, "dense_ms": 1e3 * r.reference_s, "speedup": r.speedup}
     out["speedup_over_flop_bound_b256"] = out["latency"]["256"]["speedup"] / out["flop_ratio"]
     return out
@@ -205,7 +228,8 @@ def main() -> None:
                 continue
             sel = r["selection"][method] = choose(name, method, data, ref, dense_val, args.fresh)
             opts = {**dict(METHODS[method])[method], **sel["candidates"][sel["chosen"]]["options"]}
-            shown = ", ".join(f"{k} {opts[k]:g}" for k in ("lam", "fraction", "lam_filter", "lam_channel") if k in opts)
+            shown = ", ".join(f"{k} {opts[k]:g}" for k in ("lam", "fraction", "lam_filter", "lam_channel", "lam_shape")
+                              if k in opts)
             runs[method] = (f"{method} ({shown}; chosen on validation among {len(sel['candidates'])}) + 1 epoch "
                             "fine-tune", sel["candidates"][sel["chosen"]])
         for method, (label, stage) in runs.items():

@@ -76,7 +76,9 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
             keyword arguments (only with ``trust_code=True``: that imports and calls code the file names).
         runtime: return the fast runtime form (:func:`compile_runtime`): each run of Linear layers gets the
             kernel that measures fastest at ``batch`` samples with ``threads`` threads (fused sparse, codebook,
-            int8, CSR or dense); k-means and int8 layers then run from their codes, with no dense copy.
+            int8, CSR or dense); k-means and int8 layers then run from their codes, with no dense copy; a
+            convolution with all-zero lowered columns (SSL's filter shapes) gets an im2col over its kept
+            columns where that is faster.
         max_elements: the most elements the file may declare (default: bounded by its size, see
             ``coding.schema.max_elements_for``); the header is validated in full before anything is decoded.
         keep_codecs: rebuild k-means-shared and int8 weights in their stored form (codebook + indices, int8 +
