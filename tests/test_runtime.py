@@ -210,3 +210,36 @@ def test_runtime_times_the_column_form_only_for_convolutions_with_zero_columns()
     from netsurgeon.runtime import ColumnConv2d
 
     assert isinstance(fast.conv2, ColumnConv2d) == (plan.runs[0].form == "columns")
+
+
+@pytest.mark.parametrize("kw,shape", [(dict(kernel_size=2), (3, 5, 8, 8)), (dict(kernel_size=2), (1, 2, 9, 7)),
+                                      (dict(kernel_size=3), (2, 4, 10, 11)),
+                                      (dict(kernel_size=(2, 3), stride=(2, 3)), (2, 3, 7, 9))])
+def test_strided_max_pool_equals_max_pool(kw, shape):
+    from netsurgeon.runtime.modules import StridedMaxPool2d
+
+    pool = nn.MaxPool2d(**kw)
+    x = torch.randn(shape)
+    x[0, 0, 0, 0] = float("nan")  # propagated, as max_pool2d does
+    torch.testing.assert_close(StridedMaxPool2d(pool)(x), pool(x), equal_nan=True, atol=0, rtol=0)
+    for bad in (nn.MaxPool2d(3, 2), nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, ceil_mode=True),
+                nn.MaxPool2d(2, dilation=2)):
+        with pytest.raises(ValueError, match="stride = kernel size"):
+            StridedMaxPool2d(bad)
+
+
+def test_runtime_times_the_strided_pool_and_keeps_the_model_exact():
+    from netsurgeon.runtime.modules import StridedMaxPool2d
+
+    torch.manual_seed(0)
+    m = ns.build_model("lenet5")
+    fast, plan = compile_runtime(m, 8, repeats=3, threads=1, forms=("pool",))
+    pools = [r for r in plan.runs if r.layers[0].startswith("pool")]
+    assert [r.layers for r in pools] == [["pool1"], ["pool2"]] and all(set(r.latency_ms) == {"dense", "pool"}
+                                                                       for r in pools)
+    for r in pools:
+        assert isinstance(fast.get_submodule(r.layers[0]), StridedMaxPool2d) == (r.form == "pool")
+    assert "pool1: " in plan.describe()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=0, rtol=0)

@@ -17,7 +17,9 @@ convolution needs its input size, taken from one probe run at the model's record
 A Conv2d whose lowered weight has all-zero columns (SSL's shape-wise groups: input channel x kernel position
 pairs no filter reads) is timed against ``columns``: im2col over the kept columns only + one GEMM
 (:class:`ColumnConv2d`). Otherwise convolutions stay dense: unstructured sparsity does not speed them up on
-this CPU (docs/runtime.md); removing whole channels (structured pruning) does.
+this CPU (docs/runtime.md); removing whole channels (structured pruning) does. A MaxPool2d whose window is
+its stride is timed against ``pool``, the maximum of its strided views (:class:`StridedMaxPool2d`): this torch
+build's NCHW max-pooling is several times slower than the arithmetic it does, dense model or not.
 
 The fastest wins, so no run is slower than dense up to timing noise. A model fx cannot trace keeps its
 structure; each Linear layer is then a run of its own.
@@ -43,6 +45,7 @@ from .modules import (
     FusedLinearChain,
     Int8Chain,
     SignLutLinear,
+    StridedMaxPool2d,
     XnorConv2d,
     XnorLinear,
     _Xnor,
@@ -51,7 +54,7 @@ from .modules import (
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
-KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "dense")
+KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "dense")
 
 
 @dataclass
@@ -60,7 +63,7 @@ class RunChoice:
 
     layers: list[str]
     form: str
-    weights: str  # float / shared / int8 / binary
+    weights: str  # float / shared / int8 / binary; none for a layer without weights (pooling)
     density: float
     latency_ms: dict[str, float] = field(default_factory=dict)
 
@@ -81,7 +84,8 @@ class RuntimePlan:
                  + ("" if self.traced else " (model not traceable by torch.fx: layers replaced one by one)")]
         for r in self.runs:
             cands = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(r.latency_ms.items(), key=lambda kv: kv[1]))
-            lines.append(f"  {'+'.join(r.layers)} ({r.weights}, {100 * r.density:.1f}% nonzero): {r.form}"
+            held = "" if r.weights == "none" else f" ({r.weights}, {100 * r.density:.1f}% nonzero)"
+            lines.append(f"  {'+'.join(r.layers)}{held}: {r.form}"
                          + (f"  [{cands}]" if cands else ""))
         return "\n".join(lines)
 
@@ -308,28 +312,47 @@ def _swap_binary(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan, 
             setattr(model.get_submodule(parent) if parent else model, attr, fast)
 
 
-def _swap_columns(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan, probe: nn.Module) -> None:
-    """Time each Conv2d with zero columns against its :class:`ColumnConv2d` form and keep the faster, in place.
-    ``probe``: the model whose recorded input shape gives the convolutions' input sizes."""
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1
-             and m.padding_mode == "zeros" and not isinstance(m.padding, str) and not m._forward_hooks
-             and not m._forward_pre_hooks and zero_columns(m.weight)}
-    shapes = _input_shapes(probe, list(convs)) if convs else {}
+def _column_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str, float]]:
+    """Each Conv2d with zero lowered columns: its :class:`ColumnConv2d` form, weight form and density."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" \
+                and not isinstance(m.padding, str) and not m._forward_hooks and not m._forward_pre_hooks \
+                and zero_columns(m.weight):
+            out[n] = (ColumnConv2d(m), linear_form(m)[0], float((m.weight != 0).float().mean()))
+    return out
+
+
+def _pool_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str, float]]:
+    """Each MaxPool2d whose window equals its stride: its :class:`StridedMaxPool2d` form."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.MaxPool2d) and not m._forward_hooks and not m._forward_pre_hooks:
+            try:
+                out[n] = (StridedMaxPool2d(m), "none", 1.0)
+            except ValueError:  # padding, overlapping windows, ceil mode: stays as it is
+                continue
+    return out
+
+
+def _swap_timed(model: nn.Module, form: str, cands: dict[str, tuple[nn.Module, str, float]], batch: int,
+                repeats: int, plan: RuntimePlan, probe: nn.Module) -> None:
+    """Time each module in ``cands`` (name -> (fast form, weights, density)) against itself on an input of its
+    size at ``batch`` and keep the faster, in place. ``probe``: the model whose recorded input shape gives the
+    input sizes (a module it does not reach keeps its form)."""
+    shapes = _input_shapes(probe, list(cands)) if cands else {}
     gen = torch.Generator().manual_seed(0)
-    for name, m in convs.items():
+    for name, (fast, weights, density) in cands.items():
         if name not in shapes:
             continue
-        fast = ColumnConv2d(m)
-        dense = copy.deepcopy(m)
+        dense = copy.deepcopy(model.get_submodule(name))
         if parametrize.is_parametrized(dense):
             _materialize(dense)
         x = torch.randn(batch, *shapes[name][1:], generator=gen)
-        density = float((m.weight != 0).float().mean())
-        choice = RunChoice([name], "dense", linear_form(m)[0], density,
-                           _time({"dense": dense.eval(), "columns": fast}, x, repeats))
+        choice = RunChoice([name], "dense", weights, density, _time({"dense": dense.eval(), form: fast}, x, repeats))
         choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
         plan.runs.append(choice)
-        if choice.form == "columns":
+        if choice.form == form:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, fast)
 
@@ -399,7 +422,9 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
             fused = _fuse_binary_chains(gm, batch, repeats, plan) if traced else set()  # type: ignore[arg-type]
             _swap_binary(gm, batch, repeats, plan, model, fused)
         if "columns" in forms:
-            _swap_columns(gm, batch, repeats, plan, model)
+            _swap_timed(gm, "columns", _column_candidates(gm), batch, repeats, plan, model)
+        if "pool" in forms:
+            _swap_timed(gm, "pool", _pool_candidates(gm), batch, repeats, plan, model)
         if traced:
             gm.graph.lint()  # type: ignore[union-attr]
             runs = _runs(gm)  # type: ignore[arg-type]

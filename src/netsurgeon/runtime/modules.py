@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import bitops, kernels
 
 __all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "ColumnConv2d",
-           "SignLutLinear", "BinaryChain", "resident_bytes"]
+           "StridedMaxPool2d", "SignLutLinear", "BinaryChain", "resident_bytes"]
 
 
 class FusedLinearChain(nn.Module):
@@ -255,6 +255,37 @@ class ColumnConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"out={self.out_channels}, kernel={self.kernel_size}, kept columns {len(self.keep)}/"
                 f"{self.total_columns}, im2col gather + GEMM")
+
+
+class StridedMaxPool2d(nn.Module):
+    """Max-pooling whose window equals its stride (no padding, dilation 1, floor mode), as an elementwise
+    maximum of the k·k strided views of the input: on this torch build NCHW ``max_pool2d`` computes indices
+    it then drops and runs ~7x slower at batch 256 (docs/runtime.md). Same values, NaN propagated."""
+
+    def __init__(self, layer: nn.MaxPool2d) -> None:
+        kh, kw = _pair(layer.kernel_size)
+        if _pair(layer.stride or layer.kernel_size) != (kh, kw) or _pair(layer.padding) != (0, 0) \
+                or _pair(layer.dilation) != (1, 1) or layer.ceil_mode or layer.return_indices:
+            raise ValueError("StridedMaxPool2d: needs stride = kernel size, padding 0, dilation 1, floor mode.")
+        super().__init__()
+        self.kernel_size = (kh, kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kh, kw = self.kernel_size
+        oh, ow = x.shape[-2] // kh, x.shape[-1] // kw
+        out = None
+        for i in range(kh):
+            for j in range(kw):
+                v = x[..., i: i + kh * oh: kh, j: j + kw * ow: kw]
+                out = v if out is None else torch.maximum(out, v)
+        return out  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel_size}, maximum of strided views"
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
 class SignLutLinear(nn.Module):
