@@ -37,7 +37,7 @@ from _common import (
 from netsurgeon.modelfile import save_model
 from netsurgeon.pruning.structured import filter_sensitivity, l1_filter_prune
 from netsurgeon.runtime import compile_runtime
-from netsurgeon.stats import layer_flops, measure_latency, total_flops, zero_columns
+from netsurgeon.stats import layer_flops, measure_latency, num_threads, time_interleaved, total_flops, zero_columns
 
 SHAPE = (1, 28, 28)
 LABEL = {"l1_filters": "half of each layer's channels", "slimming": "half of all BatchNorm channels, global",
@@ -162,7 +162,7 @@ def structured_flops(model) -> int:
     the kept (not all-zero) columns of each convolution's lowered weight (SSL's shape-wise groups)."""
     total = 0
     for row in layer_flops(model, SHAPE):
-        m = model.get_submodule(row.layer)
+        m = model.get_submodule(row.name)
         if isinstance(m, torch.nn.Conv2d) and m.groups == 1:
             k = m.weight[0].numel()
             total += row.dense * (k - zero_columns(m.weight)) // k
@@ -173,7 +173,10 @@ def structured_flops(model) -> int:
 
 def measure(name: str, path, data, reference) -> dict:
     """Error, size and FLOPs of the stored model; latency of its runtime form (``load_compressed(...,
-    runtime=True)``: the form a user ships, chosen by timing on this batch size) against the dense model."""
+    runtime=True)``: the form a user ships, chosen by timing at this batch size) against the dense model, and
+    against the dense model's own runtime form, all three interleaved in one loop. The speedup columns are the
+    first ratio (the project's one definition of speed); the 80%-of-the-FLOP-bound goal is judged on the second,
+    which credits the removed work only, not the runtime's kernels (which the dense model gets too)."""
     model = ns.load_compressed(path)
     fd, fm = total_flops(reference, SHAPE)[0], structured_flops(model)
     out = {"test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]),
@@ -182,10 +185,16 @@ def measure(name: str, path, data, reference) -> dict:
     for b in (1, 256):
         x = torch.randn(b, *SHAPE, generator=torch.Generator().manual_seed(0))
         fast, plan = compile_runtime(ns.load_compressed(path, keep_codecs=True), b, threads=2)
-        out["runtime_plan"][str(b)] = plan.describe()
-        r = measure_latency(fast, reference, x, repeats=100 if b == 1 else 30, threads=2)
-        out["latency"][str(b)] = {"ms": 1e3 * r.model_s, "dense_ms": 1e3 * r.reference_s, "speedup": r.speedup}
-    out["speedup_over_flop_bound_b256"] = out["latency"]["256"]["speedup"] / out["flop_ratio"]
+        dense_fast, dense_plan = compile_runtime(reference, b, threads=2)
+        out["runtime_plan"][str(b)] = {"model": plan.describe(), "dense": dense_plan.describe()}
+        with num_threads(2):
+            forms = {"runtime": fast, "dense": reference, "dense_runtime": dense_fast}
+            t = time_interleaved({k: (lambda m=m, x=x: m(x)) for k, m in forms.items()}, 100 if b == 1 else 30,
+                                 warmup=10)
+        out["latency"][str(b)] = {"ms": 1e3 * t["runtime"], "dense_ms": 1e3 * t["dense"],
+                                  "dense_runtime_ms": 1e3 * t["dense_runtime"], "speedup": t["dense"] / t["runtime"],
+                                  "speedup_over_dense_runtime": t["dense_runtime"] / t["runtime"]}
+    out["speedup_over_flop_bound_b256"] = out["latency"]["256"]["speedup_over_dense_runtime"] / out["flop_ratio"]
     return out
 
 
@@ -242,13 +251,18 @@ def main() -> None:
                 "compression_nonzero": r["dense"]["params"] / v["params"], "paper_compression": None,
                 "compression_bytes": 4 * r["dense"]["params"] / v["file_bytes"],
                 "speedup_b1": v["latency"]["1"]["speedup"], "speedup_b256": v["latency"]["256"]["speedup"],
+                "latency_b1_ms": v["latency"]["1"]["ms"], "dense_latency_b1_ms": v["latency"]["1"]["dense_ms"],
+                "latency_b256_ms": v["latency"]["256"]["ms"],
+                "dense_latency_b256_ms": v["latency"]["256"]["dense_ms"],
+                "speedup_over_dense_runtime_b256": v["latency"]["256"]["speedup_over_dense_runtime"],
                 "flop_ratio": v["flop_ratio"], "wall_s": v["wall_s"],
                 # the goal is about removed work: a run that removed (almost) nothing has no speedup to judge
                 "target_met": bool(v["speedup_over_flop_bound_b256"] >= 0.8) if v["flop_ratio"] > 1.1 else None,
                 **weight_counts(stage["file"])})
             print(f"{name:13s} {method:22s} err {v['test_error_pct']:.2f}% (dense {r['dense']['test_error_pct']:.2f}) "
                   f"params {v['params']:,} / {r['dense']['params']:,} | FLOP ratio {v['flop_ratio']:.2f}x | speedup "
-                  f"b1 {v['latency']['1']['speedup']:.2f}x b256 {v['latency']['256']['speedup']:.2f}x", flush=True)
+                  f"b1 {v['latency']['1']['speedup']:.2f}x b256 {v['latency']['256']['speedup']:.2f}x (over the dense "
+                  f"runtime form {v['latency']['256']['speedup_over_dense_runtime']:.2f}x)", flush=True)
         res["models"][name] = r
         tpr = r["torch_pruning"]
         if "latency" in tpr:

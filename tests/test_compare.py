@@ -1,6 +1,7 @@
 """netsurgeon compare: the budget, the entries, resuming, bad input, and the report a browser shows."""
 
 import json
+import shlex
 import shutil
 import subprocess
 
@@ -156,6 +157,8 @@ def test_compare_writes_a_report_of_measured_files(report):
     assert set(mag["latency"]) == {"1", "256"} and mag["latency"]["1"]["speedup"] > 0
     assert res["dense"]["file_bytes"] == (d / "base.safetensors").stat().st_size
     assert "--budget 6s" in res["command"] and res["command"].startswith("netsurgeon compare ")
+    words = shlex.split(res["command"])  # paths as typed from the working directory: no machine's absolute prefix
+    assert not any(w.startswith("/") for w in words) and any(w.endswith("base.safetensors") for w in words)
     page = (d / "rep" / "index.html").read_text()
     assert page.count("<svg") == 5 and "magnitude" in page and "BatchNorm" in page and "http" not in page.split(
         "<svg")[0]

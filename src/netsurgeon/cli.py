@@ -422,21 +422,26 @@ def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Pa
 
 def _command_line() -> str:
     """The current command as a user would type it (arguments, and options that differ from their defaults)."""
+    import os
     import shlex
+    from pathlib import Path
+
+    def text(v: object) -> str:  # a path as typed from here: no machine's absolute prefix in a shared result
+        return os.path.relpath(v) if isinstance(v, Path) and v.is_absolute() else str(v)
 
     ctx = click.get_current_context()
     parts = ["netsurgeon", ctx.info_name or ""]
     for p in ctx.command.params:
         v = ctx.params.get(p.name or "")
         if isinstance(p, click.Argument):
-            parts.append(str(v))
+            parts.append(text(v))
         elif v not in (None, False, ()) and v != p.default:
             flag = max(p.opts, key=len)
             if getattr(p, "is_flag", False):
                 parts.append(flag)
             else:
                 for x in v if getattr(p, "multiple", False) else [v]:
-                    parts += [flag, str(x)]
+                    parts += [flag, text(x)]
     return shlex.join(parts)
 
 
