@@ -20,12 +20,14 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def torchrun(*args: str, ranks: int = 2, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    # faulthandler: a rank that aborts (gloo's "terminate called without an active exception", seen once or twice
+    # in a dozen runs on a loaded machine) prints where it was, in the failure message below
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE), "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--standalone",
            *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check and out.returncode != 0:
-        raise AssertionError(f"torchrun failed ({out.returncode}):\n{out.stderr[-4000:]}")
+        raise AssertionError(f"torchrun failed ({out.returncode}):\n{out.stderr[-8000:]}")
     return out
 
 

@@ -20,6 +20,7 @@ The rules that keep ranks identical (docs/distributed.md):
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -59,8 +60,16 @@ def init_from_env(backend: str | None = None) -> bool:
     if not dist.is_initialized():
         backend = backend or os.environ.get("NETSURGEON_DIST_BACKEND", "gloo")
         dist.init_process_group(backend)
+        # leave the group before the interpreter tears down: a rank exiting with gloo's threads still running
+        # aborts ("terminate called without an active exception", SIGABRT), seen under load in the tests
+        atexit.register(_leave)
         log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return dist.get_world_size() > 1
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
