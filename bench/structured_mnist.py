@@ -236,7 +236,7 @@ def main() -> None:
             if method == "slimming" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules()):
                 continue
             sel = r["selection"][method] = choose(name, method, data, ref, dense_val, args.fresh)
-            opts = {**dict(METHODS[method])[method], **sel["candidates"][sel["chosen"]]["options"]}
+            opts = {**METHODS[method][0][1], **sel["candidates"][sel["chosen"]]["options"]}
             shown = ", ".join(f"{k} {opts[k]:g}" for k in ("lam", "fraction", "lam_filter", "lam_channel", "lam_shape")
                               if k in opts)
             runs[method] = (f"{method} ({shown}; chosen on validation among {len(sel['candidates'])}) + 1 epoch "

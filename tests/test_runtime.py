@@ -151,7 +151,9 @@ def test_bench_latency_report_has_every_column_and_the_flop_bound(tmp_path):
     m = _pruned_lenet300()
     ns.save_compressed(m, tmp_path / "s.nsz")
     r = latency_report(tmp_path / "s.nsz", (1, 8), threads=1, repeats=5, onnx=False)
-    assert set(r["batches"]["8"]["ms"]) == {"dense", "runtime", "torch_csr"}
+    b8 = r["batches"]["8"]
+    assert set(b8["ms"]) == {"dense", "runtime", "dense_runtime", "torch_csr"}
+    assert b8["runtime_over_dense_runtime"] == pytest.approx(b8["ms"]["dense_runtime"] / b8["ms"]["runtime"])
     assert 30 < r["flop_ratio_bound"] < 40  # 97% of the weights pruned, biases dense
     assert r["batches"]["1"]["runtime_resident_bytes"] > 0 and r["file_bytes"] == (tmp_path / "s.nsz").stat().st_size
     assert len(report_lines(r)) == 4

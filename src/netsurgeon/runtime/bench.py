@@ -6,6 +6,9 @@ For each batch size, these are timed interleaved (same process, same threads, me
   structured-pruned file, the architecture before its layers shrank (random weights: latency does not depend
   on the values of dense weights);
 - ``runtime``: ``compile_runtime`` at that batch (the form netsurgeon runs);
+- ``dense_runtime``: ``compile_runtime`` of the dense model: what the runtime's kernels give a model with
+  nothing compressed (max-pooling, for LeNet-5). ``runtime_over_dense_runtime`` (the ratio of the two
+  columns) credits the compression alone;
 - ``torch_csr``: every Linear layer with nonzeros on torch's CSR kernel (the plain torch sparse route);
 - ``ort_dense`` / ``ort_export``: onnxruntime on ``torch.onnx.export``'s dense file and on the compact file of
   ``netsurgeon export`` (when onnx/onnxruntime are installed).
@@ -103,9 +106,11 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
         csr = csr_form(load_compressed(path, trust_code=trust_code))  # the file's own weights, on torch CSR
         for b in batches:
             runtime, plan = compile_runtime(stored, b, threads=threads)
+            dense_runtime = compile_runtime(dense, b, threads=threads)[0]
             x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0))
             xn = x.numpy()
             cands: dict[str, Callable[[], Any]] = {"runtime": lambda x=x, r=runtime: r(x),
+                                                   "dense_runtime": lambda x=x, r=dense_runtime: r(x),
                                                    "torch_csr": lambda x=x: csr(x)}
             for k, s in sessions.items():
                 cands[k] = lambda s=s, xn=xn: s.run(None, {"input": xn})
@@ -120,6 +125,7 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
                     row["ms"]["dense"] = 1e3 * t["dense"]
                 row["ms"][k], row["speedup"][k] = 1e3 * t[k], t["dense"] / t[k]
                 row["dense_ms_per_pass"][k] = 1e3 * t["dense"]
+            row["runtime_over_dense_runtime"] = row["ms"]["dense_runtime"] / row["ms"]["runtime"]
             out["batches"][str(b)] = row
     return out
 
