@@ -196,22 +196,22 @@ def test_column_conv_refuses_what_it_cannot_compute():
         ColumnConv2d(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
 
 
-def test_runtime_times_the_column_form_only_for_convolutions_with_zero_columns():
+def test_runtime_times_the_column_form_for_every_convolution_and_keeps_the_model_exact():
+    from netsurgeon.runtime import ColumnConv2d
+
     torch.manual_seed(0)
     m = ns.build_model("lenet5")
     _zero_columns(m.conv2, 0.7)
-    fast, plan = compile_runtime(m, 4, repeats=3, threads=1)
+    fast, plan = compile_runtime(m, 4, repeats=3, threads=1, forms=("columns",))
     convs = [r for r in plan.runs if r.layers[0].startswith("conv")]
-    assert [r.layers for r in convs] == [["conv2"]]  # conv1 has no zero column: not a candidate
-    assert set(convs[0].latency_ms) == {"dense", "columns"}
+    assert [r.layers for r in convs] == [["conv1"], ["conv2"]]  # dense or not: the dense model gets it too
+    assert all(set(r.latency_ms) == {"dense", "columns"} for r in convs)
+    for r in convs:
+        assert isinstance(fast.get_submodule(r.layers[0]), ColumnConv2d) == (r.form == "columns")
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
-    fast, plan = compile_runtime(m, 4, repeats=3, threads=1, forms=("columns",))
-    assert plan.runs[0].form in ("dense", "columns")
-    from netsurgeon.runtime import ColumnConv2d
-
-    assert isinstance(fast.conv2, ColumnConv2d) == (plan.runs[0].form == "columns")
+    assert ColumnConv2d(m.conv2).weight.shape[1] == 500 - int(0.7 * 500)  # the zero columns are skipped
 
 
 @pytest.mark.parametrize("kw,shape", [(dict(kernel_size=2), (3, 5, 8, 8)), (dict(kernel_size=2), (1, 2, 9, 7)),

@@ -14,12 +14,13 @@ against its dense form (a run of binary-weight layers with real inputs gets ``lu
 the product by table lookup): ``xnor`` packs the input's signs and multiplies by XNOR + popcount (bitops.py). A binary
 convolution needs its input size, taken from one probe run at the model's recorded input shape.
 
-A Conv2d whose lowered weight has all-zero columns (SSL's shape-wise groups: input channel x kernel position
-pairs no filter reads) is timed against ``columns``: im2col over the kept columns only + one GEMM
-(:class:`ColumnConv2d`). Otherwise convolutions stay dense: unstructured sparsity does not speed them up on
-this CPU (docs/runtime.md); removing whole channels (structured pruning) does. A MaxPool2d whose window is
-its stride is timed against ``pool``, the maximum of its strided views (:class:`StridedMaxPool2d`): this torch
-build's NCHW max-pooling is several times slower than the arithmetic it does, dense model or not.
+A Conv2d (groups 1) is timed against ``columns``: im2col over the columns of its lowered weight that are not
+all zero + one GEMM (:class:`ColumnConv2d`); SSL's shape-wise groups and pruning that empties whole (input
+channel, kernel position) pairs shrink its work; at batch 1 it can beat the direct convolution even dense.
+Scattered zeros do not speed convolutions up on this CPU (docs/runtime.md); removing whole channels does.
+A MaxPool2d whose window is its stride is timed against ``pool``, the maximum of its strided views
+(:class:`StridedMaxPool2d`): this torch build's NCHW max-pooling is several times slower than the arithmetic it
+does, dense model or not.
 
 The fastest wins, so no run is slower than dense up to timing noise. A model fx cannot trace keeps its
 structure; each Linear layer is then a run of its own.
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..stats import time_interleaved, zero_columns
+from ..stats import time_interleaved
 from . import bitops, kernels
 from .modules import (
     BinaryChain,
@@ -313,12 +314,13 @@ def _swap_binary(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan, 
 
 
 def _column_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str, float]]:
-    """Each Conv2d with zero lowered columns: its :class:`ColumnConv2d` form, weight form and density."""
+    """Each Conv2d (groups 1, zero padding): its :class:`ColumnConv2d` form, weight form and density. Every
+    such convolution is a candidate, zero columns or not, so a dense model's runtime form gets the kernel too
+    and a ratio against it credits only the skipped columns."""
     out = {}
     for n, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" \
-                and not isinstance(m.padding, str) and not m._forward_hooks and not m._forward_pre_hooks \
-                and zero_columns(m.weight):
+                and not isinstance(m.padding, str) and not m._forward_hooks and not m._forward_pre_hooks:
             out[n] = (ColumnConv2d(m), linear_form(m)[0], float((m.weight != 0).float().mean()))
     return out
 
