@@ -156,7 +156,8 @@ def test_bench_latency_report_has_every_column_and_the_flop_bound(tmp_path):
     assert b8["runtime_over_dense_runtime"] == pytest.approx(b8["ms"]["dense_runtime"] / b8["ms"]["runtime"])
     assert 30 < r["flop_ratio_bound"] < 40  # 97% of the weights pruned, biases dense
     assert r["batches"]["1"]["runtime_resident_bytes"] > 0 and r["file_bytes"] == (tmp_path / "s.nsz").stat().st_size
-    assert len(report_lines(r)) == 4
+    lines = report_lines(r)
+    assert len(lines) == 5 and lines[-1].startswith("of which compression") and "batch 8 " in lines[-1]
 
 
 def _zero_columns(conv: nn.Conv2d, fraction: float, seed: int = 0) -> torch.Tensor:

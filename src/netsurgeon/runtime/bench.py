@@ -157,4 +157,7 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         cells = [f"{v['ms'][c]:.4f}" + ("" if c == "dense" else f" ({v['speedup'][c]:.2f}x)") for c in cols]
         forms = ", ".join(f"{'+'.join(x['layers'])}: {x['form']}" for x in v["plan"]["runs"])
         lines.append(f"{b} | " + " | ".join(cells) + f" | {v['runtime_resident_bytes']:,} | {forms}")
+    lines.append("of which compression (runtime over the dense model's runtime form, which gets the same kernels for "
+                 "uncompressed layers): " + ", ".join(f"batch {b} {v['runtime_over_dense_runtime']:.2f}x"
+                                                    for b, v in r["batches"].items()))
     return lines
