@@ -38,7 +38,7 @@ from _common import (
 )
 from netsurgeon.quantization.binary import Binarize
 from netsurgeon.runtime import bitops, compile_runtime, kernels
-from netsurgeon.stats import num_threads, time_interleaved
+from netsurgeon.stats import time_interleaved, time_models
 from netsurgeon.train import recalibrate_batchnorm
 
 THREADS = 2
@@ -167,9 +167,8 @@ def model_latency(key: str, data, repeats: int) -> dict:
         x = data.test.x[:b]
         with torch.no_grad():
             same = bool((fast(x).argmax(1) == ns.load_compressed(f)(x).argmax(1)).all())
-        with num_threads(THREADS):
-            forms = {"runtime": fast, "float32": plain, "float32_runtime": plain_fast}
-            t = time_interleaved({k: (lambda m=m, x=x: m(x)) for k, m in forms.items()}, repeats, warmup=10)
+        t = time_models({"runtime": fast, "float32": plain, "float32_runtime": plain_fast}, x, repeats=repeats,
+                        threads=THREADS)
         out[str(b)] = {"runtime_ms": 1e3 * t["runtime"], "float32_ms": 1e3 * t["float32"],
                        "float32_runtime_ms": 1e3 * t["float32_runtime"], "speedup": t["float32"] / t["runtime"],
                        "speedup_over_float32_runtime": t["float32_runtime"] / t["runtime"], "same_predictions": same}

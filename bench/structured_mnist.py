@@ -37,7 +37,7 @@ from _common import (
 from netsurgeon.modelfile import save_model
 from netsurgeon.pruning.structured import filter_sensitivity, l1_filter_prune
 from netsurgeon.runtime import compile_runtime
-from netsurgeon.stats import layer_flops, measure_latency, num_threads, time_interleaved, total_flops, zero_columns
+from netsurgeon.stats import layer_flops, measure_latency, time_models, total_flops, zero_columns
 
 SHAPE = (1, 28, 28)
 LABEL = {"l1_filters": "half of each layer's channels", "slimming": "half of all BatchNorm channels, global",
@@ -171,12 +171,13 @@ def structured_flops(model) -> int:
     return total
 
 
-def measure(name: str, path, data, reference) -> dict:
+def measure(name: str, path, data, reference, dense_forms: dict) -> dict:
     """Error, size and FLOPs of the stored model; latency of its runtime form (``load_compressed(...,
     runtime=True)``: the form a user ships, chosen by timing at this batch size) against the dense model, and
     against the dense model's own runtime form, all three interleaved in one loop. The speedup columns are the
     first ratio (the project's one definition of speed); the 80%-of-the-FLOP-bound goal is judged on the second,
-    which credits the removed work only, not the runtime's kernels (which the dense model gets too)."""
+    which credits the removed work only, not the runtime's kernels (which the dense model gets too).
+    ``dense_forms``: batch -> (runtime form, plan) of ``reference``, compiled once per model."""
     model = ns.load_compressed(path)
     fd, fm = total_flops(reference, SHAPE)[0], structured_flops(model)
     out = {"test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]),
@@ -185,12 +186,10 @@ def measure(name: str, path, data, reference) -> dict:
     for b in (1, 256):
         x = torch.randn(b, *SHAPE, generator=torch.Generator().manual_seed(0))
         fast, plan = compile_runtime(ns.load_compressed(path, keep_codecs=True), b, threads=2)
-        dense_fast, dense_plan = compile_runtime(reference, b, threads=2)
+        dense_fast, dense_plan = dense_forms[b]
         out["runtime_plan"][str(b)] = {"model": plan.describe(), "dense": dense_plan.describe()}
-        with num_threads(2):
-            forms = {"runtime": fast, "dense": reference, "dense_runtime": dense_fast}
-            t = time_interleaved({k: (lambda m=m, x=x: m(x)) for k, m in forms.items()}, 100 if b == 1 else 30,
-                                 warmup=10)
+        t = time_models({"runtime": fast, "dense": reference, "dense_runtime": dense_fast}, x,
+                        repeats=100 if b == 1 else 30, threads=2)
         out["latency"][str(b)] = {"ms": 1e3 * t["runtime"], "dense_ms": 1e3 * t["dense"],
                                   "dense_runtime_ms": 1e3 * t["dense_runtime"], "speedup": t["dense"] / t["runtime"],
                                   "speedup_over_dense_runtime": t["dense_runtime"] / t["runtime"]}
@@ -212,6 +211,7 @@ def main() -> None:
            "models": {}, "table_rows": []}
     for name in args.models:
         ref = load_dense(dense(name, data)).eval()
+        dense_forms = {b: compile_runtime(ref, b, threads=2) for b in (1, 256)}  # shared by every method's row
         r = {"dense": {"test_error_pct": 100 * (1 - ns.evaluate(ref, data.test)[1]),
                        "params": sum(p.numel() for p in ref.parameters()), "flops": total_flops(ref, SHAPE)[0]},
              "methods": {}, "torch_pruning": torch_pruning_same_channels(name, data),
@@ -242,7 +242,7 @@ def main() -> None:
             runs[method] = (f"{method} ({shown}; chosen on validation among {len(sel['candidates'])}) + 1 epoch "
                             "fine-tune", sel["candidates"][sel["chosen"]])
         for method, (label, stage) in runs.items():
-            v = {**stage, **measure(name, REPO / stage["file"], data, ref)}
+            v = {**stage, **measure(name, REPO / stage["file"], data, ref, dense_forms)}
             r["methods"][method] = v
             res["table_rows"].append({
                 "model": name, "method": label, "val_error_pct": v["val_error_pct"],

@@ -84,11 +84,17 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerFlo
     return rows
 
 
-def zero_columns(weight: Tensor) -> int:
-    """How many columns of a convolution weight lowered to (out, in x kernel) are all zero: the shape-wise
-    groups of structured sparsity learning, the patch rows an im2col convolution can skip."""
+def kept_columns(weight: Tensor) -> Tensor:
+    """Which columns of a convolution weight lowered to (out, in x kernel) hold a nonzero: a bool vector over
+    the shape-wise groups of structured sparsity learning; the others are the patch rows an im2col convolution
+    can skip."""
     w = weight.detach()
-    return int((w.reshape(w.shape[0], -1).abs().sum(0) == 0).sum())
+    return w.reshape(w.shape[0], -1).abs().sum(0) != 0
+
+
+def zero_columns(weight: Tensor) -> int:
+    """How many columns of a convolution weight lowered to (out, in x kernel) are all zero (:func:`kept_columns`)."""
+    return int((~kept_columns(weight)).sum())
 
 
 def total_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -149,11 +155,19 @@ def measure_latency(model: nn.Module, reference: nn.Module, x: Tensor, *, warmup
 
     Alternating the two models spreads any drift of the machine's speed over both.
     """
-    model.eval()
-    reference.eval()
+    t = time_models({"model": model, "reference": reference}, x, repeats=repeats, warmup=warmup, threads=threads)
     with num_threads(threads):
-        t = time_interleaved({"model": lambda: model(x), "reference": lambda: reference(x)}, repeats, warmup)
         return Latency(t["model"], t["reference"], int(x.shape[0]), torch.get_num_threads())
+
+
+def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 50, warmup: int = 10,
+                threads: int | None = None) -> dict[str, float]:
+    """Median seconds of each model on ``x`` (eval mode), all timed interleaved in one loop with ``threads``
+    torch threads (:func:`time_interleaved`)."""
+    for m in models.values():
+        m.eval()
+    with num_threads(threads):
+        return time_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats, warmup)
 
 
 def _gradient_batches(data: Any, num_grads: int, batch_size: int,

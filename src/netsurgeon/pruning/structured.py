@@ -26,7 +26,7 @@ from .._validation import check_positive
 from ..masks import attach_masks, original
 from ..models import arch_of, layer_sizes, record_resized, resized_record
 from ..registry import MethodConfig, StageContext, option, register
-from ..stats import zero_columns
+from ..stats import kept_columns, zero_columns
 from ..train import Callback, TrainConfig, Trainer, run_training
 from .channels import ChannelGroup, channel_groups, remove_channels
 
@@ -358,9 +358,7 @@ def mask_zero_shapes(model: nn.Module) -> list[str]:
     names = [f"{n}.weight" for n, m in model.named_modules()
              if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1 and zero_columns(m.weight) > 0]
     for fqn, p in attach_masks(model, names).items():
-        w = original(model, fqn)
-        keep = (w.reshape(w.shape[0], -1).abs().sum(0) != 0).to(p.mask.dtype)
-        p.mask.view(p.mask.shape[0], -1).mul_(keep)
+        p.mask.view(p.mask.shape[0], -1).mul_(kept_columns(original(model, fqn)).to(p.mask.dtype))
     return names
 
 

@@ -309,8 +309,7 @@ def _swap_binary(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan, 
         choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
         plan.runs.append(choice)
         if choice.form == "xnor":
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, fast)
+            model.set_submodule(name, fast)
 
 
 def _column_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str, float]]:
@@ -355,8 +354,7 @@ def _swap_timed(model: nn.Module, form: str, cands: dict[str, tuple[nn.Module, s
         choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
         plan.runs.append(choice)
         if choice.form == form:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, fast)
+            model.set_submodule(name, fast)
 
 
 def _is_relu(node: fx.Node, gm: nn.Module) -> bool:
@@ -458,8 +456,7 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
             if traced:
                 _replace_run(gm, run, fast, f"runtime_{k}")  # type: ignore[arg-type]
             else:  # one layer per run: swap the module in place
-                parent, _, attr = names[0].rpartition(".")
-                setattr(gm.get_submodule(parent) if parent else gm, attr, fast)
+                gm.set_submodule(names[0], fast)
         for m in list(gm.modules()):  # what stays: plain weights (masks/codebooks applied once, here)
             if parametrize.is_parametrized(m):
                 _materialize(m)

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
+from ..stats import kept_columns
 from . import bitops, kernels
 
 __all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "ColumnConv2d",
@@ -218,7 +220,7 @@ class ColumnConv2d(nn.Module):
         self.kernel_size, self.stride = tuple(layer.kernel_size), tuple(layer.stride)
         self.padding, self.dilation = tuple(layer.padding), tuple(layer.dilation)  # type: ignore[arg-type]
         flat = w.reshape(w.shape[0], -1)
-        self.keep = torch.nonzero(flat.abs().sum(0) != 0).flatten()  # kept columns, in (c, i, j) order
+        self.keep = torch.nonzero(kept_columns(flat)).flatten()  # kept columns, in (c, i, j) order
         self.total_columns = flat.shape[1]
         self.register_buffer("weight", flat[:, self.keep].contiguous())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
@@ -282,10 +284,6 @@ class StridedMaxPool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel_size}, maximum of strided views"
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
 class SignLutLinear(nn.Module):
