@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -48,6 +49,23 @@ def cached_json(name: str, compute: Callable[[], dict[str, Any]], fresh: bool = 
     with atomic_write(path, "w") as f:
         json.dump(out, f, indent=2)
     return out
+
+
+def content_key(source: str | Path | Any) -> str:
+    """Short hash of what a cached stage starts from: a result file's bytes (a ``Path`` or a repository-relative
+    path ending in ``.nsz``/``.safetensors``) or any JSON-able value (targets, c per layer). Cache names that
+    carry it are recomputed when their starting point changes, instead of silently reusing stale results."""
+    if isinstance(source, (str, Path)) and str(source).endswith((".nsz", ".safetensors")):
+        data = (REPO / source).read_bytes()
+    else:
+        data = json.dumps(source, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:10]
+
+
+def dns_choice(name: str) -> dict[str, Any]:
+    """The DNS run bench/dns_mnist.py chose for ``name`` (its ``file``, ``c_rate``, ``targets_pct``,
+    ``iter_stop``, ...), read from its committed result: every benchmark that starts from DNS starts from it."""
+    return json.loads((RESULTS / "dns_mnist.json").read_text())["models"][name]["dns"]
 
 
 def rel(path: str | Path) -> str:

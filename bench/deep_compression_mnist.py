@@ -11,12 +11,15 @@ float32 size of all parameters over the size of the .nsz file.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import netsurgeon as ns
 from _common import (
     REPO,
     RESULTS,
     cached_json,
+    content_key,
+    dns_choice,
     machine,
     parse_args,
     pyplot,
@@ -36,13 +39,21 @@ PAPER = {  # Deep Compression Tables 2-3: size after pruning + quantization (+ H
     "lenet5": {"dense_kb": 1720, "kb": 44, "compression": 39, "before_huffman": 33, "error": 0.74,
                "ref_error": 0.80},
 }
-SOURCES = {  # pruned starting points: (label, file)
-    "lenet300": [("magnitude per-layer (Han)", "han_lenet300_layer_float32.nsz"),
-                 ("DNS", "dns_lenet300_run3.nsz")],
+SOURCES = {  # pruned starting points: (label, file); DNS's is the run bench/dns_mnist.py chose
+    "lenet300": [("magnitude per-layer (Han)", "han_lenet300_layer_float32.nsz"), ("DNS", None)],
     "lenet5": [("magnitude per-layer (Han)", "han_lenet5_layer_float32.nsz"),
-               ("magnitude global", "han_lenet5_global_float32.nsz"),
-               ("DNS", "dns_lenet5_run3.nsz")],
+               ("magnitude global", "han_lenet5_global_float32.nsz"), ("DNS", None)],
 }
+
+
+def sources(name: str) -> list[tuple[str, str]]:
+    return [(label, src or Path(dns_choice(name)["file"]).name) for label, src in SOURCES[name]]
+
+
+def stage_name(name: str, what: str, src: str) -> str:
+    """Cache name of a stage that starts from ``src``: carries the file's content hash, so a re-run pruned
+    model is never paired with another model's cached result."""
+    return f"dc_{name}_{what}_{content_key(RESULTS.relative_to(REPO) / 'files' / src)}"
 BITS = {"conv": 8, "fc": 5}
 CENTROID = ns.TrainConfig(epochs=2, lr=0.001, momentum=0.9, weight_decay=0.0, schedule="cosine")
 
@@ -196,9 +207,9 @@ def main() -> None:
     for name in args.models:
         p = PAPER[name]
         r = {"paper": p, "pipelines": {}}
-        for label, src in SOURCES[name]:
-            v = cached_json(f"dc_{name}_{src.removesuffix('.nsz')}", lambda name=name, label=label, src=src: pipeline(
-                name, label, src, data), args.fresh)
+        for label, src in sources(name):
+            v = cached_json(stage_name(name, src.removesuffix(".nsz"), src),
+                            lambda name=name, label=label, src=src: pipeline(name, label, src, data), args.fresh)
             r["pipelines"][label] = v
             h = v["huffman"]
             is_han = label.startswith("magnitude")
@@ -210,10 +221,11 @@ def main() -> None:
             stretch = " (stretch goal >= 300x at <= 1.0%)" if label == "DNS" and name == "lenet5" else ""
             res["table_rows"].append(_row(name, f"{label} + k-means (conv 8, fc 5 bits) + Huffman{stretch}", p,
                                           is_han, v, h, wall_s=v["wall_s"], target=target))
-        r["init_comparison"] = cached_json(f"dc_{name}_inits", lambda name=name: init_comparison(
-            name, SOURCES[name][0][1], data), args.fresh)
-        r["hessian_weighted"] = cached_json(f"dc_{name}_hessian", lambda name=name: hessian_weighted(
-            name, SOURCES[name][0][1], data), args.fresh)
+        han = SOURCES[name][0][1]
+        r["init_comparison"] = cached_json(stage_name(name, "inits", han),
+                                           lambda name=name, han=han: init_comparison(name, han, data), args.fresh)
+        r["hessian_weighted"] = cached_json(stage_name(name, "hessian", han),
+                                            lambda name=name, han=han: hessian_weighted(name, han, data), args.fresh)
         res["models"][name] = r
     add_paper_width_rows(res, data)
     res["wall_s"] = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from _common import (
     REPO,
     RESULTS,
     dense_model,
+    dns_choice,
     load_dense,
     machine,
     parse_args,
@@ -37,14 +38,14 @@ from netsurgeon.pruning.magnitude import prune_magnitude
 from netsurgeon.runtime import compile_runtime
 from netsurgeon.runtime.bench import latency_report, ort_session
 
-FILES = {  # (model, label, file, goal)
-    "dns_lenet300": ("lenet300", "DNS", "dns_lenet300_run3.nsz",
+FILES = {  # (model, label, file, goal); None: the DNS run bench/dns_mnist.py chose
+    "dns_lenet300": ("lenet300", "DNS", None,
                      {"speedup_b1": 10.0, "speedup_b256": 10.0}),
     "dc_lenet300": ("lenet300", "DNS + k-means + Huffman (Deep Compression file)", "dc_lenet300_dns_huffman.nsz",
                     {"speedup_b1": 5.0, "resident_over_file": 3.0}),
     "int8_lenet300": ("lenet300", "int8 PTQ per channel", "int8_lenet300_channel.nsz", {"speedup_b256": 2.0}),
     "han_lenet300": ("lenet300", "magnitude per-layer (Han)", "han_lenet300_layer_float32.nsz", {}),
-    "dns_lenet5": ("lenet5", "DNS", "dns_lenet5_run3.nsz", {}),
+    "dns_lenet5": ("lenet5", "DNS", None, {}),
     "dc_lenet5": ("lenet5", "DNS + k-means + Huffman (Deep Compression file)", "dc_lenet5_dns_huffman.nsz", {}),
     "int8_lenet5": ("lenet5", "int8 PTQ per channel", "int8_lenet5_channel.nsz", {}),
 }
@@ -64,7 +65,7 @@ def _ort_predictions(path: Path, x: torch.Tensor, threads: int) -> np.ndarray:
 
 def measure_file(key: str, data, threads: int, repeats: int) -> dict:
     model_name, label, fname, goal = FILES[key]
-    path = RESULTS / "files" / fname
+    path = RESULTS / "files" / fname if fname else REPO / dns_choice(model_name)["file"]
     rep = {**latency_report(path, (1, 256), threads=threads, repeats=repeats), "file": rel(path)}
     dense = ns.load_compressed(path)
     x, y = data.test.x, data.test.y.numpy()

@@ -13,7 +13,6 @@ bench/results/seeds_mnist.json (rows with mean ± std) and seeds_mnist.png.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import replace
@@ -30,7 +29,9 @@ from _common import (
     REPO,
     RESULTS,
     cached_json,
+    content_key,
     dense_model,
+    dns_choice,
     load_dense,
     machine,
     parse_args,
@@ -63,15 +64,15 @@ def han(name: str, data, seed: int) -> dict:
 
 
 def dns(name: str, data, seed: int) -> dict:
-    committed = json.loads((RESULTS / "dns_mnist.json").read_text())["models"][name]
-    targets = next(r["targets_pct"] for r in committed["runs"] if r["tag"] == committed["chosen"])
+    chosen = dns_choice(name)
+    targets = chosen["targets_pct"]
     model = load_dense(dense_model(name, data)[0])
     c = {k: calibrate_c_rate(dns_bench._layer_tensors(model, k), v / 100) for k, v in targets.items()}
     iters = dns_bench.PAPER[name]["iterations"]
     steps_per_epoch = -(-len(data.train) // 64)
     cfg = ns.TrainConfig(epochs=-(-iters // steps_per_epoch), max_steps=iters, lr=dns_bench.SURGERY[name]["lr"],
                          momentum=0.9, weight_decay=5e-4, schedule="inv", lr_gamma=1e-4, lr_power=0.75, seed=seed)
-    cb = DNS(c_rate=c, gamma=dns_bench.SURGERY[name]["gamma"], iter_stop=iters * 7 // 8, log_every=1000)
+    cb = DNS(c_rate=c, gamma=dns_bench.SURGERY[name]["gamma"], iter_stop=chosen["iter_stop"], log_every=1000)
     t0 = time.perf_counter()
     ns.train(model, data, cfg, callbacks=[cb], progress=True)
     return {**_measure(model, data, t0, FILES / f"dns_{name}_s{seed}.nsz"), "targets_pct": targets}
@@ -121,8 +122,12 @@ def _stage(key: str, name: str, data, seed: int) -> dict:
           "dc_han": lambda: deep_compression(name, "han", data, seed),
           "dc_dns": lambda: deep_compression(name, "dns", data, seed),
           "autoprune": lambda: autoprune(name, data, seed)}[key]
-    # v2: Han's rows (and Deep Compression on them) on han_mnist's schedule chosen on validation
+    # v2: Han's rows (and Deep Compression on them) on han_mnist's schedule chosen on validation; DNS's rows
+    # carry the hash of dns_mnist's chosen targets and mask schedule, so a new choice is re-run
     version = "_v2" if key in ("han", "dc_han") else ""
+    if key in ("dns", "dc_dns"):
+        c = dns_choice(name)
+        version = f"_{content_key([c['targets_pct'], c['iter_stop']])}"
     return cached_json(f"seeds_{key}{version}_{name}_s{seed}", fn)
 
 

@@ -26,7 +26,9 @@ from _common import (
     RESULTS,
     BestOnValidation,
     cached_json,
+    content_key,
     dense_model,
+    dns_choice,
     load_dense,
     machine,
     parse_args,
@@ -46,8 +48,6 @@ FACTORS = {"1/8": 1 / 8, "1/16": 1 / 16, "1/32": 1 / 32, "1/64": 1 / 64}
 PAPER_HASH = {"1/8": 1.45, "1/64": 2.79}  # the figures for the 3-layer net (HashNet); others not retrieved
 PAPER_SWS = {"lenet300": {"dense": 1.89, "error": 1.94, "kept_pct": 4.3, "compression": 64},
              "lenet5": {"dense": 0.88, "error": 0.97, "kept_pct": 0.5, "compression": 162}}
-DNS_FILE = {"lenet5": "bench/results/files/dns_lenet5_run3.nsz",      # the DNS table's files
-            "lenet300": "bench/results/files/dns_lenet300_run3.nsz"}
 
 
 def _err(model, split) -> float:
@@ -98,7 +98,8 @@ def sws_run(name: str, data, epochs: int, start: str, tau: float) -> dict:
     if start == "dense":
         model = load_dense(dense_model(name, data)[0])
     else:
-        model = ns.load_compressed(REPO / DNS_FILE[name], keep_codecs=True)  # masks keep pruned weights at zero
+        # the DNS table's chosen file; its masks keep pruned weights at zero
+        model = ns.load_compressed(REPO / dns_choice(name)["file"], keep_codecs=True)
     before = _err(model, data.test)
     cb = SoftWeightSharing(components=17, pi0=0.999, tau=tau)
     t0 = time.perf_counter()
@@ -182,16 +183,18 @@ def main() -> None:
     res["hashednets_runtime_1/8"] = hash_latency(res)
     print("hashed runtime", res["hashednets_runtime_1/8"])
     runs = args.sws or [f"{n}_{s}" for n in args.models for s in ("dense", "dns")]
+    start_key = {}  # a DNS start's cache names carry its file's hash: a re-run DNS model is a new start
     for item in runs:
         key, _, ep = item.partition(":")
         name, start = key.split("_")
         epochs = int(ep) if ep else args.sws_epochs
-        res["sws"][key] = cached_json(f"sharing_sws_{key}_{epochs}_{args.tau}",
+        start_key[key] = f"_{content_key(dns_choice(name)['file'])}" if start == "dns" else ""
+        res["sws"][key] = cached_json(f"sharing_sws_{key}_{epochs}_{args.tau}{start_key[key]}",
                                       lambda n=name, s=start, e=epochs: sws_run(n, data, e, s, args.tau), args.fresh)
         r = res["sws"][key]
         print("sws", key, {k: v for k, v in r.items() if k not in ("means", "stds", "mixing")})
     for key in res["sws"]:
-        res["sws"][key]["finetuned"] = cached_json(f"sharing_sws_{key}_ft{args.finetune_epochs}",
+        res["sws"][key]["finetuned"] = cached_json(f"sharing_sws_{key}_ft{args.finetune_epochs}{start_key[key]}",
                                                    lambda k=key: sws_finetune(k, data, args.finetune_epochs),
                                                    args.fresh)
         print("sws finetuned", key, res["sws"][key]["finetuned"])
