@@ -76,7 +76,7 @@ def test_autoprune_prunes_without_a_threshold_and_keeps_accuracy(digits):
     ns.train(m, digits, ns.TrainConfig(epochs=10, lr=0.05))
     dense = ns.evaluate(m, digits.test)[1]
     ap = AutoPrune(mu=2.0, m_lr=0.01)
-    ns.train(m, digits, ns.TrainConfig(epochs=15, lr=0.01), callbacks=[ap])
+    ns.train(m, digits, ns.TrainConfig(epochs=8, lr=0.01), callbacks=[ap])
     nz, total = ns.stats.count_nonzero(m)
     assert nz < 0.5 * total
     assert ns.evaluate(m, digits.test)[1] > dense - 0.05

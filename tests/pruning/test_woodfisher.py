@@ -160,12 +160,13 @@ def test_woodtaylor_newton_step_never_hurts_when_nothing_is_pruned(digits):
 
 def test_obs_on_an_indefinite_hessian_keeps_accuracy_at_small_sparsity(digits):
     """Regression (issue 13): with the raw indefinite Hessian OBS pruned the most important weights first
-    (MLPNet on digits: 0.969 -> 0.103 at 20% sparsity)."""
+    (MLPNet on digits: 0.969 -> 0.103 at 20% sparsity; 0.117 with this test's 64 samples, checked by
+    replacing the projection with the identity)."""
     torch.manual_seed(0)
     m = ns.build_model("mlpnet", digits.input_shape)
     ns.train(m, digits, ns.TrainConfig(epochs=10, lr=0.05))
     dense = ns.evaluate(m, digits.test)[1]
-    one_shot_prune(m, digits.train, 0.2, "obs", FisherConfig(num_grads=256, damp=1e-4))
+    one_shot_prune(m, digits.train, 0.2, "obs", FisherConfig(num_grads=64, damp=1e-4))
     assert ns.evaluate(m, digits.test)[1] > dense - 0.02
 
 
