@@ -287,9 +287,45 @@ def rerun_rows(data, names: list[str], reason: str) -> None:
     plot(res, RESULTS / "woodfisher_mnist.png")
 
 
+def sweep_timing(data, seed: int = 0) -> dict:
+    """Where the sweep's time goes, on an otherwise idle machine: per method, one seed, the fit (with its
+    phases), the 11 prunes and the 11 test evaluations, timed separately (the committed sweep's own walls
+    were taken while other jobs shared the cores)."""
+    dense_path, _ = dense_model("mlpnet", data)
+    out: dict = {"threads": torch.get_num_threads(), "seed": seed, "num_grads": N_GRADS, "machine": machine(),
+                 "methods": {}}
+    for name, (method, over) in METHODS.items():
+        if method == "kfac":
+            over = {**over, "damp": json.loads((RESULTS / "woodfisher_mnist.json").read_text())["sweep"][name][
+                "config"]["damp"]}  # the damping chosen on validation; the choice itself is not timed here
+        model = load_dense(dense_path)
+        t = time.perf_counter()
+        pruner = OneShotPruner(method, FisherConfig(**{"num_grads": N_GRADS, "damp": DAMP, "seed": seed, **over}))
+        pruner.fit(model, data.train)
+        fit_s = time.perf_counter() - t
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        prune_s = eval_s = 0.0
+        for sp in SPARSITIES:
+            m = load_dense(dense_path)
+            m.load_state_dict(state)
+            t = time.perf_counter()
+            pruner.prune(m, sp)
+            prune_s += time.perf_counter() - t
+            t = time.perf_counter()
+            ns.evaluate(m, data.test)
+            eval_s += time.perf_counter() - t
+        out["methods"][name] = {"fit_s": fit_s, "phases": getattr(pruner, "phase_seconds_", None),
+                                "prune_s": prune_s, "eval_s": eval_s, "total_s": fit_s + prune_s + eval_s}
+        print(f"{name:26s} fit {fit_s:6.1f} s  prune x{len(SPARSITIES)} {prune_s:5.1f} s  eval {eval_s:4.1f} s")
+    out["sum_s"] = sum(v["total_s"] for v in out["methods"].values())
+    return out
+
+
 def main() -> None:
     t0 = time.perf_counter()
     def extra(ap) -> None:
+        ap.add_argument("--time-sweep", action="store_true",
+                        help="only time one seed of every sweep row on an idle machine, into the committed result")
         ap.add_argument("--only", action="append", choices=list(METHODS),
                         help="re-run only these sweep rows into the committed result (e.g. after a fix)")
         ap.add_argument("--why", default="", help="with --only: why the rows are re-run (recorded)")
@@ -297,6 +333,11 @@ def main() -> None:
                         help="only (re)compute the anchor under the official conditions into the committed result")
 
     args, data = parse_args(__doc__, ["mlpnet"], "3 sparsities, 1 seed, 500 gradients (smoke run)", extra)
+    if args.time_sweep:
+        res = json.loads((RESULTS / "woodfisher_mnist.json").read_text())
+        res["sweep_timing"] = sweep_timing(data)
+        write_result("woodfisher_mnist", res)
+        return
     if args.anchor_only:
         res = json.loads((RESULTS / "woodfisher_mnist.json").read_text())
         res["anchor_conditions"] = anchor_conditions(data, res["seeds"])
