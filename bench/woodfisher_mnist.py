@@ -303,7 +303,7 @@ def sweep_timing(data, seed: int = 0) -> dict:
         pruner = OneShotPruner(method, FisherConfig(**{"num_grads": N_GRADS, "damp": DAMP, "seed": seed, **over}))
         pruner.fit(model, data.train)
         fit_s = time.perf_counter() - t
-        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state = {k: v.clone() for k, v in load_dense(dense_path).state_dict().items()}  # as sweep() does
         prune_s = eval_s = 0.0
         for sp in SPARSITIES:
             m = load_dense(dense_path)
