@@ -336,7 +336,14 @@ def main() -> None:
     if args.time_sweep:
         res = json.loads((RESULTS / "woodfisher_mnist.json").read_text())
         res["sweep_timing"] = sweep_timing(data)
+        # the whole sweep again, timed on an idle machine; its accuracies must be the committed ones
+        again = sweep(data, dense_model("mlpnet", data)[0], res["seeds"], res["num_grads"])
+        same = all(again["methods"][k]["runs"] == v["runs"] for k, v in res["sweep"].items())
+        res["sweep_timing"]["whole_sweep"] = {"wall_s": again["wall_s"], "same_accuracies_as_committed": same,
+                                              "fit_seconds": {k: v["fit_seconds"] for k, v in again["methods"].items()}}
+        res["goal"]["sweep_wall_le_60s"] = again["wall_s"] <= 60
         write_result("woodfisher_mnist", res)
+        print(f"whole sweep {again['wall_s']:.0f} s, same accuracies as committed: {same}")
         return
     if args.anchor_only:
         res = json.loads((RESULTS / "woodfisher_mnist.json").read_text())
