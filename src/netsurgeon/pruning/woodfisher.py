@@ -69,8 +69,9 @@ _EXPLICIT_MAX = 8192     # larger blocks (the full inverse of a big model) stay 
 
 
 def _factored(n: int, m: int) -> bool:
-    """Keep a block of n weights (m gradients) as the factored Woodbury form (2·m·n numbers) rather than the
-    explicit n x n inverse, when that is smaller (n > 2m) or the block is too big to hold explicitly."""
+    """Keep a block of n weights (m gradients) as the factored Woodbury form (m·n numbers held, 2·m·n while it
+    is built) rather than the explicit n x n inverse, when that is smaller (n > 2m) or the block is too big to
+    hold explicitly."""
     return n > 2 * m or n > _EXPLICIT_MAX
 _JOINT_MAX = 4096        # the exact joint update solves a |Q| x |Q| system per block
 
