@@ -37,12 +37,15 @@ def machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def cached_json(name: str, compute: Callable[[], dict[str, Any]], fresh: bool = False) -> dict[str, Any]:
+def cached_json(name: str, compute: Callable[[], dict[str, Any]], fresh: bool = False, *,
+                source: Any = None) -> dict[str, Any]:
     """Return the stage result cached under bench/.cache/NAME.json, computing (and caching) it if absent.
 
-    An interrupted benchmark re-run skips the stages it already finished.
+    An interrupted benchmark re-run skips the stages it already finished. ``source``: what the stage starts from
+    (a result file, or targets, c, ...); its :func:`content_key` is appended to the name, so a stage whose
+    starting point changed is recomputed instead of returning a stale result.
     """
-    path = CACHE / f"{name}.json"
+    path = CACHE / (f"{name}_{content_key(source)}.json" if source is not None else f"{name}.json")
     if path.is_file() and not fresh:
         return json.loads(path.read_text())
     out = compute()

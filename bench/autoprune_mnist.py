@@ -15,7 +15,6 @@ import netsurgeon as ns
 from _common import (
     RESULTS,
     cached_json,
-    content_key,
     dense_model,
     dns_choice,
     load_dense,
@@ -95,8 +94,8 @@ def main() -> None:
     for name in args.models:
         r = {"autoprune": cached_json(f"ap_{name}_main", lambda name=name: autoprune_run(name, data, MU[name]),
                                       args.fresh),
-             "dns": cached_json(f"ap_{name}_dns_{content_key(dns_choice(name)['c_rate'])}",
-                                lambda name=name: dns_run(name, data), args.fresh)}
+             "dns": cached_json(f"ap_{name}_dns", lambda name=name: dns_run(name, data), args.fresh,
+                                source=dns_choice(name)["c_rate"])}
         kept = r["autoprune"]["kept_pct"]
         r["magnitude"] = cached_json(f"ap_{name}_magnitude", lambda name=name, kept=kept: magnitude_run(
             name, data, kept), args.fresh)

@@ -18,7 +18,6 @@ from _common import (
     REPO,
     RESULTS,
     cached_json,
-    content_key,
     dns_choice,
     machine,
     parse_args,
@@ -50,10 +49,9 @@ def sources(name: str) -> list[tuple[str, str]]:
     return [(label, src or Path(dns_choice(name)["file"]).name) for label, src in SOURCES[name]]
 
 
-def stage_name(name: str, what: str, src: str) -> str:
-    """Cache name of a stage that starts from ``src``: carries the file's content hash, so a re-run pruned
-    model is never paired with another model's cached result."""
-    return f"dc_{name}_{what}_{content_key(RESULTS.relative_to(REPO) / 'files' / src)}"
+def _file(src: str) -> Path:
+    """A pruned starting point's path relative to the repository: stages are cached under its content hash."""
+    return RESULTS.relative_to(REPO) / "files" / src
 BITS = {"conv": 8, "fc": 5}
 CENTROID = ns.TrainConfig(epochs=2, lr=0.001, momentum=0.9, weight_decay=0.0, schedule="cosine")
 
@@ -208,8 +206,8 @@ def main() -> None:
         p = PAPER[name]
         r = {"paper": p, "pipelines": {}}
         for label, src in sources(name):
-            v = cached_json(stage_name(name, src.removesuffix(".nsz"), src),
-                            lambda name=name, label=label, src=src: pipeline(name, label, src, data), args.fresh)
+            v = cached_json(f"dc_{name}_{src.removesuffix('.nsz')}", lambda name=name, label=label, src=src: pipeline(
+                name, label, src, data), args.fresh, source=_file(src))
             r["pipelines"][label] = v
             h = v["huffman"]
             is_han = label.startswith("magnitude")
@@ -222,10 +220,10 @@ def main() -> None:
             res["table_rows"].append(_row(name, f"{label} + k-means (conv 8, fc 5 bits) + Huffman{stretch}", p,
                                           is_han, v, h, wall_s=v["wall_s"], target=target))
         han = SOURCES[name][0][1]
-        r["init_comparison"] = cached_json(stage_name(name, "inits", han),
-                                           lambda name=name, han=han: init_comparison(name, han, data), args.fresh)
-        r["hessian_weighted"] = cached_json(stage_name(name, "hessian", han),
-                                            lambda name=name, han=han: hessian_weighted(name, han, data), args.fresh)
+        r["init_comparison"] = cached_json(f"dc_{name}_inits", lambda name=name, han=han: init_comparison(
+            name, han, data), args.fresh, source=_file(han))
+        r["hessian_weighted"] = cached_json(f"dc_{name}_hessian", lambda name=name, han=han: hessian_weighted(
+            name, han, data), args.fresh, source=_file(han))
         res["models"][name] = r
     add_paper_width_rows(res, data)
     res["wall_s"] = time.perf_counter() - t0

@@ -112,9 +112,9 @@ def _secant(goal: float, r1: dict, r2: dict, layer: str) -> float:
 
 
 # Mask-update windows tried, each calibrated separately; the validation split picks between them.
-SCHEDULES = {
+SCHEDULES = {  # name: fraction of the iterations after which every mask freezes
     "official": None,       # DNS()'s default, the official code's: conv masks freeze at 10,000, FC at 8,000
-    "late": "7/8",          # one window for every layer: masks freeze at 7/8 of the iterations
+    "late": 7 / 8,          # one window for every layer
 }
 MAX_RUNS, KEPT_TOL = 4, 0.10  # calibration runs per schedule; stop once every layer is within 10% of the paper
 
@@ -127,7 +127,7 @@ def calibrate(name: str, data, dense_path: Path, schedule: str, iters: int, fres
 
     goal = PAPER[name]["kept"]
     prefix = "" if schedule == "late" else f"{schedule}_"   # "late" keeps the cache names of earlier runs
-    stop = iters * 7 // 8 if SCHEDULES[schedule] == "7/8" else None
+    stop = None if SCHEDULES[schedule] is None else int(iters * SCHEDULES[schedule])
     runs: list[dict] = []
     for i in range(1, MAX_RUNS + 1):
         if i == 1:

@@ -32,7 +32,6 @@ from _common import (
     REPO,
     RESULTS,
     cached_json,
-    content_key,
     dense_model,
     load_dense,
     machine,
@@ -167,9 +166,9 @@ def dns_longer(data, dense_path, dense_err: float) -> dict:
             scale = rows[0]["compression_weights"] / run3["compression_nonzero"]
             targets = {k: v * scale for k, v in run3["targets_pct"].items()}
         # the name carries the starting targets: a re-run dns_mnist (new chosen run) is a new attempt
-        r = cached_json(f"missed_dns_lenet5_{tag.removeprefix('attempt_')}_{content_key(targets)}",
+        r = cached_json(f"missed_dns_lenet5_{tag.removeprefix('attempt_')}",
                         lambda t=targets, g=tag, n=2 * DNS_PAPER["iterations"]: surgery(
-                            "lenet5", data, dense_path, t, g, n, n * 7 // 8))
+                            "lenet5", data, dense_path, t, g, n, n * 7 // 8), source=targets)
         back = ns.load_compressed(REPO / r["file"])
         s = summarize(back, data.input_shape, data=data, file_path=REPO / r["file"])
         row = _row({**r, "summary": s, "test_error_pct": s["test_error_pct"]}, label, dense_err, False, DNS_PAPER)

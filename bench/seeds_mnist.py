@@ -29,7 +29,6 @@ from _common import (
     REPO,
     RESULTS,
     cached_json,
-    content_key,
     dense_model,
     dns_choice,
     load_dense,
@@ -42,7 +41,7 @@ from _common import (
     write_result,
 )
 from netsurgeon.pruning.autoprune import AutoPrune
-from netsurgeon.pruning.dns import DNS, calibrate_c_rate
+from netsurgeon.pruning.dns import DNS
 from netsurgeon.quantization.kmeans import share_weights
 
 FILES = RESULTS / "files" / "seeds"
@@ -64,18 +63,17 @@ def han(name: str, data, seed: int) -> dict:
 
 
 def dns(name: str, data, seed: int) -> dict:
-    chosen = dns_choice(name)
-    targets = chosen["targets_pct"]
+    chosen = dns_choice(name)  # its c was calibrated on this same dense model
     model = load_dense(dense_model(name, data)[0])
-    c = {k: calibrate_c_rate(dns_bench._layer_tensors(model, k), v / 100) for k, v in targets.items()}
     iters = dns_bench.PAPER[name]["iterations"]
     steps_per_epoch = -(-len(data.train) // 64)
     cfg = ns.TrainConfig(epochs=-(-iters // steps_per_epoch), max_steps=iters, lr=dns_bench.SURGERY[name]["lr"],
                          momentum=0.9, weight_decay=5e-4, schedule="inv", lr_gamma=1e-4, lr_power=0.75, seed=seed)
-    cb = DNS(c_rate=c, gamma=dns_bench.SURGERY[name]["gamma"], iter_stop=chosen["iter_stop"], log_every=1000)
+    cb = DNS(c_rate=chosen["c_rate"], gamma=dns_bench.SURGERY[name]["gamma"], iter_stop=chosen["iter_stop"],
+             log_every=1000)
     t0 = time.perf_counter()
     ns.train(model, data, cfg, callbacks=[cb], progress=True)
-    return {**_measure(model, data, t0, FILES / f"dns_{name}_s{seed}.nsz"), "targets_pct": targets}
+    return {**_measure(model, data, t0, FILES / f"dns_{name}_s{seed}.nsz"), "targets_pct": chosen["targets_pct"]}
 
 
 def deep_compression(name: str, source: str, data, seed: int) -> dict:
@@ -123,12 +121,10 @@ def _stage(key: str, name: str, data, seed: int) -> dict:
           "dc_dns": lambda: deep_compression(name, "dns", data, seed),
           "autoprune": lambda: autoprune(name, data, seed)}[key]
     # v2: Han's rows (and Deep Compression on them) on han_mnist's schedule chosen on validation; DNS's rows
-    # carry the hash of dns_mnist's chosen targets and mask schedule, so a new choice is re-run
+    # are cached under dns_mnist's chosen targets and mask schedule, so a new choice is re-run
     version = "_v2" if key in ("han", "dc_han") else ""
-    if key in ("dns", "dc_dns"):
-        c = dns_choice(name)
-        version = f"_{content_key([c['targets_pct'], c['iter_stop']])}"
-    return cached_json(f"seeds_{key}{version}_{name}_s{seed}", fn)
+    c = dns_choice(name) if key in ("dns", "dc_dns") else None
+    return cached_json(f"seeds_{key}{version}_{name}_s{seed}", fn, source=c and [c["targets_pct"], c["iter_stop"]])
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

@@ -27,7 +27,6 @@ from _common import (
     RESULTS,
     BestOnValidation,
     cached_json,
-    content_key,
     dense_model,
     dns_choice,
     load_dense,
@@ -194,20 +193,21 @@ def main() -> None:
         res["hashednets_runtime_1/8"] = hash_latency(res)
         print("hashed runtime", res["hashednets_runtime_1/8"])
     runs = args.sws or [f"{n}_{s}" for n in args.models for s in ("dense", "dns")]
-    start_key = {}  # a DNS start's cache names carry its file's hash: a re-run DNS model is a new start
+    starts = {}  # a DNS start is cached under its file's hash: a re-run DNS model is a new start
     for item in runs:
         key, _, ep = item.partition(":")
         name, start = key.split("_")
         epochs = int(ep) if ep else args.sws_epochs
-        start_key[key] = f"_{content_key(dns_choice(name)['file'])}" if start == "dns" else ""
-        res["sws"][key] = cached_json(f"sharing_sws_{key}_{epochs}_{args.tau}{start_key[key]}",
-                                      lambda n=name, s=start, e=epochs: sws_run(n, data, e, s, args.tau), args.fresh)
+        starts[key] = dns_choice(name)["file"] if start == "dns" else None
+        res["sws"][key] = cached_json(f"sharing_sws_{key}_{epochs}_{args.tau}",
+                                      lambda n=name, s=start, e=epochs: sws_run(n, data, e, s, args.tau), args.fresh,
+                                      source=starts[key])
         r = res["sws"][key]
         print("sws", key, {k: v for k, v in r.items() if k not in ("means", "stds", "mixing")})
-    for key in start_key:
-        res["sws"][key]["finetuned"] = cached_json(f"sharing_sws_{key}_ft{args.finetune_epochs}{start_key[key]}",
+    for key in starts:
+        res["sws"][key]["finetuned"] = cached_json(f"sharing_sws_{key}_ft{args.finetune_epochs}",
                                                    lambda k=key: sws_finetune(k, data, args.finetune_epochs),
-                                                   args.fresh)
+                                                   args.fresh, source=starts[key])
         print("sws finetuned", key, res["sws"][key]["finetuned"])
     res["table_rows"] = _rows(res)
     write_result("sharing_mnist", res)
