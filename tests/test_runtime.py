@@ -246,3 +246,63 @@ def test_runtime_times_the_strided_pool_and_keeps_the_model_exact():
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), m(x), atol=0, rtol=0)
+
+
+def test_batchnorm_is_folded_and_the_layout_chosen_keeps_the_model_exact():
+    from netsurgeon.runtime.modules import BatchChunks, ChannelsLast
+
+    torch.manual_seed(0)
+    m = ns.build_model("vgg_small", width=4)
+    for bn in (m.bn1, m.bn2, m.bn3, m.bn4):  # statistics other than the identity, so a wrong fold shows
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    fast, plan = compile_runtime(m.eval(), 64, repeats=3, threads=1)
+    folds = [r.layers for r in plan.runs if r.form == "fold"]
+    assert folds == [[f"conv{i}", f"bn{i}"] for i in range(1, 5)]
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in fast.modules())
+    whole = {r.layers[0]: r for r in plan.runs if r.layers[0].startswith("(whole model)")}
+    assert set(whole["(whole model) memory order"].latency_ms) == {"dense", "channels_last"}
+    assert set(whole["(whole model) batch slices"].latency_ms) == {"dense", "chunks16", "chunks32"}
+    assert isinstance(fast, BatchChunks) == (whole["(whole model) batch slices"].form != "dense")
+    inner = fast.inner if isinstance(fast, BatchChunks) else fast
+    assert isinstance(inner, ChannelsLast) == (whole["(whole model) memory order"].form == "channels_last")
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fast(x[:5]), m(x[:5]), atol=1e-5, rtol=1e-4)  # any batch size still runs
+
+
+class _MixesSamples(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).flatten(1)
+        return y - y.mean(0)  # each output depends on the whole batch: slicing it would change the result
+
+
+def test_a_model_that_mixes_samples_is_never_run_in_slices():
+    from netsurgeon.models import record_arch
+
+    m = record_arch(_MixesSamples(), "tests:mixes", input_shape=(1, 8, 8))
+    fast, plan = compile_runtime(m, 64, repeats=3, threads=1)
+    slices = next(r for r in plan.runs if r.layers == ["(whole model) batch slices"])
+    assert set(slices.latency_ms) == {"dense"} and slices.form == "dense"  # the slice forms were dropped
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_column_form_hands_back_channels_last_with_the_same_values():
+    from netsurgeon.runtime import ColumnConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    _zero_columns(conv, 0.5)
+    fast = ColumnConv2d(conv)
+    fast.channels_last = True
+    x = torch.randn(2, 3, 9, 7).contiguous(memory_format=torch.channels_last)
+    y = fast(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)

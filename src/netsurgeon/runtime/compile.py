@@ -22,6 +22,13 @@ A MaxPool2d whose window is its stride is timed against ``pool``, the maximum of
 (:class:`StridedMaxPool2d`): this torch build's NCHW max-pooling is several times slower than the arithmetic it
 does, dense model or not.
 
+Then, for the whole model: ``fold`` folds every eval-mode BatchNorm into the Conv or Linear layer that alone
+feeds it (one pass over the activations less; no timing needed), and ``layout`` times the model as it is
+against channels-last memory order (:class:`ChannelsLast`) and against running it on cache-sized slices of the
+batch (:class:`BatchChunks`), alone and together, for a model with convolutions and a recorded input shape;
+a candidate whose output differs from the model's is dropped. Both apply to a dense model's runtime form as to
+a compressed one, so a ratio between two runtime forms credits only the compression.
+
 The fastest wins, so no run is slower than dense up to timing noise. A model fx cannot trace keeps its
 structure; each Linear layer is then a run of its own.
 """
@@ -36,11 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..stats import time_interleaved
 from . import bitops, kernels
 from .modules import (
+    BatchChunks,
     BinaryChain,
+    ChannelsLast,
     ColumnConv2d,
     CSRLinear,
     FusedLinearChain,
@@ -55,7 +65,8 @@ from .modules import (
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
-KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "dense")
+KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "fold", "layout", "dense")
+_CHUNKS = (16, 32, 64)  # slice sizes the ``layout`` step tries at larger batches
 
 
 @dataclass
@@ -156,8 +167,13 @@ def _candidates(mods: list[nn.Linear], relus: list[bool], names: list[str], form
 
 
 def _time(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median ms of each candidate, interleaved (the first warm-up call compiles numba kernels)."""
-    t = time_interleaved({k: (lambda m=m: m(x)) for k, m in cands.items()}, repeats, warmup=3)
+    """Median ms of each candidate, interleaved (the first warm-up call compiles numba kernels). Three rounds
+    first: a candidate over twice the fastest's time there keeps that figure and is not timed further."""
+    fns = {k: (lambda m=m: m(x)) for k, m in cands.items()}
+    t = time_interleaved(fns, min(3, repeats), warmup=3)
+    close = {k: f for k, f in fns.items() if t[k] <= 2 * min(t.values())}
+    if len(close) > 1 and repeats > 3:
+        t.update(time_interleaved(close, repeats, warmup=0))
     return {k: 1e3 * v for k, v in t.items()}
 
 
@@ -337,19 +353,25 @@ def _pool_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str, float]
 
 
 def _swap_timed(model: nn.Module, form: str, cands: dict[str, tuple[nn.Module, str, float]], batch: int,
-                repeats: int, plan: RuntimePlan, probe: nn.Module) -> None:
+                repeats: int, plan: RuntimePlan, probe: nn.Module, last: bool = False) -> None:
     """Time each module in ``cands`` (name -> (fast form, weights, density)) against itself on an input of its
     size at ``batch`` and keep the faster, in place. ``probe``: the model whose recorded input shape gives the
-    input sizes (a module it does not reach keeps its form)."""
+    input sizes (a module it does not reach keeps its form). ``last``: the model will run in channels-last
+    order, so both are timed on such an input (and a :class:`ColumnConv2d` hands its output back in it)."""
     shapes = _input_shapes(probe, list(cands)) if cands else {}
     gen = torch.Generator().manual_seed(0)
+    order = torch.channels_last if last else torch.contiguous_format
     for name, (fast, weights, density) in cands.items():
         if name not in shapes:
             continue
         dense = copy.deepcopy(model.get_submodule(name))
         if parametrize.is_parametrized(dense):
             _materialize(dense)
+        if isinstance(fast, ColumnConv2d):
+            fast.channels_last = last
         x = torch.randn(batch, *shapes[name][1:], generator=gen)
+        if x.dim() == 4:
+            x, dense = x.contiguous(memory_format=order), dense.to(memory_format=order)
         choice = RunChoice([name], "dense", weights, density, _time({"dense": dense.eval(), form: fast}, x, repeats))
         choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
         plan.runs.append(choice)
@@ -421,10 +443,12 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         if "xnor" in forms and bitops.available():
             fused = _fuse_binary_chains(gm, batch, repeats, plan) if traced else set()  # type: ignore[arg-type]
             _swap_binary(gm, batch, repeats, plan, model, fused)
+        x_whole = _whole_input(gm, model, batch) if "layout" in forms else None
+        last = x_whole is not None and _channels_last_pays(gm, x_whole, repeats, plan, fold="fold" in forms)
         if "columns" in forms:
-            _swap_timed(gm, "columns", _column_candidates(gm), batch, repeats, plan, model)
+            _swap_timed(gm, "columns", _column_candidates(gm), batch, repeats, plan, model, last)
         if "pool" in forms:
-            _swap_timed(gm, "pool", _pool_candidates(gm), batch, repeats, plan, model)
+            _swap_timed(gm, "pool", _pool_candidates(gm), batch, repeats, plan, model, last)
         if traced:
             gm.graph.lint()  # type: ignore[union-attr]
             runs = _runs(gm)  # type: ignore[arg-type]
@@ -460,6 +484,8 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         for m in list(gm.modules()):  # what stays: plain weights (masks/codebooks applied once, here)
             if parametrize.is_parametrized(m):
                 _materialize(m)
+        if traced and "fold" in forms:
+            _fold_batchnorm(gm, plan)  # type: ignore[arg-type]
         if traced and all(r.form == "dense" for r in plan.runs):
             gm = model  # nothing replaced: the model's own forward (a GraphModule's costs ~4 us at batch 1)
         elif traced:
@@ -467,10 +493,94 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
             gm.recompile()
             gm.delete_all_unused_submodules()  # type: ignore[operator]
             gm = _sole_module(gm)  # type: ignore[arg-type]
+        if last:
+            gm = ChannelsLast(gm)
+        if x_whole is not None and batch > min(_CHUNKS):
+            gm = _choose_chunks(gm.eval(), x_whole, repeats, plan)
         plan.resident_bytes = resident_bytes(gm)
         return gm.eval(), plan
     finally:
         torch.set_num_threads(old)
+
+
+def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None) -> None:
+    """Fold each BatchNorm (running statistics) into the Conv or Linear layer whose output only it reads, in
+    place: ``W·γ/σ`` and ``(b - μ)·γ/σ + β`` (``torch.nn.utils.fusion``); zero weights stay zero."""
+    pairs = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    for node in list(gm.graph.nodes):
+        src = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1 \
+                or calls[str(src.target)] != 1 or calls[str(node.target)] != 1:
+            continue
+        layer, bn = gm.get_submodule(str(src.target)), gm.get_submodule(str(node.target))
+        if not any(type(layer) is a and type(bn) is b for a, b in pairs) or bn.running_mean is None \
+                or any(h for m in (layer, bn) for h in (m._forward_hooks, m._forward_pre_hooks)):
+            continue
+        fused = fuse_linear_bn_eval(layer, bn) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, bn)
+        gm.set_submodule(str(src.target), fused)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        if plan is not None:
+            plan.runs.append(RunChoice([str(src.target), str(node.target)], "fold", "float",
+                                       float((layer.weight != 0).float().mean())))
+
+
+def _whole_input(net: nn.Module, probe: nn.Module, batch: int) -> torch.Tensor | None:
+    """A random input of ``batch`` samples at ``probe``'s recorded (C, H, W) input shape, for a model with
+    convolutions whose output is one tensor of ``batch`` rows; else None (the layout steps do not apply)."""
+    from ..models import arch_of
+
+    shape = (arch_of(probe) or {}).get("input_shape")
+    if not shape or len(shape) != 3 or not any(isinstance(m, (nn.Conv2d, XnorConv2d)) for m in net.modules()):
+        return None
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            out = net(x)
+    except Exception:  # noqa: BLE001 - a model that does not run on its recorded shape keeps its layout
+        return None
+    return x if isinstance(out, torch.Tensor) and out.shape[:1] == (batch,) else None
+
+
+def _pick_whole(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, plan: RuntimePlan,
+                label: str) -> str:
+    """The fastest of whole-model ``cands`` on ``x`` (``dense``: the model as it is); a candidate whose output
+    differs from dense's is dropped (a model that mixes samples, say). Recorded in ``plan`` under ``label``."""
+    with torch.inference_mode():
+        ref = cands["dense"](x)
+        tol = 1e-4 * (1.0 + float(ref.abs().max()))
+        cands = {k: m for k, m in cands.items() if k == "dense" or float((m(x) - ref).abs().max()) <= tol}
+    one = time_interleaved({"dense": lambda: cands["dense"](x)}, 1, warmup=0)["dense"]
+    rounds = max(5, min(repeats, int(3.0 / (len(cands) * max(one, 1e-6)))))  # ~3 s at most for a slow model
+    choice = RunChoice([label], "dense", "none", 1.0, _time(cands, x, rounds))
+    choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
+    plan.runs.append(choice)
+    return choice.form
+
+
+def _channels_last_pays(gm: nn.Module, x: torch.Tensor, repeats: int, plan: RuntimePlan, fold: bool) -> bool:
+    """Whether the whole model runs faster in channels-last order, timed before the per-layer choices (which are
+    then timed in the order chosen), on a copy with plain weights (and BatchNorm folded, as it will be)."""
+    trial = copy.deepcopy(gm).eval()
+    for m in list(trial.modules()):
+        if parametrize.is_parametrized(m):
+            _materialize(m)
+    if fold and isinstance(trial, fx.GraphModule):
+        _fold_batchnorm(trial, None)
+        trial.recompile()
+    cands = {"dense": trial, "channels_last": ChannelsLast(copy.deepcopy(trial))}
+    return _pick_whole(cands, x, repeats, plan, "(whole model) memory order") == "channels_last"
+
+
+def _choose_chunks(net: nn.Module, x: torch.Tensor, repeats: int, plan: RuntimePlan) -> nn.Module:
+    """``net`` as it is or on slices of the batch (:class:`BatchChunks`), whichever is fastest at ``x``'s batch."""
+    cands: dict[str, nn.Module] = {"dense": net}
+    cands.update({f"chunks{n}": BatchChunks(net, n) for n in _CHUNKS if n < x.shape[0]})
+    return cands[_pick_whole(cands, x, repeats, plan, "(whole model) batch slices")]
 
 
 def _sole_module(gm: fx.GraphModule) -> nn.Module:

@@ -225,6 +225,7 @@ class ColumnConv2d(nn.Module):
         self.register_buffer("weight", flat[:, self.keep].contiguous())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
         self._index: dict[tuple[int, int], tuple[Tensor, int, int]] = {}
+        self.channels_last = False  # hand the output back in channels-last order (a model run in that order)
 
     def _gather_index(self, h: int, w: int) -> tuple[Tensor, int, int]:
         """Positions in the flattened padded input (C, H+2p, W+2p) of every kept patch row, for one input size."""
@@ -249,6 +250,11 @@ class ColumnConv2d(nn.Module):
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
         cols = x.reshape(n, -1).index_select(1, idx).view(n, self.weight.shape[1], oh * ow)
+        if self.channels_last:  # [n, L, O]: the same values, each pixel's channels contiguous
+            out = torch.matmul(cols.transpose(1, 2), self.weight.t())
+            if self.bias is not None:
+                out = out + self.bias
+            return out.view(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)
         out = torch.matmul(self.weight, cols)  # [n, O, L]
         if self.bias is not None:
             out = out + self.bias[:, None]
@@ -284,6 +290,41 @@ class StridedMaxPool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel_size}, maximum of strided views"
+
+
+class ChannelsLast(nn.Module):
+    """Run ``inner`` with its 4-D weights and its 4-D input in channels-last (NHWC) memory order: oneDNN's
+    native layout, so its convolutions skip the reorders an NCHW call pays for, and channels are the
+    contiguous dimension of the BatchNorm, ReLU and pooling passes. Same values; a 4-D output is handed back
+    in the default (contiguous) order."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.inner(x)
+        return out.contiguous() if isinstance(out, Tensor) and out.dim() == 4 else out
+
+
+class BatchChunks(nn.Module):
+    """Run ``inner`` on slices of at most ``size`` samples and concatenate the outputs: in inference every
+    sample is computed on its own, and a slice's activations stay in cache between layers where a large
+    batch's do not (the memory-bound BatchNorm, ReLU and pooling passes then read DRAM)."""
+
+    def __init__(self, inner: nn.Module, size: int) -> None:
+        super().__init__()
+        self.inner, self.size = inner, int(size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] <= self.size:
+            return self.inner(x)
+        return torch.cat([self.inner(part) for part in x.split(self.size)])
+
+    def extra_repr(self) -> str:
+        return f"slices of {self.size} samples"
 
 
 class SignLutLinear(nn.Module):
