@@ -3,6 +3,10 @@ and structured sparsity learning (Wen et al. 2016) on LeNet-5, the small ResNet 
 followed by fine-tuning; beside them, Torch-Pruning removing the same channels as l1_filters.
 
     python bench/structured_mnist.py --data-dir ../shared/data/mnist [--models lenet5 resnet_small vgg_small]
+    python bench/structured_mnist.py --data-dir ../shared/data/mnist --remeasure   # re-time the committed rows
+
+The width study (``--models vgg_small_w32 vgg_small_w64``): vgg_small at 2x and 4x its channels, l1_filters only
+(half of each layer's channels), to show how the speedup tracks the FLOP ratio as layers grow.
 
 Per row: test error, parameters, FLOPs, .nsz bytes, and the latency of the shrunk model against the dense
 model at batch 1 and 256 (interleaved, same process, 2 threads, medians) beside the FLOP-ratio bound; the goal
@@ -14,6 +18,7 @@ dependency (pip install torch-pruning); its rows are skipped, saying so, when it
 from __future__ import annotations
 
 import copy
+import json
 import time
 
 import torch
@@ -45,6 +50,7 @@ LABEL = {"l1_filters": "half of each layer's channels", "slimming": "half of all
 TRAIN = {"resnet_small": ns.TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4, schedule="cosine"),
          "vgg_small": ns.TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4, schedule="cosine")}
 FINETUNE = ns.TrainConfig(epochs=1, lr=0.005, weight_decay=1e-4, schedule="cosine")
+WIDE = {"vgg_small_w32": ("vgg_small", {"width": 32}), "vgg_small_w64": ("vgg_small", {"width": 64})}
 FRACTION = 0.5  # of the channels of every removable group (l1_filters) / of all BN-scaled channels (slimming)
 METHODS = {  # name -> pipeline stages (the fine-tuning stage is added by run())
     "l1_filters": [("l1_filters", {"fraction": FRACTION})],
@@ -74,9 +80,10 @@ def dense(name: str, data):
         return dense_model("lenet5", data)[0]
     path = CACHE / f"structured_{name}_dense.safetensors"
     if not path.is_file():
+        base, kw = WIDE.get(name, (name, {}))
         torch.manual_seed(0)
-        m = ns.build_model(name, SHAPE)
-        ns.train(m, data, TRAIN[name], checkpoint=CACHE / f"structured_{name}_dense.ckpt", checkpoint_every=500,
+        m = ns.build_model(base, SHAPE, **kw)
+        ns.train(m, data, TRAIN[base], checkpoint=CACHE / f"structured_{name}_dense.ckpt", checkpoint_every=500,
                  resume=(CACHE / f"structured_{name}_dense.ckpt").is_file(), progress=True)
         save_model(m, path)
     return path
@@ -197,72 +204,118 @@ def measure(name: str, path, data, reference, dense_forms: dict) -> dict:
     return out
 
 
+def table_row(name: str, label: str, v: dict, dense_row: dict) -> dict:
+    return {
+        "model": name, "method": label, "val_error_pct": v["val_error_pct"],
+        "error_pct": v["test_error_pct"], "paper_error_pct": None,
+        "dense_error_pct": dense_row["test_error_pct"], "paper_dense_error_pct": None,
+        "compression_nonzero": dense_row["params"] / v["params"], "paper_compression": None,
+        "compression_bytes": 4 * dense_row["params"] / v["file_bytes"],
+        "speedup_b1": v["latency"]["1"]["speedup"], "speedup_b256": v["latency"]["256"]["speedup"],
+        "latency_b1_ms": v["latency"]["1"]["ms"], "dense_latency_b1_ms": v["latency"]["1"]["dense_ms"],
+        "latency_b256_ms": v["latency"]["256"]["ms"],
+        "dense_latency_b256_ms": v["latency"]["256"]["dense_ms"],
+        "speedup_over_dense_runtime_b256": v["latency"]["256"]["speedup_over_dense_runtime"],
+        "flop_ratio": v["flop_ratio"], "wall_s": v["wall_s"],
+        # the goal is about removed work: a run that removed (almost) nothing has no speedup to judge
+        "target_met": bool(v["speedup_over_flop_bound_b256"] >= 0.8) if v["flop_ratio"] > 1.1 else None,
+        **weight_counts(v["file"])}
+
+
+def report(name: str, method: str, v: dict, dense_row: dict) -> None:
+    print(f"{name:13s} {method:22s} err {v['test_error_pct']:.2f}% (dense {dense_row['test_error_pct']:.2f}) "
+          f"params {v['params']:,} / {dense_row['params']:,} | FLOP ratio {v['flop_ratio']:.2f}x | speedup "
+          f"b1 {v['latency']['1']['speedup']:.2f}x b256 {v['latency']['256']['speedup']:.2f}x (over the dense "
+          f"runtime form {v['latency']['256']['speedup_over_dense_runtime']:.2f}x)", flush=True)
+
+
+def remeasure(name: str, r: dict, data) -> None:
+    """Re-time the committed files of one model with today's runtime, in place: every measured column of
+    ``measure`` is taken again; the training results (validation errors, choices, wall times) stay. The dense
+    reference is the trained model where this checkout has it, else the same architecture at its seeded
+    initialization: a dense model's time does not depend on its weights' values (no kernel here skips zeros
+    of a dense tensor), and its error and size are the committed ones."""
+    cached = CACHE / f"structured_{name}_dense.safetensors" if name != "lenet5" else CACHE / "han_lenet5_dense.safetensors"
+    if cached.is_file():
+        ref, how = load_dense(cached).eval(), "the trained dense model"
+    else:
+        base, kw = WIDE.get(name, (name, {}))
+        torch.manual_seed(0)
+        ref, how = ns.build_model(base, SHAPE, **kw).eval(), "the architecture at its seeded initialization (timing only)"
+    dense_forms = {b: compile_runtime(ref, b, threads=2) for b in (1, 256)}
+    for method, v in r["methods"].items():
+        v.update(measure(name, REPO / v["file"], data, ref, dense_forms))
+        report(name, method, v, r["dense"])
+    r["remeasured"] = {"machine": machine(), "timing_reference": how,
+                       "note": "latency columns re-taken with today's runtime; Torch-Pruning's comparison and the "
+                               "training results are from the original run (machine in the result's header)"}
+
+
 def main() -> None:
     t0 = time.perf_counter()
     def extra(ap) -> None:
         ap.add_argument("--train-threads", type=int, default=2, help="torch threads for training (timing: 2)")
+        ap.add_argument("--remeasure", action="store_true", help="re-time the committed result's rows (their files) "
+                        "with today's runtime; models not in it are run in full and added")
 
-    args, data = parse_args(__doc__, ["lenet5", "resnet_small", "vgg_small"], "not supported", extra)
+    args, data = parse_args(__doc__, ["lenet5", "resnet_small", "vgg_small", *WIDE], "not supported", extra)
     torch.set_num_threads(args.train_threads)
     res = {"benchmark": "structured_mnist", "paper": "Li et al. 2017; Liu et al. 2017; Wen et al. 2016 (no MNIST "
            "figures for these models)", "machine": machine(), "fraction": FRACTION, "finetune": FINETUNE.__dict__,
            "selection_rule": RULE, "sensitivity_rule": f"per layer, the largest fraction losing <= {SENS_DROP:g} "
            "validation accuracy when pruned alone without retraining (Li et al. 2017 Sec. 3.2)",
            "models": {}, "table_rows": []}
+    if args.remeasure:
+        old = json.loads((RESULTS / "structured_mnist.json").read_text())
+        labels = {}
+        for row in old["table_rows"]:
+            labels.setdefault(row["model"], []).append(row["method"])
+        for name, r in old["models"].items():
+            for v, label in zip(r["methods"].values(), labels[name], strict=True):
+                v.setdefault("label", label)
+        res = {**old, "models": old["models"], "table_rows": []}
     for name in args.models:
+        if args.remeasure and name in res["models"]:
+            remeasure(name, res["models"][name], data)
+            continue
         ref = load_dense(dense(name, data)).eval()
         dense_forms = {b: compile_runtime(ref, b, threads=2) for b in (1, 256)}  # shared by every method's row
         r = {"dense": {"test_error_pct": 100 * (1 - ns.evaluate(ref, data.test)[1]),
                        "params": sum(p.numel() for p in ref.parameters()), "flops": total_flops(ref, SHAPE)[0]},
-             "methods": {}, "torch_pruning": torch_pruning_same_channels(name, data),
-             # Li et al. 2017 Fig. 2(b): each layer pruned alone, no retraining, validation accuracy
-             "sensitivity": cached_json(f"structured_{name}_sensitivity", lambda n=name: {
-                 k: {f"{f:g}": a for f, a in v.items()}
-                 for k, v in filter_sensitivity(load_dense(dense(n, data)), data.val, SHAPE).items()}, args.fresh)}
+             "methods": {}, "torch_pruning": torch_pruning_same_channels(name, data)}
         dense_val = 100 * (1 - ns.evaluate(ref, data.val)[1])
         r["dense"]["val_error_pct"] = dense_val
-        fractions = sensitivity_fractions(r["sensitivity"], 1 - dense_val / 100)
         runs = {"l1_filters": (f"l1_filters ({LABEL['l1_filters']}) + 1 epoch fine-tune", cached_json(
             f"structured_{name}_l1_filters", lambda n=name: run(n, "l1_filters", data), args.fresh))}
-        if fractions:  # Li et al.'s own procedure: per-layer fractions read off the sensitivity curves
-            runs["l1_filters_sensitivity"] = (
-                f"l1_filters (per-layer fractions from the validation sensitivity curves, <= {100 * SENS_DROP:g} point "
-                f"lost each: {', '.join(f'{k} {v:g}' for k, v in fractions.items())}) + 1 epoch fine-tune",
-                cached_json(f"structured_{name}_l1_sens", lambda n=name, fr=fractions: run(
-                    n, "l1_filters", data, "l1_sens", {"fraction": fr}), args.fresh))
-        r["sensitivity_fractions"] = fractions
-        r["selection"] = {}
-        for method in SWEEP:
-            if method == "slimming" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules()):
-                continue
-            sel = r["selection"][method] = choose(name, method, data, ref, dense_val, args.fresh)
-            opts = {**METHODS[method][0][1], **sel["candidates"][sel["chosen"]]["options"]}
-            shown = ", ".join(f"{k} {opts[k]:g}" for k in ("lam", "fraction", "lam_filter", "lam_channel", "lam_shape")
-                              if k in opts)
-            runs[method] = (f"{method} ({shown}; chosen on validation among {len(sel['candidates'])}) + 1 epoch "
-                            "fine-tune", sel["candidates"][sel["chosen"]])
+        if name not in WIDE:  # the width study runs l1_filters alone
+            # Li et al. 2017 Fig. 2(b): each layer pruned alone, no retraining, validation accuracy
+            r["sensitivity"] = cached_json(f"structured_{name}_sensitivity", lambda n=name: {
+                k: {f"{f:g}": a for f, a in v.items()}
+                for k, v in filter_sensitivity(load_dense(dense(n, data)), data.val, SHAPE).items()}, args.fresh)
+            fractions = sensitivity_fractions(r["sensitivity"], 1 - dense_val / 100)
+            if fractions:  # Li et al.'s own procedure: per-layer fractions read off the sensitivity curves
+                runs["l1_filters_sensitivity"] = (
+                    f"l1_filters (per-layer fractions from the validation sensitivity curves, <= {100 * SENS_DROP:g} "
+                    f"point lost each: {', '.join(f'{k} {v:g}' for k, v in fractions.items())}) + 1 epoch fine-tune",
+                    cached_json(f"structured_{name}_l1_sens", lambda n=name, fr=fractions: run(
+                        n, "l1_filters", data, "l1_sens", {"fraction": fr}), args.fresh))
+            r["sensitivity_fractions"] = fractions
+            r["selection"] = {}
+            for method in SWEEP:
+                if method == "slimming" and not any(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules()):
+                    continue
+                sel = r["selection"][method] = choose(name, method, data, ref, dense_val, args.fresh)
+                opts = {**METHODS[method][0][1], **sel["candidates"][sel["chosen"]]["options"]}
+                shown = ", ".join(f"{k} {opts[k]:g}" for k in ("lam", "fraction", "lam_filter", "lam_channel",
+                                                                "lam_shape") if k in opts)
+                runs[method] = (f"{method} ({shown}; chosen on validation among {len(sel['candidates'])}) + 1 epoch "
+                                "fine-tune", sel["candidates"][sel["chosen"]])
+        else:
+            r["width"] = WIDE[name][1]["width"]
         for method, (label, stage) in runs.items():
-            v = {**stage, **measure(name, REPO / stage["file"], data, ref, dense_forms)}
-            r["methods"][method] = v
-            res["table_rows"].append({
-                "model": name, "method": label, "val_error_pct": v["val_error_pct"],
-                "error_pct": v["test_error_pct"], "paper_error_pct": None,
-                "dense_error_pct": r["dense"]["test_error_pct"], "paper_dense_error_pct": None,
-                "compression_nonzero": r["dense"]["params"] / v["params"], "paper_compression": None,
-                "compression_bytes": 4 * r["dense"]["params"] / v["file_bytes"],
-                "speedup_b1": v["latency"]["1"]["speedup"], "speedup_b256": v["latency"]["256"]["speedup"],
-                "latency_b1_ms": v["latency"]["1"]["ms"], "dense_latency_b1_ms": v["latency"]["1"]["dense_ms"],
-                "latency_b256_ms": v["latency"]["256"]["ms"],
-                "dense_latency_b256_ms": v["latency"]["256"]["dense_ms"],
-                "speedup_over_dense_runtime_b256": v["latency"]["256"]["speedup_over_dense_runtime"],
-                "flop_ratio": v["flop_ratio"], "wall_s": v["wall_s"],
-                # the goal is about removed work: a run that removed (almost) nothing has no speedup to judge
-                "target_met": bool(v["speedup_over_flop_bound_b256"] >= 0.8) if v["flop_ratio"] > 1.1 else None,
-                **weight_counts(stage["file"])})
-            print(f"{name:13s} {method:22s} err {v['test_error_pct']:.2f}% (dense {r['dense']['test_error_pct']:.2f}) "
-                  f"params {v['params']:,} / {r['dense']['params']:,} | FLOP ratio {v['flop_ratio']:.2f}x | speedup "
-                  f"b1 {v['latency']['1']['speedup']:.2f}x b256 {v['latency']['256']['speedup']:.2f}x (over the dense "
-                  f"runtime form {v['latency']['256']['speedup_over_dense_runtime']:.2f}x)", flush=True)
+            v = r["methods"][method] = {**stage, **measure(name, REPO / stage["file"], data, ref, dense_forms),
+                                        "label": label}
+            report(name, method, v, r["dense"])
         res["models"][name] = r
         tpr = r["torch_pruning"]
         if "latency" in tpr:
@@ -270,20 +323,22 @@ def main() -> None:
                   f"{tpr['max_abs_output_diff']:.1e}, our speed / theirs b1 "
                   f"{tpr['latency']['1']['ours_over_theirs_speed']:.2f} b256 "
                   f"{tpr['latency']['256']['ours_over_theirs_speed']:.2f}", flush=True)
+    res["table_rows"] = [table_row(name, v["label"], v, r["dense"]) for name, r in res["models"].items()
+                         for v in r["methods"].values()]
     res["wall_s"] = time.perf_counter() - t0
     write_result("structured_mnist", res)
     plt = pyplot()
-    models = list(res["models"])
+    models = [m for m in res["models"] if "sensitivity" in res["models"][m]]  # the width study has no curves
     fig, axes = plt.subplots(1, 1 + len(models), figsize=(5 * (1 + len(models)), 4), squeeze=False)
     ax = axes[0][0]
     for i, row in enumerate(res["table_rows"]):
-        ax.scatter(row["flop_ratio"], row["speedup_b256"], color=f"C{i % 10}", label=f"{row['model']} "
+        ax.scatter(row["flop_ratio"], row["speedup_over_dense_runtime_b256"], color=f"C{i % 10}", label=f"{row['model']} "
                    f"{row['method'].split()[0]}")
     lim = max([r["flop_ratio"] for r in res["table_rows"]] + [2])
     ax.plot([1, lim], [1, lim], "k--", label="speedup = FLOP ratio")
     ax.plot([1, lim], [0.8, 0.8 * lim], "k:", label="goal: 80% of it")
     ax.set_xlabel("FLOP ratio (dense / shrunk)")
-    ax.set_ylabel("measured speedup, batch 256")
+    ax.set_ylabel("speedup over the dense runtime form, batch 256")
     ax.legend(fontsize=6)
     for ax, name in zip(axes[0][1:], models, strict=True):
         for layer, curve in res["models"][name]["sensitivity"].items():
