@@ -85,8 +85,8 @@ def dense(name: str, data):
         base, kw = WIDE.get(name, (name, {}))
         torch.manual_seed(0)
         m = ns.build_model(base, SHAPE, **kw)
-        ns.train(m, data, TRAIN.get(name, TRAIN[base]), checkpoint=CACHE / f"structured_{name}_dense.ckpt", checkpoint_every=500,
-                 resume=(CACHE / f"structured_{name}_dense.ckpt").is_file(), progress=True)
+        ns.train(m, data, TRAIN.get(name, TRAIN[base]), checkpoint=CACHE / f"structured_{name}_dense.ckpt",
+                 checkpoint_every=500, resume=(CACHE / f"structured_{name}_dense.ckpt").is_file(), progress=True)
         save_model(m, path)
     return path
 
