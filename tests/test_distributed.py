@@ -49,6 +49,7 @@ def test_every_training_method_keeps_identical_masks_and_weights_on_two_ranks(tm
         assert masks and 0 < float(sum(m.sum() for m in masks.values())) < sum(m.numel() for m in masks.values())
 
 
+@pytest.mark.slow  # a torchrun launch of its own (~6 s); the quick suite keeps the methods run
 def test_distributed_sampler_loaders_give_each_rank_its_own_rows_and_identical_masks(tmp_path: Path) -> None:
     torchrun(str(WORKER), "loader", str(tmp_path))
     for name in ("dns", "autoprune"):
@@ -113,6 +114,7 @@ def test_helpers_are_identities_in_one_process() -> None:
     ddp.check_identical([("p", p)], "test")
 
 
+@pytest.mark.slow  # a torchrun launch of its own (~6 s); the quick suite keeps the methods run
 def test_a_rank_that_diverges_is_stopped_with_the_tensor_named(tmp_path: Path) -> None:
     out = torchrun(str(WORKER), "diverge", str(tmp_path), check=False)
     assert out.returncode != 0

@@ -158,6 +158,7 @@ def test_woodtaylor_newton_step_never_hurts_when_nothing_is_pruned(digits):
         OneShotPruner("woodtaylor", update="joint")
 
 
+@pytest.mark.slow  # ~9 s: trains MLPNet for 10 epochs first
 def test_obs_on_an_indefinite_hessian_keeps_accuracy_at_small_sparsity(digits):
     """Regression (issue 13): with the raw indefinite Hessian OBS pruned the most important weights first
     (MLPNet on digits: 0.969 -> 0.103 at 20% sparsity; 0.117 with this test's 64 samples, checked by
