@@ -217,8 +217,8 @@ def render_runtime() -> str:
            f"{m['commit']}); medians of {res['repeats']} interleaved runs. Each cell: milliseconds (speedup over "
            "the dense float32 nn.Module of the same architecture, timed interleaved with it in its own pass; the dense "
            "column is the runtime pass's). \"Dense model, runtime form\" is the uncompressed model through the same "
-           "kernels (max-pooling for LeNet-5): the runtime's own gain, which is not the compression's; the runtime "
-           "column over it (\"of which compression\") is.", "",
+           "kernels and whole-model steps (for LeNet-5: max-pooling, channels-last order): the runtime's own gain, "
+           "which is not the compression's; the runtime column over it (\"of which compression\") is.", "",
            "| file | batch | dense ms | netsurgeon runtime | dense model, runtime form | of which compression | "
            "torch CSR | onnxruntime, dense ONNX | onnxruntime, compact ONNX | FLOP bound | runtime forms | goal |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
