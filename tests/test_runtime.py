@@ -306,3 +306,16 @@ def test_column_form_hands_back_channels_last_with_the_same_values():
     assert y.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_linear_layers_batchnorm_is_folded_too():
+    torch.manual_seed(0)
+    m = ns.build_model("mlp_bn", widths=[64, 32])
+    for bn in (m.bn1, m.bn2, m.bn3):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    fast, plan = compile_runtime(m.eval(), 16, repeats=3, threads=1)
+    assert [r.layers for r in plan.runs if r.form == "fold"] == [["fc1", "bn1"], ["fc2", "bn2"], ["fc3", "bn3"]]
+    assert not any(isinstance(x, nn.BatchNorm1d) for x in fast.modules())
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-4)

@@ -29,7 +29,7 @@ from ..stats import kept_columns
 from . import bitops, kernels
 
 __all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "ColumnConv2d",
-           "StridedMaxPool2d", "SignLutLinear", "BinaryChain", "resident_bytes"]
+           "StridedMaxPool2d", "ChannelsLast", "BatchChunks", "SignLutLinear", "BinaryChain", "resident_bytes"]
 
 
 class FusedLinearChain(nn.Module):
