@@ -319,3 +319,27 @@ def test_a_linear_layers_batchnorm_is_folded_too():
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_layer_that_mishandles_channels_last_sends_the_model_back_to_its_own_order(monkeypatch):
+    """The memory order is chosen on a copy before the per-layer swaps; a swapped layer that reads its input's
+    memory as NCHW would give wrong values in channels-last order. The finished model is checked against the
+    model's output, and compiled again without the layout steps when it differs."""
+    from netsurgeon.runtime import compile as comp
+    from netsurgeon.runtime.modules import ChannelsLast, StridedMaxPool2d
+
+    def nchw_only(self, x):  # memory read as if NCHW-contiguous: right for NCHW input only
+        x = torch.as_strided(x, x.shape, x.contiguous().stride())
+        return torch.nn.functional.max_pool2d(x, self.kernel_size)
+
+    monkeypatch.setattr(StridedMaxPool2d, "forward", nchw_only)
+    monkeypatch.setattr(comp, "_channels_last_pays", lambda *a, **k: True)
+    monkeypatch.setattr(comp, "_time", lambda cands, x, repeats: {k: (0.0 if k == "pool" else 1.0) for k in cands})
+    torch.manual_seed(0)
+    m = ns.build_model("lenet5")
+    fast, plan = compile_runtime(m, 8, repeats=3, threads=1, forms=("pool", "layout"))
+    assert not any(isinstance(x, ChannelsLast) for x in fast.modules())
+    assert any(isinstance(x, StridedMaxPool2d) for x in fast.modules())  # the NCHW compile kept its swaps
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)

@@ -429,7 +429,7 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
     bad = [f for f in forms if f not in KINDS]
     if bad:
         raise ValueError(f"compile_runtime: unknown runtime form {bad[0]!r}; choose from {', '.join(KINDS)}.")
-    model = copy.deepcopy(model).eval()
+    given, model = model, copy.deepcopy(model).eval()
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -443,7 +443,7 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         if "xnor" in forms and bitops.available():
             fused = _fuse_binary_chains(gm, batch, repeats, plan) if traced else set()  # type: ignore[arg-type]
             _swap_binary(gm, batch, repeats, plan, model, fused)
-        x_whole = _whole_input(gm, model, batch) if "layout" in forms else None
+        x_whole, ref = _whole_input(gm, model, batch) if "layout" in forms else (None, None)
         last = x_whole is not None and _channels_last_pays(gm, x_whole, repeats, plan, fold="fold" in forms)
         if "columns" in forms:
             _swap_timed(gm, "columns", _column_candidates(gm), batch, repeats, plan, model, last)
@@ -497,6 +497,9 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
             gm = ChannelsLast(gm)
         if x_whole is not None and batch > min(_CHUNKS):
             gm = _choose_chunks(gm.eval(), x_whole, repeats, plan)
+        if last and not _same(gm, x_whole, ref):  # a swapped layer that mishandles channels-last input: without
+            return compile_runtime(given, batch, threads=threads, repeats=repeats,  # the layout steps
+                                   forms=tuple(f for f in forms if f != "layout"))
         plan.resident_bytes = resident_bytes(gm)
         return gm.eval(), plan
     finally:
@@ -529,21 +532,32 @@ def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None) -> None:
                                        float((layer.weight != 0).float().mean())))
 
 
-def _whole_input(net: nn.Module, probe: nn.Module, batch: int) -> torch.Tensor | None:
-    """A random input of ``batch`` samples at ``probe``'s recorded (C, H, W) input shape, for a model with
-    convolutions whose output is one tensor of ``batch`` rows; else None (the layout steps do not apply)."""
+def _whole_input(net: nn.Module, probe: nn.Module, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A random input of ``batch`` samples at ``probe``'s recorded (C, H, W) input shape and ``net``'s output on
+    it, for a model with convolutions whose output is one tensor of ``batch`` rows; else (None, None): the layout
+    steps do not apply."""
     from ..models import arch_of
 
     shape = (arch_of(probe) or {}).get("input_shape")
     if not shape or len(shape) != 3 or not any(isinstance(m, (nn.Conv2d, XnorConv2d)) for m in net.modules()):
-        return None
+        return None, None
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
             out = net(x)
     except Exception:  # noqa: BLE001 - a model that does not run on its recorded shape keeps its layout
-        return None
-    return x if isinstance(out, torch.Tensor) and out.shape[:1] == (batch,) else None
+        return None, None
+    return (x, out) if isinstance(out, torch.Tensor) and out.shape[:1] == (batch,) else (None, None)
+
+
+def _same(net: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> bool:
+    """``net(x)`` runs and equals ``ref`` up to float reassociation (BatchNorm folding, another memory order)."""
+    try:
+        with torch.inference_mode():
+            out = net(x)
+    except Exception:  # noqa: BLE001 - e.g. a user's layer that views its input as NCHW: not this form
+        return False
+    return out.shape == ref.shape and float((out - ref).abs().max()) <= 1e-4 * (1.0 + float(ref.abs().max()))
 
 
 def _pick_whole(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, plan: RuntimePlan,
@@ -552,8 +566,7 @@ def _pick_whole(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, plan
     differs from dense's is dropped (a model that mixes samples, say). Recorded in ``plan`` under ``label``."""
     with torch.inference_mode():
         ref = cands["dense"](x)
-        tol = 1e-4 * (1.0 + float(ref.abs().max()))
-        cands = {k: m for k, m in cands.items() if k == "dense" or float((m(x) - ref).abs().max()) <= tol}
+    cands = {k: m for k, m in cands.items() if k == "dense" or _same(m, x, ref)}
     one = time_interleaved({"dense": lambda: cands["dense"](x)}, 1, warmup=0)["dense"]
     rounds = max(5, min(repeats, int(3.0 / (len(cands) * max(one, 1e-6)))))  # ~3 s at most for a slow model
     choice = RunChoice([label], "dense", "none", 1.0, _time(cands, x, rounds))
