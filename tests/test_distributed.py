@@ -35,6 +35,7 @@ def load(p: Path) -> dict[str, torch.Tensor]:
     return torch.load(p, weights_only=True)
 
 
+@pytest.mark.slow  # ~9 s: every training method under torchrun; the quick suite keeps the sharded WoodFisher run
 def test_every_training_method_keeps_identical_masks_and_weights_on_two_ranks(tmp_path: Path) -> None:
     torchrun(str(WORKER), "methods", str(tmp_path))
     from dist_worker import METHODS

@@ -57,7 +57,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
         out.update(test_accuracy=acc, test_error_pct=100 * (1 - acc), test_loss=loss)
     lat = {}
     for b in batches:
-        fast, plan = compile_runtime(model, b, threads=threads)
+        fast, plan = compile_runtime(model, b, threads=threads, repeats=repeats)  # the same timing budget
         x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(0))
         r = measure_latency(fast, reference if reference is not None else model, x, threads=threads, repeats=repeats)
         lat[str(b)] = {"runtime_ms": 1e3 * r.model_s, "dense_ms": 1e3 * r.reference_s, "speedup": r.speedup,

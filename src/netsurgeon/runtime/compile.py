@@ -568,7 +568,7 @@ def _pick_whole(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, plan
         ref = cands["dense"](x)
     cands = {k: m for k, m in cands.items() if k == "dense" or _same(m, x, ref)}
     one = time_interleaved({"dense": lambda: cands["dense"](x)}, 1, warmup=0)["dense"]
-    rounds = max(5, min(repeats, int(3.0 / (len(cands) * max(one, 1e-6)))))  # ~3 s at most for a slow model
+    rounds = max(5, min(repeats, int(1.0 / (len(cands) * max(one, 1e-6)))))  # ~1 s, or 5 rounds of a slow model
     choice = RunChoice([label], "dense", "none", 1.0, _time(cands, x, rounds))
     choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
     plan.runs.append(choice)
