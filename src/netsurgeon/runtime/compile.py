@@ -22,12 +22,14 @@ A MaxPool2d whose window is its stride is timed against ``pool``, the maximum of
 (:class:`StridedMaxPool2d`): this torch build's NCHW max-pooling is several times slower than the arithmetic it
 does, dense model or not.
 
-Then, for the whole model: ``fold`` folds every eval-mode BatchNorm into the Conv or Linear layer that alone
-feeds it (one pass over the activations less; no timing needed), and ``layout`` times the model as it is
-against channels-last memory order (:class:`ChannelsLast`) and against running it on cache-sized slices of the
-batch (:class:`BatchChunks`), alone and together, for a model with convolutions and a recorded input shape;
-a candidate whose output differs from the model's is dropped. Both apply to a dense model's runtime form as to
-a compressed one, so a ratio between two runtime forms credits only the compression.
+For the whole model: ``fold`` folds every eval-mode BatchNorm into the Conv or Linear layer that alone feeds it
+(one pass over the activations less; no timing needed). ``layout``, for a model with convolutions and a
+recorded input shape, first times the model in its own memory order against channels-last order
+(:class:`ChannelsLast`), before the column and pooling swaps, which are then timed in the order chosen; last, the
+finished model against itself on cache-sized slices of the batch (:class:`BatchChunks`). A candidate whose output
+differs from the model's is dropped, and a finished channels-last model that differs is compiled again without
+``layout``. Both steps apply to a dense model's runtime form as to a compressed one, so a ratio between two
+runtime forms credits only the compression.
 
 The fastest wins, so no run is slower than dense up to timing noise. A model fx cannot trace keeps its
 structure; each Linear layer is then a run of its own.
