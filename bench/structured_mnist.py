@@ -5,8 +5,9 @@ followed by fine-tuning; beside them, Torch-Pruning removing the same channels a
     python bench/structured_mnist.py --data-dir ../shared/data/mnist [--models lenet5 resnet_small vgg_small]
     python bench/structured_mnist.py --data-dir ../shared/data/mnist --remeasure   # re-time the committed rows
 
-The width study (``--models vgg_small_w32 vgg_small_w64``): vgg_small at 2x and 4x its channels, l1_filters only
-(half of each layer's channels), to show how the speedup tracks the FLOP ratio as layers grow.
+The width study (``--models vgg_small_w32 vgg_small_w64 resnet_small_w32``): vgg_small at 2x and 4x its channels
+and the ResNet at 2x, l1_filters only (half of each layer's channels), to show how the speedup tracks the FLOP
+ratio as layers grow.
 
 Per row: test error, parameters, FLOPs, .nsz bytes, and the latency of the shrunk model against the dense
 model at batch 1 and 256 (interleaved, same process, 2 threads, medians) beside the FLOP-ratio bound; the goal
@@ -52,7 +53,8 @@ TRAIN = {"resnet_small": ns.TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4, sc
          # at 0.05 the 4x wider net trained badly (epoch 1: 63% train accuracy, validation error 2.2% after 2 epochs)
          "vgg_small_w64": ns.TrainConfig(epochs=2, lr=0.02, weight_decay=1e-4, schedule="cosine")}
 FINETUNE = ns.TrainConfig(epochs=1, lr=0.005, weight_decay=1e-4, schedule="cosine")
-WIDE = {"vgg_small_w32": ("vgg_small", {"width": 32}), "vgg_small_w64": ("vgg_small", {"width": 64})}
+WIDE = {"vgg_small_w32": ("vgg_small", {"width": 32}), "vgg_small_w64": ("vgg_small", {"width": 64}),
+        "resnet_small_w32": ("resnet_small", {"width": 32})}
 FRACTION = 0.5  # of the channels of every removable group (l1_filters) / of all BN-scaled channels (slimming)
 METHODS = {  # name -> pipeline stages (the fine-tuning stage is added by run())
     "l1_filters": [("l1_filters", {"fraction": FRACTION})],
