@@ -335,19 +335,26 @@ def main() -> None:
                          for v in r["methods"].values()]
     res["wall_s"] = time.perf_counter() - t0
     write_result("structured_mnist", res)
+    plot(res)
+
+
+def plot(res: dict) -> None:
     plt = pyplot()
     models = [m for m in res["models"] if "sensitivity" in res["models"][m]]  # the width study has no curves
     fig, axes = plt.subplots(1, 1 + len(models), figsize=(5 * (1 + len(models)), 4), squeeze=False)
     ax = axes[0][0]
-    for i, row in enumerate(res["table_rows"]):
-        ax.scatter(row["flop_ratio"], row["speedup_over_dense_runtime_b256"], color=f"C{i % 10}",
-                   label=f"{row['model']} {row['method'].split()[0]}")
+    names = list(res["models"])  # marker: the model; colour: the method (and l1 by sensitivity apart)
+    kinds = sorted({k for r in res["models"].values() for k in r["methods"]})
+    for name, r in res["models"].items():
+        for kind, v in r["methods"].items():
+            ax.scatter(v["flop_ratio"], v["latency"]["256"]["speedup_over_dense_runtime"],
+                       color=f"C{kinds.index(kind)}", marker="osD^vP*X"[names.index(name) % 8], label=f"{name} {kind}")
     lim = max([r["flop_ratio"] for r in res["table_rows"]] + [2])
     ax.plot([1, lim], [1, lim], "k--", label="speedup = FLOP ratio")
     ax.plot([1, lim], [0.8, 0.8 * lim], "k:", label="goal: 80% of it")
     ax.set_xlabel("FLOP ratio (dense / shrunk)")
     ax.set_ylabel("speedup over the dense runtime form, batch 256")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left")
     for ax, name in zip(axes[0][1:], models, strict=True):
         for layer, curve in res["models"][name]["sensitivity"].items():
             ax.plot([100 * float(f) for f in curve], [100 * a for a in curve.values()], marker="o", ms=3,
