@@ -343,3 +343,26 @@ def test_a_layer_that_mishandles_channels_last_sends_the_model_back_to_its_own_o
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+class _ViewsItsActivations(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))  # .view fails on a channels-last tensor
+
+
+def test_a_model_that_views_its_activations_keeps_its_memory_order():
+    from netsurgeon.models import record_arch
+    from netsurgeon.runtime.modules import ChannelsLast
+
+    m = record_arch(_ViewsItsActivations(), "tests:views", input_shape=(1, 8, 8))
+    fast, plan = compile_runtime(m, 32, repeats=3, threads=1)
+    order = next(r for r in plan.runs if r.layers == ["(whole model) memory order"])
+    assert set(order.latency_ms) == {"dense"} and not any(isinstance(x, ChannelsLast) for x in fast.modules())
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
