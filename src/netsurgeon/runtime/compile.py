@@ -28,8 +28,10 @@ recorded input shape, first times the model in its own memory order against chan
 (:class:`ChannelsLast`), before the column and pooling swaps, which are then timed in the order chosen; last, the
 finished model against itself on cache-sized slices of the batch (:class:`BatchChunks`). A candidate whose output
 differs from the model's is dropped, and a finished channels-last model that differs is compiled again without
-``layout``. Both steps apply to a dense model's runtime form as to a compressed one, so a ratio between two
-runtime forms credits only the compression.
+``layout``. ``onnxruntime``, for the same models where onnxruntime is installed: the plain model exported to ONNX
+and run by an onnxruntime session (:class:`OrtModel`), timed against the finished torch form. All of these apply
+to a dense model's runtime form as to a compressed one, so a ratio between two runtime forms credits only the
+compression.
 
 The fastest wins, so no run is slower than dense up to timing noise. A model fx cannot trace keeps its
 structure; each Linear layer is then a run of its own.
