@@ -8,7 +8,6 @@ import netsurgeon as ns
 from netsurgeon.pruning.magnitude import prune_magnitude
 from netsurgeon.quantization.kmeans import share_weights
 from netsurgeon.runtime import CSRLinear, FusedLinearChain, Int8Chain, compile_runtime, kernels, resident_bytes
-from netsurgeon.runtime.compile import KINDS
 
 needs_numba = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -256,8 +255,7 @@ def test_batchnorm_is_folded_and_the_layout_chosen_keeps_the_model_exact():
     m = ns.build_model("vgg_small", width=4)
     for bn in (m.bn1, m.bn2, m.bn3, m.bn4):  # statistics other than the identity, so a wrong fold shows
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
-    forms = tuple(k for k in KINDS if k != "onnxruntime")  # the torch forms (onnxruntime: the test below)
-    fast, plan = compile_runtime(m.eval(), 64, repeats=3, threads=1, forms=forms)
+    fast, plan = compile_runtime(m.eval(), 64, repeats=3, threads=1)
     folds = [r.layers for r in plan.runs if r.form == "fold"]
     assert folds == [[f"conv{i}", f"bn{i}"] for i in range(1, 5)]
     assert not any(isinstance(x, nn.BatchNorm2d) for x in fast.modules())
@@ -368,27 +366,3 @@ def test_a_model_that_views_its_activations_keeps_its_memory_order():
     x = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
-
-
-def test_onnxruntime_runs_the_whole_model_where_it_is_faster(monkeypatch):
-    pytest.importorskip("onnxruntime")
-    import copy
-
-    from netsurgeon.runtime import compile as comp
-    from netsurgeon.runtime.modules import OrtModel, resident_bytes
-
-    torch.manual_seed(0)
-    m = ns.build_model("vgg_small", width=4)
-    real = comp._block
-    monkeypatch.setattr(comp, "_block", lambda net, x, rounds: 0.0 if isinstance(net, OrtModel) else 1.0)
-    fast, plan = compile_runtime(m.eval(), 8, repeats=3, threads=1)
-    ort = next(r for r in plan.runs if r.layers == ["(whole model) onnxruntime"])
-    assert ort.form == "onnxruntime" and isinstance(fast, OrtModel)
-    assert resident_bytes(fast) == len(fast.onnx) > 4 * sum(p.numel() for p in m.parameters())
-    x = torch.randn(8, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(copy.deepcopy(fast)(x[:3]), m(x[:3]), atol=1e-5, rtol=1e-4)  # any batch size
-    monkeypatch.setattr(comp, "_block", real)
-    _, plan = compile_runtime(m.eval(), 8, repeats=3, threads=1, forms=("fold",))  # not asked for: not tried
-    assert not any(r.layers == ["(whole model) onnxruntime"] for r in plan.runs)

@@ -4,8 +4,7 @@
 evaluation want); ``load_compressed(path, runtime=True, batch=B)`` gives its runtime form, where each run of
 Linear layers computes from the stored form (sparse, k-means codes, int8) with the kernel that measured fastest
 for batch ``B``, and a network with convolutions also gets its BatchNorm folded and the memory order and batch
-slicing that measured fastest, or runs as an onnxruntime session where that measured faster still (compile.py,
-kernels.py, docs/runtime.md). ``bench.latency_report`` is what
+slicing that measured fastest (compile.py, kernels.py, docs/runtime.md). ``bench.latency_report`` is what
 ``netsurgeon bench-latency`` prints.
 """
 
@@ -19,20 +18,10 @@ from torch import nn
 from ..coding import nsz
 from ..coding.nsz import CompressedFile, decode_int8, decode_shared_parts, decode_state, load_state_checked, read_header
 from .compile import RunChoice, RuntimePlan, compile_runtime, linear_form
-from .modules import (
-    BatchChunks,
-    ChannelsLast,
-    ColumnConv2d,
-    CSRLinear,
-    FusedLinearChain,
-    Int8Chain,
-    OrtModel,
-    resident_bytes,
-)
+from .modules import BatchChunks, ChannelsLast, ColumnConv2d, CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
 
 __all__ = ["load_compressed", "compile_runtime", "RuntimePlan", "RunChoice", "CSRLinear", "FusedLinearChain",
-           "Int8Chain", "ColumnConv2d", "ChannelsLast", "BatchChunks", "OrtModel", "resident_bytes",
-           "linear_form"]
+           "Int8Chain", "ColumnConv2d", "ChannelsLast", "BatchChunks", "resident_bytes", "linear_form"]
 
 
 def _restore_codecs(model: nn.Module, info: CompressedFile) -> None:

@@ -62,8 +62,7 @@ def dense_weights(model: nn.Module, seed: int = 0) -> nn.Module:
     return out
 
 
-def ort_session(path: Path | bytes, threads: int):
-    """An onnxruntime session on ``path`` (or ONNX bytes) with ``threads`` threads that do not busy-wait."""
+def ort_session(path: Path, threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -72,7 +71,7 @@ def ort_session(path: Path | bytes, threads: int):
     # onnxruntime's workers busy-wait after each run by default: timed interleaved, they would steal the cores
     # from the next candidate (measured: dense torch 0.68 ms -> 2.6-4.8 ms at batch 256)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 256), *, threads: int = 2,

@@ -28,10 +28,8 @@ recorded input shape, first times the model in its own memory order against chan
 (:class:`ChannelsLast`), before the column and pooling swaps, which are then timed in the order chosen; last, the
 finished model against itself on cache-sized slices of the batch (:class:`BatchChunks`). A candidate whose output
 differs from the model's is dropped, and a finished channels-last model that differs is compiled again without
-``layout``. ``onnxruntime``, for the same models where onnxruntime is installed: the plain model exported to ONNX
-and run by an onnxruntime session (:class:`OrtModel`), timed against the finished torch form. All of these apply
-to a dense model's runtime form as to a compressed one, so a ratio between two runtime forms credits only the
-compression.
+``layout``. Both steps apply to a dense model's runtime form as to a compressed one, so a ratio between two
+runtime forms credits only the compression.
 
 The fastest wins, so no run is slower than dense up to timing noise. A model fx cannot trace keeps its
 structure; each Linear layer is then a run of its own.
@@ -59,7 +57,6 @@ from .modules import (
     CSRLinear,
     FusedLinearChain,
     Int8Chain,
-    OrtModel,
     SignLutLinear,
     StridedMaxPool2d,
     XnorConv2d,
@@ -70,7 +67,7 @@ from .modules import (
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
-KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "fold", "layout", "onnxruntime", "dense")
+KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "fold", "layout", "dense")
 _CHUNKS = (16, 32, 64)  # slice sizes the ``layout`` step tries at larger batches
 
 
@@ -448,9 +445,8 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         if "xnor" in forms and bitops.available():
             fused = _fuse_binary_chains(gm, batch, repeats, plan) if traced else set()  # type: ignore[arg-type]
             _swap_binary(gm, batch, repeats, plan, model, fused)
-        x_whole, ref = _whole_input(gm, model, batch) if {"layout", "onnxruntime"} & set(forms) else (None, None)
-        plain = _plain(gm, fold="fold" in forms) if x_whole is not None else None
-        last = plain is not None and "layout" in forms and _channels_last_pays(plain, x_whole, repeats, plan)
+        x_whole, ref = _whole_input(gm, model, batch) if "layout" in forms else (None, None)
+        last = x_whole is not None and _channels_last_pays(gm, x_whole, repeats, plan, fold="fold" in forms)
         if "columns" in forms:
             _swap_timed(gm, "columns", _column_candidates(gm), batch, repeats, plan, model, last)
         if "pool" in forms:
@@ -501,13 +497,11 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
             gm = _sole_module(gm)  # type: ignore[arg-type]
         if last:
             gm = ChannelsLast(gm)
-        if x_whole is not None and "layout" in forms and batch > min(_CHUNKS):
+        if x_whole is not None and batch > min(_CHUNKS):
             gm = _choose_chunks(gm.eval(), x_whole, repeats, plan)
         if last and not _same(gm, x_whole, ref):  # a swapped layer that mishandles channels-last input: without
             return compile_runtime(given, batch, threads=threads, repeats=repeats,  # the layout steps
                                    forms=tuple(f for f in forms if f != "layout"))
-        if plain is not None and "onnxruntime" in forms:
-            gm = _choose_onnxruntime(gm.eval(), plain, x_whole, ref, repeats, plan)
         plan.resident_bytes = resident_bytes(gm)
         return gm.eval(), plan
     finally:
@@ -583,9 +577,9 @@ def _pick_whole(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, plan
     return choice.form
 
 
-def _plain(gm: nn.Module, fold: bool) -> nn.Module:
-    """A copy of ``gm`` with plain float weights (and BatchNorm folded, as it will be) and no runtime swaps yet:
-    what the memory order is chosen on, and what onnxruntime gets."""
+def _channels_last_pays(gm: nn.Module, x: torch.Tensor, repeats: int, plan: RuntimePlan, fold: bool) -> bool:
+    """Whether the whole model runs faster in channels-last order, timed before the per-layer choices (which are
+    then timed in the order chosen), on a copy with plain weights (and BatchNorm folded, as it will be)."""
     trial = copy.deepcopy(gm).eval()
     for m in list(trial.modules()):
         if parametrize.is_parametrized(m):
@@ -593,60 +587,8 @@ def _plain(gm: nn.Module, fold: bool) -> nn.Module:
     if fold and isinstance(trial, fx.GraphModule):
         _fold_batchnorm(trial, None)
         trial.recompile()
-    return trial
-
-
-def _channels_last_pays(plain: nn.Module, x: torch.Tensor, repeats: int, plan: RuntimePlan) -> bool:
-    """Whether the whole model (``plain``: :func:`_plain`) runs faster in channels-last order, timed before the
-    per-layer choices, which are then timed in the order chosen."""
-    cands = {"dense": plain, "channels_last": ChannelsLast(copy.deepcopy(plain))}
+    cands = {"dense": trial, "channels_last": ChannelsLast(copy.deepcopy(trial))}
     return _pick_whole(cands, x, repeats, plan, "(whole model) memory order") == "channels_last"
-
-
-def _choose_onnxruntime(net: nn.Module, plain: nn.Module, x: torch.Tensor, ref: torch.Tensor, repeats: int,
-                        plan: RuntimePlan) -> nn.Module:
-    """``net`` or the whole model as an onnxruntime session (:class:`OrtModel`, exported from ``plain``),
-    whichever is faster, each timed in a block of its own (torch runs slower interleaved with onnxruntime,
-    docs/runtime.md): ``net`` before and after onnxruntime, its better block counting. Skipped without
-    onnxruntime, for a model holding runtime modules (binary layers), or where the export fails or its output
-    differs (on the batch and on one sample)."""
-    import tempfile
-    import warnings
-    from pathlib import Path
-
-    try:
-        import onnxruntime  # noqa: F401
-
-        from ..export import dense_onnx
-    except ImportError:
-        return net
-    if any(type(m).__module__ == OrtModel.__module__ for m in plain.modules()):
-        return net
-    one = time_interleaved({"dense": lambda: net(x)}, 1, warmup=0)["dense"]
-    rounds = max(5, min(repeats, int(0.3 / max(one, 1e-6))))
-    torch_s = [_block(net, x, rounds)]  # before this session ever ran
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's tracer warnings; a wrong export fails the check below
-        try:
-            dense_onnx(plain, tuple(x.shape[1:]), Path(tmp) / "m.onnx", opset=17)
-            fast = OrtModel((Path(tmp) / "m.onnx").read_bytes(), torch.get_num_threads())
-        except Exception:  # noqa: BLE001 - an op the exporter does not know: the model keeps its form
-            return net
-    if not _same(fast, x, ref) or not _same(fast, x[:1], ref[:1]):
-        return net
-    ort_s = _block(fast, x, rounds)
-    torch_s.append(_block(net, x, rounds))
-    # torch, measured just after onnxruntime, can read slower than it runs alone: its better block counts
-    choice = RunChoice(["(whole model) onnxruntime"], "dense", "none", 1.0,
-                       {"dense": 1e3 * min(torch_s), "onnxruntime": 1e3 * ort_s})
-    choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
-    plan.runs.append(choice)
-    return fast if choice.form == "onnxruntime" else net
-
-
-def _block(m: nn.Module, x: torch.Tensor, rounds: int) -> float:
-    """Median seconds of ``m(x)`` over ``rounds`` calls in a row."""
-    return time_interleaved({"m": lambda: m(x)}, rounds, warmup=3)["m"]
 
 
 def _choose_chunks(net: nn.Module, x: torch.Tensor, repeats: int, plan: RuntimePlan) -> nn.Module:

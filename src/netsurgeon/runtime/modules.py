@@ -29,8 +29,7 @@ from ..stats import kept_columns
 from . import bitops, kernels
 
 __all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "ColumnConv2d",
-           "StridedMaxPool2d", "ChannelsLast", "BatchChunks", "OrtModel", "SignLutLinear", "BinaryChain",
-           "resident_bytes"]
+           "StridedMaxPool2d", "ChannelsLast", "BatchChunks", "SignLutLinear", "BinaryChain", "resident_bytes"]
 
 
 class FusedLinearChain(nn.Module):
@@ -328,37 +327,6 @@ class BatchChunks(nn.Module):
         return f"slices of {self.size} samples"
 
 
-class OrtModel(nn.Module):
-    """The whole model as an onnxruntime session (exported from its plain float form): at batch 1 a convolution
-    network's time is mostly torch's cost per operator call, which onnxruntime does not pay. ``onnx``: the
-    exported bytes, kept so the module can be copied (a session cannot)."""
-
-    def __init__(self, onnx: bytes, threads: int) -> None:
-        super().__init__()
-        self.onnx, self.threads = onnx, int(threads)
-        self._session = None
-
-    def _run(self):
-        if self._session is None:
-            from .bench import ort_session
-
-            self._session = ort_session(self.onnx, self.threads)
-        return self._session
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self._run().run(None, {"input": x.detach().float().contiguous().numpy()})[0]
-        return torch.from_numpy(out)
-
-    def __deepcopy__(self, memo: dict) -> OrtModel:
-        return OrtModel(self.onnx, self.threads)
-
-    def resident_bytes(self) -> int:  # the weights inside the ONNX graph, as onnxruntime holds them
-        return len(self.onnx)
-
-    def extra_repr(self) -> str:
-        return f"onnxruntime session, {len(self.onnx):,} bytes of ONNX, {self.threads} threads"
-
-
 class SignLutLinear(nn.Module):
     """y = x · sign(W)ᵀ · α + b for a real input, the weights held as bits (:func:`bitops.sign_lut_matmul`)."""
 
@@ -473,7 +441,7 @@ def resident_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        if isinstance(m, (FusedLinearChain, CSRLinear, Int8Chain, _Xnor, SignLutLinear, BinaryChain, OrtModel)):
+        if isinstance(m, (FusedLinearChain, CSRLinear, Int8Chain, _Xnor, SignLutLinear, BinaryChain)):
             total += m.resident_bytes()
             continue
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
