@@ -79,15 +79,24 @@ RULE = (f"among the candidates, the highest FLOP ratio whose validation error is
 SENS_DROP = 0.01  # l1_filters from the sensitivity curves: per layer, the largest fraction losing <= 1 point
 
 
+def build(name: str):
+    """The untrained model of a row's model name, from seed 0 (a width-study name is a base model at a width)."""
+    base, kw = WIDE.get(name, (name, {}))
+    torch.manual_seed(0)
+    return ns.build_model(base, SHAPE, **kw)
+
+
+def train_config(name: str) -> ns.TrainConfig:
+    return TRAIN.get(name) or TRAIN[WIDE.get(name, (name, {}))[0]]
+
+
 def dense(name: str, data):
     if name == "lenet5":
         return dense_model("lenet5", data)[0]
     path = CACHE / f"structured_{name}_dense.safetensors"
     if not path.is_file():
-        base, kw = WIDE.get(name, (name, {}))
-        torch.manual_seed(0)
-        m = ns.build_model(base, SHAPE, **kw)
-        ns.train(m, data, TRAIN.get(name, TRAIN[base]), checkpoint=CACHE / f"structured_{name}_dense.ckpt",
+        m = build(name)
+        ns.train(m, data, train_config(name), checkpoint=CACHE / f"structured_{name}_dense.ckpt",
                  checkpoint_every=500, resume=(CACHE / f"structured_{name}_dense.ckpt").is_file(), progress=True)
         save_model(m, path)
     return path
@@ -243,10 +252,7 @@ def remeasure(name: str, r: dict, data) -> None:
     if cached.is_file():
         ref, how = load_dense(cached).eval(), "the trained dense model"
     else:
-        base, kw = WIDE.get(name, (name, {}))
-        torch.manual_seed(0)
-        ref = ns.build_model(base, SHAPE, **kw).eval()
-        how = "the architecture at its seeded initialization (timing only)"
+        ref, how = build(name).eval(), "the architecture at its seeded initialization (timing only)"
     dense_forms = {b: compile_runtime(ref, b, threads=2) for b in (1, 256)}
     for method, v in r["methods"].items():
         v.update(measure(name, REPO / v["file"], data, ref, dense_forms))
@@ -289,7 +295,7 @@ def main() -> None:
         r = {"dense": {"test_error_pct": 100 * (1 - ns.evaluate(ref, data.test)[1]),
                        "params": sum(p.numel() for p in ref.parameters()), "flops": total_flops(ref, SHAPE)[0],
                        "train": "DENSE['lenet5'] (bench/_common.py)" if name == "lenet5" else
-                       TRAIN.get(name, TRAIN[WIDE.get(name, (name,))[0]]).__dict__},
+                       train_config(name).__dict__},
              "machine": machine(), "methods": {}, "torch_pruning": torch_pruning_same_channels(name, data)}
         dense_val = 100 * (1 - ns.evaluate(ref, data.val)[1])
         r["dense"]["val_error_pct"] = dense_val
