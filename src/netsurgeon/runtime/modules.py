@@ -296,7 +296,7 @@ class ChannelsLast(nn.Module):
     """Run ``inner`` with its 4-D weights and its 4-D input in channels-last (NHWC) memory order: oneDNN's
     native layout, so its convolutions skip the reorders an NCHW call pays for, and channels are the
     contiguous dimension of the BatchNorm, ReLU and pooling passes. Same values; a 4-D output is handed back
-    in the default (contiguous) order."""
+    in the default (contiguous) order. ``inner``'s weights are converted in place (pass a copy to keep it)."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
