@@ -165,7 +165,7 @@ def dns_longer(data, dense_path, dense_err: float) -> dict:
         else:  # the first longer run kept 108.9 / c_a times more weights than the 16k run: start that much lower
             scale = rows[0]["compression_weights"] / run3["compression_nonzero"]
             targets = {k: v * scale for k, v in run3["targets_pct"].items()}
-        # the name carries the starting targets: a re-run dns_mnist (new chosen run) is a new attempt
+        # cached under the starting targets: a re-run dns_mnist (new chosen run) is a new attempt
         r = cached_json(f"missed_dns_lenet5_{tag.removeprefix('attempt_')}",
                         lambda t=targets, g=tag, n=2 * DNS_PAPER["iterations"]: surgery(
                             "lenet5", data, dense_path, t, g, n, n * 7 // 8), source=targets)

@@ -217,6 +217,11 @@ def measure(name: str, path, data, reference, dense_forms: dict) -> dict:
     return out
 
 
+def runtime_forms(reference) -> dict:
+    """batch -> (runtime form, plan) of the dense model, compiled once per model for every row's timing."""
+    return {b: compile_runtime(reference, b, threads=2) for b in (1, 256)}
+
+
 def table_row(name: str, label: str, v: dict, dense_row: dict) -> dict:
     return {
         "model": name, "method": label, "val_error_pct": v["val_error_pct"],
@@ -253,7 +258,7 @@ def remeasure(name: str, r: dict, data) -> None:
         ref, how = load_dense(cached).eval(), "the trained dense model"
     else:
         ref, how = build(name).eval(), "the architecture at its seeded initialization (timing only)"
-    dense_forms = {b: compile_runtime(ref, b, threads=2) for b in (1, 256)}
+    dense_forms = runtime_forms(ref)
     for method, v in r["methods"].items():
         v.update(measure(name, REPO / v["file"], data, ref, dense_forms))
         report(name, method, v, r["dense"])
@@ -291,7 +296,7 @@ def main() -> None:
             remeasure(name, res["models"][name], data)
             continue
         ref = load_dense(dense(name, data)).eval()
-        dense_forms = {b: compile_runtime(ref, b, threads=2) for b in (1, 256)}  # shared by every method's row
+        dense_forms = runtime_forms(ref)  # shared by every method's row
         r = {"dense": {"test_error_pct": 100 * (1 - ns.evaluate(ref, data.test)[1]),
                        "params": sum(p.numel() for p in ref.parameters()), "flops": total_flops(ref, SHAPE)[0],
                        "train": "DENSE['lenet5'] (bench/_common.py)" if name == "lenet5" else

@@ -446,7 +446,9 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
             fused = _fuse_binary_chains(gm, batch, repeats, plan) if traced else set()  # type: ignore[arg-type]
             _swap_binary(gm, batch, repeats, plan, model, fused)
         x_whole, ref = _whole_input(gm, model, batch) if "layout" in forms else (None, None)
-        last = x_whole is not None and _channels_last_pays(gm, x_whole, repeats, plan, fold="fold" in forms)
+        if traced and "fold" in forms:
+            _fold_batchnorm(gm, plan, convs_too=True)  # type: ignore[arg-type]
+        last = x_whole is not None and _channels_last_pays(gm, x_whole, ref, repeats, plan, fold="fold" in forms)
         if "columns" in forms:
             _swap_timed(gm, "columns", _column_candidates(gm), batch, repeats, plan, model, last)
         if "pool" in forms:
@@ -498,7 +500,7 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         if last:
             gm = ChannelsLast(gm)
         if x_whole is not None and batch > min(_CHUNKS):
-            gm = _choose_chunks(gm.eval(), x_whole, repeats, plan)
+            gm = _choose_chunks(gm.eval(), x_whole, ref, repeats, plan)
         if last and not _same(gm, x_whole, ref):  # a swapped layer that mishandles channels-last input: without
             return compile_runtime(given, batch, threads=threads, repeats=repeats,  # the layout steps
                                    forms=tuple(f for f in forms if f != "layout"))
@@ -508,9 +510,13 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         torch.set_num_threads(old)
 
 
-def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None) -> None:
+def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None, convs_too: bool = False) -> None:
     """Fold each BatchNorm (running statistics) into the Conv or Linear layer whose output only it reads, in
-    place: ``W·γ/σ`` and ``(b - μ)·γ/σ + β`` (``torch.nn.utils.fusion``); zero weights stay zero."""
+    place: ``W·γ/σ`` and ``(b - μ)·γ/σ + β`` (``torch.nn.utils.fusion``); zero weights stay zero, and the graph is
+    recompiled. Layers with parametrized weights are skipped, except convolutions when ``convs_too`` (their
+    weights are made plain first, as the finished runtime form holds them anyway): the first pass runs before the
+    per-layer swaps, so a convolution swapped for its column form carries its BatchNorm; the last pass, on plain
+    weights, takes what is left (a pruned or shared Linear layer, whose stored form its run needed)."""
     pairs = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -522,9 +528,14 @@ def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None) -> None:
                 or calls[str(src.target)] != 1 or calls[str(node.target)] != 1:
             continue
         layer, bn = gm.get_submodule(str(src.target)), gm.get_submodule(str(node.target))
-        if not any(type(layer) is a and type(bn) is b for a, b in pairs) or bn.running_mean is None \
-                or any(h for m in (layer, bn) for h in (m._forward_hooks, m._forward_pre_hooks)):
+        held = parametrize.is_parametrized(layer)
+        kind = type(layer).__bases__[0] if held else type(layer)  # parametrize made the class ParametrizedX(X)
+        if not any(kind is a and type(bn) is b for a, b in pairs) or bn.running_mean is None \
+                or any(h for m in (layer, bn) for h in (m._forward_hooks, m._forward_pre_hooks)) \
+                or (held and not (convs_too and kind is not nn.Linear)):
             continue
+        if held:
+            _materialize(layer)
         fused = fuse_linear_bn_eval(layer, bn) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, bn)
         gm.set_submodule(str(src.target), fused)
         node.replace_all_uses_with(src)
@@ -532,6 +543,7 @@ def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None) -> None:
         if plan is not None:
             plan.runs.append(RunChoice([str(src.target), str(node.target)], "fold", "float",
                                        float((layer.weight != 0).float().mean())))
+    gm.recompile()
 
 
 def _whole_input(net: nn.Module, probe: nn.Module, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -562,12 +574,11 @@ def _same(net: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> bool:
     return out.shape == ref.shape and float((out - ref).abs().max()) <= 1e-4 * (1.0 + float(ref.abs().max()))
 
 
-def _pick_whole(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, plan: RuntimePlan,
+def _pick_whole(cands: dict[str, nn.Module], x: torch.Tensor, ref: torch.Tensor, repeats: int, plan: RuntimePlan,
                 label: str) -> str:
     """The fastest of whole-model ``cands`` on ``x`` (``dense``: the model as it is); a candidate whose output
-    differs from dense's is dropped (a model that mixes samples, say). Recorded in ``plan`` under ``label``."""
-    with torch.inference_mode():
-        ref = cands["dense"](x)
+    differs from the model's, ``ref`` (a model that mixes samples, say), is dropped. Recorded in ``plan`` under
+    ``label``."""
     cands = {k: m for k, m in cands.items() if k == "dense" or _same(m, x, ref)}
     one = time_interleaved({"dense": lambda: cands["dense"](x)}, 1, warmup=0)["dense"]
     rounds = max(5, min(repeats, int(1.0 / (len(cands) * max(one, 1e-6)))))  # ~1 s, or 5 rounds of a slow model
@@ -577,7 +588,8 @@ def _pick_whole(cands: dict[str, nn.Module], x: torch.Tensor, repeats: int, plan
     return choice.form
 
 
-def _channels_last_pays(gm: nn.Module, x: torch.Tensor, repeats: int, plan: RuntimePlan, fold: bool) -> bool:
+def _channels_last_pays(gm: nn.Module, x: torch.Tensor, ref: torch.Tensor, repeats: int, plan: RuntimePlan,
+                        fold: bool) -> bool:
     """Whether the whole model runs faster in channels-last order, timed before the per-layer choices (which are
     then timed in the order chosen), on a copy with plain weights (and BatchNorm folded, as it will be)."""
     trial = copy.deepcopy(gm).eval()
@@ -586,16 +598,15 @@ def _channels_last_pays(gm: nn.Module, x: torch.Tensor, repeats: int, plan: Runt
             _materialize(m)
     if fold and isinstance(trial, fx.GraphModule):
         _fold_batchnorm(trial, None)
-        trial.recompile()
     cands = {"dense": trial, "channels_last": ChannelsLast(copy.deepcopy(trial))}
-    return _pick_whole(cands, x, repeats, plan, "(whole model) memory order") == "channels_last"
+    return _pick_whole(cands, x, ref, repeats, plan, "(whole model) memory order") == "channels_last"
 
 
-def _choose_chunks(net: nn.Module, x: torch.Tensor, repeats: int, plan: RuntimePlan) -> nn.Module:
+def _choose_chunks(net: nn.Module, x: torch.Tensor, ref: torch.Tensor, repeats: int, plan: RuntimePlan) -> nn.Module:
     """``net`` as it is or on slices of the batch (:class:`BatchChunks`), whichever is fastest at ``x``'s batch."""
     cands: dict[str, nn.Module] = {"dense": net}
     cands.update({f"chunks{n}": BatchChunks(net, n) for n in _CHUNKS if n < x.shape[0]})
-    return cands[_pick_whole(cands, x, repeats, plan, "(whole model) batch slices")]
+    return cands[_pick_whole(cands, x, ref, repeats, plan, "(whole model) batch slices")]
 
 
 def _sole_module(gm: fx.GraphModule) -> nn.Module:
