@@ -366,3 +366,39 @@ def test_a_model_that_views_its_activations_keeps_its_memory_order():
     x = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+class _ReusesConvOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.conv2, self.relu2 = nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU()
+        self.pool, self.flatten, self.fc = nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = self.relu2(self.conv2(y))  # conv2's output is read once: its ReLU may run in place
+        return self.fc(self.flatten(self.pool(self.relu(y) + y + z)))  # y is read twice: its ReLU may not
+
+
+def _graph_nodes(net: nn.Module) -> list[torch.fx.Node]:
+    return [n for g in net.modules() if isinstance(g, torch.fx.GraphModule) for n in g.graph.nodes]
+
+
+def test_plain_layers_become_direct_calls_and_a_relu_runs_in_place_only_on_what_nothing_else_reads():
+    from netsurgeon.models import record_arch
+
+    torch.manual_seed(0)
+    m = record_arch(_ReusesConvOutput(), "tests:reuses", input_shape=(1, 8, 8)).eval()
+    fast, plan = compile_runtime(m, 1, repeats=3, threads=1)
+    assert any(r.layers == ["(whole model) direct calls"] for r in plan.runs)
+    nodes = _graph_nodes(fast)
+    assert nodes and not any(n.op == "call_module" for n in nodes)
+    assert [n.args[0].args[1].target for n in nodes if n.target is torch.relu_] == ["conv2.weight"]
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    off, plan = compile_runtime(m, 1, repeats=3, threads=1, forms=("fold", "layout", "dense"))
+    assert not any(r.form == "calls" for r in plan.runs)  # "calls" left out: every layer keeps its own call
+    assert not any(n.target in (torch.conv2d, torch.relu_) for n in _graph_nodes(off))
+    with torch.no_grad():
+        torch.testing.assert_close(off(x), m(x), atol=1e-5, rtol=1e-5)

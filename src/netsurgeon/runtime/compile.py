@@ -28,7 +28,8 @@ recorded input shape, first times the model in its own memory order against chan
 (:class:`ChannelsLast`), before the column and pooling swaps, which are then timed in the order chosen; last, the
 finished model against itself on cache-sized slices of the batch (:class:`BatchChunks`). A candidate whose output
 differs from the model's is dropped, and a finished channels-last model that differs is compiled again without
-``layout``. Both steps apply to a dense model's runtime form as to a compressed one, so a ratio between two
+``layout``. ``calls``: the finished graph calls the functions of its plain torch layers directly (no
+``nn.Module.__call__`` per layer; a ReLU on a fresh tensor nothing else reads runs in place). Both steps apply to a dense model's runtime form as to a compressed one, so a ratio between two
 runtime forms credits only the compression.
 
 The fastest wins, so no run is slower than dense up to timing noise. A model fx cannot trace keeps its
@@ -67,7 +68,7 @@ from .modules import (
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
-KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "fold", "layout", "dense")
+KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "fold", "layout", "calls", "dense")
 _CHUNKS = (16, 32, 64)  # slice sizes the ``layout`` step tries at larger batches
 
 
@@ -490,7 +491,10 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
                 _materialize(m)
         if traced and "fold" in forms:
             _fold_batchnorm(gm, plan)  # type: ignore[arg-type]
-        if traced and all(r.form == "dense" for r in plan.runs):
+        direct = _direct_calls(gm) if traced and "calls" in forms else 0  # type: ignore[arg-type]
+        if direct:
+            plan.runs.append(RunChoice(["(whole model) direct calls"], "calls", "float", 1.0))
+        if traced and not direct and all(r.form == "dense" for r in plan.runs):
             gm = model  # nothing replaced: the model's own forward (a GraphModule's costs ~4 us at batch 1)
         elif traced:
             gm.graph.lint()
@@ -544,6 +548,62 @@ def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None, convs_too: boo
             plan.runs.append(RunChoice([str(src.target), str(node.target)], "fold", "float",
                                        float((layer.weight != 0).float().mean())))
     gm.recompile()
+
+
+_FRESH = (torch.conv1d, torch.conv2d, torch._C._nn.linear, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d)
+
+
+def _direct_calls(gm: fx.GraphModule) -> int:
+    """Replace the calls of plain torch layers (Conv1d/2d, Linear, ReLU, max- and average-pooling, Flatten,
+    Identity, Dropout in eval mode) by calls of their functions on the layers' own tensors, in place; a ReLU whose
+    input is a fresh tensor read by nothing else runs in place. Same arithmetic, no ``nn.Module.__call__`` per
+    layer: at batch 1 that call is a large part of a small layer's time (docs/runtime.md). Layers with hooks or
+    called more than once keep their call. Returns the number of calls replaced."""
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or calls[str(node.target)] != 1:
+            continue
+        name, x, g = str(node.target), node.args[0], gm.graph
+        m = gm.get_submodule(name)
+        if m._forward_hooks or m._forward_pre_hooks:
+            continue
+        t = type(m)
+        with g.inserting_before(node):
+            def attr(field: str) -> fx.Node | None:
+                return None if getattr(m, field) is None else g.get_attr(f"{name}.{field}")
+
+            if t in (nn.Conv1d, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+                fn = torch.conv1d if t is nn.Conv1d else torch.conv2d
+                new = g.call_function(fn, (x, attr("weight"), attr("bias"), m.stride, m.padding, m.dilation,
+                                           m.groups))
+            elif t is nn.Linear:
+                new = g.call_function(torch._C._nn.linear, (x, attr("weight"), attr("bias")))
+            elif t is nn.ReLU:
+                fresh = isinstance(x, fx.Node) and x.op == "call_function" and x.target in _FRESH \
+                    and len(x.users) == 1
+                new = g.call_function(torch.relu_ if fresh else torch.relu, (x,))
+            elif t is nn.MaxPool2d and not m.return_indices:
+                new = g.call_function(F.max_pool2d, (x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode))
+            elif t is nn.AvgPool2d:
+                new = g.call_function(F.avg_pool2d, (x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                                     m.count_include_pad, m.divisor_override))
+            elif t is nn.AdaptiveAvgPool2d:
+                new = g.call_function(F.adaptive_avg_pool2d, (x, m.output_size))
+            elif t is nn.Flatten:
+                new = g.call_function(torch.flatten, (x, m.start_dim, m.end_dim))
+            elif t in (nn.Identity, nn.Dropout) and not m.training:
+                new = x
+            else:
+                continue
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        done += 1
+    gm.recompile()
+    return done
 
 
 def _whole_input(net: nn.Module, probe: nn.Module, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
