@@ -43,7 +43,15 @@ from _common import (
 from netsurgeon.modelfile import save_model
 from netsurgeon.pruning.structured import filter_sensitivity, l1_filter_prune
 from netsurgeon.runtime import compile_runtime
-from netsurgeon.stats import layer_flops, measure_latency, time_models, total_flops, zero_columns
+from netsurgeon.stats import (
+    layer_flops,
+    measure_latency,
+    num_threads,
+    time_interleaved,
+    time_models,
+    total_flops,
+    zero_columns,
+)
 
 SHAPE = (1, 28, 28)
 LABEL = {"l1_filters": "half of each layer's channels", "slimming": "half of all BatchNorm channels, global",
@@ -191,6 +199,43 @@ def structured_flops(model) -> int:
     return total
 
 
+def conv_rates(model, reference, plan, x) -> dict:
+    """Each convolution that the shrunk model's runtime form runs directly (not as columns), timed alone on its
+    own input at ``x``'s batch (channels-last, the order oneDNN computes in; 2 threads), interleaved with the dense
+    model's convolution of the same name: ms and GFLOP/s of both. ``matched_saving_ms``: the time saved if every
+    such shrunk convolution ran at its dense layer's rate, i.e. the most a faster small-channel kernel could give."""
+    inputs: dict[str, dict[str, torch.Tensor]] = {"model": {}, "dense": {}}
+    nets = {"model": model, "dense": reference}
+    for key, net in nets.items():
+        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n, k=key: inputs[k].__setitem__(n, a[0]))
+                 for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+        with torch.no_grad():
+            net.eval()(x)
+        for h in hooks:
+            h.remove()
+    columns = {r.layers[0] for r in plan.runs if r.form == "columns"}
+    layers, saving = {}, 0.0
+    for n in inputs["model"]:
+        if n in columns or n not in inputs["dense"]:
+            continue
+        calls, flops = {}, {}
+        for key, net in nets.items():
+            m = net.get_submodule(n)
+            xi = inputs[key][n].contiguous(memory_format=torch.channels_last)
+            w = m.weight.detach().contiguous(memory_format=torch.channels_last)
+            calls[key] = lambda xi=xi, w=w, m=m: torch.conv2d(xi, w, None, m.stride, m.padding, m.dilation)
+            flops[key] = 2 * calls[key]().numel() * w[0].numel()
+        with num_threads(2), torch.no_grad():
+            t = time_interleaved(calls, 20)
+        saving += t["model"] - t["dense"] * flops["model"] / flops["dense"]
+        layers[n] = {"ms": 1e3 * t["model"], "dense_ms": 1e3 * t["dense"],
+                     "gflops_per_s": flops["model"] / t["model"] / 1e9,
+                     "dense_gflops_per_s": flops["dense"] / t["dense"] / 1e9}
+    return {"layers": layers, "matched_saving_ms": 1e3 * saving,
+            "conv_ms": sum(v["ms"] for v in layers.values()),
+            "dense_conv_ms": sum(v["dense_ms"] for v in layers.values())}
+
+
 def measure(name: str, path, data, reference, dense_forms: dict) -> dict:
     """Error, size and FLOPs of the stored model; latency of its runtime form (``load_compressed(...,
     runtime=True)``: the form a user ships, chosen by timing at this batch size) against the dense model, and
@@ -203,9 +248,10 @@ def measure(name: str, path, data, reference, dense_forms: dict) -> dict:
     out = {"test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]),
            "params": sum(int((p != 0).sum()) for p in model.parameters()), "flops": fm, "flop_ratio": fd / fm,
            "file_bytes": path.stat().st_size, "latency": {}, "runtime_plan": {}}
+    plans = {}
     for b in (1, 256):
         x = torch.randn(b, *SHAPE, generator=torch.Generator().manual_seed(0))
-        fast, plan = compile_runtime(ns.load_compressed(path, keep_codecs=True), b, threads=2)
+        fast, plan = plans[b] = compile_runtime(ns.load_compressed(path, keep_codecs=True), b, threads=2)
         dense_fast, dense_plan = dense_forms[b]
         out["runtime_plan"][str(b)] = {"model": plan.describe(), "dense": dense_plan.describe()}
         t = time_models({"runtime": fast, "dense": reference, "dense_runtime": dense_fast}, x,
@@ -214,6 +260,11 @@ def measure(name: str, path, data, reference, dense_forms: dict) -> dict:
                                   "dense_runtime_ms": 1e3 * t["dense_runtime"], "speedup": t["dense"] / t["runtime"],
                                   "speedup_over_dense_runtime": t["dense_runtime"] / t["runtime"]}
     out["speedup_over_flop_bound_b256"] = out["latency"]["256"]["speedup_over_dense_runtime"] / out["flop_ratio"]
+    # how far a small-channel kernel as efficient as the dense layers' could take the goal's ratio
+    lat, x = out["latency"]["256"], torch.randn(256, *SHAPE, generator=torch.Generator().manual_seed(0))
+    rates = out["conv_rates_b256"] = conv_rates(model, reference, plans[256][1], x)
+    rates["share_of_flop_bound_if_matched"] = lat["dense_runtime_ms"] / max(
+        lat["ms"] - rates["matched_saving_ms"], 1e-9) / out["flop_ratio"]
     return out
 
 
