@@ -29,8 +29,9 @@ recorded input shape, first times the model in its own memory order against chan
 finished model against itself on cache-sized slices of the batch (:class:`BatchChunks`). A candidate whose output
 differs from the model's is dropped, and a finished channels-last model that differs is compiled again without
 ``layout``. ``calls``: the finished graph calls the functions of its plain torch layers directly (no
-``nn.Module.__call__`` per layer; a ReLU on a fresh tensor nothing else reads runs in place). Both steps apply to a dense model's runtime form as to a compressed one, so a ratio between two
-runtime forms credits only the compression.
+``nn.Module.__call__`` per layer; a ReLU on a fresh tensor nothing else reads runs in place). These steps apply
+to a dense model's runtime form as to a compressed one, so a ratio between two runtime forms credits only the
+compression.
 
 The fastest wins, so no run is slower than dense up to timing noise. A model fx cannot trace keeps its
 structure; each Linear layer is then a run of its own.
@@ -567,43 +568,46 @@ def _direct_calls(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or calls[str(node.target)] != 1:
             continue
-        name, x, g = str(node.target), node.args[0], gm.graph
-        m = gm.get_submodule(name)
+        m = gm.get_submodule(str(node.target))
         if m._forward_hooks or m._forward_pre_hooks:
             continue
-        t = type(m)
-        with g.inserting_before(node):
-            def attr(field: str) -> fx.Node | None:
-                return None if getattr(m, field) is None else g.get_attr(f"{name}.{field}")
-
-            if t in (nn.Conv1d, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-                fn = torch.conv1d if t is nn.Conv1d else torch.conv2d
-                new = g.call_function(fn, (x, attr("weight"), attr("bias"), m.stride, m.padding, m.dilation,
-                                           m.groups))
-            elif t is nn.Linear:
-                new = g.call_function(torch._C._nn.linear, (x, attr("weight"), attr("bias")))
-            elif t is nn.ReLU:
-                fresh = isinstance(x, fx.Node) and x.op == "call_function" and x.target in _FRESH \
-                    and len(x.users) == 1
-                new = g.call_function(torch.relu_ if fresh else torch.relu, (x,))
-            elif t is nn.MaxPool2d and not m.return_indices:
-                new = g.call_function(F.max_pool2d, (x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode))
-            elif t is nn.AvgPool2d:
-                new = g.call_function(F.avg_pool2d, (x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                                     m.count_include_pad, m.divisor_override))
-            elif t is nn.AdaptiveAvgPool2d:
-                new = g.call_function(F.adaptive_avg_pool2d, (x, m.output_size))
-            elif t is nn.Flatten:
-                new = g.call_function(torch.flatten, (x, m.start_dim, m.end_dim))
-            elif t in (nn.Identity, nn.Dropout) and not m.training:
-                new = x
-            else:
-                continue
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
-        done += 1
+        with gm.graph.inserting_before(node):
+            new = _function_call(gm.graph, str(node.target), m, node.args[0])
+        if new is not None:
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            done += 1
     gm.recompile()
     return done
+
+
+def _function_call(g: fx.Graph, name: str, m: nn.Module, x: Any) -> Any:
+    """The node computing layer ``m`` (called ``name`` in ``g``) on ``x`` by its function; None for a layer
+    that keeps its call."""
+    def attr(field: str) -> fx.Node | None:
+        return None if getattr(m, field) is None else g.get_attr(f"{name}.{field}")
+
+    t = type(m)
+    if t in (nn.Conv1d, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        fn = torch.conv1d if t is nn.Conv1d else torch.conv2d
+        return g.call_function(fn, (x, attr("weight"), attr("bias"), m.stride, m.padding, m.dilation, m.groups))
+    if t is nn.Linear:
+        return g.call_function(torch._C._nn.linear, (x, attr("weight"), attr("bias")))
+    if t is nn.ReLU:
+        fresh = isinstance(x, fx.Node) and x.op == "call_function" and x.target in _FRESH and len(x.users) == 1
+        return g.call_function(torch.relu_ if fresh else torch.relu, (x,))
+    if t is nn.MaxPool2d and not m.return_indices:
+        return g.call_function(F.max_pool2d, (x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode))
+    if t is nn.AvgPool2d:
+        return g.call_function(F.avg_pool2d, (x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                              m.count_include_pad, m.divisor_override))
+    if t is nn.AdaptiveAvgPool2d:
+        return g.call_function(F.adaptive_avg_pool2d, (x, m.output_size))
+    if t is nn.Flatten:
+        return g.call_function(torch.flatten, (x, m.start_dim, m.end_dim))
+    if t in (nn.Identity, nn.Dropout) and not m.training:
+        return x
+    return None
 
 
 def _whole_input(net: nn.Module, probe: nn.Module, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
