@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 RESULTS = ROOT / "results"
 CACHE = ROOT / ".cache"
+ns.stats.keep_freed_memory()  # before any timing: large tensors must not pay page faults by allocation history
 
 
 def machine() -> dict[str, Any]:
@@ -34,7 +35,7 @@ def machine() -> dict[str, Any]:
         commit = "unknown"
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "allocator": ns.stats.keep_freed_memory()}
 
 
 def cached_json(name: str, compute: Callable[[], dict[str, Any]], fresh: bool = False, *,

@@ -157,7 +157,8 @@ def test_bench_latency_report_has_every_column_and_the_flop_bound(tmp_path):
     assert 30 < r["flop_ratio_bound"] < 40  # 97% of the weights pruned, biases dense
     assert r["batches"]["1"]["runtime_resident_bytes"] > 0 and r["file_bytes"] == (tmp_path / "s.nsz").stat().st_size
     lines = report_lines(r)
-    assert len(lines) == 5 and lines[-1].startswith("of which compression") and "batch 8 " in lines[-1]
+    assert len(lines) == 6 and lines[-1].startswith("of which compression") and "batch 8 " in lines[-1]
+    assert lines[1] == f"allocator: {r['allocator']}"
 
 
 def _zero_columns(conv: nn.Conv2d, fraction: float, seed: int = 0) -> torch.Tensor:

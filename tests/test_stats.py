@@ -1,3 +1,8 @@
+import platform
+import subprocess
+import sys
+
+import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,3 +52,25 @@ def test_num_threads_restores():
     with num_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+_FAULTS = """
+import resource, torch
+from netsurgeon.stats import keep_freed_memory
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.empty(10_000_000).fill_(1.0)  # 40 MB: above glibc's largest mmap threshold
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+print(faults(), keep_freed_memory() != "default", faults(), faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_keep_freed_memory_stops_large_tensors_from_faulting_their_pages_in_every_time():
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True).stdout.split()
+    before, applied, _, after = int(out[0]), out[1] == "True", int(out[2]), int(out[3])
+    assert applied and before > 5 * 5000 and after < 500  # 40 MB is ~9,800 pages

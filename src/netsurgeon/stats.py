@@ -115,6 +115,34 @@ def num_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+_ALLOCATOR = "default"
+
+
+def keep_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory for reuse (``mallopt``: no mmap'd chunks, no trimming) for the rest
+    of the process, and say what the allocator does now.
+
+    By default a freed block over glibc's (moving) mmap threshold goes back to the OS and the next tensor of that
+    size faults every page in again: a dense small ResNet at batch 256 paid ~15,000 page faults per forward pass
+    (66 ms; 42-46 ms without them), and whether it paid depended on what the process had allocated before. Timings
+    of large batches are then neither fair nor repeatable, so the benchmarks and ``netsurgeon bench-latency`` call
+    this first; a serving process can too (the cost: it keeps its peak memory). Not glibc: nothing changes."""
+    global _ALLOCATOR
+    import ctypes
+    import sys
+
+    if _ALLOCATOR != "default" or not sys.platform.startswith("linux"):
+        return _ALLOCATOR
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+        if libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1:
+            _ALLOCATOR = "glibc malloc keeping freed memory (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2^31-1)"
+    except (OSError, AttributeError):  # not glibc (musl, another libc): its own behaviour stays
+        pass
+    return _ALLOCATOR
+
+
 @dataclass(frozen=True)
 class Latency:
     """Median latency of a model and of its reference, measured interleaved in the same process."""
@@ -163,7 +191,8 @@ def measure_latency(model: nn.Module, reference: nn.Module, x: Tensor, *, warmup
 def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 50, warmup: int = 10,
                 threads: int | None = None) -> dict[str, float]:
     """Median seconds of each model on ``x`` (eval mode), all timed interleaved in one loop with ``threads``
-    torch threads (:func:`time_interleaved`)."""
+    torch threads (:func:`time_interleaved`), freed memory kept for reuse first (:func:`keep_freed_memory`)."""
+    keep_freed_memory()
     for m in models.values():
         m.eval()
     with num_threads(threads):

@@ -76,10 +76,14 @@ def ort_session(path: Path, threads: int):
 
 def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 256), *, threads: int = 2,
                    repeats: int = 100, trust_code: bool = False, onnx: bool = True) -> dict[str, Any]:
-    """The numbers of ``netsurgeon bench-latency`` as a JSON-ready dict (see the module doc)."""
+    """The numbers of ``netsurgeon bench-latency`` as a JSON-ready dict (see the module doc). Freed memory is
+    kept for reuse from here on in this process (:func:`netsurgeon.stats.keep_freed_memory`), as every benchmark
+    does, so no model pays page faults by allocation history."""
     from ..models import arch_of, original_model
+    from ..stats import keep_freed_memory
     from . import load_compressed
 
+    allocator = keep_freed_memory()
     path = Path(path)
     dense = load_compressed(path, trust_code=trust_code)
     shape = tuple((arch_of(dense) or {}).get("input_shape") or ())
@@ -91,7 +95,8 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
     stored = load_compressed(path, trust_code=trust_code, keep_codecs=True)
     flops_dense, flops_eff = total_flops(dense, shape)[0], total_flops(stored, shape)[1]
     out: dict[str, Any] = {
-        "file": str(path), "file_bytes": path.stat().st_size, "threads": threads, "input_shape": list(shape),
+        "file": str(path), "file_bytes": path.stat().st_size, "threads": threads, "allocator": allocator,
+        "input_shape": list(shape),
         "dense_weight_bytes": resident_bytes(dense), "structured": original is not None,
         "flops_dense": flops_dense, "flops_effective": flops_eff,
         "flop_ratio_bound": flops_dense / max(flops_eff, 1), "batches": {}}
@@ -146,7 +151,8 @@ def report_lines(r: dict[str, Any]) -> list[str]:
     """Plain-text table of :func:`latency_report`."""
     cols = [k for k in next(iter(r["batches"].values()))["ms"]]
     lines = [f"{r['file']}: {r['file_bytes']:,} bytes on disk; dense float32 weights {r['dense_weight_bytes']:,} "
-             f"bytes; {r['threads']} threads; FLOP-ratio bound {r['flop_ratio_bound']:.1f}x"]
+             f"bytes; {r['threads']} threads; FLOP-ratio bound {r['flop_ratio_bound']:.1f}x",
+             f"allocator: {r.get('allocator', 'default')}"]
     if "onnx_bytes" in r:
         lines.append(f"ONNX: compact export {r['onnx_bytes']:,} bytes (torch.onnx.export dense: "
                      f"{r['onnx_dense_bytes']:,}); max |logit diff| vs PyTorch {r['onnx_max_abs_logit_diff']:.1e}")
