@@ -96,7 +96,7 @@ def test_plan_never_keeps_a_slower_form_and_dense_stays_possible():
     with torch.no_grad():
         m[0].weight[:, 1:] = 0
     fast, plan = compile_runtime(m, 1, repeats=5)
-    (run,) = plan.runs
+    (run,) = [r for r in plan.runs if r.form != "calls"]  # a dense win leaves a plain layer to call directly
     assert run.form == min(run.latency_ms, key=run.latency_ms.get)
     assert "dense" in run.latency_ms
     with torch.no_grad():
