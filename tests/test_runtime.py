@@ -373,12 +373,15 @@ class _ReusesConvOutput(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.relu, self.conv2, self.relu2 = nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU()
+        self.conv3, self.relu3 = nn.Conv2d(4, 4, 1), nn.ReLU(inplace=True)
         self.pool, self.flatten, self.fc = nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         z = self.relu2(self.conv2(y))  # conv2's output is read once: its ReLU may run in place
-        return self.fc(self.flatten(self.pool(self.relu(y) + y + z)))  # y is read twice: its ReLU may not
+        w = self.conv3(z)
+        self.relu3(w)  # built in place: the sum below reads w after it
+        return self.fc(self.flatten(self.pool(self.relu(y) + y + z + w)))  # y is read twice: its ReLU may not
 
 
 def _graph_nodes(net: nn.Module) -> list[torch.fx.Node]:
@@ -394,7 +397,7 @@ def test_plain_layers_become_direct_calls_and_a_relu_runs_in_place_only_on_what_
     assert any(r.layers == ["(whole model) direct calls"] for r in plan.runs)
     nodes = _graph_nodes(fast)
     assert nodes and not any(n.op == "call_module" for n in nodes)
-    assert [n.args[0].args[1].target for n in nodes if n.target is torch.relu_] == ["conv2.weight"]
+    assert [n.args[0].args[1].target for n in nodes if n.target is torch.relu_] == ["conv2.weight", "conv3.weight"]
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
@@ -403,3 +406,18 @@ def test_plain_layers_become_direct_calls_and_a_relu_runs_in_place_only_on_what_
     assert not any(n.target in (torch.conv2d, torch.relu_) for n in _graph_nodes(off))
     with torch.no_grad():
         torch.testing.assert_close(off(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_an_int8_convolution_network_keeps_its_memory_order_and_slices():
+    from netsurgeon.quantization.uniform import quantize_model_int8
+
+    torch.manual_seed(0)
+    m = ns.build_model("lenet5").eval()
+    quantize_model_int8(m)
+    fast, plan = compile_runtime(m, 64, repeats=3, threads=1, forms=("int8", "layout", "pool", "calls"))
+    whole = {r.layers[0] for r in plan.runs if r.layers[0].startswith("(whole model)")}
+    # int8 kernels are near the float model, not equal to it: that alone must not send the model back to NCHW
+    assert {"(whole model) memory order", "(whole model) batch slices"} <= whole, plan.describe()
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=0.05, rtol=0.05)
