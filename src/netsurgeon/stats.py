@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -128,9 +130,6 @@ def keep_freed_memory() -> str:
     of large batches are then neither fair nor repeatable, so the benchmarks and ``netsurgeon bench-latency`` call
     this first; a serving process can too (the cost: it keeps its peak memory). Not glibc: nothing changes."""
     global _ALLOCATOR
-    import ctypes
-    import sys
-
     if _ALLOCATOR != "default" or not sys.platform.startswith("linux"):
         return _ALLOCATOR
     try:
