@@ -7,10 +7,10 @@ steps for convolution networks, direct calls), and so has the measurement (the p
 the dense module no longer pays page faults by allocation history: docs/runtime.md). Training a benchmark again
 on another CPU trains other models, so this re-times the committed ``.nsz`` files instead: every row that has a
 file and speed columns gets the project's one definition of speed again (``_common.latency``: the runtime form
-of the file against the dense model of its architecture, interleaved in this process, 2 threads, medians of
-100), in place. The row keeps its first values under ``speed_first_run``; the result records the re-timing
-machine under ``retimed``. Training results (errors, sizes, wall times) and the benchmark's own nested details
-stay as they were. A row whose file fails to time keeps its values and says why. Each benchmark's file is
+of the file against the dense model of its architecture, interleaved in one process, 2 threads, medians of
+100; each file in a fresh process), in place. The row keeps its first values under ``speed_first_run``; the
+result records the re-timing machine under ``retimed``. Training results (errors, sizes, wall times) and the
+benchmark's own nested details stay as they were. A row whose file fails to time keeps its values and says why. Each benchmark's file is
 written as soon as its rows are done, so an interrupted run keeps what it finished; ``--skip-done`` goes on from
 there.
 
@@ -24,12 +24,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 
-from _common import RESULTS, latency, machine, write_result
+from _common import RESULTS, ROOT, machine, write_result
 
 BENCHMARKS = ("han_mnist", "dns_mnist", "int8_mnist", "missed_targets", "distributed", "lowrank_distill_mnist",
               "survey_mnist")
+
+
+def latency_in_fresh_process(file: str) -> dict:
+    """``_common.latency(file)`` in a process of its own: in one long process, after a pruned LeNet-5 was timed,
+    the numba and torch-CSR kernels of the next file ran 2x slower to the end (docs/runtime.md, pitfalls)."""
+    code = f"import json; from _common import latency; print(json.dumps(latency({file!r})))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def retime(name: str, cache: dict) -> int:
@@ -43,7 +55,7 @@ def retime(name: str, cache: dict) -> int:
                                                "machine": res.get("machine")}
         try:
             if row["file"] not in cache:
-                cache[row["file"]] = latency(row["file"])
+                cache[row["file"]] = latency_in_fresh_process(row["file"])
             lat = cache[row["file"]]
         except Exception as e:  # noqa: BLE001 - one file that cannot be timed keeps its row as it was
             row["retime_failed"] = f"{type(e).__name__}: {e}"
@@ -57,7 +69,8 @@ def retime(name: str, cache: dict) -> int:
               f"{row['speedup_b1']:.2f}x, b256 {first['speedup_b256']:.2f}x -> {row['speedup_b256']:.2f}x", flush=True)
     res["retimed"] = {"machine": machine(), "rows": done, "how": "bench/retime.py: the runtime form of each row's "
                       "file against the dense model of its architecture (_common.latency), interleaved, 2 threads, "
-                      "medians of 100; speed_first_run in each row holds the values of the benchmark's own run"}
+                      "medians of 100, each file in a process of its own; speed_first_run in each row holds the "
+                      "values of the benchmark's own run"}
     write_result(name, res)
     return done
 
