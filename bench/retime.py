@@ -10,9 +10,9 @@ file and speed columns gets the project's one definition of speed again (``_comm
 of the file against the dense model of its architecture, interleaved in one process, 2 threads, medians of
 100; each file in a fresh process), in place. The row keeps its first values under ``speed_first_run``; the
 result records the re-timing machine under ``retimed``. Training results (errors, sizes, wall times) and the
-benchmark's own nested details stay as they were. A row whose file fails to time keeps its values and says why. Each benchmark's file is
-written as soon as its rows are done, so an interrupted run keeps what it finished; ``--skip-done`` goes on from
-there.
+benchmark's own nested details stay as they were. A row whose file fails to time keeps its values and says
+why. Each benchmark's file is written as soon as its rows are done, so an interrupted run keeps what it
+finished; ``--skip-done`` goes on from there.
 
 Not re-timed here: structured_mnist (``--remeasure`` re-times it with its own columns), runtime_mnist (it is a
 timing benchmark: run it again), and rows whose speed has another reference: lowrank_distill's students against
@@ -35,8 +35,8 @@ BENCHMARKS = ("han_mnist", "dns_mnist", "int8_mnist", "missed_targets", "distrib
 
 
 def latency_in_fresh_process(file: str) -> dict:
-    """``_common.latency(file)`` in a process of its own: in one long process, after a pruned LeNet-5 was timed,
-    the numba and torch-CSR kernels of the next file ran 2x slower to the end (docs/runtime.md, pitfalls)."""
+    """``_common.latency(file)`` in a process of its own: on this VM a process can run its parallel sparse
+    kernels 2x slower from some point to its end (docs/runtime.md, pitfalls); then it spoils one file, not all."""
     code = f"import json; from _common import latency; print(json.dumps(latency({file!r})))"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if run.returncode:
