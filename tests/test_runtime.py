@@ -263,6 +263,7 @@ def test_batchnorm_is_folded_and_the_layout_chosen_keeps_the_model_exact():
     whole = {r.layers[0]: r for r in plan.runs if r.layers[0].startswith("(whole model)")}
     assert set(whole["(whole model) memory order"].latency_ms) == {"dense", "channels_last"}
     assert set(whole["(whole model) batch slices"].latency_ms) == {"dense", "chunks16", "chunks32"}
+    assert set(whole["(whole model) samples packed into channels"].latency_ms) == {"dense", "pack2", "pack4"}
     assert isinstance(fast, BatchChunks) == (whole["(whole model) batch slices"].form != "dense")
     inner = fast.inner if isinstance(fast, BatchChunks) else fast
     assert isinstance(inner, ChannelsLast) == (whole["(whole model) memory order"].form == "channels_last")
@@ -421,3 +422,61 @@ def test_an_int8_convolution_network_keeps_its_memory_order_and_slices():
     x = torch.randn(64, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), m(x), atol=0.05, rtol=0.05)
+
+
+class _Packable(nn.Module):
+    """Every kind of node the packing step meets: a convolution, a BatchNorm it cannot fold into one, a
+    depthwise convolution, a residual add, pooling, a concatenation (which must read unpacked activations) and
+    a convolution after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.dw, self.conv2 = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 6, 1, bias=False)
+        self.pool, self.conv3 = nn.MaxPool2d(2), nn.Conv2d(12, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)) + 0.5)
+        z = self.conv2(self.dw(y)).relu()
+        y = self.pool(y + z)
+        c = torch.cat([y, y * 2], 1)
+        return torch.flatten(F.adaptive_avg_pool2d(self.conv3(c), 1), 1)
+
+
+@pytest.mark.parametrize("g", [2, 3])
+@pytest.mark.parametrize("last", [False, True])
+def test_packed_samples_compute_each_sample_as_the_model_does(g, last):
+    from netsurgeon.runtime.compile import _packed, _unpack_batch
+
+    torch.manual_seed(0)
+    m = _Packable().eval()
+    m.bn1.running_mean.uniform_(-1, 1), m.bn1.running_var.uniform_(0.5, 2), m.bn1.weight.data.uniform_(0.5, 2)
+    p = _packed(torch.fx.symbolic_trace(m), g, last)
+    assert (p.conv1.groups, p.dw.groups, p.conv2.groups, p.conv3.groups) == (g, 6 * g, g, 1)
+    assert p.bn1.num_features == 6 * g and p.conv3.in_channels == 12  # the layer after the concatenation: unpacked
+    cat = next(n for n in p.graph.nodes if n.target is torch.cat)
+    assert all(a.target is _unpack_batch for a in cat.args[0])
+    for batch in (g, 2 * g, 2 * g + 1, 1):  # a batch g does not divide is padded, and the padding dropped
+        x = torch.randn(batch, 2, 8, 8)
+        if last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(p(x), m(x), atol=1e-5, rtol=1e-5)
+    assert _packed(torch.fx.symbolic_trace(ns.build_model("lenet300")), 2, False) is None  # no convolution
+
+
+def test_compile_times_packing_only_from_a_batch_of_two():
+    from netsurgeon.models import record_arch
+
+    torch.manual_seed(0)
+    m = record_arch(_Packable(), "tests:packable", input_shape=(2, 8, 8)).eval()
+    label = ["(whole model) samples packed into channels"]
+    for batch, packs in ((1, None), (2, {"dense", "pack2"}), (8, {"dense", "pack2", "pack4"})):
+        fast, plan = compile_runtime(m, batch, repeats=3, threads=1)
+        step = next((r for r in plan.runs if r.layers == label), None)
+        assert (step and set(step.latency_ms)) == packs
+        x = torch.randn(batch + 3, 2, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    _, plan = compile_runtime(m, 8, repeats=3, threads=1, forms=("fold", "layout", "calls"))
+    assert not any(r.layers == label for r in plan.runs)

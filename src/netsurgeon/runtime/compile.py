@@ -29,7 +29,11 @@ recorded input shape, first times the model in its own memory order against chan
 finished model against itself on cache-sized slices of the batch (:class:`BatchChunks`). A candidate whose output
 differs from the model's is dropped, and a finished channels-last model that differs is compiled again without
 ``layout``. ``calls``: the finished graph calls the functions of its plain torch layers directly (no
-``nn.Module.__call__`` per layer; a ReLU on a fresh tensor nothing else reads runs in place). These steps apply
+``nn.Module.__call__`` per layer; a ReLU on a fresh tensor nothing else reads runs in place). ``pack``, at a
+batch of 2 or more: the convolutional part of the model runs on G samples at once laid side by side along the
+channel axis, each convolution grouped G times over copies of its weights (:func:`_packed`): a layer left with 8
+channels by pruning then fills oneDNN's 16-channel blocks (8 -> 8 channels over 28x28, batch 256: 1.9 vs 2.4 ms).
+Timed against the finished model; the fastest of G = 1, 2, 4 is kept. These steps apply
 to a dense model's runtime form as to a compressed one, so a ratio between two runtime forms credits only the
 compression.
 
@@ -40,6 +44,7 @@ structure; each Linear layer is then a run of its own.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,7 +74,8 @@ from .modules import (
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
-KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "fold", "layout", "calls", "dense")
+KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "fold", "layout", "calls", "pack", "dense")
+_PACKS = (2, 4)  # samples per packed group the ``pack`` step tries
 _CHUNKS = (16, 32, 64)  # slice sizes the ``layout`` step tries at larger batches
 
 
@@ -492,7 +498,15 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
                 _materialize(m)
         if traced and "fold" in forms:
             _fold_batchnorm(gm, plan)  # type: ignore[arg-type]
+        packs = {f"pack{g}": p for g in _PACKS if traced and x_whole is not None and "pack" in forms and batch >= g
+                 and (p := _packed(gm, g, last)) is not None}  # type: ignore[arg-type]
         direct = _direct_calls(gm) if traced and "calls" in forms else 0  # type: ignore[arg-type]
+        for p in packs.values():
+            if "calls" in forms:
+                _direct_calls(p)
+            p.graph.lint()
+            p.recompile()
+            p.delete_all_unused_submodules()
         if direct:
             plan.runs.append(RunChoice(["(whole model) direct calls"], "calls", "float", 1.0))
         if traced and not direct and all(r.form == "dense" for r in plan.runs):
@@ -508,6 +522,10 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
                 slack = 2 * float((gm.eval()(x_whole) - ref).abs().max())
         if last:
             gm = ChannelsLast(gm)
+        if packs:
+            cands = {"dense": gm} | {k: ChannelsLast(p) if last else p for k, p in packs.items()}
+            gm = cands[_pick_whole(cands, x_whole, ref, repeats, plan, "(whole model) samples packed into channels",
+                                   slack)]
         if x_whole is not None and batch > min(_CHUNKS):
             gm = _choose_chunks(gm.eval(), x_whole, ref, repeats, plan, slack)
         if last and not _same(gm, x_whole, ref, slack):  # a swapped layer that mishandles channels-last input:
@@ -613,6 +631,113 @@ def _function_call(g: fx.Graph, name: str, m: nn.Module, x: Any) -> Any:
     if t in (nn.Identity, nn.Dropout) and not m.training:
         return x
     return None
+
+
+_PER_SAMPLE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh,
+                       nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d,
+                       nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, StridedMaxPool2d)
+_PER_SAMPLE_FUNCTIONS = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, torch.relu,
+                         torch.relu_, F.relu, torch.sigmoid, torch.tanh, F.max_pool2d, F.avg_pool2d,
+                         F.adaptive_avg_pool2d}
+_PER_SAMPLE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_", "mul", "mul_", "sub", "contiguous"}
+
+
+def _pack_batch(x: torch.Tensor, g: int, last: bool) -> torch.Tensor:
+    """``(B, C, H, W) -> (B/g, g·C, H, W)``: each group of ``g`` samples side by side along the channel axis (a
+    batch that ``g`` does not divide is padded with zero samples)."""
+    if x.shape[0] % g:
+        x = torch.cat([x, x.new_zeros((g - x.shape[0] % g, *x.shape[1:]))])
+    x = x.reshape(x.shape[0] // g, g * x.shape[1], *x.shape[2:])
+    return x.contiguous(memory_format=torch.channels_last) if last and x.dim() == 4 else x
+
+
+def _unpack_batch(y: torch.Tensor, g: int, x: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_pack_batch` for a packed activation ``y`` of the input ``x``."""
+    y = y.reshape(y.shape[0] * g, y.shape[1] // g, *y.shape[2:])
+    return y[:x.shape[0]] if y.shape[0] != x.shape[0] else y
+
+
+def _packed(gm: fx.GraphModule, g: int, last: bool) -> fx.GraphModule | None:
+    """A copy of ``gm`` whose convolutional part runs on ``g`` samples at once, laid side by side along the
+    channel axis: the input is packed ``(B, C, H, W) -> (B/g, g·C, H, W)``; a plain Conv2d becomes the same
+    convolution with ``g`` times its groups over ``g`` copies of its weights (sample i of a group reads channels
+    i·C..(i+1)·C-1 and writes its own block of outputs), a BatchNorm2d gets ``g`` copies of its statistics, and
+    what works per sample and per channel (activations, pooling, adds of two packed tensors) runs unchanged; the
+    first op outside that set reads the activation unpacked again, as does the output. Same arithmetic per sample.
+    None if nothing would run packed (no convolution)."""
+    gm = copy.deepcopy(gm)
+    graph = gm.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return None
+    x = inputs[0]
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    with graph.inserting_after(x):
+        px = graph.call_function(_pack_batch, (x, g, last))
+    x.replace_all_uses_with(px, delete_user_cb=lambda user: user is not px)
+    packed, unpacked, convs = {px}, {}, 0
+
+    def unpack(n: fx.Node) -> fx.Node:
+        if n not in unpacked:
+            with graph.inserting_after(n):
+                unpacked[n] = graph.call_function(_unpack_batch, (n, g, x))
+        return unpacked[n]
+
+    for node in list(graph.nodes):
+        ins = node.all_input_nodes
+        if node is px or not any(a in packed for a in ins):
+            continue
+        if node.op != "output" and all(a in packed for a in ins):
+            kind = _pack_node(gm, node, g, calls)
+            if kind:
+                packed.add(node)
+                convs += kind == "conv"
+                continue
+        node.args = fx.map_arg(node.args, lambda a: unpack(a) if a in packed else a)
+        node.kwargs = fx.map_arg(node.kwargs, lambda a: unpack(a) if a in packed else a)
+    if not convs:
+        return None
+    gm.recompile()
+    return gm
+
+
+def _pack_node(gm: fx.GraphModule, node: fx.Node, g: int, calls: dict[str, int]) -> str:
+    """Make ``node`` run on packed input (see :func:`_packed`): "conv" for a convolution made grouped, "same"
+    for a node that runs unchanged or with repeated per-channel tensors, "" for a node that needs its input
+    unpacked."""
+    if node.op == "call_function":
+        return "same" if node.target in _PER_SAMPLE_FUNCTIONS else ""
+    if node.op == "call_method":
+        return "same" if node.target in _PER_SAMPLE_METHODS else ""
+    if node.op != "call_module":
+        return ""
+    m = gm.get_submodule(str(node.target))
+    if m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m):
+        return ""
+    if type(m) in _PER_SAMPLE_MODULES:
+        return "" if getattr(m, "return_indices", False) or (isinstance(m, nn.Dropout) and m.training) else "same"
+    if calls[str(node.target)] != 1:
+        return ""
+    if type(m) is nn.Conv2d and m.padding_mode == "zeros":
+        conv = nn.Conv2d(g * m.in_channels, g * m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                         g * m.groups, m.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(m.weight.detach().repeat(g, 1, 1, 1))
+            if m.bias is not None:
+                conv.bias.copy_(m.bias.detach().repeat(g))
+        gm.set_submodule(str(node.target), conv.eval().requires_grad_(False))
+        return "conv"
+    if type(m) is nn.BatchNorm2d and not m.training and m.running_mean is not None:
+        bn = nn.BatchNorm2d(g * m.num_features, m.eps, affine=m.affine)
+        with torch.no_grad():
+            for name in ("running_mean", "running_var") + (("weight", "bias") if m.affine else ()):
+                getattr(bn, name).copy_(getattr(m, name).detach().repeat(g))
+        gm.set_submodule(str(node.target), bn.eval().requires_grad_(False))
+        return "same"
+    return ""
 
 
 def _whole_input(net: nn.Module, probe: nn.Module, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
