@@ -43,6 +43,7 @@ from _common import (
 from netsurgeon.modelfile import save_model
 from netsurgeon.pruning.structured import filter_sensitivity, l1_filter_prune
 from netsurgeon.runtime import compile_runtime
+from netsurgeon.runtime.compile import _pack_batch
 from netsurgeon.stats import (
     layer_flops,
     measure_latency,
@@ -201,7 +202,8 @@ def structured_flops(model) -> int:
 
 def conv_rates(model, reference, plan, x) -> dict:
     """Each convolution that the shrunk model's runtime form runs directly (not as columns), timed alone on its
-    own input at ``x``'s batch (channels-last, the order oneDNN computes in; 2 threads), interleaved with the dense
+    own input at ``x``'s batch as the runtime runs it (channels-last, the order oneDNN computes in; on g samples
+    packed along the channels where the plan packs them; 2 threads), interleaved with the dense
     model's convolution of the same name: ms and GFLOP/s of both. ``matched_saving_ms``: the time saved if every
     such shrunk convolution ran at its dense layer's rate, i.e. the most a faster small-channel kernel could give."""
     inputs: dict[str, dict[str, torch.Tensor]] = {"model": {}, "dense": {}}
@@ -214,6 +216,9 @@ def conv_rates(model, reference, plan, x) -> dict:
         for h in hooks:
             h.remove()
     columns = {r.layers[0] for r in plan.runs if r.form == "columns"}
+    packed = [int(r.form[4:]) for r in plan.runs if r.layers == ["(whole model) samples packed into channels"]
+              and r.form.startswith("pack")]
+    g = packed[0] if packed else 1  # the runtime runs the shrunk model's convolutions on g samples at once
     layers, saving = {}, 0.0
     for n in inputs["model"]:
         if n in columns or n not in inputs["dense"]:
@@ -221,9 +226,10 @@ def conv_rates(model, reference, plan, x) -> dict:
         calls, flops = {}, {}
         for key, net in nets.items():
             m = net.get_submodule(n)
-            xi = inputs[key][n].contiguous(memory_format=torch.channels_last)
-            w = m.weight.detach().contiguous(memory_format=torch.channels_last)
-            calls[key] = lambda xi=xi, w=w, m=m: torch.conv2d(xi, w, None, m.stride, m.padding, m.dilation)
+            k = g if key == "model" else 1
+            xi = _pack_batch(inputs[key][n], k, True)
+            w = m.weight.detach().repeat(k, 1, 1, 1).contiguous(memory_format=torch.channels_last)
+            calls[key] = lambda xi=xi, w=w, m=m, k=k: torch.conv2d(xi, w, None, m.stride, m.padding, m.dilation, k)
             flops[key] = 2 * calls[key]().numel() * w[0].numel()
         with num_threads(2), torch.no_grad():
             t = time_interleaved(calls, 20)
