@@ -226,6 +226,10 @@ def test_strided_max_pool_equals_max_pool(kw, shape):
     x = torch.randn(shape)
     x[0, 0, 0, 0] = float("nan")  # propagated, as max_pool2d does
     torch.testing.assert_close(StridedMaxPool2d(pool)(x), pool(x), equal_nan=True, atol=0, rtol=0)
+    xl = x.contiguous(memory_format=torch.channels_last)  # the row-then-pixel path, cropped where H or W is odd
+    out = StridedMaxPool2d(pool)(xl)
+    torch.testing.assert_close(out, pool(x), equal_nan=True, atol=0, rtol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
     for bad in (nn.MaxPool2d(3, 2), nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, ceil_mode=True),
                 nn.MaxPool2d(2, dilation=2)):
         with pytest.raises(ValueError, match="stride = kernel size"):

@@ -281,12 +281,32 @@ class StridedMaxPool2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         kh, kw = self.kernel_size
         oh, ow = x.shape[-2] // kh, x.shape[-1] // kw
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return self._nhwc(x, kh, kw, oh, ow)
         out = None
         for i in range(kh):
             for j in range(kw):
                 v = x[..., i: i + kh * oh: kh, j: j + kw * ow: kw]
                 out = v if out is None else torch.maximum(out, v)
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _nhwc(x: Tensor, kh: int, kw: int, oh: int, ow: int) -> Tensor:
+        """Channels-last input: the window's rows are whole contiguous image rows and its columns whole
+        contiguous pixel vectors, so the maximum runs over long contiguous runs (first across the kh rows of each
+        output row, then across the kw pixels of each output pixel) instead of strided views of C floats each:
+        1.3-2.4x faster at batch 256 here (docs/runtime.md)."""
+        b, c = x.shape[0], x.shape[1]
+        n = x.permute(0, 2, 3, 1)[:, :kh * oh, :kw * ow]  # (B, H, W, C), contiguous unless cropped
+        rows = n.reshape(b, oh, kh, ow * kw * c)
+        out = rows[:, :, 0]
+        for i in range(1, kh):
+            out = torch.maximum(out, rows[:, :, i])
+        cols = out.view(b, oh, ow, kw, c)
+        out = cols[:, :, :, 0]
+        for j in range(1, kw):
+            out = torch.maximum(out, cols[:, :, :, j])
+        return out.permute(0, 3, 1, 2)  # (B, C, oh, ow) in channels-last memory
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel_size}, maximum of strided views"
