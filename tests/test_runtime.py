@@ -484,3 +484,21 @@ def test_compile_times_packing_only_from_a_batch_of_two():
             torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
     _, plan = compile_runtime(m, 8, repeats=3, threads=1, forms=("fold", "layout", "calls"))
     assert not any(r.layers == label for r in plan.runs)
+
+
+def test_packing_rebuilds_a_column_form_that_skips_little_and_keeps_one_that_skips_much():
+    from netsurgeon.runtime import ColumnConv2d
+    from netsurgeon.runtime.compile import _packed
+
+    torch.manual_seed(0)
+    m = _Packable().eval()
+    with torch.no_grad():
+        m.conv2.weight[:, :4] = 0  # 4 of conv2's 6 columns (input channels of a 1x1 kernel) never read
+    gm = torch.fx.symbolic_trace(m)
+    gm.conv1, gm.conv2 = ColumnConv2d(m.conv1), ColumnConv2d(m.conv2)
+    p = _packed(gm, 2, False)
+    assert type(p.conv1) is nn.Conv2d and p.conv1.groups == 2  # all columns kept: rebuilt, packed
+    assert type(p.conv2) is ColumnConv2d  # a third of its columns: stays the column form, on unpacked input
+    x = torch.randn(5, 2, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), m(x), atol=1e-5, rtol=1e-5)
