@@ -44,7 +44,7 @@ from _common import (
 from netsurgeon.modelfile import save_model
 from netsurgeon.pruning.structured import filter_sensitivity, l1_filter_prune
 from netsurgeon.runtime import compile_runtime
-from netsurgeon.runtime.compile import _pack_batch
+from netsurgeon.runtime.compile import PACK_STEP, _pack_batch
 from netsurgeon.stats import (
     layer_flops,
     measure_latency,
@@ -217,8 +217,7 @@ def conv_rates(model, reference, plan, x) -> dict:
         for h in hooks:
             h.remove()
     columns = {r.layers[0] for r in plan.runs if r.form == "columns"}
-    packed = [int(r.form[4:]) for r in plan.runs if r.layers == ["(whole model) samples packed into channels"]
-              and r.form.startswith("pack")]
+    packed = [int(r.form[4:]) for r in plan.runs if r.layers == [PACK_STEP] and r.form.startswith("pack")]
     g = packed[0] if packed else 1  # the runtime runs the shrunk model's convolutions on g samples at once
     layers, saving = {}, 0.0
     for n in inputs["model"]:

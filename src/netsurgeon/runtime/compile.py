@@ -76,6 +76,7 @@ __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
 KINDS = ("fused", "csr", "int8", "xnor", "lut", "columns", "pool", "fold", "layout", "calls", "pack", "dense")
 _PACKS = (2, 4)  # samples per packed group the ``pack`` step tries
+PACK_STEP = "(whole model) samples packed into channels"  # the plan's label of the ``pack`` step
 _CHUNKS = (16, 32, 64)  # slice sizes the ``layout`` step tries at larger batches
 
 
@@ -524,8 +525,7 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
             gm = ChannelsLast(gm)
         if packs:
             cands = {"dense": gm} | {k: ChannelsLast(p) if last else p for k, p in packs.items()}
-            gm = cands[_pick_whole(cands, x_whole, ref, repeats, plan, "(whole model) samples packed into channels",
-                                   slack)]
+            gm = cands[_pick_whole(cands, x_whole, ref, repeats, plan, PACK_STEP, slack)]
         if x_whole is not None and batch > min(_CHUNKS):
             gm = _choose_chunks(gm.eval(), x_whole, ref, repeats, plan, slack)
         if last and not _same(gm, x_whole, ref, slack):  # a swapped layer that mishandles channels-last input:
@@ -537,6 +537,15 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         torch.set_num_threads(old)
 
 
+def _call_counts(graph: fx.Graph) -> dict[str, int]:
+    """How many times the graph calls each submodule (a layer called twice is shared: it keeps its own call)."""
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    return calls
+
+
 def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None, convs_too: bool = False) -> None:
     """Fold each BatchNorm (running statistics) into the Conv or Linear layer whose output only it reads, in
     place: ``W·γ/σ`` and ``(b - μ)·γ/σ + β`` (``torch.nn.utils.fusion``); zero weights stay zero, and the graph is
@@ -545,10 +554,7 @@ def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None, convs_too: boo
     per-layer swaps, so a convolution swapped for its column form carries its BatchNorm; the last pass, on plain
     weights, takes what is left (a pruned or shared Linear layer, whose stored form its run needed)."""
     pairs = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    calls = _call_counts(gm.graph)
     for node in list(gm.graph.nodes):
         src = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1 \
@@ -583,10 +589,7 @@ def _direct_calls(gm: fx.GraphModule) -> int:
     arithmetic, no ``nn.Module.__call__`` per layer: at batch 1 that call is a large part of a small layer's time
     (docs/runtime.md). Layers with hooks or called more than once keep their call. Returns the number of calls
     replaced."""
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    calls = _call_counts(gm.graph)
     done = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or calls[str(node.target)] != 1:
@@ -671,10 +674,7 @@ def _packed(gm: fx.GraphModule, g: int, last: bool) -> fx.GraphModule | None:
     if len(inputs) != 1:
         return None
     x = inputs[0]
-    calls: dict[str, int] = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    calls = _call_counts(graph)
     with graph.inserting_after(x):
         px = graph.call_function(_pack_batch, (x, g, last))
     x.replace_all_uses_with(px, delete_user_cb=lambda user: user is not px)
