@@ -63,6 +63,7 @@ def main() -> None:
     data = ns.data.digits(seed=0)
     torch.manual_seed(0)
     base = ns.build_model("digits_cnn", data.input_shape)
+    torch.optim.SGD(base.parameters(), lr=0.1)  # the first optimizer imports torch._inductor after the group exists
     if scenario == "methods":
         names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(METHODS)
         for name in names:
@@ -135,6 +136,13 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     ddp.barrier()
+    ddp.leave()  # what the exit handler does; the threads left afterwards are recorded for the tests
+    (out / f"threads_rank{rank}.txt").write_text("\n".join(_thread_names()))
+
+
+def _thread_names() -> list[str]:
+    tasks = Path("/proc/self/task")
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir()) if tasks.is_dir() else []
 
 
 if __name__ == "__main__":
