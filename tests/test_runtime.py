@@ -413,6 +413,46 @@ def test_plain_layers_become_direct_calls_and_a_relu_runs_in_place_only_on_what_
         torch.testing.assert_close(off(x), m(x), atol=1e-5, rtol=1e-5)
 
 
+class _FunctionalResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), \
+            nn.Conv2d(4, 4, 1)
+        self.register_buffer("shift", torch.full((4, 1, 1), 0.25, dtype=torch.float64))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.conv1(x))  # read by conv2 and the sum: must stay as it is
+        b = a + self.conv2(a)  # conv2's output is read once: the sum may go into it, never into a
+        c = torch.relu(b).relu()  # b, then the ReLU's output, read once: in place
+        d = self.conv3(c)
+        e = (d.mean((2, 3), keepdim=True) + d) + self.shift  # a fresh (N, 4, 1, 1) + d broadcasts past it;
+        n = x.size(0) + 0  # then float64 promotes: both stay out of place; sizes add as ints
+        return self.fc(e.float().mean((2, 3)))[:n] + a.mean()
+
+
+def test_functional_relus_and_sums_run_in_place_only_into_a_fresh_tensor_nothing_else_reads():
+    from netsurgeon.models import record_arch
+    from netsurgeon.runtime.compile import _add_into
+
+    torch.manual_seed(0)
+    m = record_arch(_FunctionalResidual(), "tests:functional", input_shape=(1, 8, 8)).eval()
+    fast, _ = compile_runtime(m, 4, repeats=3, threads=1, forms=("fold", "layout", "dense", "calls"))
+    nodes = _graph_nodes(fast)
+    into = [n for n in nodes if n.target is _add_into]
+    # conv2(a) + a goes into conv2's output; mean + d and the float64 shift are tried at run time and refused
+    assert into and into[0].args[0].target is torch.conv2d and into[0].args[1].target is torch.relu_
+    assert sum(n.target is torch.relu_ or n.target == "relu_" for n in nodes) == 3  # a's ReLU: conv1's output
+    x = torch.randn(6, 1, 8, 8)
+    x0 = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(x, x0)
+    assert _add_into(torch.ones(2, 1), torch.ones(2, 3)).shape == (2, 3)  # broadcast past a: a new tensor
+    assert _add_into(torch.ones(2), torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+    assert _add_into(3, 4) == 7 and _add_into([1], [2]) == [1, 2]
+
+
 def test_an_int8_convolution_network_keeps_its_memory_order_and_slices():
     from netsurgeon.quantization.uniform import quantize_model_int8
 

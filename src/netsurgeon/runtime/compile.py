@@ -582,11 +582,53 @@ def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None, convs_too: boo
 _FRESH = (torch.conv1d, torch.conv2d, torch._C._nn.linear, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d)
 
 
+def _add_into(a: torch.Tensor, b: Any) -> torch.Tensor:
+    """``a + b``, written into ``a`` where that gives the same tensor (same dtype, ``b`` broadcasts to ``a``'s
+    shape): ``a`` is a fresh activation nothing else reads (:func:`_in_place`)."""
+    if isinstance(a, torch.Tensor) and torch.result_type(a, b) == a.dtype and (
+            not isinstance(b, torch.Tensor) or torch.broadcast_shapes(a.shape, b.shape) == a.shape):
+        return a.add_(b)
+    return a + b  # sizes, lists, a sum that broadcasts beyond ``a`` or promotes its dtype
+
+
+def _fresh(x: Any) -> bool:
+    """``x`` is a tensor a graph op has just allocated and nothing but one node reads."""
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and len(x.users) == 1):
+        return False
+    if x.target is torch.relu_:  # a ReLU in place on a fresh tensor
+        return _fresh(x.args[0])
+    return x.target in _FRESH + _ADDS + (_add_into,) and not (x.target in _ADDS and x.kwargs)  # add(out=t): t
+
+
+_ADDS = (operator.add, torch.add)
+
+
+def _in_place(gm: fx.GraphModule) -> int:
+    """Run functional ReLUs (``F.relu``, ``torch.relu``, ``.relu()``) and additions of two tensors in place
+    where one input is fresh (:func:`_fresh`): a residual block's ``relu(conv(x) + shortcut)`` then allocates
+    nothing. A new activation costs more than the pass itself at batch 256 (fresh pages; docs/runtime.md).
+    Returns the number of nodes changed."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        a = node.args
+        if node.op == "call_function" and node.target in (F.relu, torch.relu) and a and _fresh(a[0]) \
+                and a[1:] in ((), (False,)) and node.kwargs in ({}, {"inplace": False}):
+            node.target, node.args, node.kwargs, done = torch.relu_, a[:1], {}, done + 1
+        elif node.op == "call_method" and node.target == "relu" and len(a) == 1 and not node.kwargs \
+                and _fresh(a[0]):
+            node.target, done = "relu_", done + 1
+        elif node.op == "call_function" and node.target in _ADDS and len(a) == 2 and not node.kwargs \
+                and (_fresh(a[0]) or _fresh(a[1])):
+            node.target, node.args, done = _add_into, a if _fresh(a[0]) else (a[1], a[0]), done + 1
+    return done
+
+
 def _direct_calls(gm: fx.GraphModule) -> int:
     """Replace the calls of plain torch layers (Conv1d/2d, Linear, ReLU, max- and average-pooling, Flatten,
     Identity, Dropout in eval mode) by calls of their functions on the layers' own tensors, in place; a ReLU whose
-    input is a fresh tensor read by nothing else runs in place (as does one built ``inplace=True``). Same
-    arithmetic, no ``nn.Module.__call__`` per layer: at batch 1 that call is a large part of a small layer's time
+    input is a fresh tensor read by nothing else runs in place (as does one built ``inplace=True``), and so do
+    functional ReLUs and additions on such a tensor (:func:`_in_place`). Same arithmetic, no
+    ``nn.Module.__call__`` per layer: at batch 1 that call is a large part of a small layer's time
     (docs/runtime.md). Layers with hooks or called more than once keep their call. Returns the number of calls
     replaced."""
     calls = _call_counts(gm.graph)
@@ -603,6 +645,7 @@ def _direct_calls(gm: fx.GraphModule) -> int:
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             done += 1
+    done += _in_place(gm)
     gm.recompile()
     return done
 
@@ -620,8 +663,7 @@ def _function_call(g: fx.Graph, name: str, m: nn.Module, x: Any) -> Any:
     if t is nn.Linear:
         return g.call_function(torch._C._nn.linear, (x, attr("weight"), attr("bias")))
     if t is nn.ReLU:  # an in-place ReLU stays in place: what else reads its input sees the change
-        fresh = isinstance(x, fx.Node) and x.op == "call_function" and x.target in _FRESH and len(x.users) == 1
-        return g.call_function(torch.relu_ if m.inplace or fresh else torch.relu, (x,))
+        return g.call_function(torch.relu_ if m.inplace or _fresh(x) else torch.relu, (x,))
     if t is nn.MaxPool2d and not m.return_indices:
         return g.call_function(F.max_pool2d, (x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode))
     if t is nn.AvgPool2d:
