@@ -593,11 +593,9 @@ def _add_into(a: torch.Tensor, b: Any) -> torch.Tensor:
 
 def _fresh(x: Any) -> bool:
     """``x`` is a tensor a graph op has just allocated and nothing but one node reads."""
-    if not (isinstance(x, fx.Node) and x.op == "call_function" and len(x.users) == 1):
-        return False
-    if x.target is torch.relu_:  # a ReLU in place on a fresh tensor
-        return _fresh(x.args[0])
-    return x.target in _FRESH + _ADDS + (_add_into,) and not (x.target in _ADDS and x.kwargs)  # add(out=t): t
+    # not a ReLU's output: its backward reads it, so writing into it would break a gradient taken through the form
+    return (isinstance(x, fx.Node) and x.op == "call_function" and len(x.users) == 1
+            and x.target in _FRESH + _ADDS + (_add_into,) and not (x.target in _ADDS and x.kwargs))  # add(out=t)
 
 
 _ADDS = (operator.add, torch.add)
