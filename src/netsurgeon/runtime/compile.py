@@ -580,6 +580,7 @@ def _fold_batchnorm(gm: fx.GraphModule, plan: RuntimePlan | None, convs_too: boo
 
 
 _FRESH = (torch.conv1d, torch.conv2d, torch._C._nn.linear, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d)
+_ADDS = (operator.add, torch.add)
 
 
 def _add_into(a: torch.Tensor, b: Any) -> torch.Tensor:
@@ -591,14 +592,15 @@ def _add_into(a: torch.Tensor, b: Any) -> torch.Tensor:
     return a + b  # sizes, lists, a sum that broadcasts beyond ``a`` or promotes its dtype
 
 
+# ops whose output is a new tensor; not a ReLU: its backward reads its output, so writing into that would break a
+# gradient taken through the runtime form
+_NEW_TENSOR = _FRESH + _ADDS + (_add_into,)
+
+
 def _fresh(x: Any) -> bool:
     """``x`` is a tensor a graph op has just allocated and nothing but one node reads."""
-    # not a ReLU's output: its backward reads it, so writing into it would break a gradient taken through the form
-    return (isinstance(x, fx.Node) and x.op == "call_function" and len(x.users) == 1
-            and x.target in _FRESH + _ADDS + (_add_into,) and not (x.target in _ADDS and x.kwargs))  # add(out=t)
-
-
-_ADDS = (operator.add, torch.add)
+    return (isinstance(x, fx.Node) and x.op == "call_function" and len(x.users) == 1 and x.target in _NEW_TENSOR
+            and not (x.target in _ADDS and x.kwargs))  # torch.add(..., out=t) returns t
 
 
 def _in_place(gm: fx.GraphModule) -> int:
@@ -762,7 +764,7 @@ def _pack_node(gm: fx.GraphModule, node: fx.Node, g: int, calls: dict[str, int])
     if calls[str(node.target)] != 1:
         return ""
     if type(m) is ColumnConv2d and m.keep.numel() >= 0.9 * m.total_columns:  # it skips little: the direct
-        m = _direct_conv(m)  # convolution, packed, may be the faster; the whole-model timing decides
+        m = m.to_conv2d()  # convolution, packed, may be the faster; the whole-model timing decides
     if type(m) is nn.Conv2d and m.padding_mode == "zeros":
         conv = nn.Conv2d(g * m.in_channels, g * m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                          g * m.groups, m.bias is not None)
@@ -780,19 +782,6 @@ def _pack_node(gm: fx.GraphModule, node: fx.Node, g: int, calls: dict[str, int])
         gm.set_submodule(str(node.target), bn.eval().requires_grad_(False))
         return "same"
     return ""
-
-
-def _direct_conv(m: ColumnConv2d) -> nn.Conv2d:
-    """The plain convolution a :class:`ColumnConv2d` computes (its dropped columns as zeros)."""
-    full = m.weight.new_zeros(m.out_channels, m.total_columns)
-    full[:, m.keep] = m.weight
-    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                     bias=m.bias is not None)
-    with torch.no_grad():
-        conv.weight.copy_(full.view_as(conv.weight))
-        if m.bias is not None:
-            conv.bias.copy_(m.bias)
-    return conv
 
 
 def _whole_input(net: nn.Module, probe: nn.Module, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

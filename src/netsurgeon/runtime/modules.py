@@ -260,6 +260,18 @@ class ColumnConv2d(nn.Module):
             out = out + self.bias[:, None]
         return out.view(n, self.out_channels, oh, ow)
 
+    def to_conv2d(self) -> nn.Conv2d:
+        """The plain convolution this form computes (its dropped columns as zeros): the inverse of ``__init__``."""
+        full = self.weight.new_zeros(self.out_channels, self.total_columns)
+        full[:, self.keep] = self.weight
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(full.view_as(conv.weight))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
     def extra_repr(self) -> str:
         return (f"out={self.out_channels}, kernel={self.kernel_size}, kept columns {len(self.keep)}/"
                 f"{self.total_columns}, im2col gather + GEMM")
