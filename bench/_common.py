@@ -81,9 +81,9 @@ def rel(path: str | Path) -> str:
 def weight_counts(path: str | Path) -> dict[str, Any]:
     """The one counting rule of every table (issue 13): weights only (Linear/Conv weight tensors), biases
     reported separately, read from the result's ``.nsz`` file."""
-    from netsurgeon.models import original_model
+    from netsurgeon.architecture import original_model
 
-    info = ns.coding.nsz.read_header(REPO / path)
+    info = ns.nsz.read_header(REPO / path)
     weights = [r for r in info.records if r.name.endswith(".weight") and len(r.shape) >= 2]
     biases = [r for r in info.records if r.name.endswith(".bias")]
     n_w, nz_w = sum(r.numel for r in weights), sum(r.nonzero for r in weights)

@@ -3,7 +3,7 @@
     python bench/fuzz_nsz.py [--inputs 100000] [--workers 2] [--memory-limit-gb 3]
 
 Inputs are mutations of 12 valid files (3 models x dense / sparse float16 / k-means + Huffman / int8) made by
-``netsurgeon.coding.fuzz.mutate``: header and record fields set to hostile values or plausible lies, the record
+``netsurgeon.fuzz.mutate``: header and record fields set to hostile values or plausible lies, the record
 list edited, streams altered -- all with the CRCs recomputed, so only the schema stands in the way -- plus raw
 truncations and bit flips; and the explicit attacks of the issue (a header bomb, a declared [20000, 15000]
 tensor, an input shape that builds a 1.4 GB layer). Each input is read as a user would: header, decode, load as
@@ -58,7 +58,7 @@ def _chunk(args: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from netsurgeon.coding.fuzz import check_file, mutate
+    from netsurgeon.fuzz import check_file, mutate
 
     files = sorted(Path(corpus_dir).glob("*.nsz"))
     raws = [f.read_bytes() for f in files]
@@ -111,7 +111,7 @@ def _attacks(corpus_dir: Path) -> list[bytes]:
     import zlib
 
     from netsurgeon.coding.container import MAGIC
-    from netsurgeon.coding.fuzz import _pack, split_file
+    from netsurgeon.fuzz import _pack, split_file
 
     raw = (corpus_dir / "lenet300_sparse16.nsz").read_bytes()
     out = []
@@ -142,8 +142,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "fuzz_nsz.json")
     args = ap.parse_args()
 
-    from netsurgeon.coding.fuzz import build_corpus
-    from netsurgeon.coding.nsz import read_header
+    from netsurgeon.fuzz import build_corpus
+    from netsurgeon.nsz import read_header
 
     t0 = time.perf_counter()
     corpus_dir = Path(tempfile.mkdtemp()) / "corpus"

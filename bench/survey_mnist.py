@@ -63,7 +63,7 @@ from _common import (
     weight_counts,
     write_result,
 )
-from netsurgeon.models import layer_sizes, record_resized, resized_record
+from netsurgeon.changes.resized import layer_sizes, record_resized, resized_record
 from netsurgeon.pruning.channels import remove_channels
 from netsurgeon.pruning.datafree import merge_neurons, mergeable_layers
 from netsurgeon.pruning.structured import l1_filter_prune

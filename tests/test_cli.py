@@ -28,7 +28,7 @@ def test_train_compress_eval_info_pipeline(runner, tmp_path):
     out = _ok(runner.invoke(cli, ["compress", str(base), "--method", "magnitude", "--set", "sparsity=0.9",
                                   "--set", "rounds=2", "--set", "epochs=1", "--set", "lr=0.05",
                                   "--set", "value_dtype=float16", "-o", str(small)]))
-    assert "smaller than dense float32" in out
+    assert "smaller than the input model as dense float32" in out
     out = _ok(runner.invoke(cli, ["eval", str(small), "--json", "--batch", "8"]))
     s = json.loads(out)
     assert s["file_bytes"] == small.stat().st_size
@@ -255,10 +255,10 @@ def test_model_and_data_that_do_not_fit_are_one_line_before_any_work(runner, tmp
 
 def _quick_overrides(recipe):
     """--set values that shrink a recipe to seconds on the bundled digits (same stages, same options otherwise)."""
-    from netsurgeon.recipes import load_recipe
+    from netsurgeon.pipeline import Pipeline
 
     out = []
-    for i, st in enumerate(load_recipe(recipe).stages, 1):
+    for i, st in enumerate(Pipeline.from_yaml(recipe).stages, 1):
         keys = st.config.to_dict()
         for key, value in (("epochs", 1), ("max_steps", 20), ("iter_stop", 10), ("stop", 10), ("num_grads", 16),
                            ("block_size", 256)):

@@ -10,7 +10,16 @@ import torch
 from torch import nn
 
 from netsurgeon.cli import cli
-from netsurgeon.compare import SUITE, Plan, layer_kept, pareto_front, parse_budget, read_pipelines, suite_entries
+from netsurgeon.compare import (
+    Plan,
+    layer_kept,
+    not_in_suite,
+    pareto_front,
+    parse_budget,
+    read_pipelines,
+    suite,
+    suite_entries,
+)
 from netsurgeon.pipeline import Pipeline, methods
 
 
@@ -46,17 +55,15 @@ def test_plan_gives_steps_as_epochs_and_a_cap():
 def test_every_suite_entry_is_a_valid_pipeline_with_the_same_budget():
     plan = Plan(steps=300, steps_per_epoch=100, sparsity=0.8)
     entries = suite_entries(plan)
-    assert [e.name for e in entries] == list(SUITE)
+    assert [e.name for e in entries] == list(suite())
     for e in entries:
         pipe = Pipeline.from_spec(e.stages, source=e.name)
         pipe.check(has_data=True)
         if e.name != "int8":  # post-training int8 trains nothing
             assert e.train_steps == 300, e.name
     # every compressor of the registry has a row (the rest are stages of rows, named with the reason)
-    from netsurgeon.compare import NOT_IN_SUITE
-
     used = {next(iter(s)) for e in entries for s in e.stages}
-    assert set(methods()) - used <= set(NOT_IN_SUITE)
+    assert set(methods()) - used <= set(not_in_suite())
 
 
 def test_unknown_entry_is_refused_with_the_valid_names():
@@ -201,7 +208,7 @@ def test_compare_bad_input_is_one_line_before_any_work(report, tmp_path, args, m
 
 def test_compare_list_names_every_entry(runner):
     out = _ok(runner.invoke(cli, ["compare", "--list"]))
-    assert all(name in out for name in SUITE)
+    assert all(name in out for name in suite())
 
 
 def _browser():

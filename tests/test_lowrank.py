@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import netsurgeon as ns
-from netsurgeon.coding.schema import CONV_FACTOR_KINDS, NszError, check_arch
+from netsurgeon.architecture import check_arch, original_model
+from netsurgeon.coding import NszError
 from netsurgeon.lowrank import (
-    CONV_KINDS,
     factorize_conv,
     factorize_layers,
     factorize_linear,
@@ -17,7 +17,6 @@ from netsurgeon.lowrank import (
     separable_factorize,
     svd_ranks,
 )
-from netsurgeon.models import original_model
 
 
 def test_factor_pair_is_the_truncated_svd():
@@ -171,7 +170,6 @@ def test_conv_factorized_file_rebuilds_on_our_model_and_the_users(tmp_path):
 
 
 def test_schema_checks_conv_factor_records():
-    assert CONV_FACTOR_KINDS == CONV_KINDS
     base = {"name": "lenet5", "input_shape": [1, 28, 28], "num_classes": 10}
     check_arch("f.nsz", {**base, "factorized": {"conv2": {"kind": "tucker", "rank": [3, 4]}, "fc1": 5}})
     for bad, msg in (({"kind": "fft", "rank": 2}, "must be a rank or"),

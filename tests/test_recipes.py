@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import netsurgeon as ns
-from netsurgeon.recipes import apply_recipe, convert_legacy, load_recipe
+from netsurgeon.pipeline import Pipeline
+
+load_recipe = Pipeline.from_yaml
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -39,26 +41,18 @@ def test_recipe_errors_name_the_key(tmp_path):
         load_recipe(p).check(has_data=True)
 
 
-def test_legacy_recipe_is_converted_to_the_same_stages():
-    raw = {"method": "magnitude", "sparsity": {"fc1": 0.9}, "rounds": 2, "finetune": {"epochs": 3, "lr": 0.05},
-           "quantize": {"bits": {"fc": 5}, "epochs": 1, "lr": 0.001}, "save": {"value_dtype": "float16"}}
-    assert convert_legacy(raw)["stages"] == [
-        {"magnitude": {"epochs": 3, "lr": 0.05, "sparsity": {"fc1": 0.9}, "rounds": 2}},
-        {"kmeans": {"bits": {"fc": 5}}},
-        {"finetune": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0}},
-        {"encode": {"value_dtype": "float16"}}]
-    wf = convert_legacy({"method": "woodfisher", "sparsity": 0.9, "fisher": {"num_grads": 10},
-                         "finetune": {"epochs": 1}})
-    assert [next(iter(s)) for s in wf["stages"]] == ["woodfisher", "finetune", "encode"]
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sparsty'\]"):
-        convert_legacy({"method": "magnitude", "sparsty": 0.5})
+def test_a_recipe_in_the_removed_flat_format_is_refused_by_name(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("method: magnitude\nsparsity: 0.9\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['method', 'sparsity'\]; a recipe has 'stages'"):
+        load_recipe(p)
 
 
 def test_quality_recipe_prunes_and_retrains(digits):
     torch.manual_seed(0)
     m = ns.build_model("lenet300", digits.input_shape)
     ns.train(m, digits, ns.TrainConfig(epochs=5, lr=0.05))
-    apply_recipe(m, digits, RECIPES / "magnitude_quality.yaml")
+    load_recipe(RECIPES / "magnitude_quality.yaml").run(m, digits)
     nz, total = ns.stats.count_nonzero(m)
     assert nz < 0.6 * total  # three rounds of |w| < 0.5 std of the survivors remove a good half
     assert ns.evaluate(m, digits.test)[1] > 0.9

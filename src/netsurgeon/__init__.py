@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "masks", "models", "pipeline", "pruning", "quantization", "registry", "stats", "coding",
+_SUBMODULES = ("data", "masks", "models", "pipeline", "pruning", "quantization", "registry", "stats", "coding", "nsz",
+               "forms", "changes", "architecture", "compress",
                "runtime", "train", "report", "modelfile", "linalg", "recipes", "demo", "export", "compare")
 _NAMES = {
     # storage
-    "NszError": "coding", "read_compressed": "coding", "save_compressed": "coding", "load_compressed": "runtime",
+    "NszError": "coding", "read_compressed": "coding", "save_compressed": "coding", "load_compressed": "modelfile",
     "compile_runtime": "runtime", "export_onnx": "export",
     # data & models
     "DataError": "data", "load_dataset": "data", "build_model": "models",
@@ -63,7 +64,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .coding import NszError, read_compressed, save_compressed  # noqa: F401
     from .data import DataError, load_dataset  # noqa: F401
     from .export import export_onnx  # noqa: F401
+    from .modelfile import load_compressed  # noqa: F401
     from .models import build_model  # noqa: F401
     from .pipeline import Pipeline, get_method, methods  # noqa: F401
-    from .runtime import compile_runtime, load_compressed  # noqa: F401
+    from .runtime import compile_runtime  # noqa: F401
     from .train import Callback, TrainConfig, evaluate, train  # noqa: F401

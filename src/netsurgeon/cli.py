@@ -182,6 +182,9 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
     if resume and checkpoint is None:
         raise click.BadParameter("--resume needs --checkpoint FILE.", param_hint="--resume")
     _check_output(output)
+    if output.suffix != ".safetensors":
+        raise _Fail(f"train writes a dense .safetensors file; the output {str(output)!r} has another extension "
+                    "(compress it to a .nsz file with netsurgeon compress).")
     kwargs = _model_args(model_args)
     import torch  # torch from here on
 
@@ -239,24 +242,6 @@ def _check_input_shape(model: Any, data: Any, what: str) -> None:
         raise _Fail(f"{what} returns outputs of shape {list(out.shape)}; expected (batch, classes) logits.")
 
 
-def _read_input(model_file: Path, model_spec: str | None, kwargs: dict[str, Any], trust_code: bool,
-                keep_codecs: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Load the model to compress and the metadata of its file (``.nsz`` in its stored form, or safetensors)."""
-    from .modelfile import load_model
-    from .models import build_model
-    from .runtime import load_compressed
-
-    model = None
-    if model_spec is not None:
-        model = build_model(model_spec, **kwargs) if ":" in model_spec else build_model(model_spec, None, **kwargs)
-    if model_file.suffix == ".nsz":
-        from .coding.nsz import read_header
-
-        meta = read_header(model_file).header.get("meta") or {}
-        return load_compressed(model_file, model, trust_code=trust_code, keep_codecs=keep_codecs), meta
-    return load_model(model_file, model, trust_code=trust_code)
-
-
 @cli.command("compress", context_settings={"max_content_width": 100})
 @click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--method", "method_names", default=None, metavar="NAME[,NAME...]",
@@ -290,58 +275,36 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     if not model_file.is_file():
         raise _Fail(f"model file {str(model_file)!r} does not exist.")
     _check_output(output, model_file)
-    from .data import load_dataset  # torch from here on
-    from .pipeline import Pipeline, weight_form
-    from .train import evaluate
+    from .compress import compress_file, output_path
 
-    defaults: dict[str, Any] = {"seed": seed}
-    if model_file.suffix == ".nsz":  # keep the input's value dtype unless told otherwise
-        from .coding.nsz import read_header
+    output_path(output)
+    chosen: dict[str, Any] = {}
 
-        vds = {r.value_dtype for r in read_header(model_file).records if r.value_dtype.startswith("float")}
-        if vds == {"float16"}:
-            defaults["value_dtype"] = "float16"
-    if recipe is not None:
-        pipe = Pipeline.from_yaml(recipe, overrides, defaults)
-    else:
-        names = [n.strip() for n in method_names.split(",") if n.strip()]  # type: ignore[union-attr]
-        pipe = Pipeline.from_spec(names, overrides, defaults, source="--method")
-    kwargs = _model_args(model_args)
+    def load_data(pipe: Any, meta: dict[str, Any], model: Any) -> Any:
+        from .data import load_dataset
+
+        chosen["data"] = _data_name(data_name, data_dir, (pipe.data or {}).get("name"), meta.get("data"))
+        data = load_dataset(chosen["data"], data_dir, seed=seed)
+        _check_input_shape(model, data, str(model_file))
+        _start_ranks()
+        return data
+
     _set_threads(threads)
-    _start_ranks()
-    try:
-        model, meta = _read_input(model_file, model_spec, kwargs, trust_code)
-    except ValueError as e:  # a plain state dict: the recipe's model, if it names one, rebuilds the architecture
-        if model_spec is not None or not pipe.model or "records no architecture" not in str(e):
-            raise
-        spec = pipe.model.get("factory") or pipe.model.get("name")
-        model, meta = _read_input(model_file, spec, {**(pipe.model.get("kwargs") or {}), **kwargs}, trust_code)
-    pipe.check(has_data=True, start_form=weight_form(model))
-    data_name = _data_name(data_name, data_dir, (pipe.data or {}).get("name"), meta.get("data"))
-    data = load_dataset(data_name, data_dir, seed=seed)
-    _check_input_shape(model, data, str(model_file))
-    history = [r for r in meta.get("pipeline") or [] if isinstance(r, dict)] if isinstance(meta.get("pipeline"), list) \
-        else ([{"method": str(meta["method"])}] if meta.get("method") else [])
-    pipe.run(model, data, progress=True)
-    if _rank() > 0:  # every rank holds the same compressed model; rank 0 writes it
+    stages = None if method_names is None else [n.strip() for n in method_names.split(",") if n.strip()]
+    result = compress_file(model_file, output if _rank() == 0 else None, stages=stages, recipe=recipe,
+                           overrides=overrides, seed=seed, model_spec=model_spec, model_args=_model_args(model_args),
+                           trust_code=trust_code, load_data=load_data, meta=chosen)
+    if result.file is None:  # every rank holds the same compressed model; rank 0 writes it
         return
-    acc = evaluate(model, data.test)[1]
-    from .models import arch_of
+    info, acc = result.file, result.metrics.get("test_accuracy", float("nan"))
+    click.echo(f"{output}: {info.file_bytes:,} bytes, {info.compression:.2f}x smaller than the input model as dense "
+               f"float32 ({info.dense_bytes:,} bytes); test accuracy {100 * acc:.2f}%")
+    from .architecture import original_model
 
-    arch = dict(arch_of(model) or {}) or None
-    if arch is not None and "input_shape" not in arch:
-        arch["input_shape"] = list(data.input_shape)
-    info = pipe.save(model, output, meta={**meta, "data": data_name, "test_accuracy": acc}, history=history,
-                     arch=arch)
-    click.echo(f"{output}: {info.file_bytes:,} bytes ({info.compression:.2f}x smaller than dense float32), "
-               f"test accuracy {100 * acc:.2f}%")
-    from .models import original_model
-
-    orig = original_model(arch, trust_code=True)  # the user's own factory, already run to build the input
+    orig = original_model(info.header.get("arch"), trust_code=True)  # the user's own factory, already run
     if orig is not None:
-        n0, n = sum(p.numel() for p in orig.parameters()), sum(p.numel() for p in model.parameters())
-        click.echo(f"structured: {n:,} of the original {n0:,} parameters ({n0 / n:.2f}x fewer); the file is "
-                   f"{4 * n0 / info.file_bytes:.2f}x smaller than the original dense float32 model")
+        n0, n = sum(p.numel() for p in orig.parameters()), sum(p.numel() for p in result.model.parameters())
+        click.echo(f"structured: {n:,} of the original {n0:,} parameters ({n0 / n:.2f}x fewer)")
 
 
 @cli.command("compare", context_settings={"max_content_width": 100})
@@ -382,10 +345,10 @@ def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Pa
       netsurgeon compare base.safetensors --methods magnitude,dns,kmeans --budget 5m -o quick/
     Open report/index.html in a browser. Interrupted? Run the same command again: finished methods are kept.
     """
-    from .compare import SUITE, Plan, parse_budget, plan_entries
+    from .compare import Plan, parse_budget, plan_entries, suite
 
     if list_only:
-        for name, (family, make) in SUITE.items():
+        for name, (family, make) in suite().items():
             stages = " -> ".join(next(iter(s)) for s in make(Plan(steps=1, steps_per_epoch=1)))
             click.echo(f"{name:18s} {family:13s} {stages}")
         return
@@ -400,12 +363,13 @@ def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Pa
     parse_budget(budget)  # bad input is one line before anything loads
     names = None if method_names is None else [n.strip() for n in method_names.split(",") if n.strip()]
     plan_entries(Plan(steps=1, steps_per_epoch=1, sparsity=sparsity), names, pipelines)
+    from .changes import arch_of
     from .compare import run_comparison  # torch from here on
+    from .compress import read_input
     from .data import load_dataset
-    from .models import arch_of
 
     _set_threads(threads)
-    model, meta = _read_input(model_file, model_spec, _model_args(model_args), trust_code, keep_codecs=True)
+    model, meta = read_input(model_file, model_spec, _model_args(model_args), trust_code=trust_code)
     data_name = _data_name(data_name, data_dir, meta.get("data"))
     data = load_dataset(data_name, data_dir, seed=seed)
     _check_input_shape(model, data, str(model_file))
@@ -479,11 +443,13 @@ def eval_cmd(model_file: Path, model_spec: str | None, model_args: tuple[str, ..
     """Accuracy, file bytes, nonzeros, FLOPs and latency ratio of a .nsz or .safetensors model."""
     import json
 
+    from .changes import arch_of
+    from .compress import read_input
     from .data import load_dataset
-    from .models import arch_of
     from .report import layers_table, summarize, summary_table
 
-    model, meta = _read_input(model_file, model_spec, _model_args(model_args), trust_code, keep_codecs=False)
+    model, meta = read_input(model_file, model_spec, _model_args(model_args), trust_code=trust_code,
+                             keep_codecs=False)
     data_name = _data_name(data_name, data_dir, meta.get("data"))
     data = load_dataset(data_name, data_dir, seed=seed)
     shape = tuple((arch_of(model) or {}).get("input_shape", data.input_shape))
@@ -569,7 +535,7 @@ def export_cmd(model_file: Path, output: Path, dense: bool, trust_code: bool) ->
 @_friendly
 def info_cmd(model_file: Path) -> None:
     """Per-layer table of a .nsz file: shape, kept %, index bits, value bits, bytes."""
-    from .coding.nsz import read_header
+    from .nsz import read_header
     from .report import file_table
 
     info = read_header(model_file)  # validated, never decoded
@@ -629,10 +595,14 @@ def demo_cmd(output: Path, sparsity: float, threads: int | None) -> None:
                               title="LeNet-300-100 on bundled digits: before / after"))
     kept = ", ".join(f"{k} {v:.1f}%" for k, v in r["kept_pct"].items())
     click.echo(f"kept per layer: {kept}")
-    click.echo(f"files: {', '.join(r['files'].values())}, summary.json  ({r['wall_s']:.1f} s)")
+    click.echo(f"files: {', '.join(r['files'].values())}, {r['summary']}  ({r['wall_s']:.1f} s)")
 
 
 def main() -> None:
+    # a model factory named on the command line (--model mynets:factory, --data pkg:fn) is importable from the
+    # working directory, as with ``python -m``
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     cli(prog_name="netsurgeon")
 
 

@@ -34,38 +34,16 @@ import torch
 from torch import nn
 
 from ._validation import atomic_write
+from .compare_html import pareto_front, write_report
+from .plan import FAMILIES, Plan, Stages
 from .progress import log as progress_log
+from .stats import chance_accuracy
 
-__all__ = ["SUITE", "Entry", "Plan", "parse_budget", "plan_budget", "resumable_plan", "input_fingerprint",
-           "suite_entries", "read_pipelines", "plan_entries", "run_comparison", "compare", "layer_kept",
-           "pareto_front", "PAPER_POINTS"]
+__all__ = ["suite", "not_in_suite", "Entry", "Plan", "parse_budget", "plan_budget", "resumable_plan",
+           "input_fingerprint", "suite_entries", "read_pipelines", "plan_entries", "run_comparison", "compare",
+           "layer_kept", "pareto_front", "PAPER_POINTS"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The training budget of every entry: ``steps`` optimizer steps of ``batch_size`` (``steps_per_epoch`` per
-    pass over the training split), and the sparsity that pruning entries aim for."""
-
-    steps: int
-    steps_per_epoch: int
-    sparsity: float = 0.9
-    batch_size: int = 64
-
-    @staticmethod
-    def epoch_steps(data: Any, batch_size: int = 64) -> int:
-        """Optimizer steps in one pass over ``data``'s training split."""
-        return max(1, -(-len(data.train) // batch_size))
-
-    def train(self, fraction: float = 1.0) -> dict[str, Any]:
-        """The training options of a stage that spends ``fraction`` of the budget."""
-        steps = max(1, round(fraction * self.steps))
-        epochs = -(-steps // self.steps_per_epoch)
-        opts: dict[str, Any] = {"epochs": epochs, "batch_size": self.batch_size}
-        if steps < epochs * self.steps_per_epoch:
-            opts["max_steps"] = steps
-        return opts
 
 
 @dataclass(frozen=True)
@@ -78,86 +56,21 @@ class Entry:
     train_steps: int = 0
 
 
-def _finetune(p: Plan, fraction: float = 1.0, **opts: Any) -> dict[str, Any]:
-    return {"finetune": {**p.train(fraction), **opts}}
+def suite() -> dict[str, tuple[str, Stages]]:
+    """Every built-in entry: name -> (family, stages of a plan), from the methods' own declarations
+    (``registry.register(..., compare=...)``), in the order of :data:`~netsurgeon.plan.FAMILIES`."""
+    from .pipeline import methods
+
+    rows = [(FAMILIES.index(family), i, name, family, make) for i, m in enumerate(methods().values())
+            for name, (family, make) in m.compare.items()]
+    return {name: (family, make) for _, _, name, family, make in sorted(rows, key=lambda r: (r[0], r[1]))}
 
 
-# A shared value's gradient sums over every weight of its cluster (thousands in a large layer), so plain SGD steps
-# on codebooks diverge: at LR 0.01 on digits (91% error), and Hessian k-means on LeNet-5 even at 0.001 (NaN at
-# step 25). Adam scales each value's step by its own gradient history: codebooks are fine-tuned with Adam at 1e-4.
-_CODEBOOK = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0}
+def not_in_suite() -> dict[str, str]:
+    """Registered methods without an entry of their own, and why (they run inside other entries)."""
+    from .pipeline import methods
 
-
-def _oneshot_ft(method: str, ft: dict[str, Any] | None = None, **opts: Any) -> Callable[[Plan], list[dict[str, Any]]]:
-    return lambda p: [{method: dict(opts)}, _finetune(p, **(ft or {}))]
-
-
-def _pruned_ft(method: str, **opts: Any) -> Callable[[Plan], list[dict[str, Any]]]:
-    return lambda p: [{method: {"sparsity": p.sparsity, **opts}}, _finetune(p)]
-
-
-def _trained(method: str, sparse: bool = False, **opts: Any) -> Callable[[Plan], list[dict[str, Any]]]:
-    """``method`` spending the whole budget; ``sparse``: aiming at the plan's sparsity."""
-    return lambda p: [{method: {**({"sparsity": p.sparsity} if sparse else {}), **opts, **p.train()}}]
-
-
-def _dns(p: Plan) -> list[dict[str, Any]]:
-    stop = max(1, round(0.875 * p.steps))  # masks freeze for the last 1/8 of the run (bench/dns_mnist.py)
-    return [{"dns": {**p.train(), "iter_stop": {"conv": stop, "fc": stop}}}]
-
-
-def _gradual(p: Plan) -> list[dict[str, Any]]:
-    end = max(1, round(0.75 * p.steps))  # Zhu & Gupta: prune over the first 3/4, recover in the rest
-    return [{"gradual": {**p.train(), "target": p.sparsity, "end": end, "every": max(1, end // 10)}}]
-
-
-# name -> (family, stages of a plan, what it is). Methods that are stages of other pipelines rather than
-# compressors of their own (encode, finetune, distill) and distort (a robustness experiment that keeps float
-# weights) appear inside entries, not as rows.
-SUITE: dict[str, tuple[str, Callable[[Plan], list[dict[str, Any]]]]] = {
-    "magnitude": ("pruning", _trained("magnitude", sparse=True, rounds=1)),
-    "magnitude_global": ("pruning", _trained("magnitude", sparse=True, rounds=1, scope="global")),
-    "quality": ("pruning", _trained("quality", rounds=1)),
-    "gradual": ("pruning", _gradual),
-    "dns": ("pruning", _dns),
-    "autoprune": ("pruning", _trained("autoprune")),
-    "l1": ("pruning", _trained("l1")),
-    "biased_decay": ("pruning", _trained("biased_decay", sparse=True)),
-    "obd": ("second order", _pruned_ft("obd", num_grads=500)),
-    "diag_fisher": ("second order", _pruned_ft("diag_fisher", num_grads=500)),
-    "woodfisher": ("second order", _pruned_ft("woodfisher", num_grads=500)),
-    "woodtaylor": ("second order", _pruned_ft("woodtaylor", num_grads=500)),
-    "kfac": ("second order", _pruned_ft("kfac", num_grads=500)),
-    "obs": ("second order", _pruned_ft("obs", num_grads=500)),
-    "l1_filters": ("structured", _oneshot_ft("l1_filters", fraction=0.5)),
-    "ssl": ("structured", _trained("ssl")),
-    "slimming": ("structured", _trained("slimming", fraction=0.5)),
-    "datafree": ("structured", _oneshot_ft("datafree", fraction=0.5)),
-    "lowrank": ("low rank", _trained("lowrank", params=0.25)),
-    "separable": ("low rank", _trained("separable")),
-    "kmeans": ("quantization", _oneshot_ft("kmeans", _CODEBOOK)),
-    "hessian_kmeans": ("quantization", _oneshot_ft("hessian_kmeans", _CODEBOOK, num_grads=500)),
-    "int8": ("quantization", lambda p: [{"int8": {}}]),
-    "qat": ("quantization", _trained("qat")),
-    "fixed_point": ("quantization", _trained("fixed_point")),
-    "pq": ("quantization", _oneshot_ft("pq", _CODEBOOK)),
-    "binaryconnect": ("binary", _trained("binaryconnect")),
-    "bnn": ("binary", _trained("bnn")),
-    "xnor": ("binary", _trained("xnor")),
-    "lab": ("binary", _trained("lab")),
-    "fewmult": ("binary", _trained("fewmult")),
-    "hwgq": ("binary", _trained("hwgq")),
-    "hashednets": ("sharing", _trained("hashednets")),
-    "soft_sharing": ("sharing", _trained("soft_sharing")),
-    "deep_compression": ("pipeline", lambda p: [
-        {"magnitude": {"sparsity": p.sparsity, "rounds": 1, **p.train(0.5)}}, {"kmeans": {}},
-        _finetune(p, 0.5, **_CODEBOOK)]),
-    "magnitude_distill": ("pipeline", lambda p: [
-        {"magnitude": {"sparsity": p.sparsity, "rounds": 1, "epochs": 0}}, {"distill": p.train()}]),
-}
-NOT_IN_SUITE = {"encode": "the file-writing stage of every entry", "finetune": "the fine-tuning stage of entries",
-                "distill": "the fine-tuning stage of magnitude_distill",
-                "distort": "a robustness experiment: trains float weights under distortion, compresses nothing"}
+    return {m.name: m.not_compared for m in methods().values() if not m.compare}
 
 
 def _stage_steps(stages: Sequence[dict[str, Any]], steps_per_epoch: int) -> int:
@@ -172,16 +85,17 @@ def _stage_steps(stages: Sequence[dict[str, Any]], steps_per_epoch: int) -> int:
 
 
 def suite_entries(plan: Plan, names: Sequence[str] | None = None) -> list[Entry]:
-    """The built-in entries named (default: all of :data:`SUITE`), with ``plan``'s budget filled in."""
-    names = list(SUITE) if names is None else list(names)
-    bad = [n for n in names if n not in SUITE]
+    """The built-in entries named (default: all of :func:`suite`), with ``plan``'s budget filled in."""
+    entries, skipped = suite(), not_in_suite()
+    names = list(entries) if names is None else list(names)
+    bad = [n for n in names if n not in entries]
     if bad:
-        hint = "".join(f" ({n!r} is {NOT_IN_SUITE[n]})" for n in bad if n in NOT_IN_SUITE)
+        hint = "".join(f" ({n!r} is {skipped[n]})" for n in bad if n in skipped)
         raise ValueError(f"compare: unknown method(s) {', '.join(map(repr, bad))}{hint}; valid: "
-                         f"{', '.join(SUITE)}.")
+                         f"{', '.join(entries)}.")
     out = []
     for n in names:
-        family, make = SUITE[n]
+        family, make = entries[n]
         stages = make(plan)
         out.append(Entry(n, family, stages, _stage_steps(stages, plan.steps_per_epoch)))
     return out
@@ -304,17 +218,6 @@ def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
             if n and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2}
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both coordinates (both minimised), by increasing x."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
-    front, best = [], float("inf")
-    for i in order:
-        if points[i][1] < best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
 # The papers' own MNIST figures, for the models the papers used (error %, and the compression they report:
 # "nonzero" = dense weights / nonzero weights, "bytes" = dense file / compressed file). The papers' dense models
 # differ from the user's; their points show where each paper landed, not a target for this run's budget.
@@ -363,19 +266,15 @@ def _measure(model: nn.Module, dense: nn.Module, data: Any, path: Path, batches:
 
 def _run_entry(entry: Entry, pipe: Any, dense: nn.Module, data: Any, out: Path, meta: dict[str, Any],
                batches: Sequence[int], threads: int | None, repeats: int, progress: bool) -> dict[str, Any]:
-    from .runtime import load_compressed
+    from .compress import compress_model
+    from .modelfile import load_compressed
 
     path = out / "files" / f"{entry.name}.nsz"
-    model = copy.deepcopy(dense)
-    t0 = time.perf_counter()
-    runs = pipe.run(model, data, progress=progress)
-    wall = time.perf_counter() - t0
-    from .models import arch_of
-
-    arch = dict(arch_of(model) or {}) or None  # as the stages left it (factorized or shrunk layers)
-    if arch is not None and "input_shape" not in arch:
-        arch["input_shape"] = list(data.input_shape)
-    pipe.save(model, path, meta={**meta, "compare_entry": entry.name}, arch=arch)
+    result = compress_model(copy.deepcopy(dense), pipe, data, path, meta={**meta, "compare_entry": entry.name},
+                            progress=progress, evaluate_test=False)
+    runs = result.runs
+    wall = sum(r["seconds"] for r in runs)
+    arch = result.file.header.get("arch") if result.file is not None else None  # as the stages left it
     # measured as a user gets it: the file, read back (a model with no recorded architecture is rebuilt from
     # a copy of the dense input, which the file's recorded sizes and factors reshape)
     rebuildable = bool(arch and (arch.get("name") or arch.get("factory")))
@@ -433,7 +332,18 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
         ref.update(key=key, status="ok", name="dense (input)", family="dense", wall_s=0.0, train_steps=0,
                    file=None)
         write_run("_dense", ref)
-    rows = []
+    chance = chance_accuracy(data)
+    rows: list[dict[str, Any]] = []
+
+    def publish(complete: bool) -> dict[str, Any]:
+        results = _results(rows, ref, entries, plan, chance=chance, model_name=model_name, data_name=data_name,
+                           seed=seed, command=command, threads=threads, budget_s=budget_s,
+                           wall_s=time.perf_counter() - t_start, complete=complete)
+        with atomic_write(out / "results.json", "w") as f:
+            json.dump(results, f, indent=2)
+        write_report(results, out / "index.html")  # after every entry: an interrupted run still has its page
+        return results
+
     for i, entry in enumerate(entries, 1):
         # every option of every stage, defaults included: a changed default runs the entry again
         pipe = Pipeline.from_spec(entry.stages, defaults={"seed": seed}, source=entry.name)
@@ -443,47 +353,67 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
         if r is not None:
             progress_log.info("[%d/%d] %s: done before (%s), kept", i, len(entries), entry.name, r["status"])
         else:
-            progress_log.info("[%d/%d] %s: %s", i, len(entries), entry.name,
-                              " -> ".join(next(iter(s)) for s in entry.stages))
-            t0 = time.perf_counter()
-            meta = {"data": data_name, "seed": seed}
-            try:
-                torch.manual_seed(seed)
-                r = _run_entry(entry, pipe, dense, data, out, meta, batches, threads, repeats, progress)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # one method failing on this model must not stop the others
-                r = {"status": "failed", "error": _first_line(e), "wall_s": time.perf_counter() - t0}
-                log.debug("compare: %s failed", entry.name, exc_info=True)
-            r["total_s"] = time.perf_counter() - t0  # compressing, writing, reading back and measuring
+            r = _timed_entry(i, len(entries), entry, pipe, dense, data, out, {"data": data_name, "seed": seed},
+                             batches, threads, repeats, progress, seed)
             r.update(key=key, name=entry.name, family=entry.family, stages=entry.stages, train_steps=entry.train_steps)
             write_run(entry.name, r)
-            if r["status"] == "ok":
-                progress_log.info("[%d/%d] %s: error %.2f%%, %s bytes (%.1fx), %.1f s", i, len(entries), entry.name,
-                                  r["test_error_pct"], f"{r['file_bytes']:,}", r["compression_bytes"], r["wall_s"])
-            else:
-                progress_log.info("[%d/%d] %s: FAILED: %s", i, len(entries), entry.name, r["error"])
+        if r["status"] == "ok":
+            r["collapsed"] = bool(chance is not None and 100 - r["test_error_pct"] <= 100 * chance + 2)
+            if r["collapsed"]:
+                log.warning("compare: %s ended at chance accuracy (%.2f%%; the most frequent class alone gives "
+                            "%.2f%%): it is kept in the table but off the Pareto fronts", entry.name,
+                            100 - r["test_error_pct"], 100 * chance)
         rows.append(r)
+        publish(complete=False)
+    results = publish(complete=True)
+    if budget_s and results["wall_s_this_run"] > 1.1 * budget_s:
+        log.warning("compare: the run took %.1f min of the %.1f min budget; the budget plans the training steps "
+                    "(half of it), and statistics, writing and latency measurement took the rest (see the page)",
+                    results["wall_s_this_run"] / 60, budget_s / 60)
+    return results
+
+
+def _timed_entry(i: int, n: int, entry: Entry, pipe: Any, dense: nn.Module, data: Any, out: Path,
+                 meta: dict[str, Any], batches: Sequence[int], threads: int | None, repeats: int, progress: bool,
+                 seed: int) -> dict[str, Any]:
+    """Run one entry; a failure becomes a row that says why (one method failing must not stop the others)."""
+    progress_log.info("[%d/%d] %s: %s", i, n, entry.name, " -> ".join(next(iter(s)) for s in entry.stages))
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(seed)
+        r = _run_entry(entry, pipe, dense, data, out, meta, batches, threads, repeats, progress)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        r = {"status": "failed", "error": _first_line(e), "wall_s": time.perf_counter() - t0}
+        log.debug("compare: %s failed", entry.name, exc_info=True)
+    r["total_s"] = time.perf_counter() - t0  # compressing, writing, reading back and measuring
+    if r["status"] == "ok":
+        progress_log.info("[%d/%d] %s: error %.2f%%, %s bytes (%.1fx), %.1f s", i, n, entry.name,
+                          r["test_error_pct"], f"{r['file_bytes']:,}", r["compression_bytes"], r["wall_s"])
+    else:
+        progress_log.info("[%d/%d] %s: FAILED: %s", i, n, entry.name, r["error"])
+    return r
+
+
+def _results(rows: list[dict[str, Any]], ref: dict[str, Any], entries: Sequence[Entry], plan: Plan, *,
+             chance: float | None, model_name: str, data_name: str, seed: int, command: str, threads: int | None,
+             budget_s: float | None, wall_s: float, complete: bool) -> dict[str, Any]:
     from . import __version__
 
-    paper = PAPER_POINTS.get(model_name, []) if data_name == "mnist" else []
-    results = {
+    done = {r.get("name") for r in rows}
+    return {
         "model": model_name, "data": data_name, "seed": seed, "command": command, "version": __version__,
         "machine": _machine(threads), "date": time.strftime("%Y-%m-%d %H:%M"),
         "budget_s": budget_s, "plan": {"steps": plan.steps, "steps_per_epoch": plan.steps_per_epoch,
                                        "epochs": plan.steps / plan.steps_per_epoch, "sparsity": plan.sparsity,
                                        "batch_size": plan.batch_size},
-        "wall_s_this_run": time.perf_counter() - t_start,
+        "wall_s_this_run": wall_s, "complete": complete, "pending": [e.name for e in entries if e.name not in done],
+        "chance_accuracy": chance,
         "total_s": sum(float(r.get("total_s") or 0) for r in rows),
-        "dense": ref, "rows": rows, "paper_points": paper,
-        "not_in_suite": NOT_IN_SUITE,
+        "dense": ref, "rows": rows, "paper_points": PAPER_POINTS.get(model_name, []) if data_name == "mnist" else [],
+        "not_in_suite": not_in_suite(),
     }
-    with atomic_write(out / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
-    from .compare_html import write_report
-
-    write_report(results, out / "index.html")
-    return results
 
 
 def plan_entries(plan: Plan, methods: Sequence[str] | None = None,
@@ -509,7 +439,8 @@ def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str],
     budget (or reuse the plan of an interrupted run in ``out_dir``), run :func:`compare`. ``budget``: seconds
     or a duration such as ``"20m"``; ``steps`` fixes the training steps of every entry instead (no timing: the
     same steps, hence the same weights, on any machine). Returns the results dict of ``out_dir/results.json``."""
-    from .pipeline import Pipeline, weight_form
+    from .forms import weight_form
+    from .pipeline import Pipeline
 
     budget_s = parse_budget(budget) if isinstance(budget, str) else float(budget)
     if not budget_s > 0:

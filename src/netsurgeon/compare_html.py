@@ -22,6 +22,17 @@ _FAMILY_COLOURS = {"pruning": "#1f77b4", "second order": "#17becf", "structured"
                    "dense": "#000000"}
 
 
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (both minimised), by increasing x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
 def _plt() -> Any:
     import matplotlib
 
@@ -48,11 +59,14 @@ def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("status") == "ok"]
 
 
+def _useful(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that ran and did not collapse to chance accuracy: only these can be on a Pareto front."""
+    return [r for r in _ok(rows) if not r.get("collapsed")]
+
+
 def _scatter(ax: Any, rows: list[dict[str, Any]], xs: list[float], ys: list[float], dense_x: float | None,
              dense_y: float, maximise_x: bool = False) -> None:
     """Points by family, labelled; the Pareto front (low error and low x, or high x) as a step line."""
-    from .compare import pareto_front
-
     seen = set()
     for r, x, y in zip(rows, xs, ys, strict=True):
         fam = r.get("family", "pipeline")
@@ -60,7 +74,8 @@ def _scatter(ax: Any, rows: list[dict[str, Any]], xs: list[float], ys: list[floa
                    label=fam if fam not in seen else None)
         seen.add(fam)
         ax.annotate(r["name"], (x, y), fontsize=6.5, xytext=(3, 2), textcoords="offset points", zorder=4)
-    front = pareto_front([(-x if maximise_x else x, y) for x, y in zip(xs, ys, strict=True)])
+    useful = [i for i, r in enumerate(rows) if not r.get("collapsed")]
+    front = [useful[i] for i in pareto_front([(-xs[i] if maximise_x else xs[i], ys[i]) for i in useful])]
     if len(front) > 1:
         ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="#444", lw=1, ls="--",
                 zorder=2, label="Pareto front")
@@ -88,7 +103,7 @@ def _front_plot(res: dict[str, Any], what: str) -> str:
     dense = res["dense"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ys = [r["test_error_pct"] for r in rows]
-    _error_limits(ax, ys, dense["test_error_pct"])
+    _error_limits(ax, [r["test_error_pct"] for r in _useful(rows)], dense["test_error_pct"])
     if what == "bytes":
         xs = [r["file_bytes"] for r in rows]
         _scatter(ax, rows, xs, _clip(ys, ax), dense.get("file_bytes"), dense["test_error_pct"])
@@ -153,11 +168,9 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def _table(res: dict[str, Any]) -> str:
-    from .compare import pareto_front
-
     rows = res["rows"]
     dense = res["dense"]
-    ok = _ok(rows)
+    ok = _useful(rows)
     front = {ok[i]["name"] for i in pareto_front([(r["file_bytes"], r["test_error_pct"]) for r in ok])}
     cols = [("method", "s"), ("family", "s"), ("stages", "s"), ("error %", "n"), ("&Delta; dense", "n"),
             ("nonzero x", "n"), ("file bytes", "n"), ("bytes x", "n"), ("MFLOPs", "n"),
@@ -179,8 +192,10 @@ def _table(res: dict[str, Any]) -> str:
                         "</td></tr>")
             continue
         err = r["test_error_pct"]
+        mark = " &#9733;" if name in front else " <small>(collapsed: chance accuracy)</small>" if r.get("collapsed") \
+            else ""
         cells = [
-            (name + (" &#9733;" if name in front else ""), name), (html.escape(r.get("family", "")), ""),
+            (name + mark, name), (html.escape(r.get("family", "")), ""),
             (stages, ""), (_fmt(err, ".2f"), err), (_fmt(err - dense["test_error_pct"], "+.2f"),
                                                      err - dense["test_error_pct"]),
             (_fmt(r.get("compression_weights"), ".1f"), r.get("compression_weights")),
@@ -252,6 +267,20 @@ def render(res: dict[str, Any]) -> str:
     failed = [r for r in res["rows"] if r.get("status") != "ok"]
     title = f"netsurgeon compare: {res.get('model') or 'model'} on {res.get('data') or 'data'}"
     budget = f"{res['budget_s'] / 60:.0f} min budget; " if res.get("budget_s") else ""
+    over = ""
+    if res.get("budget_s") and res["wall_s_this_run"] > res["budget_s"]:
+        over = (" The run took longer than its budget: the budget plans the training steps (half of it, from a "
+                "timed probe); statistics, writing and latency measurement are not capped by it.")
+    pending = ""
+    if res.get("pending"):
+        pending = (f"<p class=\"meta\"><b>Incomplete:</b> {len(res['pending'])} entries not run yet "
+                   f"({html.escape(', '.join(res['pending']))}); run the same command again to continue.</p>")
+    chance = res.get("chance_accuracy")
+    collapsed = [r["name"] for r in _ok(res["rows"]) if r.get("collapsed")]
+    if collapsed:
+        pending += (f"<p class=\"meta\"><b>Collapsed to chance accuracy</b> (always predicting the most frequent "
+                    f"class gives {100 * chance:.2f}%): {html.escape(', '.join(collapsed))}; kept in the table, "
+                    "left off the Pareto fronts and the error axes.</p>")
     papers = ""
     if res.get("paper_points"):
         items = "".join(f"<li>{html.escape(p['paper'])}: {p['error_pct']:.2f}% at "
@@ -276,11 +305,12 @@ def render(res: dict[str, Any]) -> str:
 Budget: {budget}every method got the same {plan['steps']:,} training steps of batch {plan['batch_size']}
 ({plan['epochs']:.2f} epochs), spent compressing or fine-tuning; pruning methods aim at
 {100 * plan['sparsity']:.0f}% sparsity. Compressing took {res['total_s'] / 60:.1f} min in all
-(this run: {res['wall_s_this_run'] / 60:.1f} min).<br>
+(this run: {res['wall_s_this_run'] / 60:.1f} min).{over}<br>
 Measured on {html.escape(str(m.get('cpu', '?')))}, {m.get('threads', '?')} threads, torch
 {html.escape(str(m.get('torch', '?')))}, {html.escape(res.get('date', ''))}; netsurgeon {html.escape(res.get('version',
 ''))}.<br>
 Command: <code>{html.escape(res.get('command', ''))}</code></p>
+{pending}
 <h2>Results</h2>
 <p class="meta">Error: on the test split (never used for a choice); &Delta; dense in points. Nonzero x: dense
 Linear and Conv weights over the nonzero weights kept (biases excluded). File bytes: the <code>.nsz</code> file on

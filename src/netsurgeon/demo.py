@@ -12,14 +12,13 @@ from typing import Any
 import torch
 
 from ._validation import atomic_write
-from .coding.nsz import save_compressed
 from .data import digits
 from .masks import sparsity_report
-from .modelfile import save_model
+from .modelfile import load_compressed, save_model
 from .models import build_model
+from .nsz import save_compressed
 from .pruning.magnitude import prune_and_retrain
 from .report import plot_kept, summarize
-from .runtime import load_compressed
 from .train import TrainConfig, train
 
 __all__ = ["run_demo"]
@@ -50,7 +49,8 @@ def run_demo(out_dir: str | os.PathLike[str] = "netsurgeon-demo", *, sparsity: f
     plot_kept({"kept %": kept}, out / "kept.png",
               f"LeNet-300-100 on digits, magnitude pruning to {100 * sparsity:.0f}% (global)")
     result = {"before": before, "after": after, "kept_pct": kept, "wall_s": time.perf_counter() - t0,
-              "files": {k: str(out / k) for k in ("base.safetensors", "small.nsz", "kept.png")}}
+              "files": {k: str(out / k) for k in ("base.safetensors", "small.nsz", "kept.png")},
+              "summary": str(out / "summary.json")}
     with atomic_write(out / "summary.json", "w") as f:
         json.dump(result, f, indent=2)
     return result

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .plan import Plan
 from .registry import StageContext, option, register
 from .train import Callback, TrainConfig, Trainer, run_training
 
@@ -63,7 +64,14 @@ class DistillConfig(TrainConfig):
     alpha: float = option(0.9, "weight of the soft-target term (1 - alpha on the hard labels)", low=0, high=1)
 
 
-@register("distill", kind="training", config=DistillConfig, accepts=("float", "shared", "hashed", "pq"),
+def _magnitude_distill(p: Plan) -> list[dict[str, Any]]:
+    """Magnitude pruning without retraining, then distillation from the dense model on the whole budget."""
+    return [{"magnitude": {"sparsity": p.sparsity, "rounds": 1, "epochs": 0}}, {"distill": p.train()}]
+
+
+@register("distill", family="pipeline", compare={"magnitude_distill": _magnitude_distill}, quick={"epochs": 1},
+          needs_teacher=True,
+          kind="training", config=DistillConfig, accepts=("float", "shared", "hashed", "pq"),
           needs_data=True,
           citation="Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531, "
                    "Sec. 2 (Eq. (1)-(2))",

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 __all__ = [
     "Mask", "StraightThroughMask", "SUPPORTED_LAYERS", "prunable_layers", "prunable_tensors",
     "attach_masks", "get_masks", "original", "bake", "LayerSparsity", "sparsity_report",
-    "attach_masks_for_state_dict", "effective_state_dict", "layer_kind", "freeze_masks", "mask_zeros",
+    "attach_masks_for_state_dict", "effective_state_dict", "layer_kind", "LAYER_KINDS", "freeze_masks", "mask_zeros",
 ]
 
 # Grouped and depthwise convolutions are ordinary Conv1d/Conv2d modules with ``groups > 1``.
@@ -47,6 +47,9 @@ class StraightThroughMask(Mask):
 
     def forward(self, w: Tensor) -> Tensor:
         return w + (w * self.mask - w).detach()
+
+
+LAYER_KINDS = ("conv", "fc")  # the layer types per-layer options may name instead of a layer
 
 
 def layer_kind(module: nn.Module) -> str:

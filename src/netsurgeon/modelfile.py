@@ -1,4 +1,8 @@
-"""Dense model files: safetensors with the architecture in the metadata (no pickle)."""
+"""Model files: dense safetensors files (architecture in the metadata) and ``.nsz`` files, read back as modules.
+
+Nothing here unpickles: a file's tensors go into a module rebuilt from its architecture record
+(``architecture.py``) after the record and the tensors' names and shapes are checked.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._validation import atomic_save, check_finite_model
+from .architecture import UntrustedCodeError, check_arch, rebuild_matching
+from .changes import apply_changes, arch_of
 from .coding.container import NszError
-from .coding.nsz import check_state_shapes, load_state_checked
-from .coding.schema import check_arch
-from .masks import effective_state_dict
-from .models import UntrustedCodeError, arch_of, rebuild_matching
+from .forms import forms
+from .masks import effective_state_dict, mask_zeros, prunable_tensors
+from .nsz import CompressedFile, check_state_shapes, decode_state, load_state_checked, read_header
 
-__all__ = ["save_model", "load_model", "load_any", "model_for_file"]
+__all__ = ["save_model", "load_model", "load_any", "model_for_file", "load_compressed", "MissingArchitectureError"]
+
+
+class MissingArchitectureError(NszError):
+    """A file records no architecture and no model was given to fill (a plain state dict)."""
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> None:
@@ -36,20 +45,20 @@ def model_for_file(model: nn.Module | None, arch: Any, shapes: dict[str, tuple[i
     (so a record for a huge or different model allocates nothing).
 
     Raises:
-        NszError: no or a malformed record, or tensors that do not match.
+        MissingArchitectureError: no record and no ``model``.
+        NszError: a malformed record, or tensors that do not match.
         UntrustedCodeError: the record names a user's factory and ``trust_code`` is False.
     """
     arch = check_arch(source, arch)
     if model is not None and arch:  # a model the user passes: the file's structural changes first
-        from .models import apply_arch_changes
-
         try:
-            apply_arch_changes(model, arch, source)
+            apply_changes(model, arch, source)
         except ValueError as e:
             raise NszError(str(e)) from e
     if model is None:
         if not arch or ("name" not in arch and "factory" not in arch):
-            raise NszError(f"{source}: the file records no architecture; pass the model to fill.")
+            raise MissingArchitectureError(f"{source}: the file records no architecture; name the model it holds "
+                                           "(CLI: --model NAME or --model pkg.module:factory; Python: pass the model).")
         try:
             model = rebuild_matching(arch, shapes, trust_code=trust_code, source=source)
         except UntrustedCodeError:
@@ -95,11 +104,61 @@ def load_model(path: str | os.PathLike[str], model: nn.Module | None = None, *,
     return model, meta if isinstance(meta, dict) else {}
 
 
+def _attach_stored_forms(model: nn.Module, info: CompressedFile) -> None:
+    """Put each tensor's stored form back on the model (codebooks, int8 codes, ... as parametrizations); tensors
+    in a plain form get masks on their zeros so they stay zero."""
+    assert info.blobs is not None
+    known, held = forms(), set()
+    for rec in info.records:
+        mod_name, _, attr = rec.name.rpartition(".")
+        if known[rec.codec].attach(model.get_submodule(mod_name), attr, info.where(rec), rec, info.blobs):
+            held.add(rec.name)
+    rest = [n for n in prunable_tensors(model, owner="load_compressed") if n not in held]
+    if rest:
+        mask_zeros(model, rest)
+
+
+def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *, runtime: bool = False,
+                    batch: int = 1, threads: int | None = None, trust_code: bool = False,
+                    keep_codecs: bool = False, max_elements: int | None = None) -> nn.Module:
+    """Load a ``.nsz`` file as a plain ``nn.Module`` in eval mode.
+
+    Args:
+        model: a module of the right architecture to fill; by default it is rebuilt from the file's
+            ``arch`` record: netsurgeon's models by name, a user's model by its recorded import path and
+            keyword arguments (only with ``trust_code=True``: that imports and calls code the file names).
+        runtime: return the fast runtime form (``runtime.compile_runtime``): each run of Linear layers gets the
+            kernel that measures fastest at ``batch`` samples with ``threads`` threads; stored forms (k-means,
+            int8, ...) then run from their codes where a kernel for them is fastest. The runtime form is for
+            inference: tracing it (``torch.onnx.export``) is refused, use ``netsurgeon export``.
+        max_elements: the most elements the file may declare (default: bounded by its size, see
+            ``coding.schema.max_elements_for``); the header is validated in full before anything is decoded.
+        keep_codecs: rebuild every tensor in its stored form (k-means codebook + indices, int8 + scales, ... as
+            parametrizations) instead of dense floats, so a later stage (centroid fine-tuning, saving again)
+            keeps them; zero weights of other tensors get masks so they stay zero.
+
+    Raises:
+        NszError: corrupt/truncated file, or tensors that do not match the model's names or shapes.
+        UntrustedCodeError: the file names a user's model factory and ``trust_code`` is False.
+    """
+    info = read_header(path, max_elements=max_elements)
+    # before decoding: a file for another (or a huge) model allocates nothing
+    model = model_for_file(model, info.header.get("arch"), {r.name: r.shape for r in info.records},
+                           trust_code=trust_code, source=str(path))
+    load_state_checked(model, decode_state(info), str(path))
+    if keep_codecs or runtime:
+        _attach_stored_forms(model, info)
+    model.eval()
+    if runtime:
+        from .runtime import compile_runtime
+
+        return compile_runtime(model, batch, threads=threads)[0]
+    return model
+
+
 def load_any(path: str | os.PathLike[str], model: nn.Module | None = None, *,
              trust_code: bool = False) -> nn.Module:
     """Load a ``.nsz`` or a ``.safetensors`` model file by its extension (dense kernels)."""
-    from .runtime import load_compressed
-
     if str(path).endswith(".nsz"):
         return load_compressed(path, model, trust_code=trust_code)
     return load_model(path, model, trust_code=trust_code)[0]

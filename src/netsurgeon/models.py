@@ -22,6 +22,7 @@ has a ReLU only after ip1; we keep that.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 from collections import OrderedDict
@@ -31,12 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "rebuild_matching",
-           "resnet_small", "UntrustedCodeError", "record_resized", "resized_record", "apply_resized", "layer_sizes",
-           "original_model", "mlp_bn", "lenet5_bn", "mlp_dropout", "record_binary_inputs", "record_hwgq_inputs",
-           "record_factorized", "apply_factorized"]
+from .changes import arch_of, set_arch
 
-_ARCH_ATTR = "_netsurgeon_arch"
+__all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "resnet_small", "mlp_bn", "lenet5_bn",
+           "mlp_dropout"]
 
 
 def _mlp(in_features: int, widths: list[int], num_classes: int, bias: bool = True) -> nn.Sequential:
@@ -211,10 +210,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-class UntrustedCodeError(ValueError):
-    """A file asks to run code outside netsurgeon (a user's model factory) and the caller did not allow it."""
-
-
 def _load_factory(path: str) -> Callable[..., nn.Module]:
     mod_name, sep, attr = path.partition(":")
     if not sep or not mod_name or not attr:
@@ -232,26 +227,26 @@ def _load_factory(path: str) -> Callable[..., nn.Module]:
     return obj
 
 
-def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_classes: int = 10,
+def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
                 **kwargs: Any) -> nn.Module:
     """Build a model by name, for inputs of ``input_shape`` (C, H, W), and record how to rebuild it.
 
-    ``name`` is one of :data:`MODELS` (``input_shape`` defaults to 1x28x28, or 1x8x8 for digits_cnn) or an
-    import path ``"package.module:factory"``, called as ``factory(**kwargs)`` (``input_shape`` is then only
-    recorded). Weights are initialized from torch's global generator: seed it first (``torch.manual_seed``)
+    ``name`` is one of :data:`MODELS` (``input_shape`` defaults to 1x28x28, or 1x8x8 for digits_cnn;
+    ``num_classes`` to 10) or an import path ``"package.module:factory"``, called as ``factory(**kwargs)`` with
+    ``num_classes`` among them when it is given (a factory's own arguments always reach it; ``input_shape`` is then
+    only recorded). Weights are initialized from torch's global generator: seed it first (``torch.manual_seed``)
     for reproducible runs; the CLI does.
 
     Raises:
-        ValueError: unknown name, unimportable path, kwargs that are not JSON-serializable, or a factory that
-            does not return an ``nn.Module``.
+        ValueError: unknown name, unimportable path, an argument the model does not take (naming the ones it
+            does), kwargs that are not JSON-serializable, or a factory that does not return an ``nn.Module``.
     """
-    try:
-        json.dumps(kwargs)
-    except TypeError as e:
-        raise ValueError(f"build_model: keyword arguments of {name!r} must be JSON-serializable (numbers, "
-                         f"strings, lists, dicts) so a file can rebuild the model; got {kwargs!r}.") from e
     if ":" in name:
-        model = _load_factory(name)(**kwargs)
+        kwargs = {**kwargs, **({} if num_classes is None else {"num_classes": num_classes})}
+    _check_json(name, kwargs)
+    if ":" in name:
+        factory = _load_factory(name)
+        model = _call(name, factory, (), kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module.")
         record_arch(model, name, kwargs, input_shape)
@@ -259,13 +254,35 @@ def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_class
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or give an import path "
                          "'package.module:factory'.")
+    classes = 10 if num_classes is None else num_classes
     shape = tuple(input_shape) if input_shape is not None else ((1, 8, 8) if name == "digits_cnn" else (1, 28, 28))
-    model = MODELS[name](shape, num_classes, **kwargs)
-    arch: dict[str, Any] = {"name": name, "input_shape": list(shape), "num_classes": num_classes}
+    model = _call(name, MODELS[name], (shape, classes), kwargs)
+    arch: dict[str, Any] = {"name": name, "input_shape": list(shape), "num_classes": classes}
     if kwargs:
         arch["kwargs"] = kwargs
-    object.__setattr__(model, _ARCH_ATTR, arch)  # not part of state_dict
-    return model
+    return set_arch(model, arch)
+
+
+def _check_json(name: str, kwargs: dict[str, Any]) -> None:
+    try:
+        json.dumps(kwargs)
+    except TypeError as e:
+        raise ValueError(f"build_model: keyword arguments of {name!r} must be JSON-serializable (numbers, "
+                         f"strings, lists, dicts) so a file can rebuild the model; got {kwargs!r}.") from e
+
+
+def _call(name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)``; an argument ``fn`` does not take is a ValueError naming the ones it does."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: let the call say what is wrong
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        bad = sorted(set(kwargs) - set(params))
+        if bad:
+            takes = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            raise ValueError(f"model {name!r} does not take argument(s) {bad}; it takes {takes}.")
+    return fn(*args, **kwargs)
 
 
 def record_arch(model: nn.Module, factory: str, kwargs: dict[str, Any] | None = None,
@@ -274,164 +291,7 @@ def record_arch(model: nn.Module, factory: str, kwargs: dict[str, Any] | None = 
     arch: dict[str, Any] = {"factory": factory, "kwargs": dict(kwargs or {})}
     if input_shape is not None:
         arch["input_shape"] = list(input_shape)
-    object.__setattr__(model, _ARCH_ATTR, arch)
-    return model
-
-
-def rebuild(arch: dict[str, Any], *, trust_code: bool = False, source: str = "file") -> nn.Module:
-    """Build the (untrained) model an ``arch`` record describes.
-
-    A user's factory (``{"factory": "pkg.mod:fn", "kwargs": ...}``) means importing and calling code named
-    by the file; that runs only with ``trust_code=True`` (a file from elsewhere could name any function).
-    netsurgeon's own models never need it.
-
-    Raises:
-        UntrustedCodeError: a user's factory without ``trust_code``.
-        ValueError: a malformed record, or a factory that fails.
-    """
-    if not isinstance(arch, dict):
-        raise ValueError(f"{source}: the architecture record is malformed ({arch!r}).")
-    kwargs = arch.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"{source}: the architecture's kwargs are malformed ({kwargs!r}).")
-    model = _rebuild_base(arch, trust_code=trust_code, source=source)
-    if apply_arch_changes(model, arch, source):
-        object.__setattr__(model, _ARCH_ATTR, dict(arch))
-    return model
-
-
-def _rebuild_base(arch: dict[str, Any], *, trust_code: bool, source: str) -> nn.Module:
-    kwargs = arch.get("kwargs") or {}
-    if "factory" in arch:
-        factory = arch["factory"]
-        if not isinstance(factory, str):
-            raise ValueError(f"{source}: the architecture's factory is malformed ({factory!r}).")
-        if not (factory.startswith("netsurgeon.") or trust_code):
-            raise UntrustedCodeError(
-                f"{source}: the model is rebuilt by calling {factory!r} with {kwargs!r}, code outside netsurgeon; "
-                "pass trust_code=True (CLI: --trust-code) if you trust this file, or pass the model to fill.")
-        return build_model(factory, arch.get("input_shape"), **kwargs)
-    name, shape, classes = arch.get("name"), arch.get("input_shape"), arch.get("num_classes", 10)
-    if not isinstance(name, str) or not isinstance(shape, list) or not isinstance(classes, int):
-        raise ValueError(f"{source}: the architecture record is malformed ({arch!r}).")
-    return build_model(name, tuple(shape), classes, **kwargs)
-
-
-def rebuild_matching(arch: dict[str, Any], shapes: dict[str, tuple[int, ...]], *, trust_code: bool = False,
-                     source: str = "file") -> nn.Module:
-    """:func:`rebuild` ``arch``, but only if its state_dict has exactly the tensor names and ``shapes`` a file
-    declares: the architecture is first built on torch's ``meta`` device (no memory), so a record that would
-    build a huge model, or one that does not match the file, is refused before anything is allocated.
-
-    Raises:
-        UntrustedCodeError: a user's factory without ``trust_code``.
-        ValueError: the record cannot be built, or its tensors differ from ``shapes`` (names them).
-    """
-    try:
-        with torch.device("meta"):
-            probe = rebuild(arch, trust_code=trust_code, source=source)
-    except UntrustedCodeError:
-        raise
-    except (ValueError, TypeError, RuntimeError, OverflowError, AttributeError) as e:
-        raise ValueError(f"{source}: cannot rebuild the recorded architecture: {' '.join(str(e).split())[:200]}") from e
-    own = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
-    if own != shapes:
-        missing, unexpected = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
-        wrong = sorted(k for k in set(own) & set(shapes) if own[k] != shapes[k])
-        detail = (f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else
-                  f"tensor {wrong[0]!r} is {list(shapes[wrong[0]])} in the file but {list(own[wrong[0]])} in the "
-                  "recorded architecture")
-        raise ValueError(f"{source}: the file's tensors do not match its recorded architecture: {detail}.")
-    return rebuild(arch, trust_code=trust_code, source=source)
-
-
-def apply_arch_changes(model: nn.Module, arch: dict[str, Any], source: str = "file") -> bool:
-    """Apply what a record says changed since the architecture was built, in place: ``resized`` layers
-    (structured pruning), ``factorized`` Linear layers (low rank), ``binary_inputs`` (binary networks).
-    Returns whether there was anything; raises ValueError naming a layer that does not fit."""
-    if arch.get("resized"):
-        apply_resized(model, arch["resized"], source)
-    if arch.get("factorized"):
-        apply_factorized(model, arch["factorized"], source)
-    if arch.get("binary_inputs"):
-        from .quantization.binary import apply_binary_inputs
-
-        apply_binary_inputs(model, arch["binary_inputs"], source)
-    if arch.get("hwgq_inputs"):
-        from .quantization.hwgq import apply_hwgq_inputs
-
-        apply_hwgq_inputs(model, arch["hwgq_inputs"], source)
-    return bool(arch.get("resized") or arch.get("factorized") or arch.get("binary_inputs") or arch.get("hwgq_inputs"))
-
-
-def record_resized(model: nn.Module, resized: dict[str, dict[str, int]]) -> None:
-    """Record on ``model`` the layer sizes that differ from its architecture as built (structured pruning),
-    merged with any recorded before, so a ``.nsz`` file rebuilds the smaller model."""
-    arch = arch_of(model) or {}  # a model without a record still records its sizes: a file can resize the
-    merged = {k: dict(v) for k, v in (arch.get("resized") or {}).items()}  # model the user passes to fill
-    for name, sizes in resized.items():
-        merged.setdefault(name, {}).update(sizes)
-    object.__setattr__(model, _ARCH_ATTR, {**arch, "resized": merged})
-
-
-def record_hwgq_inputs(model: nn.Module, inputs: dict[str, int]) -> None:
-    """Record the layers whose input is HWGQ-quantized and their bits, so a ``.nsz`` file rebuilds the quantizers."""
-    arch = arch_of(model) or {}
-    object.__setattr__(model, _ARCH_ATTR, {**arch, "hwgq_inputs": {**(arch.get("hwgq_inputs") or {}), **inputs}})
-
-
-def record_binary_inputs(model: nn.Module, inputs: dict[str, str]) -> None:
-    """Record on ``model`` which layers binarize their input ({layer: "sign" | "scaled"}), so a ``.nsz`` file
-    rebuilds them (a model without a record still records them, for the model the user passes to fill)."""
-    arch = arch_of(model) or {}
-    object.__setattr__(model, _ARCH_ATTR, {**arch, "binary_inputs": {**(arch.get("binary_inputs") or {}), **inputs}})
-
-
-def record_factorized(model: nn.Module, ranks: dict[str, Any]) -> None:
-    """Record on ``model`` the layers replaced by low-rank factors ({layer: rank} for a Linear pair,
-    {layer: {"kind", "rank"}} for a convolution), merged with any recorded before, so a ``.nsz`` file rebuilds
-    them."""
-    arch = arch_of(model) or {}
-    object.__setattr__(model, _ARCH_ATTR, {**arch, "factorized": {**(arch.get("factorized") or {}), **ranks}})
-
-
-def apply_factorized(model: nn.Module, ranks: dict[str, Any], source: str = "file") -> nn.Module:
-    """Replace each layer named in ``ranks`` by the empty factor layers its entry describes (see
-    :func:`record_factorized`); a layer already replaced (an ``nn.Sequential``) is left for the weights to check.
-    Raises ValueError naming a misfit."""
-    from .lowrank import factor_structure
-
-    for name, spec in ranks.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{source}: factorized layer {name!r} is not in the model.") from None
-        if isinstance(old, nn.Sequential):
-            continue
-        try:
-            new = factor_structure(old, spec)
-        except ValueError as e:
-            raise ValueError(f"{source}: factorized layer {name!r}: {e}") from None
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
-    return model
-
-
-def original_model(arch: dict[str, Any] | None, *, trust_code: bool = False, device: str = "meta") -> nn.Module | None:
-    """The architecture a structured-pruned or factorized record was made from (its ``resized`` layers at their
-    built sizes, its ``factorized`` layers whole), on ``device`` ("meta": no memory); None when the record has
-    neither or cannot be rebuilt."""
-    if not arch or not (arch.get("resized") or arch.get("factorized")) or ("name" not in arch
-                                                                           and "factory" not in arch):
-        return None
-    base = {k: v for k, v in arch.items() if k not in ("resized", "binary_inputs", "factorized", "hwgq_inputs")}
-    with torch.device(device):
-        return rebuild(base, trust_code=trust_code)
-
-
-def arch_of(model: nn.Module) -> dict | None:
-    """How to rebuild ``model`` (what :func:`build_model` or :func:`record_arch` recorded), or None."""
-    return getattr(model, _ARCH_ATTR, None)
+    return set_arch(model, arch)
 
 
 def count_params(model: nn.Module) -> int:
@@ -439,52 +299,3 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The size fields of every Linear, Conv1d/2d and BatchNorm layer, by name."""
-    out = {}
-    for name, m in model.named_modules():
-        keys = ("in_features", "out_features") if isinstance(m, nn.Linear) else \
-            ("in_channels", "out_channels", "groups") if isinstance(m, (nn.Conv1d, nn.Conv2d)) else \
-            ("num_features",) if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) else ()
-        if keys:
-            out[name] = {k: int(getattr(m, k)) for k in keys}
-    return out
-
-
-def resized_record(model: nn.Module, before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    """The layers of ``model`` whose sizes differ from ``before`` (:func:`layer_sizes` of the architecture as
-    built), with their new sizes: what a ``.nsz`` file records so the smaller model is rebuilt without pickle."""
-    out = {}
-    for name, sizes in layer_sizes(model).items():
-        diff = {k: v for k, v in sizes.items() if before.get(name, {}).get(k, v) != v}
-        if diff:
-            out[name] = diff
-    return out
-
-
-def apply_resized(model: nn.Module, resized: dict[str, dict[str, int]], source: str = "file") -> nn.Module:
-    """Rebuild the layers named in ``resized`` (see :func:`resized_record`) at their recorded sizes (fresh
-    weights, same device as the model's); raises ValueError naming a layer or field that does not fit."""
-    for name, sizes in resized.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{source}: resized layer {name!r} is not in the model.") from None
-        p = next(old.parameters(), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        if isinstance(old, nn.Linear) and set(sizes) <= {"in_features", "out_features"}:
-            new: nn.Module = nn.Linear(sizes.get("in_features", old.in_features),
-                                       sizes.get("out_features", old.out_features), bias=old.bias is not None,
-                                       device=dev)
-        elif isinstance(old, (nn.Conv1d, nn.Conv2d)) and set(sizes) <= {"in_channels", "out_channels", "groups"}:
-            new = type(old)(sizes.get("in_channels", old.in_channels), sizes.get("out_channels", old.out_channels),
-                            old.kernel_size, old.stride, old.padding, old.dilation, sizes.get("groups", old.groups),
-                            old.bias is not None, old.padding_mode, device=dev)
-        elif isinstance(old, (nn.BatchNorm1d, nn.BatchNorm2d)) and set(sizes) <= {"num_features"}:
-            new = type(old)(sizes["num_features"], old.eps, old.momentum, old.affine, old.track_running_stats,
-                            device=dev)
-        else:
-            raise ValueError(f"{source}: cannot resize layer {name!r} ({type(old).__name__}) with {sizes}.")
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
-    return model

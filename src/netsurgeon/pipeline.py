@@ -17,45 +17,54 @@ import copy
 import importlib
 import logging
 import os
+import pkgutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 from torch import nn
 
 from ._validation import check_finite_model
+from .forms import weight_form, weight_forms
+from .plan import FAMILIES
 from .progress import log as progress_log
-from .registry import FORMS, KINDS, REGISTRY, Method, MethodConfig, StageContext, option, register
+from .registry import ANY_FORM, KINDS, REGISTRY, Method, MethodConfig, StageContext, option, register
 
-__all__ = ["METHOD_MODULES", "methods", "get_method", "Stage", "Pipeline", "EncodeConfig", "parse_value",
-           "weight_form"]
+__all__ = ["methods", "get_method", "Stage", "Pipeline", "EncodeConfig", "parse_value", "weight_form"]
 
 log = logging.getLogger(__name__)
+_DISCOVERED = False
 
-# The modules that register methods; importing them fills the registry. A new method module goes here.
-METHOD_MODULES = (
-    "netsurgeon.train", "netsurgeon.pruning.magnitude", "netsurgeon.pruning.dns", "netsurgeon.pruning.autoprune",
-    "netsurgeon.pruning.l1", "netsurgeon.pruning.woodfisher", "netsurgeon.pruning.schedules",
-    "netsurgeon.pruning.structured", "netsurgeon.pruning.datafree", "netsurgeon.pruning.decay",
-    "netsurgeon.quantization.kmeans", "netsurgeon.quantization.uniform", "netsurgeon.quantization.fixed_point",
-    "netsurgeon.quantization.distortion", "netsurgeon.quantization.pq", "netsurgeon.quantization.hwgq",
-    "netsurgeon.quantization.fewmult",
-    "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
-    "netsurgeon.sharing.soft", "netsurgeon.distill",
-    "netsurgeon.lowrank",
-)
-_FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",
-              "int8": "int8 weights", "binary": "binary weights (one bit each, plus scales)",
-              "hashed": "hashed weights (HashedNets buckets)",
-              "pq": "vector-quantized weights (codebooks + codes)"}
+
+def _discover() -> None:
+    """Import every public module of the package once, so every method has registered itself (as scikit-learn's
+    ``all_estimators`` walks its package), then check each method's forms and family."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    root = Path(__file__).resolve().parent
+    for info in pkgutil.walk_packages([str(root)], f"{root.name}."):
+        if not any(part.startswith("_") for part in info.name.split(".")[1:]):
+            importlib.import_module(info.name)
+    known = set(weight_forms()) | {ANY_FORM}
+    for m in REGISTRY.values():
+        gives = set() if callable(m.gives) or m.gives is None else {m.gives}
+        bad = (set(m.accepts) | gives) - known
+        if bad:
+            raise RuntimeError(f"method {m.name!r} names unknown weight form(s) {sorted(bad)}; known: "
+                               f"{sorted(known)}.")
+        bad_family = sorted({fam for fam, _ in m.compare.values()} - set(FAMILIES))
+        if bad_family:
+            raise RuntimeError(f"method {m.name!r}: family must be one of {list(FAMILIES)}; got {bad_family}.")
+    _DISCOVERED = True
 
 
 def methods() -> dict[str, Method]:
-    """Every registered method, by name (imports the method modules on first use)."""
-    for mod in METHOD_MODULES:
-        importlib.import_module(mod)
+    """Every registered method, by name (the package's modules are imported on first use)."""
+    _discover()
     return dict(REGISTRY)
 
 
@@ -77,7 +86,8 @@ class EncodeConfig(MethodConfig):
     huffman: bool = option(True, "Huffman-code the streams of shared tensors where that is smaller (Sec. 4)")
 
 
-@register("encode", kind="codec", config=EncodeConfig, accepts=FORMS,
+@register("encode", kind="codec", config=EncodeConfig, accepts=(ANY_FORM,),
+          not_compared="the file-writing stage of every entry",
           citation="Han, Mao, Dally 2016, Deep Compression, arXiv:1510.00149, Sec. 2 (relative indices), Sec. 4",
           summary="how the .nsz file is written: value dtype, index width, Huffman coding (last stage)")
 def _encode(model: nn.Module, cfg: EncodeConfig, ctx: StageContext) -> dict[str, Any]:
@@ -103,28 +113,6 @@ class Stage:
 
     def to_dict(self) -> dict[str, Any]:
         return {self.method: self.config.to_dict()}
-
-
-def weight_form(model: nn.Module) -> str:
-    """The weight form of ``model``: ``shared``/``int8``/``binary`` if any layer holds k-means, int8 or binary
-    weights, else float."""
-    from torch.nn.utils import parametrize
-
-    forms = set()
-    for m in model.modules():
-        if parametrize.is_parametrized(m, "weight"):
-            for p in m.parametrizations["weight"]:
-                if hasattr(p, "codebook") and hasattr(p, "index"):
-                    forms.add("shared")
-                elif hasattr(p, "q") and hasattr(p, "scale"):
-                    forms.add("int8")
-                elif hasattr(p, "signs") and hasattr(p, "scale"):
-                    forms.add("binary")
-                elif hasattr(p, "buckets") and hasattr(p, "seed"):
-                    forms.add("hashed")
-                elif hasattr(p, "codebooks") and hasattr(p, "codes"):
-                    forms.add("pq")
-    return next((f for f in ("shared", "int8", "binary", "hashed", "pq") if f in forms), "float")
 
 
 class Pipeline:
@@ -228,15 +216,35 @@ class Pipeline:
             m = st.spec
             if m.kind == "codec" and i != len(self.stages):
                 raise ValueError(f"pipeline: stage {i} {m.name!r} writes the file and must be the last stage.")
-            if form not in m.accepts:
-                need = " or ".join(_FORM_TEXT[f] for f in sorted(m.accepts))
+            if not m.takes(form):
+                text = weight_forms()
+                need = " or ".join(text.get(f, f) for f in sorted(m.accepts))
                 raise ValueError(f"pipeline: stage {i} {m.name!r} needs {need}, but {came_from} leaves "
-                                 f"{_FORM_TEXT[form]}; put {m.name!r} earlier.")
+                                 f"{text.get(form, form)}; put {m.name!r} earlier.")
             if m.requires_data(st.config) and not has_data:
                 raise ValueError(f"pipeline: stage {i} {m.name!r} needs data ({KINDS[m.kind]}); give a data set.")
             gives = m.output_form(st.config)
             if gives is not None:
                 form, came_from = gives, f"stage {i} {m.name!r}"
+
+    def check_layers(self, model: nn.Module) -> None:
+        """Refuse a per-layer option (``{layer: value}``) naming a layer ``model`` does not have, before any data
+        loads or any work starts. Keys are layer (module) names as ``netsurgeon info`` and the reports print them
+        (``fc1``; ``fc1.weight`` is read as ``fc1``), or a layer kind (``conv``, ``fc``) for every layer of it."""
+        from .masks import LAYER_KINDS
+
+        layers = {n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))}
+        for i, st in enumerate(self.stages, 1):
+            for key, value in st.config.to_dict().items():
+                if not isinstance(value, Mapping):
+                    continue
+                bad = [k for k in value if k not in LAYER_KINDS and k not in layers
+                       and k.rpartition(".")[0] not in layers]
+                if bad:
+                    shown = ", ".join(sorted(layers)[:12]) + (", ..." if len(layers) > 12 else "")
+                    raise ValueError(f"stage {i} {st.method!r}: option {key!r} names {bad[0]!r}, which is not a layer "
+                                     f"of the model; its layers: {shown} (or {'/'.join(LAYER_KINDS)} for every layer "
+                                     "of a kind).")
 
     @property
     def encode(self) -> EncodeConfig:
@@ -253,8 +261,9 @@ class Pipeline:
 
         data = None if data is None else as_data(data)
         self.check(has_data=data is not None, start_form=weight_form(model))
+        self.check_layers(model)
         check_finite_model("pipeline", model)
-        teacher = copy.deepcopy(model).eval() if any(st.method == "distill" for st in self.stages) else None
+        teacher = copy.deepcopy(model).eval() if any(st.spec.needs_teacher for st in self.stages) else None
         ctx = StageContext(data, progress, teacher)
         out = []
         for i, st in enumerate(self.stages, 1):
@@ -269,7 +278,7 @@ class Pipeline:
              history: Sequence[dict[str, Any]] = (), arch: dict[str, Any] | None = None) -> Any:
         """Write ``model`` with the encode stage's options; ``meta["pipeline"]`` gets the earlier ``history``
         (from the input file) followed by this pipeline's stages, so chained runs keep their provenance."""
-        from .coding.nsz import save_compressed
+        from .nsz import save_compressed
 
         enc = self.encode
         runs = [*history, *({"method": st.method, "config": st.config.to_dict()} for st in self.stages)]

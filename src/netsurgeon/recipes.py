@@ -9,8 +9,8 @@
       - finetune: {epochs: 2, lr: 0.001, weight_decay: 0}
       - encode: {value_dtype: float16}
 
-Recipes of the first format (one flat mapping: ``method``, ``sparsity``, ``finetune``, ``quantize``, ``save``,
-``dns``, ``fisher``, ``autoprune``) still load: :func:`convert_legacy` turns them into stages.
+This module only reads and checks the file's shape; ``Pipeline.from_yaml`` (pipeline.py) builds and validates
+the stages, so recipes are parsed without importing the pipeline.
 """
 
 from __future__ import annotations
@@ -20,14 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from torch import nn
 
-__all__ = ["read_recipe", "load_recipe", "load_yaml", "apply_recipe", "convert_legacy"]
+__all__ = ["read_recipe", "load_yaml"]
 
 _TOP_KEYS = ("stages", "model", "data")
-_LEGACY_KEYS = {"method", "sparsity", "quality", "scope", "rounds", "lr_factor", "finetune", "save", "dns", "fisher",
-                "update", "quantize", "autoprune"}
-_SECOND_ORDER = ("woodfisher", "woodtaylor", "obs", "obd", "diag_fisher")
 
 
 def load_yaml(path: str | os.PathLike[str], what: str) -> Any:
@@ -42,7 +38,7 @@ def load_yaml(path: str | os.PathLike[str], what: str) -> Any:
 
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The recipe file as ``{"stages": [...], "model": ..., "data": ...}`` (legacy files converted).
+    """The recipe file as ``{"stages": [...], "model": ..., "data": ...}``.
 
     Raises:
         ValueError: missing file, invalid YAML, unknown top-level keys (named, with the valid ones).
@@ -51,8 +47,6 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     raw = load_yaml(p, "recipe")
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {p}: expected a mapping with 'stages' at the top level.")
-    if "stages" not in raw and "method" in raw:
-        return convert_legacy(raw, str(p))
     unknown = sorted(set(raw) - set(_TOP_KEYS))
     if unknown or "stages" not in raw:
         raise ValueError(f"recipe {p}: unknown key(s) {unknown}; a recipe has 'stages' (required), 'model' and "
@@ -61,53 +55,3 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ValueError(f"recipe {p}: '{key}' must be a mapping; got {raw[key]!r}.")
     return raw
-
-
-def convert_legacy(raw: dict[str, Any], source: str = "recipe") -> dict[str, Any]:
-    """Turn a first-format recipe (one flat mapping) into ``{"stages": [...]}``."""
-    unknown = sorted(set(raw) - _LEGACY_KEYS)
-    if unknown:
-        raise ValueError(f"recipe {source}: unknown key(s) {unknown}; known keys are {sorted(_LEGACY_KEYS)}.")
-    method = raw["method"]
-    ft = dict(raw.get("finetune") or {})
-    stages: list[dict[str, Any]] = []
-    if method in ("magnitude",):
-        opts = {k: raw[k] for k in ("scope", "rounds", "lr_factor") if k in raw}
-        if raw.get("quality") is not None:
-            stages.append({"quality": {**ft, "quality": raw["quality"],
-                                       **{k: v for k, v in opts.items() if k != "scope"}}})
-        else:
-            stages.append({"magnitude": {**ft, "sparsity": raw.get("sparsity"), **opts}})
-    elif method in ("dns", "autoprune"):
-        stages.append({method: {**ft, **(raw.get(method) or {})}})
-    elif method in _SECOND_ORDER:
-        stages.append({method: {"sparsity": raw.get("sparsity"), **(raw.get("fisher") or {}),
-                                **({"update": raw["update"]} if "update" in raw else {})}})
-        if ft:
-            stages.append({"finetune": ft})
-    elif method != "none":
-        raise ValueError(f"recipe {source}: method must be one of magnitude, dns, autoprune, "
-                         f"{', '.join(_SECOND_ORDER)}, none; got {method!r}.")
-    q = dict(raw.get("quantize") or {})
-    if q:
-        epochs, lr = q.pop("epochs", 0), q.pop("lr", 0.001)
-        stages.append({"kmeans": q})
-        if epochs:
-            stages.append({"finetune": {"epochs": epochs, "lr": lr, "weight_decay": 0.0}})
-    stages.append({"encode": dict(raw.get("save") or {})})
-    return {"stages": stages}
-
-
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None,
-                defaults: dict[str, Any] | None = None) -> Any:
-    """Parse and validate a recipe into a :class:`netsurgeon.pipeline.Pipeline`; errors name the file and key."""
-    from .pipeline import Pipeline
-
-    return Pipeline.from_yaml(path, overrides or (), defaults)
-
-
-def apply_recipe(model: nn.Module, data: Any, recipe: Any, progress: bool = False) -> nn.Module:
-    """Run a recipe (a path or a loaded Pipeline) on ``model`` in place; returns the model."""
-    pipe = load_recipe(recipe) if isinstance(recipe, (str, os.PathLike)) else recipe
-    pipe.run(model, data, progress=progress)
-    return model

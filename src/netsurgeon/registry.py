@@ -16,8 +16,14 @@ The CLI (``netsurgeon methods``, ``compress --method NAME --set key=value``), YA
 messages are all generated from that one declaration: nothing outside the method's module lists its options.
 
 Weight forms describe what a stage needs and leaves, so a pipeline can refuse an impossible order before any
-work starts: ``float`` (float weights, possibly masked), ``shared`` (k-means codebook + indices), ``int8``,
-``binary`` (±1 weights and scales), ``hashed`` (HashedNets buckets), ``pq`` (vector-quantized codebooks + codes).
+work starts: ``float`` (float weights, possibly masked) and one per storage form that holds weights otherwise
+(``shared``, ``int8``, ``binary``, ``hashed``, ``pq``, ...: ``netsurgeon.forms`` declares them; the pipeline
+checks the names when it discovers the methods, so this module imports no form).
+
+A method also declares what the rest of the product needs of it: ``compare``, its entry (or entries) in
+``netsurgeon compare`` as a function of the comparison's plan (``plan.py``), or ``not_compared``, why it has none;
+``quick``, settings for a fast smoke run (the tests run every method with them); ``needs_teacher``, whether the
+pipeline must keep the model as it received it (distillation).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-__all__ = ["KINDS", "FORMS", "option", "MethodConfig", "Method", "StageContext", "register", "REGISTRY"]
+__all__ = ["KINDS", "ANY_FORM", "option", "MethodConfig", "Method", "StageContext", "register", "REGISTRY"]
 
 KINDS: dict[str, str] = {
     "training": "training-time callback (runs inside a training run)",
@@ -39,7 +45,7 @@ KINDS: dict[str, str] = {
     "quantizer": "quantizer (changes how weights are represented)",
     "codec": "codec (how the file is written; last stage)",
 }
-FORMS = ("float", "shared", "int8", "binary", "hashed", "pq")
+ANY_FORM = "any"  # accepts every weight form (the encode stage)
 
 
 def option(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -217,6 +223,11 @@ class Method:
     accepts: frozenset[str]
     gives: str | None | Callable[[Any], str | None]
     needs_data: bool | Callable[[Any], bool]
+    family: str = ""
+    compare: Mapping[str, tuple[str, Callable[[Any], list[dict[str, Any]]]]] = field(default_factory=dict)
+    not_compared: str = ""
+    quick: Mapping[str, Any] = field(default_factory=dict)
+    needs_teacher: bool = False
 
     def make_config(self, values: Mapping[str, Any] | None = None) -> MethodConfig:
         return self.config.from_dict(dict(values or {}))
@@ -228,31 +239,53 @@ class Method:
         """The weight form this stage leaves with ``config`` (None: the form it received)."""
         return self.gives(config) if callable(self.gives) else self.gives
 
+    def takes(self, form: str) -> bool:
+        """Whether this method can start from weights in ``form``."""
+        return ANY_FORM in self.accepts or form in self.accepts
+
 
 REGISTRY: dict[str, Method] = {}
 
 
 _Run = Callable[..., dict[str, Any]]
+_Entry = Callable[[Any], list[dict[str, Any]]]
 
 
 def register(name: str, *, kind: str, config: type[MethodConfig], citation: str, summary: str,
              accepts: tuple[str, ...] = ("float",), gives: str | None | Callable[[Any], str | None] = None,
-             needs_data: bool | Callable[[Any], bool] = False) -> Callable[[_Run], _Run]:
-    """Register ``run`` as method ``name``. ``accepts``: weight forms it can start from; ``gives``: the form it
-    leaves (None: unchanged; or a function of the config); ``needs_data``: a bool or a function of the config.
-    Raises RuntimeError on a duplicate name or a malformed declaration."""
+             needs_data: bool | Callable[[Any], bool] = False, family: str = "",
+             compare: _Entry | Mapping[str, _Entry | tuple[str, _Entry]] | None = None, not_compared: str = "",
+             quick: Mapping[str, Any] | None = None, needs_teacher: bool = False) -> Callable[[_Run], _Run]:
+    """Register ``run`` as method ``name``.
+
+    Args:
+        accepts: weight forms it can start from (``ANY_FORM`` for all); gives: the form it leaves (None:
+            unchanged; or a function of the config); needs_data: a bool or a function of the config.
+        family: its family in comparisons (``plan.FAMILIES``).
+        compare: its ``netsurgeon compare`` entry: a function of the plan returning stages (the entry is named
+            after the method), or ``{entry name: function or (family, function)}`` for several; ``not_compared``
+            says why a method has none (every method has one or the other).
+        quick: option values for a fast smoke run (the tests run every method with them).
+        needs_teacher: the pipeline keeps a copy of the model as it received it (``StageContext.teacher``).
+
+    Raises RuntimeError on a duplicate name or a malformed declaration.
+    """
     if kind not in KINDS:
         raise RuntimeError(f"register({name!r}): kind must be one of {list(KINDS)}; got {kind!r}.")
     if not dataclasses.is_dataclass(config) or not issubclass(config, MethodConfig):
         raise RuntimeError(f"register({name!r}): config must be a MethodConfig dataclass.")
-    bad = set(accepts) - set(FORMS) | ({gives} - set(FORMS) - {None} if not callable(gives) else set())
-    if bad:
-        raise RuntimeError(f"register({name!r}): unknown weight form(s) {sorted(map(str, bad))}.")
+    if (compare is None) == (not not_compared):
+        raise RuntimeError(f"register({name!r}): give a compare entry or say why it has none (not_compared).")
+    raw = {} if compare is None else dict(compare) if isinstance(compare, Mapping) else {name: compare}
+    entries = {k: v if isinstance(v, tuple) else (family, v) for k, v in raw.items()}
+    if any(not fam for fam, _ in entries.values()):
+        raise RuntimeError(f"register({name!r}): a method with a compare entry needs a family.")
 
     def deco(run: _Run) -> _Run:
         if name in REGISTRY and REGISTRY[name].run is not run:
             raise RuntimeError(f"method {name!r} is registered twice.")
-        REGISTRY[name] = Method(name, kind, config, citation, summary, run, frozenset(accepts), gives, needs_data)
+        REGISTRY[name] = Method(name, kind, config, citation, summary, run, frozenset(accepts), gives, needs_data,
+                                family, entries, not_compared, dict(quick or {}), needs_teacher)
         return run
 
     return deco

@@ -16,7 +16,7 @@ from ._validation import atomic_save
 from .data import Dataset
 from .masks import sparsity_report
 from .runtime import compile_runtime
-from .stats import count_nonzero, layer_flops, measure_latency
+from .stats import count_nonzero, dense_bytes, layer_flops, measure_latency
 from .train import evaluate
 
 __all__ = ["summarize", "summary_table", "layers_table", "file_table", "print_table", "plot_kept", "methods_table",
@@ -33,20 +33,21 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
     (default: the same architecture run densely, which costs what any dense weights cost), timed interleaved
     in this process with the same threads; ``speedup = dense_ms / runtime_ms`` of exactly those two medians.
     """
-    from .models import arch_of, original_model
+    from .architecture import original_model
+    from .changes import arch_of
 
     nz, total = count_nonzero(model)
     flops = layer_flops(model, input_shape)
     out: dict[str, Any] = {
         "params": total, "nonzero": nz, "compression_nonzero": total / max(nz, 1),
-        "dense_bytes": total * 4,
+        "dense_bytes": dense_bytes(model),
         "flops_dense": sum(r.dense for r in flops), "flops_effective": sum(r.effective for r in flops),
     }
     # arch_of: recorded by a model already built in this process, so its factory is trusted
     orig = original_model(arch_of(model), trust_code=True, device="cpu")
     if orig is not None:  # structured pruning: counts against the architecture before its layers shrank
         n0 = sum(p.numel() for p in orig.parameters())
-        out.update(params_original=n0, compression_nonzero=n0 / max(nz, 1), dense_bytes=4 * n0,
+        out.update(params_original=n0, compression_nonzero=n0 / max(nz, 1), dense_bytes=dense_bytes(orig),
                    flops_dense=sum(r.dense for r in layer_flops(orig, input_shape)))
         reference = reference if reference is not None else orig.eval()  # latency: against it, too
     if file_path is not None:
@@ -111,16 +112,20 @@ def layers_table(model: nn.Module, title: str = "") -> Table:
 
 
 def file_table(info: Any) -> Table:
-    """Per-tensor table of a ``.nsz`` file (a :class:`netsurgeon.coding.CompressedFile`)."""
-    t = Table(title=f"{info.path}: {info.file_bytes:,} bytes, {info.compression:.2f}x vs dense float32 "
-                    f"({info.dense_bytes:,} bytes)", caption="codec shared/K+H: K shared values, Huffman-coded; bits: "
-                    "index / weight bits; entries: stored values incl. fillers; pre-Huffman, bytes, dense: bytes "
-                    "before Huffman, in the file, as dense float32")
+    """Per-tensor table of a ``.nsz`` file (a :class:`netsurgeon.nsz.CompressedFile`)."""
+    t = Table(title=f"{info.path}: {info.file_bytes:,} bytes, {info.compression:.2f}x smaller than the model as "
+                    f"dense float32 ({info.dense_bytes:,} bytes)",
+              caption="codec shared/K+H: K shared values, Huffman-coded; bits: index / weight bits; entries: stored "
+                      "values incl. fillers; pre-Huffman, bytes, dense: bytes before Huffman, in the file, as dense "
+                      "float32")
     for c in ("tensor", "shape", "codec", "kept %", "bits", "entries", "pre-Huffman", "bytes", "dense"):
         t.add_column(c, justify="left" if c in ("tensor", "codec") else "right", no_wrap=True)
+    from .forms import forms
+
+    known = forms()
     for r in info.records:  # in the file's order, which is the model's state_dict order
         vbits = r.code_bits or {"float32": 32, "float16": 16, "int64": 64}.get(r.value_dtype, 0)
-        codec = f"shared/{r.codebook_size}{'+H' if r.huffman else ''}" if r.codec == "shared" else r.codec
+        codec = known[r.codec].describe(r)
         t.add_row(r.name, "x".join(map(str, r.shape)), codec, f"{100 * r.kept:.2f}",
                   f"{r.index_bits or '-'} / {vbits}", f"{r.entries:,}", f"{r.bytes_fixed or r.bytes:,}",
                   f"{r.bytes:,}", f"{4 * r.numel:,}")

@@ -18,8 +18,8 @@ from .data import Split, batches
 from .masks import SUPPORTED_LAYERS, original, prunable_layers
 from .progress import Progress
 
-__all__ = ["cpu_name", "count_nonzero", "LayerFlops", "layer_flops", "total_flops", "Latency", "measure_latency",
-           "num_threads", "collect_gradients"]
+__all__ = ["chance_accuracy", "dense_bytes", "cpu_name", "count_nonzero", "LayerFlops", "layer_flops", "total_flops",
+           "Latency", "measure_latency", "num_threads", "collect_gradients"]
 
 
 @torch.no_grad()
@@ -346,3 +346,21 @@ def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_gra
         bar.close()
         model.train(was)
     return {n: (a / count, gg / count) for n, (a, gg) in sums.items()}
+
+
+def chance_accuracy(data: Any) -> float | None:
+    """The test accuracy of always predicting the most frequent class of ``data.test`` (None when its labels are
+    not class indices): a compressed model at this accuracy has collapsed to a constant."""
+    y = getattr(getattr(data, "test", None), "y", None)
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.numel() == 0 or y.is_floating_point():
+        return None
+    return float(torch.bincount(y).max()) / y.numel()
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """The bytes ``model`` takes as dense float32: 4 x every element of its state dict (parameters and buffers).
+    "File x smaller" is always this, for the model before compression (the architecture before structured pruning
+    or factorization), divided by the compressed file's bytes on disk."""
+    from .masks import effective_state_dict
+
+    return 4 * sum(t.numel() for t in effective_state_dict(model).values())

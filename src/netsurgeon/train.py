@@ -496,7 +496,8 @@ class FinetuneConfig(TrainConfig):
     owner: ClassVar[str] = "finetune"
 
 
-@register("finetune", kind="training", config=FinetuneConfig, accepts=("float", "shared", "hashed", "pq"),
+@register("finetune", quick={"epochs": 1}, not_compared="the fine-tuning stage of entries",
+          kind="training", config=FinetuneConfig, accepts=("float", "shared", "hashed", "pq"),
           needs_data=True,
           citation="Han et al. 2015 Sec. 3.3 (retraining); Han et al. 2016 Sec. 3.3 (centroid fine-tuning)",
           summary="train with the current masks / codebooks fixed in place (pruned weights stay zero)")

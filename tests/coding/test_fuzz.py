@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from netsurgeon.cli import cli
 from netsurgeon.coding.container import NszError
-from netsurgeon.coding.fuzz import _pack, build_corpus, check_file, mutate, split_file
-from netsurgeon.coding.nsz import read_header
-from netsurgeon.runtime import load_compressed
+from netsurgeon.fuzz import _pack, build_corpus, check_file, mutate, split_file
+from netsurgeon.modelfile import load_compressed
+from netsurgeon.nsz import read_header
 
 
 @pytest.fixture(scope="module")

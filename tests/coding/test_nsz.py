@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 import netsurgeon as ns
-from netsurgeon.coding import NszError, read_compressed, save_compressed
+from netsurgeon.coding import NszError
 from netsurgeon.coding.container import MAGIC, read_container, write_container
+from netsurgeon.nsz import read_compressed, save_compressed
 from netsurgeon.pruning.magnitude import prune_magnitude
 
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import netsurgeon as ns
-from netsurgeon.models import apply_resized, layer_sizes, resized_record
+from netsurgeon.changes.resized import apply_resized, layer_sizes, resized_record
 from netsurgeon.pruning.channels import channel_groups, remove_channels
 
 SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "mlpnet": (1, 28, 28), "digits_cnn": (1, 8, 8),

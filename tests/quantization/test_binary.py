@@ -158,7 +158,7 @@ def test_file_holds_one_bit_per_weight_and_rebuilds_the_binary_network(digits, t
         torch.testing.assert_close(ns.load_compressed(path, plain)(x), expected)   # the user's model is filled
         fast = ns.load_compressed(path, runtime=True, batch=16, threads=1)
         torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
-    assert ns.pipeline.weight_form(ns.load_compressed(path, keep_codecs=True)) == "binary"
+    assert ns.forms.weight_form(ns.load_compressed(path, keep_codecs=True)) == "binary"
 
 
 def test_corrupt_binary_records_are_refused(digits, tmp_path):

@@ -59,7 +59,7 @@ def test_hashed_model_stores_only_its_buckets_and_reloads(digits, tmp_path):
         for keep in (False, True):
             torch.testing.assert_close(ns.load_compressed(path, keep_codecs=keep)(x), expected)
     again = ns.load_compressed(path, keep_codecs=True)
-    assert ns.pipeline.weight_form(again) == "hashed"
+    assert ns.forms.weight_form(again) == "hashed"
     assert again.fc1.parametrizations.weight.original.shape == (2400,)
     header, blobs = read_container(path)
     next(t for t in header["tensors"] if t["name"] == "fc1.weight")["codebook_size"] = 10 ** 9

@@ -1,7 +1,5 @@
-"""Bytes on disk: bit packing, relative sparse indices and the ``.nsz`` container."""
+"""Bytes on disk: bit packing, relative sparse indices, Huffman codes, hashing maps, the ``.nsz`` container and
+its header schema. The ``.nsz`` model file itself is ``netsurgeon.nsz`` (it writes each tensor through its
+storage form, ``netsurgeon.forms``)."""
 
 from .container import NszError as NszError
-from .nsz import CompressedFile as CompressedFile
-from .nsz import TensorRecord as TensorRecord
-from .nsz import read_compressed as read_compressed
-from .nsz import save_compressed as save_compressed

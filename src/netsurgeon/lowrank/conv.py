@@ -32,67 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..changes.factorized import CONV_KINDS, conv_structure, factorizable_conv
+
 __all__ = ["CONV_KINDS", "conv_structure", "factorize_conv", "conv_spectra", "conv_rank_at", "conv_cost",
            "factorizable_conv"]
-
-CONV_KINDS = ("spatial", "cp", "tucker", "separable")
-
-
-def factorizable_conv(m: nn.Module) -> str | None:
-    """Why ``m`` cannot be factorized here (None when it can): a plain, ungrouped, zero-padded Conv2d."""
-    if type(m) is not nn.Conv2d:
-        return f"a {type(m).__name__}, not a Conv2d"
-    if m.groups != 1:
-        return f"a grouped convolution (groups={m.groups})"
-    if m.padding_mode != "zeros" or isinstance(m.padding, str):
-        return f"padding {m.padding!r} ({m.padding_mode})"
-    return None
-
-
-def _conv(cin: int, cout: int, kernel: tuple[int, int], conv: nn.Conv2d, *, axes: str, groups: int = 1,
-          bias: bool = False) -> nn.Conv2d:
-    """A Conv2d taking ``conv``'s stride, padding and dilation along ``axes`` ("hw", "h", "w" or "" for 1x1)."""
-    def along(v: tuple[int, ...], other: int) -> tuple[int, int]:
-        return tuple(v[i] if ax in axes else other for i, ax in enumerate("hw"))  # type: ignore[return-value]
-
-    p = conv.weight
-    return nn.Conv2d(cin, cout, kernel, stride=along(conv.stride, 1), padding=along(conv.padding, 0),
-                     dilation=along(conv.dilation, 1), groups=groups, bias=bias, device=p.device, dtype=p.dtype)
-
-
-def conv_structure(conv: nn.Conv2d, kind: str, rank: int | list[int]) -> nn.Sequential:
-    """The empty (freshly initialised) ``nn.Sequential`` that factorization ``kind`` at ``rank`` puts in place
-    of ``conv``; :func:`factorize_conv` fills it. Raises ValueError on a kind, rank or layer that does not fit."""
-    why = factorizable_conv(conv)
-    if why is not None:
-        raise ValueError(f"cannot factorize {why}.")
-    n, c, (kh, kw), b = conv.out_channels, conv.in_channels, conv.kernel_size, conv.bias is not None
-    if kind == "tucker":
-        if not (isinstance(rank, (list, tuple)) and len(rank) == 2 and all(isinstance(r, int) for r in rank)):
-            raise ValueError(f"tucker needs a rank pair [R_in, R_out]; got {rank!r}.")
-        rin, rout = rank
-        if not (1 <= rin <= c and 1 <= rout <= n):
-            raise ValueError(f"tucker ranks {list(rank)} must be within [1, {c}] x [1, {n}].")
-        return nn.Sequential(_conv(c, rin, (1, 1), conv, axes=""), _conv(rin, rout, (kh, kw), conv, axes="hw"),
-                             _conv(rout, n, (1, 1), conv, axes="", bias=b))
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"{kind} needs a positive integer rank; got {rank!r}.")
-    if kind == "spatial":
-        if rank > min(c * kh, n * kw):
-            raise ValueError(f"spatial rank {rank} exceeds min(C·k_h, N·k_w) = {min(c * kh, n * kw)}.")
-        return nn.Sequential(_conv(c, rank, (kh, 1), conv, axes="h"), _conv(rank, n, (1, kw), conv, axes="w", bias=b))
-    if kind == "cp":
-        return nn.Sequential(_conv(c, rank, (1, 1), conv, axes=""),
-                             _conv(rank, rank, (kh, 1), conv, axes="h", groups=rank),
-                             _conv(rank, rank, (1, kw), conv, axes="w", groups=rank),
-                             _conv(rank, n, (1, 1), conv, axes="", bias=b))
-    if kind == "separable":
-        if rank > min(n, kh * kw):
-            raise ValueError(f"separable depth multiplier {rank} exceeds min(N, k_h·k_w) = {min(n, kh * kw)}.")
-        return nn.Sequential(_conv(c, c * rank, (kh, kw), conv, axes="hw", groups=c),
-                             _conv(c * rank, n, (1, 1), conv, axes="", bias=b))
-    raise ValueError(f"unknown convolution factorization {kind!r} (choose from {', '.join(CONV_KINDS)}).")
-
 
 def _spatial_matrix(w: Tensor) -> Tensor:
     """W (N, C, k_h, k_w) as the (C·k_h) x (N·k_w) matrix whose rank-K SVD is scheme 2's optimum."""

@@ -19,8 +19,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
+from ..changes.factorized import factor_structure, record_factorized
 from ..masks import prunable_layers
-from .conv import CONV_KINDS, conv_cost, conv_rank_at, conv_spectra, conv_structure, factorizable_conv, factorize_conv
+from .conv import CONV_KINDS, conv_cost, conv_rank_at, conv_spectra, factorizable_conv, factorize_conv
 from .svd import choose_ranks, energy_rank, factorize_linear
 
 __all__ = ["lowrank_factorize", "factorize_layers", "factor_structure", "match_outputs", "candidate_layers"]
@@ -57,26 +58,10 @@ def _weights(m: nn.Module) -> int:
     return m.weight.numel()
 
 
-def factor_structure(layer: nn.Module, spec: int | dict[str, Any]) -> nn.Sequential:
-    """The empty factor ``nn.Sequential`` a record entry describes (an int rank: a Linear pair; a mapping
-    {"kind", "rank"}: a convolution factorization). Raises ValueError when ``layer`` does not fit."""
-    if isinstance(spec, dict):
-        if not isinstance(layer, nn.Conv2d):
-            raise ValueError(f"a {spec.get('kind')!r} factorization needs a Conv2d, not a {type(layer).__name__}.")
-        return conv_structure(layer, spec["kind"], spec["rank"])
-    if not isinstance(layer, nn.Linear):
-        raise ValueError(f"a rank-{spec} factor pair needs a Linear layer, not a {type(layer).__name__}.")
-    dev = layer.weight.device
-    return nn.Sequential(nn.Linear(layer.in_features, spec, bias=False, device=dev),
-                         nn.Linear(spec, layer.out_features, bias=layer.bias is not None, device=dev))
-
-
 @torch.no_grad()
 def factorize_layers(model: nn.Module, plan: dict[str, tuple[str, Any]], *, seed: int = 0) -> dict[str, Any]:
     """Replace each layer in ``plan`` ({name: (kind, rank)}, kind "linear" or a conv kind) by its factors, in
     place, and record them on the model; returns {name: weights after} of the replaced layers."""
-    from ..models import record_factorized
-
     done, record = {}, {}
     for name, (kind, rank) in plan.items():
         layer = model.get_submodule(name)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._validation import check_finite_model
+from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import TrainConfig, train
 from .conv import CONV_KINDS, conv_cost
@@ -63,7 +64,9 @@ class LowRankConfig(_FactorTraining):
                              f"energy={self.energy!r}, params={self.params!r}.")
 
 
-@register("lowrank", kind="oneshot", config=LowRankConfig, needs_data=_needs_data,
+@register("lowrank", family="low rank", compare=trained("lowrank", params=0.25),
+          quick={"params": 0.3, "epochs": 1, "match_steps": 2},
+          kind="oneshot", config=LowRankConfig, needs_data=_needs_data,
           citation="Denton et al. 2014, arXiv:1404.0736, Sec. 3.2 (SVD of fully connected layers); Jaderberg et al. "
                    "2014, BMVC, scheme 2 with Tai et al. 2016's closed form; Lebedev et al. 2015, ICLR, Eq. (3)-(4) "
                    "(CP); Kim et al. 2016, ICLR, Eq. (2)-(5) (Tucker-2)",
@@ -103,7 +106,8 @@ def separable_factorize(model: nn.Module, multiplier: int = 1) -> dict[str, Any]
     return report
 
 
-@register("separable", kind="oneshot", config=SeparableConfig, needs_data=_needs_data,
+@register("separable", family="low rank", compare=trained("separable"), quick={"epochs": 1, "match_steps": 2},
+          kind="oneshot", config=SeparableConfig, needs_data=_needs_data,
           citation="compact filters (Cheng et al. survey Sec. 4): depthwise-separable convolution, Howard et al. 2017 "
                    "(MobileNets), Sec. 3.1-3.3; each channel's filters by their truncated SVD",
           summary="replace each Conv2d by a depthwise + 1x1 pair fitted to it (then match outputs / fine-tune)")

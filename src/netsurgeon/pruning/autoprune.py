@@ -39,6 +39,7 @@ from .. import distributed as ddp
 from .._validation import check_finite_model, check_positive
 from ..data import Split, batches
 from ..masks import Mask, prunable_layers
+from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
 
@@ -277,7 +278,9 @@ class AutoPruneConfig(TrainConfig):
     log_every: int = option(100, "history record period in steps", low=1)
 
 
-@register("autoprune", kind="training", config=AutoPruneConfig, needs_data=True,
+@register("autoprune", family="pruning", compare=trained("autoprune"),
+          quick={"mu": 5.0, "epochs": 1, "val_batch": 16},
+          kind="training", config=AutoPruneConfig, needs_data=True,
           citation="Xiao, Wang, Rajasekaran 2019, NeurIPS (interpretation: docs/autoprune.md)",
           summary="prune by regularizing auxiliary gate parameters trained on the validation split")
 def _run_autoprune(model: nn.Module, cfg: AutoPruneConfig, ctx: StageContext) -> dict[str, Any]:

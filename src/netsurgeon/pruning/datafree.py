@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..models import layer_sizes, record_resized, resized_record
+from ..changes.resized import layer_sizes, record_resized, resized_record
+from ..plan import oneshot_then_finetuned
 from ..registry import MethodConfig, StageContext, option, register
 from .channels import ChannelGroup, channel_groups, remove_channels
 from .structured import _check_plain, _input_shape
@@ -197,7 +198,9 @@ class DataFreeConfig(MethodConfig):
                                        "smaller saliency (ours, not the paper's)")
 
 
-@register("datafree", kind="oneshot", config=DataFreeConfig, needs_data=False,
+@register("datafree", family="structured",
+          compare=oneshot_then_finetuned("datafree", fraction=0.5), quick={"fraction": 0.5},
+          kind="oneshot", config=DataFreeConfig, needs_data=False,
           citation="Srinivas & Babu 2015 (BMVC), Data-free parameter pruning for Deep Neural Networks, Sec. 3 "
                    "(saliency s_ij = <a_j^2> ||W_i - W_j||^2, surgery a_i += a_j)",
           summary="merge near-duplicate neurons of fully connected layers, no data needed; layers get smaller")

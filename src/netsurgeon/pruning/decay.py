@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .._validation import check_positive
 from ..masks import original, prunable_tensors
+from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
 from .magnitude import _kept, prune_magnitude
@@ -130,7 +131,9 @@ class BiasedDecayConfig(TrainConfig):
                                   "none", low=0, high=1, high_open=True)
 
 
-@register("biased_decay", kind="training", config=BiasedDecayConfig, needs_data=True,
+@register("biased_decay", family="pruning", compare=trained("biased_decay", sparse=True),
+          quick={"epochs": 1, "sparsity": 0.5},
+          kind="training", config=BiasedDecayConfig, needs_data=True,
           citation="Hanson & Pratt 1989 (NeurIPS 1), Comparing biases for minimal network construction with "
                    "back-propagation (hyperbolic and exponential biases)",
           summary="train with a saturating per-unit decay that drives weak units to zero, then cut by magnitude")

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .._validation import check_finite_model, check_positive
 from ..masks import attach_masks, freeze_masks, layer_kind, original, prunable_layers
+from ..plan import Plan
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
 
@@ -285,7 +286,14 @@ class DNSConfig(TrainConfig):
     log_every: int = option(100, "history record period in steps", low=1)
 
 
-@register("dns", kind="training", config=DNSConfig, needs_data=True,
+def _compare_entry(p: Plan) -> list[dict[str, Any]]:
+    """DNS in a comparison: the whole budget, masks frozen for its last eighth (bench/dns_mnist.py)."""
+    stop = max(1, round(0.875 * p.steps))
+    return [{"dns": {**p.train(), "iter_stop": {"conv": stop, "fc": stop}}}]
+
+
+@register("dns", family="pruning", compare=_compare_entry, quick={"c_rate": 0.5, "epochs": 1, "iter_stop": 3},
+          kind="training", config=DNSConfig, needs_data=True,
           citation="Guo, Yao, Chen 2016, arXiv:1608.04493, Eq. (1)-(3), Sec. 3.2-3.4",
           summary="prune and splice while training: band thresholds, straight-through masks")
 def _run_dns(model: nn.Module, cfg: DNSConfig, ctx: StageContext) -> dict[str, Any]:

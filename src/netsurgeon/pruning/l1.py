@@ -12,6 +12,7 @@ from torch import nn
 
 from .._validation import check_positive
 from ..masks import mask_zeros, original, prunable_tensors
+from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
 
@@ -59,7 +60,8 @@ class L1Config(TrainConfig):
     lam: float = option(1e-3, "L1 strength lambda (shrink lr x lambda per step)", low=0, low_open=True)
 
 
-@register("l1", kind="training", config=L1Config, needs_data=True,
+@register("l1", family="pruning", compare=trained("l1"), quick={"lam": 0.05, "epochs": 1},
+          kind="training", config=L1Config, needs_data=True,
           citation="Tibshirani 1996 (lasso); proximal step as in Parikh & Boyd 2014, Sec. 6.5.2",
           summary="train with an L1 penalty applied as a proximal (soft-threshold) step: exact zeros")
 def _run_l1(model: nn.Module, cfg: L1Config, ctx: StageContext) -> dict[str, Any]:

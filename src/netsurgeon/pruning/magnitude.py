@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .._validation import check_finite_model, check_fraction, check_positive
 from ..data import Dataset
 from ..masks import LayerSparsity, attach_masks, original, prunable_tensors, sparsity_report
+from ..plan import trained
 from ..progress import log as progress_log
 from ..registry import StageContext, option, register
 from ..train import TrainConfig, TrainResult, train
@@ -200,7 +201,10 @@ def _kept(model: nn.Module) -> dict[str, Any]:
             "kept_per_layer": {r.name.removesuffix(".weight"): r.kept for r in rows}}
 
 
-@register("magnitude", kind="oneshot", config=MagnitudeConfig, citation=_HAN, needs_data=lambda c: c.epochs > 0,
+@register("magnitude", family="pruning", quick={"sparsity": 0.5, "rounds": 1, "epochs": 1},
+          compare={"magnitude": trained("magnitude", sparse=True, rounds=1),
+                   "magnitude_global": trained("magnitude", sparse=True, rounds=1, scope="global")},
+          kind="oneshot", config=MagnitudeConfig, citation=_HAN, needs_data=lambda c: c.epochs > 0,
           summary="remove the smallest |w| (per layer or global), retrain, repeat")
 def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) -> dict[str, Any]:
     if cfg.epochs == 0:
@@ -212,7 +216,9 @@ def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) ->
     return _kept(model)
 
 
-@register("quality", kind="oneshot", config=QualityConfig, citation=_HAN, needs_data=lambda c: c.epochs > 0,
+@register("quality", family="pruning", compare=trained("quality", rounds=1),
+          quick={"quality": 0.5, "rounds": 1, "epochs": 1},
+          kind="oneshot", config=QualityConfig, citation=_HAN, needs_data=lambda c: c.epochs > 0,
           summary="Han's rule: remove |w| < quality x std(layer), retrain, repeat")
 def _run_quality(model: nn.Module, cfg: QualityConfig, ctx: StageContext) -> dict[str, Any]:
     for r in range(cfg.rounds):

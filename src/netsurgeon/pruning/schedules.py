@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from .._validation import check_fraction, check_positive
+from ..plan import Plan
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
 from .woodfisher import METHODS, FisherConfig, OneShotPruner
@@ -111,7 +112,15 @@ class GradualConfig(TrainConfig):
             raise ValueError(f"{self.owner}: need start < end; got start={self.start}, end={self.end}.")
 
 
-@register("gradual", kind="training", config=GradualConfig, needs_data=True,
+def _compare_entry(p: Plan) -> list[dict[str, Any]]:
+    """Gradual pruning in a comparison: prune over the first 3/4 of the budget, recover in the rest (Zhu & Gupta)."""
+    end = max(1, round(0.75 * p.steps))
+    return [{"gradual": {**p.train(), "target": p.sparsity, "end": end, "every": max(1, end // 10)}}]
+
+
+@register("gradual", family="pruning", compare=_compare_entry,
+          quick={"target": 0.5, "start": 0, "end": 2, "every": 1, "epochs": 1},
+          kind="training", config=GradualConfig, needs_data=True,
           citation="Zhu & Gupta 2017, arXiv:1710.01878, Eq. (1); Singh & Alistarh 2020 Sec. 6 (gradual WoodFisher)",
           summary="prune on a cubic schedule while training, ranking by magnitude or a second-order scorer")
 def _run_gradual(model: nn.Module, cfg: GradualConfig, ctx: StageContext) -> dict[str, Any]:

@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from .._validation import check_positive
+from ..changes import arch_of
+from ..changes.resized import layer_sizes, record_resized, resized_record
 from ..masks import attach_masks, original
-from ..models import arch_of, layer_sizes, record_resized, resized_record
+from ..plan import oneshot_then_finetuned, trained
 from ..registry import MethodConfig, StageContext, option, register
 from ..stats import kept_columns, zero_columns
 from ..train import Callback, TrainConfig, Trainer, run_training
@@ -147,7 +149,9 @@ def _input_shape(model: nn.Module, ctx: StageContext) -> tuple[int, ...]:
                      "the model with ns.build_model / record_arch with input_shape).")
 
 
-@register("l1_filters", kind="oneshot", config=L1FiltersConfig, needs_data=False,
+@register("l1_filters", family="structured",
+          compare=oneshot_then_finetuned("l1_filters", fraction=0.5), quick={"fraction": 0.5},
+          kind="oneshot", config=L1FiltersConfig, needs_data=False,
           citation="Li, Kadav, Durdanovic, Samet, Graf 2017 (ICLR), Pruning Filters for Efficient ConvNets, Sec. 3.1",
           summary="remove whole filters/neurons with the smallest l1 norms; the model gets smaller layers")
 def _run_l1_filters(model: nn.Module, cfg: L1FiltersConfig, ctx: StageContext) -> dict[str, Any]:
@@ -313,7 +317,9 @@ class SlimmingConfig(TrainConfig):
     round_to: int = option(1, "keep a multiple of this many channels per layer (aligned sizes)", low=1)
 
 
-@register("slimming", kind="training", config=SlimmingConfig, needs_data=True,
+@register("slimming", family="structured",
+          compare=trained("slimming", fraction=0.5), quick={"lam": 1e-3, "fraction": 0.3, "epochs": 1},
+          kind="training", config=SlimmingConfig, needs_data=True,
           citation="Liu, Li, Shen, Huang, Yan, Zhang 2017 (ICCV), Learning Efficient Convolutional Networks "
                    "through Network Slimming, Eq. 1 and Sec. 4",
           summary="train with l1 on BatchNorm scales, then remove the channels with the smallest scales")
@@ -335,7 +341,9 @@ class SSLConfig(TrainConfig):
     min_channels: int = option(1, "never keep fewer channels than this in a layer", low=1)
 
 
-@register("ssl", kind="training", config=SSLConfig, needs_data=True,
+@register("ssl", family="structured", compare=trained("ssl"),
+          quick={"lam_filter": 0.5, "lam_channel": 0.5, "epochs": 1, "lr": 0.5},
+          kind="training", config=SSLConfig, needs_data=True,
           citation="Wen, Wu, Wang, Chen, Li 2016 (NeurIPS), Learning Structured Sparsity in Deep Neural Networks, "
                    "Eq. 2 (filter-wise and channel-wise groups; shape-wise groups, Sec. 3.3); Lebedev & Lempitsky "
                    "2016",

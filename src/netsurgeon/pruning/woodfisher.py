@@ -53,6 +53,7 @@ from ..linalg import (
     woodtaylor_update,
 )
 from ..masks import attach_masks, original, prunable_tensors, sparsity_report
+from ..plan import pruned_then_finetuned
 from ..progress import Progress
 from ..progress import log as progress_log
 from ..registry import MethodConfig, StageContext, option, register
@@ -572,7 +573,10 @@ def _register_second_order(name: str, citation: str, summary: str) -> None:
         out = pruner.prune(model, c.sparsity)
         return {**out, "fit_seconds": pruner.fit_seconds_}
 
-    register(name, kind="oneshot", config=cfg, citation=citation, summary=summary, needs_data=True)(run)
+    quick = {"obs": {"sparsity": 0.3, "num_grads": 4}, "kfac": {"sparsity": 0.5, "num_grads": 8}}.get(
+        name, {"sparsity": 0.5, "num_grads": 8, "block_size": None})
+    register(name, kind="oneshot", config=cfg, citation=citation, summary=summary, needs_data=True,
+             family="second order", compare=pruned_then_finetuned(name, num_grads=500), quick=quick)(run)
 
 
 for _name, (_cite, _summary) in _SECOND_ORDER.items():

@@ -1,8 +1,8 @@
 """Quantization and weight sharing."""
 
+from ..forms.shared import SharedWeights as SharedWeights
 from .fixed_point import FixedPointTraining as FixedPointTraining
 from .fixed_point import fixed_point as fixed_point
-from .kmeans import SharedWeights as SharedWeights
 from .kmeans import fisher_diagonal as fisher_diagonal
 from .kmeans import kmeans_1d as kmeans_1d
 from .kmeans import share_weights as share_weights

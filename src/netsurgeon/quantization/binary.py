@@ -47,7 +47,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
+from ..forms.binary import BinaryWeights
 from ..masks import prunable_layers
+from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, recalibrate_batchnorm, run_training
 
@@ -172,25 +174,6 @@ class BinarizeWeights(nn.Module):
             u = torch.rand(w.shape, generator=self.generator, dtype=w.dtype, device=w.device)
             return _StochasticSign.apply(w, u)
         return _SignIdentity.apply(w)
-
-
-class BinaryWeights(nn.Module):
-    """The stored form: ``signs`` (int8, ±1) and ``scale`` (one per output channel, or one); forward gives
-    signs · scale. A ``.nsz`` file holds it as one bit per weight plus the float32 scales."""
-
-    def __init__(self, signs: Tensor, scale: Tensor) -> None:
-        super().__init__()
-        if signs.dtype != torch.int8 or not bool(((signs == 1) | (signs == -1)).all()):
-            raise ValueError("BinaryWeights: signs must be an int8 tensor of ±1.")
-        if scale.dim() > 1 or (scale.dim() == 1 and scale.numel() != signs.shape[0]):
-            raise ValueError(f"BinaryWeights: need one scale or one per output channel ({signs.shape[0]}); "
-                             f"got shape {list(scale.shape)}.")
-        self.register_buffer("signs", signs)
-        self.register_buffer("scale", scale.float())
-
-    def forward(self, w: Tensor) -> Tensor:
-        s = self.scale.view(-1, *([1] * (self.signs.dim() - 1))) if self.scale.dim() else self.scale
-        return self.signs.to(s.dtype) * s
 
 
 class _InputBinarizer:
@@ -378,7 +361,7 @@ class Binarize(Callback):
         """Replace the training parametrizations by :class:`BinaryWeights` (sign of the real weights, scale 1,
         or α per output filter for ``alpha``) and record the binary inputs on the model."""
         out = super().finalize(model)
-        from ..models import record_binary_inputs
+        from ..changes.binary_inputs import record_binary_inputs
 
         for m in prunable_layers(out, "binary").values():
             if not parametrize.is_parametrized(m, "weight"):
@@ -464,7 +447,8 @@ class LABConfig(_BinaryTrain):
                                    "code does not)")
 
 
-@register("binaryconnect", kind="training", config=BinaryConnectConfig, gives="binary", needs_data=True,
+@register("binaryconnect", family="binary", compare=trained("binaryconnect"), quick={"epochs": 1},
+          kind="training", config=BinaryConnectConfig, gives="binary", needs_data=True,
           citation=_BC, summary="train with ±1 weights (deterministic or stochastic), real weights clipped to [-1, 1]")
 def _run_bc(model: nn.Module, cfg: BinaryConnectConfig, ctx: StageContext) -> dict[str, Any]:
     cb = Binarize("stochastic" if cfg.stochastic else "sign", None, keep_first=cfg.keep_first,
@@ -472,7 +456,8 @@ def _run_bc(model: nn.Module, cfg: BinaryConnectConfig, ctx: StageContext) -> di
     return {**run_training(model, ctx, cfg, cb), "binary_layers": list(cb.layers)}
 
 
-@register("bnn", kind="training", config=BNNConfig, gives="binary", needs_data=True, citation=_BNN,
+@register("bnn", family="binary", compare=trained("bnn"), quick={"epochs": 1},
+          kind="training", config=BNNConfig, gives="binary", needs_data=True, citation=_BNN,
           summary="binary weights and binary layer inputs (sign, straight-through with |x| <= 1)")
 def _run_bnn(model: nn.Module, cfg: BNNConfig, ctx: StageContext) -> dict[str, Any]:
     cb = Binarize("sign", "sign", keep_first=cfg.keep_first, keep_last=cfg.keep_last, lr_scale=cfg.lr_scale,
@@ -480,7 +465,8 @@ def _run_bnn(model: nn.Module, cfg: BNNConfig, ctx: StageContext) -> dict[str, A
     return {**run_training(model, ctx, cfg, cb), "binary_layers": list(cb.layers)}
 
 
-@register("xnor", kind="training", config=XNORConfig, gives="binary", needs_data=True, citation=_XNOR,
+@register("xnor", family="binary", compare=trained("xnor"), quick={"epochs": 1},
+          kind="training", config=XNORConfig, gives="binary", needs_data=True, citation=_XNOR,
           summary="XNOR-Net: α·sign(W) per filter, binary inputs scaled by K (binarize_inputs=false: BWN)")
 def _run_xnor(model: nn.Module, cfg: XNORConfig, ctx: StageContext) -> dict[str, Any]:
     inputs = ("scaled" if cfg.input_scale else "sign") if cfg.binarize_inputs else None
@@ -489,7 +475,8 @@ def _run_xnor(model: nn.Module, cfg: XNORConfig, ctx: StageContext) -> dict[str,
     return {**run_training(model, ctx, cfg, cb), "binary_layers": list(cb.layers)}
 
 
-@register("lab", kind="training", config=LABConfig, gives="binary", needs_data=True, citation=_LAB,
+@register("lab", family="binary", compare=trained("lab"), quick={"epochs": 1},
+          kind="training", config=LABConfig, gives="binary", needs_data=True, citation=_LAB,
           summary="loss-aware binarization: alpha·sign(W) per layer, alpha weighted by Adam's second moments")
 def _run_lab(model: nn.Module, cfg: LABConfig, ctx: StageContext) -> dict[str, Any]:
     cb = Binarize("loss_aware", None, keep_first=cfg.keep_first, keep_last=cfg.keep_last, lr_scale=cfg.lr_scale,

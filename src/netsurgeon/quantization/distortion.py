@@ -144,7 +144,9 @@ class DistortConfig(TrainConfig):
                          low=1, high=64)
 
 
-@register("distort", kind="training", config=DistortConfig, needs_data=True,
+@register("distort", quick={"epochs": 1, "distortion": "pow2"},
+          not_compared="a robustness experiment: trains float weights under distortion, compresses nothing",
+          kind="training", config=DistortConfig, needs_data=True,
           citation="Merolla, Appuswamy, Arthur, Esser, Modha 2016, Deep neural networks are robust to weight "
                    "binarization and other non-linear distortions, arXiv:1606.01981",
           summary="train with a weight distortion (binarize, noise, power-of-two) in the forward pass")

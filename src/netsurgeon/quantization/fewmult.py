@@ -33,11 +33,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
+from ..forms.binary import BinaryWeights
+from ..forms.shared import SharedWeights
 from ..masks import prunable_layers
+from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
-from .binary import BinaryWeights, glorot_lr_scale, sign_pm
-from .kmeans import SharedWeights
+from .binary import glorot_lr_scale, sign_pm
 
 __all__ = ["pow2_stochastic", "FewMultiplications", "FewMultConfig", "WEIGHT_MODES"]
 
@@ -233,7 +235,8 @@ def _fewmult_gives(cfg: FewMultConfig) -> str:
     return "shared" if cfg.weights == "ternary" else "binary"
 
 
-@register("fewmult", kind="training", config=FewMultConfig, needs_data=True, gives=_fewmult_gives,
+@register("fewmult", family="binary", compare=trained("fewmult"), quick={"epochs": 1},
+          kind="training", config=FewMultConfig, needs_data=True, gives=_fewmult_gives,
           citation="Lin, Courbariaux, Memisevic, Bengio 2016 (ICLR), Neural Networks with Few Multiplications, "
                    "arXiv:1510.03009, Sec. 2-3",
           summary="stochastic ternary/binary weights forward, power-of-two quantized back-propagation")

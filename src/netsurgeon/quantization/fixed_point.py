@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_positive
+from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
 
@@ -139,7 +140,8 @@ class FixedPointConfig(TrainConfig):
     rounding: str = option("stochastic", "rounding of every parameter after each step (Eq. (2))", choices=_ROUNDING)
 
 
-@register("fixed_point", kind="training", config=FixedPointConfig, needs_data=True,
+@register("fixed_point", family="quantization", compare=trained("fixed_point"), quick={"epochs": 1},
+          kind="training", config=FixedPointConfig, needs_data=True,
           citation="Gupta, Agrawal, Gopalakrishnan, Narayanan 2015, arXiv:1502.02551, Sec. 3, Eq. (1)-(2)",
           summary="train with every parameter on an <IL, FL> fixed-point grid (nearest or stochastic rounding)")
 def _run_fixed_point(model: nn.Module, cfg: FixedPointConfig, ctx: StageContext) -> dict[str, Any]:

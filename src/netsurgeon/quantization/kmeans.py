@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model, check_positive
+from ..forms.shared import SharedWeights
 from ..masks import layer_kind, prunable_layers, prunable_tensors
+from ..plan import CODEBOOK, Plan, finetune_stage, oneshot_then_finetuned
 from ..registry import MethodConfig, StageContext, option, register
 from ..stats import collect_gradients
 
@@ -61,22 +63,6 @@ def kmeans_1d(x: Tensor, k: int, init: str = "linear", iters: int = 50, seed: in
             break
         c = new
     return c, torch.bucketize(x, (c[1:] + c[:-1]) / 2)
-
-
-class SharedWeights(nn.Module):
-    """Parametrization ``W -> [0, codebook][index]``: every weight is one of the shared values (or zero).
-
-    ``codebook`` is trainable (centroid fine-tuning); ``index`` is a buffer, 0 meaning a pruned weight.
-    """
-
-    def __init__(self, codebook: Tensor, index: Tensor) -> None:
-        super().__init__()
-        self.codebook = nn.Parameter(codebook.float().clone())
-        self.register_buffer("index", index.long())
-
-    def forward(self, w: Tensor) -> Tensor:
-        table = torch.cat([self.codebook.new_zeros(1), self.codebook])
-        return table[self.index]
 
 
 @dataclass(frozen=True)
@@ -205,7 +191,16 @@ class KMeansConfig(MethodConfig):
     seed: int = option(0, "seed of the random init", low=0)
 
 
-@register("kmeans", kind="quantizer", config=KMeansConfig, gives="shared",
+def _deep_compression(p: Plan) -> list[dict[str, Any]]:
+    """Deep Compression in a comparison: prune (half the budget), share by k-means, fine-tune centroids."""
+    return [{"magnitude": {"sparsity": p.sparsity, "rounds": 1, **p.train(0.5)}}, {"kmeans": {}},
+            finetune_stage(p, 0.5, **CODEBOOK)]
+
+
+@register("kmeans", family="quantization", quick={"bits": 3},
+          compare={"kmeans": oneshot_then_finetuned("kmeans", CODEBOOK),
+                   "deep_compression": ("pipeline", _deep_compression)},
+          kind="quantizer", config=KMeansConfig, gives="shared",
           citation="Han, Mao, Dally 2016, Deep Compression, arXiv:1510.00149, Sec. 3, Eq. (1)-(3)",
           summary="k-means weight sharing per layer (zeros stay zero); fine-tune centroids with a finetune stage")
 def _run_kmeans(model: nn.Module, cfg: KMeansConfig, ctx: StageContext) -> dict[str, Any]:
@@ -229,7 +224,10 @@ class HessianKMeansConfig(MethodConfig):
     seed: int = option(0, "seed of init and of the gradient mini-batches", low=0)
 
 
-@register("hessian_kmeans", kind="quantizer", config=HessianKMeansConfig, gives="shared",
+@register("hessian_kmeans", family="quantization",
+          compare=oneshot_then_finetuned("hessian_kmeans", CODEBOOK, num_grads=500),
+          quick={"bits": 3, "num_grads": 4, "grad_batch": 4},
+          kind="quantizer", config=HessianKMeansConfig, gives="shared",
           needs_data=lambda c: c.weighted,
           citation="Choi, El-Khamy, Lee 2017, Towards the Limit of Network Quantization, arXiv:1612.01543, "
                    "Sec. 3-4",

@@ -34,7 +34,6 @@ floats plus the codes at ceil(log2 k) bits each.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,7 +42,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
+from ..forms.pq import ProductQuantized
 from ..masks import prunable_layers
+from ..plan import CODEBOOK, oneshot_then_finetuned
 from ..registry import MethodConfig, StageContext, option, register
 
 __all__ = ["ProductQuantized", "kmeans_vectors", "product_quantize", "residual_quantize", "quantize_vectors",
@@ -55,13 +56,6 @@ def rows_of(w: Tensor) -> Tensor:
     if w.dim() == 2:
         return w
     return w.movedim(1, -1).reshape(-1, w.shape[1])
-
-
-def _from_rows(rows: Tensor, shape: tuple[int, ...]) -> Tensor:
-    if len(shape) == 2:
-        return rows.reshape(shape)
-    out, cin, *k = shape
-    return rows.reshape(out, *k, cin).movedim(-1, 1)
 
 
 def kmeans_vectors(x: Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -98,32 +92,6 @@ def kmeans_vectors(x: Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[T
         codes = new
     codes = (torch.cdist(x, c) ** 2).argmin(1)
     return c.float(), codes
-
-
-class ProductQuantized(nn.Module):
-    """Parametrization: the weight rebuilt from ``codebooks`` (T, S, k, sub_dim; trainable) and ``codes``
-    (T, rows, S; a buffer) for a weight of ``shape`` (see the module docstring)."""
-
-    def __init__(self, codebooks: Tensor, codes: Tensor, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        t, s, k, d = codebooks.shape
-        cols = shape[1]
-        rows = math.prod(shape) // cols
-        if codes.shape != (t, rows, s) or s * d < cols or (s - 1) * d >= cols:
-            raise ValueError(f"ProductQuantized: codebooks {list(codebooks.shape)} and codes {list(codes.shape)} do "
-                             f"not describe a weight of shape {list(shape)}.")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
-            raise ValueError(f"ProductQuantized: codes must lie in [0, {k}).")
-        self.codebooks = nn.Parameter(codebooks.float().clone())
-        self.register_buffer("codes", codes.long())
-        self.shape = tuple(shape)
-
-    def forward(self, w: Tensor) -> Tensor:
-        t, s, k, d = self.codebooks.shape
-        seg = torch.arange(s)
-        rows = sum(self.codebooks[i][seg[None, :], self.codes[i]] for i in range(t))  # (rows, S, d)
-        rows = rows.reshape(rows.shape[0], s * d)[:, : self.shape[1]]
-        return _from_rows(rows, self.shape)
 
 
 def _segments(rows: Tensor, sub_dim: int) -> Tensor:
@@ -368,7 +336,9 @@ class PQConfig(MethodConfig):
             raise ValueError("pq: response_iters refines product quantization only; set kind=pq.")
 
 
-@register("pq", kind="quantizer", config=PQConfig, gives="pq", needs_data=lambda c: c.response_iters > 0,
+@register("pq", family="quantization",
+          compare=oneshot_then_finetuned("pq", CODEBOOK), quick={"k": 4, "sub_dim": 4},
+          kind="quantizer", config=PQConfig, gives="pq", needs_data=lambda c: c.response_iters > 0,
           citation="Gong, Liu, Yang, Bourdev 2014, Compressing Deep Convolutional Networks using Vector "
                    "Quantization, Sec. 3.3-3.4; conv layout and response-error refinement as Wu et al. 2016 "
                    "(Q-CNN), Sec. 3.1-3.3, Eq. (4)",

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
+from ..forms.int8 import Int8Weights, dequantize
 from ..masks import prunable_layers
+from ..plan import trained
 from ..registry import MethodConfig, StageContext, option, register
 from ..train import Callback, TrainConfig, run_training
 
@@ -33,23 +35,6 @@ def quantize_int8(w: Tensor, per_channel: bool = True) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(w / view), -127, 127).to(torch.int8), scale.float()
 
 
-def _dequant(q: Tensor, scale: Tensor) -> Tensor:
-    view = scale.view(-1, *([1] * (q.dim() - 1))) if scale.dim() else scale
-    return q.float() * view
-
-
-class Int8Weights(nn.Module):
-    """Parametrization holding int8 weights and their scales (post-training quantized); forward dequantizes."""
-
-    def __init__(self, q: Tensor, scale: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
-
-    def forward(self, w: Tensor) -> Tensor:
-        return _dequant(self.q, self.scale)
-
-
 class FakeQuantInt8(nn.Module):
     """Parametrization for QAT: forward uses the int8 grid, gradient passes straight to the float weight."""
 
@@ -59,7 +44,7 @@ class FakeQuantInt8(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         q, s = quantize_int8(w, self.per_channel)
-        return w + (_dequant(q, s) - w).detach()
+        return w + (dequantize(q, s) - w).detach()
 
 
 @torch.no_grad()
@@ -112,7 +97,8 @@ class Int8Config(MethodConfig):
     linear_only: bool = option(False, "quantize Linear layers only (convolutions stay float)")
 
 
-@register("int8", kind="quantizer", config=Int8Config, gives="int8", citation=_SURVEY,
+@register("int8", family="quantization", compare=lambda p: [{"int8": {}}], quick={},
+          kind="quantizer", config=Int8Config, gives="int8", citation=_SURVEY,
           summary="symmetric int8 post-training quantization of weights, max|w|/127 scales")
 def _run_int8(model: nn.Module, cfg: Int8Config, ctx: StageContext) -> dict[str, Any]:
     quantize_model_int8(model, cfg.per_channel, cfg.linear_only)
@@ -127,7 +113,8 @@ class QATConfig(TrainConfig):
     linear_only: bool = option(False, "quantize Linear layers only (convolutions stay float)")
 
 
-@register("qat", kind="training", config=QATConfig, gives="int8", needs_data=True,
+@register("qat", family="quantization", compare=trained("qat"), quick={"epochs": 1},
+          kind="training", config=QATConfig, gives="int8", needs_data=True,
           citation=_SURVEY + "; fake quantization with the straight-through estimator (Bengio et al. 2013)",
           summary="int8 quantization-aware training (fake quantization), then int8 weights")
 def _run_qat(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> dict[str, Any]:

@@ -79,7 +79,8 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
     """The numbers of ``netsurgeon bench-latency`` as a JSON-ready dict (see the module doc). Freed memory is
     kept for reuse from here on in this process (:func:`netsurgeon.stats.keep_freed_memory`), as every benchmark
     does, so no model pays page faults by allocation history."""
-    from ..models import arch_of, original_model
+    from ..architecture import original_model
+    from ..changes import arch_of
     from ..stats import keep_freed_memory
     from . import load_compressed
 

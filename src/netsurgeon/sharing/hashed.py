@@ -27,48 +27,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
 from ..coding.hashing import hash_maps
+from ..forms.hashed import HashedWeights
 from ..masks import prunable_layers
+from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import TrainConfig, run_training
 
 __all__ = ["hash_maps", "HashedWeights", "hash_layers", "HashedNetsConfig"]
-
-class HashedWeights(nn.Module):
-    """Parametrization: stored tensor = the K real weights; forward = the virtual tensor ξ·w[h].
-
-    ``idx`` and ``sign`` are non-persistent buffers rebuilt from (shape, buckets, seed), so a state dict holds
-    only w. ``right_inverse`` accepts the dense tensor (projected onto the buckets) or the K-vector itself.
-    """
-
-    def __init__(self, shape: tuple[int, ...], buckets: int, seed: int, use_sign: bool = True) -> None:
-        super().__init__()
-        self.shape, self.buckets, self.seed, self.use_sign = tuple(shape), int(buckets), int(seed), use_sign
-        idx, sign = hash_maps(self.shape, self.buckets, self.seed)
-        self.register_buffer("idx", idx, persistent=False)
-        self.register_buffer("sign", sign if use_sign else torch.ones_like(sign), persistent=False)
-
-    def forward(self, w: Tensor) -> Tensor:
-        return w[self.idx] * self.sign.to(w.dtype)
-
-    def right_inverse(self, value: Tensor) -> Tensor:
-        if tuple(value.shape) == (self.buckets,):
-            return value
-        if tuple(value.shape) != self.shape:
-            raise ValueError(f"HashedWeights: expected a tensor of shape {list(self.shape)} or ({self.buckets},); "
-                             f"got {list(value.shape)}.")
-        flat = (value.detach() * self.sign.to(value.dtype)).reshape(-1)
-        sums = torch.zeros(self.buckets, dtype=value.dtype).index_add_(0, self.idx.reshape(-1), flat)
-        counts = torch.bincount(self.idx.reshape(-1), minlength=self.buckets).clamp_min(1).to(value.dtype)
-        return sums / counts
-
-    def extra_repr(self) -> str:
-        return f"virtual={list(self.shape)}, buckets={self.buckets}, seed={self.seed}"
-
 
 def hash_layers(model: nn.Module, compression: float, *, seed: int = 0, hash_bias: bool = True,
                 conv: bool = False, init: str = "project", generator: torch.Generator | None = None
@@ -129,7 +99,9 @@ class HashedNetsConfig(TrainConfig):
     weight_decay: float = option(0.0, "L2 weight decay (the authors' code uses none)", low=0)
 
 
-@register("hashednets", kind="training", config=HashedNetsConfig, gives="hashed", needs_data=True, citation=_CITE,
+@register("hashednets", family="sharing", compare=trained("hashednets"),
+          quick={"epochs": 1, "compression": 0.25},
+          kind="training", config=HashedNetsConfig, gives="hashed", needs_data=True, citation=_CITE,
           summary="random weight sharing by hashing: K = c·n real weights per layer, stored with the seed only")
 def _run(model: nn.Module, cfg: HashedNetsConfig, ctx: StageContext) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
+from ..forms.shared import SharedWeights
 from ..masks import prunable_layers
-from ..quantization.kmeans import SharedWeights
+from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
 
@@ -240,7 +241,8 @@ class SoftSharingConfig(TrainConfig):
     merge_kl: float = option(1e-3, "merge components whose symmetric KL divergence is below this", low=0)
 
 
-@register("soft_sharing", kind="training", config=SoftSharingConfig, gives="shared", needs_data=True,
+@register("soft_sharing", family="sharing", compare=trained("soft_sharing"), quick={"epochs": 1, "tau": 0.5},
+          kind="training", config=SoftSharingConfig, gives="shared", needs_data=True,
           citation=_CITE, summary="retrain under a learned Gaussian-mixture prior, then quantize each weight to its "
                                   "component's mean (zero component: pruned)")
 def _run(model: nn.Module, cfg: SoftSharingConfig, ctx: StageContext) -> dict[str, Any]:

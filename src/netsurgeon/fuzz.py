@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from .container import MAGIC, NszError
+from .coding.container import MAGIC, NszError
 
 __all__ = ["NASTY", "RECORD_FIELDS", "build_corpus", "mutate", "check_file", "split_file"]
 
@@ -43,12 +43,12 @@ def build_corpus(directory: str | os.PathLike[str]) -> list[Path]:
     """Valid files of every codec on three small models (dense, sparse float16, k-means + Huffman, int8)."""
     import torch
 
-    from ..models import build_model
-    from ..pruning.magnitude import prune_magnitude
-    from ..quantization.binary import Binarize
-    from ..quantization.kmeans import share_weights
-    from ..quantization.uniform import quantize_model_int8
+    from .models import build_model
     from .nsz import save_compressed
+    from .pruning.magnitude import prune_magnitude
+    from .quantization.binary import Binarize
+    from .quantization.kmeans import share_weights
+    from .quantization.uniform import quantize_model_int8
 
     out, d = [], Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -70,12 +70,6 @@ def build_corpus(directory: str | os.PathLike[str]) -> list[Path]:
             save_compressed(m, path, value_dtype="float16" if variant == "sparse16" else "float32")
             out.append(path)
     return out
-
-
-def _set_path(obj: Any, path: list[Any], value: Any) -> None:
-    for key in path[:-1]:
-        obj = obj[key]
-    obj[path[-1]] = value
 
 
 def mutate(raw: bytes, rng: random.Random) -> bytes:
@@ -151,7 +145,7 @@ def check_file(path: str | os.PathLike[str]) -> str:
     ``"NszError"``, or the name of any other exception type (a finding)."""
     import torch
 
-    from ..runtime import load_compressed
+    from .modelfile import load_compressed
     from .nsz import read_header
 
     try:
