@@ -167,19 +167,21 @@ def test_the_example_method_in_docs_design_registers_and_runs(digits):
     """docs/design.md shows how to add a method in about 30 lines; that code must work as written."""
     from pathlib import Path
 
+    from netsurgeon.compare import suite
     from netsurgeon.registry import REGISTRY
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
     code = text.split("### Adding a method")[1].split("```python")[1].split("```")[0]
     assert 20 <= len(code.strip().splitlines()) <= 35
+    assert "example_random" not in methods()  # a name no user method would take, and no built-in has
     try:
         exec(compile(code, "docs/design.md", "exec"), {"__name__": "example_method"})
-        assert "random" in methods()
+        assert "example_random" in methods() and suite()["example_random"][0] == "pruning"
         torch.manual_seed(0)
         m = ns.build_model("lenet300", digits.input_shape)
-        report = Pipeline.from_spec(["random"], ["sparsity=0.7"]).run(m, digits)
+        report = Pipeline.from_spec(["example_random"], ["sparsity=0.7"]).run(m, digits)
         assert abs(report[0]["report"]["kept"] - 0.3) < 0.02
-        with pytest.raises(ValueError, match=r"random: sparsity must be a number in \[0, 1\); got 2"):
-            Pipeline.from_spec(["random"], ["sparsity=2"])
+        with pytest.raises(ValueError, match=r"example_random: sparsity must be a number in \[0, 1\); got 2"):
+            Pipeline.from_spec(["example_random"], ["sparsity=2"])
     finally:
-        REGISTRY.pop("random", None)
+        REGISTRY.pop("example_random", None)

@@ -18,7 +18,7 @@ _SUBMODULES = ("data", "masks", "models", "pipeline", "pruning", "quantization",
                "runtime", "train", "report", "modelfile", "linalg", "recipes", "demo", "export", "compare")
 _NAMES = {
     # storage
-    "NszError": "coding", "read_compressed": "coding", "save_compressed": "coding", "load_compressed": "modelfile",
+    "NszError": "coding", "read_compressed": "nsz", "save_compressed": "nsz", "load_compressed": "modelfile",
     "compile_runtime": "runtime", "export_onnx": "export",
     # data & models
     "DataError": "data", "load_dataset": "data", "build_model": "models",
@@ -61,7 +61,8 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from . import data, masks, models, pipeline, pruning, quantization, registry, stats  # noqa: F401
-    from .coding import NszError, read_compressed, save_compressed  # noqa: F401
+    from .coding import NszError  # noqa: F401
+    from .nsz import read_compressed, save_compressed  # noqa: F401
     from .data import DataError, load_dataset  # noqa: F401
     from .export import export_onnx  # noqa: F401
     from .modelfile import load_compressed  # noqa: F401

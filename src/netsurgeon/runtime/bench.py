@@ -82,7 +82,7 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
     from ..architecture import original_model
     from ..changes import arch_of
     from ..stats import keep_freed_memory
-    from . import load_compressed
+    from ..modelfile import load_compressed
 
     allocator = keep_freed_memory()
     path = Path(path)
