@@ -62,11 +62,11 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from . import data, masks, models, pipeline, pruning, quantization, registry, stats  # noqa: F401
     from .coding import NszError  # noqa: F401
-    from .nsz import read_compressed, save_compressed  # noqa: F401
     from .data import DataError, load_dataset  # noqa: F401
     from .export import export_onnx  # noqa: F401
     from .modelfile import load_compressed  # noqa: F401
     from .models import build_model  # noqa: F401
+    from .nsz import read_compressed, save_compressed  # noqa: F401
     from .pipeline import Pipeline, get_method, methods  # noqa: F401
     from .runtime import compile_runtime  # noqa: F401
     from .train import Callback, TrainConfig, evaluate, train  # noqa: F401

@@ -547,6 +547,10 @@ def info_cmd(model_file: Path) -> None:
             click.echo(line)
     for i, run in enumerate(runs if isinstance(runs, list) else [], 1):
         click.echo(f"stage {i}: {_changed_options(run) if isinstance(run, dict) else str(run)[:80]}")
+        skipped = run.get("skipped") if isinstance(run, dict) else None
+        if isinstance(skipped, dict) and skipped:
+            for layer, why in list(skipped.items())[:20]:
+                click.echo(f"  left as it was: {str(layer)[:60]} ({str(why)[:100]})")
 
 
 def _fields_text(fields: dict[str, Any], width: int = 100) -> list[str]:

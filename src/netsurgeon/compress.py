@@ -101,7 +101,7 @@ def compress_model(model: nn.Module, pipe: Pipeline, data: Any, output: str | os
     arch = dict(arch_of(model) or {}) or None
     if arch is not None and "input_shape" not in arch and getattr(data, "input_shape", None) is not None:
         arch["input_shape"] = list(data.input_shape)
-    info = pipe.save(model, output, meta={**(meta or {}), **metrics}, history=history, arch=arch)
+    info = pipe.save(model, output, meta={**(meta or {}), **metrics}, history=history, arch=arch, runs=runs)
     return CompressResult(model, info, runs, metrics)
 
 

@@ -8,6 +8,14 @@ A mask value of 1 means keep, 0 means pruned. Two gradient rules:
   weight keeps evolving and can be spliced back.
 
 Tensors are named by fully-qualified names such as ``"fc1.weight"``.
+
+**Coverage by layer, never refusal by model.** :func:`weight_sites` finds every weight a method can work on, in any
+``nn.Module``: Linear (and its subclasses, e.g. ``nn.MultiheadAttention``'s ``out_proj``), Conv1d/Conv2d (grouped
+and depthwise included), ``nn.Embedding`` rows, ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (or its
+separate q/k/v projections) and Hugging Face's ``Conv1D`` (a Linear stored transposed). Everything else is left as
+it is and listed by :func:`skipped_layers` with the reason: normalization layers (BatchNorm, LayerNorm, GroupNorm,
+RMSNorm), bare parameters (a ViT class token, a positional embedding, ConvNeXt's layer scale), and modules no method
+here supports (an LSTM). A method refuses a model only when it holds nothing the method supports.
 """
 
 from __future__ import annotations
@@ -20,15 +28,113 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = [
-    "Mask", "StraightThroughMask", "SUPPORTED_LAYERS", "prunable_layers", "prunable_tensors",
+    "Mask", "StraightThroughMask", "SUPPORTED_LAYERS", "prunable_layers", "prunable_tensors", "WeightSite",
+    "weight_sites", "skipped_layers", "SITE_KINDS", "site_kind_of", "take_skipped", "sites_of",
     "attach_masks", "get_masks", "original", "bake", "LayerSparsity", "sparsity_report",
     "attach_masks_for_state_dict", "effective_state_dict", "layer_kind", "LAYER_KINDS", "freeze_masks", "mask_zeros",
 ]
 
 # Grouped and depthwise convolutions are ordinary Conv1d/Conv2d modules with ``groups > 1``.
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-# Layers that hold parameters but are never pruned; they are left alone rather than refused.
-_PASSIVE_LAYERS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+# Layers that hold parameters but are never compressed; they are left as they are (and listed).
+_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
+                                       *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+# How a weight is read as a matrix (rows = outputs): the kinds of weight a method can be asked to cover.
+SITE_KINDS = ("linear", "conv", "embedding", "attention", "transposed")
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """One weight a method can compress: ``module.attr`` of ``kind`` (see :data:`SITE_KINDS`).
+
+    ``linear``: (out, in); ``conv``: (out, in/groups, *k); ``embedding``: (tokens, dim), one row per token;
+    ``attention``: ``nn.MultiheadAttention``'s packed (3·E, E) projection of queries, keys and values (or one of its
+    separate q/k/v projections); ``transposed``: Hugging Face's ``Conv1D``, a Linear stored as (in, out).
+    """
+
+    module: str
+    attr: str
+    kind: str
+
+    @property
+    def fqn(self) -> str:
+        return f"{self.module}.{self.attr}" if self.module else self.attr
+
+    @property
+    def layer_kind(self) -> str:
+        """The per-kind option key that covers it: ``conv``, ``embedding`` or ``fc``."""
+        return {"conv": "conv", "embedding": "embedding"}.get(self.kind, "fc")
+
+    def bias(self) -> str | None:
+        """The name of the bias that goes with this weight, if the module has one (checked by the caller)."""
+        return {"in_proj_weight": "in_proj_bias", "weight": "bias"}.get(self.attr)
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): weight (nx, nf), forward x @ W + b; recognised without importing it."""
+    w = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
+
+
+def site_kind_of(m: nn.Module) -> list[tuple[str, str]]:
+    """The (attr, kind) weight sites module ``m`` owns directly (empty when it owns none)."""
+    if isinstance(m, nn.Linear):
+        return [("weight", "linear")]
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return [("weight", "conv")]
+    if isinstance(m, nn.Embedding):
+        return [("weight", "embedding")]
+    if isinstance(m, nn.MultiheadAttention):
+        if m.in_proj_weight is not None or parametrize.is_parametrized(m, "in_proj_weight"):
+            return [("in_proj_weight", "attention")]
+        return [(a, "attention") for a in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+    if _is_hf_conv1d(m):
+        return [("weight", "transposed")]
+    return []
+
+
+def _direct_params(m: nn.Module) -> list[str]:
+    """Names of the parameters ``m`` owns itself (a parametrized tensor counts under its own name)."""
+    names = [n for n, _ in m.named_parameters(recurse=False)]
+    if parametrize.is_parametrized(m):
+        names += list(m.parametrizations.keys())
+    return names
+
+
+def weight_sites(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> list[WeightSite]:
+    """Every weight of ``model`` of the given kinds, in module order (see the module docstring)."""
+    want = set(kinds)
+    out = []
+    for name, m in model.named_modules():
+        if _is_parametrization(name, m):
+            continue
+        out += [WeightSite(name, attr, kind) for attr, kind in site_kind_of(m) if kind in want]
+    return out
+
+
+def skipped_layers(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> dict[str, str]:
+    """``{module name: why}`` for every module that owns parameters a method covering ``kinds`` leaves as they
+    are: normalization layers, bare parameters, weights of other kinds, and modules no method supports."""
+    want, out = set(kinds), {}
+    for name, m in model.named_modules():
+        own = _direct_params(m)
+        if not own or _is_parametrization(name, m):
+            continue
+        sites = site_kind_of(m)
+        covered = {a for a, k in sites if k in want}
+        label = name or "(the model itself)"
+        if isinstance(m, _NORMS) or "Norm" in type(m).__name__:
+            out[label] = f"{type(m).__name__}: a normalization layer, kept as it is"
+        elif sites and not covered:
+            out[label] = f"{type(m).__name__}: {sites[0][1]} weights are not covered by this method, kept as they are"
+        elif not sites:
+            out[label] = (f"{type(m).__name__}: parameter(s) {', '.join(own)} kept as they are (no method here "
+                          "compresses this kind of layer)" if type(m).__module__.startswith("torch.nn")
+                          else f"{type(m).__name__}: bare parameter(s) {', '.join(own)} kept as they are")
+        elif set(own) - covered - {"bias", "in_proj_bias"}:
+            extra = sorted(set(own) - covered - {"bias", "in_proj_bias"})
+            out[label] = f"{type(m).__name__}: parameter(s) {', '.join(extra)} kept as they are"
+    return out
 
 
 class Mask(nn.Module):
@@ -49,32 +155,90 @@ class StraightThroughMask(Mask):
         return w + (w * self.mask - w).detach()
 
 
-LAYER_KINDS = ("conv", "fc")  # the layer types per-layer options may name instead of a layer
+LAYER_KINDS = ("conv", "fc", "embedding")  # the layer types per-layer options may name instead of a layer
 
 
 def layer_kind(module: nn.Module) -> str:
-    """``"conv"`` for a convolution, ``"fc"`` otherwise: the layer types that per-type options name."""
-    return "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d)) else "fc"
+    """``"conv"`` for a convolution, ``"embedding"`` for an embedding, ``"fc"`` otherwise: the layer types that
+    per-type options name."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return "conv"
+    return "embedding" if isinstance(module, nn.Embedding) else "fc"
 
 
-def prunable_layers(model: nn.Module, owner: str = "netsurgeon") -> dict[str, nn.Module]:
-    """Return ``{module_name: module}`` for every Linear/Conv1d/Conv2d layer of ``model``.
+def prunable_layers(model: nn.Module, owner: str = "netsurgeon",
+                    kinds: Iterable[str] = ("linear", "conv")) -> dict[str, nn.Module]:
+    """``{module_name: module}`` for every layer whose ``weight`` is a site of ``kinds`` (default: Linear and
+    Conv1d/Conv2d, the layers whose semantics some methods need). Other modules are left as they are; the first
+    call per model and owner logs them (:func:`skipped_layers`).
 
     Raises:
-        ValueError: a layer that holds parameters is of a type no method here supports (e.g. an LSTM),
-            or the model has no prunable layer at all.
+        ValueError: the model has no such layer at all (naming the kinds and what it does hold).
     """
-    out: dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, SUPPORTED_LAYERS):
-            out[name] = m
-        elif not isinstance(m, _PASSIVE_LAYERS) and _own_params(m) and not _is_parametrization(name, m):
-            raise ValueError(
-                f"{owner}: layer {name!r} of type {type(m).__name__} is not supported "
-                f"(supported: {', '.join(t.__name__ for t in SUPPORTED_LAYERS)}).")
+    kinds = tuple(kinds)
+    out = {s.module: model.get_submodule(s.module) for s in weight_sites(model, kinds) if s.attr == "weight"}
     if not out:
-        raise ValueError(f"{owner}: the model has no Linear, Conv1d or Conv2d layer to compress.")
+        raise ValueError(f"{owner}: the model has no {_kinds_text(kinds)} layer to compress"
+                         + _holds_text(model) + ".")
+    _log_skipped(model, owner, kinds)
     return out
+
+
+def sites_of(model: nn.Module, owner: str = "netsurgeon",
+             kinds: Iterable[str] = SITE_KINDS) -> list[tuple[WeightSite, nn.Module]]:
+    """Every weight site of ``kinds`` with its module: what an elementwise method (pruning, sharing,
+    quantization) works on. The rest is left as it is (logged once and noted for the stage record).
+
+    Raises:
+        ValueError: the model holds no weight of those kinds.
+    """
+    kinds = tuple(kinds)
+    sites = weight_sites(model, kinds)
+    if not sites:
+        raise ValueError(f"{owner}: the model has no {_kinds_text(kinds)} weight to compress{_holds_text(model)}.")
+    _log_skipped(model, owner, kinds)
+    return [(site, model.get_submodule(site.module)) for site in sites]
+
+
+def _kinds_text(kinds: Iterable[str]) -> str:
+    names = {"linear": "Linear", "conv": "Conv1d/Conv2d", "embedding": "Embedding", "attention": "attention",
+             "transposed": "Conv1D (Hugging Face)"}
+    return ", ".join(names[k] for k in kinds)
+
+
+def _holds_text(model: nn.Module) -> str:
+    skipped = skipped_layers(model)
+    return f" (it holds: {'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3])})" if skipped else ""
+
+
+_LOGGED: set[tuple[int, str, tuple[str, ...]]] = set()
+
+
+def _log_skipped(model: nn.Module, owner: str, kinds: tuple[str, ...]) -> None:
+    """Note on the model (for the pipeline's stage record, :func:`take_skipped`) and log once per (model, owner,
+    kinds) what a method leaves as it is."""
+    skipped = skipped_layers(model, kinds)
+    if not skipped:
+        return
+    notes = getattr(model, _SKIPPED_ATTR, None) or {}
+    object.__setattr__(model, _SKIPPED_ATTR, {**notes, **skipped})
+    key = (id(model), owner, kinds)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        import logging
+
+        logging.getLogger(__name__).info("%s: left as they are: %s", owner,
+                                         "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+
+
+_SKIPPED_ATTR = "_netsurgeon_skipped"
+
+
+def take_skipped(model: nn.Module) -> dict[str, str]:
+    """What methods noted as left as it is since the last call (``{layer: why}``), and forget it."""
+    notes = getattr(model, _SKIPPED_ATTR, None) or {}
+    object.__setattr__(model, _SKIPPED_ATTR, {})
+    return dict(notes)
 
 
 def _own_params(m: nn.Module) -> bool:
@@ -86,13 +250,24 @@ def _is_parametrization(name: str, m: nn.Module) -> bool:
     return isinstance(m, (parametrize.ParametrizationList, Mask)) or "parametrizations." in f".{name}."
 
 
-def prunable_tensors(model: nn.Module, include_bias: bool = False, owner: str = "netsurgeon") -> list[str]:
-    """FQNs of the tensors a method prunes: every layer's ``weight`` (and ``bias`` if asked and present)."""
+def prunable_tensors(model: nn.Module, include_bias: bool = False, owner: str = "netsurgeon",
+                     kinds: Iterable[str] = SITE_KINDS) -> list[str]:
+    """FQNs of the tensors a method covering ``kinds`` compresses: every weight site's tensor (and its bias, if
+    asked and present). Every other parameter is left as it is (logged once, :func:`skipped_layers`).
+
+    Raises:
+        ValueError: the model holds no weight of those kinds.
+    """
+    kinds = tuple(kinds)
     names = []
-    for lname, m in prunable_layers(model, owner).items():
-        names.append(f"{lname}.weight")
-        if include_bias and getattr(m, "bias", None) is not None:
-            names.append(f"{lname}.bias")
+    for site in weight_sites(model, kinds):
+        names.append(site.fqn)
+        bias = site.bias()
+        if include_bias and bias is not None and getattr(model.get_submodule(site.module), bias, None) is not None:
+            names.append(f"{site.module}.{bias}" if site.module else bias)
+    if not names:
+        raise ValueError(f"{owner}: the model has no {_kinds_text(kinds)} weight to compress{_holds_text(model)}.")
+    _log_skipped(model, owner, kinds)
     return names
 
 
@@ -230,11 +405,14 @@ class LayerSparsity:
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module, include_bias: bool = True) -> list[LayerSparsity]:
-    """Per-tensor nonzero counts of the effective (masked) weights of every prunable layer."""
+    """Per-tensor nonzero counts of the effective (masked) weights of every weight site (and their biases)."""
     rows = []
-    for lname, m in prunable_layers(model).items():
-        for attr in ("weight", "bias") if include_bias else ("weight",):
+    for site in weight_sites(model):
+        m = model.get_submodule(site.module)
+        bias = site.bias() if include_bias else None
+        for attr in (site.attr, *((bias,) if bias else ())):
             t = getattr(m, attr, None)
             if t is not None:
-                rows.append(LayerSparsity(f"{lname}.{attr}", tuple(t.shape), t.numel(), int((t != 0).sum())))
+                name = f"{site.module}.{attr}" if site.module else attr
+                rows.append(LayerSparsity(name, tuple(t.shape), t.numel(), int((t != 0).sum())))
     return rows

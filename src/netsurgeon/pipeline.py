@@ -29,6 +29,7 @@ from torch import nn
 
 from ._validation import check_finite_model
 from .forms import weight_form, weight_forms
+from .masks import take_skipped
 from .plan import FAMILIES
 from .progress import log as progress_log
 from .registry import ANY_FORM, KINDS, REGISTRY, Method, MethodConfig, StageContext, option, register
@@ -269,19 +270,25 @@ class Pipeline:
         for i, st in enumerate(self.stages, 1):
             (progress_log if progress else log).info("stage %d/%d: %s", i, len(self.stages), st.method)
             t0 = time.perf_counter()
+            take_skipped(model)
             report = st.spec.run(model, st.config, ctx)
             out.append({"stage": i, "method": st.method, "config": st.config.to_dict(), "report": report,
-                        "seconds": time.perf_counter() - t0})
+                        "seconds": time.perf_counter() - t0, "skipped": take_skipped(model)})
         return out
 
     def save(self, model: nn.Module, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
-             history: Sequence[dict[str, Any]] = (), arch: dict[str, Any] | None = None) -> Any:
+             history: Sequence[dict[str, Any]] = (), arch: dict[str, Any] | None = None,
+             runs: Sequence[dict[str, Any]] | None = None) -> Any:
         """Write ``model`` with the encode stage's options; ``meta["pipeline"]`` gets the earlier ``history``
-        (from the input file) followed by this pipeline's stages, so chained runs keep their provenance."""
+        (from the input file) followed by this pipeline's stages (with the layers each left as they were, from
+        ``runs``, the records :meth:`run` returned), so chained runs keep their provenance."""
         from .nsz import save_compressed
 
         enc = self.encode
-        runs = [*history, *({"method": st.method, "config": st.config.to_dict()} for st in self.stages)]
+        skipped = {r["stage"]: r["skipped"] for r in (runs or []) if r.get("skipped")}
+        runs_made = [{"method": st.method, "config": st.config.to_dict(),
+                      **({"skipped": skipped[i]} if i in skipped else {})} for i, st in enumerate(self.stages, 1)]
+        runs = [*history, *runs_made]
         meta = {**(meta or {}), "method": "+".join(st.method for st in self.stages), "pipeline": runs}
         return save_compressed(model, path, value_dtype=enc.value_dtype, index_bits=enc.index_bits, arch=arch,
                                meta=meta, huffman=enc.huffman)

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from .. import distributed as ddp
 from .._validation import check_finite_model, check_positive
 from ..data import Split, batches
-from ..masks import Mask, prunable_layers
+from ..masks import Mask, sites_of
 from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
@@ -137,6 +137,7 @@ class AutoPrune(Callback):
         self.history_: list[dict[str, Any]] = []
         self._gen = torch.Generator().manual_seed(seed)
         self._gates: dict[str, AuxGate] = {}
+        self._where: dict[str, tuple[str, str]] = {}
         self._opt: torch.optim.Optimizer | None = None
         self._model: nn.Module | None = None
         self._val: Any = None
@@ -150,20 +151,22 @@ class AutoPrune(Callback):
         ``val_data`` (a Split or any iterable of ``(x, y)`` batches, e.g. a DataLoader) trains M.
         """
         check_finite_model("AutoPrune", model)
-        layers = prunable_layers(model, "AutoPrune")
+        layers = sites_of(model, "AutoPrune")
         if val_data is None or (isinstance(val_data, Split) and len(val_data) == 0):
             raise ValueError("AutoPrune: needs a validation split (bi-level optimization); pass val_data.")
         self._val, self._val_iter = val_data, None
         self._split_val = not ddp.rank_local(val_data)  # a DistributedSampler loader: each rank its own batch
-        self._gates = {}
-        for name, mod in layers.items():
-            w = mod.weight.detach()
-            if parametrize.is_parametrized(mod, "weight"):
-                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+        self._gates, self._where = {}, {}
+        for site, mod in layers:
+            w = getattr(mod, site.attr).detach()
+            if parametrize.is_parametrized(mod, site.attr):
+                parametrize.remove_parametrizations(mod, site.attr, leave_parametrized=True)
             m0 = torch.where(w != 0, torch.full_like(w, self.m_init), torch.full_like(w, -self.m_init))
             gate = AuxGate(m0, self.ste, self.alpha, self.tau, **self.rules)
-            parametrize.register_parametrization(mod, "weight", gate, unsafe=True)
-            self._gates[name] = gate
+            parametrize.register_parametrization(mod, site.attr, gate, unsafe=True)
+            key = site.module if site.attr == "weight" else site.fqn
+            self._gates[key] = gate
+            self._where[key] = (site.module, site.attr)
         self._opt = torch.optim.Adam([g.m for g in self._gates.values()], lr=self.m_lr)
         self._model = model
 
@@ -250,10 +253,11 @@ class AutoPrune(Callback):
         training. Modifies ``model`` in place."""
         model = super().finalize(model)
         for name, gate in list(self._gates.items()):
-            mod = model.get_submodule(name)
-            keep = (gate.m > 0).to(mod.weight.dtype)
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
-            parametrize.register_parametrization(mod, "weight", Mask(keep.detach().clone()), unsafe=True)
+            module_name, attr = self._where[name]
+            mod = model.get_submodule(module_name)
+            keep = (gate.m > 0).to(getattr(mod, attr).dtype)
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=True)
+            parametrize.register_parametrization(mod, attr, Mask(keep.detach().clone()), unsafe=True)
         self._gates = {}
         return model
 

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model, check_positive
 from ..forms.shared import SharedWeights
-from ..masks import layer_kind, prunable_layers, prunable_tensors
+from ..masks import prunable_tensors, sites_of
 from ..plan import CODEBOOK, Plan, finetune_stage, oneshot_then_finetuned
 from ..registry import MethodConfig, StageContext, option, register
 from ..stats import collect_gradients
@@ -76,10 +76,10 @@ class SharingReport:
     rms_error: float
 
 
-def _bits_for(bits: int | dict[str, int], name: str, module: nn.Module) -> int:
+def _bits_for(bits: int | dict[str, int], name: str, kind: str) -> int:
     if isinstance(bits, int):
         return bits
-    return int(bits.get(name, bits.get(layer_kind(module), 0)))
+    return int(bits.get(name, bits.get(kind, 0)))
 
 
 @torch.no_grad()
@@ -98,24 +98,23 @@ def share_weights(model: nn.Module, bits: int | dict[str, int] | None = None, in
     bits = {"conv": 8, "fc": 5} if bits is None else bits
     check_finite_model("share_weights", model)
     out = []
-    for name, m in prunable_layers(model, "share_weights").items():
-        b = _bits_for(bits, name, m)
+    for site, m in sites_of(model, "share_weights"):
+        b = _bits_for(bits, site.module, site.layer_kind)
         if b <= 0:
             continue
         if not 1 <= b <= 16:
-            raise ValueError(f"share_weights: bits for layer {name!r} must be in [1, 16]; got {b}.")
-        w = m.weight.detach().clone()
-        if parametrize.is_parametrized(m, "weight"):
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            raise ValueError(f"share_weights: bits for layer {site.module!r} must be in [1, 16]; got {b}.")
+        w = getattr(m, site.attr).detach().clone()
+        if parametrize.is_parametrized(m, site.attr):
+            parametrize.remove_parametrizations(m, site.attr, leave_parametrized=True)
         alive = w != 0
         c, labels = kmeans_1d(w[alive], (1 << b) - 1, init, iters, seed)
         index = torch.zeros_like(w, dtype=torch.long)
         index[alive] = labels + 1
-        parametrize.register_parametrization(m, "weight", SharedWeights(c, index), unsafe=True)
-        err = float((m.weight - w).pow(2).mean().sqrt())
-        out.append(SharingReport(f"{name}.weight", b, (1 << b) - 1, int(alive.sum()), err))
+        parametrize.register_parametrization(m, site.attr, SharedWeights(c, index), unsafe=True)
+        err = float((getattr(m, site.attr) - w).pow(2).mean().sqrt())
+        out.append(SharingReport(site.fqn, b, (1 << b) - 1, int(alive.sum()), err))
     return out
-
 
 
 @torch.no_grad()
@@ -131,35 +130,35 @@ def share_weights_global(model: nn.Module, bits: int, importance: dict[str, Tens
     """
     check_positive("share_weights_global", "bits", bits, integer=True)
     check_finite_model("share_weights_global", model)
-    layers = prunable_layers(model, "share_weights_global")
+    sites = sites_of(model, "share_weights_global")
     ws = {}
-    for name, m in layers.items():
-        ws[name] = m.weight.detach().clone()
-        if parametrize.is_parametrized(m, "weight"):
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    for site, m in sites:
+        ws[site.fqn] = getattr(m, site.attr).detach().clone()
+        if parametrize.is_parametrized(m, site.attr):
+            parametrize.remove_parametrizations(m, site.attr, leave_parametrized=True)
     alive = {n: w != 0 for n, w in ws.items()}
     x = torch.cat([ws[n][alive[n]] for n in ws])
     if x.numel() == 0:
         raise ValueError("share_weights_global: every weight of the model is zero; there is nothing to share.")
     h = None
     if importance is not None:
-        missing = [f"{n}.weight" for n in ws if f"{n}.weight" not in importance]
+        missing = [n for n in ws if n not in importance]
         if missing:
             raise ValueError(f"share_weights_global: importance lacks {missing}.")
-        h = torch.cat([importance[f"{n}.weight"].detach().reshape(ws[n].shape)[alive[n]] for n in ws])
+        h = torch.cat([importance[n].detach().reshape(ws[n].shape)[alive[n]] for n in ws])
         h = h.clamp_min(0) + 1e-12 * float(h.abs().max())   # keep every weight in its nearest cluster's pull
     c, labels = kmeans_1d(x, (1 << bits) - 1, init, iters, seed, sample_weight=h)
     book = nn.Parameter(c.float().clone())
     off, sq = 0, 0.0
-    for name, m in layers.items():
-        n = int(alive[name].sum())
-        index = torch.zeros_like(ws[name], dtype=torch.long)
-        index[alive[name]] = labels[off:off + n] + 1
+    for site, m in sites:
+        n = int(alive[site.fqn].sum())
+        index = torch.zeros_like(ws[site.fqn], dtype=torch.long)
+        index[alive[site.fqn]] = labels[off:off + n] + 1
         off += n
         p = SharedWeights(c, index)
         p.codebook = book                      # the same Parameter object in every layer
-        parametrize.register_parametrization(m, "weight", p, unsafe=True)
-        sq += float((m.weight - ws[name]).pow(2).sum())
+        parametrize.register_parametrization(m, site.attr, p, unsafe=True)
+        sq += float((getattr(m, site.attr) - ws[site.fqn]).pow(2).sum())
     return SharingReport("all", bits, (1 << bits) - 1, int(x.numel()), (sq / max(x.numel(), 1)) ** 0.5)
 
 
@@ -206,7 +205,7 @@ def _deep_compression(p: Plan) -> list[dict[str, Any]]:
 def _run_kmeans(model: nn.Module, cfg: KMeansConfig, ctx: StageContext) -> dict[str, Any]:
     rows = share_weights(model, cfg.bits, cfg.init, cfg.iters, cfg.seed)
     if not rows:
-        layers = {n: layer_kind(m) for n, m in prunable_layers(model, "kmeans").items()}
+        layers = {site.module: site.layer_kind for site, _ in sites_of(model, "kmeans")}
         raise ValueError(f"kmeans: nothing was shared: bits {cfg.bits!r} selects no layer of this model "
                          f"(layers and types: {layers}).")
     return {"layers": {r.name: {"bits": r.bits, "nonzero": r.nonzero, "rms_error": r.rms_error} for r in rows}}

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
 from ..forms.int8 import Int8Weights, dequantize
-from ..masks import prunable_layers
+from ..masks import SITE_KINDS, sites_of
 from ..plan import trained
 from ..registry import MethodConfig, StageContext, option, register
 from ..train import Callback, TrainConfig, run_training
@@ -49,20 +49,25 @@ class FakeQuantInt8(nn.Module):
 
 @torch.no_grad()
 def quantize_model_int8(model: nn.Module, per_channel: bool = True, linear_only: bool = False) -> nn.Module:
-    """Post-training int8 quantization of every Linear (and Conv2d unless ``linear_only``) weight, in place.
+    """Post-training int8 quantization of every weight site (Linear, attention projections, embeddings, and
+    convolutions unless ``linear_only``), in place.
 
     Existing parametrizations (masks, fake quantization) are baked in first. Biases stay float.
     """
     check_finite_model("quantize_model_int8", model)
-    for _, m in prunable_layers(model, "quantize_model_int8").items():
-        if linear_only and not isinstance(m, nn.Linear):
-            continue
-        w = m.weight.detach().clone()
-        if parametrize.is_parametrized(m, "weight"):
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    for site, m in sites_of(model, "quantize_model_int8", _kinds(linear_only)):
+        w = getattr(m, site.attr).detach().clone()
+        if parametrize.is_parametrized(m, site.attr):
+            parametrize.remove_parametrizations(m, site.attr, leave_parametrized=True)
         q, s = quantize_int8(w, per_channel)
-        parametrize.register_parametrization(m, "weight", Int8Weights(q, s), unsafe=True)
+        parametrize.register_parametrization(m, site.attr, Int8Weights(q, s), unsafe=True)
     return model
+
+
+def _kinds(linear_only: bool) -> tuple[str, ...]:
+    """The weights int8 covers: every kind (one scale per row: output channel, token or projection row), or
+    without ``linear_only``'s convolutions."""
+    return tuple(k for k in SITE_KINDS if not (linear_only and k == "conv"))
 
 
 class QuantizationAwareTraining(Callback):
@@ -74,12 +79,10 @@ class QuantizationAwareTraining(Callback):
 
     def prepare(self, model: nn.Module, **_: Any) -> None:
         self._model = model
-        for _, m in prunable_layers(model, "QuantizationAwareTraining").items():
-            if self.linear_only and not isinstance(m, nn.Linear):
-                continue
-            plist = m.parametrizations["weight"] if parametrize.is_parametrized(m, "weight") else []
+        for site, m in sites_of(model, "QuantizationAwareTraining", _kinds(self.linear_only)):
+            plist = m.parametrizations[site.attr] if parametrize.is_parametrized(m, site.attr) else []
             if not any(isinstance(p, FakeQuantInt8) for p in plist):
-                parametrize.register_parametrization(m, "weight", FakeQuantInt8(self.per_channel), unsafe=True)
+                parametrize.register_parametrization(m, site.attr, FakeQuantInt8(self.per_channel), unsafe=True)
 
     def finalize(self, model: nn.Module | None = None) -> nn.Module:
         """Replace the fake quantizers by int8 weights and scales (post-training quantization of the result)."""

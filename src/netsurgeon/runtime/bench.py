@@ -81,8 +81,8 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
     does, so no model pays page faults by allocation history."""
     from ..architecture import original_model
     from ..changes import arch_of
-    from ..stats import keep_freed_memory
     from ..modelfile import load_compressed
+    from ..stats import keep_freed_memory
 
     allocator = keep_freed_memory()
     path = Path(path)
