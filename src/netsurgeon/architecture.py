@@ -60,6 +60,9 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
             raise NszError(f"{where}: field 'input_shape' {dims} has more than {MAX_INPUT_ELEMENTS:,} elements.")
     if "name" in arch:
         check_int(where, "num_classes", arch.get("num_classes"), 1, MAX_CLASSES)
+    if arch.get("input_dtype", "float32") not in ("float32", "int64"):
+        raise NszError(f"{where}: field 'input_dtype' must be 'float32' or 'int64' (token ids); got "
+                       f"{short(arch['input_dtype'])}.")
     check_changes(where, arch)
     return arch
 
@@ -81,8 +84,8 @@ def rebuild(arch: dict[str, Any], *, trust_code: bool = False, source: str = "fi
     if not isinstance(kwargs, dict):
         raise ValueError(f"{source}: the architecture's kwargs are malformed ({kwargs!r}).")
     model = _rebuild_base(arch, trust_code=trust_code, source=source)
-    if apply_arch_changes(model, arch, source):
-        set_arch(model, dict(arch))
+    apply_arch_changes(model, arch, source)
+    set_arch(model, dict(arch))  # the record as read: a rebuilt model saves the same record again
     return model
 
 

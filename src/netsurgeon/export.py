@@ -51,7 +51,9 @@ def require_onnx(what: str = "ONNX export") -> None:
 def dense_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path, opset: int) -> None:
     import warnings
 
-    x = torch.zeros(1, *input_shape)
+    from .stats import example_input
+
+    x = example_input(model, input_shape, 1, torch.Generator().manual_seed(0))
     with warnings.catch_warnings():  # the TorchScript exporter: 0.03 s, no onnxscript (docs/runtime.md)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=opset,
@@ -118,7 +120,9 @@ def export_onnx(path: str | os.PathLike[str], output: str | os.PathLike[str], *,
     if check:
         import onnxruntime as ort
 
-        x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+        from .stats import example_input
+
+        x = example_input(dense_model, shape, 4, torch.Generator().manual_seed(0))
         sess = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
         with torch.no_grad():
             ref = dense_model(x).numpy()

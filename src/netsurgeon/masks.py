@@ -49,7 +49,9 @@ class WeightSite:
 
     ``linear``: (out, in); ``conv``: (out, in/groups, *k); ``embedding``: (tokens, dim), one row per token;
     ``attention``: ``nn.MultiheadAttention``'s packed (3·E, E) projection of queries, keys and values (or one of its
-    separate q/k/v projections); ``transposed``: Hugging Face's ``Conv1D``, a Linear stored as (in, out).
+    separate q/k/v projections) and its ``out_proj`` (a Linear its parent uses as a function: forward hooks on it
+    never run, so methods that hook a layer's input leave it); ``transposed``: Hugging Face's ``Conv1D``, a Linear
+    stored as (in, out).
     """
 
     module: str
@@ -104,36 +106,46 @@ def _direct_params(m: nn.Module) -> list[str]:
 def weight_sites(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> list[WeightSite]:
     """Every weight of ``model`` of the given kinds, in module order (see the module docstring)."""
     want = set(kinds)
-    out = []
+    out, attention = [], []
     for name, m in model.named_modules():
         if _is_parametrization(name, m):
             continue
-        out += [WeightSite(name, attr, kind) for attr, kind in site_kind_of(m) if kind in want]
+        if isinstance(m, nn.MultiheadAttention):
+            attention.append(name + ".")
+        kinds_here = site_kind_of(m)
+        if isinstance(m, nn.Linear) and any(name.startswith(a) for a in attention):
+            kinds_here = [("weight", "attention")]  # out_proj: used functionally by its parent, never called
+        out += [WeightSite(name, attr, kind) for attr, kind in kinds_here if kind in want]
     return out
 
 
 def skipped_layers(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> dict[str, str]:
     """``{module name: why}`` for every module that owns parameters a method covering ``kinds`` leaves as they
     are: normalization layers, bare parameters, weights of other kinds, and modules no method supports."""
-    want, out = set(kinds), {}
+    every = {}
+    for site in weight_sites(model):
+        every.setdefault(site.module, []).append(site)
+    covered = {(s.module, s.attr) for s in weight_sites(model, kinds)}
+    out = {}
     for name, m in model.named_modules():
         own = _direct_params(m)
         if not own or _is_parametrization(name, m):
             continue
-        sites = site_kind_of(m)
-        covered = {a for a, k in sites if k in want}
         label = name or "(the model itself)"
+        sites = every.get(name, [])
+        kept = [s for s in sites if (s.module, s.attr) in covered]
         if isinstance(m, _NORMS) or "Norm" in type(m).__name__:
             out[label] = f"{type(m).__name__}: a normalization layer, kept as it is"
-        elif sites and not covered:
-            out[label] = f"{type(m).__name__}: {sites[0][1]} weights are not covered by this method, kept as they are"
+        elif sites and not kept:
+            out[label] = f"{type(m).__name__}: {sites[0].kind} weights are not covered by this method, kept as they are"
         elif not sites:
             out[label] = (f"{type(m).__name__}: parameter(s) {', '.join(own)} kept as they are (no method here "
                           "compresses this kind of layer)" if type(m).__module__.startswith("torch.nn")
                           else f"{type(m).__name__}: bare parameter(s) {', '.join(own)} kept as they are")
-        elif set(own) - covered - {"bias", "in_proj_bias"}:
-            extra = sorted(set(own) - covered - {"bias", "in_proj_bias"})
-            out[label] = f"{type(m).__name__}: parameter(s) {', '.join(extra)} kept as they are"
+        else:
+            extra = sorted(set(own) - {s.attr for s in kept} - {"bias", "in_proj_bias"})
+            if extra:
+                out[label] = f"{type(m).__name__}: parameter(s) {', '.join(extra)} kept as they are"
     return out
 
 

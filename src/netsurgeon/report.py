@@ -16,7 +16,7 @@ from ._validation import atomic_save
 from .data import Dataset
 from .masks import sparsity_report
 from .runtime import compile_runtime
-from .stats import count_nonzero, dense_bytes, layer_flops, measure_latency
+from .stats import count_nonzero, dense_bytes, example_input, layer_flops, measure_latency
 from .train import evaluate
 
 __all__ = ["summarize", "summary_table", "layers_table", "file_table", "print_table", "plot_kept", "methods_table",
@@ -59,7 +59,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
     lat = {}
     for b in batches:
         fast, plan = compile_runtime(model, b, threads=threads, repeats=repeats)  # the same timing budget
-        x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(0))
+        x = example_input(model, input_shape, b, torch.Generator().manual_seed(0))
         r = measure_latency(fast, reference if reference is not None else model, x, threads=threads, repeats=repeats)
         lat[str(b)] = {"runtime_ms": 1e3 * r.model_s, "dense_ms": 1e3 * r.reference_s, "speedup": r.speedup,
                        "threads": r.threads, "forms": {"+".join(c.layers): c.form for c in plan.runs}}

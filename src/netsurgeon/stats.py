@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from .data import Split, batches
-from .masks import SUPPORTED_LAYERS, original, prunable_layers
+from .masks import original
 from .progress import Progress
 
-__all__ = ["chance_accuracy", "dense_bytes", "cpu_name", "count_nonzero", "LayerFlops", "layer_flops", "total_flops",
-           "Latency", "measure_latency", "num_threads", "collect_gradients"]
+__all__ = ["chance_accuracy", "dense_bytes", "example_input", "cpu_name", "count_nonzero", "LayerFlops",
+           "layer_flops", "total_flops", "Latency", "measure_latency", "num_threads", "collect_gradients"]
 
 
 @torch.no_grad()
@@ -40,13 +40,33 @@ def cpu_name() -> str:
 def count_nonzero(model: nn.Module) -> tuple[int, int]:
     """Return ``(nonzero, total)`` over every parameter of ``model`` as the forward pass sees it.
 
-    Masked tensors are counted through their mask (the effective weight), not the hidden original.
+    Masked and otherwise parametrized tensors (codebooks, gates, hashed buckets) are counted as the effective
+    tensor the forward pass uses, not the hidden original; everything else (norms, bare parameters) as it is.
     """
-    layers = [m for m in model.modules() if isinstance(m, SUPPORTED_LAYERS)]
-    covered = {id(p) for m in layers for p in m.parameters()}  # includes masked originals
-    tensors = [t for m in layers for t in (m.weight, m.bias) if t is not None]
-    tensors += [p for p in model.parameters() if id(p) not in covered]  # e.g. norms: counted as they are
+    from .masks import effective_state_dict
+
+    eff = effective_state_dict(model)
+    names = set()
+    for name, _ in model.named_parameters():
+        mod, sep, rest = name.rpartition("parametrizations.")
+        names.add(f"{mod}{rest.split('.')[0]}" if sep else name)
+    tensors = [eff[n] for n in names if n in eff]
     return sum(int((t != 0).sum()) for t in tensors), sum(t.numel() for t in tensors)
+
+
+def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """A batch the model accepts: token ids (int64, below every embedding's size) for a model whose architecture
+    record says ``input_dtype: int64`` or whose first layer is an ``nn.Embedding``, random floats otherwise."""
+    from .changes import arch_of
+
+    emb = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    tokens = (arch_of(model) or {}).get("input_dtype") == "int64" or (emb and first is emb[0])
+    if tokens:
+        high = min(m.num_embeddings for m in emb) if emb else 2
+        return torch.randint(0, high, (batch, *input_shape), generator=generator)
+    return torch.randn(batch, *input_shape, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -60,29 +80,48 @@ class LayerFlops:
 
 @torch.no_grad()
 def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerFlops]:
-    """Dense and effective FLOPs of every Linear/Conv2d layer for one sample of shape ``input_shape``.
+    """Dense and effective FLOPs of every weight site but embeddings (Linear, Conv, attention projections, Hugging
+    Face Conv1D) for one sample of shape ``input_shape``.
 
-    Dense: 2·(out elements)·(fan-in). Effective: 2·(output positions)·(nonzero weights), i.e. what a
-    kernel that skips pruned weights would do. Bias additions and activations are not counted.
+    Dense: 2·(output positions)·(weights). Effective: 2·(output positions)·(nonzero weights), i.e. what a kernel
+    that skips pruned weights would do. Bias additions, activations and the attention score products (which have
+    no weights) are not counted; an embedding is a lookup (0 FLOPs).
     """
-    layers = prunable_layers(model)
-    out_numel: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: out_numel.__setitem__(n, o[0].numel()))
-             for n, m in layers.items()]
+    from .masks import weight_sites
+
+    sites = weight_sites(model, ("linear", "conv", "attention", "transposed"))
+    positions: dict[str, int] = {}
+
+    def record(name: str, module: nn.Module, out: Any) -> None:
+        o = out[0] if isinstance(out, tuple) else out
+        rows = module.nf if getattr(module, "nf", None) else (module.out_features if isinstance(module, nn.Linear)
+                                                                else o.shape[1] if o.dim() > 2 else o.shape[-1])
+        positions[name] = max(1, o[0].numel() // max(1, rows))
+
+    def record_attention(name: str, module: nn.MultiheadAttention, args: tuple[Any, ...], out: Any) -> None:
+        q = args[0]
+        tokens = q.shape[1] if module.batch_first or q.dim() == 2 else q.shape[0]
+        positions[name] = positions[f"{name}.out_proj"] = int(tokens if q.dim() == 3 else q.shape[0])
+
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            hooks.append(m.register_forward_hook(lambda mod, a, o, n=name: record_attention(n, mod, a, o)))
+        elif any(s.module == name for s in sites):
+            hooks.append(m.register_forward_hook(lambda mod, a, o, n=name: record(n, mod, o)))
     try:
         was_training = model.training
         model.eval()
-        model(torch.zeros(1, *input_shape))
+        model(example_input(model, input_shape))
         model.train(was_training)
     finally:
         for h in hooks:
             h.remove()
     rows = []
-    for n, m in layers.items():
-        w = m.weight
-        positions = out_numel[n] // w.shape[0]  # output pixels per output channel (1 for Linear)
-        dense = 2 * positions * w.numel()
-        rows.append(LayerFlops(n, dense, 2 * positions * int((w != 0).sum())))
+    for site in sites:
+        w = getattr(model.get_submodule(site.module), site.attr)
+        n = positions.get(site.module, 0)  # a layer the forward pass never ran costs nothing
+        rows.append(LayerFlops(site.fqn.removesuffix(".weight"), 2 * n * w.numel(), 2 * n * int((w != 0).sum())))
     return rows
 
 

@@ -28,7 +28,7 @@ __all__ = ["ArchChange", "register_change", "changes", "arch_of", "set_arch", "r
            "check_changes", "CORE_KEYS"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
-CORE_KEYS = ("name", "input_shape", "num_classes", "kwargs", "factory")  # how the model itself is built
+CORE_KEYS = ("name", "input_shape", "input_dtype", "num_classes", "kwargs", "factory")  # how the model is built
 
 
 class ArchChange:
