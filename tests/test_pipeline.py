@@ -51,6 +51,11 @@ QUICK = {
     "distill": {"epochs": 1},
     "lowrank": {"params": 0.3, "epochs": 1, "match_steps": 2},
     "separable": {"epochs": 1, "match_steps": 2},
+    "sparsegpt": {"samples": 8, "sparsity": 0.5},
+    "obc": {"samples": 8, "sparsity": 0.5},
+    "wanda": {"samples": 8, "sparsity": 0.5},
+    "gptq": {"samples": 8, "bits": 4, "group_size": 16},
+    "rtn": {"bits": 4, "group_size": 16},
     "encode": {},
 }
 
@@ -193,6 +198,8 @@ def test_every_method_compresses_saves_and_reloads_the_same_module(method, model
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
     form = get_method(method).output_form(pipe.stages[0].config) if stages else None
+    if form == "grouped":  # gptq, rtn: no packed codec for group-quantized codes yet; the file holds their values
+        form = None
     if form is not None:  # the stored form is the method's: k-means codes or int8 values
         codecs = {r.codec for r in info.records if r.name.endswith("weight") and len(r.shape) > 1}
         if method in ("xnor", "hwgq", "hashednets", "pq"):  # xnor, hwgq: the first and last layers stay real;

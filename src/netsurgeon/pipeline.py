@@ -45,11 +45,14 @@ METHOD_MODULES = (
     "netsurgeon.quantization.binary", "netsurgeon.sharing.hashed",
     "netsurgeon.sharing.soft", "netsurgeon.distill",
     "netsurgeon.lowrank",
+    "netsurgeon.pruning.sparsegpt", "netsurgeon.pruning.obc", "netsurgeon.pruning.wanda",
+    "netsurgeon.quantization.groupwise", "netsurgeon.quantization.gptq",
 )
 _FORM_TEXT = {"float": "float weights", "shared": "k-means-shared weights (codebook + indices)",
               "int8": "int8 weights", "binary": "binary weights (one bit each, plus scales)",
               "hashed": "hashed weights (HashedNets buckets)",
-              "pq": "vector-quantized weights (codebooks + codes)"}
+              "pq": "vector-quantized weights (codebooks + codes)",
+              "grouped": "group-quantized weights (low-bit codes, a scale and zero point per group)"}
 
 
 def methods() -> dict[str, Method]:
@@ -124,7 +127,9 @@ def weight_form(model: nn.Module) -> str:
                     forms.add("hashed")
                 elif hasattr(p, "codebooks") and hasattr(p, "codes"):
                     forms.add("pq")
-    return next((f for f in ("shared", "int8", "binary", "hashed", "pq") if f in forms), "float")
+                elif hasattr(p, "q") and hasattr(p, "scales") and hasattr(p, "group_size"):
+                    forms.add("grouped")
+    return next((f for f in ("shared", "int8", "binary", "hashed", "pq", "grouped") if f in forms), "float")
 
 
 class Pipeline:

@@ -17,7 +17,8 @@ messages are all generated from that one declaration: nothing outside the method
 
 Weight forms describe what a stage needs and leaves, so a pipeline can refuse an impossible order before any
 work starts: ``float`` (float weights, possibly masked), ``shared`` (k-means codebook + indices), ``int8``,
-``binary`` (±1 weights and scales), ``hashed`` (HashedNets buckets), ``pq`` (vector-quantized codebooks + codes).
+``binary`` (±1 weights and scales), ``hashed`` (HashedNets buckets), ``pq`` (vector-quantized codebooks + codes),
+``grouped`` (low-bit codes with a scale and zero point per group of inputs: GPTQ, RTN).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ KINDS: dict[str, str] = {
     "quantizer": "quantizer (changes how weights are represented)",
     "codec": "codec (how the file is written; last stage)",
 }
-FORMS = ("float", "shared", "int8", "binary", "hashed", "pq")
+FORMS = ("float", "shared", "int8", "binary", "hashed", "pq", "grouped")
 
 
 def option(default: Any, help: str, *, low: float | None = None, high: float | None = None,
