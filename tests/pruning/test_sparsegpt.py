@@ -235,3 +235,12 @@ def test_config_errors_name_the_method_and_value():
         get_method("magnitude").make_config({"pattern": "2:4", "scope": "global"})
     with pytest.raises(ValueError, match=r"stage 1 'wanda' needs data"):
         Pipeline.from_spec(["wanda"]).run(_mlp())
+
+
+def test_an_n_m_pattern_survives_yaml_in_set_and_recipes(tmp_path):
+    """YAML 1.1 reads an unquoted 2:4 as the base-60 number 124; --set values and recipes keep it a string."""
+    assert Pipeline.from_spec(["sparsegpt"], ["pattern=2:4"]).stages[0].config.pattern == "2:4"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - wanda: {pattern: 4:8, samples: 8}\n  - gptq: {bits: 4, damp: 0.01}\n")
+    pipe = Pipeline.from_yaml(recipe)
+    assert pipe.stages[0].config.pattern == "4:8" and pipe.stages[1].config.damp == 0.01

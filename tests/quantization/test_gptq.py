@@ -165,3 +165,15 @@ def test_gptq_and_rtn_errors_name_the_method():
         get_method("gptq").make_config({"bits": 9})
     with pytest.raises(ValueError, match=r"^rtn: group_size must be an integer >= 2 or null; got 1\.$"):
         get_method("rtn").make_config({"group_size": 1})
+
+
+def test_rtn_after_pruning_keeps_the_zeros_and_needs_no_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    Pipeline.from_spec([{"magnitude": {"sparsity": 0.5, "epochs": 0}}]).run(model)
+    pruned = {n: m.mask == 0 for n, m in get_masks(model).items()}
+    Pipeline.from_spec([{"rtn": {"bits": 2, "group_size": 4, "symmetric": True}}]).run(model)
+    for n, p in pruned.items():
+        w = model.get_submodule(n.removesuffix(".weight")).weight
+        assert (w[p] == 0).all() and (w[~p] != 0).sum() > 0
+        assert len(torch.unique(w[0, :4])) <= 4
