@@ -111,7 +111,7 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
     owner = "prune_magnitude"
     nm = parse_nm(owner, pattern)
     if (sparsity is None) + (quality is None) + (nm is None) != 2:
-        raise ValueError(f"{owner}: give exactly one of sparsity, quality or an N:M pattern.")
+        raise ValueError(f"{owner}: give exactly one of sparsity or quality, or an N:M pattern instead of both.")
     if scope not in ("layer", "global"):
         raise ValueError(f"{owner}: scope must be 'layer' or 'global'; got {scope!r}.")
     check_finite_model(owner, model)
