@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from netsurgeon.linalg import (
@@ -125,3 +126,23 @@ def test_nearest_psd_clips_negative_eigenvalues_and_keeps_psd_matrices():
     torch.testing.assert_close(nearest_psd(h), (v * torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=D)) @ v.T)
     a = (v * torch.tensor([3.0, 1.0, 2.0, 0.5], dtype=D)) @ v.T
     torch.testing.assert_close(nearest_psd(a), a)
+
+
+def test_inverse_cholesky_upper_and_layer_damping():
+    from netsurgeon.linalg import damp_layer_hessian, inverse_cholesky_upper
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    X[:, 3] = 0                                            # an input that never fires
+    H = 2 * X.T @ X / 20
+    Hd, dead = damp_layer_hessian(H, 0.01)
+    assert dead.tolist() == [False, False, False, True, False] and H[3, 3] == 0   # H itself untouched
+    expect = H.clone()
+    expect[3, 3] = 1.0
+    expect += 0.01 * expect.diagonal().mean() * torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(Hd, expect)
+    U = inverse_cholesky_upper(Hd)
+    assert torch.equal(U, U.triu())
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(Hd))
+    with pytest.raises(ValueError, match="not positive definite"):
+        inverse_cholesky_upper(-torch.eye(3))

@@ -98,7 +98,7 @@ def test_every_method_on_a_transformer_works_or_refuses_by_name(method, tmp_path
 
 def test_a_transformer_file_exports_to_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
-    model, data = _model(), _token_data()
+    model = _model()
     Pipeline.from_spec(["magnitude", "int8"], ["sparsity=0.5", "epochs=0"]).run(model)
     ns.nsz.save_compressed(model, tmp_path / "t.nsz")
     info = ns.export_onnx(tmp_path / "t.nsz", tmp_path / "t.onnx", trust_code=True)

@@ -13,7 +13,8 @@ from torch import Tensor
 
 __all__ = ["woodbury_rank1_update", "fisher_inverse_recursive", "fisher_inverse", "ImplicitFisherInverse", "obs_scores",
            "KroneckerInverse", "kfac_damped_inverses",
-           "obs_update_single_sum", "obs_update_joint", "woodtaylor_scores", "woodtaylor_update"]
+           "obs_update_single_sum", "obs_update_joint", "woodtaylor_scores", "woodtaylor_update",
+           "damp_layer_hessian", "inverse_cholesky_upper"]
 
 
 def woodbury_rank1_update(inv: Tensor, g: Tensor, n: int) -> Tensor:
@@ -194,3 +195,35 @@ def woodtaylor_update(w: Tensor, hinv: Tensor | ImplicitFisherInverse, grad: Ten
     """
     hg = hinv @ grad
     return -hg + obs_update_single_sum(w - hg, hinv, prune)
+
+
+def damp_layer_hessian(H: Tensor, damp_ratio: float) -> tuple[Tensor, Tensor]:
+    """A layer Hessian H = 2XXᵀ made positive definite as SparseGPT/GPTQ do: inputs that never fired (H_ii = 0,
+    "dead") get H_ii = 1, then λ = damp_ratio · mean(diag H) is added to the diagonal (1% in both papers).
+
+    Returns ``(H + λI, dead)``; the caller zeroes the weights of dead inputs (they never change the output on
+    the calibration data). Shapes: H (d, d) -> (d, d), dead (d,) bool. ``H`` is not modified.
+    """
+    H = H.clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp_ratio * H.diagonal().mean())
+    return H, dead
+
+
+def inverse_cholesky_upper(H: Tensor) -> Tensor:
+    """The upper-triangular U with UᵀU = H⁻¹ (H symmetric positive definite).
+
+    Row i of U, divided by U_ii, is the OBS update of the weights j >= i when weight i is removed *after* the
+    weights 0..i-1, and U_ii² = [(H_{i:, i:})⁻¹]_00 is that removal's denominator: the GPTQ "Cholesky
+    reformulation" (Frantar et al. 2023, arXiv:2210.17323, Sec. 4, step 3), also SparseGPT's Hessian
+    synchronization (arXiv:2301.00774, Sec. 3). Computed as the paper code does (Cholesky, inverse, upper
+    Cholesky of the inverse). Shapes: (d, d) -> (d, d). Raises ValueError when H is not positive definite.
+    """
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info) != 0:
+        raise ValueError(f"inverse_cholesky_upper: the damped Hessian is not positive definite (failed at column "
+                         f"{int(info) - 1} of {H.shape[0]}); raise the damping.")
+    return U

@@ -32,6 +32,7 @@ __all__ = [
     "weight_sites", "skipped_layers", "SITE_KINDS", "site_kind_of", "take_skipped", "sites_of",
     "attach_masks", "get_masks", "original", "bake", "LayerSparsity", "sparsity_report",
     "attach_masks_for_state_dict", "effective_state_dict", "layer_kind", "LAYER_KINDS", "freeze_masks", "mask_zeros",
+    "parse_nm", "nm_mask",
 ]
 
 # Grouped and depthwise convolutions are ordinary Conv1d/Conv2d modules with ``groups > 1``.
@@ -428,3 +429,36 @@ def sparsity_report(model: nn.Module, include_bias: bool = True) -> list[LayerSp
                 name = f"{site.module}.{attr}" if site.module else attr
                 rows.append(LayerSparsity(name, tuple(t.shape), t.numel(), int((t != 0).sum())))
     return rows
+
+
+# -- N:M semi-structured sparsity ------------------------------------------------------------------------------
+def parse_nm(owner: str, pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M): keep N of every M consecutive inputs of a row, 0 < N < M.
+
+    N counts the weights *kept* (NVIDIA's 2:4 keeps 2 of 4). The SparseGPT and Wanda code count the weights
+    *pruned* (``prunen``); the two agree for 2:4 and 4:8.
+    """
+    if pattern == "unstructured":
+        return None
+    n, sep, m = str(pattern).partition(":")
+    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m) <= 256:
+        return int(n), int(m)
+    raise ValueError(f"{owner}: pattern must be 'unstructured' or 'N:M' with 0 < N < M <= 256 (e.g. '2:4'); "
+                     f"got {pattern!r}.")
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` highest scores of every ``m`` consecutive entries along the input dimension: a 0/1 mask.
+
+    ``scores`` has the weight's shape (out, in, ...); groups run along the flattened input dimension (in x kernel
+    for a convolution), as in SparseGPT's and Wanda's code. Ties go to the earlier position. Raises ValueError
+    when that dimension is not a multiple of ``m``. Shapes: (out, ...) -> (out, ...), dtype of ``scores``.
+    """
+    flat = scores.reshape(scores.shape[0], -1)
+    if flat.shape[1] % m:
+        raise ValueError(f"nm_mask: the input dimension {flat.shape[1]} is not a multiple of M={m}.")
+    groups = flat.reshape(flat.shape[0], -1, m)                                # (out, in/m, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups)
+    keep.scatter_(-1, order[..., :n], 1.0)
+    return keep.reshape(scores.shape)

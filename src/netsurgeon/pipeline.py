@@ -96,9 +96,12 @@ def _encode(model: nn.Module, cfg: EncodeConfig, ctx: StageContext) -> dict[str,
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set`` value as YAML (numbers, true/false, null, lists, {k: v} mappings), else the plain string."""
+    """A ``--set`` value as YAML (numbers, true/false, null, lists, {k: v} mappings), else the plain string; an
+    N:M pattern such as ``2:4`` stays a string."""
+    from .recipes import yaml_safe_load
+
     try:
-        return yaml.safe_load(text)
+        return yaml_safe_load(text)
     except yaml.YAMLError:
         return text
 

@@ -16,14 +16,34 @@ the stages, so recipes are parsed without importing the pipeline.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["read_recipe", "load_yaml"]
+__all__ = ["read_recipe", "load_yaml", "yaml_safe_load"]
 
 _TOP_KEYS = ("stages", "model", "data")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader without YAML 1.1's base-60 numbers, which read an N:M pattern such as 2:4 as 124."""
+
+
+_SEXAGESIMAL = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in _SEXAGESIMAL]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_SEXAGESIMAL[0], re.compile(  # PyYAML's int pattern less its base-60 branch
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(_SEXAGESIMAL[1], re.compile(  # PyYAML's float pattern less its base-60 branch
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def yaml_safe_load(text: str) -> Any:
+    """``yaml.safe_load`` except that ``2:4`` stays the string "2:4" (YAML 1.1 reads it as the base-60 number 124)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
 def load_yaml(path: str | os.PathLike[str], what: str) -> Any:
@@ -32,7 +52,7 @@ def load_yaml(path: str | os.PathLike[str], what: str) -> Any:
     if not p.is_file():
         raise ValueError(f"{what} file not found: {str(p)!r}.")
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml_safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{what} {str(p)!r}: not valid YAML ({' '.join(str(e).split())}).") from None
 

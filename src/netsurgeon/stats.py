@@ -19,7 +19,8 @@ from .masks import original
 from .progress import Progress
 
 __all__ = ["chance_accuracy", "dense_bytes", "example_input", "cpu_name", "count_nonzero", "LayerFlops",
-           "layer_flops", "total_flops", "Latency", "measure_latency", "num_threads", "collect_gradients"]
+           "layer_flops", "total_flops", "Latency", "measure_latency", "num_threads", "collect_gradients",
+           "HessianAccumulator"]
 
 
 @torch.no_grad()
@@ -403,3 +404,58 @@ def dense_bytes(model: nn.Module) -> int:
     from .masks import effective_state_dict
 
     return 4 * sum(t.numel() for t in effective_state_dict(model).values())
+
+
+class HessianAccumulator:
+    """The layer-wise Hessian H = (2/N) Σ x xᵀ of ||W X − Ŵ X||², as a running average over N input vectors.
+
+    SparseGPT and GPTQ both minimise a layer's output change on calibration inputs X (columns: token or patch
+    vectors); its Hessian in each output row of W is the same matrix 2·X·Xᵀ (SparseGPT, Frantar & Alistarh 2023,
+    arXiv:2301.00774, Sec. 3; GPTQ, Frantar et al. 2023, arXiv:2210.17323, Sec. 3). Their ``add_batch`` keeps it
+    as a running average; this is that one accumulator, shared by SparseGPT, OBC, GPTQ and Wanda::
+
+        H <- H · N/(N + b) + (2/(N + b)) · X_bᵀ X_b        (X_b: the batch's b input vectors as rows)
+
+    N counts input *vectors* (tokens, or conv patches), not sequences as the official code does: a constant factor
+    that changes neither a mask nor an update (damping is relative to mean(diag H)), and that keeps batches of
+    different sequence lengths weighted per token.
+
+    ``diagonal_only`` keeps just diag(H) = (2/N) Σ x_j² (Wanda needs ||X_j||₂ only): memory O(d) instead of O(d²).
+
+    State dtype: float32 by default, as the official code. Each update is one matmul whose relative rounding
+    (~1e-7·√b) is far below the 1% damping every solver adds before inverting, and float64 would double the
+    largest allocation of the whole run (a d x d matrix per layer). Pass ``dtype=torch.float64`` for exact tests
+    or badly scaled inputs.
+
+    Shapes: ``add_batch(x)`` takes x (..., d); ``hessian`` is (d, d) (or (d,) when ``diagonal_only``).
+    """
+
+    def __init__(self, columns: int, *, dtype: torch.dtype = torch.float32, diagonal_only: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+            raise ValueError(f"HessianAccumulator: columns must be a positive integer; got {columns!r}.")
+        self.columns, self.diagonal_only = columns, diagonal_only
+        shape = (columns,) if diagonal_only else (columns, columns)
+        self.hessian = torch.zeros(shape, dtype=dtype, device=device)
+        self.count = 0  # input vectors seen (N)
+
+    @staticmethod
+    def nbytes(columns: int, dtype: torch.dtype = torch.float32, diagonal_only: bool = False) -> int:
+        """Bytes of the state for ``columns`` inputs (for memory estimates before a run)."""
+        return (columns if diagonal_only else columns * columns) * torch.empty((), dtype=dtype).element_size()
+
+    @torch.no_grad()
+    def add_batch(self, x: Tensor) -> None:
+        """Fold one batch of input vectors into the running average. x: (..., d), any float dtype."""
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"HessianAccumulator: inputs have {x.shape[-1]} features; expected {self.columns}.")
+        x = x.detach().reshape(-1, self.columns).to(self.hessian.dtype)
+        b = x.shape[0]
+        if b == 0:
+            return
+        self.hessian.mul_(self.count / (self.count + b))
+        self.count += b
+        if self.diagonal_only:
+            self.hessian.add_(x.square().sum(0), alpha=2.0 / self.count)
+        else:
+            self.hessian.addmm_(x.T, x, alpha=2.0 / self.count)

@@ -8,7 +8,9 @@ for Efficient Neural Networks", arXiv:1506.02626).
 * Sec. 3.3 notes retraining should start from a lower learning rate: we retrain at 1/10 of the original LR.
 
 Besides the quality rule, a target ``sparsity`` (per layer, or one global budget ranked across layers) can
-be given. Pruned entries stay pruned: a later round only removes more.
+be given, or an N:M ``pattern`` (keep the N largest |w| of every M consecutive inputs of a row, e.g. 2:4; the
+magnitude baseline of SparseGPT's and Wanda's N:M tables). Pruned entries stay pruned: a later round only removes
+more.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from torch import Tensor, nn
 
 from .._validation import check_finite_model, check_fraction, check_positive
 from ..data import Dataset
-from ..masks import LayerSparsity, attach_masks, original, prunable_tensors, sparsity_report
+from ..masks import LayerSparsity, attach_masks, nm_mask, original, parse_nm, prunable_tensors, sparsity_report
 from ..plan import trained
 from ..progress import log as progress_log
 from ..registry import StageContext, option, register
 from ..train import TrainConfig, TrainResult, train
 
-__all__ = ["magnitude_mask", "quality_mask", "prune_magnitude", "prune_and_retrain", "round_targets",
-           "MagnitudeConfig", "QualityConfig"]
+__all__ = ["magnitude_mask", "magnitude_nm_mask", "quality_mask", "prune_magnitude", "prune_and_retrain",
+           "round_targets", "MagnitudeConfig", "QualityConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,17 @@ def magnitude_mask(w: Tensor, mask: Tensor, sparsity: float) -> Tensor:
     if k > 0:
         out[torch.sort(score, stable=True).indices[:k]] = 0
     return out.view_as(mask) * mask
+
+
+def magnitude_nm_mask(w: Tensor, mask: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` largest |w| of every ``m`` consecutive inputs of each row (``masks.nm_mask``); entries already
+    masked out rank lowest and stay pruned. Shapes: w, mask (out, in, ...)."""
+    return nm_mask(torch.where(mask.bool(), w.abs(), torch.full_like(w, -1.0)), n, m) * mask
+
+
+def _nm_unfit(w: Tensor, m: int) -> bool:
+    """A tensor N:M cannot apply to: a bias, or a row length that is not a multiple of M."""
+    return w.dim() < 2 or (w.numel() // w.shape[0]) % m != 0
 
 
 def quality_mask(w: Tensor, mask: Tensor, quality: float) -> Tensor:
@@ -78,7 +91,7 @@ def _per_tensor(owner: str, param: str, value: float | Mapping[str, float], name
 @torch.no_grad()
 def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] | None = None,
                     quality: float | Mapping[str, float] | None = None, scope: str = "layer",
-                    include_bias: bool = False) -> list[LayerSparsity]:
+                    include_bias: bool = False, pattern: str = "unstructured") -> list[LayerSparsity]:
     """Prune ``model`` in place by weight magnitude; masks are attached (or tightened) and returned as a report.
 
     Args:
@@ -88,21 +101,32 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
         quality: Han's rule instead: remove |w| < quality·std(layer). One number or a mapping.
         scope: ``"layer"`` or ``"global"``.
         include_bias: prune biases too (they are few; off by default as in Han et al.).
+        pattern: ``"N:M"`` (e.g. ``"2:4"``) instead of sparsity/quality: keep the N largest |w| of every M
+            consecutive inputs of each row. Tensors whose row length is not a multiple of M stay as they are
+            (logged).
 
     Raises:
-        ValueError: neither or both of sparsity/quality, a value out of range, NaN weights,
+        ValueError: not exactly one of sparsity/quality/pattern, a value out of range, NaN weights,
             an unsupported layer type.
     """
     owner = "prune_magnitude"
-    if (sparsity is None) == (quality is None):
-        raise ValueError(f"{owner}: give exactly one of sparsity or quality.")
+    nm = parse_nm(owner, pattern)
+    if (sparsity is None) + (quality is None) + (nm is None) != 2:
+        raise ValueError(f"{owner}: give exactly one of sparsity or quality, or an N:M pattern instead of both.")
     if scope not in ("layer", "global"):
         raise ValueError(f"{owner}: scope must be 'layer' or 'global'; got {scope!r}.")
     check_finite_model(owner, model)
     names = prunable_tensors(model, include_bias, owner)
     masks = attach_masks(model, names)
     weights = {n: original(model, n) for n in names}
-    if scope == "global":
+    if nm is not None:
+        for n in names:
+            if _nm_unfit(weights[n], nm[1]):
+                log.info("%s: %s stays as it is: %d inputs per row is not a multiple of M=%d", owner, n,
+                         weights[n].numel() // weights[n].shape[0], nm[1])
+            else:
+                masks[n].mask.copy_(magnitude_nm_mask(weights[n], masks[n].mask, *nm))
+    elif scope == "global":
         if sparsity is None or isinstance(sparsity, Mapping):
             raise ValueError(f"{owner}: scope='global' takes one sparsity number.")
         s = check_fraction(owner, "sparsity", sparsity)
@@ -135,22 +159,26 @@ def round_targets(final: float, rounds: int) -> list[float]:
 def prune_and_retrain(model: nn.Module, data: Dataset, *, sparsity: float | Mapping[str, float],
                       rounds: int = 3, epochs_per_round: int = 2, scope: str = "layer",
                       config: TrainConfig | None = None, lr_factor: float = 0.1,
-                      progress: bool = False) -> list[TrainResult]:
+                      progress: bool = False, pattern: str = "unstructured") -> list[TrainResult]:
     """Iterative pruning (Han et al. 2015 Sec. 3.3): ``rounds`` times prune, then retrain at ``lr·lr_factor``.
 
-    The final per-layer sparsity is ``sparsity``; intermediate targets follow :func:`round_targets`.
-    Modifies ``model`` in place. Returns the training result of each round.
+    The final per-layer sparsity is ``sparsity``; intermediate targets follow :func:`round_targets`. With an N:M
+    ``pattern`` every round applies the pattern (``sparsity`` is not used). Modifies ``model`` in place. Returns
+    the training result of each round.
     """
     check_positive("prune_and_retrain", "rounds", rounds, integer=True)
     base = config or TrainConfig()
     rt = replace(base, lr=base.lr * lr_factor, epochs=epochs_per_round)
     results = []
     for r in range(rounds):
-        if isinstance(sparsity, Mapping):
-            target: float | dict[str, float] = {k: round_targets(v, rounds)[r] for k, v in sparsity.items()}
+        if pattern != "unstructured":
+            rep = prune_magnitude(model, pattern=pattern)
         else:
-            target = round_targets(sparsity, rounds)[r]
-        rep = prune_magnitude(model, sparsity=target, scope=scope)
+            if isinstance(sparsity, Mapping):
+                target: float | dict[str, float] = {k: round_targets(v, rounds)[r] for k, v in sparsity.items()}
+            else:
+                target = round_targets(sparsity, rounds)[r]
+            rep = prune_magnitude(model, sparsity=target, scope=scope)
         kept = sum(x.nonzero for x in rep) / sum(x.numel for x in rep)
         (progress_log if progress else log).info("magnitude round %d/%d: kept %.2f%% of prunable weights",
                                                  r + 1, rounds, 100 * kept)
@@ -177,10 +205,14 @@ class MagnitudeConfig(TrainConfig):
                         choices=("layer", "global"))
     rounds: int = option(3, "prune/retrain rounds; each removes the same fraction of the survivors", low=1)
     lr_factor: float = option(0.1, "retraining LR = lr x lr_factor (Sec. 3.3)", low=0, low_open=True)
+    pattern: str = option("unstructured", "unstructured, or N:M: keep the N largest |w| of every M consecutive "
+                                          "inputs of a row (e.g. 2:4; sparsity is then 1 - N/M)")
 
     def validate(self) -> None:
         if self.scope == "global" and isinstance(self.sparsity, dict):
             raise ValueError(f"{self.owner}: scope 'global' takes one sparsity number; got {self.sparsity!r}.")
+        if parse_nm(self.owner, self.pattern) is not None and self.scope == "global":
+            raise ValueError(f"{self.owner}: an N:M pattern is per row; scope must be 'layer'; got 'global'.")
 
 
 @dataclass(frozen=True)
@@ -207,13 +239,22 @@ def _kept(model: nn.Module) -> dict[str, Any]:
           kind="oneshot", config=MagnitudeConfig, citation=_HAN, needs_data=lambda c: c.epochs > 0,
           summary="remove the smallest |w| (per layer or global), retrain, repeat")
 def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) -> dict[str, Any]:
+    nm = parse_nm(cfg.owner, cfg.pattern)
     if cfg.epochs == 0:
-        prune_magnitude(model, sparsity=cfg.sparsity, scope=cfg.scope)
+        if nm is not None:
+            prune_magnitude(model, pattern=cfg.pattern)
+        else:
+            prune_magnitude(model, sparsity=cfg.sparsity, scope=cfg.scope)
     else:
         prune_and_retrain(model, ctx.require_data("magnitude"), sparsity=cfg.sparsity, rounds=cfg.rounds,
                           epochs_per_round=cfg.epochs, scope=cfg.scope, config=replace(cfg, epochs=1).train_config(),
-                          lr_factor=cfg.lr_factor, progress=ctx.progress)
-    return _kept(model)
+                          lr_factor=cfg.lr_factor, progress=ctx.progress, pattern=cfg.pattern)
+    report = _kept(model)
+    if nm is not None:
+        report["skipped"] = {n.removesuffix(".weight"): f"inputs per row not a multiple of M={nm[1]}"
+                             for n in prunable_tensors(model, owner=cfg.owner)
+                             if _nm_unfit(original(model, n), nm[1])}
+    return report
 
 
 @register("quality", family="pruning", compare=trained("quality", rounds=1),
