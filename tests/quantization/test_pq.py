@@ -46,7 +46,7 @@ def test_pq_file_holds_codebooks_and_codes_and_reloads_the_same_module(digits, t
         ref = model(x)
     info = ns.save_compressed(model, tmp_path / "m.nsz")
     rec = next(r for r in info.records if r.name == "fc1.weight")
-    assert rec.codec == "pq" and rec.code_bits == 4 and rec.subspaces == 8  # digits: 64 inputs, 8 segments
+    assert rec.codec == "pq" and rec.code_bits == 4 and rec.extra["subspaces"] == 8  # digits: 64 inputs, 8 segments
     assert rec.bytes == 16 * 8 * 8 * 4 + 300 * 8 * 4 // 8  # the codebooks + 4-bit codes
     for keep in (False, True):
         with torch.no_grad():
