@@ -152,12 +152,18 @@ def test_bench_latency_report_has_every_column_and_the_flop_bound(tmp_path):
     ns.save_compressed(m, tmp_path / "s.nsz")
     r = latency_report(tmp_path / "s.nsz", (1, 8), threads=1, repeats=5, onnx=False)
     b8 = r["batches"]["8"]
-    assert set(b8["ms"]) == {"dense", "runtime", "dense_runtime", "torch_csr"}
-    assert b8["runtime_over_dense_runtime"] == pytest.approx(b8["ms"]["dense_runtime"] / b8["ms"]["runtime"])
+    assert set(b8["ms"]) == {"runtime", "dense_runtime", "torch_csr"} == set(b8["dense_ms_per_pass"])
+    for c, ms in b8["ms"].items():  # every ratio is the ratio of the two medians shown beside it
+        assert b8["speedup"][c] == pytest.approx(b8["dense_ms_per_pass"][c] / ms)
+    both = b8["runtime_vs_dense_runtime_ms"]
+    assert b8["runtime_over_dense_runtime"] == pytest.approx(both["dense_runtime"] / both["runtime"])
     assert 30 < r["flop_ratio_bound"] < 40  # 97% of the weights pruned, biases dense
     assert r["batches"]["1"]["runtime_resident_bytes"] > 0 and r["file_bytes"] == (tmp_path / "s.nsz").stat().st_size
     lines = report_lines(r)
-    assert len(lines) == 6 and lines[-1].startswith("of which compression") and "batch 8 " in lines[-1]
+    assert len(lines) == 2 + 1 + 2 * 4 + 1 and lines[-1].startswith("of which compression") and "batch 8 " in lines[-1]
+    row = next(line for line in lines if line.startswith("8 | runtime |"))
+    cand, dense_ms, x = (float(row.split(" | ")[i].rstrip("x")) for i in (2, 3, 4))
+    assert x == pytest.approx(dense_ms / cand, rel=0.01)   # the times shown give the ratio shown
     assert lines[1] == f"allocator: {r['allocator']}"
 
 
