@@ -14,9 +14,9 @@ For each batch size, these are timed interleaved (same process, same threads, me
   ``netsurgeon export`` (when onnx/onnxruntime are installed).
 
 Each candidate is timed in its own pass, interleaved with the dense model alone; its ratio is against that
-pass's dense median (``dense_ms_per_pass``), and both medians are printed beside the ratio. Timed beside other candidates, the dense model itself ran up to
-1.2x slower (a large CSR matrix evicting its weights; torch slowed between onnxruntime calls), which would
-flatter every column.
+pass's dense median (``dense_ms_per_pass``), and both medians are printed beside the ratio. Timed beside other
+candidates, the dense model itself ran up to 1.2x slower (a large CSR matrix evicting its weights; torch slowed
+between onnxruntime calls), which would flatter every column.
 
 Next to each measured speedup: the FLOP-ratio bound (dense FLOPs / FLOPs of the nonzero weights), and the
 resident bytes of the runtime module's weights next to the file's bytes.
