@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "Mask", "StraightThroughMask", "SUPPORTED_LAYERS", "prunable_layers", "prunable_tensors", "WeightSite",
-    "weight_sites", "skipped_layers", "SITE_KINDS", "site_kind_of", "take_skipped", "sites_of",
+    "weight_sites", "skipped_layers", "SITE_KINDS", "site_kind_of", "take_skipped", "sites_of", "tied_parameters",
     "attach_masks", "get_masks", "original", "bake", "LayerSparsity", "sparsity_report",
     "attach_masks_for_state_dict", "effective_state_dict", "layer_kind", "LAYER_KINDS", "freeze_masks", "mask_zeros",
     "parse_nm", "nm_mask",
@@ -107,6 +107,7 @@ def _direct_params(m: nn.Module) -> list[str]:
 def weight_sites(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> list[WeightSite]:
     """Every weight of ``model`` of the given kinds, in module order (see the module docstring)."""
     want = set(kinds)
+    tied = tied_parameters(model)
     out, attention = [], []
     for name, m in model.named_modules():
         if _is_parametrization(name, m):
@@ -116,8 +117,18 @@ def weight_sites(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> list[We
         kinds_here = site_kind_of(m)
         if isinstance(m, nn.Linear) and any(name.startswith(a) for a in attention):
             kinds_here = [("weight", "attention")]  # out_proj: used functionally by its parent, never called
-        out += [WeightSite(name, attr, kind) for attr, kind in kinds_here if kind in want]
+        out += [WeightSite(name, attr, kind) for attr, kind in kinds_here
+                if kind in want and f"{name}.{attr}".lstrip(".") not in tied]
     return out
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """``{fqn: fqn of the other}`` for every parameter object two modules share (GPT-2's ``lm_head.weight`` is its
+    token embedding). A method leaves tied weights as they are: a mask or codebook on one module would untie it."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return {n: next(o for o in names if o != n) for names in owners.values() if len(names) > 1 for n in names}
 
 
 def skipped_layers(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> dict[str, str]:
@@ -127,6 +138,7 @@ def skipped_layers(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> dict[
     for site in weight_sites(model):
         every.setdefault(site.module, []).append(site)
     covered = {(s.module, s.attr) for s in weight_sites(model, kinds)}
+    tied = tied_parameters(model)
     out = {}
     for name, m in model.named_modules():
         own = _direct_params(m)
@@ -135,7 +147,11 @@ def skipped_layers(model: nn.Module, kinds: Iterable[str] = SITE_KINDS) -> dict[
         label = name or "(the model itself)"
         sites = every.get(name, [])
         kept = [s for s in sites if (s.module, s.attr) in covered]
-        if isinstance(m, _NORMS) or "Norm" in type(m).__name__:
+        ties = [f"{a} is tied to {tied[f'{name}.{a}'.lstrip('.')]}" for a in own if f"{name}.{a}".lstrip(".") in tied]
+        if ties:
+            out[label] = (f"{type(m).__name__}: {', '.join(ties)}; kept as it is (compressing one of two layers "
+                          "that share a weight would untie them)")
+        elif isinstance(m, _NORMS) or "Norm" in type(m).__name__:
             out[label] = f"{type(m).__name__}: a normalization layer, kept as it is"
         elif sites and not kept:
             out[label] = f"{type(m).__name__}: {sites[0].kind} weights are not covered by this method, kept as they are"

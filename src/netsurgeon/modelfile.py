@@ -21,7 +21,7 @@ from .changes import apply_changes, arch_of
 from .coding.container import NszError
 from .forms import forms
 from .masks import effective_state_dict, mask_zeros, prunable_tensors
-from .nsz import CompressedFile, check_state_shapes, decode_state, load_state_checked, read_header
+from .nsz import CompressedFile, check_state_shapes, decode_state, load_state_checked, read_header, tensor_shapes
 
 __all__ = ["save_model", "load_model", "load_any", "model_for_file", "load_compressed", "MissingArchitectureError"]
 
@@ -143,8 +143,8 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     """
     info = read_header(path, max_elements=max_elements)
     # before decoding: a file for another (or a huge) model allocates nothing
-    model = model_for_file(model, info.header.get("arch"), {r.name: r.shape for r in info.records},
-                           trust_code=trust_code, source=str(path))
+    model = model_for_file(model, info.header.get("arch"), tensor_shapes(info), trust_code=trust_code,
+                           source=str(path))
     load_state_checked(model, decode_state(info), str(path))
     if keep_codecs or runtime:
         _attach_stored_forms(model, info)

@@ -28,7 +28,7 @@ from .forms import EncodeOptions, forms, stored_parametrization
 from .masks import effective_state_dict, layer_kind
 
 __all__ = ["FORMAT_VERSION", "TensorRecord", "CompressedFile", "save_compressed", "read_header", "decode_state",
-           "check_state_shapes", "read_compressed", "load_state_checked", "encode_tensor"]
+           "check_state_shapes", "read_compressed", "load_state_checked", "encode_tensor", "tensor_shapes"]
 
 FORMAT_VERSION = 2
 _READABLE = (1, 2)
@@ -70,6 +70,31 @@ def _bits_for(model: nn.Module, fqn: str, index_bits: int | str | Mapping[str, i
     if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
         return index_bits.get(layer_kind(module), "auto")
     return "auto"
+
+
+def _aliases(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """``{name: earlier name}`` for every tensor of ``state`` that is the very same storage as an earlier one (a
+    weight two modules share, e.g. GPT-2's ``lm_head`` and token embedding): the file stores it once."""
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], Any], str] = {}
+    out = {}
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            out[name] = seen[key]
+        else:
+            seen.setdefault(key, name)
+    return out
+
+
+def _check_aliases(p: str, header: dict[str, Any], records: list[TensorRecord]) -> dict[str, str]:
+    """The header's aliases, checked: each names a stored tensor (not another alias) under a new name."""
+    aliases = header.get("aliases", {})
+    names = {r.name for r in records}
+    if not isinstance(aliases, dict) or len(aliases) > len(names) or not all(
+            isinstance(k, str) and isinstance(v, str) and k not in names and v in names and 0 < len(k) <= 512
+            for k, v in aliases.items()):
+        raise NszError(f"{p}: the header's 'aliases' must map new tensor names to stored tensors.")
+    return aliases
 
 
 def encode_tensor(model: nn.Module, name: str, value: Tensor, opts: EncodeOptions
@@ -117,13 +142,19 @@ def save_compressed(model: nn.Module, path: str | os.PathLike[str], *, value_dty
                          f"{{conv|fc|layer: bits}}; got {index_bits!r}.")
     check_finite_model("save_compressed", model)
     records, blobs = [], {}
-    for name, t in effective_state_dict(model).items():
+    state = effective_state_dict(model)
+    aliases = _aliases(state)
+    for name, t in state.items():
+        if name in aliases:  # a tensor two modules share (tied weights) is stored once
+            continue
         opts = EncodeOptions(value_dtype, _bits_for(model, name, index_bits), huffman)
         rec, b = encode_tensor(model, name, t, opts)
         records.append(rec)
         blobs.update(b)
     header = {"format": "netsurgeon.nsz", "version": FORMAT_VERSION, "arch": arch or arch_of(model),
               "meta": meta or {}, "tensors": [r.to_json() for r in records]}
+    if aliases:
+        header["aliases"] = aliases
     size = write_container(path, header, blobs)
     return CompressedFile(str(path), size, _dense_bytes(records, header["arch"], trust_code=True), records, header)
 
@@ -164,6 +195,7 @@ def read_header(path: str | os.PathLike[str], *, max_elements: int | None = None
     size = os.path.getsize(p)
     cap = max_elements if max_elements is not None else max_elements_for(size)
     records = parse_records(str(p), header, blobs, cap, forms())
+    _check_aliases(str(p), header, records)
     check_arch(str(p), header.get("arch"))
     meta = header.get("meta", {})
     if meta is not None and not isinstance(meta, dict):
@@ -185,7 +217,15 @@ def decode_state(info: CompressedFile) -> dict[str, Tensor]:
             raise
         except (ValueError, TypeError, OverflowError, IndexError) as e:
             raise NszError(f"{info.where(r)}: {' '.join(str(e).split())[:200]}") from e
+    for name, target in info.header.get("aliases", {}).items():
+        state[name] = state[target]
     return state
+
+
+def tensor_shapes(info: CompressedFile) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the file restores (aliases of tied weights included) and its shape."""
+    shapes = {r.name: r.shape for r in info.records}
+    return {**shapes, **{a: shapes[t] for a, t in info.header.get("aliases", {}).items()}}
 
 
 def read_compressed(path: str | os.PathLike[str], *, with_blobs: bool = False,

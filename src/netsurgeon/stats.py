@@ -398,12 +398,19 @@ def chance_accuracy(data: Any) -> float | None:
 
 
 def dense_bytes(model: nn.Module) -> int:
-    """The bytes ``model`` takes as dense float32: 4 x every element of its state dict (parameters and buffers).
+    """The bytes ``model`` takes as dense float32: 4 x every element of its state dict (parameters and buffers;
+    a tensor two layers share counts once).
     "File x smaller" is always this, for the model before compression (the architecture before structured pruning
     or factorization), divided by the compressed file's bytes on disk."""
     from .masks import effective_state_dict
 
-    return 4 * sum(t.numel() for t in effective_state_dict(model).values())
+    seen, total = set(), 0
+    for t in effective_state_dict(model).values():
+        key = (t.data_ptr(), tuple(t.shape)) if t.device.type != "meta" else (id(t),)
+        if key not in seen or not t.numel():  # a weight two layers share (tied) counts once
+            seen.add(key)
+            total += t.numel()
+    return 4 * total
 
 
 class HessianAccumulator:
