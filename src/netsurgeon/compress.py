@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .changes import arch_of
@@ -101,6 +102,9 @@ def compress_model(model: nn.Module, pipe: Pipeline, data: Any, output: str | os
     arch = dict(arch_of(model) or {}) or None
     if arch is not None and "input_shape" not in arch and getattr(data, "input_shape", None) is not None:
         arch["input_shape"] = list(data.input_shape)
+    x = getattr(getattr(data, "train", None), "x", None)
+    if arch is not None and isinstance(x, torch.Tensor) and not x.is_floating_point():
+        arch["input_dtype"] = "int64"  # token ids: the runtime and export feed the model integers
     info = pipe.save(model, output, meta={**(meta or {}), **metrics}, history=history, arch=arch, runs=runs)
     return CompressResult(model, info, runs, metrics)
 

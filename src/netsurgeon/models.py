@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .changes import arch_of, set_arch
 
 __all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "resnet_small", "mlp_bn", "lenet5_bn",
-           "mlp_dropout"]
+           "mlp_dropout", "Logits", "huggingface"]
 
 
 def _mlp(in_features: int, widths: list[int], num_classes: int, bias: bool = True) -> nn.Sequential:
@@ -299,3 +299,40 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+
+
+class Logits(nn.Module):
+    """A model whose forward returns a structure (a Hugging Face ``ModelOutput``, a tuple) seen as one returning its
+    logits: ``.logits`` when it has them, else the first element. Parameter names gain a ``model.`` prefix."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        if isinstance(out, Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        return logits if isinstance(logits, Tensor) else out[0]
+
+
+def huggingface(cls: str, config: dict[str, Any]) -> nn.Module:
+    """A Hugging Face ``transformers`` model of class ``cls`` (e.g. ``"BertForSequenceClassification"``) built
+    from ``config`` (the keyword arguments of its config class) with fresh weights, nothing downloaded, seen
+    through :class:`Logits`. Files record the class and config, so they rebuild it (transformers is not a
+    dependency of netsurgeon: install it to use this).
+
+    Raises:
+        ValueError: transformers missing, or ``cls`` not one of its model classes.
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("huggingface models need the transformers package: pip install transformers") from None
+    model_cls = getattr(transformers, cls, None)
+    config_cls = getattr(model_cls, "config_class", None)
+    if not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module) and config_cls is not None):
+        raise ValueError(f"huggingface: {cls!r} is not a transformers model class (e.g. BertForSequenceClassification,"
+                         " GPT2LMHeadModel, ViTForImageClassification).")
+    return Logits(model_cls(config_cls(**config)))
