@@ -17,8 +17,10 @@ from torch import nn
 
 from ..coding import nsz
 from ..coding.nsz import CompressedFile, decode_int8, decode_shared_parts, decode_state, load_state_checked, read_header
-from .compile import RunChoice, RuntimePlan, compile_runtime, linear_form
+from .compile import compile_runtime
 from .modules import BatchChunks, ChannelsLast, ColumnConv2d, CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
+from .plan import RunChoice, RuntimePlan
+from .weights import linear_form
 
 __all__ = ["load_compressed", "compile_runtime", "RuntimePlan", "RunChoice", "CSRLinear", "FusedLinearChain",
            "Int8Chain", "ColumnConv2d", "ChannelsLast", "BatchChunks", "resident_bytes", "linear_form"]
