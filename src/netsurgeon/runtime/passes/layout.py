@@ -11,12 +11,11 @@ import copy
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import parametrize
 
 from ..modules import BatchChunks, ChannelsLast, XnorConv2d
 from ..plan import RuntimePlan
 from .fold import _fold_batchnorm
-from .graph import _materialize
+from .graph import _materialize_all
 from .timing import _pick_whole
 
 _CHUNKS = (16, 32, 64)  # slice sizes the ``layout`` step tries at larger batches
@@ -45,9 +44,7 @@ def _channels_last_pays(gm: nn.Module, x: torch.Tensor, ref: torch.Tensor, repea
     """Whether the whole model runs faster in channels-last order, timed before the per-layer choices (which are
     then timed in the order chosen), on a copy with plain weights (and BatchNorm folded, as it will be)."""
     trial = copy.deepcopy(gm).eval()
-    for m in list(trial.modules()):
-        if parametrize.is_parametrized(m):
-            _materialize(m)
+    _materialize_all(trial)
     if fold and isinstance(trial, fx.GraphModule):
         _fold_batchnorm(trial, None)
     cands = {"dense": trial, "channels_last": ChannelsLast(copy.deepcopy(trial))}
