@@ -4,6 +4,7 @@ command-line layers: each test failed before its fix."""
 import json
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -154,3 +155,19 @@ def test_a_factory_in_the_working_directory_imports_from_the_command_line(user_m
     header = json.loads(__import__("safetensors").safe_open(str(user_module / "m.safetensors"), "pt").metadata()[
         "netsurgeon"])
     assert header["arch"]["kwargs"] == {"num_classes": 10}
+
+
+def test_the_runtime_form_refuses_tracing_and_names_netsurgeon_export(tmp_path):
+    """#39.9: torch.onnx.export of load_compressed(p, runtime=True) silently wrote a 199-byte graph with no input."""
+    torch.manual_seed(0)
+    m = ns.build_model("lenet300", (1, 8, 8))
+    ns.pruning.magnitude.prune_magnitude(m, sparsity=0.9)
+    ns.nsz.save_compressed(m, tmp_path / "m.nsz")
+    fast = ns.load_compressed(tmp_path / "m.nsz", runtime=True)
+    x = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)   # it still runs
+    with pytest.raises(RuntimeError, match="cannot be traced or exported; export the file itself: netsurgeon export"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)   # the TorchScript exporter's notice
+            torch.onnx.export(fast, (x,), str(tmp_path / "m.onnx"), dynamo=False)
+    assert not (tmp_path / "m.onnx").exists()

@@ -339,6 +339,7 @@ def test_a_layer_that_mishandles_channels_last_sends_the_model_back_to_its_own_o
     model's output, and compiled again without the layout steps when it differs."""
     from netsurgeon.runtime import compile as comp
     from netsurgeon.runtime.modules import ChannelsLast, StridedMaxPool2d
+    from netsurgeon.runtime.passes import timing
 
     def nchw_only(self, x):  # memory read as if NCHW-contiguous: right for NCHW input only
         x = torch.as_strided(x, x.shape, x.contiguous().stride())
@@ -346,7 +347,7 @@ def test_a_layer_that_mishandles_channels_last_sends_the_model_back_to_its_own_o
 
     monkeypatch.setattr(StridedMaxPool2d, "forward", nchw_only)
     monkeypatch.setattr(comp, "_channels_last_pays", lambda *a, **k: True)
-    monkeypatch.setattr(comp, "_time", lambda cands, x, repeats: {k: (0.0 if k == "pool" else 1.0) for k in cands})
+    monkeypatch.setattr(timing, "_time", lambda cands, x, repeats: {k: (0.0 if k == "pool" else 1.0) for k in cands})
     torch.manual_seed(0)
     m = ns.build_model("lenet5")
     fast, plan = compile_runtime(m, 8, repeats=3, threads=1, forms=("pool", "layout"))

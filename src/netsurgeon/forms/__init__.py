@@ -68,6 +68,7 @@ class Form:
         fields: the record's extra integer fields: name -> (low, high, default; None if required).
         preference: among plain-tensor forms of equal size, the lowest wins.
         rank: among the forms in one model, the highest names the model's weight form.
+        runtime_names: the names of the runtime candidates :meth:`linear_candidates` offers.
     """
 
     codec: ClassVar[str]
@@ -78,6 +79,7 @@ class Form:
     fields: ClassVar[Mapping[str, tuple[int, int, int | None]]] = {}
     preference: ClassVar[int] = 50
     rank: ClassVar[int] = 0
+    runtime_names: ClassVar[tuple[str, ...]] = ()
 
     # -- the file ------------------------------------------------------------------------------------------
     def encode(self, name: str, value: Tensor, par: nn.Module | None, opts: EncodeOptions,

@@ -56,6 +56,7 @@ def _decode_parts(where: str, rec: TensorRecord, blobs: Mapping[str, bytes]) -> 
 @register_form
 class Binary(Form):
     codec = "binary"
+    runtime_names = ("lut",)
     weight_form = "binary"
     text = "binary weights (one bit each, plus scales)"
     parametrization = BinaryWeights

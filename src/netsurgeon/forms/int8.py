@@ -46,6 +46,7 @@ def _decode_parts(where: str, rec: TensorRecord, blobs: Mapping[str, bytes]) -> 
 @register_form
 class Int8(Form):
     codec = "int8"
+    runtime_names = ("int8",)
     weight_form = "int8"
     text = "int8 weights"
     parametrization = Int8Weights

@@ -80,6 +80,7 @@ def _int_stream(where: str, rec: TensorRecord, blobs: Mapping[str, bytes], key: 
 @register_form
 class Shared(Form):
     codec = "shared"
+    runtime_names = ("fused", "csr")
     weight_form = "shared"
     text = "k-means-shared weights (codebook + indices)"
     parametrization = SharedWeights

@@ -27,6 +27,7 @@ __all__ = ["Sparse"]
 @register_form
 class Sparse(Form):
     codec = "sparse"
+    runtime_names = ("fused", "csr")
     weight_form = "float"
     text = "float weights"
     value_dtypes = ("float32", "float16")

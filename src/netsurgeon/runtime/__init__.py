@@ -10,8 +10,10 @@ bench-latency`` prints.
 
 from __future__ import annotations
 
-from .compile import RunChoice, RuntimePlan, compile_runtime, linear_form
+from .compile import compile_runtime
 from .modules import BatchChunks, ChannelsLast, ColumnConv2d, CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
+from .plan import RunChoice, RuntimePlan
+from .weights import linear_form
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "CSRLinear", "FusedLinearChain", "Int8Chain", "ColumnConv2d",
            "ChannelsLast", "BatchChunks", "resident_bytes", "linear_form"]
