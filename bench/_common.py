@@ -222,7 +222,7 @@ def pipeline_run(tag: str, model, stages: list[dict], data, meta: dict, out_dir:
 def latency(path: str) -> dict:
     """The runtime form of a result file against its original dense model (one interleaved measurement, 2
     threads, medians): speedup and ms at batch 1 and 256, and the FLOP-ratio bound."""
-    from netsurgeon.runtime.bench import latency_report
+    from netsurgeon.latency import latency_report
 
     rep = latency_report(REPO / path, (1, 256), threads=2, repeats=100, onnx=False)
     return {b: {"speedup": rep["batches"][b]["speedup"]["runtime"], "ms": rep["batches"][b]["ms"]}

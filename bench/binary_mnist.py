@@ -36,8 +36,10 @@ from _common import (
     weight_counts,
     write_result,
 )
+from netsurgeon.kernels import bitops
+from netsurgeon.kernels import fused as kernels
 from netsurgeon.quantization.binary import Binarize
-from netsurgeon.runtime import bitops, compile_runtime, kernels
+from netsurgeon.runtime import compile_runtime
 from netsurgeon.stats import time_interleaved, time_models
 from netsurgeon.train import recalibrate_batchnorm
 

@@ -34,9 +34,9 @@ from _common import (
     weight_counts,
     write_result,
 )
+from netsurgeon.latency import latency_report, ort_session
 from netsurgeon.pruning.magnitude import prune_magnitude
 from netsurgeon.runtime import compile_runtime
-from netsurgeon.runtime.bench import latency_report, ort_session
 
 FILES = {  # (model, label, file, goal); None: the DNS run bench/dns_mnist.py chose
     "dns_lenet300": ("lenet300", "DNS", None,

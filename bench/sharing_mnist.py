@@ -38,7 +38,7 @@ from _common import (
     weight_counts,
     write_result,
 )
-from netsurgeon.runtime.hashed import HashedLinearRuntime
+from netsurgeon.kernels.hashed import HashedLinearRuntime
 from netsurgeon.sharing.hashed import hash_layers
 from netsurgeon.sharing.soft import SoftWeightSharing
 from netsurgeon.stats import measure_latency

@@ -146,7 +146,7 @@ def test_resident_bytes_counts_shared_storage_once():
 
 
 def test_bench_latency_report_has_every_column_and_the_flop_bound(tmp_path):
-    from netsurgeon.runtime.bench import latency_report, report_lines
+    from netsurgeon.latency import latency_report, report_lines
 
     m = _pruned_lenet300()
     ns.save_compressed(m, tmp_path / "s.nsz")
@@ -226,7 +226,7 @@ def test_runtime_times_the_column_form_for_every_convolution_and_keeps_the_model
                                       (dict(kernel_size=3), (2, 4, 10, 11)),
                                       (dict(kernel_size=(2, 3), stride=(2, 3)), (2, 3, 7, 9))])
 def test_strided_max_pool_equals_max_pool(kw, shape):
-    from netsurgeon.runtime.modules import StridedMaxPool2d
+    from netsurgeon.kernels.modules import StridedMaxPool2d
 
     pool = nn.MaxPool2d(**kw)
     x = torch.randn(shape)
@@ -243,7 +243,7 @@ def test_strided_max_pool_equals_max_pool(kw, shape):
 
 
 def test_runtime_times_the_strided_pool_and_keeps_the_model_exact():
-    from netsurgeon.runtime.modules import StridedMaxPool2d
+    from netsurgeon.kernels.modules import StridedMaxPool2d
 
     torch.manual_seed(0)
     m = ns.build_model("lenet5")
@@ -260,7 +260,7 @@ def test_runtime_times_the_strided_pool_and_keeps_the_model_exact():
 
 
 def test_batchnorm_is_folded_and_the_layout_chosen_keeps_the_model_exact():
-    from netsurgeon.runtime.modules import BatchChunks, ChannelsLast
+    from netsurgeon.kernels.modules import BatchChunks, ChannelsLast
 
     torch.manual_seed(0)
     m = ns.build_model("vgg_small", width=4)
@@ -337,8 +337,8 @@ def test_a_layer_that_mishandles_channels_last_sends_the_model_back_to_its_own_o
     """The memory order is chosen on a copy before the per-layer swaps; a swapped layer that reads its input's
     memory as NCHW would give wrong values in channels-last order. The finished model is checked against the
     model's output, and compiled again without the layout steps when it differs."""
+    from netsurgeon.kernels.modules import ChannelsLast, StridedMaxPool2d
     from netsurgeon.runtime import compile as comp
-    from netsurgeon.runtime.modules import ChannelsLast, StridedMaxPool2d
     from netsurgeon.runtime.passes import timing
 
     def nchw_only(self, x):  # memory read as if NCHW-contiguous: right for NCHW input only
@@ -369,8 +369,8 @@ class _ViewsItsActivations(nn.Module):
 
 
 def test_a_model_that_views_its_activations_keeps_its_memory_order():
+    from netsurgeon.kernels.modules import ChannelsLast
     from netsurgeon.models import record_arch
-    from netsurgeon.runtime.modules import ChannelsLast
 
     m = record_arch(_ViewsItsActivations(), "tests:views", input_shape=(1, 8, 8))
     fast, plan = compile_runtime(m, 32, repeats=3, threads=1)

@@ -491,7 +491,7 @@ def bench_latency_cmd(model_file: Path, batch: str, threads: int, repeats: int, 
     process (same threads, interleaved, medians), with the FLOP-ratio bound and the resident weight bytes."""
     import json
 
-    from .runtime.bench import latency_report, report_lines
+    from .latency import latency_report, report_lines
 
     batches = _batch_list(batch)
     if model_file.suffix != ".nsz":

@@ -206,8 +206,8 @@ def test_slimming_ranks_channels_by_batchnorm_scale():
 
 
 def test_latency_of_a_structured_file_is_against_the_original_architecture(tmp_path):
+    from netsurgeon.latency import latency_report
     from netsurgeon.pruning.structured import l1_filter_prune
-    from netsurgeon.runtime.bench import latency_report
 
     torch.manual_seed(0)
     model = ns.build_model("digits_cnn")

@@ -10,6 +10,8 @@ from torch import nn
 
 import netsurgeon as ns
 from netsurgeon.coding.container import NszError
+from netsurgeon.kernels import bitops
+from netsurgeon.kernels.modules import XnorConv2d, XnorLinear
 from netsurgeon.models import build_model
 from netsurgeon.quantization.binary import (
     Binarize,
@@ -21,8 +23,6 @@ from netsurgeon.quantization.binary import (
     install_binary_input,
     sign_pm,
 )
-from netsurgeon.runtime import bitops
-from netsurgeon.runtime.modules import XnorConv2d, XnorLinear
 from netsurgeon.train import TrainConfig, squared_hinge
 
 CFG = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
@@ -238,7 +238,7 @@ def test_onnx_export_of_a_binary_network_matches(digits, tmp_path):
 
 
 def test_table_lookup_layer_equals_the_binary_weight_layer_with_real_input():
-    from netsurgeon.runtime.modules import SignLutLinear
+    from netsurgeon.kernels.modules import SignLutLinear
 
     torch.manual_seed(0)
     lin = nn.Linear(83, 11)           # 83 inputs: a partial last byte and word

@@ -78,7 +78,7 @@ def test_refusals():
 
 
 def test_runtime_without_the_virtual_matrix_equals_the_hashed_layer():
-    from netsurgeon.runtime.hashed import HashedLinearRuntime
+    from netsurgeon.kernels.hashed import HashedLinearRuntime
 
     torch.manual_seed(0)
     lin = nn.Linear(37, 11)

@@ -34,8 +34,8 @@ def float_linear_candidates(layers: list[nn.Linear], relus: list[bool], names: l
                             codebooks: list[tuple[Tensor, Tensor]] | None = None) -> dict[str, nn.Module]:
     """Runtime candidates of a run of pruned float (or, with ``codebooks``, k-means) Linear layers: the fused
     kernel (where the run is at most half dense, or shared) and CSR per layer (at most half dense)."""
-    from ..runtime import kernels
-    from ..runtime.modules import CSRLinear, FusedLinearChain
+    from ..kernels import fused as kernels
+    from ..kernels.modules import CSRLinear, FusedLinearChain
 
     out: dict[str, nn.Module] = {}
     books = codebooks or [None] * len(layers)

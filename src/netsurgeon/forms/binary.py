@@ -98,8 +98,8 @@ class Binary(Form):
     def linear_candidates(self, layers, relus, names, density):
         """±1 weights, real inputs (BinaryConnect, a BNN's first layer): the product by table lookup. A layer
         whose input is binarized too gets XNOR + popcount from the runtime's binary pass instead."""
-        from ..runtime import kernels
-        from ..runtime.modules import SignLutLinear
+        from ..kernels import fused as kernels
+        from ..kernels.modules import SignLutLinear
         from . import chain
 
         if not kernels.available():

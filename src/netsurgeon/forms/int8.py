@@ -83,7 +83,7 @@ class Int8(Form):
         return {"q": par.q, "scale": par.scale}
 
     def linear_candidates(self, layers, relus, names, density):
-        from ..runtime.modules import Int8Chain
+        from ..kernels.modules import Int8Chain
 
         return {"int8": Int8Chain([{"q": self._par(m).q, "scale": self._par(m).scale, "bias": m.bias, "relu": r}
                                    for m, r in zip(layers, relus, strict=True)], names)}

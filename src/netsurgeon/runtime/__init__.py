@@ -10,8 +10,16 @@ bench-latency`` prints.
 
 from __future__ import annotations
 
+from ..kernels.modules import (
+           BatchChunks,
+           ChannelsLast,
+           ColumnConv2d,
+           CSRLinear,
+           FusedLinearChain,
+           Int8Chain,
+           resident_bytes,
+)
 from .compile import compile_runtime
-from .modules import BatchChunks, ChannelsLast, ColumnConv2d, CSRLinear, FusedLinearChain, Int8Chain, resident_bytes
 from .plan import RunChoice, RuntimePlan
 from .weights import linear_form
 

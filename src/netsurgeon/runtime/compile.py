@@ -27,8 +27,8 @@ import copy
 import torch
 from torch import nn
 
-from . import bitops
-from .modules import ChannelsLast, resident_bytes
+from ..kernels import bitops
+from ..kernels.modules import ChannelsLast, resident_bytes
 from .passes.binary import _binary_chains as _binary_chains
 from .passes.binary import _fuse_binary_chains, _swap_binary
 from .passes.binary import chain_modules as chain_modules

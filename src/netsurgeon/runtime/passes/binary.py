@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from ...forms.binary import binary_parts
-from ..modules import BinaryChain, XnorConv2d, XnorLinear
+from ...kernels.modules import BinaryChain, XnorConv2d, XnorLinear
 from ..plan import RunChoice, RuntimePlan
 from .graph import _materialize, _replace_nodes
 from .timing import _input_shapes, _time

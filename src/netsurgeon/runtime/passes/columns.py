@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..modules import ColumnConv2d
+from ...kernels.modules import ColumnConv2d
 from ..weights import linear_form
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..modules import BinaryChain, FusedLinearChain, Int8Chain, SignLutLinear, _Xnor
+from ...kernels.modules import BinaryChain, FusedLinearChain, Int8Chain, SignLutLinear, _Xnor
 from ..plan import RuntimePlan
 
 

@@ -12,8 +12,8 @@ import copy
 import torch
 from torch import fx, nn
 
+from ...kernels.modules import BatchChunks, ChannelsLast, XnorConv2d
 from ...stats import example_input
-from ..modules import BatchChunks, ChannelsLast, XnorConv2d
 from ..plan import RuntimePlan
 from .fold import _fold_batchnorm
 from .graph import _materialize_all

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..modules import ChannelsLast, ColumnConv2d, StridedMaxPool2d
+from ...kernels.modules import ChannelsLast, ColumnConv2d, StridedMaxPool2d
 from ..plan import RuntimePlan
 from .calls import _direct_calls
 from .graph import _call_counts

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..modules import StridedMaxPool2d
+from ...kernels.modules import StridedMaxPool2d
 
 
 def _pool_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str, float]]:

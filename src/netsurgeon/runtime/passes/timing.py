@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ...kernels.modules import ColumnConv2d
 from ...stats import example_input, time_interleaved
-from ..modules import ColumnConv2d
 from ..plan import RunChoice, RuntimePlan
 from .graph import _materialize
 

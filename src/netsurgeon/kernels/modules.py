@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..stats import kept_columns
-from . import bitops, kernels
+from . import bitops
+from . import fused as kernels
 
 __all__ = ["FusedLinearChain", "CSRLinear", "Int8Chain", "XnorLinear", "XnorConv2d", "ColumnConv2d",
            "StridedMaxPool2d", "ChannelsLast", "BatchChunks", "SignLutLinear", "BinaryChain", "resident_bytes"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .kernels import available
+from .fused import available
 
 __all__ = ["HashedLinearRuntime", "available"]
 

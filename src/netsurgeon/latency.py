@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..stats import example_input, num_threads, time_interleaved, total_flops
-from .compile import compile_runtime
-from .modules import CSRLinear, resident_bytes
+from .kernels.modules import CSRLinear, resident_bytes
+from .runtime import compile_runtime
+from .stats import example_input, num_threads, time_interleaved, total_flops
 
 __all__ = ["latency_report", "csr_form", "dense_weights", "report_lines", "ort_session"]
 
@@ -79,10 +79,10 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
     """The numbers of ``netsurgeon bench-latency`` as a JSON-ready dict (see the module doc). Freed memory is
     kept for reuse from here on in this process (:func:`netsurgeon.stats.keep_freed_memory`), as every benchmark
     does, so no model pays page faults by allocation history."""
-    from ..architecture import original_model
-    from ..changes import arch_of
-    from ..modelfile import load_compressed
-    from ..stats import keep_freed_memory
+    from .architecture import original_model
+    from .changes import arch_of
+    from .modelfile import load_compressed
+    from .stats import keep_freed_memory
 
     allocator = keep_freed_memory()
     path = Path(path)
@@ -104,7 +104,7 @@ def latency_report(path: str | os.PathLike[str], batches: Sequence[int] = (1, 25
     onnx_ok = False
     if onnx:
         try:
-            from ..export import dense_onnx, export_onnx, require_onnx
+            from .export import dense_onnx, export_onnx, require_onnx
 
             require_onnx("bench-latency's onnxruntime columns")
             onnx_ok = True

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import available
+from .fused import available
 
 __all__ = ["pack_signs", "xnor_matmul", "xnor_matmul_signs", "words_for", "available", "sign_lut_matmul"]
 
