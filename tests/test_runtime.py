@@ -554,3 +554,19 @@ def test_packing_rebuilds_a_column_form_that_skips_little_and_keeps_one_that_ski
     x = torch.randn(5, 2, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(p(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_csr_layer_survives_the_copies_the_pack_step_makes():
+    """A CSRLinear could not be deep-copied (torch's CSR tensors have no storage to copy): a model whose Linear run
+    measured fastest on csr crashed when the pack step copied the graph (batch >= 2, convolutions)."""
+    import copy
+
+    from netsurgeon.kernels.modules import CSRLinear
+
+    w = torch.zeros(4, 6)
+    w[0, 1], w[3, 5] = 2.0, -1.0
+    lin = CSRLinear(w, torch.ones(4))
+    twin = copy.deepcopy(lin)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(twin(x), lin(x))
+    assert twin.weight_csr.values().data_ptr() != lin.weight_csr.values().data_ptr()

@@ -83,6 +83,13 @@ class CSRLinear(nn.Module):
         y = y if self.bias is None else y + self.bias
         return y.reshape(*lead, self.out_features)
 
+    def __deepcopy__(self, memo: dict) -> CSRLinear:
+        """A copy sharing nothing (a CSR tensor cannot be deep-copied by storage; the pack step copies graphs)."""
+        w = self.weight_csr
+        dense = torch.sparse_csr_tensor(w.crow_indices().clone(), w.col_indices().clone(), w.values().clone(),
+                                        w.shape).to_dense()
+        return CSRLinear(dense, self.bias)
+
     def resident_bytes(self) -> int:
         w = self.weight_csr
         parts = [w.crow_indices(), w.col_indices(), w.values()] + ([self.bias] if self.bias is not None else [])
