@@ -5,9 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import netsurgeon as ns
+from netsurgeon.kernels import fused as kernels
 from netsurgeon.pruning.magnitude import prune_magnitude
 from netsurgeon.quantization.kmeans import share_weights
-from netsurgeon.runtime import CSRLinear, FusedLinearChain, Int8Chain, compile_runtime, kernels, resident_bytes
+from netsurgeon.runtime import CSRLinear, FusedLinearChain, Int8Chain, compile_runtime, resident_bytes
 
 needs_numba = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
