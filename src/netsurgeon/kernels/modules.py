@@ -85,10 +85,7 @@ class CSRLinear(nn.Module):
 
     def __deepcopy__(self, memo: dict) -> CSRLinear:
         """A copy sharing nothing (a CSR tensor cannot be deep-copied by storage; the pack step copies graphs)."""
-        w = self.weight_csr
-        dense = torch.sparse_csr_tensor(w.crow_indices().clone(), w.col_indices().clone(), w.values().clone(),
-                                        w.shape).to_dense()
-        return CSRLinear(dense, self.bias)
+        return CSRLinear(self.weight_csr.to_dense(), self.bias)
 
     def resident_bytes(self) -> int:
         w = self.weight_csr
