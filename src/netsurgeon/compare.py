@@ -459,8 +459,10 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
             r.update(key=key, name=entry.name, family=entry.family, stages=entry.stages, train_steps=entry.train_steps)
             write_run(entry.name, r)
             if r["status"] == "ok":
-                progress_log.info("[%d/%d] %s: error %.2f%%, %s bytes (%.1fx), %.1f s", i, len(entries), entry.name,
-                                  r["test_error_pct"], f"{r['file_bytes']:,}", r["compression_bytes"], r["wall_s"])
+                score = (f"perplexity {r['test_perplexity']:.3f}" if "test_perplexity" in r
+                         else f"error {r['test_error_pct']:.2f}%")
+                progress_log.info("[%d/%d] %s: %s, %s bytes (%.1fx), %.1f s", i, len(entries), entry.name, score,
+                                  f"{r['file_bytes']:,}", r["compression_bytes"], r["wall_s"])
             else:
                 progress_log.info("[%d/%d] %s: FAILED: %s", i, len(entries), entry.name, r["error"])
         rows.append(r)
@@ -468,7 +470,8 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
 
     paper = PAPER_POINTS.get(model_name, []) if data_name == "mnist" else []
     results = {
-        "model": model_name, "data": data_name, "seed": seed, "command": command, "version": __version__,
+        "model": model_name, "data": data_name, "metric": getattr(data, "metric", "accuracy"), "seed": seed,
+        "command": command, "version": __version__,
         "machine": _machine(threads), "date": time.strftime("%Y-%m-%d %H:%M"),
         "budget_s": budget_s, "plan": {"steps": plan.steps, "steps_per_epoch": plan.steps_per_epoch,
                                        "epochs": plan.steps / plan.steps_per_epoch, "sparsity": plan.sparsity,

@@ -36,7 +36,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
     from .models import arch_of, original_model
 
     nz, total = count_nonzero(model)
-    flops = layer_flops(model, input_shape)
+    example = _example_input(data, input_shape)
+    flops = layer_flops(model, input_shape, dtype=example.dtype)
     out: dict[str, Any] = {
         "params": total, "nonzero": nz, "compression_nonzero": total / max(nz, 1),
         "dense_bytes": total * 4,
@@ -47,23 +48,39 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
     if orig is not None:  # structured pruning: counts against the architecture before its layers shrank
         n0 = sum(p.numel() for p in orig.parameters())
         out.update(params_original=n0, compression_nonzero=n0 / max(nz, 1), dense_bytes=4 * n0,
-                   flops_dense=sum(r.dense for r in layer_flops(orig, input_shape)))
+                   flops_dense=sum(r.dense for r in layer_flops(orig, input_shape, dtype=example.dtype)))
         reference = reference if reference is not None else orig.eval()  # latency: against it, too
     if file_path is not None:
         out["file_bytes"] = os.path.getsize(file_path)
         out["compression_bytes"] = out["dense_bytes"] / out["file_bytes"]
     if data is not None:
-        loss, acc = evaluate(model, data.test)
-        out.update(test_accuracy=acc, test_error_pct=100 * (1 - acc), test_loss=loss)
+        ev = evaluate(model, data.test)
+        metric = getattr(data, "metric", "accuracy")
+        out.update(metric=metric, test_accuracy=ev.accuracy, test_error_pct=100 * (1 - ev.accuracy), test_loss=ev.loss)
+        if metric == "perplexity":
+            out["test_perplexity"] = ev.perplexity
     lat = {}
     for b in batches:
         fast, plan = compile_runtime(model, b, threads=threads, repeats=repeats)  # the same timing budget
-        x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(0))
+        x = _example_input(data, input_shape, b)
         r = measure_latency(fast, reference if reference is not None else model, x, threads=threads, repeats=repeats)
         lat[str(b)] = {"runtime_ms": 1e3 * r.model_s, "dense_ms": 1e3 * r.reference_s, "speedup": r.speedup,
                        "threads": r.threads, "forms": {"+".join(c.layers): c.form for c in plan.runs}}
     out["latency"] = lat
     return out
+
+
+def _example_input(data: Any, input_shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
+    """``batch`` inputs to time and count with: seeded Gaussian noise, or for integer inputs (token ids, which
+    noise cannot stand for) the test split's first rows, repeated to fill the batch."""
+    if data is not None:
+        from .data import sample_batch
+
+        x = sample_batch(data, 1)[0]
+        if not x.is_floating_point():
+            rows = data.test.x if hasattr(data.test, "x") else x
+            return rows[torch.arange(batch) % len(rows)].clone()
+    return torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
 
 
 def summary_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
@@ -84,8 +101,8 @@ def summary_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
             return f"{v:.4f}"
         return f"{v:,}"
 
-    keys = ["test_error_pct", "params_original", "params", "nonzero", "compression_nonzero", "file_bytes",
-            "compression_bytes",
+    keys = ["test_perplexity", "test_error_pct", "params_original", "params", "nonzero", "compression_nonzero",
+            "file_bytes", "compression_bytes",
             "flops_dense", "flops_effective"]
     for k in keys:
         if any(k in r for r in rows.values()):

@@ -59,8 +59,9 @@ class LayerFlops:
 
 
 @torch.no_grad()
-def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerFlops]:
-    """Dense and effective FLOPs of every Linear/Conv2d layer for one sample of shape ``input_shape``.
+def layer_flops(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> list[LayerFlops]:
+    """Dense and effective FLOPs of every Linear/Conv2d layer for one sample of shape ``input_shape`` (zeros of
+    ``dtype``: int64 for a language model's token ids).
 
     Dense: 2·(out elements)·(fan-in). Effective: 2·(output positions)·(nonzero weights), i.e. what a
     kernel that skips pruned weights would do. Bias additions and activations are not counted.
@@ -72,7 +73,7 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerFlo
     try:
         was_training = model.training
         model.eval()
-        model(torch.zeros(1, *input_shape))
+        model(torch.zeros(1, *input_shape, dtype=dtype))
         model.train(was_training)
     finally:
         for h in hooks:
