@@ -58,6 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    facts = machine()  # the commit that runs, taken now: the code may move on while this trains
     kwargs = {"n_layer": 1, "width": 32, "n_head": 2} if args.quick else MODEL
     steps = 20 if args.quick else args.steps
     tag = f"{NAME}_quick" if args.quick else NAME
@@ -99,7 +100,7 @@ def main() -> None:
         "file_dtype": "float16",
         "dense_float16_weights": dense16,  # the file as every later benchmark loads it: the reference numbers
         "dense_float32_weights": dense32,  # the trained weights before rounding to float16, for comparison
-        "machine": {**machine(), "threads": args.threads,
+        "machine": {**facts, "threads": args.threads,
                     "load_note": "2-core machine shared with other sessions while this ran: times are noisy"},
     }
     if args.quick:
