@@ -23,7 +23,7 @@ __all__ = ["npz_arrays", "from_factory"]
 
 
 def _as_split(owner: str, label: str, x: Any, y: Any) -> Split:
-    xt, yt = torch.as_tensor(np.array(x)), torch.as_tensor(np.array(y))
+    xt, yt = (v.detach().clone() if isinstance(v, Tensor) else torch.from_numpy(np.array(v)) for v in (x, y))
     if xt.dim() < 1 or len(xt) != len(yt):
         raise DataError(f"{owner}: x_{label} holds {len(xt) if xt.dim() else 0} samples but y_{label} holds "
                         f"{len(yt) if yt.dim() else 0}; they must match.")

@@ -507,7 +507,8 @@ def train(model: nn.Module, data: Dataset | LoaderData | Any, config: TrainConfi
     """Train ``model`` in place on ``data.train`` (validation accuracy logged per epoch).
 
     Args:
-        model: any ``nn.Module`` mapping a batch of ``data`` inputs to class logits.
+        model: any ``nn.Module`` mapping a batch of ``data`` inputs to class logits (B, C), or, for token data
+            (targets (B, T)), a language model's next-token logits (B, T, vocab); every token is one prediction.
         data: the splits, a :class:`~netsurgeon.data.Dataset` or the user's DataLoaders wrapped by
             :func:`netsurgeon.data.from_loaders`, or a bare training DataLoader; callbacks may read the validation
             split, never the test split.
