@@ -82,3 +82,37 @@ def test_gpt_trains_on_text_and_its_perplexity_drops(tmp_path):
     after = ns.evaluate(model, data.val).perplexity
     assert after < 3.0 and r.history[-1]["val_loss"] == pytest.approx(math.log(after), rel=1e-6)
     assert r.history[-1]["loss"] < r.history[0]["loss"]
+
+
+class Bigram(nn.Module):
+    """A language model of Linear layers only (every method can prune it): one-hot token -> hidden -> logits."""
+
+    def __init__(self, vocab: int = 256, hidden: int = 16) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.fc1 = nn.Linear(vocab, hidden)
+        self.fc2 = nn.Linear(hidden, vocab)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(nn.functional.one_hot(x, self.vocab).float())))
+
+
+def test_compare_ranks_a_language_model_by_perplexity(tmp_path):
+    from netsurgeon.compare import Plan, compare, plan_entries
+
+    (tmp_path / "t.txt").write_bytes(b"abcabd" * 200)
+    data = ns.data.text_file(tmp_path / "t.txt", seq_len=12)
+    torch.manual_seed(0)
+    model = Bigram()
+    ns.train(model, data, ns.TrainConfig(epochs=3, batch_size=8, optimizer="adam", lr=0.02, weight_decay=0))
+    plan = Plan(steps=5, steps_per_epoch=Plan.epoch_steps(data))
+    r = compare(model, data, tmp_path / "rep", entries=plan_entries(plan, ["magnitude"]), plan=plan, batches=(1, 256),
+                repeats=5, threads=1, data_name="text", progress=False)
+    assert r["metric"] == "perplexity"
+    row, dense = r["rows"][0], r["dense"]
+    assert row["status"] == "ok", row.get("error")
+    assert dense["test_perplexity"] == pytest.approx(ns.evaluate(model, data.test).perplexity, rel=1e-5)
+    assert row["test_perplexity"] == pytest.approx(math.exp(row["test_loss"]))
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert ">perplexity</th>" in page and f"dense input: test perplexity {dense['test_perplexity']:.3f}" in page
+    assert "perplexity vs file size" in page and "error %" not in page

@@ -112,27 +112,35 @@ def _stash_data_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-_data_opts = [
-    click.option("--data", "data_name", default=None, callback=_check_data_name,
-                 metavar="NAME|pkg.module:factory",
-                 help=f"Data set: {', '.join(DATASETS)}, or your factory (docs/data.md) [default: the model file's, "
-                      "else mnist with --data-dir, else by --data-file's suffix, else digits]."),
-    click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                 help="Directory: MNIST's IDX .gz files, or an image folder (a subfolder per class)."),
-    click.option("--seed", type=int, default=0, show_default=True),
-    click.option("--data-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                 help="File: .npz arrays (npz), token ids .npy/.bin (tokens), any text (text)."),
-    click.option("--seq-len", type=int, default=None,
-                 help="Tokens per sequence (tokens, text, stdlib) [default: 128]."),
-    click.option("--token-dtype", type=click.Choice(["uint16", "int32"]), default=None,
-                 help="Dtype of a raw .bin token file [default: uint16]."),
-    click.option("--resize", default=None, metavar="N|HxW", help="Resize every image (imagefolder)."),
-    click.option("--normalize", default=None, metavar="none|auto|imagenet|M,S|M1,..,S1,..",
-                 help="Per-channel normalization of an image folder [default: none, pixels in [0, 1]]."),
-    click.option("--metric", type=click.Choice(METRICS), default=None,
-                 help="What the model is judged by [default: perplexity for token data, else accuracy]."),
-    _stash_data_opts,
-]
+def _data_options(brief: bool = False) -> list[Callable[..., Any]]:
+    """The data options. ``brief`` (compress, compare: commands that mostly reuse the model file's recorded data
+    set and its options) keeps the help short: --seq-len, --token-dtype, --resize and --normalize are accepted but
+    not listed (``netsurgeon train --help`` and docs/data.md show them)."""
+    return [
+        click.option("--data", "data_name", default=None, callback=_check_data_name,
+                     metavar="NAME|pkg.module:factory",
+                     help=f"Data set: {', '.join(DATASETS)}, or your factory (docs/data.md) [default: the model "
+                          "file's, else mnist with --data-dir, else by --data-file's suffix, else digits]."),
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Directory: MNIST's IDX .gz files, or an image folder (a subfolder per class)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--data-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="File: .npz arrays (npz), token ids .npy/.bin (tokens), any text (text)."),
+        click.option("--seq-len", type=int, default=None, hidden=brief,
+                     help="Tokens per sequence (tokens, text, stdlib) [default: 128]."),
+        click.option("--token-dtype", type=click.Choice(["uint16", "int32"]), default=None, hidden=brief,
+                     help="Dtype of a raw .bin token file [default: uint16]."),
+        click.option("--resize", default=None, metavar="N|HxW", hidden=brief, help="Resize every image (imagefolder)."),
+        click.option("--normalize", default=None, metavar="none|auto|imagenet|M,S|M1,..,S1,..", hidden=brief,
+                     help="Per-channel normalization of an image folder [default: none, pixels in [0, 1]]."),
+        click.option("--metric", type=click.Choice(METRICS), default=None,
+                     help="What the model is judged by [default: perplexity for token data, else accuracy]."),
+        _stash_data_opts,
+    ]
+
+
+_data_opts = _data_options()
+_data_opts_brief = _data_options(brief=True)
 
 
 def _with(opts: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -368,7 +376,7 @@ def _read_input(model_file: Path, model_spec: str | None, kwargs: dict[str, Any]
               help="A YAML pipeline (see recipes/); --set overrides its values.")
 @_with(_model_opts)
 @click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
-@_with(_data_opts)
+@_with(_data_opts_brief)
 @_threads_opt
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @_friendly
@@ -457,7 +465,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
                    "machine: reproducible weights).")
 @_with(_model_opts)
 @click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
-@_with(_data_opts)
+@_with(_data_opts_brief)
 @_threads_opt
 @click.option("--repeats", type=click.IntRange(min=5), default=30, show_default=True,
               help="Timed runs per latency measurement (medians).")
