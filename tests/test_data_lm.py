@@ -97,6 +97,16 @@ class Bigram(nn.Module):
         return self.fc2(torch.relu(self.fc1(nn.functional.one_hot(x, self.vocab).float())))
 
 
+def test_compare_page_judges_by_the_results_metric():
+    from netsurgeon.compare_html import _dense_score, _score
+
+    res = {"metric": "perplexity", "dense": {"test_perplexity": 3.14159, "test_error_pct": 40.0}}
+    assert _score(res) == ("test_perplexity", "perplexity", ".3f") and _dense_score(res) == "test perplexity 3.142"
+    res = {"dense": {"test_error_pct": 1.234}}  # results written before metrics existed: test error
+    assert _score(res)[0] == "test_error_pct" and _dense_score(res) == "test error 1.23%"
+
+
+@pytest.mark.slow
 def test_compare_ranks_a_language_model_by_perplexity(tmp_path):
     from netsurgeon.compare import Plan, compare, plan_entries
 
