@@ -19,6 +19,7 @@ import argparse
 import copy
 import dataclasses
 import logging
+import os
 import shlex
 import sys
 import time
@@ -59,6 +60,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     facts = machine()  # the commit that runs, taken now: the code may move on while this trains
+    load_start = os.getloadavg()
     kwargs = {"n_layer": 1, "width": 32, "n_head": 2} if args.quick else MODEL
     steps = 20 if args.quick else args.steps
     tag = f"{NAME}_quick" if args.quick else NAME
@@ -101,6 +103,7 @@ def main() -> None:
         "dense_float16_weights": dense16,  # the file as every later benchmark loads it: the reference numbers
         "dense_float32_weights": dense32,  # the trained weights before rounding to float16, for comparison
         "machine": {**facts, "threads": args.threads,
+                    "loadavg_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
                     "load_note": "2-core machine shared with other sessions while this ran: times are noisy"},
     }
     if args.quick:
