@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from . import __version__
-from ._catalog import DATASETS, MODEL_NAMES
+from ._catalog import DATASETS, METRICS, MODEL_NAMES
 
 # Everything that imports torch is imported inside the commands: --help and argument errors answer fast.
 
@@ -89,14 +89,58 @@ def _start_ranks() -> None:
         init_from_env()
 
 
-_data_opts = [
-    click.option("--data", "data_name", type=click.Choice(DATASETS), default=None,
-                 help="Data set [default: the model file's, else mnist with --data-dir, else digits]; "
-                      "mnist/fashion-mnist read IDX .gz files from --data-dir."),
-    click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                 help="Directory with the IDX .gz files."),
-    click.option("--seed", type=int, default=0, show_default=True),
-]
+def _check_data_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None or value in DATASETS or ":" in value:
+        return value
+    raise click.BadParameter(f"unknown data set {value!r}; choose one of {', '.join(DATASETS)}, or give your "
+                             "own as package.module:factory.")
+
+
+_DATA_KEY = "netsurgeon.data"  # where the data options beyond --data/--data-dir/--seed wait for _load_data
+_DATA_EXTRA = ("data_file", "seq_len", "token_dtype", "resize", "normalize", "metric")
+
+
+def _stash_data_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Take the data options that only :func:`_load_data` reads out of the command's arguments (so a command's
+    signature names only --data, --data-dir and --seed) and keep them on the click context."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        click.get_current_context().meta[_DATA_KEY] = {k: kwargs.pop(k, None) for k in _DATA_EXTRA}
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _data_options(brief: bool = False) -> list[Callable[..., Any]]:
+    """The data options. ``brief`` (compress, compare: commands that mostly reuse the model file's recorded data
+    set and its options) keeps the help short: --seq-len, --token-dtype, --resize and --normalize are accepted but
+    not listed (``netsurgeon train --help`` and docs/data.md show them)."""
+    return [
+        click.option("--data", "data_name", default=None, callback=_check_data_name,
+                     metavar="NAME|pkg.module:factory",
+                     help=f"Data set: {', '.join(DATASETS)}, or your factory (docs/data.md) [default: the model "
+                          "file's, else mnist with --data-dir, else by --data-file's suffix, else digits]."),
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Directory: MNIST's IDX .gz files, or an image folder (a subfolder per class)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--data-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="File: .npz arrays (npz), token ids .npy/.bin (tokens), any text (text)."),
+        click.option("--seq-len", type=int, default=None, hidden=brief,
+                     help="Tokens per sequence (tokens, text, stdlib) [default: 128]."),
+        click.option("--token-dtype", type=click.Choice(["uint16", "int32"]), default=None, hidden=brief,
+                     help="Dtype of a raw .bin token file [default: uint16]."),
+        click.option("--resize", default=None, metavar="N|HxW", hidden=brief, help="Resize every image (imagefolder)."),
+        click.option("--normalize", default=None, metavar="none|auto|imagenet|M,S|M1,..,S1,..", hidden=brief,
+                     help="Per-channel normalization of an image folder [default: none, pixels in [0, 1]]."),
+        click.option("--metric", type=click.Choice(METRICS), default=None,
+                     help="What the model is judged by [default: perplexity for token data, else accuracy]."),
+        _stash_data_opts,
+    ]
+
+
+_data_opts = _data_options()
+_data_opts_brief = _data_options(brief=True)
 
 
 def _with(opts: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -129,14 +173,17 @@ _threads_opt = click.option("--threads", type=click.IntRange(min=1), default=Non
                             help="torch threads (set it on a busy machine; see README, Troubleshooting).")
 
 
-def _data_name(given: str | None, data_dir: Path | None, *known: str | None) -> str:
+def _data_name(given: str | None, data_dir: Path | None, *known: str | None, data_file: Path | None = None) -> str:
     """The data set to use: ``--data``, else what the recipe or the model file says, else MNIST when a directory
-    is given, else the bundled digits. A directory is never silently ignored."""
+    is given, else the kind ``--data-file``'s suffix names (.npz arrays, .npy/.bin token ids, else text), else the
+    bundled digits. A directory is never silently ignored."""
     if given is not None:
         if given == "digits" and data_dir is not None:
             raise _Fail(f"--data digits is bundled and takes no --data-dir (got {str(data_dir)!r}).")
         return given
     name = next((k for k in known if k), None)
+    if name is None and data_file is not None:
+        return {".npz": "npz", ".npy": "tokens", ".bin": "tokens"}.get(data_file.suffix.lower(), "text")
     if data_dir is None:
         return name or "digits"
     if name in (None, "digits"):
@@ -145,6 +192,54 @@ def _data_name(given: str | None, data_dir: Path | None, *known: str | None) -> 
                         "pass --data mnist (or fashion-mnist) to use that directory.")
         return "mnist"
     return name
+
+
+def _load_data(given: str | None, data_dir: Path | None, seed: int, *known: str | None,
+               meta: dict[str, Any] | None = None, trust_code: bool = False) -> tuple[str, Any, dict[str, Any]]:
+    """Resolve (:func:`_data_name`) and load the data set; returns ``(name, data, record)``, ``record`` being what
+    a written file keeps (``data``, ``data_options``, ``metric``) so that a later command on it, given no --data,
+    loads the same data. Options the user gives win over the file's; a data factory named only by a file runs
+    only with --trust-code."""
+    from .data import load_dataset
+
+    opts: dict[str, Any] = {"data_dir": data_dir, **click.get_current_context().meta.get(_DATA_KEY, {})}
+    meta = meta or {}
+    name = _data_name(given, data_dir, *known, data_file=opts.get("data_file"))
+    recorded = meta.get("data_options") if given is None and name == meta.get("data") else None
+    if isinstance(recorded, dict):
+        for k, v in recorded.items():
+            if k in opts and opts[k] is None and v is not None:
+                opts[k] = Path(v) if k in ("data_dir", "data_file") else v
+        if opts.get("metric") is None and meta.get("metric") is not None:
+            opts["metric"] = meta["metric"]
+    if ":" in name and given is None and not trust_code:
+        raise _Fail(f"the file or recipe names the data factory {name!r}, code outside netsurgeon; pass --data "
+                    f"{name} to run it (or --trust-code).")
+    data = load_dataset(name, seed=seed, **opts)
+    kept = {k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in opts.items()
+            if v is not None and k != "metric"}
+    return name, data, {"data": name, "data_options": kept, "metric": data.metric}
+
+
+def _score_line(scores: dict[str, Any]) -> str:
+    """The line that reports a model's test metric: perplexity for a language model, else accuracy."""
+    if "test_perplexity" in scores:
+        return f"test perplexity {scores['test_perplexity']:.4f}"
+    return f"test accuracy {100 * scores.get('test_accuracy', float('nan')):.2f}%"
+
+
+def _test_scores(model: Any, data: Any) -> tuple[dict[str, Any], str]:
+    """The model's scores on the test split (for a file's metadata) and a line that reports its metric."""
+    from .train import evaluate
+
+    if data.test is None:
+        raise _Fail(f"data set {data.name!r} has no test split; the factory must return one.")
+    ev = evaluate(model, data.test)
+    scores: dict[str, Any] = {"test_accuracy": ev.accuracy, "test_loss": ev.loss}
+    if data.metric == "perplexity":
+        scores["test_perplexity"] = ev.perplexity
+        return scores, f"test perplexity {ev.perplexity:.4f}"
+    return scores, f"test accuracy {100 * ev.accuracy:.2f}%"
 
 
 def _set_threads(threads: int | None) -> None:
@@ -171,12 +266,23 @@ def _set_threads(threads: int | None) -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, show_default=True,
               help="Steps between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many optimizer steps (a schedule still spans --epochs).")
 @_threads_opt
 @_friendly
 def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: str | None, data_dir: Path | None,
               seed: int, output: Path, epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float,
-              schedule: str, checkpoint: Path | None, checkpoint_every: int, resume: bool, threads: int | None) -> None:
-    """Train a model from scratch and save it as .safetensors."""
+              schedule: str, checkpoint: Path | None, checkpoint_every: int, resume: bool, max_steps: int | None,
+              threads: int | None) -> None:
+    """Train a model from scratch and save it as .safetensors.
+
+    \b
+    Examples:
+      netsurgeon train --model lenet5 --data mnist --data-dir DIR -o lenet5.safetensors
+      netsurgeon train --model resnet_small --data imagefolder --data-dir photos/ --resize 32 -o r.safetensors
+      netsurgeon train --model gpt --data stdlib --seq-len 128 --optimizer adam --lr 1e-3 --weight-decay 0 \\
+          --max-steps 2000 -o gpt.safetensors
+    """
     if model_spec is None:
         raise click.UsageError("give --model (one of " + ", ".join(MODEL_NAMES) + ", or pkg.module:factory).")
     if resume and checkpoint is None:
@@ -188,30 +294,31 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
     kwargs = _model_args(model_args)
     import torch  # torch from here on
 
-    from .data import load_dataset
     from .modelfile import save_model
     from .models import build_model
-    from .train import TrainConfig, evaluate, train
+    from .train import TrainConfig, train
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                      weight_decay=weight_decay, schedule=schedule, seed=seed)
+                      weight_decay=weight_decay, schedule=schedule, seed=seed, max_steps=max_steps)
     _set_threads(threads)
     _start_ranks()
-    data_name = _data_name(data_name, data_dir)
-    data = load_dataset(data_name, data_dir, seed=seed)
+    data_name, data, record = _load_data(data_name, data_dir, seed)
     torch.manual_seed(seed)  # the model's initial weights: same seed, same weights (on every rank)
     if ":" in model_spec:
         model = build_model(model_spec, data.input_shape, **kwargs)
     else:
+        if not data.num_classes:
+            raise _Fail(f"data set {data.name!r} does not say its number of classes; return num_classes from the "
+                        "factory (a dict key).")
         model = build_model(model_spec, data.input_shape, data.num_classes, **kwargs)
     _check_input_shape(model, data, model_spec)
     train(model, data, cfg, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
           progress=True)
     if _rank() > 0:  # every rank holds the same weights; rank 0 writes them
         return
-    _, acc = evaluate(model, data.test)
-    save_model(model, output, meta={"data": data_name, "test_accuracy": acc, "train": cfg.to_dict()})
-    click.echo(f"{model_spec} on {data_name}: test accuracy {100 * acc:.2f}% -> {output}")
+    scores, line = _test_scores(model, data)
+    save_model(model, output, meta={**record, **scores, "train": cfg.to_dict()})
+    click.echo(f"{model_spec} on {data_name}: {line} -> {output}")
 
 
 def _check_output(output: Path, *inputs: Path) -> None:
@@ -224,22 +331,31 @@ def _check_output(output: Path, *inputs: Path) -> None:
 
 
 def _check_input_shape(model: Any, data: Any, what: str) -> None:
-    """Run one sample through ``model`` so a model/data mismatch is one clear line before any long work."""
+    """Run two training samples through ``model`` so a model/data mismatch is one clear line before any long
+    work: a classifier must return (batch, classes) logits, a language model (batch, seq_len, vocab)."""
     import torch
 
-    x = torch.zeros(2, *data.input_shape)
+    from .data import sample_batch
+
+    x, y = sample_batch(data, 2)
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = model(x)
-    except RuntimeError as e:
+    except (RuntimeError, IndexError, TypeError) as e:
         raise _Fail(f"{what} does not accept inputs of shape {list(data.input_shape)} ({data.name}): "
                     f"{str(e).splitlines()[0]}. Is --data right?") from e
     finally:
         model.train(was)
-    if out.dim() != 2 or out.shape[1] < 2:
-        raise _Fail(f"{what} returns outputs of shape {list(out.shape)}; expected (batch, classes) logits.")
+    want = "(batch, classes)" if y.dim() == 1 else "(batch, seq_len, vocab)"
+    if not isinstance(out, torch.Tensor) or out.shape[:-1] != y.shape or out.shape[-1] < 2:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise _Fail(f"{what} returns outputs of shape {shape} for targets of shape {list(y.shape)} "
+                    f"({data.name}); expected {want} logits.")
+    if out.shape[-1] <= int(y.max()):
+        raise _Fail(f"{what} returns {out.shape[-1]} logits per prediction but {data.name} has targets up to "
+                    f"{int(y.max())}; build it for {data.num_classes} classes.")
 
 
 @cli.command("compress", context_settings={"max_content_width": 100})
@@ -252,7 +368,7 @@ def _check_input_shape(model: Any, data: Any, what: str) -> None:
               help="A YAML pipeline (see recipes/); --set overrides its values.")
 @_with(_model_opts)
 @click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
-@_with(_data_opts)
+@_with(_data_opts_brief)
 @_threads_opt
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @_friendly
@@ -281,10 +397,9 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     chosen: dict[str, Any] = {}
 
     def load_data(pipe: Any, meta: dict[str, Any], model: Any) -> Any:
-        from .data import load_dataset
-
-        chosen["data"] = _data_name(data_name, data_dir, (pipe.data or {}).get("name"), meta.get("data"))
-        data = load_dataset(chosen["data"], data_dir, seed=seed)
+        _, data, record = _load_data(data_name, data_dir, seed, (pipe.data or {}).get("name"), meta.get("data"),
+                                     meta=meta, trust_code=trust_code)
+        chosen.update(record)
         _check_input_shape(model, data, str(model_file))
         _start_ranks()
         return data
@@ -296,9 +411,9 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
                            trust_code=trust_code, load_data=load_data, meta=chosen)
     if result.file is None:  # every rank holds the same compressed model; rank 0 writes it
         return
-    info, acc = result.file, result.metrics.get("test_accuracy", float("nan"))
+    info = result.file
     click.echo(f"{output}: {info.file_bytes:,} bytes, {info.compression:.2f}x smaller than the input model as dense "
-               f"float32 ({info.dense_bytes:,} bytes); test accuracy {100 * acc:.2f}%")
+               f"float32 ({info.dense_bytes:,} bytes); {_score_line(result.metrics)}")
     from .architecture import original_model
 
     orig = original_model(info.header.get("arch"), trust_code=True)  # the user's own factory, already run
@@ -323,7 +438,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
                    "machine: reproducible weights).")
 @_with(_model_opts)
 @click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
-@_with(_data_opts)
+@_with(_data_opts_brief)
 @_threads_opt
 @click.option("--repeats", type=click.IntRange(min=5), default=30, show_default=True,
               help="Timed runs per latency measurement (medians).")
@@ -366,12 +481,10 @@ def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Pa
     from .changes import arch_of
     from .compare import run_comparison  # torch from here on
     from .compress import read_input
-    from .data import load_dataset
 
     _set_threads(threads)
     model, meta = read_input(model_file, model_spec, _model_args(model_args), trust_code=trust_code)
-    data_name = _data_name(data_name, data_dir, meta.get("data"))
-    data = load_dataset(data_name, data_dir, seed=seed)
+    data_name, data, _ = _load_data(data_name, data_dir, seed, meta.get("data"), meta=meta, trust_code=trust_code)
     _check_input_shape(model, data, str(model_file))
     arch = arch_of(model) or {}
     r = run_comparison(model, data, output, methods=names, pipelines=pipelines, budget=budget, steps=steps,
@@ -440,18 +553,16 @@ def methods_cmd(name: str | None) -> None:
 def eval_cmd(model_file: Path, model_spec: str | None, model_args: tuple[str, ...], trust_code: bool,
              data_name: str | None, data_dir: Path | None, seed: int, batches: tuple[int, ...],
              threads: int | None, as_json: bool) -> None:
-    """Accuracy, file bytes, nonzeros, FLOPs and latency ratio of a .nsz or .safetensors model."""
+    """Accuracy (or perplexity), file bytes, nonzeros, FLOPs and latency ratio of a .nsz or .safetensors model."""
     import json
 
     from .changes import arch_of
     from .compress import read_input
-    from .data import load_dataset
     from .report import layers_table, summarize, summary_table
 
     model, meta = read_input(model_file, model_spec, _model_args(model_args), trust_code=trust_code,
                              keep_codecs=False)
-    data_name = _data_name(data_name, data_dir, meta.get("data"))
-    data = load_dataset(data_name, data_dir, seed=seed)
+    data_name, data, _ = _load_data(data_name, data_dir, seed, meta.get("data"), meta=meta, trust_code=trust_code)
     shape = tuple((arch_of(model) or {}).get("input_shape", data.input_shape))
     if shape != data.input_shape:
         raise _Fail(f"{model_file} expects inputs {list(shape)} but {data_name} has {list(data.input_shape)}.")

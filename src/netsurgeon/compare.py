@@ -336,7 +336,8 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
     rows: list[dict[str, Any]] = []
 
     def publish(complete: bool) -> dict[str, Any]:
-        results = _results(rows, ref, entries, plan, chance=chance, model_name=model_name, data_name=data_name,
+        results = _results(rows, ref, entries, plan, chance=chance, metric=getattr(data, "metric", "accuracy"),
+                           model_name=model_name, data_name=data_name,
                            seed=seed, command=command, threads=threads, budget_s=budget_s,
                            wall_s=time.perf_counter() - t_start, complete=complete)
         with atomic_write(out / "results.json", "w") as f:
@@ -389,21 +390,24 @@ def _timed_entry(i: int, n: int, entry: Entry, pipe: Any, dense: nn.Module, data
         log.debug("compare: %s failed", entry.name, exc_info=True)
     r["total_s"] = time.perf_counter() - t0  # compressing, writing, reading back and measuring
     if r["status"] == "ok":
-        progress_log.info("[%d/%d] %s: error %.2f%%, %s bytes (%.1fx), %.1f s", i, n, entry.name,
-                          r["test_error_pct"], f"{r['file_bytes']:,}", r["compression_bytes"], r["wall_s"])
+        score = (f"perplexity {r['test_perplexity']:.3f}" if "test_perplexity" in r
+                 else f"error {r['test_error_pct']:.2f}%")
+        progress_log.info("[%d/%d] %s: %s, %s bytes (%.1fx), %.1f s", i, n, entry.name, score,
+                          f"{r['file_bytes']:,}", r["compression_bytes"], r["wall_s"])
     else:
         progress_log.info("[%d/%d] %s: FAILED: %s", i, n, entry.name, r["error"])
     return r
 
 
 def _results(rows: list[dict[str, Any]], ref: dict[str, Any], entries: Sequence[Entry], plan: Plan, *,
-             chance: float | None, model_name: str, data_name: str, seed: int, command: str, threads: int | None,
-             budget_s: float | None, wall_s: float, complete: bool) -> dict[str, Any]:
+             chance: float | None, metric: str, model_name: str, data_name: str, seed: int, command: str,
+             threads: int | None, budget_s: float | None, wall_s: float, complete: bool) -> dict[str, Any]:
     from . import __version__
 
     done = {r.get("name") for r in rows}
     return {
-        "model": model_name, "data": data_name, "seed": seed, "command": command, "version": __version__,
+        "model": model_name, "data": data_name, "metric": metric, "seed": seed, "command": command,
+        "version": __version__,
         "machine": _machine(threads), "date": time.strftime("%Y-%m-%d %H:%M"),
         "budget_s": budget_s, "plan": {"steps": plan.steps, "steps_per_epoch": plan.steps_per_epoch,
                                        "epochs": plan.steps / plan.steps_per_epoch, "sparsity": plan.sparsity,

@@ -84,6 +84,20 @@ def _scatter(ax: Any, rows: list[dict[str, Any]], xs: list[float], ys: list[floa
     ax.grid(True, alpha=0.3)
 
 
+def _score(res: dict[str, Any]) -> tuple[str, str, str]:
+    """``(key, name, format)`` of the number the results are judged by: test error in %, or a language model's
+    test perplexity; lower is better for both, so the fronts are the same."""
+    if res.get("metric") == "perplexity":
+        return "test_perplexity", "perplexity", ".3f"
+    return "test_error_pct", "error %", ".2f"
+
+
+def _dense_score(res: dict[str, Any]) -> str:
+    key, label, spec = _score(res)
+    v = res["dense"][key]
+    return f"test perplexity {v:{spec}}" if label == "perplexity" else f"test error {v:{spec}}%"
+
+
 def _error_limits(ax: Any, ys: list[float], dense_y: float) -> None:
     """Keep the axis on the useful range: a method that collapsed to chance would flatten every other point;
     it stays in the table and is drawn at the top edge."""
@@ -102,11 +116,13 @@ def _front_plot(res: dict[str, Any], what: str) -> str:
     rows = _ok(res["rows"])
     dense = res["dense"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ys = [r["test_error_pct"] for r in rows]
-    _error_limits(ax, [r["test_error_pct"] for r in _useful(rows)], dense["test_error_pct"])
+    key, name, _ = _score(res)
+    word = name.split()[0]
+    ys = [r[key] for r in rows]
+    _error_limits(ax, [r[key] for r in _useful(rows)], dense[key])
     if what == "bytes":
         xs = [r["file_bytes"] for r in rows]
-        _scatter(ax, rows, xs, _clip(ys, ax), dense.get("file_bytes"), dense["test_error_pct"])
+        _scatter(ax, rows, xs, _clip(ys, ax), dense.get("file_bytes"), dense[key])
         for p in res.get("paper_points", []):
             if "compression_bytes" in p:
                 x = dense["dense_bytes"] / p["compression_bytes"]
@@ -115,27 +131,27 @@ def _front_plot(res: dict[str, Any], what: str) -> str:
                             textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("file bytes (.nsz; dense: the input file)")
-        ax.set_title("error vs file size")
+        ax.set_title(f"{word} vs file size")
     elif what == "nonzero":
         xs = [r["compression_weights"] for r in rows]
-        _scatter(ax, rows, xs, _clip(ys, ax), None, dense["test_error_pct"], maximise_x=True)
+        _scatter(ax, rows, xs, _clip(ys, ax), None, dense[key], maximise_x=True)
         for p in res.get("paper_points", []):
             if "compression_nonzero" in p:
                 ax.scatter([p["compression_nonzero"]], [p["error_pct"]], marker="D", facecolors="none",
                            edgecolors="red", s=40, zorder=4)
                 ax.annotate(p["paper"], (p["compression_nonzero"], p["error_pct"]), fontsize=6, color="red",
                             xytext=(3, -8), textcoords="offset points")
-        ax.axhline(dense["test_error_pct"], color="black", lw=0.8, ls=":", label="dense input")
+        ax.axhline(dense[key], color="black", lw=0.8, ls=":", label="dense input")
         ax.set_xscale("log")
         ax.set_xlabel("weights / nonzero weights (biases excluded)")
-        ax.set_title("error vs nonzero weights")
+        ax.set_title(f"{word} vs nonzero weights")
     else:  # the paired ratio: each method's time against the dense model's, timed interleaved with it
         b = what
         xs = [r["latency"][b]["speedup"] for r in rows]
-        _scatter(ax, rows, xs, _clip(ys, ax), 1.0, dense["test_error_pct"], maximise_x=True)
+        _scatter(ax, rows, xs, _clip(ys, ax), 1.0, dense[key], maximise_x=True)
         ax.set_xlabel(f"speedup at batch {b} (dense time / runtime-form time, timed interleaved)")
-        ax.set_title(f"error vs speed, batch {b}")
-    ax.set_ylabel("test error (%)")
+        ax.set_title(f"{word} vs speed, batch {b}")
+    ax.set_ylabel("test perplexity" if word == "perplexity" else "test error (%)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6.5, loc="upper right")
     return _svg(fig)
@@ -171,8 +187,9 @@ def _table(res: dict[str, Any]) -> str:
     rows = res["rows"]
     dense = res["dense"]
     ok = _useful(rows)
-    front = {ok[i]["name"] for i in pareto_front([(r["file_bytes"], r["test_error_pct"]) for r in ok])}
-    cols = [("method", "s"), ("family", "s"), ("stages", "s"), ("error %", "n"), ("&Delta; dense", "n"),
+    key, label, spec = _score(res)
+    front = {ok[i]["name"] for i in pareto_front([(r["file_bytes"], r[key]) for r in ok])}
+    cols = [("method", "s"), ("family", "s"), ("stages", "s"), (label, "n"), ("&Delta; dense", "n"),
             ("nonzero x", "n"), ("file bytes", "n"), ("bytes x", "n"), ("MFLOPs", "n"),
             ("b1 ms (dense)", "n"), ("b1 x", "n"), ("b256 ms (dense)", "n"), ("b256 x", "n"), ("steps", "n"),
             ("time s", "n")]
@@ -191,13 +208,12 @@ def _table(res: dict[str, Any]) -> str:
                         f'<td>{stages}</td><td colspan="{len(cols) - 3}">failed: {html.escape(r.get("error", ""))}'
                         "</td></tr>")
             continue
-        err = r["test_error_pct"]
+        err = r[key]
         mark = " &#9733;" if name in front else " <small>(collapsed: chance accuracy)</small>" if r.get("collapsed") \
             else ""
         cells = [
             (name + mark, name), (html.escape(r.get("family", "")), ""),
-            (stages, ""), (_fmt(err, ".2f"), err), (_fmt(err - dense["test_error_pct"], "+.2f"),
-                                                     err - dense["test_error_pct"]),
+            (stages, ""), (_fmt(err, spec), err), (_fmt(err - dense[key], "+" + spec), err - dense[key]),
             (_fmt(r.get("compression_weights"), ".1f"), r.get("compression_weights")),
             (_fmt(r.get("file_bytes"), ","), r.get("file_bytes")),
             (_fmt(r.get("compression_bytes"), ".1f"), r.get("compression_bytes")),
@@ -298,7 +314,7 @@ def render(res: dict[str, Any]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p class="meta">{n_ok} of {len(res['rows'])} methods ran; dense input: test error {dense['test_error_pct']:.2f}%,
+<p class="meta">{n_ok} of {len(res['rows'])} methods ran; dense input: {_dense_score(res)},
 {dense.get('file_bytes', 0):,} bytes, {dense['flops_dense'] / 1e6:.2f} MFLOPs,
 {_fmt(lat.get('1', {}).get('runtime_ms'), '.3f')} ms at batch 1,
 {_fmt(lat.get('256', {}).get('runtime_ms'), '.2f')} ms at batch 256.<br>

@@ -90,8 +90,11 @@ def compress_model(model: nn.Module, pipe: Pipeline, data: Any, output: str | os
     runs = pipe.run(model, data, progress=progress)
     metrics: dict[str, float] = {}
     if evaluate_test and getattr(data, "test", None) is not None:
-        loss, acc = evaluate(model, data.test)
+        ev = evaluate(model, data.test)
+        loss, acc = ev
         metrics = {"test_accuracy": acc, "test_loss": loss}
+        if getattr(data, "metric", "accuracy") == "perplexity":
+            metrics["test_perplexity"] = ev.perplexity
         chance = chance_accuracy(data)
         if chance is not None and acc <= chance + 0.02:
             log.warning("the compressed model is at chance accuracy (%.2f%%; always predicting the most frequent "

@@ -11,6 +11,7 @@
 | mlp_bn      | BinaryConnect/BNN MLP: widths x (fc, BN, ReLU or HardTanh), fc 10, BN         | 10.0M (3 x 2048) |
 | lenet5_bn   | LeNet-5 in XNOR-Net's block order (BN before each binary layer)               | 433,760          |
 | mlp_dropout | HashedNets' MLP: dropout on the input and after every hidden ReLU              | 795,010 (1 x 1000) |
+| gpt         | byte-level GPT: 4 x (LN, causal MHA, LN, MLP 4x), LN, untied Linear head       | 3,323,648 (T=128) |
 
 Any other model is built from an import path, ``build_model("pkg.module:factory", **kwargs)``; the path and
 the keyword arguments are recorded so a saved file can rebuild it (see :func:`rebuild`).
@@ -197,6 +198,72 @@ def resnet_small(input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 
     return nn.Sequential(OrderedDict(layers))
 
 
+class _GPTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: h + attn(LN(h)) under a causal mask, then h + MLP(LN(h))."""
+
+    def __init__(self, width: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, n_head, dropout=dropout, batch_first=True)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("fc1", nn.Linear(width, 4 * width)), ("gelu", nn.GELU()),
+                                              ("fc2", nn.Linear(4 * width, width)), ("drop", nn.Dropout(dropout))]))
+
+    def forward(self, h: Tensor, causal: Tensor) -> Tensor:
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, attn_mask=causal, need_weights=False, is_causal=True)[0]
+        return h + self.mlp(self.ln2(h))
+
+
+class GPT(nn.Module):
+    """A decoder-only language model: token embedding + learned positions, ``n_layer`` pre-LN blocks, final
+    LayerNorm, Linear head. Input (B, T) int64 token ids, T <= the context; output (B, T, vocab) logits of the
+    next token at every position."""
+
+    def __init__(self, vocab: int, context: int, n_layer: int, width: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(context, width))
+        self.blocks = nn.ModuleList(_GPTBlock(width, n_head, dropout) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)  # untied from ``tok``: an ordinary Linear layer for every method
+        # GPT-2's initialisation (Radford et al. 2019, Sec. 2.3): N(0, 0.02), residual projections / sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2 or name == "pos":
+                resid = name.endswith(("out_proj.weight", "fc2.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer) if resid else 0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).triu(1)  # True: may not attend
+        h = self.tok(idx) + self.pos[:t]  # (B, T, width)
+        for block in self.blocks:
+            h = block(h, causal)
+        return self.head(self.ln_f(h))  # (B, T, vocab)
+
+
+def gpt(input_shape: tuple[int, ...] = (128,), num_classes: int = 256, n_layer: int = 4, width: int = 256,
+        n_head: int = 4, dropout: float = 0.0) -> GPT:
+    """A small GPT (Radford et al. 2018/2019; layout of GPT-2, Sec. 2.3: LayerNorm before each sub-block and after
+    the last) built from torch modules only: ``nn.Embedding`` tokens, a learned positional ``nn.Parameter``,
+    ``n_layer`` blocks of LN + ``nn.MultiheadAttention(batch_first=True)`` with a causal mask + LN + MLP
+    (Linear-GELU-Linear, 4x width), a final LN and an untied ``nn.Linear`` head, so every method sees an ordinary
+    Linear output layer. ``input_shape`` is ``(context,)`` (token ids, int64); ``num_classes`` is the vocabulary
+    (256: bytes). Defaults: 4 layers, width 256, 4 heads, 3,323,648 parameters at context 128."""
+    if len(input_shape) != 1 or int(input_shape[0]) < 1:
+        raise ValueError(f"gpt: input_shape must be (context,) of token ids; got {tuple(input_shape)!r}.")
+    for label, v in (("num_classes", num_classes), ("n_layer", n_layer), ("width", width), ("n_head", n_head)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"gpt: {label} must be a positive integer; got {v!r}.")
+    if width % n_head:
+        raise ValueError(f"gpt: width must be a multiple of n_head; got width={width!r}, n_head={n_head!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"gpt: dropout must be in [0, 1); got {dropout!r}.")
+    return GPT(num_classes, int(input_shape[0]), n_layer, width, n_head, dropout)
+
+
 def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape[1:]) < min_side:
         raise ValueError(f"{owner}: input_shape must be (C, H, W) with H, W >= {min_side}; got {shape!r}.")
@@ -206,7 +273,7 @@ def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": lenet300, "lenet5": lenet5, "mlpnet": mlpnet, "digits_cnn": digits_cnn, "resnet_small": resnet_small,
     "vgg_small": vgg_small, "mlp_bn": mlp_bn, "lenet5_bn": lenet5_bn,
-    "mlp_dropout": mlp_dropout,
+    "mlp_dropout": mlp_dropout, "gpt": gpt,
 }
 
 

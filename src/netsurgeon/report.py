@@ -54,17 +54,33 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
         out["file_bytes"] = os.path.getsize(file_path)
         out["compression_bytes"] = out["dense_bytes"] / out["file_bytes"]
     if data is not None:
-        loss, acc = evaluate(model, data.test)
-        out.update(test_accuracy=acc, test_error_pct=100 * (1 - acc), test_loss=loss)
+        ev = evaluate(model, data.test)
+        metric = getattr(data, "metric", "accuracy")
+        out.update(metric=metric, test_accuracy=ev.accuracy, test_error_pct=100 * (1 - ev.accuracy), test_loss=ev.loss)
+        if metric == "perplexity":
+            out["test_perplexity"] = ev.perplexity
     lat = {}
     for b in batches:
         fast, plan = compile_runtime(model, b, threads=threads, repeats=repeats)  # the same timing budget
-        x = example_input(model, input_shape, b, torch.Generator().manual_seed(0))
+        x = _example_input(data, input_shape, b, model)
         r = measure_latency(fast, reference if reference is not None else model, x, threads=threads, repeats=repeats)
         lat[str(b)] = {"runtime_ms": 1e3 * r.model_s, "dense_ms": 1e3 * r.reference_s, "speedup": r.speedup,
                        "threads": r.threads, "forms": {"+".join(c.layers): c.form for c in plan.runs}}
     out["latency"] = lat
     return out
+
+
+def _example_input(data: Any, input_shape: tuple[int, ...], batch: int, model: nn.Module) -> torch.Tensor:
+    """``batch`` inputs to time with: for integer inputs (token ids), the test split's first rows repeated to fill
+    the batch; else what ``stats.example_input`` gives the model (seeded noise, or token ids it takes)."""
+    if data is not None:
+        from .data import sample_batch
+
+        x = sample_batch(data, 1)[0]
+        if not x.is_floating_point():
+            rows = data.test.x if hasattr(data.test, "x") else x
+            return rows[torch.arange(batch) % len(rows)].clone()
+    return example_input(model, input_shape, batch, torch.Generator().manual_seed(0))
 
 
 def summary_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
@@ -85,8 +101,8 @@ def summary_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
             return f"{v:.4f}"
         return f"{v:,}"
 
-    keys = ["test_error_pct", "params_original", "params", "nonzero", "compression_nonzero", "file_bytes",
-            "compression_bytes",
+    keys = ["test_perplexity", "test_error_pct", "params_original", "params", "nonzero", "compression_nonzero",
+            "file_bytes", "compression_bytes",
             "flops_dense", "flops_effective"]
     for k in keys:
         if any(k in r for r in rows.values()):

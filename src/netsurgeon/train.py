@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +28,13 @@ from torch import Tensor, nn
 
 from . import distributed as ddp
 from ._validation import atomic_save, check_finite_model
-from .data import Dataset, LoaderData, Split, as_data, batches
+from .data import Dataset, LoaderData, Split, as_data, batches, check_metric
 from .masks import attach_masks_for_state_dict
 from .progress import Progress
 from .registry import MethodConfig, StageContext, option, register
 
-__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "lr_at", "run_training",
-           "squared_hinge", "recalibrate_batchnorm"]
+__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "Evaluation", "lr_at",
+           "run_training", "squared_hinge", "recalibrate_batchnorm", "flat_predictions"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,14 @@ def jitter_images(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
     return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
+def flat_predictions(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits (P, classes), targets (P,))`` with one row per prediction: a classifier's (B, C) and (B,) as
+    they are; a language model's (B, T, V) and (B, T) flattened to B·T next-token predictions."""
+    if y.dim() > 1 and out.dim() == y.dim() + 1:
+        return out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    return out, y
+
+
 def squared_hinge(out: Tensor, y: Tensor) -> Tensor:
     """Σ_k max(0, 1 − t_k·y_k)² over classes, mean over the batch, targets t = ±1 (the L2-SVM output of
     BinaryConnect's and BNN's code)."""
@@ -163,22 +171,48 @@ class TrainResult:
     steps: int = 0
 
 
+class Evaluation(NamedTuple):
+    """What :func:`evaluate` measures over a split; unpacks as ``(loss, accuracy)``.
+
+    ``loss`` is the mean cross-entropy per prediction in nats (per token for a language model), ``accuracy``
+    the fraction of predictions whose largest logit is the target (next-token accuracy for a language model).
+    """
+
+    loss: float
+    accuracy: float
+
+    @property
+    def perplexity(self) -> float:
+        """exp(mean cross-entropy over the split's predictions): a language model's perplexity."""
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    def metric(self, name: str) -> float:
+        """The value of metric ``name`` (``accuracy`` or ``perplexity``)."""
+        return self.accuracy if check_metric("evaluate", name) == "accuracy" else self.perplexity
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split | Any, batch_size: int = 1000) -> tuple[float, float]:
-    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``split`` (a Split or a DataLoader)."""
+def evaluate(model: nn.Module, split: Split | Any, batch_size: int | None = None) -> Evaluation:
+    """Return the mean cross-entropy and the accuracy of ``model`` on ``split`` (a Split or a DataLoader) as an
+    :class:`Evaluation` (``.perplexity``, ``.metric(name)``). Targets (B,) are class labels; targets (B, T) are
+    next tokens and outputs (B, T, V) their logits: every token counts once. ``batch_size`` (of a Split;
+    default 1000 samples, or 2^16 tokens of sequences) changes only speed and memory."""
+    if batch_size is None:
+        per_row = math.prod(split.y.shape[1:]) if isinstance(split, Split) else 1
+        batch_size = 1000 if per_row == 1 else max(1, 65536 // per_row)
     was = model.training
     model.eval()
     loss, correct, n = 0.0, 0, 0
     try:
         for x, y in batches(split, batch_size):
-            out = model(x)
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            n += len(y)
+            out, t = flat_predictions(model(x), y)
+            loss += float(F.cross_entropy(out, t, reduction="sum"))
+            correct += int((out.argmax(1) == t).sum())
+            n += t.numel()
     finally:
         model.train(was)
     n = max(n, 1)
-    return loss / n, correct / n
+    return Evaluation(loss / n, correct / n)
 
 
 @torch.no_grad()
@@ -346,9 +380,7 @@ class Trainer:
             while self.step < self.total_steps:
                 self._one_step()
                 if bar:
-                    sums = self._epoch_sums
-                    bar.update(self.step, f"loss {float(sums[0] / sums[2]):.4f} acc {float(sums[1] / sums[2]):.4f}"
-                               if sums[2] else "")
+                    bar.update(self.step, self._running())
                 if checkpoint and checkpoint_every and self.step % checkpoint_every == 0:
                     self.save_checkpoint(checkpoint)
         except KeyboardInterrupt:
@@ -366,6 +398,15 @@ class Trainer:
             self.save_checkpoint(checkpoint)
         self._check_ranks("end of training")
         return TrainResult(self.history, self.step)
+
+    def _running(self) -> str:
+        """This epoch's running training loss and its metric, for the progress bar."""
+        loss, correct, n = (float(v) for v in self._epoch_sums)
+        if not n:
+            return ""
+        if getattr(self.data, "metric", "accuracy") == "perplexity":
+            return f"loss {loss / n:.4f} ppl {math.exp(min(loss / n, 700)):.3f}"
+        return f"loss {loss / n:.4f} acc {correct / n:.4f}"
 
     def _check_ranks(self, when: str) -> None:
         """Under torchrun: stop if the ranks' weights or masks differ (see :func:`distributed.check_identical`)."""
@@ -389,7 +430,9 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         out = self.model(x)
-        loss = squared_hinge(out, y) if self.config.loss == "squared_hinge" else F.cross_entropy(out, y)
+        flat_out, flat_y = flat_predictions(out, y)  # a language model: every token is one prediction
+        loss = squared_hinge(flat_out, flat_y) if self.config.loss == "squared_hinge" else F.cross_entropy(
+            flat_out, flat_y)
         weight = math.prod(getattr(cb, "hard_loss_weight", 1.0) for cb in self.callbacks)  # distillation: 1 - α
         total = loss * weight if weight != 1.0 else loss
         for cb in self.callbacks:
@@ -413,8 +456,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.after_step(self)
         with torch.no_grad():
-            self._epoch_sums += torch.tensor([float(loss) * len(y), float((out.argmax(1) == y).sum()), len(y)],
-                                             dtype=torch.float64)
+            self._epoch_sums += torch.tensor([float(loss) * flat_y.numel(), float((flat_out.argmax(1) == flat_y).sum()),
+                                              flat_y.numel()], dtype=torch.float64)
         if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
             if self.world_size > 1:
                 ddp.all_reduce_sum(self._epoch_sums)
@@ -423,11 +466,11 @@ class Trainer:
             s = self._epoch_sums
             val = self.data.val
             has_val = val is not None and _nonempty(val)
-            _, val_acc = _evaluate_sharded(self.model, val) if has_val else (0.0, float("nan"))
+            val_loss, val_acc = _evaluate_sharded(self.model, val) if has_val else (float("nan"), float("nan"))
             self.history.append({"epoch": epoch + 1, "step": self.step, "loss": float(s[0] / s[2]),
-                                 "train_acc": float(s[1] / s[2]), "val_acc": val_acc, "lr": lr})
-            log.info("epoch %d: loss %.4f train acc %.4f val acc %.4f", epoch + 1, s[0] / s[2],
-                     s[1] / s[2], val_acc)
+                                 "train_acc": float(s[1] / s[2]), "val_acc": val_acc, "val_loss": val_loss, "lr": lr})
+            log.info("epoch %d: loss %.4f train acc %.4f val acc %.4f val loss %.4f", epoch + 1, s[0] / s[2],
+                     s[1] / s[2], val_acc, val_loss)
             self._epoch_sums = torch.zeros(3, dtype=torch.float64)
             for cb in self.callbacks:
                 cb.on_epoch_end(self)
@@ -464,7 +507,8 @@ def train(model: nn.Module, data: Dataset | LoaderData | Any, config: TrainConfi
     """Train ``model`` in place on ``data.train`` (validation accuracy logged per epoch).
 
     Args:
-        model: any ``nn.Module`` mapping a batch of ``data`` inputs to class logits.
+        model: any ``nn.Module`` mapping a batch of ``data`` inputs to class logits (B, C), or, for token data
+            (targets (B, T)), a language model's next-token logits (B, T, vocab); every token is one prediction.
         data: the splits, a :class:`~netsurgeon.data.Dataset` or the user's DataLoaders wrapped by
             :func:`netsurgeon.data.from_loaders`, or a bare training DataLoader; callbacks may read the validation
             split, never the test split.
