@@ -21,7 +21,7 @@ from .coding.container import NszError
 from .coding.schema import check_int, short
 
 __all__ = ["UntrustedCodeError", "check_arch", "rebuild", "rebuild_matching", "apply_arch_changes", "original_model",
-           "REAL_BUILD_BYTES", "MAX_INPUT_ELEMENTS"]
+           "REAL_BUILD_BYTES", "MAX_INPUT_ELEMENTS", "record_inputs"]
 
 MAX_INPUT_ELEMENTS = 1 << 24
 MAX_CLASSES = 1_000_000
@@ -30,6 +30,21 @@ REAL_BUILD_BYTES = 1 << 30  # a factory that cannot build on "meta" is built for
 
 class UntrustedCodeError(ValueError):
     """A file asks to run code outside netsurgeon (a user's model factory) and the caller did not allow it."""
+
+
+def record_inputs(arch: dict[str, Any] | None, data: Any) -> dict[str, Any] | None:
+    """``arch`` completed with what the data says about the model's inputs: their shape where the record has none,
+    and ``input_dtype: int64`` for token ids (the runtime, FLOP counts and export then feed the model integers)."""
+    if arch is None:
+        return None
+    arch = dict(arch)
+    shape = getattr(data, "input_shape", None)
+    if "input_shape" not in arch and shape is not None:
+        arch["input_shape"] = list(shape)
+    x = getattr(getattr(data, "train", None), "x", None)
+    if isinstance(x, torch.Tensor) and not x.is_floating_point():
+        arch["input_dtype"] = "int64"
+    return arch
 
 
 def check_arch(p: str, arch: Any) -> dict[str, Any] | None:

@@ -311,6 +311,10 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
             raise _Fail(f"data set {data.name!r} does not say its number of classes; return num_classes from the "
                         "factory (a dict key).")
         model = build_model(model_spec, data.input_shape, data.num_classes, **kwargs)
+    from .architecture import record_inputs
+    from .changes import arch_of, set_arch
+
+    set_arch(model, record_inputs(arch_of(model), data))  # token ids: the record says so for every later command
     _check_input_shape(model, data, model_spec)
     train(model, data, cfg, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
           progress=True)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from .architecture import record_inputs
 from .changes import arch_of
 from .forms import weight_form
 from .modelfile import MissingArchitectureError, load_compressed, load_model
@@ -102,12 +102,7 @@ def compress_model(model: nn.Module, pipe: Pipeline, data: Any, output: str | os
                         100 * acc, 100 * chance)
     if output is None:
         return CompressResult(model, None, runs, metrics)
-    arch = dict(arch_of(model) or {}) or None
-    if arch is not None and "input_shape" not in arch and getattr(data, "input_shape", None) is not None:
-        arch["input_shape"] = list(data.input_shape)
-    x = getattr(getattr(data, "train", None), "x", None)
-    if arch is not None and isinstance(x, torch.Tensor) and not x.is_floating_point():
-        arch["input_dtype"] = "int64"  # token ids: the runtime and export feed the model integers
+    arch = record_inputs(dict(arch_of(model) or {}) or None, data)
     info = pipe.save(model, output, meta={**(meta or {}), **metrics}, history=history, arch=arch, runs=runs)
     return CompressResult(model, info, runs, metrics)
 
