@@ -109,6 +109,8 @@ def test_outputs_with_the_wrong_extension_are_refused(runner, tmp_path):
     """#39.9: train -o y.nsz wrote safetensors under a .nsz name; compress -o x.txt was accepted."""
     _err(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "1", "-o", str(tmp_path / "y.nsz")]),
          "train writes a dense .safetensors file; the output")
+    _err(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "1", "-o", str(tmp_path / "y.onnx")]),
+         "names a .onnx file")
     base = tmp_path / "base.safetensors"
     _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "1", "-o", str(base)]))
     _err(runner.invoke(cli, ["compress", str(base), "--method", "int8", "-o", str(tmp_path / "x.txt")]),
@@ -136,7 +138,7 @@ def test_a_per_layer_option_naming_no_layer_fails_before_data_loads(runner, tmp_
     _err(runner.invoke(cli, ["compress", str(base), "--method", "magnitude", "--set", "sparsity={fc9: 0.5}",
                              "--data", "mnist", "--data-dir", nowhere, "-o", str(tmp_path / "x.nsz")]),
          "stage 1 'magnitude': option 'sparsity' names 'fc9', which is not a layer of the model; its layers: fc1, fc2, "
-         "fc3 (or conv/fc for every layer of a kind).")
+         "fc3 (or conv/fc/embedding for every layer of a kind).")
     ns.Pipeline.from_spec(["magnitude"], ["sparsity={fc1.weight: 0.5, fc: 0.2}"]).check_layers(
         ns.build_model("lenet300", (1, 8, 8)))   # the tensor's name and a layer kind are layer names too
 

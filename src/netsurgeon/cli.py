@@ -288,9 +288,9 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
     if resume and checkpoint is None:
         raise click.BadParameter("--resume needs --checkpoint FILE.", param_hint="--resume")
     _check_output(output)
-    if output.suffix != ".safetensors":
-        raise _Fail(f"train writes a dense .safetensors file; the output {str(output)!r} has another extension "
-                    "(compress it to a .nsz file with netsurgeon compress).")
+    if output.suffix in (".nsz", ".onnx"):
+        raise _Fail(f"train writes a dense .safetensors file; the output {str(output)!r} names a {output.suffix} "
+                    "file (a .nsz file is what netsurgeon compress writes from it).")
     kwargs = _model_args(model_args)
     import torch  # torch from here on
 

@@ -70,7 +70,7 @@ def not_in_suite() -> dict[str, str]:
     """Registered methods without an entry of their own, and why (they run inside other entries)."""
     from .pipeline import methods
 
-    return {m.name: m.not_compared for m in methods().values() if not m.compare}
+    return {m.name: m.not_compared for m in methods().values() if m.not_compared}
 
 
 def _stage_steps(stages: Sequence[dict[str, Any]], steps_per_epoch: int) -> int:

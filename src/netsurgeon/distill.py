@@ -70,6 +70,7 @@ def _magnitude_distill(p: Plan) -> list[dict[str, Any]]:
 
 
 @register("distill", family="pipeline", compare={"magnitude_distill": _magnitude_distill}, quick={"epochs": 1},
+          not_compared="the fine-tuning stage of magnitude_distill",
           needs_teacher=True,
           kind="training", config=DistillConfig, accepts=("float", "shared", "hashed", "pq"),
           needs_data=True,

@@ -264,7 +264,7 @@ def register(name: str, *, kind: str, config: type[MethodConfig], citation: str,
         family: its family in comparisons (``plan.FAMILIES``).
         compare: its ``netsurgeon compare`` entry: a function of the plan returning stages (the entry is named
             after the method), or ``{entry name: function or (family, function)}`` for several; ``not_compared``
-            says why a method has none (every method has one or the other).
+            says why a method has no entry of its own name (every method has one or the other).
         quick: option values for a fast smoke run (the tests run every method with them).
         needs_teacher: the pipeline keeps a copy of the model as it received it (``StageContext.teacher``).
 
@@ -274,9 +274,10 @@ def register(name: str, *, kind: str, config: type[MethodConfig], citation: str,
         raise RuntimeError(f"register({name!r}): kind must be one of {list(KINDS)}; got {kind!r}.")
     if not dataclasses.is_dataclass(config) or not issubclass(config, MethodConfig):
         raise RuntimeError(f"register({name!r}): config must be a MethodConfig dataclass.")
-    if (compare is None) == (not not_compared):
-        raise RuntimeError(f"register({name!r}): give a compare entry or say why it has none (not_compared).")
     raw = {} if compare is None else dict(compare) if isinstance(compare, Mapping) else {name: compare}
+    if (name in raw) == bool(not_compared):
+        raise RuntimeError(f"register({name!r}): give the method's own compare entry or say why it has none "
+                           "(not_compared), not both.")
     entries = {k: v if isinstance(v, tuple) else (family, v) for k, v in raw.items()}
     if any(not fam for fam, _ in entries.values()):
         raise RuntimeError(f"register({name!r}): a method with a compare entry needs a family.")
