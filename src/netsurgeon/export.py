@@ -56,6 +56,7 @@ def dense_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path,
     x = example_input(model, input_shape, 1, torch.Generator().manual_seed(0))
     with warnings.catch_warnings():  # the TorchScript exporter: 0.03 s, no onnxscript (docs/runtime.md)
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # attention code branches on shapes: fixed per file
         torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=opset,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=False)
