@@ -34,11 +34,16 @@ at a time (the decoded weights serve both). Chunks of 16 rows run in parallel.
 - ``scales`` float16/float32 (out, ceil(K / group)) and ``zeros`` uint8 or None (symmetric: 8), the groups
   counted along the kept values (group 128 at 2:4 covers 256 inputs).
 
-Resident: one byte per kept value, ``code | position << 4``, in the windowed sliced-ELL order of
-sparse_linear.py (16 rows per chunk, windows of 32 inputs when M divides 32, else 64): 8 bits per kept value
-against the file's 4 + ceil(log2 M) (2:4: 6, so 1.33x; scales float32 on top). Per slot: one 16-byte load,
-the code through the table (``vpermps``), the position shifted down and added to the slot's group base, one
-``vpermi2ps`` that hands each lane its input, one FMA (asymmetric zeros: one subtraction more).
+Resident: one byte per kept value, ``offset | code << 4``, with 16 output rows as the lanes of a vector (the
+sliced-ELL order of sparse_linear.py) and the inputs cut into windows of ``16 // M`` whole groups (16 inputs for
+2:4, 15 for 2:3 and 3:5, one group for M > 8): ``offset`` is the input's place in its window (< 16), so one
+``vpermps`` with the byte as index hands each lane its input straight from the window's register (only the
+low 4 bits are read: no mask, no add), and a second one, on the byte shifted down by 4, turns the code into
+its float (``code - 8`` symmetric). Per kept value and 16 rows: one 16-byte load, a shift, two ``vpermps``,
+one FMA (asymmetric zeros: one subtraction more); two sums per sample, the group's scale applied when it ends.
+8 bits per kept value against the file's 4 + ceil(log2 M) (2:4: 6, so 1.33x; scales float32 on top). An
+earlier form with 32-input windows (a position in the byte plus the group's base, ``vpermi2ps``) took one
+operation more per kept value.
 
 Bounds at batch 1 (bytes read per weight): dense float32 4; int4 group 128 0.5 + 4/128 (scales as held) =
 0.53 (7.5x fewer); int8 1.03 (3.9x); int4 + 2:4 0.5 · (1 + 4/128) = 0.52 per dense weight (7.7x). The int4
@@ -56,8 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels, simd
-from .sparse_linear import LANES, apply_activation, as_input, check_activation
+from . import simd
+from .sparse_linear import LANES, apply_activation, as_input, check_activation, sync_threads
 
 __all__ = ["QuantLinear", "QuantNMLinear", "pack_nibbles", "unpack_nibbles", "quantize_groups"]
 
@@ -135,7 +140,6 @@ if simd.available():
     from numba import njit, prange
 
     from .simd import (
-        iadd,
         iand,
         icvt,
         iload,
@@ -152,7 +156,7 @@ if simd.available():
         vsub,
         vzero,
     )
-    from .sparse_linear import _select, _store_lanes
+    from .sparse_linear import _store_lanes
 
     @njit(fastmath=True, boundscheck=False, cache=True)
     def _prepare(x, perm, has_perm, n_cols, group, xg, xsum):
@@ -264,75 +268,68 @@ if simd.available():
                 if pair:
                     _store_lanes(out, u, c, tb, scratch)
 
-    def _make_nm_kernel(width: int):
-        @njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
-        def run(xp, packed, scales, zeros, asym, group, n_keep, m, per_window, stride, bias, relu, out, scratch):
-            """int4 codes + positions, one byte per kept value, windowed sliced-ELL order (module docstring)."""
-            n_samples = out.shape[0]
-            n_chunks, n_kept = packed.shape[0], packed.shape[1]
-            n_groups = scales.shape[1]
-            kpw = n_keep * per_window  # kept values (slots) per window
-            ld = xp.shape[1]
-            table = vsub(viota(), vsplat(np.float32(0.0 if asym else 8.0)))
-            for c in prange(n_chunks):
-                for t in range(0, n_samples, 2):
-                    pair = t + 1 < n_samples
-                    u = t + 1 if pair else t
-                    ta, tb = vload(bias, c * 16), vload(bias, c * 16)
-                    x0, x1, x2, x3 = vzero(), vzero(), vzero(), vzero()
-                    y0, y1, y2, y3 = vzero(), vzero(), vzero(), vzero()
-                    k = 0
-                    s = kpw  # slot within the window: kpw forces loading the first window
-                    window = -1
-                    base = 0  # the first input of the slot's group, within the window
-                    within = 0  # index of the kept value within its group of n_keep
-                    for g in range(n_groups):
-                        a0, a1, b0, b1 = vzero(), vzero(), vzero(), vzero()
-                        z = vload(zeros, (c * n_groups + g) * 16)
-                        k1 = min((g + 1) * group, n_kept)
-                        while k < k1:
-                            if s == kpw:  # next window (counters, not divisions: they would cost more)
-                                s, base, within = 0, 0, 0
-                                window += 1
-                                at = t * ld + window * stride
-                                x0, x1, x2, x3 = vload(xp, at), vload(xp, at + 16), vload(xp, at + 32), \
-                                    vload(xp, at + 48)
-                                at = u * ld + window * stride
-                                y0, y1, y2, y3 = vload(xp, at), vload(xp, at + 16), vload(xp, at + 32), \
-                                    vload(xp, at + 48)
-                            q = iload(packed, (c * n_kept + k) * 16)
-                            w = vlut(table, q)
+    @njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
+    def _nm_kernel(xp, packed, scales, zeros, asym, group, kpw, stride, bias, relu, out, scratch):
+        """int4 codes on N:M: one byte per kept value, ``offset | code << 4``, in windows of 16 inputs (module
+        docstring); samples in pairs; two partial sums per sample, slots taken two at a time."""
+        n_samples = out.shape[0]
+        n_chunks, n_kept = packed.shape[0], packed.shape[1]
+        n_groups = scales.shape[1]
+        n_windows = (n_kept + kpw - 1) // kpw
+        ld = xp.shape[1]
+        table = vsub(viota(), vsplat(np.float32(0.0 if asym else 8.0)))
+        for c in prange(n_chunks):
+            row0 = c * n_kept
+            for t in range(0, n_samples, 2):
+                pair = t + 1 < n_samples
+                u = t + 1 if pair else t
+                ta, tb = vload(bias, c * 16), vload(bias, c * 16)
+                a0, a1, b0, b1 = vzero(), vzero(), vzero(), vzero()
+                g = 0
+                z = vload(zeros, (c * n_groups) * 16)
+                left = group  # kept values left in the current group
+                k = 0
+                for win in range(n_windows):
+                    xw = vload(xp, t * ld + win * stride)
+                    yw = vload(xp, u * ld + win * stride)
+                    k1 = min(k + kpw, n_kept)
+                    while k < k1:
+                        if k + 2 <= k1 and left >= 2:
+                            q, r = iload(packed, (row0 + k) * 16), iload(packed, (row0 + k + 1) * 16)
+                            wq, wr = vlut(table, ishr(q, 4)), vlut(table, ishr(r, 4))
                             if asym:
-                                w = vsub(w, z)
-                            o = iadd(ishr(q, 4), isplat(base))
-                            if k % 2 == 0:
-                                a0 = vfma(w, _select(width, x0, x1, x2, x3, o), a0)
-                                if pair:
-                                    b0 = vfma(w, _select(width, y0, y1, y2, y3, o), b0)
-                            else:
-                                a1 = vfma(w, _select(width, x0, x1, x2, x3, o), a1)
-                                if pair:
-                                    b1 = vfma(w, _select(width, y0, y1, y2, y3, o), b1)
+                                wq, wr = vsub(wq, z), vsub(wr, z)
+                            a0 = vfma(wq, vlut(xw, q), a0)
+                            a1 = vfma(wr, vlut(xw, r), a1)
+                            if pair:
+                                b0 = vfma(wq, vlut(yw, q), b0)
+                                b1 = vfma(wr, vlut(yw, r), b1)
+                            k += 2
+                            left -= 2
+                        else:
+                            q = iload(packed, (row0 + k) * 16)
+                            wq = vlut(table, ishr(q, 4))
+                            if asym:
+                                wq = vsub(wq, z)
+                            a0 = vfma(wq, vlut(xw, q), a0)
+                            if pair:
+                                b0 = vfma(wq, vlut(yw, q), b0)
                             k += 1
-                            s += 1
-                            within += 1
-                            if within == n_keep:
-                                within = 0
-                                base += m
-                        sc = vload(scales, (c * n_groups + g) * 16)
-                        ta = vfma(sc, vadd(a0, a1), ta)
-                        if pair:
+                            left -= 1
+                        if left == 0 or k == n_kept:  # the group ends: scale its sums into the totals
+                            sc = vload(scales, (c * n_groups + g) * 16)
+                            ta = vfma(sc, vadd(a0, a1), ta)
                             tb = vfma(sc, vadd(b0, b1), tb)
-                    if relu:
-                        ta, tb = vmax(ta, vzero()), vmax(tb, vzero())
-                    _store_lanes(out, t, c, ta, scratch)
-                    if pair:
-                        _store_lanes(out, u, c, tb, scratch)
-
-        return run
-
-    _NM32 = _make_nm_kernel(32)
-    _NM64 = _make_nm_kernel(64)
+                            a0, a1, b0, b1 = vzero(), vzero(), vzero(), vzero()
+                            g += 1
+                            left = group
+                            if g < n_groups:
+                                z = vload(zeros, (c * n_groups + g) * 16)
+                if relu:
+                    ta, tb = vmax(ta, vzero()), vmax(tb, vzero())
+                _store_lanes(out, t, c, ta, scratch)
+                if pair:
+                    _store_lanes(out, u, c, tb, scratch)
 
 
 class QuantLinear(nn.Module):
@@ -422,7 +419,7 @@ class QuantLinear(nn.Module):
             y = torch.relu(y) if self.activation == "relu" else y
         else:
             xn = as_input("QuantLinear", x2, self.in_features)
-            kernels.set_threads(torch.get_num_threads())
+            sync_threads()
             n = xn.shape[0]
             width = self.codes.shape[1] * (1 if self.bits == 8 else 2)
             xg = np.empty((n, width), np.float32)
@@ -481,12 +478,12 @@ class QuantNMLinear(nn.Module):
         self.out_features, self.in_features, self.kept = out, kept // n * m, kept
         self.activation = check_activation("QuantNMLinear", activation)
         self.native = simd.available()
-        self.width = 32 if 32 % m == 0 else 64
-        self.per_window = self.width // m
+        self.per_window = 16 // m  # whole groups per window of 16 inputs
         self.stride = self.per_window * m
         self.n_chunks = (out + LANES - 1) // LANES
         q = unpack_nibbles(codes, kept)
-        self.packed = _lanes(q | (idx.astype(np.uint8) << 4), self.n_chunks, np.uint8)
+        offset = (np.arange(kept) // n) % self.per_window * m + idx.astype(np.int64)  # input within the window
+        self.packed = _lanes((offset | (q.astype(np.int64) << 4)).astype(np.uint8), self.n_chunks, np.uint8)
         self.scales = _lanes(scales.astype(np.float32), self.n_chunks, np.float32)
         self.symmetric = zeros is None
         self.zeros = _lanes(np.zeros((out, n_groups), np.float32) if zeros is None else zeros.astype(np.float32),
@@ -496,7 +493,7 @@ class QuantNMLinear(nn.Module):
         if bias is not None:
             self.bias[:out] = np.asarray(bias, np.float32)
         n_windows = max(1, math.ceil(kept // n / self.per_window))
-        self.x_len = (n_windows - 1) * self.stride + self.width + 32
+        self.x_len = (n_windows - 1) * self.stride + 16
         self.file_scale_bytes = scales.dtype.itemsize
 
     @classmethod
@@ -528,13 +525,13 @@ class QuantNMLinear(nn.Module):
         """The dense float32 weight (out, in) the kernel computes with."""
         rows = self.n_chunks * LANES
         p = self.packed.transpose(0, 2, 1).reshape(rows, self.kept)[:self.out_features]
-        q, pos = (p & 15).astype(np.float32), (p >> 4).astype(np.int64)
+        q, offset = (p >> 4).astype(np.float32), (p & 15).astype(np.int64)
         grp = np.arange(self.kept) // self.group
         s = self.scales.transpose(0, 2, 1).reshape(rows, -1)[:self.out_features]
         z = self.zeros.transpose(0, 2, 1).reshape(rows, -1)[:self.out_features]
         zero = z[:, grp] if not self.symmetric else 8.0
         vals = (q - zero) * s[:, grp]
-        cols = (np.arange(self.kept) // self.n) * self.m + pos
+        cols = (np.arange(self.kept) // self.n // self.per_window) * self.stride + offset
         w = np.zeros((self.out_features, self.in_features), np.float32)
         np.put_along_axis(w, cols, vals, 1)
         return torch.from_numpy(w)
@@ -548,15 +545,14 @@ class QuantNMLinear(nn.Module):
             y = torch.relu(y) if self.activation == "relu" else y
         else:
             xn = as_input("QuantNMLinear", x2, self.in_features)
-            kernels.set_threads(torch.get_num_threads())
+            sync_threads()
             n = xn.shape[0]
             xp = np.zeros((n, self.x_len), np.float32)
             xp[:, :self.in_features] = xn
             out = np.empty((n, self.out_features), np.float32)
             scratch = np.empty(self.n_chunks * LANES, np.float32)
-            kernel = _NM32 if self.width == 32 else _NM64
-            kernel(xp, self.packed, self.scales, self.zeros, not self.symmetric, self.group, self.n, self.m,
-                   self.per_window, self.stride, self.bias, self.activation == "relu", out, scratch)
+            _nm_kernel(xp, self.packed, self.scales, self.zeros, not self.symmetric, self.group,
+                       self.n * self.per_window, self.stride, self.bias, self.activation == "relu", out, scratch)
             y = torch.from_numpy(out)
         y = apply_activation(y, self.activation)
         return y if x.dim() == 2 else y.reshape(*lead, self.out_features)

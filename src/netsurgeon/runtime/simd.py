@@ -304,3 +304,20 @@ if _HAVE_NUMBA:
             return builder.call(fn, [ir.Constant(_VF, [0.0] * 16), xbase, iv, ir.Constant(_MASK, [1] * 16),
                                      ir.Constant(_I32, 4)])
         return f32x16(x, base, cols, index), codegen
+
+    @intrinsic
+    def vstore_mask(typingctx, arr, index, v, mask):
+        """``arr.flat[index + i] = v[i]`` for the lanes i whose bit is set in ``mask`` (an integer); the others are
+        not touched (``vmovups`` with a mask: no fault even where ``index + i`` lies outside ``arr``)."""
+        if not (_is_array(arr) and arr.dtype == types.float32 and v == f32x16 and isinstance(mask, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            p = _elem_ptr(context, builder, sig.args[0], args[0], args[1])
+            bits = builder.trunc(args[3], ir.IntType(16)) if sig.args[3].bitwidth > 16 else \
+                builder.zext(args[3], ir.IntType(16)) if sig.args[3].bitwidth < 16 else args[3]
+            m = builder.bitcast(bits, _MASK)
+            fn = _fn(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(), [_VF, p.type, _I32, _MASK])
+            builder.call(fn, [args[2], p, ir.Constant(_I32, 4), m])
+            return context.get_dummy_value()
+        return types.none(arr, index, v, mask), codegen

@@ -64,6 +64,22 @@ LANES = 16
 _ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
 
 
+_launched = [False]
+
+
+def sync_threads() -> None:
+    """numba's worker count follows torch's (``kernels.set_threads``). The first time, numba's threading layer is
+    started before reading torch's count: starting it calls ``omp_set_num_threads`` with numba's pool size in the
+    OpenMP runtime torch shares (numba's omp layer binds to torch's libgomp here), which would silently turn a
+    process set to 1 torch thread into 2 (measured: ``torch.get_num_threads()`` read 2 after the first call)."""
+    if not _launched[0]:
+        n = torch.get_num_threads()
+        kernels.set_threads(n)  # starts numba's threads (and resets OpenMP's count)
+        torch.set_num_threads(n)
+        _launched[0] = True
+    kernels.set_threads(torch.get_num_threads())
+
+
 def check_activation(owner: str, activation: str | None) -> str | None:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"{owner}: activation must be one of {_ACTIVATIONS}; got {activation!r}.")
@@ -348,7 +364,7 @@ class _SparseBase(nn.Module):
             y = torch.relu(y) if self.activation == "relu" else y
         else:
             xn = as_input(name, x2, self.in_features)
-            kernels.set_threads(torch.get_num_threads())
+            sync_threads()
             relu = self.activation == "relu"
             if isinstance(self.layout, _WindowedSell):
                 y = torch.from_numpy(_run_windowed(self.layout, xn, relu))
