@@ -321,3 +321,14 @@ if _HAVE_NUMBA:
             builder.call(fn, [args[2], p, ir.Constant(_I32, 4), m])
             return context.get_dummy_value()
         return types.none(arr, index, v, mask), codegen
+
+    @intrinsic
+    def iramp(typingctx, start, step):
+        """Lane i holds ``start + i·step`` (both compile-time integer literals)."""
+        if not (isinstance(start, types.IntegerLiteral) and isinstance(step, types.IntegerLiteral)):
+            return None
+        a, d = start.literal_value, step.literal_value
+
+        def codegen(context, builder, sig, args):
+            return ir.Constant(_VI, [a + i * d for i in range(16)])
+        return i32x16(start, step), codegen
