@@ -215,3 +215,19 @@ def test_portable_path_computes_the_same():
     fast = conv(xc)
     conv.native = False
     _close(conv(xc), fast)
+
+
+@needs_simd
+def test_first_kernel_call_keeps_torch_thread_count():
+    """Starting numba's threading layer resets OpenMP's thread count (shared with torch); the modules put it back.
+    A fresh process: in this one numba's threads may be started already."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from netsurgeon.runtime.sparse_linear import SparseLinear\n"
+            "m = SparseLinear.from_dense(torch.eye(16))\n"
+            "m(torch.randn(1, 16)); m(torch.randn(1, 16))\n"
+            "import numba; print(torch.get_num_threads(), numba.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
