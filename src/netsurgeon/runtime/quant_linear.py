@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import simd
-from .sparse_linear import LANES, apply_activation, as_input, check_activation, sync_threads
+from .sparse_linear import LANES, Buffers, apply_activation, as_input, check_activation, sync_threads
 
 __all__ = ["QuantLinear", "QuantNMLinear", "pack_nibbles", "unpack_nibbles", "quantize_groups"]
 
@@ -375,6 +375,7 @@ class QuantLinear(nn.Module):
         if bias is not None:
             self.bias[:self.out_features] = np.asarray(bias, np.float32)
         self.file_scale_bytes = scales.dtype.itemsize
+        self.buffers = Buffers()
 
     @classmethod
     def from_layout(cls, qweight, scales, zeros, bits: int, group: int, n_in: int, bias=None, perm=None,
@@ -411,28 +412,22 @@ class QuantLinear(nn.Module):
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-        bias = torch.from_numpy(self.bias[:self.out_features]) if self.has_bias else None
         if not self.native:
-            y = F.linear(x2.float(), self.dequantized(), bias)
-            y = torch.relu(y) if self.activation == "relu" else y
-        else:
-            xn = as_input("QuantLinear", x2, self.in_features)
-            sync_threads()
-            n = xn.shape[0]
-            width = self.codes.shape[1] * (1 if self.bits == 8 else 2)
-            xg = np.empty((n, width), np.float32)
-            xsum = np.empty((n, self.scales.shape[1]), np.float32)
-            _prepare(xn, self.perm, self.has_perm, self.in_features, self.group, xg, xsum)
-            out = np.empty((n, self.out_features), np.float32)
-            scratch = np.empty(self.n_chunks * LANES, np.float32)
-            kernel = _byte_kernel if self.bits == 8 else _nibble_kernel
-            kernel(xg, xsum, self.codes, self.scales, self.zeros, self.group, self.bias, self.activation == "relu",
-                   out, scratch)
-            y = torch.from_numpy(out)
-        y = apply_activation(y, self.activation)
-        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
+            bias = torch.from_numpy(self.bias[:self.out_features]) if self.has_bias else None
+            y = F.linear(x.float(), self.dequantized(), bias)
+            return apply_activation(torch.relu(y) if self.activation == "relu" else y, self.activation)
+        xn = as_input("QuantLinear", x, self.in_features)
+        sync_threads()
+        n = xn.shape[0]
+        xg = self.buffers.get("x", (n, self.codes.shape[1] * (1 if self.bits == 8 else 2)))
+        xsum = self.buffers.get("xsum", (n, self.scales.shape[1]))
+        _prepare(xn, self.perm, self.has_perm, self.in_features, self.group, xg, xsum)
+        out = np.empty((n, self.out_features), np.float32)
+        kernel = _byte_kernel if self.bits == 8 else _nibble_kernel
+        kernel(xg, xsum, self.codes, self.scales, self.zeros, self.group, self.bias, self.activation == "relu", out,
+               self.buffers.get("scratch", (self.n_chunks * LANES,)))
+        y = apply_activation(torch.from_numpy(out), self.activation)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def resident_bytes(self) -> int:
         return sum(a.nbytes for a in (self.codes, self.scales, self.zeros, self.perm, self.bias))
@@ -495,6 +490,7 @@ class QuantNMLinear(nn.Module):
         n_windows = max(1, math.ceil(kept // n / self.per_window))
         self.x_len = (n_windows - 1) * self.stride + 16
         self.file_scale_bytes = scales.dtype.itemsize
+        self.buffers = Buffers()
 
     @classmethod
     def from_layout(cls, codes, idx, scales, zeros, n: int, m: int, group: int, bias=None,
@@ -537,25 +533,21 @@ class QuantNMLinear(nn.Module):
         return torch.from_numpy(w)
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-        bias = torch.from_numpy(self.bias[:self.out_features]) if self.has_bias else None
         if not self.native:
-            y = F.linear(x2.float(), self.dequantized(), bias)
-            y = torch.relu(y) if self.activation == "relu" else y
-        else:
-            xn = as_input("QuantNMLinear", x2, self.in_features)
-            sync_threads()
-            n = xn.shape[0]
-            xp = np.zeros((n, self.x_len), np.float32)
-            xp[:, :self.in_features] = xn
-            out = np.empty((n, self.out_features), np.float32)
-            scratch = np.empty(self.n_chunks * LANES, np.float32)
-            _nm_kernel(xp, self.packed, self.scales, self.zeros, not self.symmetric, self.group,
-                       self.n * self.per_window, self.stride, self.bias, self.activation == "relu", out, scratch)
-            y = torch.from_numpy(out)
-        y = apply_activation(y, self.activation)
-        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
+            bias = torch.from_numpy(self.bias[:self.out_features]) if self.has_bias else None
+            y = F.linear(x.float(), self.dequantized(), bias)
+            return apply_activation(torch.relu(y) if self.activation == "relu" else y, self.activation)
+        xn = as_input("QuantNMLinear", x, self.in_features)
+        sync_threads()
+        n = xn.shape[0]
+        xp = self.buffers.get("x", (n, self.x_len))  # zero past in_features, rewritten below it every call
+        xp[:, :self.in_features] = xn
+        out = np.empty((n, self.out_features), np.float32)
+        _nm_kernel(xp, self.packed, self.scales, self.zeros, not self.symmetric, self.group, self.n * self.per_window,
+                   self.stride, self.bias, self.activation == "relu", out,
+                   self.buffers.get("scratch", (self.n_chunks * LANES,)))
+        y = apply_activation(torch.from_numpy(out), self.activation)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def resident_bytes(self) -> int:
         return sum(a.nbytes for a in (self.packed, self.scales, self.zeros, self.bias))
