@@ -18,12 +18,12 @@ int3 codes (0..7) are held in the int4 nibble layout (what the file's 3-bit stre
 
 Resident: the same bytes transposed so that 16 output rows are the 16 lanes of a vector: ``codes`` (chunks,
 bytes per row, 16), ``scales`` and ``zeros`` float32 (chunks, groups, 16). Kernel (batch 1): for each byte
-column j, one 16-byte load zero-extended to 16 lanes, the two nibbles turned into floats by a 16-entry
-table in a register (``vpermps`` reads only the low 4 bits, so the low nibble needs no mask; the high one a
-shift), and two FMAs with the broadcast inputs ``x[2j]``, ``x[2j+1]`` (int8: one convert and one FMA per
-column). The zero point leaves the inner loop: ``Σ (q - z) x = Σ q x - z Σ_g x``, with the group sums of x
-computed once per call, so each group ends with ``acc_total += scale · (Σ q x - z · Σ_g x)``. Samples run two
-at a time (the decoded weights serve both). Chunks of 16 rows run in parallel.
+column j, one 16-byte load zero-extended to 16 lanes, the two nibbles masked / shifted out and converted to
+floats, and two FMAs with the broadcast inputs ``x[2j]``, ``x[2j+1]`` (int8: one convert and one FMA per
+column); four partial sums per sample. The zero point leaves the inner loop: ``Σ (q - z) x = Σ q x -
+z Σ_g x``, with the group sums of x computed once per call, so each group ends with ``acc_total += scale ·
+(Σ q x - z · Σ_g x)``. Samples run two at a time (the decoded weights serve both). Chunks of 16 rows run in
+parallel.
 
 ``QuantNMLinear`` — int4 codes on N:M sparsity (M <= 16). File layout (defined here; the codec follows it):
 
