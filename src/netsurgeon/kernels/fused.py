@@ -43,9 +43,17 @@ _threads = [0]
 
 
 def set_threads(n: int) -> None:
-    """numba's worker count for the parallel kernels (capped at what numba started with)."""
+    """numba's worker count for the parallel kernels (capped at what numba started with). The first call starts
+    numba's threading layer, which here binds to the OpenMP runtime torch uses and resets its thread count to
+    numba's pool size: torch's count is put back, so a process set to 1 torch thread stays at 1 (measured: it
+    read 2 after the first numba call)."""
     if _HAVE_NUMBA and n != _threads[0]:
+        import torch
+
+        torch_threads = torch.get_num_threads()
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
         _threads[0] = n
 
 
