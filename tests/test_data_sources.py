@@ -179,7 +179,7 @@ def _fake_stdlib(root, n=60):
 
 
 def test_stdlib_corpus_split_by_file_with_hashes(tmp_path):
-    from netsurgeon.data_text import _split_of
+    from netsurgeon.data.text import _split_of
 
     root = _fake_stdlib(tmp_path / "lib")
     files = ns.data.stdlib_files(root)

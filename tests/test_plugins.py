@@ -47,6 +47,7 @@ class TernaryLinear(nn.Module):
 class Ternary(Form):
     codec = "toy_ternary"
     weight_form = "toy_ternary"
+    runtime_names = ("ternary",)
     text = "ternary weights (2 bits each, one scale)"
     parametrization = TernaryWeights
 

@@ -37,7 +37,7 @@ from ..coding.schema import TensorRecord
 
 __all__ = ["Form", "EncodeOptions", "register_form", "forms", "get_form", "weight_forms", "form_of",
            "stored_parametrization", "layer_form", "weight_form", "chain", "as_numpy", "value_array",
-           "read_values", "linear_candidates"]
+           "read_values", "linear_candidates", "conv_candidates"]
 
 _VALUE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -118,6 +118,10 @@ class Form:
                           density: float) -> dict[str, nn.Module]:
         """Runtime modules (by candidate name) that compute a run of Linear layers (each followed by a ReLU where
         ``relus`` says) from this form; the runtime times them against the dense run and keeps the fastest."""
+        return {}
+
+    def conv_candidates(self, conv: nn.Conv2d, density: float) -> dict[str, nn.Module]:
+        """Runtime modules (by candidate name) that compute ``conv`` from this form; timed against it."""
         return {}
 
     def onnx(self, graph: Any, rec: TensorRecord, weight: np.ndarray, parts: dict[str, Tensor]) -> str | None:
@@ -216,6 +220,15 @@ def linear_candidates(form: Form | None, layers: list[nn.Linear], relus: list[bo
     out: dict[str, nn.Module] = {}
     for f in owners:
         out.update(f.linear_candidates(layers, relus, names, density))
+    return out
+
+
+def conv_candidates(form: Form | None, conv: nn.Conv2d, density: float) -> dict[str, nn.Module]:
+    """Runtime candidates for a convolution held in ``form`` (None: plain float, every plain form's)."""
+    owners = [form] if form is not None else [f for f in forms().values() if f.parametrization is None]
+    out: dict[str, nn.Module] = {}
+    for f in owners:
+        out.update(f.conv_candidates(conv, density))
     return out
 
 

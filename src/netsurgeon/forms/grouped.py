@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..coding.bits import pack_bits, packed_size, unpack_bits
 from ..coding.container import NszError
 from ..coding.schema import VALUE_ITEMSIZE, TensorRecord, need_blob
-from . import EncodeOptions, Form, as_numpy, read_values, register_form, value_array
+from . import EncodeOptions, Form, as_numpy, chain, read_values, register_form, stored_parametrization, value_array
 
 __all__ = ["GroupQuantWeights", "Grouped", "dequantize", "dequantize_codes", "groups_of", "row_bytes"]
 
@@ -110,6 +110,7 @@ class Grouped(Form):
     fields = {"group_size": (0, 1 << 30, 0), "zero_points": (0, 1, 0), "act_order": (0, 1, 0),
               "transposed": (0, 1, 0)}
     rank = 35
+    runtime_names = ("quant", "quant_nm")
 
     def encode(self, name: str, value: Tensor, par: nn.Module | None, opts: EncodeOptions,
                original: Tensor | None = None) -> tuple[TensorRecord, dict[str, bytes]]:
@@ -195,3 +196,68 @@ class Grouped(Form):
 
     def parts(self, par, weight):
         return {"q": par.q, "scales": par.scales, "zeros": par.zeros, "perm": par.perm}
+
+    def linear_candidates(self, layers, relus, names, density):
+        """``QuantLinear`` (int3/int4 as nibbles, int8 as bytes, group scales, act-order permutation) for each layer,
+        and ``QuantNMLinear`` (int4 codes on the kept values) where every layer's codes are also N:M with groups that
+        are whole multiples of M (``kernels/quant_linear.py``), when the layers are large enough for the kernels'
+        fixed cost to pay."""
+        from ..kernels import simd
+        from .nm import MIN_KERNEL_WEIGHTS
+
+        held = [stored_parametrization(m, "weight")[1] for m in layers]
+        if not simd.available() or sum(m.weight.numel() for m in layers) < MIN_KERNEL_WEIGHTS or \
+                not all(isinstance(p, GroupQuantWeights) and not p.transposed for p in held):
+            return {}
+        out = {}
+        dense_kind = [_quant_linear(m, p, r) for m, p, r in zip(layers, held, relus, strict=True)]
+        if all(q is not None for q in dense_kind):
+            out["quant"] = chain(dense_kind, [False] * len(layers))  # type: ignore[arg-type]
+        nm_kind = [_quant_nm_linear(m, p, r) for m, p, r in zip(layers, held, relus, strict=True)]
+        if all(q is not None for q in nm_kind):
+            out["quant_nm"] = chain(nm_kind, [False] * len(layers))  # type: ignore[arg-type]
+        return out
+
+
+def _quant_linear(layer: nn.Linear, par: GroupQuantWeights, relu: bool) -> nn.Module | None:
+    """The layer on ``QuantLinear``: codes as stored (nibbles for 3 and 4 bits), scales, zero points, permutation."""
+    from ..kernels.quant_linear import QuantLinear, pack_nibbles
+
+    rows, cols = par.q.shape
+    group = par.group_size or cols
+    if par.bits not in (3, 4, 8) or group % 2 or group < 2:
+        return None
+    codes = par.q.cpu().numpy()
+    qweight = codes if par.bits == 8 else pack_nibbles(codes)
+    bias = None if layer.bias is None else layer.bias.detach().float().numpy()
+    zeros = None if par.zeros is None else par.zeros.cpu().numpy()
+    perm = None if par.perm is None else par.perm.cpu().numpy()
+    return QuantLinear.from_layout(qweight, par.scales.cpu().numpy(), zeros, par.bits, group, cols, bias, perm,
+                                   "relu" if relu else None)
+
+
+def _quant_nm_linear(layer: nn.Linear, par: GroupQuantWeights, relu: bool) -> nn.Module | None:
+    """The layer on ``QuantNMLinear`` when its 4-bit codes leave an N:M pattern (pruned weights hold the zero point)
+    and each scale group spans whole groups of M, so a group of g inputs is g·N/M kept values with the same
+    scale."""
+    from ..kernels.quant_linear import QuantNMLinear, pack_nibbles
+    from .nm import nm_layout, nm_pattern
+
+    if par.bits != 4 or par.perm is not None:
+        return None
+    rows, cols = par.q.shape
+    group = par.group_size or cols
+    zero = (par.zeros.long() if par.zeros is not None else torch.full_like(par.scales, 2 ** (par.bits - 1)).long())
+    codes = par.q.long()
+    live = (codes - zero.repeat_interleave(group, 1)[:, :cols]).numpy()   # nonzero where the weight is
+    pattern = nm_pattern(live.astype(np.float32))
+    if pattern is None or group % pattern[1]:
+        return None
+    n, m = pattern
+    _, pos = nm_layout(live.astype(np.float32), n, m)
+    kept = np.take_along_axis(codes.numpy().reshape(rows, cols // m, m), pos.reshape(rows, cols // m, n).astype(
+        np.int64), 2).reshape(rows, -1)
+    bias = None if layer.bias is None else layer.bias.detach().float().numpy()
+    zeros = None if par.zeros is None else par.zeros.cpu().numpy()
+    return QuantNMLinear.from_layout(pack_nibbles(kept), pos, par.scales.cpu().numpy(), zeros, n, m, group * n // m,
+                                     bias, "relu" if relu else None)

@@ -17,7 +17,7 @@ from ..coding.bits import pack_bits, packed_size, unpack_bits
 from ..coding.container import NszError
 from ..coding.schema import MAX_STREAM_BITS, VALUE_ITEMSIZE, TensorRecord, need_blob
 from ..coding.sparse import best_index_bits, decode_relative, encode_relative, relative_entries
-from . import EncodeOptions, Form, register_form, value_array
+from . import EncodeOptions, Form, chain, register_form, value_array
 from ._linear import float_linear_candidates
 from ._onnx import sparse_values
 
@@ -27,7 +27,7 @@ __all__ = ["Sparse"]
 @register_form
 class Sparse(Form):
     codec = "sparse"
-    runtime_names = ("fused", "csr")
+    runtime_names = ("fused", "csr", "ell", "sparse_conv")
     weight_form = "float"
     text = "float weights"
     value_dtypes = ("float32", "float16")
@@ -73,7 +73,29 @@ class Sparse(Form):
         return torch.from_numpy(flat.copy()).reshape(rec.shape).float()
 
     def linear_candidates(self, layers, relus, names, density):
-        return float_linear_candidates(layers, relus, names, density)
+        out = float_linear_candidates(layers, relus, names, density)
+        from ..kernels import simd
+        from ..kernels.sparse_linear import SparseLinear
+        from .nm import MIN_KERNEL_WEIGHTS
+
+        if density <= 0.5 and simd.available() and sum(m.weight.numel() for m in layers) >= MIN_KERNEL_WEIGHTS:
+            # sliced ELL in 16-row chunks, inputs from registers (kernels/sparse_linear.py): one module per layer
+            out["ell"] = chain([SparseLinear.from_dense(m.weight, m.bias, "relu" if r else None)
+                                for m, r in zip(layers, relus, strict=True)], [False] * len(layers))
+        return out
+
+    def conv_candidates(self, conv, density):
+        """A direct sparse convolution over the nonzero taps (kernels/sparse_conv.py), where at most half the
+        taps are kept and the layer is large enough for the kernel's fixed cost to pay."""
+        from ..kernels import simd
+        from ..kernels.sparse_conv import SparseConv2d
+        from .nm import MIN_KERNEL_WEIGHTS
+
+        if (density > 0.5 or not simd.available() or conv.weight.numel() < MIN_KERNEL_WEIGHTS // 4
+                or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+                or conv.stride[0] != conv.stride[1]):
+            return {}
+        return {"sparse_conv": SparseConv2d.from_conv(conv)}
 
     def onnx(self, graph, rec, weight, parts):
         return sparse_values(graph, weight, rec.value_dtype)

@@ -375,7 +375,7 @@ class QuantLinear(nn.Module):
         if bias is not None:
             self.bias[:self.out_features] = np.asarray(bias, np.float32)
         self.file_scale_bytes = scales.dtype.itemsize
-        self.buffers = Buffers()
+        self.scratch_buffers = Buffers()
 
     @classmethod
     def from_layout(cls, qweight, scales, zeros, bits: int, group: int, n_in: int, bias=None, perm=None,
@@ -419,13 +419,13 @@ class QuantLinear(nn.Module):
         xn = as_input("QuantLinear", x, self.in_features)
         sync_threads()
         n = xn.shape[0]
-        xg = self.buffers.get("x", (n, self.codes.shape[1] * (1 if self.bits == 8 else 2)))
-        xsum = self.buffers.get("xsum", (n, self.scales.shape[1]))
+        xg = self.scratch_buffers.get("x", (n, self.codes.shape[1] * (1 if self.bits == 8 else 2)))
+        xsum = self.scratch_buffers.get("xsum", (n, self.scales.shape[1]))
         _prepare(xn, self.perm, self.has_perm, self.in_features, self.group, xg, xsum)
         out = np.empty((n, self.out_features), np.float32)
         kernel = _byte_kernel if self.bits == 8 else _nibble_kernel
         kernel(xg, xsum, self.codes, self.scales, self.zeros, self.group, self.bias, self.activation == "relu", out,
-               self.buffers.get("scratch", (self.n_chunks * LANES,)))
+               self.scratch_buffers.get("scratch", (self.n_chunks * LANES,)))
         y = apply_activation(torch.from_numpy(out), self.activation)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
@@ -490,7 +490,7 @@ class QuantNMLinear(nn.Module):
         n_windows = max(1, math.ceil(kept // n / self.per_window))
         self.x_len = (n_windows - 1) * self.stride + 16
         self.file_scale_bytes = scales.dtype.itemsize
-        self.buffers = Buffers()
+        self.scratch_buffers = Buffers()
 
     @classmethod
     def from_layout(cls, codes, idx, scales, zeros, n: int, m: int, group: int, bias=None,
@@ -540,12 +540,12 @@ class QuantNMLinear(nn.Module):
         xn = as_input("QuantNMLinear", x, self.in_features)
         sync_threads()
         n = xn.shape[0]
-        xp = self.buffers.get("x", (n, self.x_len))  # zero past in_features, rewritten below it every call
+        xp = self.scratch_buffers.get("x", (n, self.x_len))  # zero past in_features, rewritten below it every call
         xp[:, :self.in_features] = xn
         out = np.empty((n, self.out_features), np.float32)
         _nm_kernel(xp, self.packed, self.scales, self.zeros, not self.symmetric, self.group, self.n * self.per_window,
                    self.stride, self.bias, self.activation == "relu", out,
-                   self.buffers.get("scratch", (self.n_chunks * LANES,)))
+                   self.scratch_buffers.get("scratch", (self.n_chunks * LANES,)))
         y = apply_activation(torch.from_numpy(out), self.activation)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 

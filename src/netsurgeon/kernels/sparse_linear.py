@@ -389,7 +389,7 @@ class _SparseBase(nn.Module):
         sync_threads()
         relu = self.activation == "relu"
         run = _run_windowed if self.windowed else _run_gather
-        y = apply_activation(torch.from_numpy(run(self.layout, xn, relu, self.buffers)), self.activation)
+        y = apply_activation(torch.from_numpy(run(self.layout, xn, relu, self.scratch_buffers)), self.activation)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     @property
@@ -439,12 +439,12 @@ class SparseLinear(_SparseBase):
             win = _windowed_from_lists(self.in_features, self.out_features, 64, 64, per_row_c, per_row_v, bias)
             if layout == "window" or win.nbytes() <= 1.5 * self.file_bytes():
                 self.layout: _WindowedSell | _GatherSell = win
-                self.windowed, self.buffers = True, Buffers()
+                self.windowed, self.scratch_buffers = True, Buffers()
                 return
             log.debug("SparseLinear: window layout %d B > 1.5x file %d B: gather layout", win.nbytes(),
                       self.file_bytes())
         self.layout = _gather_from_lists(self.in_features, self.out_features, per_row_c, per_row_v, bias)
-        self.windowed, self.buffers = False, Buffers()
+        self.windowed, self.scratch_buffers = False, Buffers()
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
@@ -528,7 +528,7 @@ class NMLinear(_SparseBase):
         offs = o.reshape(n_chunks, LANES, -1).transpose(0, 2, 1)
         self.layout = _WindowedSell(self.in_features, self.out_features, width, stride, np.array(counts), vals,
                                     offs, bias)
-        self.windowed, self.buffers = True, Buffers()
+        self.windowed, self.scratch_buffers = True, Buffers()
 
     @classmethod
     def from_layout(cls, values, idx, n: int, m: int, bias=None, activation: str | None = None) -> NMLinear:

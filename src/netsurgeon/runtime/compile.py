@@ -6,7 +6,9 @@
 1. ``binary``: BNN runs as one :class:`BinaryChain`, binary-input layers as XNOR + popcount (``xnor``);
 2. ``fold``: eval-mode BatchNorm folded into the Conv or Linear layer that alone feeds it (again after 5);
 3. ``layout``: the whole model in its own memory order against channels-last;
-4. ``columns``, ``pool``: each convolution and max-pooling against its faster form, in the order chosen;
+4. ``convs``, ``columns``, ``pool``: each convolution against the kernels its storage form offers (a direct
+   sparse convolution), then against im2col over its kept columns, and each max-pooling against its faster form,
+   in the memory order chosen;
 5. ``linear``: each run of Linear layers joined by ReLUs in its fastest form (``fused``, ``csr``, ``int8``,
    ``lut``, ``dense``);
 6. ``pack``: the finished graph on G samples laid side by side along the channel axis, built here, timed in 8;
@@ -34,7 +36,7 @@ from .passes.binary import _fuse_binary_chains, _swap_binary
 from .passes.binary import chain_modules as chain_modules
 from .passes.calls import _add_into as _add_into
 from .passes.calls import _direct_calls
-from .passes.columns import _column_candidates
+from .passes.convs import _swap_layers
 from .passes.fold import _fold_batchnorm
 from .passes.graph import _finish_graph, _materialize_all, _trace
 from .passes.graph import _Tracer as _Tracer
@@ -45,8 +47,7 @@ from .passes.pack import _choose_pack, _pack_candidates
 from .passes.pack import _pack_batch as _pack_batch
 from .passes.pack import _packed as _packed
 from .passes.pack import _unpack_batch as _unpack_batch
-from .passes.pool import _pool_candidates
-from .passes.timing import _same, _swap_timed
+from .passes.timing import _same
 from .plan import RunChoice, RuntimePlan
 from .weights import linear_form
 
@@ -65,14 +66,18 @@ def _refuse_tracing(module: nn.Module, args: tuple) -> None:
                            "netsurgeon.export_onnx)")
 
 
-def _known_names() -> tuple[str, ...]:
-    """Every step and candidate name ``forms=`` may give: the passes' own and every storage form's kernels."""
+def _checked(forms: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The step and candidate names to use: ``forms``, or every known one (the passes' own and every storage
+    form's kernels); an unknown name is a ValueError listing the known ones."""
     from ..forms import forms as storage_forms
 
     names = dict.fromkeys(KINDS)
     for f in storage_forms().values():
         names.update(dict.fromkeys(f.runtime_names))
-    return tuple(names)
+    bad = [f for f in forms or () if f not in names]
+    if bad:
+        raise ValueError(f"compile_runtime: unknown runtime form {bad[0]!r}; choose from {', '.join(names)}.")
+    return tuple(names) if forms is None else forms
 
 
 def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = None, repeats: int = 30,
@@ -86,12 +91,7 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
     """
     if batch < 1:
         raise ValueError(f"compile_runtime: batch must be >= 1; got {batch!r}.")
-    allowed = _known_names()
-    bad = [f for f in forms or () if f not in allowed]
-    if bad:
-        raise ValueError(f"compile_runtime: unknown runtime form {bad[0]!r}; choose from {', '.join(allowed)}.")
-    picked = forms
-    forms = tuple(allowed) if forms is None else forms
+    forms = _checked(forms)
     given, model = model, copy.deepcopy(model).eval()
     old = torch.get_num_threads()
     if threads is not None:
@@ -106,11 +106,8 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
         if traced and "fold" in forms:
             _fold_batchnorm(gm, plan, convs_too=True)  # type: ignore[arg-type]
         last = x_whole is not None and _channels_last_pays(gm, x_whole, ref, repeats, plan, fold="fold" in forms)
-        if "columns" in forms:
-            _swap_timed(gm, "columns", _column_candidates(gm), batch, repeats, plan, model, last)
-        if "pool" in forms:
-            _swap_timed(gm, "pool", _pool_candidates(gm), batch, repeats, plan, model, last)
-        _swap_runs(gm, traced, batch, repeats, plan, picked)
+        _swap_layers(gm, forms, batch, repeats, plan, model, last)
+        _swap_runs(gm, traced, batch, repeats, plan, forms)
         _materialize_all(gm)  # what stays: plain weights (masks/codebooks applied once, here)
         if traced and "fold" in forms:
             _fold_batchnorm(gm, plan)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from .timing import _time
 
 
 def _swap_runs(gm: nn.Module, traced: bool, batch: int, repeats: int, plan: RuntimePlan,
-               forms: tuple[str, ...] | None) -> None:
+               forms: tuple[str, ...]) -> None:
     """Replace each run of Linear layers (:func:`_runs`; one layer per run if ``gm`` is not traced) by its
     fastest form among ``forms`` at ``batch``, in place."""
     if traced:
@@ -47,9 +47,9 @@ def _swap_runs(gm: nn.Module, traced: bool, batch: int, repeats: int, plan: Runt
 
 
 def _choose_run(gm: nn.Module, names: list[str], relus: list[bool], batch: int, repeats: int,
-                forms: tuple[str, ...] | None) -> tuple[RunChoice, nn.Module | None]:
+                forms: tuple[str, ...]) -> tuple[RunChoice, nn.Module | None]:
     """The timed choice for the run of layers ``names`` (``relus``: a ReLU follows each), and its fast form
-    (None: the run stays dense). ``forms``: the candidate names allowed (None: all)."""
+    (None: the run stays dense). ``forms``: the candidate names allowed."""
     mods = [gm.get_submodule(n) for n in names]
     held = [layer_form(m) for m in mods]
     kinds = {h[0] for h in held}
@@ -61,7 +61,7 @@ def _choose_run(gm: nn.Module, names: list[str], relus: list[bool], batch: int, 
         return choice, None
     offered = linear_candidates(held[0][1], mods, relus, names, density)
     cands = {"dense": chain([_dense_linear(m) for m in mods], relus),
-             **{f: c for f, c in offered.items() if forms is None or f in forms}}
+             **{f: c for f, c in offered.items() if f in forms}}
     if len(cands) > 1:
         x = torch.randn(batch, mods[0].in_features, generator=torch.Generator().manual_seed(0))
         choice.latency_ms = _time(cands, x, repeats)

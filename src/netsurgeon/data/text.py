@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import DataError, Dataset, Split
+from .core import DataError, Dataset, Split
 
 __all__ = ["tokens_dataset", "token_file", "text_file", "stdlib_files", "stdlib_text", "TOKEN_DTYPES",
            "STDLIB_EXCLUDED_DIRS"]

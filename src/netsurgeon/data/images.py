@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import DataError, Dataset, Split, _split_off
+from .core import DataError, Dataset, Split, _split_off
 
 __all__ = ["image_folder", "parse_resize", "parse_normalize", "IMAGE_SUFFIXES", "IMAGENET_MEAN_STD"]
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import DataError, Dataset, LoaderData, Split, _split_off, check_metric
+from .core import DataError, Dataset, LoaderData, Split, _split_off, check_metric
 
 __all__ = ["npz_arrays", "from_factory"]
 
@@ -163,7 +163,7 @@ def from_factory(path: str, *, seed: int = 0, val_fraction: float = 0.1) -> Data
         def loader(s: Any) -> Any:
             return s if s is None or _is_loader(s) else torch.utils.data.DataLoader(s, batch_size=256)
 
-        from .data import from_loaders
+        from .core import from_loaders
 
         return from_loaders(train, loader(val), loader(test), num_classes=extra.get("num_classes"),
                             metric=metric or "accuracy", name=name)

@@ -20,35 +20,16 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._catalog import DATASETS, METRICS
+from .._catalog import DATASETS, METRICS
 
 __all__ = ["DataError", "Dataset", "Split", "LoaderData", "from_loaders", "as_data", "batches", "read_idx", "mnist",
-           "digits", "load_dataset", "DATASETS", "METRICS", "check_metric", "image_folder", "npz_arrays",
-           "from_factory", "token_file", "text_file", "tokens_dataset", "stdlib_text", "stdlib_files", "sample_batch"]
-
-# loaders living in their own modules (they import this one), resolved on first use
-_LAZY = {"image_folder": "data_images", "npz_arrays": "data_user", "from_factory": "data_user",
-         "token_file": "data_text", "text_file": "data_text", "tokens_dataset": "data_text",
-         "stdlib_text": "data_text", "stdlib_files": "data_text"}
-
-if TYPE_CHECKING:
-    from .data_images import image_folder
-    from .data_text import stdlib_files, stdlib_text, text_file, token_file, tokens_dataset
-    from .data_user import from_factory, npz_arrays
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+           "digits", "DATASETS", "METRICS", "check_metric", "sample_batch"]
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -274,77 +255,3 @@ def sample_batch(data: Dataset | LoaderData, n: int = 2) -> tuple[Tensor, Tensor
     return x[:n], y[:n]
 
 
-# which options each built-in data set reads: any other given option is an error, never silently ignored
-_TAKES: dict[str, tuple[str, ...]] = {
-    "digits": (), "mnist": ("data_dir",), "fashion-mnist": ("data_dir",), "stdlib": ("seq_len",),
-    "imagefolder": ("data_dir", "resize", "normalize"), "npz": ("data_file",),
-    "tokens": ("data_file", "seq_len", "token_dtype"), "text": ("data_file", "seq_len"),
-}
-_FLAGS = {"data_dir": "--data-dir", "data_file": "--data-file", "resize": "--resize", "normalize": "--normalize",
-          "seq_len": "--seq-len", "token_dtype": "--token-dtype"}
-
-
-def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *, seed: int = 0,
-                 data_file: str | os.PathLike[str] | None = None, seq_len: int | None = None,
-                 resize: str | int | tuple[int, int] | None = None, normalize: str | None = None,
-                 token_dtype: str | None = None, metric: str | None = None) -> Dataset | LoaderData:
-    """Load a data set by name (the CLI's ``--data``), judged by ``metric`` (default: the data set's own).
-
-    ``digits`` (bundled); ``mnist``/``fashion-mnist`` (IDX files in ``data_dir``); ``imagefolder`` (``data_dir``,
-    ``resize``, ``normalize``: :func:`image_folder`); ``npz`` (``data_file``: :func:`npz_arrays`); ``tokens``
-    (``data_file`` .npy/.bin of token ids, ``token_dtype``, ``seq_len``: :func:`token_file`); ``text``
-    (``data_file``, bytes as tokens: :func:`text_file`); ``stdlib`` (the CPython standard library's source:
-    :func:`stdlib_text`); or ``"pkg.module:factory"``, the user's code (:func:`from_factory`). ``seq_len``
-    defaults to 128.
-
-    Raises:
-        DataError: unknown name, a missing file or directory, or an option the data set does not read.
-    """
-    given = {"data_dir": data_dir, "data_file": data_file, "seq_len": seq_len, "resize": resize,
-             "normalize": normalize, "token_dtype": token_dtype}
-    if metric is not None:
-        check_metric("--metric", metric)
-    takes = () if ":" in name else _TAKES.get(name)
-    if takes is None:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or give your own as "
-                        "'package.module:factory'.")
-    extra = [k for k, v in given.items() if v is not None and k not in takes]
-    if extra:
-        what = f"data set {name!r}" if ":" not in name else f"data factory {name!r}"
-        raise DataError(f"{what} does not read {_FLAGS[extra[0]]} (got {str(given[extra[0]])!r}); it reads "
-                        f"{', '.join(_FLAGS[k] for k in takes) or 'no options'}.")
-    for k in ("data_dir", "data_file"):
-        if k in takes and given[k] is None:
-            what = "DIR holding its IDX .gz files" if "mnist" in name else "DIR" if k == "data_dir" else "FILE"
-            raise DataError(f"data set {name!r} needs {_FLAGS[k]} {what}.")
-    seq = 128 if seq_len is None else seq_len
-    data: Dataset | LoaderData
-    if ":" in name:
-        from .data_user import from_factory
-
-        data = from_factory(name, seed=seed)
-    elif name == "digits":
-        data = digits(seed=seed)
-    elif name in ("mnist", "fashion-mnist"):
-        data = mnist(data_dir, seed=seed, name=name)  # type: ignore[arg-type]
-    elif name == "imagefolder":
-        from .data_images import image_folder
-
-        data = image_folder(data_dir, resize=resize, normalize=normalize, seed=seed)  # type: ignore[arg-type]
-    elif name == "npz":
-        from .data_user import npz_arrays
-
-        data = npz_arrays(data_file, seed=seed)  # type: ignore[arg-type]
-    elif name == "tokens":
-        from .data_text import token_file
-
-        data = token_file(data_file, seq_len=seq, dtype=token_dtype)  # type: ignore[arg-type]
-    elif name == "text":
-        from .data_text import text_file
-
-        data = text_file(data_file, seq_len=seq)  # type: ignore[arg-type]
-    else:
-        from .data_text import stdlib_text
-
-        data = stdlib_text(seq_len=seq)
-    return data.with_metric(metric)
