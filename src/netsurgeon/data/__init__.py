@@ -14,8 +14,6 @@ the metric a model on it is judged by (``accuracy``, or ``perplexity`` for token
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
 
 from .._catalog import DATASETS, METRICS
 from .core import (
