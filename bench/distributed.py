@@ -122,7 +122,7 @@ def resnet50_plan(ranks: int = 8, num_grads: int = 400, block: int = 2000) -> di
     share = -(-num_grads // ranks)
     return {
         "weights": d, "layers": len(sizes), "ranks": ranks, "num_grads": num_grads, "block_size": block,
-        "blocks": len(p._ranges(d, block)),
+        "blocks": len(p.block_ranges(d, block)),
         "single_process_bytes": one, "per_rank_bytes": per, "official_explicit_float32_bytes": official,
         "alltoall_bytes_sent_per_rank": 4 * share * d * (ranks - 1) // ranks,
         "scores_allgather_bytes_received_per_rank": 4 * d * (ranks - 1) // ranks,

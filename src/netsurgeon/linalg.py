@@ -12,9 +12,25 @@ import torch
 from torch import Tensor
 
 __all__ = ["woodbury_rank1_update", "fisher_inverse_recursive", "fisher_inverse", "ImplicitFisherInverse", "obs_scores",
-           "KroneckerInverse", "kfac_damped_inverses",
+           "KroneckerInverse", "kfac_damped_inverses", "BatchedFisherInverse", "prefer_factored", "EXPLICIT_MAX",
+           "obd_scores", "nearest_psd", "relative_damp",
            "obs_update_single_sum", "obs_update_joint", "woodtaylor_scores", "woodtaylor_update",
            "damp_layer_hessian", "inverse_cholesky_upper"]
+
+EXPLICIT_MAX = 8192  # larger blocks (the full inverse of a big model) stay in factored Woodbury form
+
+
+def prefer_factored(n: int, m: int) -> bool:
+    """Keep the inverse of an n-weight block built from m gradients as the factored Woodbury form Y (m x n numbers
+    held, 2·m·n while it is built) rather than the explicit n x n matrix, when that is smaller (n > 2m) or the
+    block is too big to hold explicitly (n > EXPLICIT_MAX)."""
+    return n > 2 * m or n > EXPLICIT_MAX
+
+
+def relative_damp(damp: float, sum_sq: float, m: int, d: int) -> float:
+    """λ = damp · mean(diag F̂) = damp · Σ_i ‖g_i‖² / (m·d): a damping relative to the curvature it regularizes
+    (ours, docs/woodfisher.md "Relative dampening"). ``sum_sq`` = Σ_i ‖g_i‖² over the m gradients of d weights."""
+    return damp * sum_sq / (m * d)
 
 
 def woodbury_rank1_update(inv: Tensor, g: Tensor, n: int) -> Tensor:
@@ -44,22 +60,22 @@ def fisher_inverse(grads: Tensor, damp: float) -> Tensor:
     """(λI + (1/m) GᵀG)⁻¹, the same matrix as the recursion, computed in a few matmuls.
 
     With m < d, the m×m Woodbury identity F⁻¹ = λ⁻¹ [I − Gᵀ (mλ I_m + G Gᵀ)⁻¹ G] (cost O(m·d² + m²·d + m³));
-    with m >= d, a Cholesky inverse of F itself (cost O(m·d² + d³)). Shapes: grads G (m, d) -> (d, d).
-    Computed in the dtype of ``grads`` (use float64 for tiny λ).
+    with m >= d, a Cholesky inverse of F itself (cost O(m·d² + d³)). Shapes: grads G (m, d) -> (d, d), or a batch
+    of equal-size blocks (nb, m, d) -> (nb, d, d). Computed in the dtype of ``grads`` (use float64 for tiny λ).
     """
-    m, d = grads.shape
+    m, d = grads.shape[-2:]
     if m == 0:
-        return torch.eye(d, dtype=grads.dtype) / damp
+        return torch.eye(d, dtype=grads.dtype).expand(*grads.shape[:-2], d, d) / damp
     if m >= d:
-        f = grads.T @ grads / m
-        f.diagonal().add_(damp)
+        f = grads.mT @ grads / m
+        f.diagonal(dim1=-2, dim2=-1).add_(damp)
         return torch.cholesky_inverse(torch.linalg.cholesky(f))
-    small = grads @ grads.T
-    small.diagonal().add_(m * damp)
+    small = grads @ grads.mT
+    small.diagonal(dim1=-2, dim2=-1).add_(m * damp)
     chol = torch.linalg.cholesky(small)                         # (m, m), SPD since λ > 0
     x = torch.cholesky_solve(grads, chol)                       # (m, d) = (mλI + GGᵀ)⁻¹ G
-    inv = -(grads.T @ x)
-    inv.diagonal().add_(1.0)
+    inv = -(grads.mT @ x)
+    inv.diagonal(dim1=-2, dim2=-1).add_(1.0)
     return inv / damp
 
 
@@ -70,24 +86,26 @@ class ImplicitFisherInverse:
     Gᵀ(mλI + GGᵀ)⁻¹G = YᵀY, so only Y (m, d) is kept: one triangular solve instead of the two of a full solve,
     and half the memory of keeping G beside (mλI + GGᵀ)⁻¹G. The diagonal, λ⁻¹(1 − ‖Y[:, q]‖²), is computed once
     (O(m·d), no (m, d) temporary); a product F⁻¹v costs O(m·d), k columns O(m·d·k). Building it costs
-    O(m²·d + m³). Shapes: grads (m, d).
+    O(m²·d + m³). Shapes: grads (m, d), or a batch of equal-size blocks (nb, m, d) (then vectors are (nb, d)).
     """
 
     def __init__(self, grads: Tensor, damp: float) -> None:
-        m = grads.shape[0]
-        small = grads @ grads.T
-        small.diagonal().add_(m * damp)
+        m = grads.shape[-2]
+        small = grads @ grads.mT
+        small.diagonal(dim1=-2, dim2=-1).add_(m * damp)
         self.damp = damp
         self.y = torch.linalg.solve_triangular(torch.linalg.cholesky(small), grads, upper=False)   # (m, d)
         self._diag: Tensor | None = None
 
     def diagonal(self) -> Tensor:
         if self._diag is None:
-            self._diag = (1.0 - torch.linalg.vector_norm(self.y, dim=0).square()) / self.damp
+            self._diag = (1.0 - torch.linalg.vector_norm(self.y, dim=-2).square()) / self.damp
         return self._diag
 
     def __matmul__(self, v: Tensor) -> Tensor:
-        return (v - self.y.T @ (self.y @ v)) / self.damp
+        if self.y.dim() == 2:
+            return (v - self.y.T @ (self.y @ v)) / self.damp
+        return (v - (self.y.mT @ (self.y @ v.unsqueeze(-1))).squeeze(-1)) / self.damp   # (nb, d)
 
     def columns(self, idx: Tensor) -> Tensor:
         """F⁻¹[:, idx], shape (d, len(idx))."""
@@ -130,6 +148,26 @@ def kfac_damped_inverses(a: Tensor, g: Tensor, damp: float) -> tuple[Tensor, Ten
     return 0.5 * (gi + gi.T), 0.5 * (ai + ai.T)
 
 
+class BatchedFisherInverse:
+    """The damped inverse empirical Fisher of nb equal-size blocks at once, each kept in the form a single block
+    would take (:func:`prefer_factored`): explicit (:func:`fisher_inverse`) or factored
+    (:class:`ImplicitFisherInverse`). For the low-memory WoodFisher, which builds the inverses of a chunk of blocks,
+    uses them and lets them go. Shapes: grads (nb, m, n); vectors (nb, n).
+    """
+
+    def __init__(self, grads: Tensor, damp: float) -> None:
+        nb, m, n = grads.shape
+        self.shape = (nb, n)
+        self.op: ImplicitFisherInverse | None = ImplicitFisherInverse(grads, damp) if prefer_factored(n, m) else None
+        self.inv = fisher_inverse(grads, damp) if self.op is None else None   # (nb, n, n)
+
+    def diagonal(self) -> Tensor:
+        return self.op.diagonal() if self.op is not None else self.inv.diagonal(dim1=-2, dim2=-1)
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.op @ v if self.op is not None else (self.inv @ v.unsqueeze(-1)).squeeze(-1)
+
+
 def _columns(hinv: Tensor | ImplicitFisherInverse | KroneckerInverse, idx: Tensor) -> Tensor:
     return hinv.columns(idx) if isinstance(hinv, (ImplicitFisherInverse, KroneckerInverse)) else hinv[:, idx]
 
@@ -144,6 +182,12 @@ def nearest_psd(h: Tensor) -> Tensor:
     sym = 0.5 * (h + h.T)
     vals, vecs = torch.linalg.eigh(sym)
     return (vecs * vals.clamp_min(0)) @ vecs.T
+
+
+def obd_scores(w: Tensor, curvature_diag: Tensor, damp: float) -> Tensor:
+    """OBD saliency s_q = ½ h_qq w_q² (LeCun, Denker & Solla 1990, the saliency of step 4 of their procedure) with
+    h_qq = λ + F_qq, the damped diagonal of a Fisher estimate of the Hessian. Shapes: (d,), (d,) -> (d,)."""
+    return 0.5 * w.pow(2) * (damp + curvature_diag)
 
 
 def obs_scores(w: Tensor, hinv_diag: Tensor) -> Tensor:

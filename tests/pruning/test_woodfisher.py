@@ -131,7 +131,7 @@ def test_memory_is_estimated_and_logged_before_any_gradient_and_blocks_pick_the_
     assert est["gradients"] == 4 * 10 * 66 and est["total"] > est["inverses"] > 0
     big = ns.build_model("lenet300")
     calls = []
-    import netsurgeon.pruning.woodfisher as wf
+    import netsurgeon.pruning.secondorder.curvature as wf  # where the gradients are collected
 
     orig = wf.collect_gradients
     wf.collect_gradients = lambda *a, **k: calls.append(1) or orig(*a, **k)
