@@ -95,11 +95,17 @@ def test_sparsity_report_counts_exactly():
     assert rows["2.weight"].nonzero == 6
 
 
-def test_unsupported_layer_is_refused_by_name():
+def test_an_unsupported_layer_is_left_as_it_is_and_named():
+    """Coverage by layer, never refusal by model (issue 36): the LSTM is skipped and listed; the Linear is covered."""
+    from netsurgeon.masks import skipped_layers
+
     m = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
-    with pytest.raises(ValueError, match="layer '1' of type LSTM is not supported"):
-        prunable_layers(m, "DNS")
-    with pytest.raises(ValueError, match="no Linear, Conv1d or Conv2d layer"):
+    assert list(prunable_layers(m, "DNS")) == ["0"]
+    assert skipped_layers(m)["1"].startswith("LSTM: parameter(s) weight_ih_l0")
+    with pytest.raises(ValueError, match=r"DNS: the model has no Linear, Conv1d/Conv2d layer to compress \(it holds: "
+                                         r"0: LSTM"):
+        prunable_layers(nn.Sequential(nn.LSTM(4, 4)), "DNS")
+    with pytest.raises(ValueError, match="no Linear, Conv1d/Conv2d layer to compress"):
         prunable_layers(nn.Sequential(nn.ReLU()))
     ok = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))  # norms are left alone, not refused
     assert list(prunable_layers(ok)) == ["0"]

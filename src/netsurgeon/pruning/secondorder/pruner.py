@@ -216,7 +216,7 @@ class OneShotPruner:
         return Layout(list(getattr(self, "tensors_", [])), list(self.sizes_), list(self.shapes_))
 
     def _flat(self, model: nn.Module) -> Tensor:
-        return torch.cat([model.get_submodule(t.rsplit(".", 1)[0]).weight.detach().flatten()
+        return torch.cat([getattr(model.get_submodule(t.rpartition(".")[0]), t.rpartition(".")[2]).detach().flatten()
                           for t in self.tensors_])
 
     # -- memory --------------------------------------------------------------------------------------------------
