@@ -32,8 +32,13 @@ def candidate_layers(model: nn.Module, owner: str, conv: str,
     """{name: (layer, kind)} of the layers to consider: Linear ("linear") and, unless ``conv`` is "none", every
     Conv2d that fits (others are skipped, or named in an error when the user listed them)."""
     chosen = {}
+    held = _read_by_parent(model)
     for name, m in prunable_layers(model, owner).items():
         if layers is not None and name not in layers:
+            continue
+        if name in held:  # replacing it by factors would break its parent's forward
+            if layers is not None:
+                raise ValueError(f"{owner}: layer {name!r} cannot be factorized: {held[name]}.")
             continue
         if parametrize.is_parametrized(m):
             raise ValueError(f"{owner}: layer {name!r} holds a parametrization (masks or codes); factorize a float "
@@ -52,6 +57,19 @@ def candidate_layers(model: nn.Module, owner: str, conv: str,
         what = "Linear" if conv == "none" else "Conv2d" if conv == "separable" else "Linear or Conv2d"
         raise ValueError(f"{owner}: the model has no {what} layer to factorize.")
     return chosen
+
+
+def _read_by_parent(model: nn.Module) -> dict[str, str]:
+    """Layers whose parent reads their weights itself instead of only calling them: torch's
+    ``nn.TransformerEncoderLayer``/``DecoderLayer`` check ``linear1.weight``... for their fused fast path in every
+    forward, so a layer replaced by a factor pair would break it. {layer: why}."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            for child in ("linear1", "linear2"):
+                out[f"{name}.{child}" if name else child] = (f"its parent {type(m).__name__} reads its weight in "
+                                                             "every forward (torch's fused fast path)")
+    return out
 
 
 def _weights(m: nn.Module) -> int:
