@@ -226,7 +226,11 @@ def slim(model: nn.Module, fraction: float, input_shape: tuple[int, ...], *, min
 class GroupLassoProximal(Callback):
     """Structured sparsity learning's group Lasso (Wen et al. 2016, Eq. 2; Lebedev & Lempitsky 2016) on
     filter-wise groups (a producer's output rows) and channel-wise groups (a consumer's input columns), applied
-    as proximal steps after each optimizer step: ``w_g <- w_g · max(0, 1 − lr·λ/‖w_g‖₂)``, exact zeros."""
+    as proximal steps after each optimizer step: ``w_g <- w_g · max(0, 1 − lr·λ/‖w_g‖₂)``, exact zeros, with
+    ``lr`` the learning rate of the optimizer's parameter group that holds the weight.
+
+    In the user's own loop pass the optimizer: ``prepare(model, optimizer=opt)`` (the step size is lr·λ; without
+    it :meth:`after_step` raises rather than take no step)."""
 
     def __init__(self, lam_filter: float, lam_channel: float, input_shape: tuple[int, ...],
                  lam_shape: float = 0.0) -> None:
@@ -234,31 +238,46 @@ class GroupLassoProximal(Callback):
         self.lam_shape = lam_shape
         self._groups: list[ChannelGroup] = []
         self._convs: list[nn.Module] = []
+        self._optimizer: torch.optim.Optimizer | None = None
 
-    def prepare(self, model: nn.Module, **_: Any) -> None:
+    def prepare(self, model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None, **_: Any) -> None:
         _check_plain(model, "ssl")
         self._model = model
+        if optimizer is not None:
+            self._optimizer = optimizer
         self._groups = [g for g in channel_groups(model, self.input_shape) if g.prunable]
         # shape-wise groups (Wen et al. Sec. 3.3): one group per (input channel, kernel position) of a
         # convolution, across all its filters: a column of the lowered (im2col) weight matrix
         self._convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1]
 
+    def _learning_rates(self, trainer: Trainer | None) -> dict[int, float]:
+        """id(parameter) -> its learning rate now (schedules change it every step)."""
+        opt = trainer.optimizer if trainer is not None else self._optimizer
+        if opt is None:
+            raise ValueError("ssl: the proximal step is lr·λ and no optimizer was given; in your own loop call "
+                             "prepare(model, optimizer=opt) before training.")
+        return {id(p): float(group["lr"]) for group in opt.param_groups for p in group["params"]}
+
     @torch.no_grad()
     def after_step(self, trainer: Trainer | None = None) -> None:
         if trainer is not None and not self._groups:
             self.prepare(trainer.model)
-        lr = trainer.optimizer.param_groups[0]["lr"] if trainer is not None else 0.0
+        lrs = self._learning_rates(trainer)
+
+        def lr(w: torch.Tensor) -> float:
+            return lrs.get(id(w), 0.0)  # a weight the optimizer does not train takes no step
+
         for g in self._groups:
             for name, role, factor in g.members:
                 w = self._model.get_submodule(name).weight
                 if role == "out" and self.lam_filter > 0:
-                    _group_shrink(w.reshape(w.shape[0], -1), lr * self.lam_filter)
+                    _group_shrink(w.reshape(w.shape[0], -1), lr(w) * self.lam_filter)
                 elif role == "in" and self.lam_channel > 0:
                     cols = g.channels(name, w, factor)  # (channel, out, k); after a flatten, k = its H·W columns
-                    _group_shrink(cols.reshape(cols.shape[0], -1), lr * self.lam_channel, view_of=cols)
+                    _group_shrink(cols.reshape(cols.shape[0], -1), lr(w) * self.lam_channel, view_of=cols)
         if self.lam_shape > 0:
             for m in self._convs:
-                _group_shrink(m.weight.view(m.weight.shape[0], -1).t(), lr * self.lam_shape)
+                _group_shrink(m.weight.view(m.weight.shape[0], -1).t(), lr(m.weight) * self.lam_shape)
 
 
 def _group_shrink(rows: torch.Tensor, t: float, view_of: torch.Tensor | None = None) -> None:
