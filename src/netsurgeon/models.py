@@ -34,7 +34,7 @@ from torch import Tensor, nn
 __all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "rebuild", "rebuild_matching",
            "resnet_small", "UntrustedCodeError", "record_resized", "resized_record", "apply_resized", "layer_sizes",
            "original_model", "mlp_bn", "lenet5_bn", "mlp_dropout", "record_binary_inputs", "record_hwgq_inputs",
-           "record_factorized", "apply_factorized"]
+           "record_factorized", "apply_factorized", "record_activations"]
 
 _ARCH_ATTR = "_netsurgeon_arch"
 
@@ -361,7 +361,12 @@ def apply_arch_changes(model: nn.Module, arch: dict[str, Any], source: str = "fi
         from .quantization.hwgq import apply_hwgq_inputs
 
         apply_hwgq_inputs(model, arch["hwgq_inputs"], source)
-    return bool(arch.get("resized") or arch.get("factorized") or arch.get("binary_inputs") or arch.get("hwgq_inputs"))
+    if arch.get("activations"):
+        from .quantization.binary import apply_activations
+
+        apply_activations(model, arch["activations"], source)
+    return bool(arch.get("resized") or arch.get("factorized") or arch.get("binary_inputs") or arch.get("hwgq_inputs")
+                or arch.get("activations"))
 
 
 def record_resized(model: nn.Module, resized: dict[str, dict[str, int]]) -> None:
@@ -385,6 +390,13 @@ def record_binary_inputs(model: nn.Module, inputs: dict[str, str]) -> None:
     rebuilds them (a model without a record still records them, for the model the user passes to fill)."""
     arch = arch_of(model) or {}
     object.__setattr__(model, _ARCH_ATTR, {**arch, "binary_inputs": {**(arch.get("binary_inputs") or {}), **inputs}})
+
+
+def record_activations(model: nn.Module, replaced: dict[str, str]) -> None:
+    """Record the activation modules replaced ({name: "hardtanh"}: a ReLU feeding a binarized input), so a
+    ``.nsz`` file rebuilds them."""
+    arch = arch_of(model) or {}
+    object.__setattr__(model, _ARCH_ATTR, {**arch, "activations": {**(arch.get("activations") or {}), **replaced}})
 
 
 def record_factorized(model: nn.Module, ranks: dict[str, Any]) -> None:

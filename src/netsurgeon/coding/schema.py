@@ -237,12 +237,12 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
     if not isinstance(arch, dict):
         raise NszError(f"{where} must be a mapping; got {_short(arch)}.")
     known = {"name", "input_shape", "num_classes", "kwargs", "factory", "resized", "binary_inputs", "factorized",
-             "hwgq_inputs"}
+             "hwgq_inputs", "activations"}
     if set(arch) - known:
         raise NszError(f"{where}: unknown field(s) {sorted(map(str, set(arch) - known))}.")
     if ("name" in arch and "factory" in arch) or ("name" not in arch and "factory" not in arch
                                                    and not {"resized", "binary_inputs", "factorized",
-                                                            "hwgq_inputs"} & set(arch)):
+                                                            "hwgq_inputs", "activations"} & set(arch)):
         raise NszError(f"{where} needs exactly one of 'name' or 'factory'.")
     for key in ("name", "factory"):
         if key in arch and (not isinstance(arch[key], str) or not 0 < len(arch[key]) <= 200):
@@ -297,6 +297,11 @@ def check_arch(p: str, arch: Any) -> dict[str, Any] | None:
                 isinstance(k, str) and 0 < len(k) <= MAX_NAME and v in ("sign", "scaled") for k, v in inputs.items()):
             raise NszError(f"{where}: field 'binary_inputs' must map layer names to 'sign' or 'scaled'; got "
                            f"{_short(inputs)}.")
+    acts = arch.get("activations")
+    if acts is not None:  # activation modules replaced (a ReLU feeding a binarized input): {module: "hardtanh"}
+        if not isinstance(acts, dict) or len(acts) > 10_000 or not all(
+                isinstance(k, str) and 0 < len(k) <= MAX_NAME and v == "hardtanh" for k, v in acts.items()):
+            raise NszError(f"{where}: field 'activations' must map module names to 'hardtanh'; got {_short(acts)}.")
     hwgq = arch.get("hwgq_inputs")
     if hwgq is not None:  # HWGQ activations: {layer: bits}
         if not isinstance(hwgq, dict) or len(hwgq) > 10_000 or not all(
