@@ -434,6 +434,7 @@ class Binarize(Callback):
         self.layers: dict[str, nn.Module] = {}
         self.scales: dict[str, float] = {}
         self._before: dict[str, Tensor] = {}
+        self._checks: list[_FirstInputCheck] = []
 
     def prepare(self, model: nn.Module, *, train_data: Any = None,
                 optimizer: torch.optim.Optimizer | None = None, **_: Any) -> None:
@@ -471,7 +472,7 @@ class Binarize(Callback):
             self.scales[name] = glorot_lr_scale(m) if self.lr_scale else 1.0
         for name in binarized:
             install_binary_input(layers[name], self.inputs)  # type: ignore[arg-type]
-            _FirstInputCheck(layers[name], name, "binary")
+            self._checks.append(_FirstInputCheck(layers[name], name, "binary"))
         self._model = model
 
     def _keep_last(self, model: nn.Module, last: str) -> bool:
@@ -520,6 +521,9 @@ class Binarize(Callback):
         """Replace the training parametrizations by :class:`BinaryWeights` (sign of the real weights, scale 1,
         or α per output filter for ``alpha``) and record the binary inputs on the model."""
         out = super().finalize(model)
+        for check in self._checks:  # a check that never saw a forward pass must not fire at inference
+            check.handle.remove()
+        self._checks = []
         from ..models import record_binary_inputs
 
         for m in prunable_layers(out, "binary").values():
