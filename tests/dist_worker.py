@@ -36,7 +36,7 @@ METHODS = {  # name -> (registered method, options)
     "bnn": ("bnn", {}),
     "xnor": ("xnor", {}),
     "lab": ("lab", {}),
-    "soft_sharing": ("soft_sharing", {}),
+    "soft_sharing": ("soft_sharing", {"init_std": 0.005}),  # random weights: narrow, or all go to zero
     "distill": ("distill", {}),
     "qat": ("qat", {}),
     "hashednets": ("hashednets", {}),

@@ -65,7 +65,7 @@ def test_train_resume_from_checkpoint(runner, tmp_path):
     (["compress", "BASE", "-o", "X.nsz"], "give --method NAME[,NAME...] or --recipe FILE"),
     (["compress", "BASE", "--method", "magnitude", "--data", "mnist", "-o", "X.nsz"], "needs --data-dir"),
     (["compress", "BASE", "--method", "dns", "--set", "sparsity=0.5", "-o", "X.nsz"],
-     "no stage has an option 'sparsity'; valid keys: batch_size, c_rate"),
+     "no stage has an option 'sparsity'; valid keys: allow_empty_layers, batch_size, c_rate"),
     (["compress", "BASE", "--method", "prune", "-o", "X.nsz"], "unknown method 'prune'; valid methods: autoprune"),
     (["compress", "BASE", "--method", "kmeans,dns", "-o", "X.nsz"], "stage 2 'dns' needs float weights"),
     (["compress", "BASE", "--method", "woodfisher", "--set", "value_dtype=bogus", "-o", "X.nsz"],

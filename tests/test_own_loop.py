@@ -11,6 +11,7 @@ from netsurgeon.masks import get_masks, original
 from netsurgeon.pipeline import Pipeline
 from netsurgeon.pruning import DNS, AutoPrune, OneShotPruner
 from netsurgeon.pruning.l1 import L1Proximal
+from netsurgeon.pruning.structured import GroupLassoProximal
 from netsurgeon.stats import collect_gradients
 
 
@@ -29,7 +30,7 @@ def _own_loop(model, loader, method, epochs, lr=0.01, **prepare):
     method.prepare(model, **prepare)
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    if isinstance(method, L1Proximal):
+    if isinstance(method, (L1Proximal, GroupLassoProximal)):  # methods whose step size is lr·λ
         method.prepare(model, optimizer=opt)
     for _ in range(epochs):
         for x, y in loader:
@@ -139,3 +140,25 @@ def test_a_bare_dataloader_trains_and_runs_pipelines(digits):
     assert ns.evaluate(m, digits.test)[1] > 0.85
     with pytest.raises(ns.DataError, match="expected a netsurgeon Dataset"):
         ns.train(m, 42)
+
+
+def test_ssl_in_own_loop_takes_the_learning_rate_from_the_optimizer(digits):
+    """The group-Lasso proximal step is lr·λ: in the user's own loop lr comes from the optimizer given to prepare
+    (before the fix it was 0 without a trainer: λ = 10 zeroed 0 of fc1's 300 rows)."""
+    m = _trained(digits)
+    _own_loop(m, _loader(digits.train), GroupLassoProximal(10.0, 0.0, digits.input_shape), epochs=1)
+    zero_rows = int((m.fc1.weight.detach().abs().sum(1) == 0).sum())
+    assert zero_rows == 300
+
+    lin = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.3, 0.4], [1.0, 0.0, 0.0, 0.0]]))
+    prox = GroupLassoProximal(2.0, 0.0, (4,))
+    opt = torch.optim.SGD([{"params": [lin[0].weight], "lr": 0.1}, {"params": [lin[2].weight], "lr": 1.0}])
+    prox.prepare(lin, optimizer=opt)
+    prox.after_step()                                 # one step: each row of layer 0 shrinks by lr·λ = 0.2
+    torch.testing.assert_close(lin[0].weight.detach().norm(dim=1), torch.tensor([4.8, 0.3, 0.8]))
+    bare = GroupLassoProximal(2.0, 0.0, (4,))
+    bare.prepare(lin)                                 # no optimizer: refused at the first step, not silently inert
+    with pytest.raises(ValueError, match=r"ssl: the proximal step is lr·λ and no optimizer was given"):
+        bare.after_step()

@@ -42,6 +42,22 @@ class CatNet(nn.Module):
         return self.head(torch.flatten(h, 1))
 
 
+class TwoBranch(nn.Module):
+    """A Conv2d branch and a Conv1d branch (over the image read as one sequence), each flattened, concatenated,
+    then one Linear: each branch's channels are a block of columns of `head`, 64 per img channel, 60 per seq
+    channel (issue #39: every group was blocked at the torch.cat after a flatten)."""
+
+    def __init__(self):
+        super().__init__()
+        self.img, self.seq = nn.Conv2d(1, 6, 3, padding=1), nn.Conv1d(1, 4, 5)
+        self.head = nn.Linear(6 * 64 + 4 * 60, 10)
+
+    def forward(self, x):
+        a = torch.flatten(torch.relu(self.img(x)), 1)
+        b = torch.relu(self.seq(x.flatten(1).unsqueeze(1))).flatten(1)
+        return self.head(torch.cat([a, b], 1))
+
+
 def _masked(model, groups, keep):
     """The reference: the same model with every consumer's columns of removed channels zeroed."""
     m = __import__("copy").deepcopy(model)
@@ -50,18 +66,19 @@ def _masked(model, groups, keep):
             drop = torch.ones(groups[i].size, dtype=torch.bool)
             drop[idx] = False
             for name, role, factor in groups[i].members:
-                if role == "in":
-                    off, total = groups[i].spans.get(name, (0, groups[i].size))
-                    full = torch.zeros(total, dtype=torch.bool)
-                    full[off:off + groups[i].size] = drop
-                    m.get_submodule(name).weight[:, full.repeat_interleave(factor)] = 0
+                if role == "in":  # spans count columns after a flatten: each channel is `factor` of them
+                    w = m.get_submodule(name).weight
+                    off = groups[i].offset(name)
+                    full = torch.zeros(w.shape[1], dtype=torch.bool)
+                    full[off:off + groups[i].size * factor] = drop.repeat_interleave(factor)
+                    w[:, full] = 0
     return m
 
 
-@pytest.mark.parametrize("name", [*SHAPES, "depthwise", "cat"])
+@pytest.mark.parametrize("name", [*SHAPES, "depthwise", "cat", "two_branch"])
 def test_removal_equals_masking_on_every_model(name):
     torch.manual_seed(0)
-    own = {"depthwise": DepthwiseNet, "cat": CatNet}
+    own = {"depthwise": DepthwiseNet, "cat": CatNet, "two_branch": TwoBranch}
     model = own[name]() if name in own else ns.build_model(name, SHAPES[name])
     shape = (1, 8, 8) if name in own else SHAPES[name]
     model.eval()
@@ -114,7 +131,7 @@ def test_concatenated_groups_stay_apart_and_know_their_offsets():
     a, b, c, d = (groups[(k,)] for k in "abcd")
     assert all(g.prunable for g in (a, b, c, d))
     assert a.spans == {"bn": (0, 10), "c": (0, 10)} and b.spans == {"bn": (4, 10), "c": (4, 10)}
-    assert c.spans == {"head": (0, 8)} and d.spans == {"head": (5, 8)}
+    assert c.spans == {"head": (0, 8 * 64)} and d.spans == {"head": (5 * 64, 8 * 64)}  # head reads columns
     assert ("head", "in", 64) in d.members
 
 
@@ -285,7 +302,8 @@ def test_ssl_shape_wise_groups_are_columns_of_the_lowered_weight():
     cb = GroupLassoProximal(0.0, 0.0, (2, 8, 8), lam_shape=1.0)
     cb.prepare(model)
     before = model[0].weight.detach().clone()
-    cb.after_step(SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"lr": 0.1}]), model=model))
+    opt = SimpleNamespace(param_groups=[{"lr": 0.1, "params": list(model.parameters())}])
+    cb.after_step(SimpleNamespace(optimizer=opt, model=model))
     w = model[0].weight.detach()
     assert torch.equal(w[:, 1, 0, 1], torch.zeros(3))
     torch.testing.assert_close(w[:, 0, 1, 1], before[:, 0, 1, 1] * (1 - 0.1 / 5))
@@ -320,3 +338,80 @@ def test_ssl_shape_sparsity_survives_fine_tuning_and_runs_as_kept_columns(digits
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_l1_filters_prunes_both_branches_of_a_concatenation_after_flatten():
+    from netsurgeon.pruning.structured import l1_filter_prune
+
+    torch.manual_seed(0)
+    model = TwoBranch().eval()
+    groups = channel_groups(model, (1, 8, 8))
+    by = {tuple(g.producers): i for i, g in enumerate(groups)}
+    img, seq = groups[by[("img",)]], groups[by[("seq",)]]
+    assert img.prunable and seq.prunable                         # before: both blocked at the torch.cat
+    assert img.spans == {"head": (0, 624)} and seq.spans == {"head": (384, 624)}
+    assert ("head", "in", 64) in img.members and ("head", "in", 60) in seq.members
+    ref_model = __import__("copy").deepcopy(model)
+    reports = l1_filter_prune(model, 0.5, (1, 8, 8))
+    assert {r.layers: (r.before, r.after) for r in reports} == {("img",): (6, 3), ("seq",): (4, 2)}
+    ref = _masked(ref_model, groups, {by[r.layers]: torch.tensor(r.kept) for r in reports})
+    assert (model.img.out_channels, model.seq.out_channels, model.head.in_features) == (3, 2, 3 * 64 + 2 * 60)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
+def test_batchnorm1d_after_a_flatten_is_sliced_per_channel_block():
+    """lenet5_bn's bn3 (BatchNorm1d over conv2's flattened 50 x 16 features) joins conv2's group with 16
+    features per channel (before: one per channel, so removing conv2's channels broke the model)."""
+    torch.manual_seed(0)
+    model = ns.build_model("lenet5_bn").eval()
+    groups = {tuple(g.producers): g for g in channel_groups(model, (1, 28, 28))}
+    assert ("bn3", "bn", 16) in groups[("conv2",)].members and ("fc1", "in", 16) in groups[("conv2",)].members
+    with torch.no_grad():
+        model.bn3.running_mean.uniform_(-1, 1)
+        model.bn3.weight.uniform_(0.5, 2)
+    x = torch.randn(3, 1, 28, 28)
+    g = groups[("conv2",)]
+    keep = torch.arange(0, 50, 2)
+    ref = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        for c in range(50):
+            if c % 2:
+                ref.fc1.weight[:, c * 16:(c + 1) * 16] = 0
+    remove_channels(model, list(groups.values()), {list(groups.values()).index(g): keep})
+    assert (model.conv2.out_channels, model.bn3.num_features, model.fc1.in_features) == (25, 400, 400)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
+class _Blocked(nn.Module):
+    """Every hidden channel reaches an op the surgery does not know (an Upsample), so no group can shrink."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.up = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Upsample(scale_factor=1)
+        self.head = nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        return self.head(self.up(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def test_structured_methods_refuse_a_model_they_cannot_shrink(digits):
+    from netsurgeon.pipeline import Pipeline
+    from netsurgeon.pruning.structured import l1_filter_prune, slim
+
+    model = _Blocked()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"l1_filters: no channel group of this model can shrink, so nothing would "
+                                         r"be removed \(blocked by: the model's output; up \(Upsample\)\)"):
+        l1_filter_prune(model, 0.5, (1, 8, 8))
+    with pytest.raises(ValueError, match=r"l1_filters: layer 'conv' cannot lose filters: its channels reach up "
+                                         r"\(Upsample\)"):
+        l1_filter_prune(model, {"conv": 0.5}, (1, 8, 8))
+    with pytest.raises(ValueError, match="slimming: no channel group of this model can shrink"):
+        slim(model, 0.5, (1, 8, 8))
+    for method in ("slimming", "l1_filters", "ssl"):  # refused before any training step
+        with pytest.raises(ValueError, match=f"{method}: no channel group of this model can shrink"):
+            Pipeline.from_spec([method], ["epochs=1"] if method != "l1_filters" else []).run(model, digits)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

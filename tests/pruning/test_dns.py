@@ -175,3 +175,44 @@ def test_default_mask_update_stops_are_the_official_codes():
     assert {n: s["window"] for n, s in dns.summary().items()} == {"0": [0, 10_000], "2": [0, 8_000]}
     from netsurgeon.pipeline import get_method
     assert get_method("dns").make_config().iter_stop == {"conv": 10_000, "fc": 8_000}
+
+
+def _uniform_net():
+    """Both layers' weights drawn uniformly in ±0.01, biases zero (a random initialization): σ ≈ 0.58·μ of |w|,
+    so the default c = 3 puts a = 0.9·(μ + 3σ) ≈ 1.23 × the largest |w|: every weight falls below it."""
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for lin in (m[0], m[2]):
+            lin.weight.copy_(0.01 * (2 * torch.rand(lin.weight.shape, generator=g) - 1))
+            lin.bias.zero_()
+    return m
+
+
+def test_dns_keeps_one_weight_per_output_unit_and_warns_when_the_floor_binds(caplog):
+    m = _uniform_net()
+    a = dns_thresholds([m[0].weight], 3.0)[0]
+    assert float(m[0].weight.detach().abs().max()) < a       # without a floor the first surgery empties both layers
+    dns = DNS()
+    with caplog.at_level("WARNING", logger="netsurgeon.pruning.dns"):
+        dns.prepare(m)
+    for name, lin in (("0", m[0]), ("2", m[2])):
+        mask = get_masks(m)[f"{name}.weight"].mask
+        assert mask.sum(1).tolist() == [1.0] * lin.out_features            # exactly the floor, per output unit
+        assert torch.equal(mask.argmax(1), original(m, f"{name}.weight").abs().argmax(1))  # its largest |w|
+        assert dns.summary()[name]["floored"] == lin.out_features
+    assert "layer(s) '0', '2' would lose every weight of some output units" in caplog.text
+    with torch.no_grad():
+        assert float(m(torch.ones(1, 20)).abs().sum()) > 0
+
+
+def test_dns_refuses_to_empty_a_layer_unless_allowed():
+    m = _uniform_net()
+    with pytest.raises(ValueError, match=r"dns: layer '0' would lose every weight at iteration 0 \(every \|w\| < "
+                                         r"a = 0\.0\d+, c_rate = 3\); lower its c_rate"):
+        DNS(min_per_output=0).prepare(m)
+    assert not get_masks(m)                          # refused before anything changed
+    DNS(min_per_output=0, allow_empty_layers=True).prepare(m)
+    assert float(get_masks(m)["0.weight"].mask.sum()) == 0.0
+    with pytest.raises(ValueError, match="min_per_output must be an int >= 0; got -1"):
+        DNS(min_per_output=-1)

@@ -325,3 +325,63 @@ def test_loss_aware_binarization_needs_adam(digits):
                  callbacks=[Binarize("loss_aware")])
     with pytest.raises(ValueError, match="lab: optimizer must be one of"):
         ns.pipeline.Pipeline.from_spec([{"lab": {"optimizer": "sgd"}}])
+
+
+def test_bnn_replaces_a_relu_feeding_a_binarized_input_and_the_file_rebuilds_it(digits, tmp_path):
+    """sign(ReLU(x)) = +1 everywhere: BNN on lenet300 computed a constant (11.1% on digits before the fix). The
+    ReLUs feeding binarized inputs become HardTanh (BNN's activation), recorded so a file rebuilds them; the
+    output layer, with no BatchNorm after it, stays real (its ±1 sums cannot scale the logits)."""
+    torch.manual_seed(0)
+    model = build_model("lenet300", digits.input_shape)
+    cb = Binarize("sign", "sign")
+    ns.train(model, digits, TrainConfig(epochs=3, optimizer="adam", lr=1e-3, weight_decay=0), callbacks=[cb])
+    cb.finalize(model)
+    model.eval()
+    assert isinstance(model.relu1, nn.Hardtanh) and isinstance(model.relu2, nn.ReLU)  # relu2 feeds the real fc3
+    assert set(cb.layers) == {"fc1", "fc2"} and binary_inputs_of(model) == {"fc2": "sign"}
+    assert ns.models.arch_of(model)["activations"] == {"relu1": "hardtanh"}
+    acc = ns.evaluate(model, digits.test)[1]
+    assert acc > 0.75
+    x = digits.test.x[:32]
+    with torch.no_grad():
+        assert model(digits.test.x).argmax(1).unique().numel() == 10           # not a constant function
+        path = tmp_path / "bnn.nsz"
+        ns.save_compressed(model, path)
+        torch.testing.assert_close(ns.load_compressed(path)(x), model(x))
+        plain = build_model("lenet300", digits.input_shape)               # the user's own ReLU model is filled
+        torch.testing.assert_close(ns.load_compressed(path, plain)(x), model(x))
+        assert isinstance(plain.relu1, nn.Hardtanh)
+        fast = ns.load_compressed(path, runtime=True, batch=32, threads=1)      # the BNN chain fc1 -> fc2 fused
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_bn_with_relu_trains_as_bnn_like_with_hardtanh(digits):
+    """mlp_bn's ReLU variant gave 9.5% under BNN (sign of a ReLU); now it is the HardTanh network exactly."""
+    accs = []
+    for act in ("relu", "hardtanh"):
+        torch.manual_seed(0)
+        model = build_model("mlp_bn", digits.input_shape, widths=[64, 64], act=act)
+        ns.train(model, digits, TrainConfig(epochs=2, optimizer="adam", lr=1e-3, weight_decay=0),
+                 callbacks=[Binarize("sign", "sign")])
+        accs.append(ns.evaluate(model, digits.test)[1])
+    assert accs[0] == accs[1] and accs[0] > 0.8
+
+
+def test_a_binarized_input_that_cannot_be_negative_is_refused_by_name(digits):
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc3(torch.sigmoid(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"binary: layer 'fc2' binarizes its input, which has no negative value"):
+        ns.train(Functional(), digits, TrainConfig(epochs=1, optimizer="adam", lr=1e-3, weight_decay=0),
+                 callbacks=[Binarize("sign", "sign", keep_last=False)])
+    with pytest.raises(NszError, match="field 'activations' must map module names to 'hardtanh'"):
+        from netsurgeon.coding.schema import check_arch
+
+        check_arch("f.nsz", {"name": "lenet300", "input_shape": [1, 8, 8], "num_classes": 10,
+                             "activations": {"relu1": "gelu"}})

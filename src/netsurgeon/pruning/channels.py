@@ -3,9 +3,12 @@
 A *channel group* is a set of tensor slices that must be removed together: the output channels (rows) of the
 layers that produce a feature map, every per-channel parameter on its way (BatchNorm, depthwise convolutions),
 and the input columns of the layers that consume it, including a Linear layer after a flatten (one block of
-H·W columns per channel). A residual add ties the groups of its inputs into one. A concatenation along the
-channel axis keeps its inputs' groups apart: a layer after it reads each group's channels at that input's
-offset (``ChannelGroup.spans``). A group whose feature map reaches anything else (the model's output, a
+H·W columns per channel; a BatchNorm1d there holds H·W features per channel). A residual add ties the groups of
+its inputs into one. A concatenation along the channel axis keeps its inputs' groups apart: a layer after it
+reads each group's channels at that input's offset (``ChannelGroup.spans``). A concatenation of flattened
+tensors (a Conv2d branch and a Conv1d branch, each flattened, then one Linear) does the same along the
+features: each group's channels are a block of columns at its input's offset, each channel as many columns as
+its own branch's spatial size. A group whose feature map reaches anything else (the model's output, a
 concatenation along another axis, a reshape other than flatten, an op this module does not know) cannot be
 shrunk, and :func:`channel_groups` says which op stops it.
 
@@ -41,12 +44,19 @@ _ADD = {operator.add, torch.add, operator.iadd}
 class ChannelGroup:
     """One removable set of channels. ``members``: (module name, role, flat factor) with role ``out`` (rows of
     a producer), ``in`` (columns of a consumer; a flatten makes each channel ``factor`` columns), ``bn`` or
-    ``dw`` (a per-channel module on the way). ``blocked``: why the group cannot shrink (empty if it can)."""
+    ``dw`` (a per-channel module on the way; a BatchNorm1d after a flatten holds ``factor`` features per
+    channel). ``blocked``: why the group cannot shrink (empty if it can). ``spans``: for a member after a
+    concatenation, (offset, total) along the axis it reads, in its own units: channels for a convolution or
+    BatchNorm2d, columns (features) for a Linear or BatchNorm1d after a flatten."""
 
     size: int
     members: list[tuple[str, str, int]] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # member after a torch.cat: (offset, total)
+
+    def offset(self, name: str) -> int:
+        """Where this group's channels (or their columns) start in member ``name``'s axis."""
+        return self.spans.get(name, (0, 0))[0]
 
     @property
     def producers(self) -> list[str]:
@@ -57,14 +67,16 @@ class ChannelGroup:
         return not self.blocked and bool(self.producers)
 
     def channels(self, name: str, t: Tensor, factor: int = 1) -> Tensor:
-        """This group's channels of member ``name``'s tensor ``t`` as a view (channel, ...): a per-channel
-        tensor (BatchNorm scale) or a consumer's weight (channel, rows, columns per channel), at the member's
-        offset where a concatenation put this group's channels after others."""
-        off = self.spans.get(name, (0, 0))[0]
+        """This group's channels of member ``name``'s tensor ``t`` as a view: a per-channel tensor (a BatchNorm
+        scale: (channel,), or (channel, factor) after a flatten) or a consumer's weight (channel, rows, columns
+        per channel), at the member's offset where a concatenation put this group's channels after others."""
+        off = self.offset(name)
         if t.dim() == 1:
-            return t.narrow(0, off, self.size)
-        per = t.reshape(t.shape[0], t.shape[1] // factor if t.dim() == 2 else t.shape[1], -1).transpose(0, 1)
-        return per.narrow(0, off, self.size)
+            part = t.narrow(0, off, self.size * factor)
+            return part if factor == 1 else part.view(self.size, factor)
+        if t.dim() == 2:  # a Linear: the offset and the block are columns
+            return t.narrow(1, off, self.size * factor).unflatten(1, (self.size, factor)).transpose(0, 1)
+        return t.reshape(t.shape[0], t.shape[1], -1).transpose(0, 1).narrow(0, off, self.size)
 
 
 class _Tracer(fx.Tracer):
@@ -115,20 +127,21 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
                 groups[a].blocked.append("an add of feature maps with different channel counts")
         return a
 
-    # node -> the channel segments of its channel axis: (group, first channel); one segment except after a
-    # torch.cat along channels, whose consumers read each input's channels at that input's offset
-    space: dict[fx.Node, list[tuple[int, int]]] = {}
-    flat: dict[fx.Node, int] = {}    # node -> columns per channel, after a flatten
+    # node -> the segments of its axis 1: (group, offset, columns per channel); one segment except after a
+    # torch.cat, whose consumers read each input's channels at that input's offset. Before a flatten the offset
+    # counts channels and each channel is one entry (factor 1); after it, columns, each channel ``factor`` of them.
+    space: dict[fx.Node, list[tuple[int, int, int]]] = {}
+    flat: set[fx.Node] = set()    # nodes after a flatten
 
     def block(n: fx.Node, why: str) -> None:
-        for g, _ in space.get(n, []):
+        for g, _, _ in space.get(n, []):
             groups[find(g)].blocked.append(why)
 
-    def join(n: fx.Node, name: str, role: str, factor: int = 1) -> None:
+    def join(n: fx.Node, name: str, role: str) -> None:
         """``name`` reads (or, per channel, transforms) ``n``'s channels: a member of each of its groups."""
         segs = space[n]
-        total = sum(groups[find(g)].size for g, _ in segs)  # every channel of a concatenation is in a segment
-        for g, off in segs:
+        total = int(n.meta["tensor_meta"].shape[1])  # every entry of a concatenation is in a segment
+        for g, off, factor in segs:
             grp = groups[find(g)]
             grp.members.append((name, role, factor))
             if len(segs) > 1:
@@ -142,22 +155,22 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
             name = str(node.target)
             if isinstance(m, nn.Linear) or (isinstance(m, _CONV) and m.groups == 1):
                 if src in space:
-                    join(src, name, "in", flat.get(src, 1))
+                    join(src, name, "in")
                     if src not in flat and isinstance(m, nn.Linear) and len(src.meta["tensor_meta"].shape) != 2:
                         block(src, f"{name} (a Linear on a {len(src.meta['tensor_meta'].shape)}-d input)")
                 out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
                 g = new(out)
-                space[node] = [(g, 0)]
+                space[node] = [(g, 0, 1)]
                 groups[g].members.append((name, "out", 1))
             elif _is_depthwise(m) or isinstance(m, _BN):
                 if src in space:
-                    space[node] = space[src]
+                    _pass(node, src, space, flat)
                     join(src, name, "dw" if isinstance(m, _CONV) else "bn")
             elif isinstance(m, _CONV):  # grouped, not depthwise: channel sets would have to stay per group
                 if src is not None:
                     block(src, f"{name} (a grouped convolution)")
                 g = new(m.out_channels)
-                space[node] = [(g, 0)]
+                space[node] = [(g, 0, 1)]
                 groups[g].blocked.append(f"{name} (a grouped convolution)")
             elif isinstance(m, nn.Flatten):
                 _pass_flatten(node, src, space, flat, block)
@@ -168,10 +181,10 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
                     block(a, f"{name} ({type(m).__name__})")
         elif node.op == "call_function":
             if node.target in _ADD and len(args) == 2 and all(len(space.get(a, [])) == 1 for a in args) \
-                    and flat.get(args[0]) == flat.get(args[1]):
-                space[node] = [(union(space[args[0]][0][0], space[args[1]][0][0]), 0)]
+                    and (args[0] in flat) == (args[1] in flat) and space[args[0]][0][2] == space[args[1]][0][2]:
+                space[node] = [(union(space[args[0]][0][0], space[args[1]][0][0]), 0, space[args[0]][0][2])]
                 if args[0] in flat:
-                    flat[node] = flat[args[0]]
+                    flat.add(node)
             elif node.target is torch.cat:
                 _concat(node, space, flat, block)
             elif node.target is torch.flatten and node.args[1:] in ((1,), ()) and not node.kwargs:
@@ -204,28 +217,31 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
 
 
 def _concat(node: fx.Node, space, flat, block) -> None:
-    """torch.cat along the channel axis: the output's channels are its inputs' segments one after another, each
-    group keeping its own channels (a consumer reads each at its offset). Along any other axis, of a tensor
-    outside every group, of one group twice, or after a flatten: the groups are blocked."""
+    """torch.cat along axis 1: the output's channels are its inputs' segments one after another, each group
+    keeping its own channels (a consumer reads each at its offset). Of flattened tensors (2-d), the segments are
+    blocks of columns, each channel as many columns as its own input had per channel. Along any other axis, of a
+    tensor outside every group, or of one group twice: the groups are blocked."""
     parts = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     inputs = list(node.all_input_nodes)
     meta = node.meta.get("tensor_meta")
     ndim = len(meta.shape) if meta is not None else 0
     ok = isinstance(parts, (list, tuple)) and all(isinstance(p, fx.Node) for p in parts) and ndim >= 2 \
-        and isinstance(dim, int) and dim % ndim == 1 and all(p in space and p not in flat for p in parts)
-    segs: list[tuple[int, int]] = []
+        and isinstance(dim, int) and dim % ndim == 1 and all(p in space for p in parts)
+    segs: list[tuple[int, int, int]] = []
     if ok:
         off = 0
         for p in parts:
-            segs += [(g, off + o) for g, o in space[p]]
+            segs += [(g, off + o, f) for g, o, f in space[p]]
             off += int(p.meta["tensor_meta"].shape[1])
-        ok = len({g for g, _ in segs}) == len(segs)
+        ok = len({g for g, _, _ in segs}) == len(segs)
     if not ok:
         for a in inputs:
             block(a, f"torch.cat (along dim {dim}, or of a tensor whose channels cannot all be tracked)")
         return
     space[node] = segs
+    if any(p in flat for p in parts):
+        flat.add(node)
 
 
 def _is_flatten(node: fx.Node) -> bool:
@@ -237,7 +253,7 @@ def _pass(node: fx.Node, src, space, flat) -> None:
     if src in space:
         space[node] = space[src]
         if src in flat:
-            flat[node] = flat[src]
+            flat.add(node)
 
 
 def _pass_flatten(node: fx.Node, src, space, flat, block) -> None:
@@ -250,8 +266,8 @@ def _pass_flatten(node: fx.Node, src, space, flat, block) -> None:
     per = 1
     for d in shape[2:]:
         per *= int(d)
-    space[node] = space[src]
-    flat[node] = per
+    space[node] = [(g, off * per, per) for g, off, _ in space[src]]  # channel c -> columns [c·per, (c+1)·per)
+    flat.add(node)
 
 
 @torch.no_grad()
@@ -267,24 +283,22 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: dict[int
             raise ValueError(f"remove_channels: group {i} keeps {idx.numel()} of {g.size} channels; it must keep "
                              "at least one, with indices below its size.")
         chosen[i] = idx
-    # every module's channel axis as segments (offset, group, columns per channel): one segment, or one per
+    # every module's channel axis as segments (offset, group, entries per channel): one segment, or one per
     # input of a torch.cat; a segment whose group keeps everything keeps all of its channels
     layout: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
     for i, g in enumerate(groups):
         for name, role, factor in g.members:
-            layout.setdefault((name, "cols" if role == "in" else "rows"), []).append(
-                (g.spans.get(name, (0, 0))[0], i, factor))
+            layout.setdefault((name, "cols" if role == "in" else "rows"), []).append((g.offset(name), i, factor))
     rows: dict[str, Tensor] = {}
     cols: dict[str, Tensor] = {}
     for (name, axis), segs in layout.items():
         if not any(i in chosen for _, i, _ in segs):
             continue
-        factor = segs[0][2]
-        chans = torch.cat([off + chosen.get(i, torch.arange(groups[i].size)) for off, i, _ in sorted(segs)])
-        if axis == "cols":
-            cols[name] = (chans[:, None] * factor + torch.arange(factor)).reshape(-1) if factor > 1 else chans
-        else:
-            rows[name] = chans
+        parts = []
+        for off, i, factor in sorted(segs):
+            chans = chosen.get(i, torch.arange(groups[i].size))
+            parts.append(off + ((chans[:, None] * factor + torch.arange(factor)).reshape(-1) if factor > 1 else chans))
+        (cols if axis == "cols" else rows)[name] = torch.cat(parts)
     for name in set(rows) | set(cols):
         _slice(model.get_submodule(name), rows.get(name), cols.get(name))
 

@@ -19,6 +19,14 @@ with W_k ⊙ T_k (Eq. (1)). Three ingredients:
 Conv and FC layers can be operated on in separate phases (Sec. 3.4, against vanishing gradients): give
 ``iter_start``/``iter_stop`` per layer type, e.g. :meth:`DNS.separate_phases`. The iteration ``i`` of the
 probability counts from a layer's own start.
+
+Not in the paper: a floor on what a layer keeps. Where a layer's weights are near-uniform in magnitude (a
+random initialization, a layer whose weights all sit in one band), σ_k is about a third of μ_k and the
+default c = 3 puts a_k above every |w|: the whole layer is pruned and the network computes a constant.
+``min_per_output`` (default 1) keeps that many of the largest |w| of each output unit (a row of a Linear, a
+filter of a convolution) whose mask would keep fewer, and logs a warning naming the layers; with
+``min_per_output=0`` a layer about to lose every weight is refused (ValueError) unless
+``allow_empty_layers=True``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model, check_positive
 from ..masks import attach_masks, freeze_masks, layer_kind, original, prunable_layers
@@ -37,7 +46,8 @@ from ..plan import Plan
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, run_training
 
-__all__ = ["DNS", "DNSConfig", "dns_update_mask", "dns_thresholds", "surgery_probability", "calibrate_c_rate"]
+__all__ = ["DNS", "DNSConfig", "dns_update_mask", "dns_thresholds", "surgery_probability", "calibrate_c_rate",
+           "keep_per_output"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,27 @@ def surgery_probability(iteration: int, gamma: float, power: float) -> float:
     return (1.0 + gamma * iteration) ** (-power)
 
 
+def keep_per_output(w: Tensor, mask: Tensor, k: int) -> int:
+    """Set ``mask`` (in place) to 1 on the ``k`` largest |w| of every output unit (dim 0: a row, a filter) that
+    keeps fewer than ``k``; returns how many units that was. Not in the paper: the floor that stops DNS from
+    emptying a layer."""
+    if k <= 0:
+        return 0
+    rows = mask.view(mask.shape[0], -1)  # (out, fan_in), a view: writes reach ``mask``
+    k = min(k, rows.shape[1])
+    short = rows.sum(1) < k
+    n = int(short.sum())
+    if n:
+        top = w.detach().abs().reshape(w.shape[0], -1)[short].topk(k, dim=1).indices
+        rows[short] = rows[short].scatter(1, top, 1.0)
+    return n
+
+
+def _module_attr(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    mod, _, attr = fqn.rpartition(".")
+    return model.get_submodule(mod), attr
+
+
 @dataclass
 class _LayerState:
     tensors: list[str]
@@ -104,6 +135,7 @@ class _LayerState:
     pruned: int = 0          # 1 -> 0 transitions so far
     spliced: int = 0         # 0 -> 1 transitions so far
     updates: int = 0
+    floored: int = 0         # output units the min_per_output floor kept alive, summed over updates
 
 
 class DNS(Callback):
@@ -117,6 +149,9 @@ class DNS(Callback):
             steps of this callback. Default: the official code's stops, 10,000 (conv) and 8,000 (fc).
         low, high: band factors around max(μ + cσ, 0); 0.9 and 1.1 in the official code.
         include_bias: mask biases too (the released models do).
+        min_per_output: keep at least this many weights (the largest |w|) in each output unit at every mask
+            update, and log a warning naming the layers where this binds (not in the paper; 0 disables).
+        allow_empty_layers: with ``min_per_output=0``, let a layer lose every weight instead of raising.
         seed: seed of the callback's own generator (the update draws); saved with its state.
         log_every: record per-layer kept %, pruned and spliced counts every this many iterations.
 
@@ -127,14 +162,16 @@ class DNS(Callback):
     def __init__(self, c_rate: float | Mapping[str, float] = 3.0, *, gamma: float = 1e-3, power: float = 1.0,
                  iter_start: int | Mapping[str, int] = 0,
                  iter_stop: int | Mapping[str, int] | None = None,
-                 low: float = 0.9, high: float = 1.1, include_bias: bool = True, seed: int = 0,
-                 log_every: int = 100) -> None:
+                 low: float = 0.9, high: float = 1.1, include_bias: bool = True, min_per_output: int = 1,
+                 allow_empty_layers: bool = False, seed: int = 0, log_every: int = 100) -> None:
         owner = "DNS"
         iter_stop = dict(OFFICIAL_ITER_STOP) if iter_stop is None else iter_stop
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
             raise ValueError(f"{owner}: gamma must be a number >= 0; got {gamma!r}.")
         check_positive(owner, "power", power)
         check_positive(owner, "log_every", log_every, integer=True)
+        if isinstance(min_per_output, bool) or not isinstance(min_per_output, int) or min_per_output < 0:
+            raise ValueError(f"{owner}: min_per_output must be an int >= 0; got {min_per_output!r}.")
         if not 0 < low <= 1 <= high:
             raise ValueError(f"{owner}: need 0 < low <= 1 <= high; got low={low!r}, high={high!r}.")
         for name, v in (("iter_start", iter_start), ("iter_stop", iter_stop)):
@@ -147,6 +184,7 @@ class DNS(Callback):
         self.c_rate, self.gamma, self.power = c_rate, gamma, power
         self.iter_start, self.iter_stop = iter_start, iter_stop
         self.low, self.high, self.include_bias, self.seed, self.log_every = low, high, include_bias, seed, log_every
+        self.min_per_output, self.allow_empty_layers = min_per_output, allow_empty_layers
         self.layers_: dict[str, _LayerState] = {}
         self.iteration_ = 0
         self.history_: list[dict[str, Any]] = []
@@ -154,6 +192,7 @@ class DNS(Callback):
         self._model: nn.Module | None = None
         self._masks: dict[str, Any] = {}
         self._started = False
+        self._warned: set[str] = set()  # layers whose floor binding was already logged
 
     @classmethod
     def separate_phases(cls, conv_iters: int, fc_iters: int, **kwargs: Any) -> DNS:
@@ -194,11 +233,18 @@ class DNS(Callback):
                 tensors, kind, float(self._pick(self.c_rate, name, kind)),
                 int(self._pick(self.iter_start, name, kind)), int(self._pick(self.iter_stop, name, kind)))
         # Mask modules are fixed once attached (a resume copies into their buffers), so look them up once.
-        self._masks = attach_masks(model, [t for s in self.layers_.values() for t in s.tensors],
-                                   straight_through=True)
+        tensors = [t for s in self.layers_.values() for t in s.tensors]
+        fresh = [t for t in tensors if not parametrize.is_parametrized(*_module_attr(model, t))]
+        self._masks = attach_masks(model, tensors, straight_through=True)
         self._model = model
         self._started = False
-        self._begin()
+        try:
+            self._begin()
+        except ValueError:  # a layer would lose every weight: leave the model as it came
+            for t in fresh:
+                parametrize.remove_parametrizations(*_module_attr(model, t), leave_parametrized=False)
+            self._masks, self._model = {}, None
+            raise
 
     def on_train_start(self, trainer: Trainer) -> None:
         super().on_train_start(trainer)
@@ -225,7 +271,9 @@ class DNS(Callback):
         assert self._model is not None
         model, i = self._model, self.iteration_
         masks = self._masks
-        for s in self.layers_.values():
+        updates: list[tuple[_LayerState, str, Tensor]] = []  # every new mask first, so a refusal changes nothing
+        floored: list[str] = []
+        for name, s in self.layers_.items():
             draw = float(torch.rand(1, generator=self._gen))  # one draw per layer per iteration, always
             if not s.start <= i < s.stop:
                 continue
@@ -233,13 +281,33 @@ class DNS(Callback):
                 s.a, s.b = dns_thresholds([original(model, t) for t in s.tensors], s.c, self.low, self.high)
             if surgery_probability(i - s.start, self.gamma, self.power) <= draw:
                 continue
-            s.updates += 1
             for t in s.tensors:
-                mask = masks[t].mask
-                new = dns_update_mask(original(model, t), mask, s.a, s.b)
-                s.pruned += int(((mask == 1) & (new == 0)).sum())
-                s.spliced += int(((mask == 0) & (new == 1)).sum())
-                mask.copy_(new)
+                w = original(model, t)
+                new = dns_update_mask(w, masks[t].mask, s.a, s.b)
+                if t == s.tensors[0]:  # the weight: the floor, or the refusal to empty the layer
+                    n = keep_per_output(w, new, self.min_per_output)
+                    if n:
+                        s.floored += n
+                        floored.append(name)
+                    elif not self.allow_empty_layers and not bool(new.any()):
+                        raise ValueError(
+                            f"dns: layer {name!r} would lose every weight at iteration {i} (every |w| < "
+                            f"a = {s.a:.3g}, c_rate = {s.c:g}); lower its c_rate, set min_per_output >= 1, or "
+                            "pass allow_empty_layers=True.")
+                updates.append((s, t, new))
+        for s in {id(s): s for s, _, _ in updates}.values():
+            s.updates += 1
+        for s, t, new in updates:
+            mask = masks[t].mask
+            s.pruned += int(((mask == 1) & (new == 0)).sum())
+            s.spliced += int(((mask == 0) & (new == 1)).sum())
+            mask.copy_(new)
+        fresh = [n for n in floored if n not in self._warned]
+        if fresh:
+            self._warned.update(fresh)
+            log.warning("dns: layer(s) %s would lose every weight of some output units (c_rate too large for "
+                        "near-uniform weights?); kept the %d largest |w| of each (min_per_output)",
+                        ", ".join(repr(n) for n in fresh), self.min_per_output)
         if i % self.log_every == 0:
             for name, s in self.layers_.items():
                 kept = sum(float(masks[t].mask.sum()) for t in s.tensors)
@@ -250,13 +318,13 @@ class DNS(Callback):
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per layer: c, thresholds, mask updates done, connections pruned and spliced back so far."""
         return {n: {"c": s.c, "a": s.a, "b": s.b, "updates": s.updates, "pruned": s.pruned, "spliced": s.spliced,
-                    "window": [s.start, s.stop]} for n, s in self.layers_.items()}
+                    "floored": s.floored, "window": [s.start, s.stop]} for n, s in self.layers_.items()}
 
     # -- checkpoint state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration_, "generator": self._gen.get_state(), "history": list(self.history_),
-                "layers": {n: {"a": s.a, "b": s.b, "pruned": s.pruned, "spliced": s.spliced, "updates": s.updates}
-                           for n, s in self.layers_.items()}}
+                "layers": {n: {"a": s.a, "b": s.b, "pruned": s.pruned, "spliced": s.spliced, "updates": s.updates,
+                               "floored": s.floored} for n, s in self.layers_.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration_ = int(state["iteration"])
@@ -267,6 +335,7 @@ class DNS(Callback):
                 raise ValueError(f"DNS: checkpoint has layer {n!r} that this model lacks.")
             s = self.layers_[n]
             s.a, s.b, s.pruned, s.spliced, s.updates = v["a"], v["b"], v["pruned"], v["spliced"], v["updates"]
+            s.floored = int(v.get("floored", 0))
 
 
 @dataclass(frozen=True)
@@ -283,6 +352,9 @@ class DNSConfig(TrainConfig):
     low: float = option(0.9, "a_k = low x max(mu + c sigma, 0)", low=0, low_open=True, high=1)
     high: float = option(1.1, "b_k = high x max(mu + c sigma, 0)", low=1)
     include_bias: bool = option(True, "mask biases too (the released models do)")
+    min_per_output: int = option(1, "keep at least this many weights per output unit (warns when it binds; 0: off)",
+                                 low=0)
+    allow_empty_layers: bool = option(False, "with min_per_output=0, let a layer lose every weight")
     log_every: int = option(100, "history record period in steps", low=1)
 
 
@@ -297,7 +369,8 @@ def _compare_entry(p: Plan) -> list[dict[str, Any]]:
           citation="Guo, Yao, Chen 2016, arXiv:1608.04493, Eq. (1)-(3), Sec. 3.2-3.4",
           summary="prune and splice while training: band thresholds, straight-through masks")
 def _run_dns(model: nn.Module, cfg: DNSConfig, ctx: StageContext) -> dict[str, Any]:
-    keys = ("c_rate", "gamma", "power", "iter_start", "iter_stop", "low", "high", "include_bias", "log_every")
+    keys = ("c_rate", "gamma", "power", "iter_start", "iter_stop", "low", "high", "include_bias", "min_per_output",
+            "allow_empty_layers", "log_every")
     surgery = DNS(**{k: getattr(cfg, k) for k in keys}, seed=cfg.seed)
     report = run_training(model, ctx, cfg, surgery)
     return {**report, "surgery": surgery.summary()}

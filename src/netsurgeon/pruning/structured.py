@@ -80,6 +80,28 @@ def _check_plain(model: nn.Module, owner: str) -> None:
                          "filters first, then prune or share weights.")
 
 
+def _blocked_reasons(groups: list[ChannelGroup]) -> str:
+    return "; ".join(sorted({b for g in groups for b in g.blocked})) or "-"
+
+
+def _removable(groups: list[ChannelGroup], owner: str, ranked=None, what: str = "what this method ranks"
+               ) -> list[ChannelGroup]:
+    """The groups that can shrink (and, with ``ranked``, that the method can rank: ``ranked(g)`` true); raises a
+    one-line ValueError naming what blocks them when there is none, so no method runs (or trains) for nothing."""
+    ok = [g for g in groups if g.prunable]
+    if not ok:
+        raise ValueError(f"{owner}: no channel group of this model can shrink, so nothing would be removed "
+                         f"(blocked by: {_blocked_reasons(groups)}).")
+    if ranked is not None and not any(ranked(g) for g in ok):
+        raise ValueError(f"{owner}: no removable channel group has {what} (the groups that have one are blocked "
+                         f"by: {_blocked_reasons(groups)}); nothing would be removed.")
+    return ok
+
+
+def _has_bn(g: ChannelGroup) -> bool:
+    return any(role == "bn" for _, role, _ in g.members)
+
+
 def _scores(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
     s = torch.zeros(g.size)
     for name in g.producers:
@@ -101,6 +123,18 @@ def l1_filter_prune(model: nn.Module, fraction: float | Mapping[str, float], inp
     channels. Returns one report per shrunk group."""
     _check_plain(model, "l1_filters")
     groups = channel_groups(model, input_shape)
+    if isinstance(fraction, Mapping):
+        known = {p for g in groups for p in g.producers}
+        unknown = sorted(set(fraction) - known)
+        if unknown:
+            raise ValueError(f"l1_filters: {unknown[0]!r} is not a layer whose filters can be pruned; "
+                             f"choose from {sorted(p for g in groups if g.prunable for p in g.producers)}.")
+        for g in groups:
+            named = [p for p in g.producers if p in fraction and fraction[p] > 0]
+            if named and not g.prunable:
+                raise ValueError(f"l1_filters: layer {named[0]!r} cannot lose filters: its channels reach "
+                                 f"{'; '.join(g.blocked)}.")
+    _removable(groups, "l1_filters")
     keep, reports = {}, []
     for i, g in enumerate(groups):
         if not g.prunable:
@@ -117,12 +151,9 @@ def l1_filter_prune(model: nn.Module, fraction: float | Mapping[str, float], inp
             continue
         keep[i] = torch.topk(_scores(model, g), n_keep).indices.sort().values
         reports.append(FilterReport(tuple(g.producers), g.size, n_keep, tuple(keep[i].tolist())))
-    if isinstance(fraction, Mapping):
-        known = {p for g in groups for p in g.producers}
-        unknown = sorted(set(fraction) - known)
-        if unknown:
-            raise ValueError(f"l1_filters: {unknown[0]!r} is not a layer whose filters can be pruned; "
-                             f"choose from {sorted(known)}.")
+    if not reports:
+        log.warning("l1_filters: fraction %r rounds to no channel in any group (min_channels=%d, round_to=%d); "
+                    "nothing removed", fraction, min_channels, round_to)
     before = layer_sizes(model)
     remove_channels(model, groups, keep)
     record_resized(model, resized_record(model, before))
@@ -161,16 +192,17 @@ def _run_l1_filters(model: nn.Module, cfg: L1FiltersConfig, ctx: StageContext) -
 
 
 def _remove_by_score(model: nn.Module, input_shape: tuple[int, ...], score, fraction: float, min_channels: int,
-                     owner: str, round_to: int = 1) -> list[FilterReport]:
+                     owner: str, round_to: int = 1, what: str | None = None) -> list[FilterReport]:
     """Remove the ``fraction`` of all removable channels with the smallest ``score(group)`` values, one
-    threshold across every group (channels scoring exactly 0 always go), keeping ``min_channels`` per group."""
+    threshold across every group (channels scoring exactly 0 always go), keeping ``min_channels`` per group.
+    ``what`` (what the score ranks): refuse when no removable group has it; None: nothing to remove is fine."""
     _check_plain(model, owner)
     groups = channel_groups(model, input_shape)
+    if what is not None:
+        _removable(groups, owner, lambda g: score(g) is not None, what)
     scored = {i: score(g) for i, g in enumerate(groups) if g.prunable}
     scored = {i: s for i, s in scored.items() if s is not None}
     if not scored:
-        log.warning("%s: no removable channel group has what this method ranks (blocked: %s); nothing removed",
-                    owner, "; ".join(sorted({b for g in groups for b in g.blocked})) or "-")
         return []
     allv = torch.cat(list(scored.values()))
     k = int(round(fraction * allv.numel()))
@@ -219,18 +251,25 @@ def slim(model: nn.Module, fraction: float, input_shape: tuple[int, ...], *, min
     """Remove the ``fraction`` of BatchNorm-scaled channels with the smallest |γ|, one global threshold (Liu et
     al. 2017, Sec. 4: "a global threshold across all layers"); a residual group's score sums its |γ|s."""
     def score(g: ChannelGroup):
-        bns = [n for n, role, _ in g.members if role == "bn"]
+        bns = [(n, f) for n, role, f in g.members if role == "bn"]
         if not bns:
             return None
-        return sum(g.channels(n, model.get_submodule(n).weight.detach().abs().cpu()) for n in bns)
+        # a BatchNorm1d after a flatten holds f scales per channel: the channel's score sums them
+        return sum(g.channels(n, model.get_submodule(n).weight.detach().abs().cpu(), f).reshape(g.size, -1).sum(1)
+                   for n, f in bns)
 
-    return _remove_by_score(model, input_shape, score, fraction, min_channels, "slimming", round_to)
+    return _remove_by_score(model, input_shape, score, fraction, min_channels, "slimming", round_to,
+                            what="a BatchNorm scale")
 
 
 class GroupLassoProximal(Callback):
     """Structured sparsity learning's group Lasso (Wen et al. 2016, Eq. 2; Lebedev & Lempitsky 2016) on
     filter-wise groups (a producer's output rows) and channel-wise groups (a consumer's input columns), applied
-    as proximal steps after each optimizer step: ``w_g <- w_g · max(0, 1 − lr·λ/‖w_g‖₂)``, exact zeros."""
+    as proximal steps after each optimizer step: ``w_g <- w_g · max(0, 1 − lr·λ/‖w_g‖₂)``, exact zeros, with
+    ``lr`` the learning rate of the optimizer's parameter group that holds the weight.
+
+    In the user's own loop pass the optimizer: ``prepare(model, optimizer=opt)`` (the step size is lr·λ; without
+    it :meth:`after_step` raises rather than take no step)."""
 
     def __init__(self, lam_filter: float, lam_channel: float, input_shape: tuple[int, ...],
                  lam_shape: float = 0.0) -> None:
@@ -238,31 +277,46 @@ class GroupLassoProximal(Callback):
         self.lam_shape = lam_shape
         self._groups: list[ChannelGroup] = []
         self._convs: list[nn.Module] = []
+        self._optimizer: torch.optim.Optimizer | None = None
 
-    def prepare(self, model: nn.Module, **_: Any) -> None:
+    def prepare(self, model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None, **_: Any) -> None:
         _check_plain(model, "ssl")
         self._model = model
+        if optimizer is not None:
+            self._optimizer = optimizer
         self._groups = [g for g in channel_groups(model, self.input_shape) if g.prunable]
         # shape-wise groups (Wen et al. Sec. 3.3): one group per (input channel, kernel position) of a
         # convolution, across all its filters: a column of the lowered (im2col) weight matrix
         self._convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1]
 
+    def _learning_rates(self, trainer: Trainer | None) -> dict[int, float]:
+        """id(parameter) -> its learning rate now (schedules change it every step)."""
+        opt = trainer.optimizer if trainer is not None else self._optimizer
+        if opt is None:
+            raise ValueError("ssl: the proximal step is lr·λ and no optimizer was given; in your own loop call "
+                             "prepare(model, optimizer=opt) before training.")
+        return {id(p): float(group["lr"]) for group in opt.param_groups for p in group["params"]}
+
     @torch.no_grad()
     def after_step(self, trainer: Trainer | None = None) -> None:
         if trainer is not None and not self._groups:
             self.prepare(trainer.model)
-        lr = trainer.optimizer.param_groups[0]["lr"] if trainer is not None else 0.0
+        lrs = self._learning_rates(trainer)
+
+        def lr(w: torch.Tensor) -> float:
+            return lrs.get(id(w), 0.0)  # a weight the optimizer does not train takes no step
+
         for g in self._groups:
             for name, role, factor in g.members:
                 w = self._model.get_submodule(name).weight
                 if role == "out" and self.lam_filter > 0:
-                    _group_shrink(w.reshape(w.shape[0], -1), lr * self.lam_filter)
+                    _group_shrink(w.reshape(w.shape[0], -1), lr(w) * self.lam_filter)
                 elif role == "in" and self.lam_channel > 0:
                     cols = g.channels(name, w, factor)  # (channel, out, k); after a flatten, k = its H·W columns
-                    _group_shrink(cols.reshape(cols.shape[0], -1), lr * self.lam_channel, view_of=cols)
+                    _group_shrink(cols.reshape(cols.shape[0], -1), lr(w) * self.lam_channel, view_of=cols)
         if self.lam_shape > 0:
             for m in self._convs:
-                _group_shrink(m.weight.view(m.weight.shape[0], -1).t(), lr * self.lam_shape)
+                _group_shrink(m.weight.view(m.weight.shape[0], -1).t(), lr(m.weight) * self.lam_shape)
 
 
 def _group_shrink(rows: torch.Tensor, t: float, view_of: torch.Tensor | None = None) -> None:
@@ -298,9 +352,13 @@ def remove_zero_channels(model: nn.Module, input_shape: tuple[int, ...], *, min_
     return _remove_by_score(model, input_shape, score, 0.0, min_channels, "ssl")
 
 
-def _train_then_remove(model: nn.Module, cfg: TrainConfig, ctx: StageContext, callback, remove) -> dict[str, Any]:
-    """A training-time structured method's stage: train with ``callback(shape)``, then ``remove(shape)``."""
+def _train_then_remove(model: nn.Module, cfg: TrainConfig, ctx: StageContext, callback, remove,
+                       check=None) -> dict[str, Any]:
+    """A training-time structured method's stage: ``check(groups)`` (refuse before training when nothing could
+    be removed), train with ``callback(shape)``, then ``remove(shape)``."""
     shape = _input_shape(model, ctx)
+    if check is not None:
+        check(channel_groups(model, shape))
     report = run_training(model, ctx, cfg, callback(shape))
     return {**report, "groups": [{"layers": list(r.layers), "before": r.before, "after": r.after}
                                  for r in remove(shape)]}
@@ -324,9 +382,14 @@ class SlimmingConfig(TrainConfig):
                    "through Network Slimming, Eq. 1 and Sec. 4",
           summary="train with l1 on BatchNorm scales, then remove the channels with the smallest scales")
 def _run_slimming(model: nn.Module, cfg: SlimmingConfig, ctx: StageContext) -> dict[str, Any]:
+    def check(groups: list[ChannelGroup]) -> None:
+        if not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.weight is not None for m in model.modules()):
+            raise ValueError("slimming: the model has no BatchNorm layer with a scale (affine=True) to make sparse.")
+        _removable(groups, "slimming", _has_bn, "a BatchNorm scale")
+
     return _train_then_remove(model, cfg, ctx, lambda shape: SlimmingPenalty(cfg.lam),
                               lambda shape: slim(model, cfg.fraction, shape, min_channels=cfg.min_channels,
-                                                 round_to=cfg.round_to))
+                                                 round_to=cfg.round_to), check)
 
 
 @dataclass(frozen=True)
@@ -349,9 +412,13 @@ class SSLConfig(TrainConfig):
                    "2016",
           summary="train with a group Lasso on filters and channels (proximal steps), then remove zeroed ones")
 def _run_ssl(model: nn.Module, cfg: SSLConfig, ctx: StageContext) -> dict[str, Any]:
+    def check(groups: list[ChannelGroup]) -> None:
+        if cfg.lam_shape == 0:  # shape-wise groups need no removable channel
+            _removable(groups, "ssl")
+
     report = _train_then_remove(
         model, cfg, ctx, lambda shape: GroupLassoProximal(cfg.lam_filter, cfg.lam_channel, shape, cfg.lam_shape),
-        lambda shape: remove_zero_channels(model, shape, min_channels=cfg.min_channels))
+        lambda shape: remove_zero_channels(model, shape, min_channels=cfg.min_channels), check)
     if cfg.lam_shape > 0:
         report["masked_shapes"] = mask_zero_shapes(model)  # a later fine-tuning stage keeps them zero
     report["zero_shapes_pct"] = zero_shapes(model)

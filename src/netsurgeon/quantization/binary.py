@@ -33,38 +33,52 @@ is 0, which no binary code can hold).
 Where a layer's input is binarized, forward hooks on that layer do it, so parameter names do not change and a
 ``.nsz`` file records which layers binarize their input (the architecture record's ``binary_inputs``).
 The stored form is :class:`BinaryWeights`: one bit per weight plus one scale per output channel (or one).
+
+A binarized input must be able to be negative: sign(ReLU(x)) = +1 everywhere, and a layer fed that way computes
+a constant. BNN's activation is HardTanh with sign taken before any non-negative nonlinearity (Hubara et al.
+Sec. 1.1-1.2; the authors' code: BN → HardTanh → sign), so a ReLU or ReLU6 *module* whose output reaches only
+binarized inputs (through pooling, flatten or dropout) is replaced by ``nn.Hardtanh`` at :meth:`Binarize.prepare`
+and the architecture record lists it (``activations: {name: "hardtanh"}``) so a file rebuilds it. Anything else
+that leaves a binarized input non-negative (a functional ``F.relu``, a ReLU that also feeds a real layer, a
+sigmoid) is refused by name at the first forward pass, before the first training step.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from .._validation import check_finite_model
+from ..changes.activations import NONNEGATIVE, apply_activations
+from ..changes.binary_inputs import (
+    INPUT_MODES,
+    apply_binary_inputs,
+    binary_inputs_of,
+    install_binary_input,
+    sign_pm,
+)
 from ..forms.binary import BinaryWeights
 from ..masks import prunable_layers
 from ..plan import trained
 from ..registry import StageContext, option, register
 from ..train import Callback, TrainConfig, Trainer, recalibrate_batchnorm, run_training
 
+log = logging.getLogger(__name__)
+
 __all__ = ["sign_pm", "BinarizeWeights", "BinaryWeights", "Binarize", "install_binary_input",
            "binary_inputs_of", "apply_binary_inputs", "glorot_lr_scale", "BinaryConnectConfig", "BNNConfig",
-           "XNORConfig", "LABConfig", "loss_aware_alpha", "INPUT_MODES"]
+           "XNORConfig", "LABConfig", "loss_aware_alpha", "INPUT_MODES", "sign_safe_activations",
+           "apply_activations"]
 
-INPUT_MODES = ("sign", "scaled")   # BNN's sign(x); XNOR-Net's sign(x) with the β / K output scale
 _WEIGHT_MODES = ("sign", "stochastic", "alpha", "loss_aware")
-_HOOK_ATTR = "_netsurgeon_binary_input"
-
-
-def sign_pm(x: Tensor) -> Tensor:
-    """+1 where x >= 0, −1 elsewhere, in x's dtype."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
 class _SignIdentity(torch.autograd.Function):
@@ -77,20 +91,6 @@ class _SignIdentity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
         return g
-
-
-class _SignCancel(torch.autograd.Function):
-    """sign(x) forward, g · 1_{|x| <= 1} backward (BNN Eq. (4); XNOR-Net's activation STE)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return sign_pm(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
 
 
 class _StochasticSign(torch.autograd.Function):
@@ -176,81 +176,94 @@ class BinarizeWeights(nn.Module):
         return _SignIdentity.apply(w)
 
 
-class _InputBinarizer:
-    """Forward hooks binarizing a layer's input (BNN: sign; XNOR-Net: sign, output scaled by K or β)."""
+# ops between an activation and a binarized input that keep it a per-element function of the activation's output
+_PATH_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_PATH_FUNCTIONS = {torch.flatten, F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
+                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
+_PATH_METHODS = {"flatten", "view", "reshape", "contiguous"}
+_SHAPE_METHODS = {"size", "dim"}  # read only the shape: x.view(x.size(0), -1)
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self._k: Tensor | None = None
 
-    def pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+class _LayerTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)) or \
+            super().is_leaf_module(m, qualname)
+
+
+def sign_safe_activations(model: nn.Module, layers: set[str]) -> dict[str, str]:
+    """Replace, in place, every ReLU/ReLU6 module whose output reaches only the inputs of ``layers`` (through
+    pooling, flatten, reshape or dropout) by ``nn.Hardtanh``, BNN's activation: sign(ReLU(x)) is +1 everywhere,
+    sign(HardTanh(x)) = sign(x). A module called more than once, or whose output also reaches anything else, is
+    left alone (:class:`Binarize` then refuses the layer at the first forward pass). Returns ``{module name:
+    "hardtanh"}``, the record that rebuilds the change (:func:`apply_activations`); ``{}`` when torch.fx cannot
+    trace the model."""
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception:  # noqa: BLE001 - an untraceable model keeps its modules; the first-batch check still runs
+        return {}
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+
+    def on_path(u: fx.Node, n: fx.Node) -> bool:
+        if not u.args or u.args[0] is not n:
+            return False
+        if u.op == "call_module":
+            return isinstance(model.get_submodule(str(u.target)), _PATH_MODULES)
+        return (u.op == "call_function" and u.target in _PATH_FUNCTIONS) or \
+            (u.op == "call_method" and u.target in _PATH_METHODS)
+
+    def readers(n: fx.Node) -> list[fx.Node]:
+        out = []
+        for u in n.users:
+            if u.op == "call_method" and u.target in _SHAPE_METHODS:
+                continue
+            out += readers(u) if on_path(u, n) else [u]
+        return out
+
+    replaced = {}
+    for n in graph.nodes:
+        if n.op != "call_module" or calls[str(n.target)] != 1:
+            continue
+        if not isinstance(model.get_submodule(str(n.target)), NONNEGATIVE):
+            continue
+        ends = readers(n)
+        if ends and all(u.op == "call_module" and str(u.target) in layers for u in ends):
+            model.set_submodule(str(n.target), nn.Hardtanh())
+            replaced[str(n.target)] = "hardtanh"
+    return replaced
+
+
+def _batchnorm_follows(model: nn.Module, name: str) -> bool:
+    """Whether layer ``name``'s output goes only to a BatchNorm module (False when torch.fx cannot tell)."""
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception:  # noqa: BLE001 - untraceable: assume not
+        return False
+    for n in graph.nodes:
+        if n.op == "call_module" and str(n.target) == name:
+            users = list(n.users)
+            return len(users) == 1 and users[0].op == "call_module" and isinstance(
+                model.get_submodule(str(users[0].target)), (nn.BatchNorm1d, nn.BatchNorm2d))
+    return False
+
+
+class _FirstInputCheck:
+    """A one-time forward pre-hook (run before the binarizer's): a binarized input with no negative entry gives
+    sign = +1 everywhere, a constant layer; refuse it, naming the layer."""
+
+    def __init__(self, layer: nn.Module, name: str, method: str) -> None:
+        self.name, self.method = name, method
+        self.handle = layer.register_forward_pre_hook(self, prepend=True)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.handle.remove()
         x = args[0]
-        if self.mode == "scaled":
-            self._k = _input_scale(module, x)
-        return (_SignCancel.apply(x), *args[1:])
-
-    def post(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
-        if self.mode != "scaled":
-            return out
-        k, self._k = self._k, None
-        bias = getattr(module, "bias", None)
-        if bias is None:
-            return out * k
-        b = bias.view(1, -1, *([1] * (out.dim() - 2)))
-        return (out - b) * k + b
-
-
-def _input_scale(module: nn.Module, x: Tensor) -> Tensor:
-    """XNOR-Net's K (Eq. (11)) for a convolution: mean |x| over the input channels (of each group), averaged
-    over each filter window with the layer's stride, padding and dilation (zero padding counted, as the
-    convolution counts it), one value per output position (and group); β = mean |x| per sample (Eq. (10)) for
-    a Linear layer."""
-    if isinstance(module, nn.Linear):
-        return x.abs().mean(-1, keepdim=True)
-    conv = F.conv2d if isinstance(module, nn.Conv2d) else F.conv1d
-    g = module.groups  # type: ignore[union-attr]
-    a = x.abs().unflatten(1, (g, -1)).mean(2)  # [B, groups, *spatial]
-    box = torch.full((g, 1, *module.kernel_size), 1.0 / math.prod(module.kernel_size), dtype=x.dtype,  # type: ignore[union-attr]
-                     device=x.device)
-    k = conv(a, box, None, module.stride, module.padding, module.dilation, g)  # type: ignore[union-attr]
-    return k.repeat_interleave(module.out_channels // g, dim=1) if g > 1 else k  # type: ignore[union-attr]
-
-
-def install_binary_input(layer: nn.Module, mode: str) -> None:
-    """Binarize ``layer``'s input from now on (idempotent: a layer already binarizing keeps its hooks)."""
-    if mode not in INPUT_MODES:
-        raise ValueError(f"binary input: mode must be one of {INPUT_MODES}; got {mode!r}.")
-    if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-        raise ValueError(f"binary input: only Linear and Conv1d/2d layers binarize their input; got "
-                         f"{type(layer).__name__}.")
-    if getattr(layer, _HOOK_ATTR, None) is not None:
-        return
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.padding_mode != "zeros":
-        raise ValueError(f"binary input: padding_mode {layer.padding_mode!r} is not supported (zeros only).")
-    hook = _InputBinarizer(mode)
-    layer.register_forward_pre_hook(hook.pre)
-    layer.register_forward_hook(hook.post)
-    object.__setattr__(layer, _HOOK_ATTR, mode)
-
-
-def binary_inputs_of(model: nn.Module) -> dict[str, str]:
-    """``{layer name: mode}`` of every layer that binarizes its input."""
-    return {name: getattr(m, _HOOK_ATTR) for name, m in model.named_modules()
-            if getattr(m, _HOOK_ATTR, None) is not None}
-
-
-def apply_binary_inputs(model: nn.Module, inputs: dict[str, str], source: str = "file") -> nn.Module:
-    """Install the input binarization a file records; raises ValueError naming a layer that does not fit."""
-    for name, mode in inputs.items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{source}: binary-input layer {name!r} is not in the model.") from None
-        try:
-            install_binary_input(layer, mode)
-        except ValueError as e:
-            raise ValueError(f"{source}: layer {name!r}: {e}") from None
-    return model
+        if isinstance(x, Tensor) and x.numel() > 1 and not bool((x < 0).any()):
+            raise ValueError(
+                f"{self.method}: layer {self.name!r} binarizes its input, which has no negative value (it follows "
+                "a non-negative activation this method cannot replace, e.g. a functional relu): sign() would be +1 "
+                "everywhere and the layer constant; use a ReLU module there (it becomes HardTanh, BNN's "
+                "activation) or HardTanh, or keep the layer real (keep_first/keep_last).")
 
 
 def glorot_lr_scale(layer: nn.Module) -> float:
@@ -268,7 +281,10 @@ class Binarize(Callback):
         weights: ``sign``, ``stochastic`` or ``alpha`` (see :class:`BinarizeWeights`).
         inputs: None (weights only), ``sign`` (BNN) or ``scaled`` (XNOR-Net): binarize the input of every binary
             layer except the first (whose input is the data).
-        keep_first, keep_last: leave the first / last Linear-or-conv layer (in module order) real.
+        keep_first, keep_last: leave the first / last Linear-or-conv layer (in module order) real. ``keep_last=None``
+            (the default): real when the weights are unscaled ±1 (``sign``, ``stochastic``) and no BatchNorm follows
+            the last layer (the papers' nets have one: an unnormalized ±1 output layer cannot scale its logits, and
+            training collapses) and another layer is binarized, logged as a warning; binary otherwise.
         lr_scale: multiply each binary layer's update by :func:`glorot_lr_scale` (BinaryConnect, BNN).
         clip: clip the real weights to [-1, 1] after every update.
         seed: seed of the stochastic binarization draws (saved in checkpoints).
@@ -281,7 +297,7 @@ class Binarize(Callback):
     """
 
     def __init__(self, weights: str = "sign", inputs: str | None = None, *, keep_first: bool = False,
-                 keep_last: bool = False, lr_scale: bool = True, clip: bool = True, seed: int = 0,
+                 keep_last: bool | None = None, lr_scale: bool = True, clip: bool = True, seed: int = 0,
                  recalibrate_bn: bool = True) -> None:
         if weights not in _WEIGHT_MODES:
             raise ValueError(f"Binarize: weights must be one of {_WEIGHT_MODES}; got {weights!r}.")
@@ -294,6 +310,7 @@ class Binarize(Callback):
         self.layers: dict[str, nn.Module] = {}
         self.scales: dict[str, float] = {}
         self._before: dict[str, Tensor] = {}
+        self._checks: list[_FirstInputCheck] = []
 
     def prepare(self, model: nn.Module, *, train_data: Any = None,
                 optimizer: torch.optim.Optimizer | None = None, **_: Any) -> None:
@@ -301,10 +318,20 @@ class Binarize(Callback):
         self._train_data, self._optimizer = train_data, optimizer
         layers = prunable_layers(model, "binary")
         names = list(layers)
-        chosen = names[1 if self.keep_first else 0:len(names) - 1 if self.keep_last else len(names)]
+        keep_last = self._keep_last(model, names[-1]) if len(names) > (2 if self.keep_first else 1) else bool(
+            self.keep_last)  # the only layer left is binarized unless asked otherwise
+        chosen = names[1 if self.keep_first else 0:len(names) - 1 if keep_last else len(names)]
         if not chosen:
             raise ValueError(f"binary: no layer left to binarize (the model has {len(names)} layer(s) and "
-                             f"keep_first={self.keep_first}, keep_last={self.keep_last}).")
+                             f"keep_first={self.keep_first}, keep_last={keep_last}).")
+        binarized = [n for n in chosen if n != names[0]] if self.inputs is not None else []  # the data stays real
+        if binarized:  # sign(ReLU(x)) = +1: a ReLU feeding a binarized input becomes HardTanh (BNN's activation)
+            replaced = sign_safe_activations(model, set(binarized))
+            if replaced:
+                from ..changes.activations import record_activations
+
+                record_activations(model, replaced)
+                log.info("binary: %s fed binarized inputs; replaced by HardTanh", ", ".join(replaced))
         for name in chosen:
             m = layers[name]
             if parametrize.is_parametrized(m, "weight"):
@@ -319,11 +346,20 @@ class Binarize(Callback):
             parametrize.register_parametrization(m, "weight", BinarizeWeights(self.weights, self.generator))
             self.layers[name] = m
             self.scales[name] = glorot_lr_scale(m) if self.lr_scale else 1.0
-        if self.inputs is not None:
-            for name in chosen:
-                if name != names[0]:  # the first layer's input is the data: it stays real
-                    install_binary_input(layers[name], self.inputs)
+        for name in binarized:
+            install_binary_input(layers[name], self.inputs)  # type: ignore[arg-type]
+            self._checks.append(_FirstInputCheck(layers[name], name, "binary"))
         self._model = model
+
+    def _keep_last(self, model: nn.Module, last: str) -> bool:
+        if self.keep_last is not None:
+            return self.keep_last
+        if self.weights not in ("sign", "stochastic") or _batchnorm_follows(model, last):
+            return False
+        log.warning("binary: the last layer %r stays real: with ±1 weights and no BatchNorm after it its outputs "
+                    "cannot be scaled (BinaryConnect's and BNN's nets end with one); keep_last=False binarizes it "
+                    "anyway", last)
+        return True
 
     def _real(self, name: str) -> Tensor:
         return self.layers[name].parametrizations["weight"].original
@@ -361,6 +397,9 @@ class Binarize(Callback):
         """Replace the training parametrizations by :class:`BinaryWeights` (sign of the real weights, scale 1,
         or α per output filter for ``alpha``) and record the binary inputs on the model."""
         out = super().finalize(model)
+        for check in self._checks:  # a check that never saw a forward pass must not fire at inference
+            check.handle.remove()
+        self._checks = []
         from ..changes.binary_inputs import record_binary_inputs
 
         for m in prunable_layers(out, "binary").values():
@@ -413,7 +452,8 @@ class _BinaryTrain(TrainConfig):
     lr: float = option(1e-3, "learning rate", low=0, low_open=True)
     weight_decay: float = option(0.0, "L2 weight decay (the papers use none on binary weights)", low=0)
     keep_first: bool = option(False, "leave the first Linear/conv layer real")
-    keep_last: bool = option(False, "leave the last Linear/conv layer real")
+    keep_last: bool | None = option(None, "leave the last Linear/conv layer real (default: real for unscaled ±1 "
+                                          "weights when no BatchNorm follows it, else binary)")
     lr_scale: bool = option(True, "scale each binary layer's update by 1/sqrt(1.5/(fan_in+fan_out)) (the "
                                   "authors' code)")
 

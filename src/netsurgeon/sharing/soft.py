@@ -16,14 +16,21 @@ argmax_k π_k N(w | μ_k, σ_k²), so weights of component 0 become exactly zero
 all layers plus an index per weight (the k-means ``shared`` form), stored sparse + Huffman-coded in ``.nsz``.
 
 Choices not fixed by the paper, written down: the means start evenly spread over the pretrained weights' range
-(the paper; the code uses ±0.6), all standard deviations at ``init_std`` (code 0.25), the merge threshold is ours
-(the code merges only at KL < 1e-10, i.e. identical components), biases are left out of the prior and stay
-float (the code regularises and quantizes them; our tables count weights).
+(the paper; the code uses ±0.6); all standard deviations start at ``init_std`` = 0.02, the mean of the code's
+Gamma hyper-priors (precision α/β = 2500 for the zero and the other components alike), where the code starts
+at 0.25: with the fixed π_0 = 0.999 a weight leaves the zero component only when it sits several σ_0 from zero,
+and at the code's learning rates a 0.25 start is still ~0.1 after 30 epochs of digits, so every weight was
+quantized to zero (the network then computes a constant; :meth:`SoftWeightSharing.finalize` now refuses that).
+The merge threshold is ours (the code merges only at KL < 1e-10, i.e. identical components); biases are left out
+of the prior and stay float (the code regularises and quantizes them; our tables count weights).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,7 +43,9 @@ from ..forms.shared import SharedWeights
 from ..masks import prunable_layers
 from ..plan import trained
 from ..registry import StageContext, option, register
-from ..train import Callback, TrainConfig, Trainer, run_training
+from ..train import Callback, TrainConfig, Trainer, evaluate, run_training
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GaussianMixturePrior", "SoftWeightSharing", "SoftSharingConfig", "merge_components"]
 
@@ -47,7 +56,7 @@ class GaussianMixturePrior(nn.Module):
     """The mixture of Eq. (5): fixed zero component (μ_0 = 0, π_0), J learned means, J+1 log-precisions
     γ_j = log λ_j, J mixing logits (π_j = (1−π_0)·softmax(logits)_j)."""
 
-    def __init__(self, components: int, pi0: float, weights: Tensor, init_std: float = 0.25,
+    def __init__(self, components: int, pi0: float, weights: Tensor, init_std: float = 0.02,
                  gamma_zero: tuple[float, float] = (5000.0, 2.0), gamma_other: tuple[float, float] = (250.0, 0.1)
                  ) -> None:
         super().__init__()
@@ -114,13 +123,18 @@ def merge_components(mu: Tensor, var: Tensor, pi: Tensor, threshold: float) -> t
     return torch.stack(out_mu), torch.stack(out_var), torch.stack(out_pi)
 
 
+def _trainable_weight(m: nn.Module) -> Tensor:
+    """The tensor training updates: the weight, or the original under a pruning mask (its zeros stay zero)."""
+    return m.parametrizations["weight"].original if parametrize.is_parametrized(m, "weight") else m.weight
+
+
 class SoftWeightSharing(Callback):
     """Soft weight sharing as a training callback (module docstring). Its mixture has its own Adam optimizer
     (stepped in :meth:`after_step`), so it runs in ``ns.train`` and in the user's own loop alike (there, give
     ``n_train``, the training-set size that scales τ). A model with pruning masks keeps them: pruned weights
     stay zero and count in component 0 (e.g. DNS, then soft sharing)."""
 
-    def __init__(self, components: int = 17, pi0: float = 0.999, tau: float = 0.05, init_std: float = 0.25,
+    def __init__(self, components: int = 17, pi0: float = 0.999, tau: float = 0.05, init_std: float = 0.02,
                  lr_means: float = 1e-4, lr_log_precision: float = 3e-3, lr_mix: float = 3e-3,
                  hyperprior: bool = True, merge_kl: float = 1e-3, n_train: int | None = None) -> None:
         self.components, self.pi0, self.tau, self.init_std = components, pi0, tau, init_std
@@ -130,9 +144,11 @@ class SoftWeightSharing(Callback):
         self.opt: torch.optim.Optimizer | None = None
         self.layers: dict[str, nn.Module] = {}
         self.report: dict[str, Any] = {}
+        self._val_data: Any = None
 
-    def prepare(self, model: nn.Module, *, train_data: Any = None, **_: Any) -> None:
+    def prepare(self, model: nn.Module, *, train_data: Any = None, val_data: Any = None, **_: Any) -> None:
         check_finite_model("soft_sharing", model)
+        self._val_data = val_data
         self.layers = prunable_layers(model, "soft_sharing")
         for name, m in self.layers.items():
             kinds = [type(p).__name__ for p in m.parametrizations["weight"]] if parametrize.is_parametrized(
@@ -179,33 +195,88 @@ class SoftWeightSharing(Callback):
         self.opt.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def finalize(self, model: nn.Module | None = None) -> nn.Module:
-        """Merge components, give each weight its component's mean (zero for component 0), and leave one shared
-        codebook (SharedWeights) on every layer."""
-        out = super().finalize(model)
+    def assignments(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """The post-processing of Sec. 4.3 without touching the model: the merged means (zero component first)
+        and, per layer, each weight's component, argmax_k π_k N(w | μ_k, σ_k²) (an exact zero, a pruned
+        weight, stays in component 0)."""
         assert self.prior is not None
         mu, lam, log_pi = self.prior.mixture()
         mu, var, pi = merge_components(mu.detach(), 1 / lam.detach(), log_pi.detach().exp(), self.merge_kl)
+        out = {}
+        for name, m in self.layers.items():
+            w = m.weight.detach().reshape(-1)
+            resp = torch.log(pi) - 0.5 * var.log() - 0.5 * (w.unsqueeze(1) - mu) ** 2 / var
+            out[name] = torch.where(w == 0, 0, resp.argmax(1)).reshape(m.weight.shape)
+        self._merged = (mu, var, pi)
+        return mu, out
+
+    @contextmanager
+    def quantized(self) -> Iterator[nn.Module]:
+        """Within the block the model computes with the weights :meth:`finalize` would store (each weight its
+        component's mean); the trained weights come back after it. For choosing an epoch, or checking the
+        quantization, on validation data."""
+        mu, index = self.assignments()
+        saved = {}
+        with torch.no_grad():
+            for name, k in index.items():
+                w = _trainable_weight(self.layers[name])
+                saved[name] = w.detach().clone()
+                w.copy_(mu[k])
+        try:
+            yield self._model
+        finally:
+            with torch.no_grad():
+                for name, w0 in saved.items():
+                    _trainable_weight(self.layers[name]).copy_(w0)
+
+    @torch.no_grad()
+    def finalize(self, model: nn.Module | None = None) -> nn.Module:
+        """Merge components, give each weight its component's mean (zero for component 0), and leave one shared
+        codebook (SharedWeights) on every layer. With validation data (given to :meth:`prepare`), the report
+        gains the validation accuracy before and after this quantization, and a drop of more than 10 points is
+        logged as a warning.
+
+        Raises:
+            ValueError: every weight of a layer falls to the zero component (the network would compute a
+                constant); nothing is changed.
+        """
+        out = super().finalize(model)
+        acc = {}
+        if self._val_data is not None:  # what quantizing to the component means costs, on validation data
+            acc["val_acc_retrained"] = evaluate(out, self._val_data)[1]
+            with self.quantized():
+                acc["val_acc_quantized"] = evaluate(out, self._val_data)[1]
+            if acc["val_acc_quantized"] < acc["val_acc_retrained"] - 0.1:
+                log.warning("soft_sharing: quantizing to the component means drops validation accuracy from %.3f "
+                            "to %.3f (the mixture has not fit the weights yet); train longer",
+                            acc["val_acc_retrained"], acc["val_acc_quantized"])
+        mu, index = self.assignments()
+        empty = [name for name, k in index.items() if not bool((k != 0).any())]
+        if empty:
+            _, var, _ = self._merged
+            raise ValueError(
+                f"soft_sharing: every weight of layer(s) {', '.join(map(repr, empty))} falls to the zero component, "
+                f"so the network would compute a constant (the mixture has not fit the weights yet: widest σ "
+                f"{float(var.sqrt().max()):.3g}); train longer, or raise lr_log_precision / lower init_std. Nothing "
+                "was quantized.")
+        _, var, pi = self._merged
         book = nn.Parameter(mu[1:].clone())
         kept_total = 0
         used = torch.zeros(mu.numel(), dtype=torch.bool)
-        for m in self.layers.values():
-            w = m.weight.detach().reshape(-1)
-            resp = torch.log(pi) - 0.5 * var.log() - 0.5 * (w.unsqueeze(1) - mu) ** 2 / var
-            k = torch.where(w == 0, 0, resp.argmax(1))  # an exact zero (a pruned weight) stays zero
+        for name, m in self.layers.items():
+            k = index[name]
             used[k.unique()] = True
             kept_total += int((k != 0).sum())
-            index = k.reshape(m.weight.shape)
             if parametrize.is_parametrized(m, "weight"):  # a pruning mask: its zeros are in component 0 already
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-            p = SharedWeights(book.detach(), index)
+            p = SharedWeights(book.detach(), k)
             p.codebook = book  # one codebook for every layer, as in the paper
             parametrize.register_parametrization(m, "weight", p, unsafe=True)
         n = sum(m.weight.numel() for m in self.layers.values())
         self.report = {"components_trained": int(self.components), "components_after_merge": int(mu.numel()),
                        "components_used": int(used.sum()), "kept": kept_total / max(n, 1),
                        "means": [round(float(v), 6) for v in mu], "stds": [round(float(v), 6) for v in var.sqrt()],
-                       "mixing": [float(v) for v in pi]}
+                       "mixing": [float(v) for v in pi], **acc}
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -233,7 +304,8 @@ class SoftSharingConfig(TrainConfig):
     pi0: float = option(0.999, "fixed mixing proportion of the zero component", low=0, high=1, low_open=True,
                         high_open=True)
     tau: float = option(0.05, "weight of the prior, τ (Eq. (6)); the loss adds (τ/N)·(−log prior)", low=0)
-    init_std: float = option(0.25, "initial standard deviation of every component", low=0, low_open=True)
+    init_std: float = option(0.02, "initial standard deviation of every component (the hyper-priors' mean; the "
+                                   "code's 0.25 needs hundreds of epochs to shrink)", low=0, low_open=True)
     lr_means: float = option(1e-4, "Adam LR of the means", low=0, low_open=True)
     lr_log_precision: float = option(3e-3, "Adam LR of the log precisions", low=0, low_open=True)
     lr_mix: float = option(3e-3, "Adam LR of the mixing logits", low=0, low_open=True)
@@ -241,7 +313,8 @@ class SoftSharingConfig(TrainConfig):
     merge_kl: float = option(1e-3, "merge components whose symmetric KL divergence is below this", low=0)
 
 
-@register("soft_sharing", family="sharing", compare=trained("soft_sharing"), quick={"epochs": 1, "tau": 0.5},
+@register("soft_sharing", family="sharing", compare=trained("soft_sharing"),
+          quick={"epochs": 1, "tau": 0.5, "init_std": 0.005},  # random weights: narrow, or all go to zero
           kind="training", config=SoftSharingConfig, gives="shared", needs_data=True,
           citation=_CITE, summary="retrain under a learned Gaussian-mixture prior, then quantize each weight to its "
                                   "component's mean (zero component: pruned)")

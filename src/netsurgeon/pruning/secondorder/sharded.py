@@ -6,16 +6,13 @@ per-sample gradients and receives every sample's entries of its own blocks, so t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ... import distributed as ddp
 from ...stats import gradient_rows
-
-if TYPE_CHECKING:
-    from .curvature import FitJob
 
 __all__ = ["exchange_chunk", "gradient_columns"]
 
@@ -26,8 +23,9 @@ def exchange_chunk(num_grads: int, ranks: int) -> int:
     return max(1, min(32, num_grads // (4 * ranks)))
 
 
-def gradient_columns(job: FitJob) -> tuple[Tensor, list[Tensor]]:
-    """Every gradient row's entries in this rank's columns. Rank r computes rows i ≡ r (mod W), ``chunk`` at a
+def gradient_columns(job: Any) -> tuple[Tensor, list[Tensor]]:
+    """Every gradient row's entries in this rank's columns (``job``: the fit's ``curvature.FitJob``, which imports
+    this module). Rank r computes rows i ≡ r (mod W), ``chunk`` at a
     time; after each chunk one all-to-all sends every rank the columns of its blocks, so a rank never holds more
     than its (m, d/W) share plus two exchange buffers of ``chunk`` x W rows of d/W (chunk <= m/4W, so the buffers
     stay under half the share). Returns the (num_grads, hi - lo) columns and the two buffers, which the caller

@@ -29,7 +29,7 @@ def _binary_chains(gm: fx.GraphModule) -> list[list[tuple[fx.Node, fx.Node | Non
     """Runs of BNN units [(binary Linear, BatchNorm1d or None, HardTanh or None), ...]: each unit's output (after
     its BatchNorm and sign-keeping activation) is used only by the next unit's Linear, which binarizes its input
     by sign. The last unit's activation stays outside the run."""
-    from ...quantization.binary import binary_inputs_of
+    from ...changes.binary_inputs import binary_inputs_of
 
     hooks = binary_inputs_of(gm)
 
@@ -73,7 +73,7 @@ def chain_modules(gm: fx.GraphModule, chain: list[tuple[fx.Node, fx.Node | None,
                   ) -> tuple[BinaryChain, list[nn.Module]]:
     """The :class:`BinaryChain` of one run of :func:`_binary_chains`, and the run's own modules as plain copies
     (what it replaces, in order)."""
-    from ...quantization.binary import binary_inputs_of
+    from ...changes.binary_inputs import binary_inputs_of
 
     hooks = binary_inputs_of(gm)
     units, parts = [], []
@@ -112,7 +112,7 @@ def _swap_binary(model: nn.Module, batch: int, repeats: int, plan: RuntimePlan, 
                  skip: set[str]) -> None:
     """Time each binary-input layer (not in ``skip``) against its XNOR form and keep the faster, in place.
     ``probe``: the model whose recorded input shape gives the convolutions' input sizes."""
-    from ...quantization.binary import binary_inputs_of
+    from ...changes.binary_inputs import binary_inputs_of
 
     layers = {n: mode for n, mode in binary_inputs_of(model).items()
               if n not in skip and _binary_parts(model.get_submodule(n))}
