@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..stats import example_input
+
 __all__ = ["ChannelGroup", "channel_groups", "remove_channels"]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
@@ -98,7 +100,7 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
     was = model.training
     model.eval()
     with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
+        ShapeProp(gm).propagate(example_input(model, tuple(input_shape), 2, torch.Generator().manual_seed(0)))
     model.train(was)
     parent: list[int] = []
     groups: list[ChannelGroup] = []
