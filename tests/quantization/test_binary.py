@@ -9,20 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import netsurgeon as ns
+from netsurgeon.changes.binary_inputs import _input_scale, binary_inputs_of, install_binary_input, sign_pm
 from netsurgeon.coding.container import NszError
 from netsurgeon.kernels import bitops
 from netsurgeon.kernels.modules import XnorConv2d, XnorLinear
 from netsurgeon.models import build_model
-from netsurgeon.quantization.binary import (
-    Binarize,
-    BinarizeWeights,
-    BinaryWeights,
-    _input_scale,
-    binary_inputs_of,
-    glorot_lr_scale,
-    install_binary_input,
-    sign_pm,
-)
+from netsurgeon.quantization.binary import Binarize, BinarizeWeights, BinaryWeights, glorot_lr_scale
 from netsurgeon.train import TrainConfig, squared_hinge
 
 CFG = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
