@@ -84,7 +84,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *, s
     seq = 128 if seq_len is None else seq_len
     data: Dataset | LoaderData
     if ":" in name:
-        from .data_user import from_factory
+        from .user import from_factory
 
         data = from_factory(name, seed=seed)
     elif name == "digits":
@@ -92,23 +92,23 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *, s
     elif name in ("mnist", "fashion-mnist"):
         data = mnist(data_dir, seed=seed, name=name)  # type: ignore[arg-type]
     elif name == "imagefolder":
-        from .data_images import image_folder
+        from .images import image_folder
 
         data = image_folder(data_dir, resize=resize, normalize=normalize, seed=seed)  # type: ignore[arg-type]
     elif name == "npz":
-        from .data_user import npz_arrays
+        from .user import npz_arrays
 
         data = npz_arrays(data_file, seed=seed)  # type: ignore[arg-type]
     elif name == "tokens":
-        from .data_text import token_file
+        from .text import token_file
 
         data = token_file(data_file, seq_len=seq, dtype=token_dtype)  # type: ignore[arg-type]
     elif name == "text":
-        from .data_text import text_file
+        from .text import text_file
 
         data = text_file(data_file, seq_len=seq)  # type: ignore[arg-type]
     else:
-        from .data_text import stdlib_text
+        from .text import stdlib_text
 
         data = stdlib_text(seq_len=seq)
     return data.with_metric(metric)
