@@ -373,7 +373,7 @@ def test_a_binarized_input_that_cannot_be_negative_is_refused_by_name(digits):
         ns.train(Functional(), digits, TrainConfig(epochs=1, optimizer="adam", lr=1e-3, weight_decay=0),
                  callbacks=[Binarize("sign", "sign", keep_last=False)])
     with pytest.raises(NszError, match="field 'activations' must map module names to 'hardtanh'"):
-        from netsurgeon.coding.schema import check_arch
+        from netsurgeon.architecture import check_arch
 
         check_arch("f.nsz", {"name": "lenet300", "input_shape": [1, 8, 8], "num_classes": 10,
                              "activations": {"relu1": "gelu"}})
