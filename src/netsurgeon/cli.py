@@ -169,6 +169,21 @@ _model_opts = [
     click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
                  help="Keyword argument of the factory (repeatable; YAML values)."),
 ]
+_device_opt = click.option("--device", default=None, metavar="cpu|cuda|cuda:N",
+                           help="Where training and the methods run (default: cpu). Files are always written from "
+                                "CPU copies; latency is measured on the CPU runtime.")
+
+
+def _device(spec: str | None) -> Any:
+    """``--device`` checked before any work: a one-line error quoting it unless this machine has it."""
+    from .devices import parse_device
+
+    try:
+        return parse_device(spec)
+    except ValueError as e:
+        raise _Fail(str(e)) from None
+
+
 _threads_opt = click.option("--threads", type=click.IntRange(min=1), default=None,
                             help="torch threads (set it on a busy machine; see README, Troubleshooting).")
 
@@ -269,11 +284,12 @@ def _set_threads(threads: int | None) -> None:
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimizer steps (a schedule still spans --epochs).")
 @_threads_opt
+@_device_opt
 @_friendly
 def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: str | None, data_dir: Path | None,
               seed: int, output: Path, epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float,
               schedule: str, checkpoint: Path | None, checkpoint_every: int, resume: bool, max_steps: int | None,
-              threads: int | None) -> None:
+              threads: int | None, device: str | None) -> None:
     """Train a model from scratch and save it as .safetensors.
 
     \b
@@ -288,6 +304,7 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
     if resume and checkpoint is None:
         raise click.BadParameter("--resume needs --checkpoint FILE.", param_hint="--resume")
     _check_output(output)
+    dev = _device(device)
     if output.suffix in (".nsz", ".onnx"):
         raise _Fail(f"train writes a dense .safetensors file; the output {str(output)!r} names a {output.suffix} "
                     "file (a .nsz file is what netsurgeon compress writes from it).")
@@ -317,11 +334,11 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
     set_arch(model, record_inputs(arch_of(model), data))  # token ids: the record says so for every later command
     _check_input_shape(model, data, model_spec)
     train(model, data, cfg, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-          progress=True)
+          progress=True, device=dev)
     if _rank() > 0:  # every rank holds the same weights; rank 0 writes them
         return
     scores, line = _test_scores(model, data)
-    save_model(model, output, meta={**record, **scores, "train": cfg.to_dict()})
+    save_model(model.cpu(), output, meta={**record, **scores, "train": cfg.to_dict()})
     click.echo(f"{model_spec} on {data_name}: {line} -> {output}")
 
 
@@ -374,11 +391,12 @@ def _check_input_shape(model: Any, data: Any, what: str) -> None:
 @click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
 @_with(_data_opts_brief)
 @_threads_opt
+@_device_opt
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @_friendly
 def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[str, ...], recipe: Path | None,
                  model_spec: str | None, model_args: tuple[str, ...], trust_code: bool, data_name: str | None,
-                 data_dir: Path | None, seed: int, threads: int | None, output: Path) -> None:
+                 data_dir: Path | None, seed: int, threads: int | None, device: str | None, output: Path) -> None:
     """Run a compression pipeline on MODEL_FILE and write a .nsz file.
 
     MODEL_FILE is a .safetensors (from `train`, or a plain state dict with --model) or a .nsz file.
@@ -395,6 +413,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     if not model_file.is_file():
         raise _Fail(f"model file {str(model_file)!r} does not exist.")
     _check_output(output, model_file)
+    dev = _device(device)
     from .compress import compress_file, output_path
 
     output_path(output)
@@ -412,7 +431,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     stages = None if method_names is None else [n.strip() for n in method_names.split(",") if n.strip()]
     result = compress_file(model_file, output if _rank() == 0 else None, stages=stages, recipe=recipe,
                            overrides=overrides, seed=seed, model_spec=model_spec, model_args=_model_args(model_args),
-                           trust_code=trust_code, load_data=load_data, meta=chosen)
+                           trust_code=trust_code, load_data=load_data, meta=chosen, device=dev)
     if result.file is None:  # every rank holds the same compressed model; rank 0 writes it
         return
     info = result.file
@@ -444,6 +463,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
 @click.option("--trust-code", is_flag=True, help="Allow rebuilding a model by the import path its file records.")
 @_with(_data_opts_brief)
 @_threads_opt
+@_device_opt
 @click.option("--repeats", type=click.IntRange(min=5), default=30, show_default=True,
               help="Timed runs per latency measurement (medians).")
 @click.option("--list", "list_only", is_flag=True, help="List the built-in entries and their stages, then exit.")
@@ -453,8 +473,8 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
 def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Path | None, budget: str, sparsity: float,
                 steps: int | None,
                 model_spec: str | None, model_args: tuple[str, ...], trust_code: bool, data_name: str | None,
-                data_dir: Path | None, seed: int, threads: int | None, repeats: int, list_only: bool,
-                output: Path | None) -> None:
+                data_dir: Path | None, seed: int, threads: int | None, device: str | None, repeats: int,
+                list_only: bool, output: Path | None) -> None:
     """Run every compression method on MODEL_FILE with the same training budget, measure each result the same
     way (test error, nonzeros, file bytes, FLOPs, latency at batch 1 and 256) and write a report.
 
@@ -480,6 +500,7 @@ def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Pa
     if output.exists() and not output.is_dir():
         raise _Fail(f"output {str(output)!r} exists and is not a directory.")
     parse_budget(budget)  # bad input is one line before anything loads
+    dev = _device(device)
     names = None if method_names is None else [n.strip() for n in method_names.split(",") if n.strip()]
     plan_entries(Plan(steps=1, steps_per_epoch=1, sparsity=sparsity), names, pipelines)
     from .changes import arch_of
@@ -495,7 +516,7 @@ def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Pa
                        sparsity=sparsity, seed=seed, threads=threads, repeats=repeats, input_file=model_file,
                        data_name=data_name,
                        model_name=str(arch.get("name") or arch.get("factory") or model_spec or model_file.stem),
-                       command=_command_line(), progress=True)
+                       command=_command_line(), progress=True, device=dev)
     ok = [x for x in r["rows"] if x["status"] == "ok"]
     click.echo(f"{len(ok)} of {len(r['rows'])} methods ran ({r['wall_s_this_run'] / 60:.1f} min); "
                f"report: {output / 'index.html'}, numbers: {output / 'results.json'}")

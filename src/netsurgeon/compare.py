@@ -153,7 +153,8 @@ def parse_budget(text: str) -> float:
 
 
 def plan_budget(model: nn.Module, data: Any, budget_s: float, n_entries: int, *, sparsity: float = 0.9,
-                batch_size: int = 64, train_share: float = 0.5, probe_steps: int = 40, seed: int = 0) -> Plan:
+                batch_size: int = 64, train_share: float = 0.5, probe_steps: int = 40, seed: int = 0,
+                device: Any = None) -> Plan:
     """Time ``probe_steps`` steps of plain training on a copy of ``model`` and give each of ``n_entries`` the
     same number of steps, so that training takes about ``train_share`` of ``budget_s`` (at least 10 steps)."""
     from .train import TrainConfig, train
@@ -163,7 +164,7 @@ def plan_budget(model: nn.Module, data: Any, budget_s: float, n_entries: int, *,
 
     def timed(n: int) -> float:
         t0 = time.perf_counter()
-        train(probe, data, TrainConfig(epochs=1, batch_size=batch_size, max_steps=n, seed=seed))
+        train(probe, data, TrainConfig(epochs=1, batch_size=batch_size, max_steps=n, seed=seed), device=device)
         return time.perf_counter() - t0
 
     timed(2)  # warm-up: the first steps pay for allocation
@@ -265,13 +266,14 @@ def _measure(model: nn.Module, dense: nn.Module, data: Any, path: Path, batches:
 
 
 def _run_entry(entry: Entry, pipe: Any, dense: nn.Module, data: Any, out: Path, meta: dict[str, Any],
-               batches: Sequence[int], threads: int | None, repeats: int, progress: bool) -> dict[str, Any]:
+               batches: Sequence[int], threads: int | None, repeats: int, progress: bool,
+               device: Any = None) -> dict[str, Any]:
     from .compress import compress_model
     from .modelfile import load_compressed
 
     path = out / "files" / f"{entry.name}.nsz"
     result = compress_model(copy.deepcopy(dense), pipe, data, path, meta={**meta, "compare_entry": entry.name},
-                            progress=progress, evaluate_test=False)
+                            progress=progress, evaluate_test=False, device=device)
     runs = result.runs
     wall = sum(r["seconds"] for r in runs)
     arch = result.file.header.get("arch") if result.file is not None else None  # as the stages left it
@@ -288,15 +290,19 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
             plan: Plan, input_file: str | os.PathLike[str] | None = None, data_name: str = "",
             model_name: str = "", seed: int = 0, batches: Sequence[int] = (1, 256), threads: int | None = None,
             repeats: int = 30, budget_s: float | None = None, command: str = "", fingerprint: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, device: Any = None) -> dict[str, Any]:
     """Run every entry on a copy of ``model`` (trained, dense) and measure each result; write ``OUT/runs``,
     ``OUT/files``, ``OUT/results.json`` and ``OUT/index.html``. Returns the results dict.
 
     Entries already in ``OUT/runs`` with the same settings (stages, input model, data, seed, measurement) are
     not run again (``fingerprint`` identifies the input; default: the sha256 of ``input_file``, else of the
     weights). A failing entry is recorded with its error and the comparison goes on; Ctrl-C stops it
-    (the finished entries are kept)."""
+    (the finished entries are kept). ``device`` (``cpu``, ``cuda``, ``cuda:N``): where the entries' stages run;
+    every file is read back and measured on the CPU, the runtime's target."""
+    from .devices import parse_device
     from .pipeline import Pipeline
+
+    parse_device(device, "device")
 
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -355,7 +361,7 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
             progress_log.info("[%d/%d] %s: done before (%s), kept", i, len(entries), entry.name, r["status"])
         else:
             r = _timed_entry(i, len(entries), entry, pipe, dense, data, out, {"data": data_name, "seed": seed},
-                             batches, threads, repeats, progress, seed)
+                             batches, threads, repeats, progress, seed, device)
             r.update(key=key, name=entry.name, family=entry.family, stages=entry.stages, train_steps=entry.train_steps)
             write_run(entry.name, r)
         if r["status"] == "ok":
@@ -376,13 +382,13 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
 
 def _timed_entry(i: int, n: int, entry: Entry, pipe: Any, dense: nn.Module, data: Any, out: Path,
                  meta: dict[str, Any], batches: Sequence[int], threads: int | None, repeats: int, progress: bool,
-                 seed: int) -> dict[str, Any]:
+                 seed: int, device: Any = None) -> dict[str, Any]:
     """Run one entry; a failure becomes a row that says why (one method failing must not stop the others)."""
     progress_log.info("[%d/%d] %s: %s", i, n, entry.name, " -> ".join(next(iter(s)) for s in entry.stages))
     t0 = time.perf_counter()
     try:
         torch.manual_seed(seed)
-        r = _run_entry(entry, pipe, dense, data, out, meta, batches, threads, repeats, progress)
+        r = _run_entry(entry, pipe, dense, data, out, meta, batches, threads, repeats, progress, device)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - reported in the row
@@ -438,14 +444,18 @@ def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str],
                    budget: str | float = "20m", steps: int | None = None, sparsity: float = 0.9, seed: int = 0,
                    threads: int | None = None,
                    repeats: int = 30, input_file: str | os.PathLike[str] | None = None, data_name: str = "",
-                   model_name: str = "", command: str = "", progress: bool = True) -> dict[str, Any]:
+                   model_name: str = "", command: str = "", progress: bool = True,
+                   device: Any = None) -> dict[str, Any]:
     """Compare the methods on ``model`` (trained, float weights) and ``data``: check every entry, plan the
     budget (or reuse the plan of an interrupted run in ``out_dir``), run :func:`compare`. ``budget``: seconds
     or a duration such as ``"20m"``; ``steps`` fixes the training steps of every entry instead (no timing: the
-    same steps, hence the same weights, on any machine). Returns the results dict of ``out_dir/results.json``."""
+    same steps, hence the same weights, on any machine). ``device``: where training and the methods run (the
+    budget's steps are timed there too). Returns the results dict of ``out_dir/results.json``."""
+    from .devices import parse_device
     from .forms import weight_form
     from .pipeline import Pipeline
 
+    parse_device(device, "device")
     budget_s = parse_budget(budget) if isinstance(budget, str) else float(budget)
     if not budget_s > 0:
         raise ValueError(f"compare: budget must be positive; got {budget!r}.")
@@ -464,10 +474,11 @@ def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str],
         plan = Plan(steps=steps, steps_per_epoch=Plan.epoch_steps(data), sparsity=sparsity)
     else:
         plan = resumable_plan(out_dir, settings, lambda: plan_budget(model, data, budget_s, len(probe),
-                                                                     sparsity=sparsity, seed=seed))
+                                                                     sparsity=sparsity, seed=seed, device=device))
     return compare(model, data, out_dir, entries=plan_entries(plan, methods, pipelines), plan=plan,
                    input_file=input_file, data_name=data_name, model_name=model_name, seed=seed, threads=threads,
-                   repeats=repeats, budget_s=budget_s, command=command, fingerprint=fingerprint, progress=progress)
+                   repeats=repeats, budget_s=budget_s, command=command, fingerprint=fingerprint, progress=progress,
+                   device=device)
 
 
 def _state_hash(model: nn.Module) -> str:

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .architecture import record_inputs
 from .changes import arch_of
+from .devices import model_device, parse_device
 from .forms import weight_form
 from .modelfile import MissingArchitectureError, load_compressed, load_model
 from .nsz import CompressedFile, read_header
@@ -80,14 +82,16 @@ def _inherited_defaults(model_file: str | os.PathLike[str], seed: int) -> dict[s
 
 def compress_model(model: nn.Module, pipe: Pipeline, data: Any, output: str | os.PathLike[str] | None, *,
                    meta: Mapping[str, Any] | None = None, history: Sequence[dict[str, Any]] = (),
-                   progress: bool = True, evaluate_test: bool = True) -> CompressResult:
+                   progress: bool = True, evaluate_test: bool = True,
+                   device: str | torch.device | None = None) -> CompressResult:
     """Run ``pipe`` on ``model`` in place with ``data``, then write ``output`` (None: nothing is written, e.g. on
     ranks other than 0 of a distributed run). The file records the architecture as the stages left it (with the
     data's input shape where the record has none), ``meta``, the test metrics and the stages of ``history``
-    followed by this pipeline's."""
+    followed by this pipeline's. ``device``: where the stages run (see :meth:`Pipeline.run`); the file is
+    written from a CPU copy and the model is left on that device."""
     from .train import evaluate
 
-    runs = pipe.run(model, data, progress=progress)
+    runs = pipe.run(model, data, progress=progress, device=device)
     metrics: dict[str, float] = {}
     if evaluate_test and getattr(data, "test", None) is not None:
         ev = evaluate(model, data.test)
@@ -103,7 +107,9 @@ def compress_model(model: nn.Module, pipe: Pipeline, data: Any, output: str | os
     if output is None:
         return CompressResult(model, None, runs, metrics)
     arch = record_inputs(dict(arch_of(model) or {}) or None, data)
-    info = pipe.save(model, output, meta={**(meta or {}), **metrics}, history=history, arch=arch, runs=runs)
+    dev = model_device(model)
+    info = pipe.save(model.cpu(), output, meta={**(meta or {}), **metrics}, history=history, arch=arch, runs=runs)
+    model.to(dev)
     return CompressResult(model, info, runs, metrics)
 
 
@@ -112,7 +118,7 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
                   overrides: Sequence[str] = (), seed: int = 0, model_spec: str | None = None,
                   model_args: Mapping[str, Any] | None = None, trust_code: bool = False,
                   load_data: Callable[[Pipeline, dict[str, Any], nn.Module], Any], progress: bool = True,
-                  meta: Mapping[str, Any] | None = None) -> CompressResult:
+                  meta: Mapping[str, Any] | None = None, device: str | torch.device | None = None) -> CompressResult:
     """Compress ``model_file`` with a pipeline (``stages`` like a recipe's, or a ``recipe`` file; ``overrides``
     as ``--set``) and write ``output``.
 
@@ -120,8 +126,10 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
     file and its architecture (a plain state dict is rebuilt from ``model_spec``, else from the recipe's
     ``model``). ``load_data(pipe, file_meta, model)`` then returns the data set (and may check that the model
     takes its inputs). The run keeps the input's stored forms, its float16 values unless told otherwise, and the
-    history of the runs that made it.
+    history of the runs that made it. ``device`` (``cpu``, ``cuda``, ``cuda:N``) is checked before the file is
+    read; the stages run there.
     """
+    parse_device(device)
     if (stages is None) == (recipe is None):
         raise ValueError("compress: give stages or a recipe (not both).")
     defaults = _inherited_defaults(model_file, seed)
@@ -139,7 +147,7 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
     pipe.check_layers(model)
     data = load_data(pipe, file_meta, model)
     return compress_model(model, pipe, data, output, meta={**file_meta, **(meta or {})},
-                          history=file_history(file_meta), progress=progress)
+                          history=file_history(file_meta), progress=progress, device=device)
 
 
 def output_path(path: str | os.PathLike[str]) -> Path:

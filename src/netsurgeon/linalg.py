@@ -50,7 +50,7 @@ def fisher_inverse_recursive(grads: Tensor, damp: float) -> Tensor:
     Shapes: grads (m, d) -> (d, d). The reference for :func:`fisher_inverse`.
     """
     m, d = grads.shape
-    inv = torch.eye(d, dtype=grads.dtype) / damp
+    inv = torch.eye(d, dtype=grads.dtype, device=grads.device) / damp
     for g in grads:
         inv = woodbury_rank1_update(inv, g, m)
     return inv
@@ -65,7 +65,7 @@ def fisher_inverse(grads: Tensor, damp: float) -> Tensor:
     """
     m, d = grads.shape[-2:]
     if m == 0:
-        return torch.eye(d, dtype=grads.dtype).expand(*grads.shape[:-2], d, d) / damp
+        return torch.eye(d, dtype=grads.dtype, device=grads.device).expand(*grads.shape[:-2], d, d) / damp
     if m >= d:
         f = grads.mT @ grads / m
         f.diagonal(dim1=-2, dim2=-1).add_(damp)
@@ -143,8 +143,8 @@ def kfac_damped_inverses(a: Tensor, g: Tensor, damp: float) -> tuple[Tensor, Ten
     Kronecker product approximates F + λI with the damping split in proportion to the factors' scales."""
     pi = math.sqrt(max(float(a.diagonal().mean()), 1e-30) / max(float(g.diagonal().mean()), 1e-30))
     root = math.sqrt(damp)
-    ai = torch.linalg.inv(a + pi * root * torch.eye(a.shape[0], dtype=a.dtype))
-    gi = torch.linalg.inv(g + root / pi * torch.eye(g.shape[0], dtype=g.dtype))
+    ai = torch.linalg.inv(a + pi * root * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+    gi = torch.linalg.inv(g + root / pi * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
     return 0.5 * (gi + gi.T), 0.5 * (ai + ai.T)
 
 

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 import yaml
 from torch import nn
 
 from ._validation import check_finite_model
+from .devices import parse_device, place, running_on
 from .forms import weight_form, weight_forms
 from .masks import take_skipped
 from .plan import FAMILIES
@@ -255,18 +257,27 @@ class Pipeline:
         last = self.stages[-1].config
         return last if isinstance(last, EncodeConfig) else EncodeConfig()
 
-    def run(self, model: nn.Module, data: Any = None, *, progress: bool = False) -> list[dict[str, Any]]:
+    def run(self, model: nn.Module, data: Any = None, *, progress: bool = False,
+            device: str | torch.device | None = None) -> list[dict[str, Any]]:
         """Run every stage on ``model`` in place; returns one record per stage (method, config, report, seconds).
 
         ``data`` is a :class:`~netsurgeon.data.Dataset` or :func:`~netsurgeon.data.from_loaders` data; stages
-        train on its train split and choose on its validation split, never the test split.
+        train on its train split and choose on its validation split, never the test split. ``device``
+        (``cpu``, ``cuda``, ``cuda:N``; None: where the model's parameters are) is where every stage runs: the
+        model and in-memory splits move there first, and the methods keep their tensors beside the weights.
         """
         from .data import as_data
 
         data = None if data is None else as_data(data)
+        parse_device(device, "device")
         self.check(has_data=data is not None, start_form=weight_form(model))
         self.check_layers(model)
         check_finite_model("pipeline", model)
+        dev, data = place(model, data, device)
+        with running_on(dev):
+            return self._run_stages(model, data, progress)
+
+    def _run_stages(self, model: nn.Module, data: Any, progress: bool) -> list[dict[str, Any]]:
         teacher = copy.deepcopy(model).eval() if any(st.spec.needs_teacher for st in self.stages) else None
         ctx = StageContext(data, progress, teacher)
         out = []

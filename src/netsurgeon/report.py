@@ -37,7 +37,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
     from .changes import arch_of
 
     nz, total = count_nonzero(model)
-    flops = layer_flops(model, input_shape)
+    one = _example_input(data, input_shape, 1, model)  # one sample the model takes (token ids where the data has them)
+    flops = layer_flops(model, input_shape, one)
     out: dict[str, Any] = {
         "params": total, "nonzero": nz, "compression_nonzero": total / max(nz, 1),
         "dense_bytes": dense_bytes(model),
@@ -48,7 +49,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], *, data: Dataset |
     if orig is not None:  # structured pruning: counts against the architecture before its layers shrank
         n0 = sum(p.numel() for p in orig.parameters())
         out.update(params_original=n0, compression_nonzero=n0 / max(nz, 1), dense_bytes=dense_bytes(orig),
-                   flops_dense=sum(r.dense for r in layer_flops(orig, input_shape)))
+                   flops_dense=sum(r.dense for r in layer_flops(orig, input_shape, one)))
         reference = reference if reference is not None else orig.eval()  # latency: against it, too
     if file_path is not None:
         out["file_bytes"] = os.path.getsize(file_path)

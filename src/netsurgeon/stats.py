@@ -80,13 +80,14 @@ class LayerFlops:
 
 
 @torch.no_grad()
-def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerFlops]:
+def layer_flops(model: nn.Module, input_shape: tuple[int, ...], example: Tensor | None = None) -> list[LayerFlops]:
     """Dense and effective FLOPs of every weight site but embeddings (Linear, Conv, attention projections, Hugging
     Face Conv1D) for one sample of shape ``input_shape``.
 
     Dense: 2·(output positions)·(weights). Effective: 2·(output positions)·(nonzero weights), i.e. what a kernel
     that skips pruned weights would do. Bias additions, activations and the attention score products (which have
-    no weights) are not counted; an embedding is a lookup (0 FLOPs).
+    no weights) are not counted; an embedding is a lookup (0 FLOPs). ``example``: a batch the model takes (its
+    first row is run); default: ``example_input`` (noise, or token ids for a model that starts with an embedding).
     """
     from .masks import weight_sites
 
@@ -113,7 +114,7 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerFlo
     try:
         was_training = model.training
         model.eval()
-        model(example_input(model, input_shape))
+        model(example[:1] if example is not None else example_input(model, input_shape))
         model.train(was_training)
     finally:
         for h in hooks:

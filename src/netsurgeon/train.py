@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from . import distributed as ddp
 from ._validation import atomic_save, check_finite_model
 from .data import Dataset, LoaderData, Split, as_data, batches, check_metric
+from .devices import model_device, place, running_on, to_device
 from .masks import attach_masks_for_state_dict
 from .progress import Progress
 from .registry import MethodConfig, StageContext, option, register
@@ -203,8 +204,10 @@ def evaluate(model: nn.Module, split: Split | Any, batch_size: int | None = None
     was = model.training
     model.eval()
     loss, correct, n = 0.0, 0, 0
+    dev = model_device(model)
     try:
         for x, y in batches(split, batch_size):
+            x, y = to_device(x, dev), to_device(y, dev)
             out, t = flat_predictions(model(x), y)
             loss += float(F.cross_entropy(out, t, reduction="sum"))
             correct += int((out.argmax(1) == t).sum())
@@ -503,7 +506,8 @@ def _nonempty(data: Any) -> bool:
 
 def train(model: nn.Module, data: Dataset | LoaderData | Any, config: TrainConfig | None = None, *,
           callbacks: Sequence[Callback] = (), checkpoint: str | os.PathLike[str] | None = None,
-          checkpoint_every: int = 0, resume: bool = False, progress: bool = False) -> TrainResult:
+          checkpoint_every: int = 0, resume: bool = False, progress: bool = False,
+          device: str | torch.device | None = None) -> TrainResult:
     """Train ``model`` in place on ``data.train`` (validation accuracy logged per epoch).
 
     Args:
@@ -518,9 +522,13 @@ def train(model: nn.Module, data: Dataset | LoaderData | Any, config: TrainConfi
         checkpoint_every: write a checkpoint every this many steps (0: only on interrupt and at the end).
         resume: continue from ``checkpoint``; the result equals an uninterrupted run's.
         progress: show a progress bar with loss and accuracy on stderr.
+        device: ``cpu``, ``cuda`` or ``cuda:N`` to train on (None: where the model's parameters are); the model
+            moves there, in-memory splits once, a loader's batches as they come.
     """
-    return Trainer(model, as_data(data), config or TrainConfig(), callbacks).fit(
-        checkpoint, checkpoint_every, resume, progress)
+    dev, data = place(model, as_data(data), device)
+    with running_on(dev):
+        return Trainer(model, data, config or TrainConfig(), callbacks).fit(checkpoint, checkpoint_every, resume,
+                                                                           progress)
 
 
 def run_training(model: nn.Module, ctx: StageContext, config: TrainConfig,

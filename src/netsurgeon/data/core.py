@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .._catalog import DATASETS, METRICS
+from ..devices import active_device, to_device
 
 __all__ = ["DataError", "Dataset", "Split", "LoaderData", "from_loaders", "as_data", "batches", "read_idx", "mnist",
            "digits", "DATASETS", "METRICS", "check_metric", "sample_batch"]
@@ -57,6 +58,10 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def to(self, device: torch.device | str) -> Split:
+        """The same split with its tensors on ``device`` (itself when they are there already)."""
+        return self if self.x.device == torch.device(device) else Split(self.x.to(device), self.y.to(device))
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -76,6 +81,10 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """The same data set with every split's tensors on ``device`` (moved once, before a run)."""
+        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
     def with_metric(self, metric: str | None) -> Dataset:
         """The same splits judged by ``metric`` (None: unchanged)."""
@@ -139,15 +148,16 @@ def as_data(data: Any) -> Dataset | LoaderData:
 
 def batches(data: Split | Iterable[Any], batch_size: int = 1000) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(x, y)`` from a :class:`Split` (in order, ``batch_size`` at a time) or from any iterable of
-    ``(x, y, ...)`` batches such as a DataLoader."""
+    ``(x, y, ...)`` batches such as a DataLoader; inside :func:`netsurgeon.devices.running_on` on that device."""
+    device = active_device()
     if isinstance(data, Split):
         for i in range(0, len(data), batch_size):
-            yield data.x[i:i + batch_size], data.y[i:i + batch_size]
+            yield to_device((data.x[i:i + batch_size], data.y[i:i + batch_size]), device)
         return
     for b in data:
         if not isinstance(b, (tuple, list)) or len(b) < 2:
             raise DataError(f"a data loader must yield (inputs, labels) batches; got {type(b).__name__}.")
-        yield b[0], b[1]
+        yield to_device(b[0], device), to_device(b[1], device)
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:

@@ -46,7 +46,7 @@ def magnitude_mask(w: Tensor, mask: Tensor, sparsity: float) -> Tensor:
     n = w.numel()
     k = int(round(sparsity * n))
     score = torch.where(mask.bool(), w.abs(), torch.full_like(w, -1.0)).flatten()
-    out = torch.ones(n, dtype=mask.dtype)
+    out = torch.ones(n, dtype=mask.dtype, device=mask.device)
     if k > 0:
         out[torch.sort(score, stable=True).indices[:k]] = 0
     return out.view_as(mask) * mask

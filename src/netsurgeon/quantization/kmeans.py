@@ -45,19 +45,19 @@ def kmeans_1d(x: Tensor, k: int, init: str = "linear", iters: int = 50, seed: in
     check_positive("kmeans_1d", "k", k, integer=True)
     x = x.detach().double().flatten()
     if x.numel() == 0:
-        return torch.zeros(k, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(k, dtype=torch.float64, device=x.device), torch.zeros(0, dtype=torch.long, device=x.device)
     sw = torch.ones_like(x) if sample_weight is None else sample_weight.detach().double().flatten()
     if init == "linear":
-        c = torch.linspace(float(x.min()), float(x.max()), k, dtype=torch.float64)
+        c = torch.linspace(float(x.min()), float(x.max()), k, dtype=torch.float64, device=x.device)
     elif init == "density":
-        c = torch.quantile(x, (torch.arange(k, dtype=torch.float64) + 0.5) / k)
+        c = torch.quantile(x, (torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) / k)
     else:
         g = torch.Generator().manual_seed(seed)
-        c = x[torch.randint(x.numel(), (k,), generator=g)].sort().values
+        c = x[torch.randint(x.numel(), (k,), generator=g).to(x.device)].sort().values
     for _ in range(iters):
         labels = torch.bucketize(x, (c[1:] + c[:-1]) / 2)
-        total = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, x * sw)
-        weight = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, sw)
+        total = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, labels, x * sw)
+        weight = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, labels, sw)
         new = torch.where(weight > 0, total / weight.clamp_min(1e-300), c).sort().values
         if torch.equal(new, c):
             break
