@@ -72,7 +72,11 @@ def test_every_method_on_hugging_face_models(name, method, tmp_path):
     try:
         pipe.run(model, data)
     except ValueError as e:
-        assert any(w in str(e) for w in ("Linear", "Conv", "layer", "BatchNorm", "hidden", "weight")), str(e)
+        # a layer named, or (channel methods) the tracer's reason: Hugging Face's forward branches on tensor
+        # values, which torch.fx cannot trace; their heads are removed by the `heads` method instead
+        untraceable = "torch.fx cannot trace" in str(e) and spec.family == "structured"
+        assert untraceable or any(w in str(e) for w in ("Linear", "Conv", "layer", "BatchNorm", "hidden",
+                                                         "weight")), str(e)
         return
     model.eval()
     with torch.no_grad():

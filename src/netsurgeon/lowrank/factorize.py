@@ -69,7 +69,59 @@ def _read_by_parent(model: nn.Module) -> dict[str, str]:
             for child in ("linear1", "linear2"):
                 out[f"{name}.{child}" if name else child] = (f"its parent {type(m).__name__} reads its weight in "
                                                              "every forward (torch's fused fast path)")
+    for name in _weights_read_outside(model):
+        out.setdefault(name, "code outside the layer reads its weight in the forward (e.g. Hugging Face ViT reads "
+                             "its patch projection's weight.dtype)")
     return out
+
+
+def _weights_read_outside(model: nn.Module) -> set[str]:
+    """Linear/Conv2d layers whose ``weight`` is read, during one forward on an input the model takes (from its
+    architecture record), by code other than the layer's own forward. Found by a probe class swapped in for the
+    forward: parameters are reached through ``nn.Module.__getattr__``, so every read is seen. Empty when the
+    record gives no input shape or the forward fails."""
+    from ..changes import arch_of
+    from ..stats import example_input
+
+    shape = (arch_of(model) or {}).get("input_shape")
+    if not shape:
+        return set()
+    inside: list[nn.Module] = []
+    found: set[str] = set()
+    swapped: dict[nn.Module, type] = {}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+    def probe_class(cls: type) -> type:
+        def __getattr__(self: nn.Module, attr: str) -> Any:  # noqa: N807
+            if attr == "weight" and (not inside or inside[-1] is not self):
+                found.add(names[self])
+            return cls.__getattr__(self, attr)
+
+        def forward(self: nn.Module, *a: Any, **k: Any) -> Any:
+            inside.append(self)
+            try:
+                return cls.forward(self, *a, **k)
+            finally:
+                inside.pop()
+
+        return type(cls.__name__, (cls,), {"__getattr__": __getattr__, "forward": forward})
+
+    was = model.training
+    try:
+        for m in names:
+            swapped[m] = type(m)
+            m.__class__ = probe_class(type(m))
+        found.clear()  # the swap itself reads nothing, but be exact: only the forward counts
+        model.eval()
+        with torch.no_grad():
+            model(example_input(model, tuple(shape)))
+    except Exception:  # a model this input does not fit: nothing learned, nothing refused
+        return set()
+    finally:
+        for m, cls in swapped.items():
+            m.__class__ = cls
+        model.train(was)
+    return found
 
 
 def _weights(m: nn.Module) -> int:

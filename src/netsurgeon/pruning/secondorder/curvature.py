@@ -19,12 +19,14 @@ hands out diagonal blocks of the inverse curvature (:meth:`Curvature.blocks`) as
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ... import distributed as ddp
 from ...data import Split, batches
@@ -323,7 +325,8 @@ class ExactHessian:
             ys.append(yb)
             if sum(len(v) for v in ys) >= n:
                 break
-        x, y = torch.cat(xs)[:n].double(), torch.cat(ys)[:n]
+        x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
+        x = x.double() if x.is_floating_point() else x  # token ids stay integers
         keys = [_orig_key(t) for t in job.layout.tensors]
         was = model.training
         model.double().eval()  # BatchNorm with its running statistics (train mode would mutate them)
@@ -337,7 +340,10 @@ class ExactHessian:
                 return F.cross_entropy(functional_call(model, params, (x,)), y)
 
             # reverse-over-reverse: torch.func.hessian uses forward mode, which warns through torch.jit
-            return jacrev(jacrev(loss))(torch.cat([base[k].flatten() for k in keys])).detach()
+            # the fused attention kernels have no second derivative: the exact Hessian takes the math kernel
+            with warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                return jacrev(jacrev(loss))(torch.cat([base[k].flatten() for k in keys])).detach()
         finally:
             model.float().train(was)
 
