@@ -105,6 +105,39 @@ def test_model_arg_a_factory_does_not_take_is_one_line(runner, user_module, tmp_
          "model 'mynets:staged' does not take argument(s) ['width']; it takes ['depth']")
 
 
+def test_model_arg_num_classes_or_input_shape_is_used_or_refused_in_one_line(runner, tmp_path):
+    """#39.9a: --model-arg num_classes=10 / input_shape=[...] on a built-in model was a TypeError traceback."""
+    _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--model-arg", "num_classes=10", "--epochs", "1",
+                            "--max-steps", "2", "-o", str(tmp_path / "a.safetensors")]))
+    _err(runner.invoke(cli, ["train", "--model", "lenet300", "--model-arg", "num_classes=5", "--epochs", "1",
+                             "-o", str(tmp_path / "b.safetensors")]),
+         "num_classes=5 disagrees with the data's 10")
+    _err(runner.invoke(cli, ["train", "--model", "lenet300", "--model-arg", "input_shape=[1,4,4]", "--epochs", "1",
+                             "-o", str(tmp_path / "c.safetensors")]),
+         "input_shape=[1, 4, 4] disagrees with the data's [1, 8, 8]")
+    assert not (tmp_path / "b.safetensors").exists() and not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_factorys_own_input_shape_reaches_it():
+    """A factory argument named like build_model's positional ``input_shape`` is the factory's."""
+    seen = {}
+
+    def factory(input_shape):
+        seen["shape"] = input_shape
+        return torch.nn.Linear(2, 2)
+
+    import types
+
+    mod = types.ModuleType("_ns_shape_factory")
+    mod.factory = factory
+    sys.modules["_ns_shape_factory"] = mod
+    try:
+        ns.build_model("_ns_shape_factory:factory", (1, 8, 8), input_shape=[3, 4])
+    finally:
+        del sys.modules["_ns_shape_factory"]
+    assert seen["shape"] == [3, 4]
+
+
 def test_outputs_with_the_wrong_extension_are_refused(runner, tmp_path):
     """#39.9: train -o y.nsz wrote safetensors under a .nsz name; compress -o x.txt was accepted."""
     _err(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "1", "-o", str(tmp_path / "y.nsz")]),

@@ -294,15 +294,17 @@ def _load_factory(path: str) -> Callable[..., nn.Module]:
     return obj
 
 
-def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None, /,
                 **kwargs: Any) -> nn.Module:
     """Build a model by name, for inputs of ``input_shape`` (C, H, W), and record how to rebuild it.
 
     ``name`` is one of :data:`MODELS` (``input_shape`` defaults to 1x28x28, or 1x8x8 for digits_cnn;
     ``num_classes`` to 10) or an import path ``"package.module:factory"``, called as ``factory(**kwargs)`` with
     ``num_classes`` among them when it is given (a factory's own arguments always reach it; ``input_shape`` is then
-    only recorded). Weights are initialized from torch's global generator: seed it first (``torch.manual_seed``)
-    for reproducible runs; the CLI does.
+    only recorded; ``input_shape`` and ``num_classes`` are positional, so keyword arguments of those names are the
+    factory's own). For a built-in model, ``num_classes=``/``input_shape=`` given as keywords (``--model-arg``) are
+    used when they agree with the positional ones. Weights are initialized from torch's global generator: seed it
+    first (``torch.manual_seed``) for reproducible runs; the CLI does.
 
     Raises:
         ValueError: unknown name, unimportable path, an argument the model does not take (naming the ones it
@@ -321,6 +323,12 @@ def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_class
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or give an import path "
                          "'package.module:factory'.")
+    for key, given in (("num_classes", num_classes), ("input_shape", input_shape)):
+        if key in kwargs and given is not None and _as_list(kwargs[key]) != _as_list(given):
+            raise ValueError(f"model {name!r}: {key}={kwargs[key]!r} disagrees with the data's {_as_list(given)!r}; "
+                             f"drop the {key} argument (it comes from the data).")
+    num_classes = kwargs.pop("num_classes", num_classes)
+    input_shape = kwargs.pop("input_shape", input_shape)
     classes = 10 if num_classes is None else num_classes
     shape = tuple(input_shape) if input_shape is not None else ((1, 8, 8) if name == "digits_cnn" else (1, 28, 28))
     model = _call(name, MODELS[name], (shape, classes), kwargs)
@@ -328,6 +336,10 @@ def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_class
     if kwargs:
         arch["kwargs"] = kwargs
     return set_arch(model, arch)
+
+
+def _as_list(v: Any) -> Any:
+    return list(v) if isinstance(v, (tuple, list)) else v
 
 
 def _check_json(name: str, kwargs: dict[str, Any]) -> None:
