@@ -94,6 +94,20 @@ def test_a_factory_that_builds_with_tensor_ops_rebuilds_from_its_file(user_modul
                                          trust_code=True, real_build_bytes=100)
 
 
+def test_structured_pruning_of_a_tensor_op_factory_counts_against_its_original(runner, user_module, tmp_path,
+                                                                              monkeypatch):
+    """#39.4b: compress --method l1_filters on such a factory wrote the file, then crashed building the original
+    architecture on the meta device (and the file's size was put against the pruned tensors)."""
+    monkeypatch.chdir(user_module)
+    base = tmp_path / "base.safetensors"
+    _ok(runner.invoke(cli, ["train", "--model", "mynets:staged", "--epochs", "1", "--max-steps", "3",
+                            "-o", str(base)]))
+    out = _ok(runner.invoke(cli, ["compress", str(base), "--method", "l1_filters", "--set", "fraction=0.5",
+                                  "--trust-code", "-o", str(tmp_path / "s.nsz")]))
+    orig = ns.build_model("mynets:staged", (1, 8, 8), depth=3)
+    assert f"({ns.stats.dense_bytes(orig):,} bytes)" in out, out
+
+
 def test_model_arg_a_factory_does_not_take_is_one_line(runner, user_module, tmp_path, monkeypatch):
     """#39.9: --model-arg width=3 for a model without that argument was a traceback (exit 1)."""
     monkeypatch.chdir(user_module)
