@@ -79,3 +79,11 @@ def test_keep_freed_memory_stops_large_tensors_from_faulting_their_pages_in_ever
     assert all(f > 5000 for f in before)  # 40 MB is ~9,800 pages: each allocation faulted all of them in
     # reused memory does not fault (a few may: this machine's kernel can reclaim idle pages between allocations)
     assert sum(f < 100 for f in after) >= 4
+
+
+def test_size_words_never_says_a_fraction_smaller():
+    from netsurgeon.stats import size_words
+
+    assert size_words(3.944) == "3.94x smaller"
+    assert size_words(1.0) == "1.00x smaller"
+    assert size_words(0.5) == "2.00x larger"

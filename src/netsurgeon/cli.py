@@ -435,7 +435,9 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     if result.file is None:  # every rank holds the same compressed model; rank 0 writes it
         return
     info = result.file
-    click.echo(f"{output}: {info.file_bytes:,} bytes, {info.compression:.2f}x smaller than the input model as dense "
+    from .stats import size_words
+
+    click.echo(f"{output}: {info.file_bytes:,} bytes, {size_words(info.compression)} than the input model as dense "
                f"float32 ({info.dense_bytes:,} bytes); {_score_line(result.metrics)}")
     from .architecture import original_model
 

@@ -16,7 +16,7 @@ from ._validation import atomic_save
 from .data import Dataset
 from .masks import sparsity_report
 from .runtime import compile_runtime
-from .stats import count_nonzero, dense_bytes, example_input, layer_flops, measure_latency
+from .stats import count_nonzero, dense_bytes, example_input, layer_flops, measure_latency, size_words
 from .train import evaluate
 
 __all__ = ["summarize", "summary_table", "layers_table", "file_table", "print_table", "plot_kept", "methods_table",
@@ -130,7 +130,7 @@ def layers_table(model: nn.Module, title: str = "") -> Table:
 
 def file_table(info: Any) -> Table:
     """Per-tensor table of a ``.nsz`` file (a :class:`netsurgeon.nsz.CompressedFile`)."""
-    t = Table(title=f"{info.path}: {info.file_bytes:,} bytes, {info.compression:.2f}x smaller than the model as "
+    t = Table(title=f"{info.path}: {info.file_bytes:,} bytes, {size_words(info.compression)} than the model as "
                     f"dense float32 ({info.dense_bytes:,} bytes)",
               caption="codec shared/K+H: K shared values, Huffman-coded; bits: index / weight bits; entries: stored "
                       "values incl. fillers; pre-Huffman, bytes, dense: bytes before Huffman, in the file, as dense "

@@ -18,12 +18,18 @@ from .data import Split, batches
 from .masks import original
 from .progress import Progress
 
-__all__ = ["chance_accuracy", "dense_bytes", "example_input", "cpu_name", "count_nonzero", "LayerFlops",
+__all__ = ["chance_accuracy", "dense_bytes", "size_words", "example_input", "cpu_name", "count_nonzero", "LayerFlops",
            "layer_flops", "total_flops", "Latency", "measure_latency", "num_threads", "collect_gradients",
            "HessianAccumulator"]
 
 
 @torch.no_grad()
+def size_words(ratio: float) -> str:
+    """A file size ratio (dense bytes / file bytes) as words a user reads one way: "3.94x smaller", or for a file
+    bigger than the dense model "1.48x larger" (never "0.68x smaller")."""
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / max(ratio, 1e-12):.2f}x larger"
+
+
 def cpu_name() -> str:
     """The processor's model name (``/proc/cpuinfo`` on Linux), for the machine line of every measurement."""
     import platform
