@@ -56,6 +56,10 @@ def test_train_and_eval_an_image_folder(runner, tmp_path):
     r = runner.invoke(cli, ["eval", str(out), "--data", "imagefolder", "--data-dir", str(root), "--resize", "4",
                             "--json", "--batch", "2"])
     _one_line_error(r, "expects inputs [3, 8, 8] but imagefolder has [3, 4, 4]")
+    small = tmp_path / "m.nsz"  # compressed from the shell on the same folder (the file records the data options)
+    text = _ok(runner.invoke(cli, ["compress", str(out), "--method", "magnitude", "--set", "sparsity=0.5",
+                                   "--set", "max_steps=4", "--threads", "1", "-o", str(small)]))
+    assert "test accuracy" in text and small.is_file()
 
 
 def test_text_file_language_model_trains_and_evaluates_by_perplexity(runner, tmp_path, monkeypatch):
@@ -90,6 +94,10 @@ def test_gpt_trains_through_the_cli_with_token_ids(runner, tmp_path):
     assert "gpt on tokens: test perplexity" in text
     ppl = float(text.split("test perplexity ")[1].split()[0])
     assert ppl < 3.0  # 10 ids in the file: uniform would be 10
+    small = tmp_path / "g.nsz"
+    text = _ok(runner.invoke(cli, ["compress", str(out), "--method", "int8", "--data-file", str(tmp_path / "ids.bin"),
+                                   "--seq-len", "8", "--metric", "perplexity", "--threads", "1", "-o", str(small)]))
+    assert "test perplexity" in text and float(text.split("test perplexity ")[1].split()[0]) < 3.0
 
 
 @pytest.mark.parametrize("args, parts", [
