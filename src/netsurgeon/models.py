@@ -227,6 +227,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(_GPTBlock(width, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab)  # untied from ``tok``: an ordinary Linear layer for every method
+        # True: may not attend. A buffer sliced per input (not built from the input's length) so torch.fx can trace
+        # the forward (structured pruning of the MLP neurons); not persistent: files hold no extra tensor
+        self.register_buffer("causal", torch.ones(context, context, dtype=torch.bool).triu(1), persistent=False)
         # GPT-2's initialisation (Radford et al. 2019, Sec. 2.3): N(0, 0.02), residual projections / sqrt(2 n_layer)
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -237,7 +240,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).triu(1)  # True: may not attend
+        causal = self.causal[:t, :t]
         h = self.tok(idx) + self.pos[:t]  # (B, T, width)
         for block in self.blocks:
             h = block(h, causal)

@@ -82,6 +82,8 @@ class ChannelGroup:
 
 
 class _Tracer(fx.Tracer):
+    proxy_buffer_attributes = True  # a buffer sliced by the input's length (a causal mask) traces like a parameter
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (*_CONV, nn.Linear, *_BN)) or super().is_leaf_module(m, qualname)
 
