@@ -77,6 +77,7 @@ def test_own_loop_needs_the_training_set_size():
     assert cb.prior.means.grad is None                                 # stepped and cleared by the callback
 
 
+@pytest.mark.slow  # trains a network end to end (~9 s on 2 idle cores): the quick suite keeps under 2 minutes
 def test_a_pruned_model_keeps_its_zeros(digits):
     from netsurgeon.pruning.magnitude import prune_magnitude
 
@@ -91,6 +92,7 @@ def test_a_pruned_model_keeps_its_zeros(digits):
     assert cb.report["kept"] <= 0.2 + 1e-6
 
 
+@pytest.mark.slow  # trains a network end to end (~10 s on 2 idle cores)
 def test_defaults_keep_a_working_network_at_a_short_budget(digits):
     """At 5 epochs on digits the code's σ = 0.25 start left every weight in the zero component (8.9% after
     quantization, validation 96% just before); the widths now start at the hyper-priors' σ = 0.02."""
