@@ -320,7 +320,7 @@ class Heads(ArchChange):
                                f"indices; got {short(heads)}.")
             for h in heads:
                 check_int(where, f"heads.{layer}", h, 0, MAX_HEADS - 1)
-            if any(a >= b for a, b in zip(heads, heads[1:])):
+            if any(a >= b for a, b in zip(heads, heads[1:], strict=False)):
                 raise NszError(f"{where}: field 'heads.{layer}' must list increasing head indices; got {short(heads)}.")
 
         check_mapping(where, "heads", value, one)
