@@ -195,3 +195,19 @@ def test_hugging_face_gpt2_loses_heads_and_round_trips(tmp_path):
     ns.nsz.save_compressed(model, tmp_path / "g.nsz")
     with torch.no_grad():
         torch.testing.assert_close(ns.load_compressed(tmp_path / "g.nsz", trust_code=True)(data.test.x), got)
+
+
+def test_a_transformer_encoder_with_a_padding_mask_still_runs_after_pruning():
+    """nn.TransformerEncoder's fused inference path (set up at construction) would feed the layers nested tensors,
+    which only nn.MultiheadAttention reads: shrinking a layer turns that path off."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2,
+                                enable_nested_tensor=True).eval()
+    x, pad = torch.randn(3, 5, 16), torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 3:] = True
+    keep = {"layers.0.self_attn": [0, 3], "layers.1.self_attn": [2]}
+    with torch.no_grad(), head_gates(enc, _gates(keep)):
+        masked = enc(x, src_key_padding_mask=pad)
+    prune_heads(enc, keep)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, src_key_padding_mask=pad)[~pad], masked[~pad], rtol=1e-5, atol=1e-6)
