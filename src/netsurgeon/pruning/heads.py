@@ -66,8 +66,11 @@ def find_attention(model: nn.Module, owner: str = "heads") -> list[AttentionSite
 def _gated(x: Tensor, g: Tensor, batch_dim: int | None) -> Tensor:
     """``x`` (..., heads·d) with head h scaled by g[h] (g: (heads,)) or, per sample, g[b, h] (g: (B, heads))."""
     hx = x.unflatten(-1, (g.shape[-1], -1))  # (..., heads, d)
-    if g.dim() == 1 or batch_dim is None:
-        return (hx * g.reshape(-1, g.shape[-1])[0][:, None]).flatten(-2)
+    if g.dim() == 1 or batch_dim is None:  # one gate for all; an unbatched input is one sample (row 0)
+        return (hx * (g if g.dim() == 1 else g[0])[:, None]).flatten(-2)
+    if hx.shape[batch_dim] != g.shape[0]:
+        raise ValueError(f"heads: an attention layer saw {hx.shape[batch_dim]} sequences for a batch of {g.shape[0]} "
+                         "samples; per-sample head gates need one sequence per sample (use importance=l1).")
     shape = [1] * hx.dim()
     shape[batch_dim], shape[-2] = g.shape[0], g.shape[1]
     return (hx * g.view(shape)).flatten(-2)
