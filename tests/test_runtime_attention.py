@@ -174,3 +174,17 @@ def test_attention_with_bias_kv_is_left_and_its_out_proj_stays_a_linear():
     assert "attn.out_proj" not in [r.layers[0] for r in plan.runs]
     with torch.no_grad():
         torch.testing.assert_close(rt(x), ref, atol=ATOL, rtol=0)
+
+
+def test_torchs_transformer_layers_keep_their_attention_and_linears():
+    """nn.TransformerEncoderLayer reads self_attn.in_proj_weight and linear1.weight in its forward: left alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)).eval()
+    ns.Pipeline.from_spec([{"magnitude": {"sparsity": 0.8, "epochs": 0}}]).run(model, None)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = model(x)
+    rt, plan = compile_runtime(model, 2, repeats=1, forms=("attention", "csr"))
+    assert not any(r.form in ("attention", "csr") for r in plan.runs)
+    with torch.no_grad():
+        torch.testing.assert_close(rt(x), ref, atol=ATOL, rtol=0)
