@@ -418,6 +418,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp_dropout": mlp_dropout, "gpt": gpt, "resnet18": resnet18, "mobilenetv2": mobilenetv2, "gpt2_ffn": gpt2_ffn,
     "gpt2_decoder": gpt2_decoder,
 }
+_TOKEN_MODELS = ("gpt", "gpt2_decoder")
 _DEFAULTS: dict[str, tuple[tuple[int, ...], int]] = {  # (input_shape, num_classes) where not (1, 28, 28), 10
     "digits_cnn": ((1, 8, 8), 10), "resnet18": ((3, 224, 224), 1000), "mobilenetv2": ((3, 224, 224), 1000),
     "gpt2_ffn": ((768,), 768), "gpt2_decoder": ((128,), 256),
@@ -473,6 +474,8 @@ def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_class
     shape = tuple(input_shape) if input_shape is not None else default_shape
     model = _call(name, MODELS[name], (shape, classes), kwargs)
     arch: dict[str, Any] = {"name": name, "input_shape": list(shape), "num_classes": classes}
+    if name in _TOKEN_MODELS:  # token ids: FLOP counts, the runtime's probes and export feed integers
+        arch["input_dtype"] = "int64"
     if kwargs:
         arch["kwargs"] = kwargs
     return set_arch(model, arch)
