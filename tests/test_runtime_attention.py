@@ -91,13 +91,15 @@ def _gpt(stages: list) -> nn.Module:
     return m
 
 
-@pytest.mark.parametrize("stages,form", [([], "float"), ([{"magnitude": {"sparsity": 0.5, "epochs": 0}}], "float"),
-                                         ([{"int8": {}}], "int8")])
+@pytest.mark.parametrize("stages,form", [
+    pytest.param([], "float", marks=pytest.mark.slow), ([{"magnitude": {"sparsity": 0.5, "epochs": 0}}], "float"),
+    pytest.param([{"int8": {}}], "int8", marks=pytest.mark.slow)])
 def test_gpt_runtime_equals_the_model(stages, form):
     """Exact (1e-5) with the float kernels: the int8 kernel (int8 activations too) is left out here."""
     _gpt_runtime(stages, form, ("attention", "csr"), ATOL)
 
 
+@pytest.mark.slow
 def test_gpt_int8_runtime_is_within_the_int8_kernels_approximation():
     """With the int8 kernel allowed, the activations are quantized per sample (docs/runtime.md): outputs within
     2% of the logits' range."""
