@@ -261,3 +261,99 @@ def test_every_built_in_entry_runs_or_says_why(tmp_path, digits, name, expected)
         if x["status"] == "ok":
             assert (tmp_path / "all" / x["file"]).stat().st_size == x["file_bytes"]
             assert 0 <= x["test_error_pct"] <= 100 and x["latency"]["1"]["speedup"] > 0
+
+
+# -- issue 39, items 9i-9k: a collapsed entry, the budget, the page of an interrupted run -------------------------
+@pytest.fixture(scope="module")
+def small_mlp(digits):
+    import netsurgeon as ns
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ns.train(model, digits, ns.TrainConfig(epochs=2, lr=0.05))
+    return model
+
+
+def _compare(model, digits, out, **kw):
+    import netsurgeon as ns
+
+    return ns.run_comparison(model, digits, out, **{"methods": ["magnitude", "int8"], "steps": 3, "repeats": 2,
+                                                    "threads": 1, "data_name": "digits", "progress": False, **kw})
+
+
+def test_an_entry_at_chance_accuracy_is_warned_about_and_kept_off_the_fronts(tmp_path, digits, small_mlp,
+                                                                              monkeypatch, caplog):
+    """9i: an entry that ends at chance (DNS at 200 steps: 11.35%) is flagged and logged; the page keeps it in the
+    table without a star although its file is the smallest, says why, and the error axes stay on the useful range
+    (the DNS row once stretched them to 130%)."""
+    import logging
+
+    from netsurgeon import compare as cmp
+    from netsurgeon import compare_html
+    from netsurgeon.stats import chance_accuracy
+
+    chance = chance_accuracy(digits)
+    real = cmp._run_entry
+
+    def collapse_magnitude(entry, *a, **k):
+        r = real(entry, *a, **k)
+        if entry.name == "magnitude":  # a constant prediction: the most frequent class's share
+            r.update(test_accuracy=chance, test_error_pct=100 * (1 - chance))
+        return r
+
+    monkeypatch.setattr(cmp, "_run_entry", collapse_magnitude)
+    with caplog.at_level(logging.WARNING):
+        res = _compare(small_mlp, digits, tmp_path / "rep")
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["magnitude"]["collapsed"] is True and rows["int8"]["collapsed"] is False
+    assert rows["magnitude"]["file_bytes"] < rows["int8"]["file_bytes"]  # it would be on the front
+    assert "magnitude ended at chance accuracy" in caplog.text and "int8 ended" not in caplog.text
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "magnitude <small>(collapsed: chance accuracy)</small>" in page and "int8 &#9733;" in page
+    assert "magnitude &#9733;" not in page and "<b>Collapsed to chance accuracy</b>" in page
+    tops = []
+    monkeypatch.setattr(compare_html, "_svg", lambda fig: tops.append(fig.axes[0].get_ylim()[1]) or "<svg></svg>")
+    compare_html.render(res)
+    assert len(tops) >= 4 and all(top < rows["magnitude"]["test_error_pct"] / 2 for top in tops[:4]), tops  # fronts
+
+
+def test_a_run_over_its_budget_is_warned_about_and_the_page_says_what_the_budget_excludes(tmp_path, digits,
+                                                                                            small_mlp, caplog):
+    """9j: `compare --budget 3m` ran 4.6 min with no word: the budget plans the training steps; a run that takes
+    longer is logged and its page says what the budget does not cap."""
+    import logging
+
+    from netsurgeon.compare_html import render
+
+    with caplog.at_level(logging.WARNING):
+        res = _compare(small_mlp, digits, tmp_path / "rep", methods=["int8"], budget=0.01)
+    assert res["wall_s_this_run"] > 0.011
+    assert "of the 0.0 min budget" in caplog.text and "the budget plans the training steps" in caplog.text
+    note = "The run took longer than its budget"
+    assert note in (tmp_path / "rep" / "index.html").read_text()
+    assert note not in render({**res, "budget_s": 3600.0})  # within budget: no note
+
+
+def test_the_page_is_written_after_each_entry(tmp_path, digits, small_mlp, monkeypatch):
+    """9k: an interrupted comparison (Ctrl-C in the second entry) leaves a page with the finished entry and the
+    pending ones named, not only runs/*.json."""
+    from netsurgeon import compare as cmp
+
+    out = tmp_path / "rep"
+    real, seen = cmp._run_entry, []
+
+    def interrupt_int8(entry, *a, **k):
+        if entry.name == "int8":
+            seen.append((out / "index.html").read_text())  # the page as it stood when the second entry began
+            raise KeyboardInterrupt
+        return real(entry, *a, **k)
+
+    monkeypatch.setattr(cmp, "_run_entry", interrupt_int8)
+    with pytest.raises(KeyboardInterrupt):
+        _compare(small_mlp, digits, out)
+    (page,) = seen
+    assert ">magnitude" in page and "<b>Incomplete:</b> 1 entries not run yet (int8)" in page
+    assert (out / "index.html").read_text() == page
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] is False and res["pending"] == ["int8"] and [r["name"] for r in res["rows"]] == [
+        "magnitude"]

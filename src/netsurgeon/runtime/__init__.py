@@ -4,8 +4,8 @@
 storage forms offer (``forms/``: fused sparse or codebook kernels, CSR, int8, bit-packed binary) against the dense
 run and keeps the fastest, and for a network with convolutions folds BatchNorm and picks the memory order, batch
 slicing and sample packing that measured fastest (docs/runtime.md). ``modelfile.load_compressed(path,
-runtime=True, batch=B)`` loads a file straight into this form; ``bench.latency_report`` is what ``netsurgeon
-bench-latency`` prints.
+runtime=True, batch=B)`` loads a file straight into this form; ``latency.latency_report`` (``netsurgeon/latency.py``)
+is what ``netsurgeon bench-latency`` prints.
 """
 
 from __future__ import annotations
