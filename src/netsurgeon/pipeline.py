@@ -255,11 +255,14 @@ class Pipeline:
         last = self.stages[-1].config
         return last if isinstance(last, EncodeConfig) else EncodeConfig()
 
-    def run(self, model: nn.Module, data: Any = None, *, progress: bool = False) -> list[dict[str, Any]]:
+    def run(self, model: nn.Module, data: Any = None, *, progress: bool = False,
+            teacher: nn.Module | None = None) -> list[dict[str, Any]]:
         """Run every stage on ``model`` in place; returns one record per stage (method, config, report, seconds).
 
         ``data`` is a :class:`~netsurgeon.data.Dataset` or :func:`~netsurgeon.data.from_loaders` data; stages
-        train on its train split and choose on its validation split, never the test split.
+        train on its train split and choose on its validation split, never the test split. ``teacher``: the
+        model a ``distill`` stage learns from (default: ``model`` as the pipeline receives it); give the large
+        model here to distill it into a smaller ``model`` (a student with fewer layers).
         """
         from .data import as_data
 
@@ -267,7 +270,8 @@ class Pipeline:
         self.check(has_data=data is not None, start_form=weight_form(model))
         self.check_layers(model)
         check_finite_model("pipeline", model)
-        teacher = copy.deepcopy(model).eval() if any(st.spec.needs_teacher for st in self.stages) else None
+        if teacher is None and any(st.spec.needs_teacher for st in self.stages):
+            teacher = copy.deepcopy(model).eval()
         ctx = StageContext(data, progress, teacher)
         out = []
         for i, st in enumerate(self.stages, 1):
