@@ -14,6 +14,7 @@ loader applies every key a record holds with :func:`apply_changes`. Nothing else
 | factorized    | factorized.py    | {layer: rank} or {layer: {kind, rank}}   | low rank                      |
 | binary_inputs | binary_inputs.py | {layer: "sign" or "scaled"}              | BNN, XNOR-Net                 |
 | hwgq_inputs   | hwgq_inputs.py   | {layer: bits}                            | HWGQ activation quantization  |
+| heads         | heads.py         | {layer: [kept head indices]}             | attention head pruning        |
 """
 
 from __future__ import annotations
