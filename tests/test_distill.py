@@ -81,3 +81,21 @@ def test_pipeline_distills_a_given_teacher_into_a_smaller_student():
     runs = Pipeline.from_spec([{"distill": {"epochs": 1, "max_steps": 2, "batch_size": 8}}]).run(
         student, data, teacher=teacher)
     assert runs[0]["report"]["steps"] == 2 and len(student.blocks) == 1
+
+
+def test_a_token_model_records_int64_inputs():
+    """The zoo's GPT and any model a pipeline ran on token data record input_dtype int64, so FLOP counts, the
+    runtime and summarize feed them token ids (its first parameter is the bare positional table, not the
+    embedding, so the layer order alone would not tell)."""
+    from netsurgeon.changes import arch_of, set_arch
+    from netsurgeon.report import summarize
+
+    m = ns.build_model("gpt", (8,), 16, n_layer=1, width=16, n_head=2)
+    assert arch_of(m)["input_dtype"] == "int64"
+    set_arch(m, {k: v for k, v in arch_of(m).items() if k != "input_dtype"})  # as an older file records it
+    x = torch.randint(0, 16, (8, 8))
+    data = ns.data.Dataset("lm", ns.data.Split(x, x.roll(-1, 1)), ns.data.Split(x[:2], x[:2].roll(-1, 1)),
+                           ns.data.Split(x[:2], x[:2].roll(-1, 1)), 16, metric="perplexity")
+    Pipeline.from_spec([{"int8": {}}]).run(m, data)
+    assert arch_of(m)["input_dtype"] == "int64"
+    assert summarize(m, (8,), data=data, batches=(1,), repeats=5)["test_perplexity"] > 1

@@ -270,6 +270,7 @@ def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 
+TOKEN_MODELS = frozenset({"gpt"})  # zoo models whose input is token ids, not floats
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": lenet300, "lenet5": lenet5, "mlpnet": mlpnet, "digits_cnn": digits_cnn, "resnet_small": resnet_small,
     "vgg_small": vgg_small, "mlp_bn": mlp_bn, "lenet5_bn": lenet5_bn,
@@ -325,6 +326,8 @@ def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_class
     shape = tuple(input_shape) if input_shape is not None else ((1, 8, 8) if name == "digits_cnn" else (1, 28, 28))
     model = _call(name, MODELS[name], (shape, classes), kwargs)
     arch: dict[str, Any] = {"name": name, "input_shape": list(shape), "num_classes": classes}
+    if name in TOKEN_MODELS:  # takes token ids: FLOP counts, the runtime and export feed it integers
+        arch["input_dtype"] = "int64"
     if kwargs:
         arch["kwargs"] = kwargs
     return set_arch(model, arch)

@@ -264,10 +264,14 @@ class Pipeline:
         model a ``distill`` stage learns from (default: ``model`` as the pipeline receives it); give the large
         model here to distill it into a smaller ``model`` (a student with fewer layers).
         """
+        from .architecture import record_inputs
+        from .changes import arch_of, set_arch
         from .data import as_data
 
         data = None if data is None else as_data(data)
         self.check(has_data=data is not None, start_form=weight_form(model))
+        if data is not None and arch_of(model) is not None:  # token ids: the saved file's record says so
+            set_arch(model, record_inputs(arch_of(model), data))
         self.check_layers(model)
         check_finite_model("pipeline", model)
         if teacher is None and any(st.spec.needs_teacher for st in self.stages):
