@@ -310,6 +310,9 @@ def main() -> None:
         "heads": f"attention heads 25% removed (Taylor) + fine-tune {args.steps} steps",
         "distill": f"distilled into 2 layers (T=2), {args.steps} steps",
     }
+    order = ["dense", "dense_ft", "magnitude_oneshot", "magnitude", "dns", "woodfisher_oneshot", "woodfisher",
+             "kmeans", "int8", "lowrank", "heads", "distill"]
+    rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))}
     table = []
     for key, r in rows.items():
         m = measured[key]
