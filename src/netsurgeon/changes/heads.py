@@ -257,6 +257,10 @@ def shrink_heads(model: nn.Module, site: AttentionSite, keep: list[int]) -> Atte
         new = HeadAttention.from_mha(site.module, keep)
         parent, _, attr = site.name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
+        for enc in model.modules():  # its fused path would hand the layers nested tensors, which only MHA reads
+            if isinstance(enc, nn.TransformerEncoder) and any(getattr(layer, "self_attn", None) is new
+                                                              for layer in enc.layers):
+                enc.use_nested_tensor = False
         return AttentionSite(site.name, "head", new, len(keep), site.head_dim, original)
     m = site.module
     for b in head_blocks(site):
@@ -320,7 +324,7 @@ class Heads(ArchChange):
                                f"indices; got {short(heads)}.")
             for h in heads:
                 check_int(where, f"heads.{layer}", h, 0, MAX_HEADS - 1)
-            if any(a >= b for a, b in zip(heads, heads[1:])):
+            if any(a >= b for a, b in zip(heads, heads[1:], strict=False)):
                 raise NszError(f"{where}: field 'heads.{layer}' must list increasing head indices; got {short(heads)}.")
 
         check_mapping(where, "heads", value, one)

@@ -5,11 +5,11 @@ Sec. 2 of the paper writes multi-head attention as a sum over heads, each head's
 variable ξ_h ∈ {0, 1}: MHAtt(x, q) = Σ_h ξ_h · Att_h(x, q). Sec. 4.1 scores a head by the expected sensitivity of
 the loss to its mask, I_h = E_x |∂L(x)/∂ξ_h|, which by the chain rule is E_x |Att_h(x)ᵀ ∂L(x)/∂Att_h(x)|, a
 first-order Taylor estimate of the loss change when the head goes (Molchanov et al. 2017); the scores are then
-normalized per layer by their ℓ2 norm and heads are pruned globally, least important first. (These are the
-paper's Sec. 2 and 4.1; the equation numbers are not given here because this session could not check them
-against the PDF.) Here a gate ξ of ones per head and per calibration sample multiplies each head's output before
-the output projection; one backward pass gives ∂L_x/∂ξ_h for every sample x, and I_h is the mean of their absolute
-values over the samples (the authors' code takes |·| of each batch's summed gradient instead).
+normalized per layer by their ℓ2 norm and heads are pruned globally, least important first. (Section numbers
+from the paper as recalled; the PDF was not at hand to check them, so no equation numbers are given.) Here a gate
+ξ of ones per head and per calibration sample multiplies each head's output before the output projection; one
+backward pass gives ∂L_x/∂ξ_h for every sample x, and I_h is the mean of their absolute values over the samples
+(the authors' released code, as recalled and not checked here, takes |·| of each batch's summed gradient).
 
 ``importance="l1"`` is a data-free baseline (not from the paper): the l1 norm of all weights of the head (its
 query, key and value rows and its columns of the output projection).
@@ -66,8 +66,11 @@ def find_attention(model: nn.Module, owner: str = "heads") -> list[AttentionSite
 def _gated(x: Tensor, g: Tensor, batch_dim: int | None) -> Tensor:
     """``x`` (..., heads·d) with head h scaled by g[h] (g: (heads,)) or, per sample, g[b, h] (g: (B, heads))."""
     hx = x.unflatten(-1, (g.shape[-1], -1))  # (..., heads, d)
-    if g.dim() == 1 or batch_dim is None:
-        return (hx * g.reshape(-1, g.shape[-1])[0][:, None]).flatten(-2)
+    if g.dim() == 1 or batch_dim is None:  # one gate for all; an unbatched input is one sample (row 0)
+        return (hx * (g if g.dim() == 1 else g[0])[:, None]).flatten(-2)
+    if hx.shape[batch_dim] != g.shape[0]:
+        raise ValueError(f"heads: an attention layer saw {hx.shape[batch_dim]} sequences for a batch of {g.shape[0]} "
+                         "samples; per-sample head gates need one sequence per sample (use importance=l1).")
     shape = [1] * hx.dim()
     shape[batch_dim], shape[-2] = g.shape[0], g.shape[1]
     return (hx * g.view(shape)).flatten(-2)
