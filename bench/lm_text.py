@@ -91,6 +91,7 @@ class Bench:
         self.q = "_quick" if args.quick else ""
         self.out_dir = STAGE_CACHE if args.quick else RESULTS / "files"
         self.dense_key = content_key(DENSE_FILE)
+        self.missing: list[str] = []
 
     def train_cfg(self, lr: float, steps: int | None = None) -> dict[str, Any]:
         return {"epochs": 1, "max_steps": steps or self.args.steps, "batch_size": self.args.batch_size,
@@ -121,9 +122,12 @@ class Bench:
             logging.info("%s: val perplexity %.4f (%.0f s)", tag, r["val_perplexity"], wall)
             return r
 
-        return cached_json(f"{NAME}/{tag}{self.q}", compute, self.args.fresh,
-                           source={"stages": stages, "dense": self.dense_key, "val_stride": self.args.val_stride,
-                                   "extra": note})
+        source = {"stages": stages, "dense": self.dense_key, "val_stride": self.args.val_stride, "extra": note}
+        if self.args.only_cached and not (CACHE / f"{NAME}/{tag}{self.q}_{content_key(source)}.json").is_file():
+            logging.warning("%s: not run yet (--only-cached): left out", tag)
+            self.missing.append(tag)
+            return None
+        return cached_json(f"{NAME}/{tag}{self.q}", compute, self.args.fresh, source=source)
 
 
 def _jsonable(v: Any) -> Any:
@@ -193,6 +197,9 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=None,
                     help="only run (and cache) these rows' stages, measure nothing, write nothing: two processes "
                          "can share the stages; a run without --rows then measures every row from the caches")
+    ap.add_argument("--only-cached", action="store_true",
+                    help="leave out rows whose stages have not finished (recorded under missing_rows)")
+    ap.add_argument("--measure", action="store_true", help="with --rows: also measure those rows (cached)")
     ap.add_argument("--lrs", type=float, nargs="+", default=list(LRS), help="fine-tuning LR candidates")
     ap.add_argument("--fresh", action="store_true", help="ignore cached stages")
     ap.add_argument("--quick", action="store_true", help="3 steps, strides 64 (checks the script; no result)")
@@ -275,8 +282,9 @@ def main() -> None:
                                 model=student, teacher=copy.deepcopy(dense).eval(),
                                 note="student 2 layers from teacher blocks 0,2")
 
-    if want:
+    if want and not args.measure:
         return
+    rows = {k: v for k, v in rows.items() if v is not None}
     # -- measure every row's file (test subset, sizes, latency), after all training -------------------------
     dense_file = b.out_dir / f"{NAME}_dense{b.q}.nsz"
     ns.save_compressed(dense, dense_file)  # float32 .nsz of the dense model: the bytes every row is compared to
@@ -350,6 +358,8 @@ def main() -> None:
         "rows": {k: {**rows[k], **{f"measured_{x}": y for x, y in measured[k].items() if x != "latency"},
                      "latency": measured[k]["latency"]} for k in rows},
         "table_rows": table, "wall_s": time.perf_counter() - t_all,
+        "missing_rows": {t: "its stages had not finished by the session's deadline (--only-cached)"
+                         for t in b.missing},
         "machine": {**facts, "threads": args.threads,
                     "loadavg_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
                     "load_note": "2-core machine shared with other sessions: times are noisy"},
@@ -358,6 +368,8 @@ def main() -> None:
         print(f"{t['row']:20s} ppl {t['test_perplexity']:.4f} (val {t['val_perplexity']:.4f}) | nz "
               f"{t['compression_nonzero']:.2f}x | bytes {t['compression_bytes']:.2f}x | b1 {t['speedup_b1']:.2f}x "
               f"b8 {t['speedup_b8']:.2f}x | {t['wall_s']:.0f} s")
+    if want:
+        return
     if args.quick:
         plot(result, STAGE_CACHE / f"{NAME}_quick.png")
         write_doc(result, STAGE_CACHE / f"{NAME}_quick.md")
@@ -406,6 +418,8 @@ def write_doc(res: dict, path: Path) -> None:
                      f"{r['compression_nonzero']:.2f}x | {r['compression_bytes']:.2f}x | {r['flops_ratio']:.2f}x | "
                      f"{r['speedup_b1']:.2f}x | {r['speedup_b8']:.2f}x | {r['wall_s']:.0f} |")
     lat = res["latency"]
+    if res.get("missing_rows"):
+        lines += ["", "Not in this table: " + "; ".join(f"{k} ({v})" for k, v in res["missing_rows"].items()) + "."]
     lines += [
         "", f"Speed: {lat['note']}; {lat['threads']} thread, {lat['repeats']} runs each. Measured on {m['cpu']}, "
         f"{m['cores']} cores, torch {m['torch']}, {m['date']}, commit {m['commit']} ({m['load_note']}; load "
