@@ -357,6 +357,9 @@ def main() -> None:
                             "instead of 256 (256 x 128 tokens is seconds per run here); speedup_b256 is null"},
         "rows": {k: {**rows[k], **{f"measured_{x}": y for x, y in measured[k].items() if x != "latency"},
                      "latency": measured[k]["latency"]} for k in rows},
+        "wall_note": "wall_s of a row: its stages (saving excluded), from the run that computed them; this "
+                     "session ran up to 7 stage processes at once on the 2 shared cores (load average 11-17), so "
+                     "walls compare only roughly",
         "table_rows": table, "wall_s": time.perf_counter() - t_all,
         "missing_rows": {t: "its stages had not finished by the session's deadline (--only-cached)"
                          for t in b.missing},
@@ -423,7 +426,7 @@ def write_doc(res: dict, path: Path) -> None:
     lines += [
         "", f"Speed: {lat['note']}; {lat['threads']} thread, {lat['repeats']} runs each. Measured on {m['cpu']}, "
         f"{m['cores']} cores, torch {m['torch']}, {m['date']}, commit {m['commit']} ({m['load_note']}; load "
-        f"average {m['loadavg_1min']['start']:.1f} at the start).", "",
+        f"average {m['loadavg_1min']['start']:.1f} at the start). Wall s: {res['wall_note']}.", "",
         "Weights / nonzero counts every weight site (embedding, attention projections, MLP, head) against the "
         "dense model; for the student, the teacher's weights over the student's. File bytes: the dense "
         "model's float32 bytes over the `.nsz` file. No paper figure applies: " + res["paper_note"] + ".", "",
