@@ -91,13 +91,15 @@ def _gpt(stages: list) -> nn.Module:
     return m
 
 
-@pytest.mark.parametrize("stages,form", [([], "float"), ([{"magnitude": {"sparsity": 0.5, "epochs": 0}}], "float"),
-                                         ([{"int8": {}}], "int8")])
+@pytest.mark.parametrize("stages,form", [
+    pytest.param([], "float", marks=pytest.mark.slow), ([{"magnitude": {"sparsity": 0.5, "epochs": 0}}], "float"),
+    pytest.param([{"int8": {}}], "int8", marks=pytest.mark.slow)])
 def test_gpt_runtime_equals_the_model(stages, form):
     """Exact (1e-5) with the float kernels: the int8 kernel (int8 activations too) is left out here."""
     _gpt_runtime(stages, form, ("attention", "csr"), ATOL)
 
 
+@pytest.mark.slow
 def test_gpt_int8_runtime_is_within_the_int8_kernels_approximation():
     """With the int8 kernel allowed, the activations are quantized per sample (docs/runtime.md): outputs within
     2% of the logits' range."""
@@ -172,5 +174,19 @@ def test_attention_with_bias_kv_is_left_and_its_out_proj_stays_a_linear():
     rt, plan = compile_runtime(Net().eval(), 1, repeats=1)
     assert not any(r.form == "attention" for r in plan.runs)
     assert "attn.out_proj" not in [r.layers[0] for r in plan.runs]
+    with torch.no_grad():
+        torch.testing.assert_close(rt(x), ref, atol=ATOL, rtol=0)
+
+
+def test_torchs_transformer_layers_keep_their_attention_and_linears():
+    """nn.TransformerEncoderLayer reads self_attn.in_proj_weight and linear1.weight in its forward: left alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)).eval()
+    ns.Pipeline.from_spec([{"magnitude": {"sparsity": 0.8, "epochs": 0}}]).run(model, None)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = model(x)
+    rt, plan = compile_runtime(model, 2, repeats=1, forms=("attention", "csr"))
+    assert not any(r.form in ("attention", "csr") for r in plan.runs)
     with torch.no_grad():
         torch.testing.assert_close(rt(x), ref, atol=ATOL, rtol=0)

@@ -182,12 +182,20 @@ def _rebuilt(mha: nn.MultiheadAttention) -> ProjectedAttention | None:
     return ProjectedAttention(*projs, out, mha.num_heads, mha.batch_first, mha.dropout).train(mha.training)
 
 
+def _reads_weights(m: nn.Module) -> bool:
+    """Whether ``m`` is one of torch's transformer layers, whose forward reads its children's weights directly
+    (``self_attn.in_proj_weight``, ``linear1.weight`` for its fused inference path)."""
+    return type(m).__module__ == "torch.nn.modules.transformer"
+
+
 def rebuild_attention(model: nn.Module, plan: RuntimePlan) -> int:
-    """Replace every ``nn.MultiheadAttention`` of ``model`` (in place) by its :class:`ProjectedAttention`; returns
-    how many were replaced and records each in ``plan``."""
+    """Replace every ``nn.MultiheadAttention`` of ``model`` (in place) by its :class:`ProjectedAttention`, except
+    inside torch's own transformer layers (which read its weights); returns how many were replaced and records
+    each in ``plan``."""
     count = 0
     for name, m in list(model.named_modules()):
-        if not isinstance(m, nn.MultiheadAttention) or not name:
+        if not isinstance(m, nn.MultiheadAttention) or not name \
+                or _reads_weights(model.get_submodule(name.rpartition(".")[0])):
             continue
         new = _rebuilt(m)
         if new is None:
@@ -202,7 +210,10 @@ def rebuild_attention(model: nn.Module, plan: RuntimePlan) -> int:
 
 
 def attention_owned(model: nn.Module) -> set[str]:
-    """Names of the Linear layers an ``nn.MultiheadAttention`` left in ``model`` reads by their weight (its
-    ``out_proj``): they keep their form, since a kernel module in their place has no ``weight`` to read."""
-    return {f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
-            if isinstance(m, nn.MultiheadAttention)}
+    """Names of the Linear layers whose parent reads their weight (an ``nn.MultiheadAttention`` left in ``model``
+    its ``out_proj``, torch's transformer layers their ``linear1``/``linear2``): they keep their form, since a
+    kernel module in their place has no ``weight`` to read."""
+    owners = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+              or _reads_weights(m)]
+    return {f"{name}.{child}" if name else child for name, m in owners
+            for child, c in m.named_modules() if child and isinstance(c, nn.Linear)}

@@ -58,10 +58,10 @@ def _in_place(gm: fx.GraphModule) -> int:
 
 
 def _direct_calls(gm: fx.GraphModule) -> int:
-    """Replace the calls of plain torch layers (Conv1d/2d, Linear, ReLU, max- and average-pooling, Flatten,
-    Identity, Dropout in eval mode) by calls of their functions on the layers' own tensors, in place; a ReLU whose
-    input is a fresh tensor read by nothing else runs in place (as does one built ``inplace=True``), and so do
-    functional ReLUs and additions on such a tensor (:func:`_in_place`). Same arithmetic, no
+    """Replace the calls of plain torch layers (Conv1d/2d, Linear, ReLU, ReLU6, GELU, max- and average-pooling,
+    Flatten, Identity, Dropout in eval mode) by calls of their functions on the layers' own tensors, in place; a
+    ReLU whose input is a fresh tensor read by nothing else runs in place (as does one built ``inplace=True``), and
+    so do functional ReLUs and additions on such a tensor (:func:`_in_place`). Same arithmetic, no
     ``nn.Module.__call__`` per layer: at batch 1 that call is a large part of a small layer's time
     (docs/runtime.md). Layers with hooks or called more than once keep their call. Returns the number of calls
     replaced."""
@@ -107,6 +107,10 @@ def _function_call(g: fx.Graph, name: str, m: nn.Module, x: Any) -> Any:
         return g.call_function(F.adaptive_avg_pool2d, (x, m.output_size))
     if t is nn.Flatten:
         return g.call_function(torch.flatten, (x, m.start_dim, m.end_dim))
+    if t is nn.GELU:
+        return g.call_function(F.gelu, (x,), {"approximate": m.approximate})
+    if t is nn.ReLU6 and not m.inplace:
+        return g.call_function(F.relu6, (x,))
     if t in (nn.Identity, nn.Dropout) and not m.training:
         return x
     return None
