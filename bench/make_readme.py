@@ -65,17 +65,22 @@ def render() -> str:
         if not _mnist_rows(res):
             continue
         for r in res.get("table_rows", []):
+            if r.get("metric") == "perplexity":  # a language model: perplexity in the error columns, said so
+                err = (f"ppl {_f(r.get('test_perplexity'), '.3f')} ({_f(r.get('paper_perplexity'), '.2f')}) | "
+                       f"ppl {_f(r.get('dense_test_perplexity'), '.3f')} (-)")
+            else:
+                err = (f"{_pm(r, 'error_pct', '.2f')} ({_f(r.get('paper_error_pct'), '.2f')}) | "
+                       f"{_f(r.get('dense_error_pct'), '.2f')} ({_f(r.get('paper_dense_error_pct'), '.2f')})")
+            big = "speedup_b256" if r.get("speedup_b256") is not None or "speedup_b8" not in r else "speedup_b8"
             lines.append(
-                f"| {res['benchmark']} | {r['model']} | {r['method']} | {_pm(r, 'error_pct', '.2f')} "
-                f"({_f(r.get('paper_error_pct'), '.2f')}) | {_f(r.get('dense_error_pct'), '.2f')} "
-                f"({_f(r.get('paper_dense_error_pct'), '.2f')}) | "
+                f"| {res['benchmark']} | {r['model']} | {r['method']} | {err} | "
                 f"{_f(100 * r['weights_nonzero'] / r['weights'], '.2f')}% | "
                 f"{_pm(r, 'compression_weights', '.1f')}x ({_f(r.get('paper_compression'), '.0f')}"
                 f"{'x' if r.get('paper_compression') else ''}) | {r['biases_nonzero']}/{r['biases']} | "
                 f"{_f(r['compression_bytes'], '.1f')}x"
                 f"{_paper_x(r.get('paper_compression_bytes'))}"
                 f" | {_f(r.get('speedup_b1'), '.2f')} / "
-                f"{_f(r.get('speedup_b256'), '.2f')} | {_f(r.get('wall_s'), '.0f')} | "
+                f"{_f(r.get(big), '.2f')}{' (b8)' if big == 'speedup_b8' else ''} | {_f(r.get('wall_s'), '.0f')} | "
                 f"{'-' if r.get('target_met') is None else 'met' if r['target_met'] else 'MISSED'} |")
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         res = json.loads(path.read_text())

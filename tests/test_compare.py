@@ -107,8 +107,10 @@ def test_python_api_compares_a_users_model(tmp_path, digits):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     ns.train(model, digits, ns.TrainConfig(epochs=3, lr=0.05))
     r = ns.run_comparison(model, digits, tmp_path / "rep", methods=["magnitude", "l1_filters"], budget=1,
-                          repeats=5, threads=1, data_name="digits", progress=False)
+                          repeats=5, threads=1, data_name="digits", progress=False, batches=(1, 8))
     rows = {x["name"]: x for x in r["rows"]}
+    assert r["batches"] == [1, 8] and set(rows["magnitude"]["latency"]) == {"1", "8"}  # compare --batch 1,8
+    assert "b8 x" in (tmp_path / "rep" / "index.html").read_text()
     assert rows["magnitude"]["status"] == "ok" and rows["l1_filters"]["status"] == "ok"
     assert rows["l1_filters"]["layer_kept_pct"]["1"] == pytest.approx(50.0)  # half of the hidden neurons gone
     assert (tmp_path / "rep" / "index.html").is_file() and (tmp_path / "rep" / "files" / "_dense.safetensors").is_file()
@@ -196,6 +198,7 @@ def test_compare_resumes_without_rerunning_finished_methods(report):
     (["BASE", "--budget", "ten", "-o", "r"], "--budget takes a duration like 20m, 90s, 1h or 1h30m; got 'ten'"),
     (["BASE", "--methods", "magnitude,dsn", "-o", "r"], "unknown method(s) 'dsn'"),
     (["BASE"], "give -o/--output DIR"),
+    (["BASE", "--batch", "1,x", "-o", "r"], "give positive batch sizes separated by commas"),
     (["-o", "r"], "give MODEL_FILE"),
 ])
 def test_compare_bad_input_is_one_line_before_any_work(report, tmp_path, args, msg):

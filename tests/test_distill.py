@@ -59,3 +59,43 @@ def test_pipeline_teacher_is_the_model_before_compression(digits):
     assert all(torch.equal(seen["teacher"][k], before[k]) for k in before)     # the dense model, not the pruned one
     kept = sum(int((m.weight != 0).sum()) for m in (model.fc1, model.fc2, model.fc3))
     assert kept <= 0.1 * sum(m.weight.numel() for m in (model.fc1, model.fc2, model.fc3)) + 1   # masks stayed
+
+
+def test_language_model_logits_are_distilled_per_token():
+    """(B, T, V) logits: the softmax is over the vocabulary and the mean over the B·T next-token predictions,
+    the same number as the flattened (B·T, V) classifier form (not a softmax over the T positions)."""
+    torch.manual_seed(0)
+    z, v = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    flat = distillation_loss(z.reshape(10, 7), v.reshape(10, 7), 2.0)
+    torch.testing.assert_close(distillation_loss(z, v, 2.0), flat)
+    assert float(distillation_loss(v, v, 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pipeline_distills_a_given_teacher_into_a_smaller_student():
+    torch.manual_seed(0)
+    x = torch.randint(0, 16, (24, 8))
+    data = ns.data.Dataset("lm", ns.data.Split(x, x.roll(-1, 1)), ns.data.Split(x[:4], x[:4].roll(-1, 1)),
+                           ns.data.Split(x[:4], x[:4].roll(-1, 1)), 16, metric="perplexity")
+    teacher = ns.build_model("gpt", (8,), 16, n_layer=2, width=16, n_head=2)
+    student = ns.build_model("gpt", (8,), 16, n_layer=1, width=16, n_head=2)
+    runs = Pipeline.from_spec([{"distill": {"epochs": 1, "max_steps": 2, "batch_size": 8}}]).run(
+        student, data, teacher=teacher)
+    assert runs[0]["report"]["steps"] == 2 and len(student.blocks) == 1
+
+
+def test_a_token_model_records_int64_inputs():
+    """The zoo's GPT and any model a pipeline ran on token data record input_dtype int64, so FLOP counts, the
+    runtime and summarize feed them token ids (its first parameter is the bare positional table, not the
+    embedding, so the layer order alone would not tell)."""
+    from netsurgeon.changes import arch_of, set_arch
+    from netsurgeon.report import summarize
+
+    m = ns.build_model("gpt", (8,), 16, n_layer=1, width=16, n_head=2)
+    assert arch_of(m)["input_dtype"] == "int64"
+    set_arch(m, {k: v for k, v in arch_of(m).items() if k != "input_dtype"})  # as an older file records it
+    x = torch.randint(0, 16, (8, 8))
+    data = ns.data.Dataset("lm", ns.data.Split(x, x.roll(-1, 1)), ns.data.Split(x[:2], x[:2].roll(-1, 1)),
+                           ns.data.Split(x[:2], x[:2].roll(-1, 1)), 16, metric="perplexity")
+    Pipeline.from_spec([{"int8": {}}]).run(m, data)
+    assert arch_of(m)["input_dtype"] == "int64"
+    assert summarize(m, (8,), data=data, batches=(1,), repeats=5)["test_perplexity"] > 1

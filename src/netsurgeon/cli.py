@@ -468,6 +468,8 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
 @_device_opt
 @click.option("--repeats", type=click.IntRange(min=5), default=30, show_default=True,
               help="Timed runs per latency measurement (medians).")
+@click.option("--batch", "batch_sizes", default="1,256", show_default=True, metavar="B[,B]",
+              help="Batch sizes latency is timed at (e.g. 1,8 for a language model, whose 256 sequences are slow).")
 @click.option("--list", "list_only", is_flag=True, help="List the built-in entries and their stages, then exit.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report directory (index.html, results.json, files/, runs/); re-running it resumes.")
@@ -476,6 +478,7 @@ def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Pa
                 steps: int | None,
                 model_spec: str | None, model_args: tuple[str, ...], trust_code: bool, data_name: str | None,
                 data_dir: Path | None, seed: int, threads: int | None, device: str | None, repeats: int,
+                batch_sizes: str,
                 list_only: bool, output: Path | None) -> None:
     """Run every compression method on MODEL_FILE with the same training budget, measure each result the same
     way (test error, nonzeros, file bytes, FLOPs, latency at batch 1 and 256) and write a report.
@@ -503,6 +506,7 @@ def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Pa
         raise _Fail(f"output {str(output)!r} exists and is not a directory.")
     parse_budget(budget)  # bad input is one line before anything loads
     dev = _device(device)
+    batches = _batch_sizes(batch_sizes)
     names = None if method_names is None else [n.strip() for n in method_names.split(",") if n.strip()]
     plan_entries(Plan(steps=1, steps_per_epoch=1, sparsity=sparsity), names, pipelines)
     from .changes import arch_of
@@ -515,13 +519,26 @@ def compare_cmd(model_file: Path | None, method_names: str | None, pipelines: Pa
     _check_input_shape(model, data, str(model_file))
     arch = arch_of(model) or {}
     r = run_comparison(model, data, output, methods=names, pipelines=pipelines, budget=budget, steps=steps,
-                       sparsity=sparsity, seed=seed, threads=threads, repeats=repeats, input_file=model_file,
+                       sparsity=sparsity, seed=seed, threads=threads, repeats=repeats, batches=batches,
+                       input_file=model_file,
                        data_name=data_name,
                        model_name=str(arch.get("name") or arch.get("factory") or model_spec or model_file.stem),
                        command=_command_line(), progress=True, device=dev)
     ok = [x for x in r["rows"] if x["status"] == "ok"]
     click.echo(f"{len(ok)} of {len(r['rows'])} methods ran ({r['wall_s_this_run'] / 60:.1f} min); "
                f"report: {output / 'index.html'}, numbers: {output / 'results.json'}")
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batch 1,8`` as (1, 8): one or more positive integers, comma-separated."""
+    try:
+        out = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or any(b < 1 for b in out):
+        raise click.BadParameter(f"give positive batch sizes separated by commas (e.g. 1,8); got {text!r}.",
+                                 param_hint="--batch")
+    return out
 
 
 def _command_line() -> str:

@@ -345,7 +345,7 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
         results = _results(rows, ref, entries, plan, chance=chance, metric=getattr(data, "metric", "accuracy"),
                            model_name=model_name, data_name=data_name,
                            seed=seed, command=command, threads=threads, budget_s=budget_s,
-                           wall_s=time.perf_counter() - t_start, complete=complete)
+                           wall_s=time.perf_counter() - t_start, complete=complete, batches=batches)
         with atomic_write(out / "results.json", "w") as f:
             json.dump(results, f, indent=2)
         write_report(results, out / "index.html")  # after every entry: an interrupted run still has its page
@@ -407,7 +407,8 @@ def _timed_entry(i: int, n: int, entry: Entry, pipe: Any, dense: nn.Module, data
 
 def _results(rows: list[dict[str, Any]], ref: dict[str, Any], entries: Sequence[Entry], plan: Plan, *,
              chance: float | None, metric: str, model_name: str, data_name: str, seed: int, command: str,
-             threads: int | None, budget_s: float | None, wall_s: float, complete: bool) -> dict[str, Any]:
+             threads: int | None, budget_s: float | None, wall_s: float, complete: bool,
+             batches: Sequence[int] = (1, 256)) -> dict[str, Any]:
     from . import __version__
 
     done = {r.get("name") for r in rows}
@@ -418,6 +419,7 @@ def _results(rows: list[dict[str, Any]], ref: dict[str, Any], entries: Sequence[
         "budget_s": budget_s, "plan": {"steps": plan.steps, "steps_per_epoch": plan.steps_per_epoch,
                                        "epochs": plan.steps / plan.steps_per_epoch, "sparsity": plan.sparsity,
                                        "batch_size": plan.batch_size},
+        "batches": list(batches),
         "wall_s_this_run": wall_s, "complete": complete, "pending": [e.name for e in entries if e.name not in done],
         "chance_accuracy": chance,
         "total_s": sum(float(r.get("total_s") or 0) for r in rows),
@@ -442,7 +444,7 @@ def plan_entries(plan: Plan, methods: Sequence[str] | None = None,
 def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *,
                    methods: Sequence[str] | None = None, pipelines: str | os.PathLike[str] | None = None,
                    budget: str | float = "20m", steps: int | None = None, sparsity: float = 0.9, seed: int = 0,
-                   threads: int | None = None,
+                   threads: int | None = None, batches: Sequence[int] = (1, 256),
                    repeats: int = 30, input_file: str | os.PathLike[str] | None = None, data_name: str = "",
                    model_name: str = "", command: str = "", progress: bool = True,
                    device: Any = None) -> dict[str, Any]:
@@ -450,7 +452,8 @@ def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str],
     budget (or reuse the plan of an interrupted run in ``out_dir``), run :func:`compare`. ``budget``: seconds
     or a duration such as ``"20m"``; ``steps`` fixes the training steps of every entry instead (no timing: the
     same steps, hence the same weights, on any machine). ``device``: where training and the methods run (the
-    budget's steps are timed there too). Returns the results dict of ``out_dir/results.json``."""
+    budget's steps are timed there too). ``batches``: the batch sizes latency is timed at (a language model: 1
+    and 8, where 256 sequences would take long). Returns the results dict of ``out_dir/results.json``."""
     from .devices import parse_device
     from .forms import weight_form
     from .pipeline import Pipeline
@@ -475,7 +478,10 @@ def run_comparison(model: nn.Module, data: Any, out_dir: str | os.PathLike[str],
     else:
         plan = resumable_plan(out_dir, settings, lambda: plan_budget(model, data, budget_s, len(probe),
                                                                      sparsity=sparsity, seed=seed, device=device))
+    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+        raise ValueError(f"compare: batches must be positive integers; got {batches!r}.")
     return compare(model, data, out_dir, entries=plan_entries(plan, methods, pipelines), plan=plan,
+                   batches=tuple(batches),
                    input_file=input_file, data_name=data_name, model_name=model_name, seed=seed, threads=threads,
                    repeats=repeats, budget_s=budget_s, command=command, fingerprint=fingerprint, progress=progress,
                    device=device)

@@ -59,6 +59,12 @@ def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("status") == "ok"]
 
 
+def _batches(res: dict[str, Any]) -> tuple[str, str]:
+    """The small and the large batch the comparison timed (``compare --batch``; default 1 and 256)."""
+    bs = [str(b) for b in res.get("batches") or (1, 256)]
+    return bs[0], bs[-1]
+
+
 def _useful(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows that ran and did not collapse to chance accuracy: only these can be on a Pareto front."""
     return [r for r in _ok(rows) if not r.get("collapsed")]
@@ -188,11 +194,12 @@ def _table(res: dict[str, Any]) -> str:
     dense = res["dense"]
     ok = _useful(rows)
     key, label, spec = _score(res)
+    b1, b2 = _batches(res)
     front = {ok[i]["name"] for i in pareto_front([(r["file_bytes"], r[key]) for r in ok])}
     cols = [("method", "s"), ("family", "s"), ("stages", "s"), (label, "n"), ("&Delta; dense", "n"),
             ("nonzero x", "n"), ("file bytes", "n"), ("bytes x", "n"), ("MFLOPs", "n"),
-            ("b1 ms (dense)", "n"), ("b1 x", "n"), ("b256 ms (dense)", "n"), ("b256 x", "n"), ("steps", "n"),
-            ("time s", "n")]
+            (f"b{b1} ms (dense)", "n"), (f"b{b1} x", "n"), (f"b{b2} ms (dense)", "n"), (f"b{b2} x", "n"),
+            ("steps", "n"), ("time s", "n")]
     head = "".join(f'<th data-t="{t}" title="click to sort">{c}</th>' for c, t in cols)
     body = []
 
@@ -218,12 +225,12 @@ def _table(res: dict[str, Any]) -> str:
             (_fmt(r.get("file_bytes"), ","), r.get("file_bytes")),
             (_fmt(r.get("compression_bytes"), ".1f"), r.get("compression_bytes")),
             (_fmt(r["flops_effective"] / 1e6, ".2f"), r["flops_effective"]),
-            (f'{_fmt(lat(r, "1", "runtime_ms"), ".3f")} <small>({_fmt(lat(r, "1", "dense_ms"), ".3f")})</small>',
-             lat(r, "1", "runtime_ms")),
-            (_fmt(lat(r, "1", "speedup"), ".2f") + "x", lat(r, "1", "speedup")),
-            (f'{_fmt(lat(r, "256", "runtime_ms"), ".2f")} <small>({_fmt(lat(r, "256", "dense_ms"), ".2f")})</small>',
-             lat(r, "256", "runtime_ms")),
-            (_fmt(lat(r, "256", "speedup"), ".2f") + "x", lat(r, "256", "speedup")),
+            (f'{_fmt(lat(r, b1, "runtime_ms"), ".3f")} <small>({_fmt(lat(r, b1, "dense_ms"), ".3f")})</small>',
+             lat(r, b1, "runtime_ms")),
+            (_fmt(lat(r, b1, "speedup"), ".2f") + "x", lat(r, b1, "speedup")),
+            (f'{_fmt(lat(r, b2, "runtime_ms"), ".2f")} <small>({_fmt(lat(r, b2, "dense_ms"), ".2f")})</small>',
+             lat(r, b2, "runtime_ms")),
+            (_fmt(lat(r, b2, "speedup"), ".2f") + "x", lat(r, b2, "speedup")),
             (_fmt(r.get("train_steps", 0), ","), r.get("train_steps", 0)),
             (_fmt(r.get("wall_s"), ".1f"), r.get("wall_s")),
         ]
@@ -308,7 +315,8 @@ def render(res: dict[str, Any]) -> str:
     if failed:
         fails = "<h2>Methods that did not run on this model</h2><ul>" + "".join(
             f"<li><b>{html.escape(r['name'])}</b>: {html.escape(r.get('error', ''))}</li>" for r in failed) + "</ul>"
-    plots = "".join(f"<div>{_front_plot(res, w)}</div>" for w in ("bytes", "nonzero", "1", "256"))
+    b1, b2 = _batches(res)
+    plots = "".join(f"<div>{_front_plot(res, w)}</div>" for w in ("bytes", "nonzero", b1, b2))
     lat = dense.get("latency", {})
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -316,8 +324,8 @@ def render(res: dict[str, Any]) -> str:
 <h1>{html.escape(title)}</h1>
 <p class="meta">{n_ok} of {len(res['rows'])} methods ran; dense input: {_dense_score(res)},
 {dense.get('file_bytes', 0):,} bytes, {dense['flops_dense'] / 1e6:.2f} MFLOPs,
-{_fmt(lat.get('1', {}).get('runtime_ms'), '.3f')} ms at batch 1,
-{_fmt(lat.get('256', {}).get('runtime_ms'), '.2f')} ms at batch 256.<br>
+{_fmt(lat.get(b1, {}).get('runtime_ms'), '.3f')} ms at batch {b1},
+{_fmt(lat.get(b2, {}).get('runtime_ms'), '.2f')} ms at batch {b2}.<br>
 Budget: {budget}every method got the same {plan['steps']:,} training steps of batch {plan['batch_size']}
 ({plan['epochs']:.2f} epochs), spent compressing or fine-tuning; pruning methods aim at
 {100 * plan['sparsity']:.0f}% sparsity. Compressing took {res['total_s'] / 60:.1f} min in all

@@ -29,8 +29,12 @@ __all__ = ["Distillation", "DistillConfig", "distillation_loss"]
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the batch."""
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the batch: over the samples of a
+    classifier's (B, C) logits, over every next-token prediction of a language model's (B, T, V) (the softmax
+    over the vocabulary, the last dimension; the mean over B·T predictions, as the hard-label loss is)."""
     t = temperature
+    if student.dim() > 2:
+        student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     return t * t * F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
                             log_target=True)
 

@@ -258,27 +258,37 @@ class Pipeline:
         return last if isinstance(last, EncodeConfig) else EncodeConfig()
 
     def run(self, model: nn.Module, data: Any = None, *, progress: bool = False,
-            device: str | torch.device | None = None) -> list[dict[str, Any]]:
+            device: str | torch.device | None = None, teacher: nn.Module | None = None) -> list[dict[str, Any]]:
         """Run every stage on ``model`` in place; returns one record per stage (method, config, report, seconds).
 
         ``data`` is a :class:`~netsurgeon.data.Dataset` or :func:`~netsurgeon.data.from_loaders` data; stages
         train on its train split and choose on its validation split, never the test split. ``device``
         (``cpu``, ``cuda``, ``cuda:N``; None: where the model's parameters are) is where every stage runs: the
         model and in-memory splits move there first, and the methods keep their tensors beside the weights.
+        ``teacher``: the model a ``distill`` stage learns from (default: ``model`` as the pipeline receives it);
+        give the large model here to distill it into a smaller ``model`` (a student with fewer layers).
         """
+        from .architecture import record_inputs
+        from .changes import arch_of, set_arch
         from .data import as_data
 
         data = None if data is None else as_data(data)
         parse_device(device, "device")
         self.check(has_data=data is not None, start_form=weight_form(model))
+        if data is not None and arch_of(model) is not None:  # token ids: the saved file's record says so
+            set_arch(model, record_inputs(arch_of(model), data))
         self.check_layers(model)
         check_finite_model("pipeline", model)
         dev, data = place(model, data, device)
+        if teacher is not None:
+            teacher.to(dev)
         with running_on(dev):
-            return self._run_stages(model, data, progress)
+            return self._run_stages(model, data, progress, teacher)
 
-    def _run_stages(self, model: nn.Module, data: Any, progress: bool) -> list[dict[str, Any]]:
-        teacher = copy.deepcopy(model).eval() if any(st.spec.needs_teacher for st in self.stages) else None
+    def _run_stages(self, model: nn.Module, data: Any, progress: bool,
+                    teacher: nn.Module | None) -> list[dict[str, Any]]:
+        if teacher is None and any(st.spec.needs_teacher for st in self.stages):
+            teacher = copy.deepcopy(model).eval()
         ctx = StageContext(data, progress, teacher)
         out = []
         for i, st in enumerate(self.stages, 1):

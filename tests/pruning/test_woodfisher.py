@@ -226,3 +226,27 @@ def test_kfac_update_lowers_the_loss_and_small_sparsity_stays_near_dense():
     one_shot_prune(mm, s, 0.05, "kfac", FisherConfig(num_grads=300, damp=1e-4))
     with torch.no_grad():
         assert float(nn.functional.cross_entropy(mm(s.x), s.y)) < dense + 0.1
+
+
+def test_language_model_gradients_are_on_next_token_targets():
+    """Token data ((B, T) targets, (B, T, V) logits): the Fisher's gradient rows are those of the mean
+    next-token cross-entropy over every position, and a WoodFisher fit prunes the model."""
+    import torch.nn.functional as F
+
+    from netsurgeon.pruning.secondorder.pruner import next_token_logits
+    from netsurgeon.stats import collect_gradients
+
+    torch.manual_seed(0)
+    m = ns.build_model("gpt", (8,), 16, n_layer=1, width=16, n_head=2)
+    x = torch.randint(0, 16, (6, 8))
+    data = Split(x, x.roll(-1, 1))
+    names = ["blocks.0.mlp.fc1.weight"]
+    with next_token_logits(m, data):
+        row = collect_gradients(m, data, names, num_grads=1, batch_size=6)[0]
+    idx = torch.randint(6, (1, 6), generator=torch.Generator().manual_seed(0))[0]  # the rows it drew
+    m.zero_grad()
+    F.cross_entropy(m(x[idx]).reshape(-1, 16), data.y[idx].reshape(-1)).backward()
+    torch.testing.assert_close(row, m.blocks[0].mlp.fc1.weight.grad.flatten())
+    assert m(x).shape == (6, 8, 16)  # the hook is gone after the fit
+    rep = one_shot_prune(m, data, 0.5, fisher=FisherConfig(num_grads=4, block_size=32))
+    assert rep["sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +153,8 @@ class OneShotPruner:
         gradient is computed. ``progress`` shows the gradient and inversion phases."""
         # Sharded, memory is the point: the inversions' temporaries must not fragment the heap. In one process
         # this costs more than it saves (measured: inversions 30 -> 40 s on LeNet-5, same peak in 2 of 2 runs).
-        with ddp.mapped_large_allocations() if self._sharded() else contextlib.nullcontext():
+        with ddp.mapped_large_allocations() if self._sharded() else contextlib.nullcontext(), \
+                next_token_logits(model, data):
             return self._fit(model, data, progress)
 
     def _sharded(self) -> bool:
@@ -365,6 +366,35 @@ class OneShotPruner:
         finally:
             model.train(was)
         return best[1]
+
+
+def _is_token_data(data: Split | Any) -> bool:
+    """Whether ``data`` holds a language model's (B, T) next-token targets (a Split's or the first batch's)."""
+    if isinstance(data, Split):
+        return data.y.dim() == 2 and not data.y.is_floating_point()
+    for _, yb in batches(data, 1):
+        return yb.dim() == 2 and not yb.is_floating_point()
+    return False
+
+
+@contextlib.contextmanager
+def next_token_logits(model: nn.Module, data: Split | Any) -> Iterator[None]:
+    """While fitting on token data, the model's (B, T, V) logits are handed to the loss as (B, V, T): the
+    cross-entropy of the gradient rows (``stats.gradient_rows``: ``F.cross_entropy(logits, y)``) is then the mean
+    next-token loss over every position, with the (B, T) targets as they are, instead of a shape error (its
+    class dimension would be T). Classifier data: nothing changes."""
+    if not _is_token_data(data):
+        yield
+        return
+
+    def channels_first(mod: nn.Module, inp: Any, out: Tensor) -> Tensor:
+        return out.transpose(1, 2) if isinstance(out, Tensor) and out.dim() == 3 else out
+
+    handle = model.register_forward_hook(channels_first)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _nbytes(hinv: Any) -> int:
