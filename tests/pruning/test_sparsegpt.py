@@ -210,6 +210,16 @@ def test_layers_n_m_cannot_apply_to_are_skipped_and_listed():
     assert rep["skipped"] == {"0": "inputs per row not a multiple of M=4"}
 
 
+def test_magnitude_n_m_leaves_embeddings_dense_as_the_calibrated_methods_do():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Flatten(), nn.Linear(8, 4))
+    data = Dataset("r", *[Split(torch.randint(0, 8, (8, 2)), torch.zeros(8, dtype=torch.long))] * 3, 4)
+    rep = Pipeline.from_spec([{"magnitude": {"pattern": "2:4", "epochs": 0}}]).run(model, data)[0]["report"]
+    assert "table lookup" in rep["skipped"]["0"]
+    assert (model[0].weight != 0).all()
+    assert ((model[2].weight != 0).reshape(4, -1, 4).sum(-1) == 2).all()
+
+
 def test_obc_skips_layers_above_its_size_limit():
     model, data = _mlp(), _mlp_data()
     rep = Pipeline.from_spec([{"obc": {"max_columns": 12, "samples": 8}}]).run(model, data)[0]["report"]
