@@ -160,6 +160,9 @@ def test_wanda_mask_is_the_per_row_top_k_of_weight_times_input_norm():
     prior = torch.ones_like(keep)
     prior[:, 0] = False
     assert not wanda_mask(W, norm, sparsity=0.0, keep=prior)[:, 0].any()
+    layer = wanda_mask(W, norm, sparsity=0.3, group="layer")  # one ranking over the layer: the 15 lowest go
+    S = (W.abs() * norm).flatten()
+    assert torch.equal(layer.flatten(), S >= S.sort().values[15]) and not layer.all(dim=1).all()
 
 
 def _mlp_data(n=48, d=16, seed=0):
