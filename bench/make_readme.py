@@ -34,6 +34,31 @@ def _paper_x(v) -> str:
     return f" ({v:.0f}x)" if v else ""
 
 
+def _pattern(r: dict) -> str:
+    return f" {r['pattern']}" if r.get("pattern") and r["pattern"] != "-" else ""
+
+
+def _score(r: dict) -> str:
+    """Test error % (paper), or for a language model its perplexity (paper's relative increase and ours)."""
+    if r.get("perplexity") is not None:
+        rel = r.get("paper_relative_increase")
+        return (f"ppl {r['perplexity']:.3f}, +{100 * r['relative_increase']:.1f}% "
+                f"(paper +{_f(None if rel is None else 100 * rel, '.1f')}%)")
+    return f"{_pm(r, 'error_pct', '.2f')} ({_f(r.get('paper_error_pct'), '.2f')})"
+
+
+def _dense(r: dict) -> str:
+    if r.get("perplexity") is not None:
+        return f"ppl {_f(r.get('dense_perplexity'), '.3f')} ({_f(r.get('paper_dense_perplexity'), '.2f')})"
+    return f"{_f(r.get('dense_error_pct'), '.2f')} ({_f(r.get('paper_dense_error_pct'), '.2f')})"
+
+
+def _big_batch(r: dict) -> str:
+    if "speedup_b64" in r and "speedup_b256" not in r:  # language-model rows time batch 64 (sequences of 128)
+        return f"{_f(r['speedup_b64'], '.2f')} (b64)"
+    return _f(r.get("speedup_b256"), ".2f")
+
+
 def render() -> str:
     lines, machines, retimed = [], set(), {}
     head = ("| benchmark | model | method | test error % (paper) | dense error % (paper) | kept weights | "
@@ -51,16 +76,14 @@ def render() -> str:
                                f"{rm['commit']})", []).append(res["benchmark"])
         for r in res.get("table_rows", []):
             lines.append(
-                f"| {res['benchmark']} | {r['model']} | {r['method']} | {_pm(r, 'error_pct', '.2f')} "
-                f"({_f(r.get('paper_error_pct'), '.2f')}) | {_f(r.get('dense_error_pct'), '.2f')} "
-                f"({_f(r.get('paper_dense_error_pct'), '.2f')}) | "
+                f"| {res['benchmark']} | {r['model']} | {r['method']}{_pattern(r)} | {_score(r)} | {_dense(r)} | "
                 f"{_f(100 * r['weights_nonzero'] / r['weights'], '.2f')}% | "
                 f"{_pm(r, 'compression_weights', '.1f')}x ({_f(r.get('paper_compression'), '.0f')}"
                 f"{'x' if r.get('paper_compression') else ''}) | {r['biases_nonzero']}/{r['biases']} | "
                 f"{_f(r['compression_bytes'], '.1f')}x"
                 f"{_paper_x(r.get('paper_compression_bytes'))}"
                 f" | {_f(r.get('speedup_b1'), '.2f')} / "
-                f"{_f(r.get('speedup_b256'), '.2f')} | {_f(r.get('wall_s'), '.0f')} | "
+                f"{_big_batch(r)} | {_f(r.get('wall_s'), '.0f')} | "
                 f"{'-' if r.get('target_met') is None else 'met' if r['target_met'] else 'MISSED'} |")
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         res = json.loads(path.read_text())
