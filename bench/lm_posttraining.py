@@ -90,6 +90,19 @@ def lm_rows(quick: bool) -> dict[str, dict[str, Any]]:
             for k, (m, p, s) in rows.items()}
 
 
+SCALE_MODEL = {"n_layer": 14, "width": 768, "n_head": 12}   # 99.7M parameters at context 128, vocabulary 256
+
+
+def scale_rows(quick: bool) -> dict[str, dict[str, Any]]:
+    """The memory rows of issue 37: a ~100M-parameter GPT (random init), SparseGPT 50% and GPTQ int4 g128 with 128
+    training sequences of 128 tokens; time and peak RSS (no perplexity: the weights are random)."""
+    model = {"n_layer": 2, "width": 128, "n_head": 4} if quick else SCALE_MODEL
+    cal = {**LM_CAL, "samples": 8} if quick else LM_CAL
+    return {f"scale {m}": {"model": "gpt-scale", "gpt": model, "method": m, "pattern": p, "stages": [st]}
+            for m, p, st in (("sparsegpt", "50%", {"sparsegpt": {"sparsity": 0.5, **cal}}),
+                             ("gptq", "int4 g128", {"gptq": {"bits": 4, "group_size": 128, **cal}}))}
+
+
 def lenet_rows(quick: bool) -> dict[str, dict[str, Any]]:
     cal = {**LENET_CAL, "samples": 128} if quick else LENET_CAL
     wf = {**WOODFISHER, "num_grads": 100} if quick else WOODFISHER
@@ -142,6 +155,10 @@ def run_row(key: str, spec: dict[str, Any], out_dir: Path, data_dir: Path | None
     if spec["model"] == "gpt":
         data, test = _lm_data(spec["test_stride"])
         model, _ = load_model(LM_FILE)
+    elif spec["model"] == "gpt-scale":
+        data, test = _lm_data(1)
+        test = None
+        model = ns.build_model("gpt", data.input_shape, data.num_classes, **spec["gpt"])
     else:
         data = ns.data.mnist(data_dir)
         test = data.test
@@ -153,6 +170,16 @@ def run_row(key: str, spec: dict[str, Any], out_dir: Path, data_dir: Path | None
             st["magnitude"]["sparsity"] = _linear_layers(model)
     rss_before = _current_rss_mb()
     out: dict[str, Any] = {"key": key, "rss_before_stages_mb": rss_before}
+    if test is None:  # the memory rows: time, peak RSS and the estimate the methods log before any work
+        out["params"] = sum(p.numel() for p in model.parameters())
+        out["model_float32_mb"] = dense_bytes / 2**20
+        t0 = time.perf_counter()
+        records = ns.Pipeline.from_spec(stages).run(model, data)
+        out["wall_s"] = time.perf_counter() - t0
+        out["peak_rss_mb"] = _rss_mb()
+        out["reports"] = [{k: v for k, v in (r.get("report") or {}).items()
+                           if k in ("kept", "skipped", "samples", "chained", "memory_estimate")} for r in records]
+        return out
     if stages:
         t0 = time.perf_counter()
         pipe = ns.Pipeline.from_spec(stages)
@@ -363,7 +390,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, help="MNIST IDX directory (the LeNet-5 part)")
-    ap.add_argument("--part", choices=["lm", "lenet", "all"], default="all")
+    ap.add_argument("--part", choices=["lm", "lenet", "scale", "all"], default="all",
+                    help="all: lm and lenet; scale (the ~100M-parameter memory rows) only when asked")
     ap.add_argument("--quick", action="store_true", help="a few rows, few samples, under bench/.cache (a smoke run)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
     ap.add_argument("--assemble", action="store_true", help="write the result from the rows already computed")
@@ -408,6 +436,11 @@ def main() -> None:
                 le_done[k] = ensure_row(k, spec, args)
         dspec = {"model": "lenet5", "method": "dense", "pattern": "-", "stages": [], "dense_file": rel(dense)}
         dense_err = ensure_row("lenet5 dense", dspec, args)["error_pct"]
+    if args.part == "scale":
+        res["scale"] = {"model": {"name": "gpt", **SCALE_MODEL, "init": "random (torch.manual_seed(0))"},
+                        "rows": {k: ensure_row(k, spec, args) for k, spec in scale_rows(args.quick).items()}}
+    elif old.get("scale"):
+        res["scale"] = old["scale"]
     if "dense" in lm_done:
         tab = lm_table(lm_done)
         res["lm"] = {"checkpoint": rel(LM_FILE), "dense_perplexity": lm_done["dense"]["test_perplexity"],
