@@ -359,6 +359,52 @@ def lenet_table(rows: dict[str, dict[str, Any]], dense_err: float) -> tuple[list
     return out, curves
 
 
+def markdown(res: dict[str, Any]) -> str:
+    """The tables of docs/posttraining.md, from the result."""
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = []
+    if "lm" in res:
+        lm = res["lm"]
+        lines += [f"Dense: perplexity {lm['dense_perplexity']:.3f} on the test subset ({lm['test_subset']}); "
+                  f"{lm['dense_full_test_perplexity']:.3f} on the whole test split.", "",
+                  "| method | pattern | test ppl | increase (ours) | paper increase | target | kept weights | "
+                  "file x smaller | wall s | peak RSS MB | speedup b1 / b64 |", "|---" * 11 + "|"]
+        for r in lm["rows"]:
+            tm = "-" if r["target_met"] is None else "met" if r["target_met"] else "MISSED"
+            pr = r["paper_relative_increase"]
+            paper = "-" if pr is None else f"{100 * pr:+.1f}%"
+            lines.append(f"| {r['method']} | {r['pattern']} | {r['perplexity']:.3f} | "
+                         f"{100 * r['relative_increase']:+.1f}% | "
+                         f"{paper} | {tm} | "
+                         f"{100 * r['weights_nonzero'] / r['weights']:.1f}% | {r['compression_bytes']:.2f}x | "
+                         f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {f(r.get('speedup_b1'), '.2f')} / "
+                         f"{f(r.get('speedup_b64'), '.2f')} |")
+    if "lenet5" in res:
+        le = res["lenet5"]
+        cur = le["curves"]
+        pats = sorted({p for c in cur.values() for p in c}, key=lambda p: float(p.rstrip("%")))
+        lines += ["", f"LeNet-5, dense test error {le['dense_error_pct']:.2f}%; one-shot test error % (mean ± std "
+                      "over calibration seeds where several ran):", "",
+                  "| method | " + " | ".join(pats) + " |", "|---" * (len(pats) + 1) + "|"]
+        for m, c in cur.items():
+            cells = []
+            for p in pats:
+                v = c.get(p)
+                cells.append("-" if v is None else f"{v['mean']:.2f}" + (f" ± {v['std']:.2f} (n={len(v['per_seed'])})"
+                                                                          if v["std"] is not None else ""))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if "scale" in res:
+        lines += ["", "| ~100M GPT (random init) | wall s | peak RSS MB | RSS before MB | logged estimate MB |",
+                  "|---|---|---|---|---|"]
+        for k, r in res["scale"]["rows"].items():
+            est = max((x.get("memory_estimate", {}).get("peak", 0) for x in r.get("reports", [])), default=0)
+            lines.append(f"| {k} ({r.get('params', 0) / 1e6:.1f}M) | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['rss_before_stages_mb']:.0f} | {est / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
 def plot(res: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6))
@@ -396,6 +442,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
     ap.add_argument("--assemble", action="store_true", help="write the result from the rows already computed")
     ap.add_argument("--out-dir", type=Path, default=RESULTS / "files")
+    ap.add_argument("--markdown", action="store_true", help="print the docs tables of the committed result")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--rows-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -405,6 +452,9 @@ def main() -> None:
         ROWS_DIR = args.rows_dir
     if args.worker:
         worker(args.worker, args.out_dir, args.data_dir)
+        return
+    if args.markdown:
+        print(markdown(json.loads((RESULTS / f"{NAME}.json").read_text())))
         return
     if args.quick:
         ROWS_DIR = CACHE / "lm_post_quick"
