@@ -12,6 +12,15 @@
 | lenet5_bn   | LeNet-5 in XNOR-Net's block order (BN before each binary layer)               | 433,760          |
 | mlp_dropout | HashedNets' MLP: dropout on the input and after every hidden ReLU              | 795,010 (1 x 1000) |
 | gpt         | byte-level GPT: 4 x (LN, causal MHA, LN, MLP 4x), LN, untied Linear head       | 3,323,648 (T=128) |
+| resnet18    | ResNet-18, torchvision's layout and names (He et al. 2016, Table 1)          | 11,689,512 (1000) |
+| mobilenetv2 | MobileNetV2, torchvision's layout and names (Sandler et al. 2018, Table 2)   | 3,504,872 (1000) |
+| gpt2_ffn    | GPT-2-small's feed-forward sub-block: fc 768 -> 3072, GELU, fc 3072 -> 768     | 4,722,432        |
+| gpt2_decoder| ``gpt`` at GPT-2-small's width (768, 12 heads), 2 layers, byte vocabulary | 14,669,056 (T=128) |
+
+The image zoo defaults to 1x28x28 inputs and 10 classes; ``resnet18`` and ``mobilenetv2`` to 3x224x224 and 1000,
+``gpt2_ffn`` to 768 features in and out, ``gpt2_decoder`` to 128 tokens of a 256-byte vocabulary (see
+``_DEFAULTS``). These four are real shapes for speed measurements (the runtime's benchmark, issue 38); nothing is
+downloaded, and their weights are random until trained here.
 
 Any other model is built from an import path, ``build_model("pkg.module:factory", **kwargs)``; the path and
 the keyword arguments are recorded so a saved file can rebuild it (see :func:`rebuild`).
@@ -36,7 +45,7 @@ from torch import Tensor, nn
 from .changes import arch_of, set_arch
 
 __all__ = ["build_model", "MODELS", "count_params", "arch_of", "record_arch", "resnet_small", "mlp_bn", "lenet5_bn",
-           "mlp_dropout", "Logits", "huggingface"]
+           "mlp_dropout", "Logits", "huggingface", "resnet18", "mobilenetv2", "gpt2_ffn", "gpt2_decoder"]
 
 
 def _mlp(in_features: int, widths: list[int], num_classes: int, bias: bool = True) -> nn.Sequential:
@@ -264,6 +273,139 @@ def gpt(input_shape: tuple[int, ...] = (128,), num_classes: int = 256, n_layer: 
     return GPT(num_classes, int(input_shape[0]), n_layer, width, n_head, dropout)
 
 
+class _TVBasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: conv 3x3 + BN + ReLU, conv 3x3 + BN, plus the input (through ``downsample``,
+    a 1x1 conv + BN, where the shape changes), ReLU. Attribute names follow torchvision's, so its state dicts
+    load."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+def resnet18(input_shape: tuple[int, ...] = (3, 224, 224), num_classes: int = 1000, width: int = 64) -> nn.Sequential:
+    """ResNet-18 (He et al. 2016, Table 1, "18-layer"): conv 7x7/2 + BN + ReLU, max-pool 3x3/2, four stages of two
+    basic blocks (widths ``width``·1/2/4/8, stride 2 from the second stage, 1x1 projection shortcuts), global
+    average pool, fc. torchvision's layout and parameter names (``conv1``, ``layer1.0.conv1``,
+    ``layer2.0.downsample.0``, ``fc``; torchvision itself does not import beside this torch). 11,689,512 parameters
+    at 1000 classes; any input of at least 32x32 (e.g. 3x64x64)."""
+    c, _, _ = _image_shape("resnet18", input_shape, min_side=32)
+    if width < 1:
+        raise ValueError(f"resnet18: width must be >= 1; got {width!r}.")
+    layers: list[tuple[str, nn.Module]] = [
+        ("conv1", nn.Conv2d(c, width, 7, 2, 3, bias=False)), ("bn1", nn.BatchNorm2d(width)), ("relu", nn.ReLU()),
+        ("maxpool", nn.MaxPool2d(3, 2, 1))]
+    c_in = width
+    for i in range(4):
+        c_out = width * 2 ** i
+        stride = 1 if i == 0 else 2
+        layers.append((f"layer{i + 1}", nn.Sequential(_TVBasicBlock(c_in, c_out, stride),
+                                                      _TVBasicBlock(c_out, c_out, 1))))
+        c_in = c_out
+    layers += [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(c_in, num_classes))]
+    model = nn.Sequential(OrderedDict(layers))
+    for m in model.modules():  # torchvision's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def _divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's ``_make_divisible``: the nearest multiple of ``divisor``, not below 90% of ``v``."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    """torchvision's ``Conv2dNormActivation``: conv (no bias) + BN (+ ReLU6)."""
+    layers = [nn.Conv2d(c_in, c_out, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+    return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block (Sandler et al. 2018, Table 1): 1x1 expansion (t > 1) + ReLU6, 3x3 depthwise + ReLU6,
+    1x1 linear projection; the input added where stride 1 keeps the width. torchvision's ``conv`` names."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, t: int) -> None:
+        super().__init__()
+        hidden = int(round(c_in * t))
+        self.use_res_connect = stride == 1 and c_in == c_out
+        layers: list[nn.Module] = [_conv_bn(c_in, hidden, 1)] if t != 1 else []
+        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, c_out, 1, bias=False),
+                   nn.BatchNorm2d(c_out)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+def mobilenetv2(input_shape: tuple[int, ...] = (3, 224, 224), num_classes: int = 1000,
+                width_mult: float = 1.0, dropout: float = 0.2) -> nn.Sequential:
+    """MobileNetV2 (Sandler et al. 2018, Table 2): conv 3x3/2 of 32, 17 inverted-residual blocks (t, c, n, s) =
+    (1,16,1,1) (6,24,2,2) (6,32,3,2) (6,64,4,2) (6,96,3,1) (6,160,3,2) (6,320,1,1), conv 1x1 of 1280, global average
+    pool, dropout, fc. torchvision's layout and parameter names (``features.N``, ``classifier.1``); 3,504,872
+    parameters at 1000 classes and width 1.0."""
+    c, _, _ = _image_shape("mobilenetv2", input_shape, min_side=32)
+    if width_mult <= 0 or not 0 <= dropout < 1:
+        raise ValueError(f"mobilenetv2: need width_mult > 0 and dropout in [0, 1); got {width_mult!r}, {dropout!r}.")
+    c_in, last = _divisible(32 * width_mult), _divisible(1280 * max(1.0, width_mult))
+    features: list[nn.Module] = [_conv_bn(c, c_in, 3, 2)]
+    for t, ch, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                        (6, 320, 1, 1)):
+        c_out = _divisible(ch * width_mult)
+        for i in range(n):
+            features.append(_InvertedResidual(c_in, c_out, s if i == 0 else 1, t))
+            c_in = c_out
+    features.append(_conv_bn(c_in, last, 1))
+    model = nn.Sequential(OrderedDict([
+        ("features", nn.Sequential(*features)), ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+        ("classifier", nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes)))]))
+    for m in model.modules():  # torchvision's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def gpt2_ffn(input_shape: tuple[int, ...] = (768,), num_classes: int = 768, hidden: int = 3072) -> nn.Sequential:
+    """GPT-2-small's feed-forward sub-block (Radford et al. 2019): ``fc1`` 768 -> 3072, GELU, ``fc2`` 3072 -> 768,
+    on inputs of ``input_shape`` = (width,) features (or (T, width) tokens); ``num_classes`` is the output width.
+    Weights N(0, 0.02) as GPT-2's. The layer pair the runtime's batch-1 speed goals are set on (issue 38)."""
+    if len(input_shape) not in (1, 2) or hidden < 1 or num_classes < 1:
+        raise ValueError(f"gpt2_ffn: input_shape must be (width,) or (T, width), hidden and num_classes >= 1; got "
+                         f"{tuple(input_shape)!r}, {hidden!r}, {num_classes!r}.")
+    model = nn.Sequential(OrderedDict([("fc1", nn.Linear(int(input_shape[-1]), hidden)), ("gelu", nn.GELU()),
+                                       ("fc2", nn.Linear(hidden, num_classes))]))
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def gpt2_decoder(input_shape: tuple[int, ...] = (128,), num_classes: int = 256, n_layer: int = 2,
+                 dropout: float = 0.0) -> GPT:
+    """:func:`gpt` at GPT-2-small's width: ``n_layer`` blocks (default 2 of GPT-2-small's 12, to save time) of
+    width 768 with 12 heads and a 3072-wide MLP; a byte vocabulary (``num_classes`` 256) instead of GPT-2's 50,257
+    tokens, so the head does not dominate a decoder's time. Input (T,) token ids, T <= ``input_shape[0]``."""
+    return gpt(input_shape, num_classes, n_layer=n_layer, width=768, n_head=12, dropout=dropout)
+
+
 def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape[1:]) < min_side:
         raise ValueError(f"{owner}: input_shape must be (C, H, W) with H, W >= {min_side}; got {shape!r}.")
@@ -273,7 +415,13 @@ def _image_shape(owner: str, shape: tuple[int, ...], min_side: int) -> tuple[int
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": lenet300, "lenet5": lenet5, "mlpnet": mlpnet, "digits_cnn": digits_cnn, "resnet_small": resnet_small,
     "vgg_small": vgg_small, "mlp_bn": mlp_bn, "lenet5_bn": lenet5_bn,
-    "mlp_dropout": mlp_dropout, "gpt": gpt,
+    "mlp_dropout": mlp_dropout, "gpt": gpt, "resnet18": resnet18, "mobilenetv2": mobilenetv2, "gpt2_ffn": gpt2_ffn,
+    "gpt2_decoder": gpt2_decoder,
+}
+_TOKEN_MODELS = ("gpt", "gpt2_decoder")
+_DEFAULTS: dict[str, tuple[tuple[int, ...], int]] = {  # (input_shape, num_classes) where not (1, 28, 28), 10
+    "digits_cnn": ((1, 8, 8), 10), "resnet18": ((3, 224, 224), 1000), "mobilenetv2": ((3, 224, 224), 1000),
+    "gpt2_ffn": ((768,), 768), "gpt2_decoder": ((128,), 256),
 }
 
 
@@ -298,8 +446,8 @@ def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_class
                 **kwargs: Any) -> nn.Module:
     """Build a model by name, for inputs of ``input_shape`` (C, H, W), and record how to rebuild it.
 
-    ``name`` is one of :data:`MODELS` (``input_shape`` defaults to 1x28x28, or 1x8x8 for digits_cnn;
-    ``num_classes`` to 10) or an import path ``"package.module:factory"``, called as ``factory(**kwargs)`` with
+    ``name`` is one of :data:`MODELS` (``input_shape`` defaults to 1x28x28, others in ``_DEFAULTS``;
+    ``num_classes`` to 10 there) or an import path ``"package.module:factory"``, called as ``factory(**kwargs)`` with
     ``num_classes`` among them when it is given (a factory's own arguments always reach it; ``input_shape`` is then
     only recorded). Weights are initialized from torch's global generator: seed it first (``torch.manual_seed``)
     for reproducible runs; the CLI does.
@@ -321,10 +469,13 @@ def build_model(name: str, input_shape: tuple[int, ...] | None = None, num_class
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or give an import path "
                          "'package.module:factory'.")
-    classes = 10 if num_classes is None else num_classes
-    shape = tuple(input_shape) if input_shape is not None else ((1, 8, 8) if name == "digits_cnn" else (1, 28, 28))
+    default_shape, default_classes = _DEFAULTS.get(name, ((1, 28, 28), 10))
+    classes = default_classes if num_classes is None else num_classes
+    shape = tuple(input_shape) if input_shape is not None else default_shape
     model = _call(name, MODELS[name], (shape, classes), kwargs)
     arch: dict[str, Any] = {"name": name, "input_shape": list(shape), "num_classes": classes}
+    if name in _TOKEN_MODELS:  # token ids: FLOP counts, the runtime's probes and export feed integers
+        arch["input_dtype"] = "int64"
     if kwargs:
         arch["kwargs"] = kwargs
     return set_arch(model, arch)

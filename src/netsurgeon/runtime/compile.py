@@ -3,6 +3,8 @@
 ``compile_runtime(model, batch)`` traces the model (torch.fx) and runs its passes in order, each a module of
 ``passes/`` whose docstring says what it does and how it is timed:
 
+0. ``attention``: each ``nn.MultiheadAttention`` as four Linear projections around SDPA, so the projections'
+   stored forms reach the kernels of step 5;
 1. ``binary``: BNN runs as one :class:`BinaryChain`, binary-input layers as XNOR + popcount (``xnor``);
 2. ``fold``: eval-mode BatchNorm folded into the Conv or Linear layer that alone feeds it (again after 5);
 3. ``layout``: the whole model in its own memory order against channels-last;
@@ -31,6 +33,7 @@ from torch import nn
 
 from ..kernels import bitops
 from ..kernels.modules import ChannelsLast, resident_bytes
+from .passes.attention import rebuild_attention
 from .passes.binary import _binary_chains as _binary_chains
 from .passes.binary import _fuse_binary_chains, _swap_binary
 from .passes.binary import chain_modules as chain_modules
@@ -53,7 +56,7 @@ from .weights import linear_form
 
 __all__ = ["compile_runtime", "RuntimePlan", "RunChoice", "linear_form"]
 
-STEPS = ("xnor", "columns", "pool", "fold", "layout", "calls", "pack", "dense")  # the passes' own candidates
+STEPS = ("attention", "xnor", "columns", "pool", "fold", "layout", "calls", "pack", "dense")  # the passes' own
 KINDS = ("fused", "csr", "int8", "lut", *STEPS)  # with the built-in forms' kernels (forms/ declare theirs)
 
 
@@ -97,8 +100,11 @@ def compile_runtime(model: nn.Module, batch: int = 1, *, threads: int | None = N
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        gm, traced = _trace(model)
-        plan = RuntimePlan(batch, torch.get_num_threads(), [], traced)
+        plan = RuntimePlan(batch, torch.get_num_threads(), [], False)
+        if "attention" in forms:
+            rebuild_attention(model, plan)
+        gm, plan.traced = _trace(model)
+        traced = plan.traced
         if "xnor" in forms and bitops.available():
             fused = _fuse_binary_chains(gm, batch, repeats, plan) if traced else set()  # type: ignore[arg-type]
             _swap_binary(gm, batch, repeats, plan, model, fused)

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from ...forms import chain, layer_form, linear_candidates
 from ..plan import RunChoice, RuntimePlan
+from .attention import attention_owned
 from .graph import _replace_run
 from .timing import _time
 
@@ -33,7 +34,8 @@ def _swap_runs(gm: nn.Module, traced: bool, batch: int, repeats: int, plan: Runt
         gm.graph.lint()  # type: ignore[union-attr]
         runs = _runs(gm)  # type: ignore[arg-type]
     else:
-        runs = [[(name, None)] for name, m in gm.named_modules() if isinstance(m, nn.Linear)]
+        owned = attention_owned(gm)  # an nn.MultiheadAttention left as it is reads its out_proj's weight
+        runs = [[(name, None)] for name, m in gm.named_modules() if isinstance(m, nn.Linear) and name not in owned]
     for k, run in enumerate(runs):
         names = [str(n.target) if traced else n for n, _ in run]
         choice, fast = _choose_run(gm, names, [r is not None for _, r in run], batch, repeats, forms)
