@@ -225,6 +225,44 @@ def _counts(model: torch.nn.Module, kind: str) -> dict[str, Any]:
             "biases_nonzero": nzb}
 
 
+SPEED_BATCHES = (1, 64)
+_DENSE_RT: dict[int, torch.nn.Module] = {}
+
+
+def speed(row: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """The row's file in its runtime form (``compile_runtime``, from ``load_compressed(keep_codecs=True)``) against
+    the dense float32 model, at batch 1 and 64 of ONE token each: one generation step without a key/value cache,
+    where every Linear sees ``batch`` rows (the shapes a generating model's projections run at). Interleaved
+    medians (``stats.measure_latency``), 1 thread."""
+    from netsurgeon.runtime import compile_runtime
+    from netsurgeon.stats import measure_latency
+
+    dense, _ = load_model(LM_FILE)
+    stored = ns.load_compressed(REPO / row["file"], keep_codecs=True)
+    out: dict[str, Any] = {}
+    for b in SPEED_BATCHES:
+        x = torch.randint(0, 256, (b, 1), generator=torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        rt, plan = compile_runtime(stored, b, threads=1, repeats=5 if quick else 20)
+        with torch.inference_mode():
+            diff = float((rt(x) - stored(x)).abs().max())
+        reps = 10 if quick else (200 if b == 1 else 60)
+        lat = measure_latency(rt, dense, x, repeats=reps, warmup=max(3, reps // 20), threads=1)
+        if b not in _DENSE_RT:  # the dense model's own runtime form (attention pass, fastest kernels for float)
+            _DENSE_RT[b] = compile_runtime(dense, b, threads=1, repeats=5 if quick else 20)[0]
+        lat2 = measure_latency(rt, _DENSE_RT[b], x, repeats=reps, warmup=max(3, reps // 20), threads=1)
+        out[f"speedup_b{b}"] = lat.reference_s / lat.model_s
+        out[f"speedup_over_dense_runtime_b{b}"] = lat2.reference_s / lat2.model_s
+        out[f"b{b}"] = {"runtime_ms": 1e3 * lat.model_s, "dense_ms": 1e3 * lat.reference_s,
+                        "runtime_ms_vs_dense_runtime": 1e3 * lat2.model_s, "dense_runtime_ms": 1e3 * lat2.reference_s,
+                        "compile_s": time.perf_counter() - t0, "max_abs_logit_diff": diff,
+                        "kernels": sorted({r.form for r in plan.runs}), "resident_bytes": plan.resident_bytes}
+        logging.info("%s b%d: dense %.3f ms, runtime %.3f ms, %.2fx; over the dense runtime form %.2fx (%s)",
+                     row["key"], b, 1e3 * lat.reference_s, 1e3 * lat.model_s, out[f"speedup_b{b}"],
+                     out[f"speedup_over_dense_runtime_b{b}"], out[f"b{b}"]["kernels"])
+    return out
+
+
 def row_path(key: str) -> Path:
     return ROWS_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
@@ -316,7 +354,11 @@ def lm_table(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                             "tokens_per_sample": 128, "split": "train"} if method not in ("dense", "magnitude", "rtn")
             else None,
             "skipped": [x.get("skipped") for x in rep if x.get("skipped")],
-            "speedup_b1": r.get("speedup_b1"), "speedup_b64": r.get("speedup_b64"),
+            "speedup_b1": r.get("speedup_b1") or (1.0 if method == "dense" else None),
+            "speedup_b64": r.get("speedup_b64") or (1.0 if method == "dense" else None),
+            "speedup_over_dense_runtime_b1": r.get("speedup_over_dense_runtime_b1"),
+            "speedup_over_dense_runtime_b64": r.get("speedup_over_dense_runtime_b64"),
+            "speed": {b: r[b] for b in ("b1", "b64") if b in r} or None,
             "stages": r["spec"]["stages"], "eval_s": r["eval_s"],
         })
     return out
@@ -370,7 +412,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"Dense: perplexity {lm['dense_perplexity']:.3f} on the test subset ({lm['test_subset']}); "
                   f"{lm['dense_full_test_perplexity']:.3f} on the whole test split.", "",
                   "| method | pattern | test ppl | increase (ours) | paper increase | target | kept weights | "
-                  "file x smaller | wall s | peak RSS MB | speedup b1 / b64 |", "|---" * 11 + "|"]
+                  "file x smaller | wall s | peak RSS MB | speedup b1 / b64 | over dense runtime b1 / b64 |",
+                  "|---" * 12 + "|"]
         for r in lm["rows"]:
             tm = "-" if r["target_met"] is None else "met" if r["target_met"] else "MISSED"
             pr = r["paper_relative_increase"]
@@ -380,7 +423,8 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{paper} | {tm} | "
                          f"{100 * r['weights_nonzero'] / r['weights']:.1f}% | {r['compression_bytes']:.2f}x | "
                          f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {f(r.get('speedup_b1'), '.2f')} / "
-                         f"{f(r.get('speedup_b64'), '.2f')} |")
+                         f"{f(r.get('speedup_b64'), '.2f')} | {f(r.get('speedup_over_dense_runtime_b1'), '.2f')} / "
+                         f"{f(r.get('speedup_over_dense_runtime_b64'), '.2f')} |")
     if "lenet5" in res:
         le = res["lenet5"]
         cur = le["curves"]
@@ -436,8 +480,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, help="MNIST IDX directory (the LeNet-5 part)")
-    ap.add_argument("--part", choices=["lm", "lenet", "scale", "all"], default="all",
-                    help="all: lm and lenet; scale (the ~100M-parameter memory rows) only when asked")
+    ap.add_argument("--part", choices=["lm", "lenet", "scale", "speed", "all"], default="all",
+                    help="all: lm and lenet; speed (the LM rows' runtime timing, after lm) and scale (the "
+                         "~100M-parameter memory rows) only when asked")
     ap.add_argument("--quick", action="store_true", help="a few rows, few samples, under bench/.cache (a smoke run)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
     ap.add_argument("--assemble", action="store_true", help="write the result from the rows already computed")
@@ -491,6 +536,17 @@ def main() -> None:
                         "rows": {k: ensure_row(k, spec, args) for k, spec in scale_rows(args.quick).items()}}
     elif old.get("scale"):
         res["scale"] = old["scale"]
+    if args.part == "speed":
+        for k, r in lm_done.items():
+            if r.get("file") and (args.fresh or "speedup_b1" not in r):
+                r.update(speed(r, args.quick))
+                with atomic_write(row_path(k), "w") as f:
+                    json.dump(r, f, indent=2)
+        res["speed"] = {"batches": list(SPEED_BATCHES), "input": "batch x 1 token (one generation step, no key/value "
+                        "cache)", "threads": 1, "reference": "the dense float32 model, torch eager",
+                        "machine": machine()}
+    elif old.get("speed"):
+        res["speed"] = old["speed"]
     if "dense" in lm_done:
         tab = lm_table(lm_done)
         res["lm"] = {"checkpoint": rel(LM_FILE), "dense_perplexity": lm_done["dense"]["test_perplexity"],
