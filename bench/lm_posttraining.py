@@ -538,6 +538,9 @@ def main() -> None:
     if args.part == "scale":
         res["scale"] = {"model": {"name": "gpt", **SCALE_MODEL, "init": "random (torch.manual_seed(0))"},
                         "rows": {k: ensure_row(k, spec, args) for k, spec in scale_rows(args.quick).items()}}
+    elif all(row_path(k).is_file() for k in scale_rows(args.quick)):  # finished by an earlier --part scale
+        res["scale"] = {"model": {"name": "gpt", **SCALE_MODEL, "init": "random (torch.manual_seed(0))"},
+                        "rows": {k: json.loads(row_path(k).read_text()) for k in scale_rows(args.quick)}}
     elif old.get("scale"):
         res["scale"] = old["scale"]
     if args.part == "speed":
