@@ -405,6 +405,20 @@ def lenet_table(rows: dict[str, dict[str, Any]], dense_err: float) -> tuple[list
     return out, curves
 
 
+def write_docs(res: dict[str, Any]) -> None:
+    """Fill docs/posttraining.md's two tables (between their markers) from the result."""
+    import re
+
+    doc = REPO / "docs" / "posttraining.md"
+    text = doc.read_text()
+    lm, _, lenet = markdown(res).partition("<!-- cut -->")
+    for tag, body in (("lm_posttraining", lm.strip()), ("lenet_posttraining", lenet.strip())):
+        start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+        new = f"{start}\n{body}\n{end}"
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, new=new: new, text, flags=re.S)
+    doc.write_text(text)
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The tables of docs/posttraining.md, from the result."""
     def f(v: Any, fmt: str) -> str:
@@ -415,7 +429,7 @@ def markdown(res: dict[str, Any]) -> str:
         lm = res["lm"]
         lines += [f"Dense: perplexity {lm['dense_perplexity']:.3f} on the test subset ({lm['test_subset']}); "
                   f"{lm['dense_full_test_perplexity']:.3f} on the whole test split.", "",
-                  "| method | pattern | test ppl | increase (ours) | paper increase | target | kept weights | "
+                  "| method | pattern | test ppl | increase (ours) | paper increase | target | nonzero weights | "
                   "file x smaller | wall s | peak RSS MB | speedup b1 / b64 | over dense runtime b1 / b64 |",
                   "|---" * 12 + "|"]
         for r in lm["rows"]:
@@ -429,11 +443,19 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {f(r.get('speedup_b1'), '.2f')} / "
                          f"{f(r.get('speedup_b64'), '.2f')} | {f(r.get('speedup_over_dense_runtime_b1'), '.2f')} / "
                          f"{f(r.get('speedup_over_dense_runtime_b64'), '.2f')} |")
+    if "scale" in res:
+        lines += ["", "| ~100M GPT (random init) | wall s | peak RSS MB | RSS before MB | logged estimate MB |",
+                  "|---|---|---|---|---|"]
+        for k, r in res["scale"]["rows"].items():
+            est = max((x.get("memory_estimate", {}).get("peak", 0) for x in r.get("reports", [])), default=0)
+            lines.append(f"| {k} ({r.get('params', 0) / 1e6:.1f}M) | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['rss_before_stages_mb']:.0f} | {est / 2**20:.0f} |")
+    lines += ["", "<!-- cut -->", ""]
     if "lenet5" in res:
         le = res["lenet5"]
         cur = le["curves"]
         pats = sorted({p for c in cur.values() for p in c}, key=lambda p: float(p.rstrip("%")))
-        lines += ["", f"LeNet-5, dense test error {le['dense_error_pct']:.2f}%; one-shot test error % (mean ± std "
+        lines += [f"LeNet-5, dense test error {le['dense_error_pct']:.2f}%; one-shot test error % (mean ± std "
                       "over calibration seeds where several ran):", "",
                   "| method | " + " | ".join(pats) + " |", "|---" * (len(pats) + 1) + "|"]
         for m, c in cur.items():
@@ -443,13 +465,6 @@ def markdown(res: dict[str, Any]) -> str:
                 cells.append("-" if v is None else f"{v['mean']:.2f}" + (f" ± {v['std']:.2f} (n={len(v['per_seed'])})"
                                                                           if v["std"] is not None else ""))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    if "scale" in res:
-        lines += ["", "| ~100M GPT (random init) | wall s | peak RSS MB | RSS before MB | logged estimate MB |",
-                  "|---|---|---|---|---|"]
-        for k, r in res["scale"]["rows"].items():
-            est = max((x.get("memory_estimate", {}).get("peak", 0) for x in r.get("reports", [])), default=0)
-            lines.append(f"| {k} ({r.get('params', 0) / 1e6:.1f}M) | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-                         f"{r['rss_before_stages_mb']:.0f} | {est / 2**20:.0f} |")
     return "\n".join(lines)
 
 
@@ -491,7 +506,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
     ap.add_argument("--assemble", action="store_true", help="write the result from the rows already computed")
     ap.add_argument("--out-dir", type=Path, default=RESULTS / "files")
-    ap.add_argument("--markdown", action="store_true", help="print the docs tables of the committed result")
+    ap.add_argument("--markdown", action="store_true", help="print the docs tables of the committed result and write "
+                                                                  "them into docs/posttraining.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--rows-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -503,7 +519,9 @@ def main() -> None:
         worker(args.worker, args.out_dir, args.data_dir)
         return
     if args.markdown:
-        print(markdown(json.loads((RESULTS / f"{NAME}.json").read_text())))
+        res = json.loads((RESULTS / f"{NAME}.json").read_text())
+        write_docs(res)
+        print(markdown(res))
         return
     if args.quick:
         ROWS_DIR = CACHE / "lm_post_quick"
