@@ -42,8 +42,8 @@ def _score(r: dict) -> str:
     """Test error % (paper), or for a language model its perplexity (paper's relative increase and ours)."""
     if r.get("perplexity") is not None:
         rel = r.get("paper_relative_increase")
-        return (f"ppl {r['perplexity']:.3f}, +{100 * r['relative_increase']:.1f}% "
-                f"(paper +{_f(None if rel is None else 100 * rel, '.1f')}%)")
+        return (f"ppl {r['perplexity']:.3f}, {100 * r['relative_increase']:+.1f}% "
+                f"(paper {'-' if rel is None else format(100 * rel, '+.1f') + '%'})")
     return f"{_pm(r, 'error_pct', '.2f')} ({_f(r.get('paper_error_pct'), '.2f')})"
 
 
