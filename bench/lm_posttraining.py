@@ -561,6 +561,9 @@ def main() -> None:
                         "rows": {k: json.loads(row_path(k).read_text()) for k in scale_rows(args.quick)}}
     elif old.get("scale"):
         res["scale"] = old["scale"]
+    if res.get("scale"):
+        res["scale"]["target"] = "SparseGPT and GPTQ on a ~100M-parameter transformer complete within 24 GiB (issue 37)"
+        res["scale"]["target_met"] = all(r["peak_rss_mb"] <= 24 * 1024 for r in res["scale"]["rows"].values())
     if args.part == "speed":
         for k, r in lm_done.items():
             if r.get("file") and (args.fresh or "speedup_b1" not in r):
