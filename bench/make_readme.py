@@ -17,19 +17,6 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 RT_START, RT_END = "<!-- runtime:start -->", "<!-- runtime:end -->"
 CMP_START, CMP_END = "<!-- compare:start -->", "<!-- compare:end -->"
 DIST_START, DIST_END = "<!-- distributed:start -->", "<!-- distributed:end -->"
-EXTRA_START, EXTRA_END = "<!-- extra:start -->", "<!-- extra:end -->"
-# columns of the benchmarks whose rows are not the MNIST weight-count rows (language model, real-shape runtime):
-# (key in a row, heading, format); a column shows when any row of that benchmark has it
-EXTRA_COLUMNS = [
-    ("model", "model", "s"), ("method", "method", "s"), ("pattern", "pattern", "s"),
-    ("perplexity", "test perplexity", ".3f"), ("test_perplexity", "test perplexity", ".3f"),
-    ("error_pct", "test error %", ".2f"), ("compression_nonzero", "compression: nonzeros", ".2f"),
-    ("compression_bytes", "compression: .nsz bytes", ".2f"), ("speedup_b1", "speedup b1", ".2f"),
-    ("speedup_b8", "speedup b8", ".2f"), ("speedup_b32", "speedup b32", ".2f"), ("speedup_b64", "speedup b64", ".2f"),
-    ("speedup_b256", "speedup b256", ".2f"), ("speedup_over_dense_runtime_b1", "b1 over dense runtime form", ".2f"),
-    ("wall_s", "compress wall s", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f"), ("paper", "paper", "s"),
-    ("target", "target", "s"), ("target_met", "met", "s"),
-]
 COMPARE = ROOT / "docs" / "compare" / "lenet5_mnist" / "results.json"  # `netsurgeon compare`'s own results
 
 
@@ -47,6 +34,37 @@ def _paper_x(v) -> str:
     return f" ({v:.0f}x)" if v else ""
 
 
+def _pattern(r: dict) -> str:
+    return f" {r['pattern']}" if r.get("pattern") and r["pattern"] != "-" else ""
+
+
+def _score(r: dict) -> str:
+    """Test error % (paper), or for a language model its perplexity (paper's relative increase and ours)."""
+    if r.get("perplexity") is not None:
+        rel = r.get("paper_relative_increase")
+        return (f"ppl {r['perplexity']:.3f}, {100 * r['relative_increase']:+.1f}% "
+                f"(paper {'-' if rel is None else format(100 * rel, '+.1f') + '%'})")
+    if r.get("metric") == "perplexity":  # lm_text's rows: test perplexity, no paper reports one
+        return f"ppl {_f(r.get('test_perplexity'), '.3f')} ({_f(r.get('paper_perplexity'), '.2f')})"
+    return f"{_pm(r, 'error_pct', '.2f')} ({_f(r.get('paper_error_pct'), '.2f')})"
+
+
+def _dense(r: dict) -> str:
+    if r.get("metric") == "perplexity":
+        return f"ppl {_f(r.get('dense_test_perplexity'), '.3f')} (-)"
+    if r.get("perplexity") is not None:
+        return f"ppl {_f(r.get('dense_perplexity'), '.3f')} ({_f(r.get('paper_dense_perplexity'), '.2f')})"
+    return f"{_f(r.get('dense_error_pct'), '.2f')} ({_f(r.get('paper_dense_error_pct'), '.2f')})"
+
+
+def _big_batch(r: dict) -> str:
+    if "speedup_b64" in r and "speedup_b256" not in r:  # language-model rows time batch 64 (sequences of 128)
+        return f"{_f(r['speedup_b64'], '.2f')} (b64)"
+    if r.get("speedup_b256") is None and "speedup_b8" in r:  # lm_text times 8 sequences of 128
+        return f"{_f(r['speedup_b8'], '.2f')} (b8)"
+    return _f(r.get("speedup_b256"), ".2f")
+
+
 def render() -> str:
     lines, machines, retimed = [], set(), {}
     head = ("| benchmark | model | method | test error % (paper) | dense error % (paper) | kept weights | "
@@ -62,25 +80,16 @@ def render() -> str:
             rm = res["retimed"]["machine"]
             retimed.setdefault(f"{rm['cpu']}, {rm['cores']} cores, torch {rm['torch']} ({rm['date']}, commit "
                                f"{rm['commit']})", []).append(res["benchmark"])
-        if not _mnist_rows(res):
-            continue
         for r in res.get("table_rows", []):
-            if r.get("metric") == "perplexity":  # a language model: perplexity in the error columns, said so
-                err = (f"ppl {_f(r.get('test_perplexity'), '.3f')} ({_f(r.get('paper_perplexity'), '.2f')}) | "
-                       f"ppl {_f(r.get('dense_test_perplexity'), '.3f')} (-)")
-            else:
-                err = (f"{_pm(r, 'error_pct', '.2f')} ({_f(r.get('paper_error_pct'), '.2f')}) | "
-                       f"{_f(r.get('dense_error_pct'), '.2f')} ({_f(r.get('paper_dense_error_pct'), '.2f')})")
-            big = "speedup_b256" if r.get("speedup_b256") is not None or "speedup_b8" not in r else "speedup_b8"
             lines.append(
-                f"| {res['benchmark']} | {r['model']} | {r['method']} | {err} | "
+                f"| {res['benchmark']} | {r['model']} | {r['method']}{_pattern(r)} | {_score(r)} | {_dense(r)} | "
                 f"{_f(100 * r['weights_nonzero'] / r['weights'], '.2f')}% | "
                 f"{_pm(r, 'compression_weights', '.1f')}x ({_f(r.get('paper_compression'), '.0f')}"
                 f"{'x' if r.get('paper_compression') else ''}) | {r['biases_nonzero']}/{r['biases']} | "
                 f"{_f(r['compression_bytes'], '.1f')}x"
                 f"{_paper_x(r.get('paper_compression_bytes'))}"
                 f" | {_f(r.get('speedup_b1'), '.2f')} / "
-                f"{_f(r.get(big), '.2f')}{' (b8)' if big == 'speedup_b8' else ''} | {_f(r.get('wall_s'), '.0f')} | "
+                f"{_big_batch(r)} | {_f(r.get('wall_s'), '.0f')} | "
                 f"{'-' if r.get('target_met') is None else 'met' if r['target_met'] else 'MISSED'} |")
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         res = json.loads(path.read_text())
@@ -381,51 +390,6 @@ def render_distributed() -> str:
     return "\n".join(out)
 
 
-def _mnist_rows(res: dict) -> bool:
-    """Whether a result's rows are the weight-count rows of the main table (else :func:`render_extra` shows it)."""
-    rows = res.get("table_rows", [])
-    return bool(rows) and all("weights" in r for r in rows)
-
-
-def _cell(v, fmt: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "met" if v else "MISSED"
-    if isinstance(v, dict) and {"mean", "std"} <= set(v):
-        return f"{v['mean']:{fmt}} ± {v['std']:{fmt}}"
-    if isinstance(v, (int, float)) and fmt != "s":
-        return f"{v:{fmt}}"
-    return str(v).replace("|", "/")
-
-
-def render_extra() -> str:
-    """One table per benchmark whose rows are not MNIST weight counts (language model, real-shape runtime),
-    with the columns its rows have, the machine it ran on and its notes."""
-    out = []
-    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
-        res = json.loads(path.read_text())
-        rows = res.get("table_rows", [])
-        if not rows or _mnist_rows(res):
-            continue
-        cols, seen = [], set()
-        for key, head, fmt in EXTRA_COLUMNS:
-            if any(r.get(key) is not None for r in rows) and head not in seen:
-                cols.append((key, head, fmt))
-                seen.add(head)
-        m = res.get("machine", {})
-        out += [f"**{res.get('benchmark', path.stem)}** ({path.relative_to(ROOT)}; {m.get('cpu', '?')}, "
-                f"{m.get('threads', m.get('cores', '?'))} threads, torch {m.get('torch', '?')}, "
-                f"{m.get('date', '?')}" + (f", load average {m['load_avg']}" if m.get("load_avg") else "") + ")", ""]
-        out += ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
-        for r in rows:
-            out.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in cols) + " |")
-        for note in res.get("readme_notes", []):
-            out += ["", note]
-        out.append("")
-    return "\n".join(out).rstrip()
-
-
 def _fill(text: str, start: str, end: str, body: str) -> str:
     return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{body}\n{end}", text, flags=re.S)
 
@@ -441,8 +405,6 @@ def main() -> None:
     new = re.sub(re.escape(CMP_START) + ".*?" + re.escape(CMP_END),
                  lambda _: f"{CMP_START}\n{render_compare()}\n{CMP_END}", new, flags=re.S)
     new = _fill(new, DIST_START, DIST_END, render_distributed())
-    if EXTRA_START in new:
-        new = _fill(new, EXTRA_START, EXTRA_END, render_extra())
     readme.write_text(new)
     print(render())
 

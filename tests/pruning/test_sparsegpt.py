@@ -160,6 +160,9 @@ def test_wanda_mask_is_the_per_row_top_k_of_weight_times_input_norm():
     prior = torch.ones_like(keep)
     prior[:, 0] = False
     assert not wanda_mask(W, norm, sparsity=0.0, keep=prior)[:, 0].any()
+    layer = wanda_mask(W, norm, sparsity=0.3, group="layer")  # one ranking over the layer: the 15 lowest go
+    S = (W.abs() * norm).flatten()
+    assert torch.equal(layer.flatten(), S >= S.sort().values[15]) and not layer.all(dim=1).all()
 
 
 def _mlp_data(n=48, d=16, seed=0):
@@ -208,6 +211,16 @@ def test_layers_n_m_cannot_apply_to_are_skipped_and_listed():
     assert list(get_masks(model)) == ["2.weight"]
     rep = Pipeline.from_spec([{"magnitude": {"pattern": "2:4", "epochs": 0}}]).run(model, data)[0]["report"]
     assert rep["skipped"] == {"0": "inputs per row not a multiple of M=4"}
+
+
+def test_magnitude_n_m_leaves_embeddings_dense_as_the_calibrated_methods_do():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Flatten(), nn.Linear(8, 4))
+    data = Dataset("r", *[Split(torch.randint(0, 8, (8, 2)), torch.zeros(8, dtype=torch.long))] * 3, 4)
+    rep = Pipeline.from_spec([{"magnitude": {"pattern": "2:4", "epochs": 0}}]).run(model, data)[0]["report"]
+    assert "table lookup" in rep["skipped"]["0"]
+    assert (model[0].weight != 0).all()
+    assert ((model[2].weight != 0).reshape(4, -1, 4).sum(-1) == 2).all()
 
 
 def test_obc_skips_layers_above_its_size_limit():

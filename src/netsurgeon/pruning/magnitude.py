@@ -9,8 +9,8 @@ for Efficient Neural Networks", arXiv:1506.02626).
 
 Besides the quality rule, a target ``sparsity`` (per layer, or one global budget ranked across layers) can
 be given, or an N:M ``pattern`` (keep the N largest |w| of every M consecutive inputs of a row, e.g. 2:4; the
-magnitude baseline of SparseGPT's and Wanda's N:M tables). Pruned entries stay pruned: a later round only removes
-more.
+magnitude baseline of SparseGPT's and Wanda's N:M tables; embeddings stay dense, as in those methods). Pruned
+entries stay pruned: a later round only removes more.
 """
 
 from __future__ import annotations
@@ -61,6 +61,15 @@ def magnitude_nm_mask(w: Tensor, mask: Tensor, n: int, m: int) -> Tensor:
 def _nm_unfit(w: Tensor, m: int) -> bool:
     """A tensor N:M cannot apply to: a bias, or a row length that is not a multiple of M."""
     return w.dim() < 2 or (w.numel() // w.shape[0]) % m != 0
+
+
+def _nm_skip(model: nn.Module, fqn: str, w: Tensor, m: int) -> str | None:
+    """Why N:M leaves tensor ``fqn`` dense, or None: an embedding (a table lookup: N:M speeds up no matmul there,
+    and SparseGPT, Wanda and the calibrated methods here leave embeddings alone too), a bias, or a row length that
+    is not a multiple of M."""
+    if isinstance(model.get_submodule(fqn.rpartition(".")[0]), nn.Embedding):
+        return "an embedding is a table lookup (N:M speeds up no matmul there)"
+    return f"inputs per row not a multiple of M={m}" if _nm_unfit(w, m) else None
 
 
 def quality_mask(w: Tensor, mask: Tensor, quality: float) -> Tensor:
@@ -121,9 +130,9 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
     weights = {n: original(model, n) for n in names}
     if nm is not None:
         for n in names:
-            if _nm_unfit(weights[n], nm[1]):
-                log.info("%s: %s stays as it is: %d inputs per row is not a multiple of M=%d", owner, n,
-                         weights[n].numel() // weights[n].shape[0], nm[1])
+            why = _nm_skip(model, n, weights[n], nm[1])
+            if why:
+                log.info("%s: %s stays as it is: %s", owner, n, why)
             else:
                 masks[n].mask.copy_(magnitude_nm_mask(weights[n], masks[n].mask, *nm))
     elif scope == "global":
@@ -251,9 +260,8 @@ def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) ->
                           lr_factor=cfg.lr_factor, progress=ctx.progress, pattern=cfg.pattern)
     report = _kept(model)
     if nm is not None:
-        report["skipped"] = {n.removesuffix(".weight"): f"inputs per row not a multiple of M={nm[1]}"
-                             for n in prunable_tensors(model, owner=cfg.owner)
-                             if _nm_unfit(original(model, n), nm[1])}
+        why = {n: _nm_skip(model, n, original(model, n), nm[1]) for n in prunable_tensors(model, owner=cfg.owner)}
+        report["skipped"] = {n.removesuffix(".weight"): w for n, w in why.items() if w}
     return report
 
 

@@ -3,8 +3,9 @@ for Large Language Models", arXiv:2306.11695, ICLR 2024, Sec. 3).
 
 The score of weight W_ij is S_ij = |W_ij| · ||X_j||₂, the norm of input feature j over every calibration token
 (Eq. (1) of the paper), compared within each output row ("per output" comparison group): each row loses its
-round(sparsity · d) lowest scores, or for N:M the M − N lowest of every M consecutive inputs. No weight update,
-no Hessian: the only statistic is diag(XXᵀ) (:class:`~netsurgeon.stats.HessianAccumulator` with
+round(sparsity · d) lowest scores, or for N:M the M − N lowest of every M consecutive inputs (``group: layer``:
+one ranking over the whole layer, the alternative of the paper's comparison-group ablation, Sec. 5). No weight
+update, no Hessian: the only statistic is diag(XXᵀ) (:class:`~netsurgeon.stats.HessianAccumulator` with
 ``diagonal_only``), and ||X_j||₂ is its square root up to one factor per layer, which no row's ranking sees.
 """
 
@@ -32,14 +33,20 @@ def wanda_scores(W: Tensor, x_norm: Tensor) -> Tensor:
 
 
 def wanda_mask(W: Tensor, x_norm: Tensor, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
-               keep: Tensor | None = None) -> Tensor:
+               keep: Tensor | None = None, group: str = "row") -> Tensor:
     """Wanda's keep mask (bool (rows, d)): per row, drop the round(sparsity·d) lowest scores, or N:M within each
-    group of M inputs. Entries an earlier ``keep`` pruned rank lowest and stay pruned. Ties: earlier input first."""
+    group of M inputs. Entries an earlier ``keep`` pruned rank lowest and stay pruned. Ties: earlier input first.
+    ``group="layer"``: one ranking over the whole layer (the per-layer group of the paper's ablation, Sec. 5)."""
     S = wanda_scores(W, x_norm)
     if keep is not None:
         S[~keep] = -torch.inf
     if nm is not None:
         new = nm_mask(S, *nm).bool()
+    elif group == "layer":
+        k = int(round(sparsity * S.numel()))
+        new = torch.ones(S.numel(), dtype=torch.bool, device=W.device)
+        new[torch.sort(S.flatten(), stable=True).indices[:k]] = False
+        new = new.view_as(S)
     else:
         k = int(round(sparsity * W.shape[1]))
         new = torch.ones_like(W, dtype=torch.bool)
@@ -54,6 +61,9 @@ class WandaConfig(CalibratedConfig):
                              high_open=True)
     pattern: str = option("unstructured", "unstructured, or N:M: keep N of every M consecutive inputs of a row "
                                           "(e.g. 2:4; sparsity is 1 - N/M)")
+    group: str = option("row", "comparison group of the unstructured scores: row (each output row loses the same "
+                               "fraction, the paper's choice for LLMs) or layer (one ranking per layer, its "
+                               "ablation)", choices=("row", "layer"))
 
     def validate(self) -> None:
         parse_nm(self.owner, self.pattern)
@@ -68,7 +78,7 @@ def _run_wanda(model: nn.Module, cfg: WandaConfig, ctx: StageContext) -> dict[st
     nm = parse_nm(cfg.owner, cfg.pattern)
 
     def prune(t: Target, W: Tensor, keep: Tensor | None, st: HessianAccumulator) -> SweepResult:
-        mask = wanda_mask(W, st.hessian.sqrt().to(W.dtype), sparsity=cfg.sparsity, nm=nm, keep=keep)
+        mask = wanda_mask(W, st.hessian.sqrt().to(W.dtype), sparsity=cfg.sparsity, nm=nm, keep=keep, group=cfg.group)
         return SweepResult(W * mask, mask, W.new_zeros(W.shape[0]))
 
     report = prune_calibrated(model, cfg, ctx, prune, nm=nm, diagonal_only=True)
