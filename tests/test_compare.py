@@ -360,3 +360,20 @@ def test_the_page_is_written_after_each_entry(tmp_path, digits, small_mlp, monke
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is False and res["pending"] == ["int8"] and [r["name"] for r in res["rows"]] == [
         "magnitude"]
+
+
+def test_a_row_that_left_layers_as_they_were_says_which_and_why(tmp_path, digits, small_mlp, caplog):
+    """obc skips layers wider than its max_columns; the LeNet-5 report showed its row at 1.0x with no word why."""
+    import logging
+
+    from netsurgeon.compare import Entry, Plan, compare
+
+    plan = Plan(steps=3, steps_per_epoch=Plan.epoch_steps(digits))
+    entry = Entry("obc_narrow", "pruning", [{"obc": {"sparsity": 0.5, "max_columns": 40}}])
+    with caplog.at_level(logging.WARNING):
+        res = compare(small_mlp, digits, tmp_path / "rep", entries=[entry], plan=plan, batches=(1,), repeats=2,
+                      threads=1, data_name="digits", progress=False)
+    row = next(r for r in res["rows"] if r["name"] == "obc_narrow")
+    assert set(row["skipped"]) == {"1"} and "max_columns=40" in row["skipped"]["1"]
+    assert "obc_narrow left 1 layer(s) as they were: 1 (" in caplog.text
+    assert "(left 1 layer(s) as they were: 1)" in (tmp_path / "rep" / "index.html").read_text()

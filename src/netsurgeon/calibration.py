@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import Split, batches
-from .masks import attach_masks, get_masks, original
+from .masks import attach_masks, get_masks, note_skipped, original
 from .stats import HessianAccumulator
 
 __all__ = ["Target", "discover_layers", "layer_targets", "draw_samples", "target_weight", "target_keep",
@@ -478,6 +478,7 @@ class _Run:
             self.layers[n], self.targets[n] = m, ts
         for n, why in skipped.items():
             log.info("%s: skipping %s: %s", owner, n, why)
+        note_skipped(model, skipped)  # the stage record lists them (compare's row and page too)
         self.hbytes = {n: sum(HessianAccumulator.nbytes(t.columns, dtype, diagonal_only) for t in ts)
                        for n, ts in self.targets.items()}
         self.budget = max(self.hbytes.values(), default=0)

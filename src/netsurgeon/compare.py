@@ -282,8 +282,12 @@ def _run_entry(entry: Entry, pipe: Any, dense: nn.Module, data: Any, out: Path, 
     rebuildable = bool(arch and (arch.get("name") or arch.get("factory")))
     back = load_compressed(path, None if rebuildable else copy.deepcopy(dense), trust_code=True)
     s = _measure(back, dense, data, path, batches, threads, repeats)
+    skipped = {layer: why for r in runs for layer, why in (r.get("skipped") or {}).items()}
+    if skipped:  # a row that left layers as they were says so (obc on wide layers: 1.0x is not a failure to prune)
+        log.warning("compare: %s left %d layer(s) as they were: %s", entry.name, len(skipped),
+                    "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     return {"status": "ok", "wall_s": wall, "stage_seconds": [r["seconds"] for r in runs],
-            "file": f"files/{entry.name}.nsz", **s}
+            "file": f"files/{entry.name}.nsz", **({"skipped": skipped} if skipped else {}), **s}
 
 
 def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, entries: Sequence[Entry],

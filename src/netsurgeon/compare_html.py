@@ -218,6 +218,10 @@ def _table(res: dict[str, Any]) -> str:
         err = r[key]
         mark = " &#9733;" if name in front else " <small>(collapsed: chance accuracy)</small>" if r.get("collapsed") \
             else ""
+        if r.get("skipped"):  # layers the method left as they were, with why, on hover
+            why = "; ".join(f"{k}: {v}" for k, v in r["skipped"].items())
+            mark += (f' <small title="{html.escape(why)}">(left {len(r["skipped"])} layer(s) as they were: '
+                     f'{html.escape(", ".join(r["skipped"]))})</small>')
         cells = [
             (name + mark, name), (html.escape(r.get("family", "")), ""),
             (stages, ""), (_fmt(err, spec), err), (_fmt(err - dense[key], "+" + spec), err - dense[key]),

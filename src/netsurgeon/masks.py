@@ -29,7 +29,8 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "Mask", "StraightThroughMask", "SUPPORTED_LAYERS", "prunable_layers", "prunable_tensors", "WeightSite",
-    "weight_sites", "skipped_layers", "SITE_KINDS", "site_kind_of", "take_skipped", "sites_of", "tied_parameters",
+    "weight_sites", "skipped_layers", "SITE_KINDS", "site_kind_of", "take_skipped", "note_skipped", "sites_of",
+    "tied_parameters",
     "attach_masks", "get_masks", "original", "bake", "LayerSparsity", "sparsity_report",
     "attach_masks_for_state_dict", "effective_state_dict", "layer_kind", "LAYER_KINDS", "freeze_masks", "mask_zeros",
     "parse_nm", "nm_mask",
@@ -249,8 +250,7 @@ def _log_skipped(model: nn.Module, owner: str, kinds: tuple[str, ...]) -> None:
     skipped = skipped_layers(model, kinds)
     if not skipped:
         return
-    notes = getattr(model, _SKIPPED_ATTR, None) or {}
-    object.__setattr__(model, _SKIPPED_ATTR, {**notes, **skipped})
+    note_skipped(model, skipped)
     key = (id(model), owner, kinds)
     if key not in _LOGGED:
         _LOGGED.add(key)
@@ -261,6 +261,12 @@ def _log_skipped(model: nn.Module, owner: str, kinds: tuple[str, ...]) -> None:
 
 
 _SKIPPED_ATTR = "_netsurgeon_skipped"
+
+
+def note_skipped(model: nn.Module, skipped: dict[str, str]) -> None:
+    """Note ``{layer: why}`` a method left as it is, for the pipeline's stage record (:func:`take_skipped`)."""
+    notes = getattr(model, _SKIPPED_ATTR, None) or {}
+    object.__setattr__(model, _SKIPPED_ATTR, {**notes, **skipped})
 
 
 def take_skipped(model: nn.Module) -> dict[str, str]:
