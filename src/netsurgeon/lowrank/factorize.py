@@ -111,7 +111,6 @@ def _weights_read_outside(model: nn.Module) -> set[str]:
         for m in names:
             swapped[m] = type(m)
             m.__class__ = probe_class(type(m))
-        found.clear()  # the swap itself reads nothing, but be exact: only the forward counts
         model.eval()
         with torch.no_grad():
             model(example_input(model, tuple(shape)))
