@@ -1,5 +1,6 @@
 """Does the runtime make models of real shapes faster (issue 38)? GPT-2-small's FFN (768 -> 3072 -> 768), a
-2-layer GPT-2-width decoder (768 wide, 12 heads, byte vocabulary, one token: no KV cache, context 1), ResNet-18
+2-layer and a 12-layer (GPT-2 small's depth) GPT-2-width decoder (768 wide, 12 heads, byte vocabulary, one token:
+no KV cache, context 1), ResNet-18
 at 3x224x224 and 3x64x64, MobileNetV2 at 3x224x224: each compressed through the product (``Pipeline`` stages,
 saved as a ``.nsz`` file, loaded back with its codecs as ``load_compressed`` gives it), then compiled
 (``compile_runtime``) and timed against the model before compression with ``stats.measure_latency`` (interleaved,
@@ -48,6 +49,9 @@ MODELS = {
     "gpt2_ffn": ("gpt2_ffn", {}, (1, 32), ["unstructured 90%", "2:4", "int4 g128", "int4 g128 + 2:4"]),
     "gpt2_decoder": ("gpt2_decoder", {"input_shape": (1,), "num_classes": 256, "n_layer": 2}, (1, 32),
                      ["unstructured 90%", "2:4", "int4 g128", "int4 g128 + 2:4"]),
+    # GPT-2 small's depth: 12 layers of width 768 (85M parameters besides the byte embedding), batch 1 only
+    "gpt2_decoder12": ("gpt2_decoder", {"input_shape": (1,), "num_classes": 256, "n_layer": 12}, (1,),
+                       ["unstructured 90%", "int4 g128"]),
     "resnet18_224": ("resnet18", {"input_shape": (3, 224, 224)}, (1, 32),
                      ["unstructured 90% (conv)", "l1_filters 50% (structured)"]),
     "resnet18_64": ("resnet18", {"input_shape": (3, 64, 64)}, (1, 32), ["unstructured 90% (conv)"]),
@@ -60,6 +64,8 @@ TARGETS = {  # issue 38, "What it must show": (model, method) -> {column: goal};
     ("gpt2_ffn", "int4 g128 + 2:4"): {"speedup_b1": 5.0},
     ("gpt2_decoder", "int4 g128"): {"speedup_b1": 3.0},
     ("gpt2_decoder", "unstructured 90%"): {"speedup_b1": 3.0},
+    ("gpt2_decoder12", "int4 g128"): {"speedup_b1": 3.0},
+    ("gpt2_decoder12", "unstructured 90%"): {"speedup_b1": 3.0},
     ("resnet18_224", "unstructured 90% (conv)"): {"speedup_over_dense_runtime_b1": 2.0,
                                                    "speedup_over_dense_runtime_b32": 1.5},
 }
@@ -70,7 +76,8 @@ BOUNDS = {"unstructured 90%": "bytes ratio ~7x (float32 value + int32 index per 
           "int4 g128 + 2:4": "bytes ratio ~11x (half the 4-bit codes + 2-bit positions)",
           "unstructured 90% (conv)": "FLOP ratio 10x on the convolutions",
           "l1_filters 50% (structured)": "FLOP ratio ~4x (half the channels in and out of every convolution)"}
-REPEATS = {"gpt2_ffn": 200, "gpt2_decoder": 100, "resnet18_224": 12, "resnet18_64": 30, "mobilenetv2_224": 20}
+REPEATS = {"gpt2_ffn": 200, "gpt2_decoder": 100, "gpt2_decoder12": 30, "resnet18_224": 12, "resnet18_64": 30,
+           "mobilenetv2_224": 20}
 
 
 def _compress(key: str, method: str, folder: Path) -> tuple[torch.nn.Module, torch.nn.Module, Path, float]:
