@@ -242,14 +242,13 @@ def test_report_renders_in_a_real_browser(report, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, expected", [
     ("lenet300", {"obs": "4096 weights", "slimming": "BatchNorm", "separable": "Conv2d", "heads": "attention only"}),
-    ("digits_cnn", {"obs": "4096 weights", "slimming": "BatchNorm", "kfac": "Linear layers only",
-                    "heads": "attention only"}),
-    ("vgg_small", {"obs": "4096 weights", "kfac": "Linear layers only", "heads": "attention only"}),  # slimming runs
+    ("digits_cnn", {"obs": "4096 weights", "slimming": "BatchNorm", "heads": "attention only"}),
+    ("vgg_small", {"obs": "4096 weights", "heads": "attention only"}),  # slimming runs; K-FAC prunes the Linears
 ])
 def test_every_built_in_entry_runs_or_says_why(tmp_path, digits, name, expected):
     """All 36 entries on an MLP, a CNN and a CNN with BatchNorm (10 steps each): each writes a file that reads
-    back and is measured, or fails with its one-line reason (no convolution, no BatchNorm, a convolution K-FAC
-    does not handle, too many weights for an exact Hessian, no attention to remove heads from)."""
+    back and is measured, or fails with its one-line reason (no convolution, no BatchNorm, too many weights for an
+    exact Hessian, no attention to remove heads from)."""
     import netsurgeon as ns
 
     torch.manual_seed(0)

@@ -126,3 +126,24 @@ def test_compare_ranks_a_language_model_by_perplexity(tmp_path):
     page = (tmp_path / "rep" / "index.html").read_text()
     assert ">perplexity</th>" in page and f"dense input: test perplexity {dense['test_perplexity']:.3f}" in page
     assert "perplexity vs file size" in page and "error %" not in page
+
+
+@pytest.mark.parametrize("method", ["obd", "kfac"])
+def test_true_fisher_and_kfac_run_on_a_language_model(method):
+    """OBD samples labels from the model's (B, V, T) next-token distribution (it passed a 3-d tensor to
+    multinomial); K-FAC covers the Linear layers whose forward runs and lists the rest (the embedding, the packed
+    attention projection, the out_proj nn.MultiheadAttention reads itself) instead of refusing the model."""
+    from netsurgeon.data.text import tokens_dataset
+
+    g = torch.Generator().manual_seed(1)
+    data = tokens_dataset(*(torch.randint(0, 20, (n,), generator=g) for n in (600, 200, 200)), seq_len=8,
+                          vocab_size=20)
+    torch.manual_seed(0)
+    model = gpt((8,), 20, n_layer=1, width=16, n_head=2)
+    rec = ns.Pipeline.from_spec([{method: {"sparsity": 0.5, "num_grads": 8}}]).run(model, data)[0]
+    fc = model.blocks[0].mlp.fc1.weight
+    assert float((fc == 0).float().mean()) > 0.2  # pruned by the method's ranking
+    if method == "kfac":
+        assert {"tok", "blocks.0.attn.out_proj"} <= set(rec["skipped"]), rec["skipped"]
+        assert int((model.tok.weight == 0).sum()) == 0
+    assert torch.isfinite(model(data.val.x[:2])).all()

@@ -283,9 +283,10 @@ def _labelled_outputs(model: nn.Module, data: Any, num_grads: int, batch_size: i
         if i % every[1] != every[0]:
             continue
         logits = model(xb)
-        if sample_labels:
+        if sample_labels:  # classes on dim 1: (B, C) logits, or a language model's (B, V, T) (next_token_logits)
             with torch.no_grad():
-                yb = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+                p = logits.softmax(1).movedim(1, -1)
+                yb = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=g).view(p.shape[:-1])
         yield i, logits, yb
 
 
@@ -349,7 +350,9 @@ def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_gra
     layer's outputs, from the same ``num_grads`` x ``batch_size`` samples :func:`collect_gradients` draws with
     ``seed`` (per-sample statistics: the mini-batch is only how they are computed). ``sample_labels`` draws the
     labels from the model's predictions (true Fisher, as K-FAC proper) instead of the data's (empirical Fisher).
-    Returns float64 ``{layer: (A, G)}``."""
+    Layers whose forward never ran are left out of the result. A Linear applied to a sequence, (B, T, in), counts each of its B·T positions as a sample (K-FAC-expand, the
+    form for weight sharing over a sequence: Eschenhagen et al. 2023, arXiv 2311.00636). Returns float64
+    ``{layer: (A, G)}``."""
     import torch.nn.functional as F
 
     mods = {name: model.get_submodule(name) for name in layers}
@@ -367,7 +370,7 @@ def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_gra
                 out.register_hook(add_output_grad)
 
         def add_output_grad(go: Tensor) -> None:
-            go = go.detach().double()
+            go = go.detach().double().reshape(-1, go.shape[-1])
             sums[name][1].add_(go.T @ go)
         return keep
 
@@ -375,16 +378,18 @@ def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_gra
     g = torch.Generator().manual_seed(seed)
     was = model.training
     model.eval()
-    count = 0
+    count, ran = 0, set()
     bar = Progress("K-FAC factors", num_grads, enabled=progress)
     try:
         for i, logits, yb in _labelled_outputs(model, data, num_grads, batch_size, g, sample_labels):
             bar.update(i)
             F.cross_entropy(logits, yb, reduction="sum").backward()  # per-sample losses: g_n at each output
-            for name in mods:
-                a = acts[name].double()
+            for name in list(acts):
+                ran.add(name)
+                a = acts.pop(name).double()
+                a = a.reshape(-1, a.shape[-1])
                 sums[name][0].add_(a.T @ a)
-            count += len(yb)
+            count += yb.numel()  # samples, or every position of a token model's sequences (each one a sample)
         bar.update(num_grads)
     finally:
         for h in handles:
@@ -392,7 +397,8 @@ def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_gra
         model.zero_grad(set_to_none=True)
         bar.close()
         model.train(was)
-    return {n: (a / count, gg / count) for n, (a, gg) in sums.items()}
+    # a Linear whose forward never runs (nn.MultiheadAttention reads its out_proj's weight itself) has no factors
+    return {n: (a / count, gg / count) for n, (a, gg) in sums.items() if n in ran}
 
 
 def chance_accuracy(data: Any) -> float | None:

@@ -39,6 +39,7 @@ from ...linalg import (
     prefer_factored,
     relative_damp,
 )
+from ...masks import note_skipped
 from ...progress import Progress
 from ...stats import collect_gradients, kfac_factors
 from .config import SecondOrderConfig
@@ -56,6 +57,7 @@ class Layout:
     tensors: list[str]
     sizes: list[int]
     shapes: list[tuple[int, ...]]
+    linear: tuple[bool, ...] = ()  # per tensor: an nn.Linear's weight (what K-FAC covers); empty: not recorded
 
     @property
     def d(self) -> int:
@@ -254,22 +256,44 @@ class KroneckerFisher:
         self.cfg, self.damp_, self.phase_seconds_ = cfg, cfg.damp, {}
         self.blocks_: list[Block] = []
 
+    @staticmethod
+    def covered(layout: Layout) -> list[bool]:
+        """Per tensor, whether K-FAC covers it: a Linear's weight (all tensors when the layout does not say)."""
+        return list(layout.linear) or [True] * len(layout.tensors)
+
     def memory(self, layout: Layout, ranges: list[tuple[int, int]], ranks: int = 1) -> dict[str, int]:
-        inv = sum(8 * 2 * (s[0] ** 2 + (n // s[0]) ** 2) for s, n in zip(layout.shapes, layout.sizes, strict=True))
+        inv = sum(8 * 2 * (s[0] ** 2 + (n // s[0]) ** 2)
+                  for s, n, ok in zip(layout.shapes, layout.sizes, self.covered(layout), strict=True) if ok)
         return _mem(inverses=inv, vectors=vectors_bytes(layout.d))
 
     def fit(self, job: FitJob) -> None:
+        """Factors for every Linear weight; other tensors (an embedding, a convolution, a bare parameter) get no
+        block, so they keep an infinite score and are never pruned, and the stage record lists them."""
         t0 = time.perf_counter()
         c = self.cfg
+        covered = self.covered(job.layout)
         layers = [t.rsplit(".", 1)[0] for t in job.layout.tensors]
-        factors = kfac_factors(job.model, job.data, layers, c.num_grads, c.grad_batch, c.seed, progress=job.progress)
+        if not any(covered):
+            raise ValueError(f"kfac: K-FAC is implemented for Linear layers only and this model has none among "
+                             f"its prunable tensors ({', '.join(job.layout.tensors[:4])}...); use woodfisher.")
+        kinds = {la: type(job.model.get_submodule(la)).__name__.removeprefix("Parametrized") for la in layers}
+        note_skipped(job.model, {la: f"K-FAC covers Linear weights only ({kinds[la]}): left as it is"
+                                 for la, ok in zip(layers, covered, strict=True) if not ok})
+        factors = kfac_factors(job.model, job.data, [la for la, ok in zip(layers, covered, strict=True) if ok],
+                               c.num_grads, c.grad_batch, c.seed, progress=job.progress)
+        note_skipped(job.model, {la: "K-FAC: its forward never runs (its parent reads the weight, as "
+                                     "nn.MultiheadAttention does its out_proj's): left as it is"
+                                 for la, ok in zip(layers, covered, strict=True) if ok and la not in factors})
+        if not factors:
+            raise ValueError("kfac: none of the model's Linear layers ran its own forward; use woodfisher.")
         t_inv = time.perf_counter()
         off = 0
-        for layer, n in zip(layers, job.layout.sizes, strict=True):
-            a, g = factors[layer]
-            damp = c.damp * float(g.diagonal().mean() * a.diagonal().mean()) if c.relative_damp else c.damp
-            hinv = KroneckerInverse(*kfac_damped_inverses(a, g, damp))
-            self.blocks_.append(Block(off, off + n, torch.arange(off, off + n), hinv))
+        for layer, n, ok in zip(layers, job.layout.sizes, covered, strict=True):
+            if ok and layer in factors:
+                a, g = factors[layer]
+                damp = c.damp * float(g.diagonal().mean() * a.diagonal().mean()) if c.relative_damp else c.damp
+                hinv = KroneckerInverse(*kfac_damped_inverses(a, g, damp))
+                self.blocks_.append(Block(off, off + n, torch.arange(off, off + n), hinv))
             off += n
         self.phase_seconds_ = {"gradients": t_inv - t0, "inverses": time.perf_counter() - t_inv}
 

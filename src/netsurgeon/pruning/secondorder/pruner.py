@@ -168,6 +168,8 @@ class OneShotPruner:
         masks = attach_masks(model, self.tensors_)
         self.sizes_ = [original(model, t).numel() for t in self.tensors_]
         self.shapes_ = [tuple(original(model, t).shape) for t in self.tensors_]
+        self.linear_ = [t.endswith(".weight") and isinstance(model.get_submodule(t.rpartition(".")[0]), nn.Linear)
+                        for t in self.tensors_]
         layout = self._layout()
         w = self._flat(model)
         alive = torch.cat([masks[t].mask.flatten() for t in self.tensors_]).bool()
@@ -214,7 +216,8 @@ class OneShotPruner:
         return self.curvature_.damp_ if self.curvature_ is not None else self.config.damp
 
     def _layout(self) -> Layout:
-        return Layout(list(getattr(self, "tensors_", [])), list(self.sizes_), list(self.shapes_))
+        return Layout(list(getattr(self, "tensors_", [])), list(self.sizes_), list(self.shapes_),
+                      tuple(getattr(self, "linear_", ())))
 
     def _flat(self, model: nn.Module) -> Tensor:
         return torch.cat([getattr(model.get_submodule(t.rpartition(".")[0]), t.rpartition(".")[2]).detach().flatten()
@@ -309,7 +312,7 @@ class OneShotPruner:
         masks = attach_masks(model, self.tensors_)
         w = self._flat(model).double()
         d = w.numel()
-        k = int(round(sparsity * d))
+        k = int(round(sparsity * int((self.scores_ < float("inf")).sum())))  # of the weights it covers (K-FAC: Linear)
         prune = torch.zeros(d, dtype=torch.bool)
         if k:  # the k lowest scores (stable: ties go to the earlier weight)
             prune[torch.sort(self.scores_, stable=True).indices[:k]] = True
