@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import netsurgeon as ns
 from netsurgeon.coding.container import NszError
@@ -21,6 +22,7 @@ from netsurgeon.kernels import simd
 from netsurgeon.kernels.modules import resident_bytes
 from netsurgeon.nsz import read_header
 from netsurgeon.pipeline import Pipeline
+from netsurgeon.runtime import compile_runtime
 from netsurgeon.stats import num_threads
 
 
@@ -120,6 +122,14 @@ def test_runtime_reads_the_compact_arrays_within_one_and_a_half_file_bytes(tmp_p
                 held = resident_bytes(mod) - 4 * model[i].out_features            # bias: not in the weight record
                 assert held <= 1.5 * file_bytes, (name, held, file_bytes)
     rt = ns.load_compressed(path, _mlp(), runtime=True)
+    with torch.no_grad():
+        torch.testing.assert_close(rt(x), model(x), rtol=1e-4, atol=1e-4)
+    # a run of Linear + ReLU layers mixing grouped_nm and grouped weights still gets the int4 kernels
+    par = stored_parametrization(stored[2], "weight")[1]
+    parametrize.remove_parametrizations(stored[2], "weight", leave_parametrized=True)
+    parametrize.register_parametrization(stored[2], "weight", par.to_grouped(), unsafe=True)
+    rt, plan = compile_runtime(stored, 1, repeats=3)
+    assert {"quant", "quant_nm"} <= set(plan.runs[0].latency_ms), plan.runs[0]
     with torch.no_grad():
         torch.testing.assert_close(rt(x), model(x), rtol=1e-4, atol=1e-4)
 
