@@ -192,3 +192,32 @@ def test_crafted_variants_load_or_raise_nsz_error(tmp_path):
         path.write_bytes(mutate(raw, rng))
         seen.add(check_file(path))
     assert seen <= {"ok", "NszError"}, seen
+
+
+def test_a_transposed_weight_round_trips_and_its_onnx_nodes_rebuild_it_exactly():
+    """A Hugging Face Conv1D weight is stored (in, out); its codes are the (out, in) matrix the N:M groups run
+    along. float16 scales: the file's values, exactly."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from netsurgeon.forms._onnx import OnnxGraph
+    from netsurgeon.quantization.groupwise import rtn_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g).reshape(24, 16, 4)
+    w.scatter_(2, w.abs().argsort(2)[:, :, :2], 0.0)                  # 2:4 along the inputs
+    codes, scales, zeros, _ = rtn_quantize(w.reshape(24, 64), 4, 32, symmetric=False)
+    par = GroupQuantWeights(codes, scales.half().float(), zeros, 4, 32, shape=(64, 24), transposed=True)
+    form = get_form("grouped_nm")
+    rec, blobs = form.encode("w", par(torch.empty(0)), par, EncodeOptions("float16"))
+    assert (rec.extra["n"], rec.extra["m"], rec.extra["transposed"]) == (2, 4, 1)
+    form.check("w", rec, blobs)
+    dense = form.decode("w", rec, blobs)
+    assert dense.shape == (64, 24) and torch.equal(dense, par(torch.empty(0)))
+    graph = OnnxGraph("w")
+    form.onnx(graph, rec, dense.numpy(), form.parts(form._parts("w", rec, blobs), dense))
+    model = helper.make_model(helper.make_graph(graph.nodes, "g", [], [helper.make_tensor_value_info(
+        "w", TensorProto.FLOAT, [64, 24])], initializer=graph.inits), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    assert np.array_equal(got, dense.numpy())
