@@ -68,7 +68,7 @@ BOUNDS = {"unstructured 90%": "bytes ratio ~5.8x (the hybrid sliced-ELL layout: 
                               "held 8.5: 4.7x)",
           "2:4": "bytes ratio ~1.8x (half the values + 2-bit positions)",
           "int4 g128": "bytes ratio ~7x (4 bits + scale/zero per 128)",
-          "int4 g128 + 2:4": "bytes ratio ~7.1x as held (one byte per kept value: code + window offset; the "
+          "int4 g128 + 2:4": "bytes ratio ~7.4x as held (one byte per kept value: code + window offset; the "
                              "file's grouped_nm form holds 4-bit codes + a 3-bit pattern per 4 inputs, ~10.5x)",
           "unstructured 90% (conv)": "FLOP ratio 10x on the convolutions",
           "l1_filters 50% (structured)": "FLOP ratio ~4x (half the channels in and out of every convolution)"}
