@@ -66,6 +66,8 @@ CASES = {
     "gptq": ([{"gptq": {"samples": 16, "group_size": 8, "act_order": True}}], "grouped"),
     "rtn": ([{"rtn": {"bits": 3, "group_size": None}}], "grouped"),
     "sparsegpt + gptq": ([{"sparsegpt": {"samples": 16}}, {"gptq": {"samples": 16, "bits": 4}}], "grouped"),
+    "sparsegpt 2:4 + gptq": ([{"sparsegpt": {"samples": 16, "pattern": "2:4"}}, {"gptq": {"samples": 16, "bits": 4}}],
+                             "grouped"),   # written as grouped_nm (tests/test_grouped_nm.py)
 }
 
 
@@ -100,6 +102,9 @@ def test_post_training_pipelines_run_save_and_reload(case, which, tmp_path):
         assert max(len(torch.unique(r)) for r in w) <= 2**bits * (w.shape[1] // 8 if "gptq" in case else 1)
     path = tmp_path / "m.nsz"
     pipe.save(model, path)
+    if form == "grouped":  # 2:4 then int4: only the kept codes are written (forms/grouped_nm.py)
+        codec = next(r.codec for r in ns.nsz.read_header(path).records if r.name == attn)
+        assert codec == ("grouped_nm" if "2:4 +" in case else "grouped")
     loaded = ns.load_compressed(path, TinyTransformer() if which == "transformer" else _mlp())
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), out, rtol=1e-5, atol=1e-5)

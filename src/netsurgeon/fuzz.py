@@ -40,13 +40,15 @@ def split_file(raw: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
 
 
 def build_corpus(directory: str | os.PathLike[str]) -> list[Path]:
-    """Valid files of every codec on three small models (dense, sparse float16, k-means + Huffman, int8)."""
+    """Valid files of every codec on three small models (dense, sparse float16, k-means + Huffman, int8, binary),
+    then LeNet-300-100 in int4 groups (``grouped``) and 2:4 + int4 (``grouped_nm``)."""
     import torch
 
     from .models import build_model
     from .nsz import save_compressed
     from .pruning.magnitude import prune_magnitude
     from .quantization.binary import Binarize
+    from .quantization.groupwise import quantize_model_rtn
     from .quantization.kmeans import share_weights
     from .quantization.uniform import quantize_model_int8
 
@@ -69,6 +71,15 @@ def build_corpus(directory: str | os.PathLike[str]) -> list[Path]:
             path = d / f"{name}_{variant}.nsz"
             save_compressed(m, path, value_dtype="float16" if variant == "sparse16" else "float32")
             out.append(path)
+    for pattern in (None, "2:4"):  # group-quantized int4, and 2:4 then int4 (the grouped_nm form); after the rest
+        torch.manual_seed(0)
+        m = build_model("lenet300", (1, 8, 8))
+        if pattern:
+            prune_magnitude(m, pattern=pattern)
+        quantize_model_rtn(m, bits=4, group_size=16)
+        path = d / f"lenet300_int4{'_24' if pattern else ''}.nsz"
+        save_compressed(m, path)
+        out.append(path)
     return out
 
 

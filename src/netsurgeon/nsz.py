@@ -100,15 +100,19 @@ def _check_aliases(p: str, header: dict[str, Any], records: list[TensorRecord]) 
 def encode_tensor(model: nn.Module, name: str, value: Tensor, opts: EncodeOptions
                   ) -> tuple[TensorRecord, dict[str, bytes]]:
     """The record and blobs of tensor ``name`` of ``model`` (``value``: its effective dense value): by the form
-    whose parametrization holds it, else by the smallest plain form (ties: the form's ``preference``)."""
+    whose parametrization holds it or a form that is its ``alternative_to`` (the smaller record), else by the
+    smallest plain form (ties: the form's ``preference``)."""
     mod_name, _, attr = name.rpartition(".")
     module = model.get_submodule(mod_name) if mod_name else model
     form, par = stored_parametrization(module, attr)
     if form is not None:
-        out = form.encode(name, value, par, opts, module.parametrizations[attr].original)
+        original = module.parametrizations[attr].original
+        out = form.encode(name, value, par, opts, original)
         if out is None:
             raise ValueError(f"save_compressed: the {form.codec} form could not encode tensor {name!r}.")
-        return out
+        alts = [c for f in forms().values() if form.codec in f.alternative_to
+                and (c := f.encode(name, value, par, opts, original)) is not None]
+        return min([out, *alts], key=lambda c: c[0].bytes)  # ties: the owner's record (first)
     plain = sorted((f for f in forms().values() if f.parametrization is None), key=lambda f: f.preference)
     cands = [c for f in plain if (c := f.encode(name, value, None, opts)) is not None]
     return min(cands, key=lambda c: c[0].bytes)

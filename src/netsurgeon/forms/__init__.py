@@ -6,15 +6,21 @@ with (candidate modules for a run of Linear layers) and how ONNX export rebuilds
 writer and reader (``nsz.py``), the loader (``modelfile.py``), the pipeline's form checks, the runtime, export and
 report all dispatch through :data:`FORMS`; none of them names a form.
 
-| codec  | pipeline form | in memory        | in the file                              | runtime    | ONNX             |
-| ------ | ------------- | ---------------- | ---------------------------------------- | ---------- | ---------------- |
-| dense  | float         | plain tensor     | raw values                               | dense      | initializer      |
-| sparse | float         | (mask)           | relative gaps + values (Deep Compression)| fused, csr | ScatterElements  |
-| shared | shared        | SharedWeights    | gaps + codebook indices (Huffman) + book | fused      | Gather           |
-| int8   | int8          | Int8Weights      | int8 + scales                            | int8 chain | DequantizeLinear |
-| binary | binary        | BinaryWeights    | 1 bit per weight + scales                | lut (xnor) | DequantizeLinear |
-| hashed | hashed        | HashedWeights    | K real weights + hash seed               | dense      | initializer      |
-| pq     | pq            | ProductQuantized | codebooks + codes                        | dense      | initializer      |
+| codec      | weights | in memory           | in the file                          | runtime    | ONNX             |
+| ---------- | ------- | ------------------- | ------------------------------------ | ---------- | ---------------- |
+| dense      | float   | plain tensor        | raw values                           | dense      | initializer      |
+| sparse     | float   | (mask)              | gaps + values (Deep Compression)     | fused, csr | ScatterElements  |
+| nm         | float   | (mask)              | N of M values + positions            | nm         | initializer      |
+| shared     | shared  | SharedWeights       | gaps + book indices (Huffman) + book | fused      | Gather           |
+| int8       | int8    | Int8Weights         | int8 + scales                        | int8 chain | DequantizeLinear |
+| binary     | binary  | BinaryWeights       | 1 bit per weight + scales            | lut (xnor) | DequantizeLinear |
+| hashed     | hashed  | HashedWeights       | K real weights + hash seed           | dense      | initializer      |
+| pq         | pq      | ProductQuantized    | codebooks + codes                    | dense      | initializer      |
+| grouped    | grouped | GroupQuantWeights   | codes + group scales (+ zeros)       | quant      | initializer      |
+| grouped_nm | grouped | GroupQuantNMWeights | kept codes + N:M pattern + scales    | quant_nm   | ScatterElements  |
+
+A form may also write another form's weights (``alternative_to``): ``grouped_nm`` takes a ``grouped`` weight whose
+codes leave an N:M pattern, and the writer keeps whichever record is smaller.
 
 Adding a form is one module here (a :class:`Form` subclass decorated with :func:`register_form`) and its tests;
 modules are found by walking this package, so nothing else lists them. docs/design.md shows an example.
@@ -69,6 +75,9 @@ class Form:
         preference: among plain-tensor forms of equal size, the lowest wins.
         rank: among the forms in one model, the highest names the model's weight form.
         runtime_names: the names of the runtime candidates :meth:`linear_candidates` offers.
+        alternative_to: codecs of other forms whose weights this form may also write: the writer hands it their
+            parametrization too (its ``encode`` returns None where it does not apply) and keeps the smallest
+            record (ties: the owner's). ``attach`` then puts back this form's own parametrization.
     """
 
     codec: ClassVar[str]
@@ -80,6 +89,7 @@ class Form:
     preference: ClassVar[int] = 50
     rank: ClassVar[int] = 0
     runtime_names: ClassVar[tuple[str, ...]] = ()
+    alternative_to: ClassVar[tuple[str, ...]] = ()
 
     # -- the file ------------------------------------------------------------------------------------------
     def encode(self, name: str, value: Tensor, par: nn.Module | None, opts: EncodeOptions,

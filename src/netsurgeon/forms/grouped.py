@@ -205,7 +205,9 @@ class Grouped(Form):
         from ..kernels import simd
         from .nm import MIN_KERNEL_WEIGHTS
 
-        held = [stored_parametrization(m, "weight")[1] for m in layers]
+        # a run may mix in grouped_nm layers (runtime.passes.linear._run_form): their codes scattered back
+        held = [p.to_grouped() if callable(getattr(p, "to_grouped", None)) else p
+                for p in (stored_parametrization(m, "weight")[1] for m in layers)]
         if not simd.available() or sum(m.weight.numel() for m in layers) < MIN_KERNEL_WEIGHTS or \
                 not all(isinstance(p, GroupQuantWeights) and not p.transposed for p in held):
             return {}

@@ -17,7 +17,8 @@ pattern.
 int3 codes (0..7) are held in the int4 nibble layout (what the file's 3-bit stream unpacks to).
 
 Resident: the same bytes transposed so that 16 output rows are the 16 lanes of a vector: ``codes`` (chunks,
-bytes per row, 16), ``scales`` and ``zeros`` float32 (chunks, groups, 16). Kernel (batch 1): for each byte
+bytes per row, 16), ``scales`` float32 and ``zeros`` uint8 (chunks, groups, 16; converted in the kernel).
+Kernel (batch 1): for each byte
 column j, one 16-byte load zero-extended to 16 lanes, the two nibbles masked / shifted out and converted to
 floats, and two FMAs with the broadcast inputs ``x[2j]``, ``x[2j+1]`` (int8: one convert and one FMA per
 column); four partial sums per sample. The zero point leaves the inner loop: ``Σ (q - z) x = Σ q x -
@@ -25,12 +26,13 @@ z Σ_g x``, with the group sums of x computed once per call, so each group ends 
 (Σ q x - z · Σ_g x)``. Samples run two at a time (the decoded weights serve both). Chunks of 16 rows run in
 parallel.
 
-``QuantNMLinear`` — int4 codes on N:M sparsity (M <= 16). File layout (defined here; the codec follows it):
+``QuantNMLinear`` — int4 codes on N:M sparsity (M <= 16). The arrays it takes (the ``grouped_nm`` form,
+forms/grouped_nm.py, holds them so):
 
 - ``codes`` uint8 (out, ceil(K / 2)) with K = in·N/M kept values per row in row-major group order (as
   ``NMLinear``'s ``values``): two 4-bit codes per byte, the low nibble the even kept index;
-- ``idx`` uint8 (out, K): the position 0..M-1 of each kept value within its group of M inputs (the file packs
-  it at ceil(log2 M) bits, 2 for 2:4);
+- ``idx`` uint8 (out, K): the position 0..M-1 of each kept value within its group of M inputs (the file holds
+  one index among the C(M, N) patterns per group: 3 bits per 4 inputs for 2:4);
 - ``scales`` float16/float32 (out, ceil(K / group)) and ``zeros`` uint8 or None (symmetric: 8), the groups
   counted along the kept values (group 128 at 2:4 covers 256 inputs).
 
@@ -41,7 +43,8 @@ sliced-ELL order of sparse_linear.py) and the inputs cut into windows of ``16 //
 low 4 bits are read: no mask, no add), and a second one, on the byte shifted down by 4, turns the code into
 its float (``code - 8`` symmetric). Per kept value and 16 rows: one 16-byte load, a shift, two ``vpermps``,
 one FMA (asymmetric zeros: one subtraction more); two sums per sample, the group's scale applied when it ends.
-8 bits per kept value against the file's 4 + ceil(log2 M) (2:4: 6, so 1.33x; scales float32 on top). An
+8 bits per kept value against the file's 4 + ceil(log2 C(M, N)) / N (2:4: 5.5, so 1.45x; scales float32 and
+zero points uint8 on top: 1.44x the file for the GPT-2 FFN's 768 x 3072 at group 128 with zero points). An
 earlier form with 32-input windows (a position in the byte plus the group's base, ``vpermi2ps``) took one
 operation more per kept value.
 
@@ -217,7 +220,7 @@ if simd.available():
                         b0 = vfma(we, vsplat(xg[u, 2 * j]), b0)
                         b1 = vfma(wo, vsplat(xg[u, 2 * j + 1]), b1)
                     s = vload(scales, (c * n_groups + g) * 16)
-                    z = vload(zeros, (c * n_groups + g) * 16)
+                    z = icvt(iload(zeros, (c * n_groups + g) * 16))
                     sa = vadd(vadd(a0, a1), vadd(a2, a3))
                     ta = vfma(s, vsub(sa, vmul(z, vsplat(xsum[t, g]))), ta)
                     if pair:
@@ -258,7 +261,7 @@ if simd.available():
                         a0 = vfma(w0, vsplat(xg[t, j]), a0)
                         b0 = vfma(w0, vsplat(xg[u, j]), b0)
                     s = vload(scales, (c * n_groups + g) * 16)
-                    z = vload(zeros, (c * n_groups + g) * 16)
+                    z = icvt(iload(zeros, (c * n_groups + g) * 16))
                     ta = vfma(s, vsub(vadd(a0, a1), vmul(z, vsplat(xsum[t, g]))), ta)
                     if pair:
                         tb = vfma(s, vsub(vadd(b0, b1), vmul(z, vsplat(xsum[u, g]))), tb)
@@ -286,7 +289,7 @@ if simd.available():
                 ta, tb = vload(bias, c * 16), vload(bias, c * 16)
                 a0, a1, b0, b1 = vzero(), vzero(), vzero(), vzero()
                 g = 0
-                z = vload(zeros, (c * n_groups) * 16)
+                z = icvt(iload(zeros, (c * n_groups) * 16))
                 left = group  # kept values left in the current group
                 k = 0
                 for win in range(n_windows):
@@ -324,7 +327,7 @@ if simd.available():
                             g += 1
                             left = group
                             if g < n_groups:
-                                z = vload(zeros, (c * n_groups + g) * 16)
+                                z = icvt(iload(zeros, (c * n_groups + g) * 16))
                 if relu:
                     ta, tb = vmax(ta, vzero()), vmax(tb, vzero())
                 _store_lanes(out, t, c, ta, scratch)
@@ -364,9 +367,8 @@ class QuantLinear(nn.Module):
         self.n_chunks = (self.out_features + LANES - 1) // LANES
         self.codes = _lanes(qweight, self.n_chunks, np.uint8)
         self.scales = _lanes(scales.astype(np.float32), self.n_chunks, np.float32)
-        zero = np.full((self.out_features, n_groups), 2 ** (bits - 1), np.float32) if zeros is None else \
-            zeros.astype(np.float32)
-        self.zeros = _lanes(zero, self.n_chunks, np.float32)
+        zero = np.full((self.out_features, n_groups), 2 ** (bits - 1), np.uint8) if zeros is None else zeros
+        self.zeros = _lanes(zero, self.n_chunks, np.uint8)  # converted to floats in the kernel (1 byte, not 4)
         self.symmetric = zeros is None
         self.perm = np.zeros(1, np.int32) if perm is None else perm.astype(np.int32)
         self.has_perm = perm is not None
@@ -404,7 +406,7 @@ class QuantLinear(nn.Module):
         cols = np.arange(self.in_features) // self.group
         s = self.scales.transpose(0, 2, 1).reshape(self.n_chunks * LANES, -1)[:self.out_features]
         z = self.zeros.transpose(0, 2, 1).reshape(self.n_chunks * LANES, -1)[:self.out_features]
-        w = (codes.astype(np.float32) - z[:, cols]) * s[:, cols]
+        w = (codes.astype(np.float32) - z[:, cols].astype(np.float32)) * s[:, cols]
         if self.has_perm:
             dense = np.empty_like(w)
             dense[:, self.perm] = w
@@ -481,8 +483,7 @@ class QuantNMLinear(nn.Module):
         self.packed = _lanes((offset | (q.astype(np.int64) << 4)).astype(np.uint8), self.n_chunks, np.uint8)
         self.scales = _lanes(scales.astype(np.float32), self.n_chunks, np.float32)
         self.symmetric = zeros is None
-        self.zeros = _lanes(np.zeros((out, n_groups), np.float32) if zeros is None else zeros.astype(np.float32),
-                            self.n_chunks, np.float32)
+        self.zeros = _lanes(np.zeros((out, n_groups), np.uint8) if zeros is None else zeros, self.n_chunks, np.uint8)
         self.bias = np.zeros(self.n_chunks * LANES, np.float32)
         self.has_bias = bias is not None
         if bias is not None:
@@ -525,7 +526,7 @@ class QuantNMLinear(nn.Module):
         grp = np.arange(self.kept) // self.group
         s = self.scales.transpose(0, 2, 1).reshape(rows, -1)[:self.out_features]
         z = self.zeros.transpose(0, 2, 1).reshape(rows, -1)[:self.out_features]
-        zero = z[:, grp] if not self.symmetric else 8.0
+        zero = z[:, grp].astype(np.float32) if not self.symmetric else 8.0
         vals = (q - zero) * s[:, grp]
         cols = (np.arange(self.kept) // self.n // self.per_window) * self.stride + offset
         w = np.zeros((self.out_features, self.in_features), np.float32)
@@ -553,12 +554,13 @@ class QuantNMLinear(nn.Module):
         return sum(a.nbytes for a in (self.packed, self.scales, self.zeros, self.bias))
 
     def file_bytes(self) -> int:
-        """4-bit codes + positions at ceil(log2 m) bits + scales as stored + zeros if any; bias not counted."""
+        """As the ``grouped_nm`` codec writes it (forms/grouped_nm.py): 4-bit codes, one pattern index per group of
+        m at ceil(log2 C(m, n)) bits, scales as stored, zeros at 4 bits if any; bias not counted."""
         n_groups = self.scales.shape[1]
-        pos_bits = math.ceil(math.log2(self.m)) if self.m > 1 else 0
+        pattern_bits = max(1, math.ceil(math.log2(math.comb(self.m, self.n))))
         total = self.out_features * self.kept
-        zeros = 0 if self.symmetric else self.out_features * n_groups
-        return math.ceil(total * 4 / 8) + math.ceil(total * pos_bits / 8) + \
+        zeros = 0 if self.symmetric else math.ceil(self.out_features * n_groups * 4 / 8)
+        return math.ceil(total * 4 / 8) + math.ceil(total // self.n * pattern_bits / 8) + \
             self.out_features * n_groups * self.file_scale_bytes + zeros
 
     def extra_repr(self) -> str:

@@ -24,11 +24,20 @@ up to 16 (3 ns per nonzero and 16 samples: a data-dependent loop per row and win
 Unstructured (``SparseLinear``): windows of 64 inputs (``stride = 64``). Padding: at 90% random sparsity a
 row holds Binomial(64, 0.1) nonzeros in a window and the chunk pays the largest of 16, 1.70x the nonzeros
 (32-input windows: 2.0x; rows sorted by their count first: 1.67x, not worth a permutation of the output).
-Resident bytes are then 5 x 1.70 = 8.5 bytes per nonzero against the CSR file's 6 (float32 value + uint16
-column) plus 16 bytes of lane counts per (chunk, window): 1.4x. Where padding would take the layout over
-1.5x the file (very sparse layers, or very uneven rows), the layer runs a plain 16-lane sliced ELL with
-``vgatherdps`` instead (rows sorted by length, ~1.0x padding; one gather of x per slot; 3x slower per nonzero
-than the window form at 90%).
+Resident bytes are then 5 x 1.70 = 8.5 bytes per nonzero against the ``.nsz`` file's 4.7 at 90% (the default
+``sparse`` codec: float32 value + a 5-7-bit relative gap, fillers included; ``file_bytes`` counts it exactly):
+1.8x, over issue 38's bound of 1.5x (``MEMORY_BOUND``). Then the *hybrid* layout (after the HYB format of Bell
+and Garland 2009, "Implementing sparse matrix-vector multiplication on throughput-oriented processors", SC'09:
+ELL for the regular part, a list for the rest): each (chunk, window) holds at most ``cap`` slots, and a row's
+further nonzeros in that window go to its chunk's *spill* slots, 16 (uint16 column, float32 value) pairs each,
+padded to the chunk's longest spill and read with one ``vgatherdps`` of x per slot after the windows. ``cap``
+minimizes window slots + ``GATHER_SLOT_COST`` (5) x spill slots among the caps within the bound (the cost ratio
+from the gather layout below: 3x slower per nonzero than the windows' 1.7 slots). At 90%, 768 -> 3072 and back:
+cap 8, 1.25 window slots + 0.11-0.15 spill slots per nonzero, 1.44-1.50x the file; by that cost model 4-16% more
+kernel time than the full windows (not timed yet: bench/kernels_micro.py, bench/runtime_real.py re-time it;
+``layout="window"`` forces the old form). Where no cap fits either (very sparse layers, or very uneven rows), the
+layer runs a plain 16-lane sliced ELL with ``vgatherdps`` (rows sorted by length, ~1.0x padding; one gather of x
+per slot; 3x slower per nonzero than the window form at 90%).
 
 N:M (``NMLinear``, N of every M consecutive inputs kept, M <= 16; 2:4 is the common case): windows hold whole
 groups, ``W = 32`` when M divides 32 (2:4, 4:8, 8:16, 1:2) else 64, ``stride = M * floor(W / M)``; every row has
@@ -38,7 +47,8 @@ value ``k = b * N * (stride / M) + s`` of every row (the file's row-major group 
 ``ceil(log2 M)`` bits of position (2:4: 4.25 bytes): 1.18x.
 
 Bounds at batch 1 (bytes read): dense float32 reads 4 bytes per weight; 90% unstructured 0.1 x 8.5 = 0.85
-(4.7x fewer; the CSR file's 0.6 would be 6.7x), 2:4 0.5 x 5 = 2.5 (1.6x fewer). Once the weights sit in L2
+(4.7x fewer; hybrid at cap 8: 0.1 x 6.9 = 0.69, 5.8x; the CSR file's 0.6 would be 6.7x), 2:4 0.5 x 5 = 2.5
+(1.6x fewer). Once the weights sit in L2
 (1.4 MB for a 768 x 3072 layer at 90%), the permutes are the bound, not the bytes. At larger batches: FLOPs,
 10x fewer at 90%, 2x at 2:4. Measured: bench/kernels_micro.py, docs/runtime.md ("Kernels for N:M, int4 and
 sparse convolutions").
@@ -135,7 +145,8 @@ class _WindowedSell:
     """The arrays of the windowed sliced-ELL layout (module docstring)."""
 
     def __init__(self, n_in: int, n_out: int, width: int, stride: int, counts: np.ndarray, vals: np.ndarray,
-                 offs: np.ndarray, bias: np.ndarray | None) -> None:
+                 offs: np.ndarray, bias: np.ndarray | None,
+                 spill: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
         self.n_in, self.n_out, self.width, self.stride = n_in, n_out, width, stride
         self.n_chunks, self.n_windows = counts.shape
         self.counts = np.ascontiguousarray(counts, dtype=np.uint8)
@@ -147,9 +158,17 @@ class _WindowedSell:
         if bias is not None:
             self.bias[:n_out] = bias
         self.x_len = (self.n_windows - 1) * stride + width
+        # spill (hybrid layout): per chunk, slots of 16 (column, value) pairs, one gather of x each
+        spill_len, cols, svals = spill if spill is not None else (
+            np.zeros(self.n_chunks, np.int64), np.zeros(0, _col_dtype(n_in)), np.zeros(0, np.float32))
+        self.spill_slot = np.concatenate([[0], np.cumsum(spill_len, dtype=np.int64)]).astype(np.int64)
+        self.spill_cols = np.ascontiguousarray(cols).reshape(-1)
+        self.spill_vals = np.ascontiguousarray(svals, dtype=np.float32).reshape(-1)
+        self.spilled = bool(self.spill_vals.size)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.counts, self.chunk_slot, self.vals, self.offs, self.bias))
+        return sum(a.nbytes for a in (self.counts, self.chunk_slot, self.vals, self.offs, self.bias)) + \
+            (sum(a.nbytes for a in (self.spill_slot, self.spill_cols, self.spill_vals)) if self.spilled else 0)
 
     def to_dense(self) -> np.ndarray:
         """The dense (n_out, n_in) weight (padding entries hold 0 and add nothing)."""
@@ -160,6 +179,10 @@ class _WindowedSell:
         cols = (window[:, None] * self.stride + self.offs.reshape(n_slots, LANES)).reshape(-1)
         w = np.zeros((self.n_chunks * LANES, self.x_len), np.float32)
         np.add.at(w, (rows, cols), self.vals)
+        if self.spilled:
+            chunk = np.repeat(np.arange(self.n_chunks), np.diff(self.spill_slot))
+            rows = (chunk[:, None] * LANES + np.arange(LANES)).reshape(-1)
+            np.add.at(w, (rows, self.spill_cols.astype(np.int64)), self.spill_vals)
         return w[:self.n_out, :self.n_in]
 
 
@@ -170,7 +193,7 @@ class _GatherSell:
     def __init__(self, n_in: int, n_out: int, rows_by_length: np.ndarray, lengths: np.ndarray,
                  cols: np.ndarray, vals: np.ndarray, bias: np.ndarray | None) -> None:
         self.n_in, self.n_out = n_in, n_out
-        self.row_of = np.full(((n_out + LANES - 1) // LANES) * LANES, -1, np.int32)
+        self.row_of = np.full(((n_out + LANES - 1) // LANES) * LANES, -1, np.int16 if n_out < 1 << 15 else np.int32)
         self.row_of[:n_out] = rows_by_length
         self.n_chunks = self.row_of.size // LANES
         self.chunk_len = np.ascontiguousarray(lengths, dtype=np.int32)
@@ -192,19 +215,62 @@ class _GatherSell:
         return w
 
 
-def _windowed_from_lists(n_in: int, n_out: int, width: int, stride: int, cols_per_row: list[np.ndarray],
-                         vals_per_row: list[np.ndarray], bias) -> _WindowedSell:
-    """Lay rows' (sorted) nonzeros out in windows (every column must lie in ``[0, n_in)``)."""
+def _col_dtype(n_in: int) -> type:
+    return np.uint16 if n_in <= 1 << 16 else np.int32
+
+
+def _window_counts(n_in: int, n_out: int, width: int, stride: int, cols_per_row: list[np.ndarray]
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(chunks, lanes, windows) nonzeros of each row in each window, and each row's window per nonzero."""
     n_chunks = (n_out + LANES - 1) // LANES
     n_windows = max(1, math.ceil(max(n_in - width, 0) / stride) + 1) if n_in > 0 else 1
-    counts = np.zeros((n_chunks, n_windows), np.int64)
+    per_lane = np.zeros((n_chunks * LANES, n_windows), np.int64)
     window_of = [np.minimum(c // stride, n_windows - 1) for c in cols_per_row]
     for r in range(n_out):
-        np.maximum(counts[r // LANES], np.bincount(window_of[r], minlength=n_windows), out=counts[r // LANES])
+        per_lane[r] = np.bincount(window_of[r], minlength=n_windows)
+    return per_lane.reshape(n_chunks, LANES, n_windows), window_of
+
+
+GATHER_SLOT_COST = 5  # a spilled slot (vgatherdps) against a window slot (vpermi2ps): see the module docstring
+
+
+def best_cap(per_lane: np.ndarray, n_in: int, limit: float | None) -> int | None:
+    """The slot cap per (chunk, window) of the hybrid layout that minimizes window slots + GATHER_SLOT_COST x spill
+    slots among those whose bytes stay within ``limit`` (None: any), or None if none does (or none is below the
+    full layout's largest count)."""
+    top = int(per_lane.max(initial=0))
+    col = np.dtype(_col_dtype(n_in)).itemsize
+    best = None
+    for k in range(1, top):
+        ell = int(np.minimum(per_lane.max(1), k).sum())
+        spill = int(np.maximum(per_lane - k, 0).sum(2).max(1).sum())
+        size = LANES * (5 * ell + (4 + col) * spill)
+        cost = ell + GATHER_SLOT_COST * spill
+        if (limit is None or size <= limit) and (best is None or cost < best[0]):
+            best = (cost, k)
+    return None if best is None else best[1]
+
+
+def _windowed_from_lists(n_in: int, n_out: int, width: int, stride: int, cols_per_row: list[np.ndarray],
+                         vals_per_row: list[np.ndarray], bias, cap: int | None = None,
+                         counted: tuple[np.ndarray, list[np.ndarray]] | None = None) -> _WindowedSell:
+    """Lay rows' (sorted) nonzeros out in windows (every column must lie in ``[0, n_in)``); with ``cap``, at most
+    ``cap`` slots per (chunk, window), a row's further nonzeros in that window spilled to its chunk's gather
+    slots (the hybrid layout)."""
+    per_lane, window_of = counted or _window_counts(n_in, n_out, width, stride, cols_per_row)
+    n_chunks, _, n_windows = per_lane.shape
+    counts = per_lane.max(1) if cap is None else np.minimum(per_lane.max(1), cap)
     total = int(counts.sum())
     vals = np.zeros((total, LANES), np.float32)
     offs = np.zeros((total, LANES), np.uint8)
     slot_base = np.concatenate([[0], np.cumsum(counts.reshape(-1))])[:-1].reshape(n_chunks, n_windows)
+    spill = None
+    if cap is not None:
+        spill_len = np.maximum(per_lane - cap, 0).sum(2).max(1)
+        spill_base = np.concatenate([[0], np.cumsum(spill_len)])
+        scols = np.zeros((int(spill_len.sum()), LANES), _col_dtype(n_in))
+        svals = np.zeros((int(spill_len.sum()), LANES), np.float32)
+        spill = (spill_len, scols, svals)
     for r in range(n_out):
         c, lane = divmod(r, LANES)
         cols, w = cols_per_row[r], window_of[r]
@@ -212,10 +278,32 @@ def _windowed_from_lists(n_in: int, n_out: int, width: int, stride: int, cols_pe
             continue
         first = np.searchsorted(w, np.arange(n_windows))  # cols are sorted, so windows are too
         rank = np.arange(cols.size) - first[w]
-        at = slot_base[c, w] + rank
-        vals[at, lane] = vals_per_row[r]
-        offs[at, lane] = cols - w * stride
-    return _WindowedSell(n_in, n_out, width, stride, counts, vals, offs, bias)
+        keep = rank < counts[c, w]
+        at = slot_base[c, w[keep]] + rank[keep]
+        vals[at, lane] = vals_per_row[r][keep]
+        offs[at, lane] = cols[keep] - w[keep] * stride
+        if spill is not None and not keep.all():
+            k = int((~keep).sum())
+            scols[spill_base[c]:spill_base[c] + k, lane] = cols[~keep]
+            svals[spill_base[c]:spill_base[c] + k, lane] = vals_per_row[r][~keep]
+    return _WindowedSell(n_in, n_out, width, stride, counts, vals, offs, bias, spill)
+
+
+MEMORY_BOUND = 1.5  # resident bytes at most this many times the file's (issue 38)
+
+
+def _sparse_file_bytes(rowptr: np.ndarray, cols: np.ndarray, n_in: int, n_out: int) -> int:
+    """Bytes of an (n_out, n_in) float32 weight with these CSR nonzeros in the ``.nsz`` file's smaller plain form:
+    ``sparse`` (best gap width 1..16 bits, float32 values and filler entries) or ``dense``."""
+    from ..coding.sparse import relative_entries
+
+    rows = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(rowptr))
+    positions = np.sort(rows * n_in + cols)
+    best = 4 * n_in * n_out
+    for bits in range(1, 17):
+        entries = relative_entries(positions, bits)
+        best = min(best, (entries * bits + 7) // 8 + 4 * entries)
+    return best
 
 
 def _gather_from_lists(n_in: int, n_out: int, cols_per_row, vals_per_row, bias) -> _GatherSell:
@@ -223,7 +311,7 @@ def _gather_from_lists(n_in: int, n_out: int, cols_per_row, vals_per_row, bias) 
     order = np.argsort(-lengths, kind="stable").astype(np.int32)
     n_chunks = (n_out + LANES - 1) // LANES
     chunk_len = np.array([lengths[order[c * LANES:(c + 1) * LANES]].max(initial=0) for c in range(n_chunks)])
-    col_dtype = np.uint16 if n_in < 65536 else np.int32
+    col_dtype = _col_dtype(n_in)
     total = int(chunk_len.sum())
     cols = np.zeros((total, LANES), col_dtype)
     vals = np.zeros((total, LANES), np.float32)
@@ -256,7 +344,8 @@ if simd.available():
         in every process (no caching)."""
 
         @njit(fastmath=True, boundscheck=False, parallel=True, cache=True)
-        def run(xp, counts, chunk_slot, vals, offs, bias, relu, stride, out, scratch):
+        def run(xp, counts, chunk_slot, vals, offs, bias, relu, stride, out, scratch, spill_slot, spill_cols,
+                spill_vals):
             n_samples, n_out = out.shape
             n_chunks, n_windows = counts.shape
             ld = xp.shape[1]  # xp has 32 spare inputs after the last window: W = 32 loads four registers too
@@ -284,6 +373,12 @@ if simd.available():
                             a = vfma(v, _select(width, x0, x1, x2, x3, o), a)
                             b = vfma(v, _select(width, y0, y1, y2, y3, o), b)
                             q += 16
+                    p, p1 = spill_slot[c] * 16, spill_slot[c + 1] * 16  # hybrid layout: spilled nonzeros
+                    while p < p1:
+                        v = vload(spill_vals, p)
+                        a = vfma(v, vgather(xp, t * ld, spill_cols, p), a)
+                        b = vfma(v, vgather(xp, (t + 1) * ld, spill_cols, p), b)
+                        p += 16
                     a, b = vadd(a, a2), vadd(b, b2)
                     if relu:
                         a, b = vmax(a, vzero()), vmax(b, vzero())
@@ -306,6 +401,10 @@ if simd.available():
                         if s < n:
                             a = vfma(vload(vals, q), _select(width, x0, x1, x2, x3, iload(offs, q)), a)
                             q += 16
+                    p, p1 = spill_slot[c] * 16, spill_slot[c + 1] * 16
+                    while p < p1:
+                        a = vfma(vload(spill_vals, p), vgather(xp, t * ld, spill_cols, p), a)
+                        p += 16
                     a = vadd(a, a2)
                     if relu:
                         a = vmax(a, vzero())
@@ -363,7 +462,7 @@ def _run_windowed(layout: _WindowedSell, xn: np.ndarray, relu: bool, buffers: Bu
     xp[:, :layout.n_in] = xn
     kernel = _WINDOW64 if layout.width == 64 else _WINDOW32
     kernel(xp, layout.counts, layout.chunk_slot, layout.vals, layout.offs, layout.bias, relu, layout.stride,
-           out, scratch)
+           out, scratch, layout.spill_slot, layout.spill_cols, layout.spill_vals)
     return out
 
 
@@ -433,18 +532,32 @@ class SparseLinear(_SparseBase):
             order = np.argsort(c, kind="stable")
             per_row_c.append(c[order])
             per_row_v.append(v[order])
-        if layout not in (None, "window", "gather"):
-            raise ValueError(f"SparseLinear: layout must be 'window', 'gather' or None; got {layout!r}.")
+        if layout not in (None, "window", "hybrid", "gather"):
+            raise ValueError(f"SparseLinear: layout must be 'window', 'hybrid', 'gather' or None; got {layout!r}.")
+        self._file_bytes = _sparse_file_bytes(rowptr, cols, self.in_features, self.out_features)
+        self.windowed, self.scratch_buffers = True, Buffers()
+        limit = MEMORY_BOUND * self.file_bytes()
         if layout != "gather":
-            win = _windowed_from_lists(self.in_features, self.out_features, 64, 64, per_row_c, per_row_v, bias)
-            if layout == "window" or win.nbytes() <= 1.5 * self.file_bytes():
-                self.layout: _WindowedSell | _GatherSell = win
-                self.windowed, self.scratch_buffers = True, Buffers()
-                return
-            log.debug("SparseLinear: window layout %d B > 1.5x file %d B: gather layout", win.nbytes(),
+            counted = _window_counts(self.in_features, self.out_features, 64, 64, per_row_c)
+            args = (self.in_features, self.out_features, 64, 64, per_row_c, per_row_v, bias)
+            win = None
+            if layout != "hybrid":
+                win = _windowed_from_lists(*args, counted=counted)
+                if layout == "window" or win.nbytes() <= limit:
+                    self.layout: _WindowedSell | _GatherSell = win
+                    return
+            fixed = (win.nbytes() - win.vals.nbytes - win.offs.nbytes) if win is not None else 0
+            cap = best_cap(counted[0], self.in_features, None if layout == "hybrid" else limit - fixed - 8 * (
+                counted[0].shape[0] + 1))
+            if cap is not None or layout == "hybrid":
+                hyb = _windowed_from_lists(*args, cap=cap, counted=counted)
+                if layout == "hybrid" or hyb.nbytes() <= limit:
+                    self.layout = hyb
+                    return
+            log.debug("SparseLinear: window layouts over %.1fx the file's %d B: gather layout", MEMORY_BOUND,
                       self.file_bytes())
         self.layout = _gather_from_lists(self.in_features, self.out_features, per_row_c, per_row_v, bias)
-        self.windowed, self.scratch_buffers = False, Buffers()
+        self.windowed = False
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
@@ -467,16 +580,16 @@ class SparseLinear(_SparseBase):
                    activation, layout)
 
     def file_bytes(self) -> int:
-        """The CSR form this layer is stored in: float32 values, uint16 columns (int32 from 65,536 inputs),
-        int32 row pointers (bias not counted: every form holds it)."""
-        col = 2 if self.in_features < 65536 else 4
-        return self.nnz * (4 + col) + 4 * (self.out_features + 1)
+        """The weight as ``save_compressed`` writes a pruned float tensor by default: the smaller of the ``sparse``
+        codec (relative gaps at the best width of 1..16 bits + float32 values, fillers included: Deep Compression's
+        format, coding/sparse.py) and ``dense`` float32; bias not counted (every form holds it)."""
+        return self._file_bytes
 
     def to_dense(self) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.layout.to_dense()))
 
     def extra_repr(self) -> str:
-        kind = "window" if self.windowed else "gather"
+        kind = "gather" if not self.windowed else "hybrid" if self.layout.spilled else "window"  # type: ignore
         return (f"in={self.in_features}, out={self.out_features}, nnz={self.nnz}, layout={kind}, "
                 f"activation={self.activation}")
 

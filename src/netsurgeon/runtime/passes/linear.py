@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ...forms import chain, layer_form, linear_candidates
+from ...forms import Form, chain, layer_form, linear_candidates
 from ..plan import RunChoice, RuntimePlan
 from .attention import attention_owned
 from .graph import _replace_run
@@ -59,9 +59,10 @@ def _choose_run(gm: nn.Module, names: list[str], relus: list[bool], batch: int, 
     nz = sum(int((m.weight != 0).sum()) for m in mods)
     density = nz / sum(m.weight.numel() for m in mods)
     choice = RunChoice(names, "dense", form, density)
-    if form == "mixed" or len({h[1] for h in held}) != 1:  # a run mixing storage forms: each layer on its own
+    owner = _run_form([h[1] for h in held])
+    if form == "mixed" or owner is False:  # a run mixing storage forms: each layer on its own
         return choice, None
-    offered = linear_candidates(held[0][1], mods, relus, names, density)
+    offered = linear_candidates(owner, mods, relus, names, density)  # type: ignore[arg-type]
     cands = {"dense": chain([_dense_linear(m) for m in mods], relus),
              **{f: c for f, c in offered.items() if f in forms}}
     if len(cands) > 1:
@@ -69,6 +70,18 @@ def _choose_run(gm: nn.Module, names: list[str], relus: list[bool], batch: int, 
         choice.latency_ms = _time(cands, x, repeats)
         choice.form = min(choice.latency_ms, key=choice.latency_ms.__getitem__)
     return choice, None if choice.form == "dense" else _unwrapped(cands[choice.form])
+
+
+def _run_form(held: list) -> Form | None | bool:
+    """The form whose candidates serve a run of layers held in ``held`` (forms, None for plain float): their only
+    one; for a run mixing a form with forms that are its ``alternative_to`` (``grouped`` and ``grouped_nm``
+    layers), that form, whose candidates take both; False for a run of unrelated forms."""
+    kinds = set(held)
+    if len(kinds) == 1:
+        return held[0]
+    base = [f for f in kinds if f is not None and all(g is f or (g is not None and f.codec in g.alternative_to)
+                                                    for g in kinds)]
+    return base[0] if base else False
 
 
 def _unwrapped(fast: nn.Module) -> nn.Module:
