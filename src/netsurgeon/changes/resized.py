@@ -2,7 +2,9 @@
 
 The record is ``{layer: {field: size}}`` for the fields of Linear (in/out_features), Conv1d/2d (in/out_channels,
 groups) and BatchNorm (num_features) layers that differ from the architecture as built; the loader rebuilds those
-layers at their recorded sizes, still on the meta device first and still without pickle.
+layers at their recorded sizes, still on the meta device first and still without pickle. A Hugging Face ``Conv1D``
+(GPT-2's Linear stored transposed, weight (in, out); found by duck typing, ``transformers`` is not imported) records
+in/out_features like a Linear and is resized in place (FFN-neuron pruning, ``pruning/ffn.py``).
 """
 
 from __future__ import annotations
@@ -16,15 +18,25 @@ from ..coding.container import NszError
 from ..coding.schema import check_int, check_mapping, short
 from . import ArchChange, record_change, register_change
 
-__all__ = ["Resized", "layer_sizes", "resized_record", "apply_resized", "record_resized", "SIZE_FIELDS"]
+__all__ = ["Resized", "is_conv1d", "layer_sizes", "resized_record", "apply_resized", "record_resized", "SIZE_FIELDS"]
 
 SIZE_FIELDS = ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features")
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D``: a Linear whose weight is stored (in, out), output width ``nf``."""
+    w = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int) and isinstance(w, torch.Tensor) \
+        and w.dim() == 2
+
+
 def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The size fields of every Linear, Conv1d/2d and BatchNorm layer, by name."""
+    """The size fields of every Linear, Conv1d/2d, BatchNorm and Hugging Face Conv1D layer, by name."""
     out = {}
     for name, m in model.named_modules():
+        if is_conv1d(m):
+            out[name] = {"in_features": int(m.weight.shape[0]), "out_features": int(m.weight.shape[1])}
+            continue
         keys = ("in_features", "out_features") if isinstance(m, nn.Linear) else \
             ("in_channels", "out_channels", "groups") if isinstance(m, (nn.Conv1d, nn.Conv2d)) else \
             ("num_features",) if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) else ()
@@ -59,6 +71,10 @@ def apply_resized(model: nn.Module, resized: dict[str, dict[str, int]], source: 
             raise ValueError(f"{source}: resized layer {name!r} is not in the model.") from None
         p = next(old.parameters(), None)
         dev = p.device if p is not None else torch.device("cpu")
+        if is_conv1d(old) and set(sizes) <= {"in_features", "out_features"}:
+            _resize_conv1d(old, sizes.get("in_features", old.weight.shape[0]),
+                           sizes.get("out_features", old.weight.shape[1]))
+            continue
         if isinstance(old, nn.Linear) and set(sizes) <= {"in_features", "out_features"}:
             new: nn.Module = nn.Linear(sizes.get("in_features", old.in_features),
                                        sizes.get("out_features", old.out_features), bias=old.bias is not None,
@@ -75,6 +91,17 @@ def apply_resized(model: nn.Module, resized: dict[str, dict[str, int]], source: 
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     return model
+
+
+def _resize_conv1d(m: nn.Module, n_in: int, n_out: int) -> None:
+    """A Conv1D at (n_in, n_out), in place: fresh (uninitialized) weight and bias on its device and dtype."""
+    w = m.weight
+    m.weight = nn.Parameter(torch.empty(n_in, n_out, device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
+    if getattr(m, "bias", None) is not None:
+        m.bias = nn.Parameter(torch.empty(n_out, device=w.device, dtype=m.bias.dtype), requires_grad=m.bias.requires_grad)
+    m.nf = n_out
+    if hasattr(m, "nx"):
+        m.nx = n_in
 
 
 @register_change
