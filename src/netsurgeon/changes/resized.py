@@ -97,8 +97,9 @@ def _resize_conv1d(m: nn.Module, n_in: int, n_out: int) -> None:
     """A Conv1D at (n_in, n_out), in place: fresh (uninitialized) weight and bias on its device and dtype."""
     w = m.weight
     m.weight = nn.Parameter(torch.empty(n_in, n_out, device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
-    if getattr(m, "bias", None) is not None:
-        m.bias = nn.Parameter(torch.empty(n_out, device=w.device, dtype=m.bias.dtype), requires_grad=m.bias.requires_grad)
+    b = getattr(m, "bias", None)
+    if b is not None:
+        m.bias = nn.Parameter(torch.empty(n_out, device=w.device, dtype=b.dtype), requires_grad=b.requires_grad)
     m.nf = n_out
     if hasattr(m, "nx"):
         m.nx = n_in

@@ -228,7 +228,8 @@ def neuron_gates(model: nn.Module, gates: dict[str, Tensor]) -> Iterator[None]:
             for name, g in gates.items():
                 site = sites.get(name)
                 if site is None:
-                    raise ValueError(f"neuron_gates: {name!r} is not a feed-forward block; choose from {sorted(sites)}.")
+                    raise ValueError(f"neuron_gates: {name!r} is not a feed-forward block; choose from "
+                                     f"{sorted(sites)}.")
                 if g.shape[-1] != site.hidden:
                     raise ValueError(f"neuron_gates: {name!r} has {site.hidden} neurons; got a gate of shape "
                                      f"{tuple(g.shape)}.")
