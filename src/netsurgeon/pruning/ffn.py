@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..calibration import _no_attention_fast_path
 from ..changes.resized import is_conv1d, layer_sizes, record_resized, resized_record
+from ..masks import note_skipped
 from ..plan import oneshot_then_finetuned
 from ..registry import MethodConfig, StageContext, option, register
 from ..train import flat_predictions
@@ -77,7 +78,6 @@ class FfnSite:
     hidden: int
     batch_dim: int = 0
     kind: str = ""
-    sizes: dict[str, int] = field(default_factory=dict)  # layer -> its width in / out (for reports)
 
 
 def _elementwise(f: Any) -> bool:
@@ -199,6 +199,7 @@ def find_ffn(model: nn.Module, owner: str = "ffn_neurons") -> list[FfnSite]:
                          "first, then prune or share weights.")
     for name, why in skipped.items():
         log.info("%s: feed-forward block %s left as it is: %s", owner, name, why)
+    note_skipped(model, skipped)  # the stage record (and compare's row) lists them
     return sites
 
 
@@ -405,8 +406,6 @@ def _run_ffn(model: nn.Module, cfg: FfnConfig, ctx: StageContext) -> dict[str, A
     layers = prune_ffn(model, keep)
     before = sum(s.hidden for s in sites)
     after = before - sum(v["before"] - v["after"] for v in layers.values())
-    _, skipped = ffn_sites(model)
     log.info("ffn_neurons: %d of %d hidden neurons kept in %d feed-forward blocks", after, before, len(sites))
     return {"neurons_before": before, "neurons_after": after, "layers": layers,
-            "blocks": {s.name: {"first": s.producers, "second": s.consumer, "kind": s.kind} for s in sites},
-            "skipped": skipped}
+            "blocks": {s.name: {"first": s.producers, "second": s.consumer, "kind": s.kind} for s in sites}}
