@@ -12,6 +12,13 @@ its own branch's spatial size. A group whose feature map reaches anything else (
 concatenation along another axis, a reshape other than flatten, an op this module does not know) cannot be
 shrunk, and :func:`channel_groups` says which op stops it.
 
+A Linear layer applied to tokens (B, T, d) has its channels on the *last* axis: elementwise ops pass them, a Linear
+reads them as its columns, and everything that works along axis 1 or the spatial axes (pooling, BatchNorm,
+convolutions, flatten, concatenation) blocks them; so a transformer MLP's hidden neurons form a group while its
+residual stream (which meets LayerNorm, attention and the embedding) stays blocked. An elementwise product of two
+spaces ties them like an add (a gated MLP). A parameter with one value per channel that scales (or shifts) a space, a
+ConvNeXt-style layer scale of shape (C,) or (C, 1, 1), follows the channels as a ``scale`` member.
+
 :func:`remove_channels` then slices every member in place: the model stays the same ``nn.Module`` with smaller
 layers, and ``models.resized_record`` lists the new sizes so a ``.nsz`` file can rebuild it without pickle.
 """
@@ -53,7 +60,8 @@ class ChannelGroup:
     """One removable set of channels. ``members``: (module name, role, flat factor) with role ``out`` (rows of
     a producer), ``in`` (columns of a consumer; a flatten makes each channel ``factor`` columns), ``bn`` or
     ``dw`` (a per-channel module on the way; a BatchNorm1d after a flatten holds ``factor`` features per
-    channel). ``blocked``: why the group cannot shrink (empty if it can). ``spans``: for a member after a
+    channel), or ``scale`` (a per-channel *parameter*, named by its full name, sliced along
+    ``param_dims[name]``). ``blocked``: why the group cannot shrink (empty if it can). ``spans``: for a member after a
     concatenation, (offset, total) along the axis it reads, in its own units: channels for a convolution or
     BatchNorm2d, columns (features) for a Linear or BatchNorm1d after a flatten."""
 

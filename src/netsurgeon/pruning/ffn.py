@@ -17,13 +17,13 @@ Blocks are found by their structure (duck typing; nothing imports ``transformers
   OPT, BART, Whisper), and gated MLPs (``gate_proj``, ``up_proj`` -> ``down_proj``, as LLaMA: the neuron is a row
   of both ``gate_proj`` and ``up_proj``).
 
-Importance (``taylor``, needs data): Michel, Levy, Neubig 2019 (arXiv:1905.10650, Sec. 4.1)'s head importance
-applied to neurons: a gate ξ_j of ones multiplies neuron j's activation (at the input of the second layer), one per
-calibration sample, and I_j = E_x |∂L(x)/∂ξ_j| = E_x |Σ_t a_{x,t,j} ∂L(x)/∂a_{x,t,j}| (t: the token positions).
-This is Molchanov et al. 2017's first-order Taylor criterion Θ_TE (ICLR 2017, arXiv:1611.06440; the product of
-activation and gradient, averaged over positions, in absolute value: our sum differs from their mean by the
-constant number of positions, which does not change a ranking within a model of one sequence length), taken
-per sample before the expectation as Michel et al. do. ``l1`` (no data): Li et al. 2017 (Sec. 3.1)'s filter score
+Importance (``taylor``, needs data): Michel, Levy, Neubig 2019 (arXiv:1905.10650, Sec. 4.1 as recalled)'s head
+importance applied to neurons: a gate ξ_j of ones multiplies neuron j's activation (at the input of the second
+layer), one per calibration sample, and I_j = E_x |∂L(x)/∂ξ_j| = E_x |Σ_t a_{x,t,j} ∂L(x)/∂a_{x,t,j}| (t: the token
+positions). This is Molchanov et al. 2017's first-order Taylor criterion Θ_TE (ICLR 2017, arXiv:1611.06440; the
+product of activation and gradient, averaged over positions, in absolute value: our sum differs from their mean by
+the constant number of positions, which does not change a ranking within a model of one sequence length), taken per
+sample before the expectation as Michel et al. do. ``l1`` (no data): Li et al. 2017 (Sec. 3.1)'s filter score
 applied to a neuron: Σ|w| over its row of the first layer (of both first layers in a gated block), without the bias
 and without the second layer's column, as ``l1_filters`` scores filters. (Equation numbers of these papers are not
 given: they were not verified against the PDFs here.)
