@@ -207,3 +207,29 @@ def test_hugging_face_ffn_neurons_shrink_and_round_trip(name, first, kind, tmp_p
     Pipeline.from_spec(["ffn_neurons"], ["fraction=0.5", "samples=8"]).run(model, data)
     (site,) = ffn_sites(model)[0]
     assert site.hidden == h // 2
+
+
+class _SeqFirst(nn.Module):
+    """A sequence-first encoder layer: its second FFN layer reads (T, B, f), the batch on axis 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.head = nn.Embedding(10, 8), nn.Linear(8, 3)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.tok(x).transpose(0, 1)).mean(0))
+
+
+def test_taylor_gates_each_sample_also_when_the_batch_is_not_the_first_axis():
+    from netsurgeon.data import Split
+
+    torch.manual_seed(0)
+    model = _SeqFirst()
+    (site,) = find_ffn(model)
+    assert site.batch_dim == 1
+    x = torch.randint(0, 10, (8, 5))
+    split = Split(x, x[:, 0] % 3)
+    together = taylor_importance(model, [site], split, samples=8, batch_size=4)
+    alone = taylor_importance(model, [site], split, samples=8, batch_size=1)   # one sample per pass: no mixing
+    torch.testing.assert_close(together["enc.linear1"], alone["enc.linear1"], rtol=1e-5, atol=1e-8)

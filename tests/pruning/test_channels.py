@@ -509,6 +509,20 @@ def test_l1_filters_prunes_the_mlp_neurons_of_the_zoo_gpt_and_nothing_on_the_res
         torch.testing.assert_close(ns.load_compressed(tmp_path / "g.nsz")(x), gpt2(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # the runtime compiles and times its candidates: seconds
+def test_the_runtime_form_of_a_gpt_with_fewer_mlp_neurons(tmp_path):
+    from netsurgeon.pruning.structured import l1_filter_prune
+
+    torch.manual_seed(0)
+    gpt = ns.build_model("gpt", (8,), num_classes=16, n_layer=2, width=16, n_head=2).eval()
+    l1_filter_prune(gpt, 0.25, (8,))
+    ns.nsz.save_compressed(gpt, tmp_path / "g.nsz")
+    x = torch.randint(0, 16, (3, 8))
+    with torch.no_grad():
+        fast = ns.load_compressed(tmp_path / "g.nsz", runtime=True, batch=3)
+        torch.testing.assert_close(fast(x), gpt(x), rtol=1e-4, atol=1e-4)
+
+
 def test_ops_along_other_axes_block_channels_that_lie_on_the_last_axis():
     class Odd(nn.Module):
         def __init__(self):
