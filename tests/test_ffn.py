@@ -180,21 +180,29 @@ def test_an_ffn_pruned_transformer_exports_to_onnx(tmp_path):
     assert info.max_abs_logit_diff < 1e-4
 
 
+_CONVNEXT = ("ConvNextForImageClassification", dict(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4,
+                                                    patch_size=2, num_stages=2), (3, 8, 8))
+
+
 @pytest.mark.slow  # importing transformers takes seconds
 @pytest.mark.parametrize("name, first, kind", [("gpt2", "model.transformer.h.0.mlp.c_fc", "gpt2"),
                                                ("bert", "model.bert.encoder.layer.0.intermediate.dense", "bert"),
-                                               ("vit", None, None)])
-def test_hugging_face_ffn_neurons_shrink_and_round_trip(name, first, kind, tmp_path):
+                                               ("vit", None, None),
+                                               ("convnext", "model.convnext.encoder.stages.1.layers.0.pwconv1",
+                                                "convnext")])
+def test_hugging_face_ffn_neurons_shrink_and_round_trip(name, first, kind, tmp_path, monkeypatch):
     pytest.importorskip("transformers")
+    import test_huggingface
     from test_huggingface import _build, _data
 
+    monkeypatch.setitem(test_huggingface.MODELS, "convnext", _CONVNEXT)
     model, data = _build(name).eval(), _data(name)
-    (site,) = ffn_sites(model)[0]
+    site = ffn_sites(model)[0][-1]
     if first is not None:
         assert (site.name, site.kind) == (first, kind)
-    d, h = 16, site.hidden
+    d, h = (16, site.hidden)
     x = data.test.x[:4]
-    keep = {site.name: list(range(0, h, 3))}
+    keep = {site.name: list(range(0, h, 3))}   # the last block (ConvNeXt: the 16-wide stage)
     masked, got, dropped, _ = _masked_then_pruned(model, keep, h, x)
     torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-5)
     assert dropped == (h - len(keep[site.name])) * (d + 1 + d)
@@ -203,10 +211,12 @@ def test_hugging_face_ffn_neurons_shrink_and_round_trip(name, first, kind, tmp_p
         torch.testing.assert_close(ns.load_compressed(tmp_path / "h.nsz")(x), got, rtol=1e-5, atol=1e-5)
         fast = ns.load_compressed(tmp_path / "h.nsz", runtime=True, batch=4)
         torch.testing.assert_close(fast(x), got, rtol=1e-4, atol=1e-4)
+    if name == "convnext":   # the layer scale multiplies the block's output channels: untouched
+        assert model.model.convnext.encoder.stages[1].layers[0].layer_scale_parameter.shape == (16,)
     model = _build(name)   # the method itself, with Taylor importance on the model's data
-    Pipeline.from_spec(["ffn_neurons"], ["fraction=0.5", "samples=8"]).run(model, data)
-    (site,) = ffn_sites(model)[0]
-    assert site.hidden == h // 2
+    Pipeline.from_spec(["ffn_neurons"], ["fraction=0.5", "samples=8", "scope=layer"]).run(model, data)
+    assert all(s.hidden * 2 == h0 for s, h0 in zip(ffn_sites(model)[0], [s.hidden for s in ffn_sites(_build(name))[0]],
+                                                    strict=True))
 
 
 class _SeqFirst(nn.Module):

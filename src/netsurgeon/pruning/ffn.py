@@ -14,8 +14,9 @@ Blocks are found by their structure (duck typing; nothing imports ``transformers
   another Linear: the zoo's ``gpt`` / ``gpt2_decoder`` (``mlp.fc1``/``mlp.fc2``), ``gpt2_ffn``, any MLP;
 - Hugging Face GPT-2's MLP (``c_fc``/``c_proj``, ``Conv1D``: weights stored (in, out)), BERT's and ViT's layers
   (``intermediate.dense``/``output.dense``), modules with ``fc1``/``fc2`` and an ``activation_fn``/``act`` (CLIP,
-  OPT, BART, Whisper), and gated MLPs (``gate_proj``, ``up_proj`` -> ``down_proj``, as LLaMA: the neuron is a row
-  of both ``gate_proj`` and ``up_proj``).
+  OPT, BART, Whisper), ConvNeXt's ``pwconv1``/``pwconv2`` (Linear layers on (B, H, W, C); its layer scale multiplies
+  the block's output channels, which do not change), and gated MLPs (``gate_proj``, ``up_proj`` -> ``down_proj``,
+  as LLaMA: the neuron is a row of both ``gate_proj`` and ``up_proj``).
 
 Importance (``taylor``, needs data): Michel, Levy, Neubig 2019 (arXiv:1905.10650, Sec. 4.1 as recalled)'s head
 importance applied to neurons: a gate ξ_j of ones multiplies neuron j's activation (at the input of the second
@@ -148,6 +149,10 @@ def _site(name: str, m: nn.Module) -> list[FfnSite] | str | None:
         if not _elementwise(getattr(m, "act_fn", None)):
             return "a gated MLP whose act_fn is not a known elementwise activation"
         found, kind = _pair(pre, m, ["gate_proj", "up_proj"], "down_proj"), "gated"
+    elif hasattr(m, "pwconv1") and hasattr(m, "pwconv2") and hasattr(m, "act"):  # ConvNeXt: Linear on (B, H, W, C)
+        if getattr(m, "grn", None) is not None:
+            return "a global response normalization (ConvNeXt V2's grn) between pwconv1 and pwconv2 mixes the neurons"
+        found, kind = _pair(pre, m, ["pwconv1"], "pwconv2"), "convnext"
     elif hasattr(m, "c_fc") and hasattr(m, "c_proj") and hasattr(m, "act"):
         found, kind = _pair(pre, m, ["c_fc"], "c_proj"), "gpt2"
     elif hasattr(getattr(m, "intermediate", None), "dense") and hasattr(getattr(m, "output", None), "dense") \
