@@ -211,6 +211,8 @@ def test_hugging_face_ffn_neurons_shrink_and_round_trip(name, first, kind, tmp_p
         torch.testing.assert_close(ns.load_compressed(tmp_path / "h.nsz")(x), got, rtol=1e-5, atol=1e-5)
         fast = ns.load_compressed(tmp_path / "h.nsz", runtime=True, batch=4)
         torch.testing.assert_close(fast(x), got, rtol=1e-4, atol=1e-4)
+    if name == "gpt2" and __import__("importlib.util").util.find_spec("onnxruntime"):   # Conv1D resized in ONNX too
+        assert ns.export_onnx(tmp_path / "h.nsz", tmp_path / "h.onnx").max_abs_logit_diff < 1e-4
     if name == "convnext":   # the layer scale multiplies the block's output channels: untouched
         assert model.model.convnext.encoder.stages[1].layers[0].layer_scale_parameter.shape == (16,)
     model = _build(name)   # the method itself, with Taylor importance on the model's data
@@ -243,3 +245,17 @@ def test_taylor_gates_each_sample_also_when_the_batch_is_not_the_first_axis():
     together = taylor_importance(model, [site], split, samples=8, batch_size=4)
     alone = taylor_importance(model, [site], split, samples=8, batch_size=1)   # one sample per pass: no mixing
     torch.testing.assert_close(together["enc.linear1"], alone["enc.linear1"], rtol=1e-5, atol=1e-8)
+
+
+def test_heads_then_neurons_in_one_pipeline_round_trip(tmp_path):
+    model, data = _transformer(), _token_data()
+    Pipeline.from_spec(["heads", "ffn_neurons"], ["1.importance=l1", "2.importance=l1", "2.fraction=0.25"]).run(
+        model, data)
+    assert set(ns.changes.arch_of(model)) >= {"heads", "resized"}
+    model.eval()
+    x = data.test.x[:4]
+    ns.nsz.save_compressed(model, tmp_path / "t.nsz")
+    with torch.no_grad():
+        torch.testing.assert_close(ns.load_compressed(tmp_path / "t.nsz", trust_code=True)(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"fraction must be a number in \[0, 1\) or a mapping"):   # never a whole block
+        Pipeline.from_spec(["ffn_neurons"], ['fraction={"blocks.0.linear1": 1.0}'])
