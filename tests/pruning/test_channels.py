@@ -536,3 +536,20 @@ def test_ops_along_other_axes_block_channels_that_lie_on_the_last_axis():
     blocked = {tuple(g.producers): g.blocked for g in channel_groups(Odd().eval(), (5, 4))}
     assert any("pool (MaxPool1d) (on a tensor whose channels are its last axis)" in b for b in blocked[("a",)])
     assert any("bn (BatchNorm1d) (on a tensor whose channels are its last axis)" in b for b in blocked[("b",)])
+
+
+def test_a_scalar_like_parameter_passes_and_a_parameter_used_twice_blocks():
+    class Scaled(nn.Module):
+        def __init__(self, twice: bool):
+            super().__init__()
+            self.a, self.b, self.twice = nn.Linear(4, 6), nn.Linear(6, 2), twice
+            self.s, self.g = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(6))
+
+        def forward(self, x):
+            h = self.b(torch.relu(self.a(x) * self.s * self.g))
+            return h + self.g.sum() if self.twice else h
+
+    (g,) = [g for g in channel_groups(Scaled(False), (4,)) if g.prunable]
+    assert {(n, r) for n, r, _ in g.members} == {("a", "out"), ("g", "scale"), ("b", "in")}   # s: one value for all
+    blocked = {tuple(g.producers): g.blocked for g in channel_groups(Scaled(True), (4,))}
+    assert "g (a per-channel parameter used by more than one op)" in blocked[("a",)]

@@ -214,13 +214,15 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
         if any(d != 1 for i, d in enumerate(ps) if lead + i != ch):
             return False
         carry(node, x)
-        if ch < lead:  # one value for all channels: nothing follows
+        if ch < lead or ps[ch - lead] != xs[ch]:  # one value for all channels: nothing follows
             return True
         name = str(p.target)
         g = space[x][0][0]
-        if name in scales:  # one parameter scaling two channel sets: they would have to be cut alike
-            block(x, f"{name} (a per-channel parameter shared by two channel sets)")
-            groups[find(scales[name])].blocked.append(f"{name} (a per-channel parameter shared by two channel sets)")
+        if name in scales or len(p.users) != 1:  # used elsewhere too: cutting it here would break the other use
+            why = f"{name} (a per-channel parameter used by more than one op)"
+            block(x, why)
+            if name in scales:
+                groups[find(scales[name])].blocked.append(why)
             return True
         scales[name] = g
         groups[find(g)].members.append((name, "scale", 1))
