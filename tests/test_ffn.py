@@ -119,6 +119,11 @@ def test_a_block_is_never_emptied_and_misfits_are_one_line():
     odd = nn.TransformerEncoderLayer(8, 2, 16, activation=lambda t: torch.softmax(t, -1))
     with pytest.raises(ValueError, match="not a known elementwise function"):
         find_ffn(nn.Sequential(odd))
+    factored = _transformer()
+    factored.blocks[1].linear1 = nn.Sequential(nn.Linear(16, 4), nn.Linear(4, 32))   # as a low-rank stage leaves it
+    sites, skipped = ffn_sites(factored)
+    assert [s.name for s in sites] == ["blocks.0.linear1"]
+    assert skipped == {"blocks.1": "linear1 is a Sequential, not a Linear layer"}
     masked = _transformer()
     Pipeline.from_spec(["magnitude"], ["sparsity=0.5", "epochs=0"]).run(masked)
     with pytest.raises(ValueError, match="remove neurons first"):

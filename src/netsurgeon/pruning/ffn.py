@@ -113,8 +113,9 @@ def _pair(prefix: str, m: nn.Module, first: list[str], second: str) -> tuple[lis
         mods = [m.get_submodule(n) for n in [*first, second]]
     except AttributeError:
         return None
-    if any(_rows(x) < 0 for x in mods):
-        return None
+    odd = [(n, x) for n, x in zip([*first, second], mods, strict=True) if _rows(x) < 0]
+    if odd:  # e.g. a layer a low-rank stage replaced by its factors
+        return f"{odd[0][0]} is a {type(odd[0][1]).__name__}, not a Linear layer"
     widths = {_rows(x) for x in mods[:-1]}
     if len(widths) != 1 or _cols(mods[-1]) not in widths:
         return f"{', '.join(first)} give {sorted(widths)} features but {second} reads {_cols(mods[-1])}"
