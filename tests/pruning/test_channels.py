@@ -415,3 +415,141 @@ def test_structured_methods_refuse_a_model_they_cannot_shrink(digits):
         with pytest.raises(ValueError, match=f"{method}: no channel group of this model can shrink"):
             Pipeline.from_spec([method], ["epochs=1"] if method != "l1_filters" else []).run(model, digits)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# -- channels on the last axis (issue 36): a Linear on (B, T, d) tokens, and a layer scale that follows its channels --
+class _LastAxisNet(nn.Module):
+    """Tokens (B, T, d) through a gated MLP with a layer scale on its hidden neurons, plus a residual add."""
+
+    def __init__(self, d: int = 6, f: int = 10):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, f), nn.Linear(d, f), nn.Linear(f, d)
+        self.gamma = nn.Parameter(torch.rand(f) + 0.5)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.gate(x)) * self.up(x)
+        return self.head(x + self.down(self.gamma * h)).mean(1)
+
+
+class _ScaledResNet(nn.Module):
+    """A ConvNeXt-style layer scale (C, 1, 1) on a residual branch: the residual group's channels carry it."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(1, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, 4)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.layer_scale * self.b(torch.relu(self.a(h))))
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
+def scaled_resnet() -> nn.Module:
+    return _ScaledResNet()
+
+
+@pytest.mark.parametrize("net, shape", [(_LastAxisNet, (5, 6)), (_ScaledResNet, (1, 8, 8))])
+def test_channels_on_the_last_axis_and_layer_scales_follow_their_channels(net, shape):
+    torch.manual_seed(0)
+    model = net().eval()
+    groups = channel_groups(model, shape)
+    scaled = "gamma" if net is _LastAxisNet else "layer_scale"
+    (i,) = [k for k, g in enumerate(groups) if g.prunable and any(n == scaled for n, _, _ in g.members)]
+    members = {(n, role) for n, role, _ in groups[i].members}
+    assert (scaled, "scale") in members
+    if net is _LastAxisNet:   # the gated pair is one group; the residual stream (d) is not prunable
+        assert members >= {("gate", "out"), ("up", "out"), ("down", "in")}
+        assert all(("down", "out") not in {(n, r) for n, r, _ in g.members} or not g.prunable for g in groups)
+    keep = {i: torch.tensor([0, 2, 3])}
+    ref = _masked(model, groups, keep)
+    remove_channels(model, groups, keep)
+    assert getattr(model, scaled).shape[0] == 3
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_layer_scale_is_rebuilt_from_the_file(tmp_path):
+    from netsurgeon.pruning.structured import l1_filter_prune
+
+    torch.manual_seed(0)
+    model = ns.models.record_arch(_ScaledResNet(), f"{__name__}:scaled_resnet", {}, (1, 8, 8)).eval()
+    l1_filter_prune(model, 0.5, (1, 8, 8))
+    assert model.layer_scale.shape == (3, 1, 1)
+    assert ns.changes.arch_of(model)["resized"]["layer_scale"] == {"channels": 3}
+    x = torch.randn(2, 1, 8, 8)
+    ns.nsz.save_compressed(model, tmp_path / "s.nsz")
+    back = ns.load_compressed(tmp_path / "s.nsz", trust_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+
+
+def test_l1_filters_prunes_the_mlp_neurons_of_the_zoo_gpt_and_nothing_on_the_residual_stream(tmp_path):
+    from netsurgeon.pruning.structured import l1_filter_prune
+
+    torch.manual_seed(0)
+    gpt = ns.build_model("gpt", (8,), num_classes=16, n_layer=2, width=16, n_head=2).eval()
+    groups = channel_groups(gpt, (8,))
+    assert sorted(p for g in groups if g.prunable for p in g.producers) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    keep = {i: torch.arange(0, g.size, 2) for i, g in enumerate(groups) if g.prunable}
+    ref, x = _masked(gpt, groups, keep), torch.randint(0, 16, (3, 8))
+    gpt2 = __import__("copy").deepcopy(gpt)
+    remove_channels(gpt, groups, keep)
+    with torch.no_grad():
+        torch.testing.assert_close(gpt(x), ref(x), atol=1e-5, rtol=1e-4)
+    reports = l1_filter_prune(gpt2, 0.25, (8,))
+    assert [(r.layers, r.before, r.after) for r in reports] == [(("blocks.0.mlp.fc1",), 64, 48),
+                                                                (("blocks.1.mlp.fc1",), 64, 48)]
+    assert all(b.mlp.fc2.out_features == b.ln2.normalized_shape[0] == 16 for b in gpt2.blocks)
+    ns.nsz.save_compressed(gpt2, tmp_path / "g.nsz")
+    with torch.no_grad():
+        torch.testing.assert_close(ns.load_compressed(tmp_path / "g.nsz")(x), gpt2(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow  # the runtime compiles and times its candidates: seconds
+def test_the_runtime_form_of_a_gpt_with_fewer_mlp_neurons(tmp_path):
+    from netsurgeon.pruning.structured import l1_filter_prune
+
+    torch.manual_seed(0)
+    gpt = ns.build_model("gpt", (8,), num_classes=16, n_layer=2, width=16, n_head=2).eval()
+    l1_filter_prune(gpt, 0.25, (8,))
+    ns.nsz.save_compressed(gpt, tmp_path / "g.nsz")
+    x = torch.randint(0, 16, (3, 8))
+    with torch.no_grad():
+        fast = ns.load_compressed(tmp_path / "g.nsz", runtime=True, batch=3)
+        torch.testing.assert_close(fast(x), gpt(x), rtol=1e-4, atol=1e-4)
+
+
+def test_ops_along_other_axes_block_channels_that_lie_on_the_last_axis():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Conv1d(5, 2, 1)
+            self.pool, self.bn = nn.MaxPool1d(2), nn.BatchNorm1d(5)
+
+        def forward(self, x):  # (B, 5, 4): five tokens of four features
+            return self.c(self.pool(self.a(x))).sum() + self.bn(self.b(x)).sum()
+
+    blocked = {tuple(g.producers): g.blocked for g in channel_groups(Odd().eval(), (5, 4))}
+    assert any("pool (MaxPool1d) (on a tensor whose channels are its last axis)" in b for b in blocked[("a",)])
+    assert any("bn (BatchNorm1d) (on a tensor whose channels are its last axis)" in b for b in blocked[("b",)])
+
+
+def test_a_scalar_like_parameter_passes_and_a_parameter_used_twice_blocks():
+    class Scaled(nn.Module):
+        def __init__(self, twice: bool):
+            super().__init__()
+            self.a, self.b, self.twice = nn.Linear(4, 6), nn.Linear(6, 2), twice
+            self.s, self.g = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(6))
+
+        def forward(self, x):
+            h = self.b(torch.relu(self.a(x) * self.s * self.g))
+            return h + self.g.sum() if self.twice else h
+
+    (g,) = [g for g in channel_groups(Scaled(False), (4,)) if g.prunable]
+    assert {(n, r) for n, r, _ in g.members} == {("a", "out"), ("g", "scale"), ("b", "in")}   # s: one value for all
+    blocked = {tuple(g.producers): g.blocked for g in channel_groups(Scaled(True), (4,))}
+    assert "g (a per-channel parameter used by more than one op)" in blocked[("a",)]

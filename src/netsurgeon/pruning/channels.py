@@ -12,6 +12,13 @@ its own branch's spatial size. A group whose feature map reaches anything else (
 concatenation along another axis, a reshape other than flatten, an op this module does not know) cannot be
 shrunk, and :func:`channel_groups` says which op stops it.
 
+A Linear layer applied to tokens (B, T, d) has its channels on the *last* axis: elementwise ops pass them, a Linear
+reads them as its columns, and everything that works along axis 1 or the spatial axes (pooling, BatchNorm,
+convolutions, flatten, concatenation) blocks them; so a transformer MLP's hidden neurons form a group while its
+residual stream (which meets LayerNorm, attention and the embedding) stays blocked. An elementwise product of two
+spaces ties them like an add (a gated MLP). A parameter with one value per channel that scales (or shifts) a space, a
+ConvNeXt-style layer scale of shape (C,) or (C, 1, 1), follows the channels as a ``scale`` member.
+
 :func:`remove_channels` then slices every member in place: the model stays the same ``nn.Module`` with smaller
 layers, and ``models.resized_record`` lists the new sizes so a ``.nsz`` file can rebuild it without pickle.
 """
@@ -39,7 +46,13 @@ _PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, to
                    F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
                    F.adaptive_avg_pool2d}
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
+# of those, the ones that act on each entry alone (no pooling): they also pass channels that lie on the last axis
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Hardswish,
+                        nn.Dropout, nn.Identity)
+_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.elu,
+                          F.dropout}
 _ADD = {operator.add, torch.add, operator.iadd}
+_MUL = {operator.mul, torch.mul, operator.imul}
 
 
 @dataclass
@@ -47,7 +60,8 @@ class ChannelGroup:
     """One removable set of channels. ``members``: (module name, role, flat factor) with role ``out`` (rows of
     a producer), ``in`` (columns of a consumer; a flatten makes each channel ``factor`` columns), ``bn`` or
     ``dw`` (a per-channel module on the way; a BatchNorm1d after a flatten holds ``factor`` features per
-    channel). ``blocked``: why the group cannot shrink (empty if it can). ``spans``: for a member after a
+    channel), or ``scale`` (a per-channel *parameter*, named by its full name, sliced along
+    ``param_dims[name]``). ``blocked``: why the group cannot shrink (empty if it can). ``spans``: for a member after a
     concatenation, (offset, total) along the axis it reads, in its own units: channels for a convolution or
     BatchNorm2d, columns (features) for a Linear or BatchNorm1d after a flatten."""
 
@@ -55,6 +69,7 @@ class ChannelGroup:
     members: list[tuple[str, str, int]] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # member after a torch.cat: (offset, total)
+    param_dims: dict[str, int] = field(default_factory=dict)  # a ``scale`` member (a parameter): its channel axis
 
     def offset(self, name: str) -> int:
         """Where this group's channels (or their columns) start in member ``name``'s axis."""
@@ -127,6 +142,7 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
             if set(groups[a].spans) & set(groups[b].spans):
                 groups[a].blocked.append("an add that ties two channel sets one concatenation keeps apart")
             groups[a].spans.update(groups[b].spans)
+            groups[a].param_dims.update(groups[b].param_dims)
             if groups[a].size != groups[b].size:
                 groups[a].blocked.append("an add of feature maps with different channel counts")
         return a
@@ -151,6 +167,68 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
             if len(segs) > 1:
                 grp.spans[name] = (off, total)
 
+    last: set[fx.Node] = set()    # nodes whose channels are their last axis (a Linear's output on a 3-d+ input)
+    scales: dict[str, int] = {}    # a per-channel parameter (layer scale) -> the group it follows
+
+    def carry(node: fx.Node, src: fx.Node | None) -> None:
+        """An elementwise op: the output has its input's channels, on the same axis."""
+        _pass(node, src, space, flat)
+        if src in last and node in space:
+            last.add(node)
+
+    def along_last(src: fx.Node | None, what: str) -> bool:
+        """An op that works on axis 1 or the spatial axes cannot take channels that lie on the last axis."""
+        if src in last:
+            block(src, f"{what} (on a tensor whose channels are its last axis)")
+            return True
+        return False
+
+    def ndim(n: fx.Node) -> int:
+        meta = n.meta.get("tensor_meta")
+        return len(meta.shape) if meta is not None and hasattr(meta, "shape") else -1
+
+    def tied(a: fx.Node, b: fx.Node) -> bool:
+        """Two tensors combined elementwise whose channels line up (one segment each, same axis and layout)."""
+        return len(space.get(a, [])) == 1 and len(space.get(b, [])) == 1 and (a in flat) == (b in flat) \
+            and (a in last) == (b in last) and ndim(a) == ndim(b) and space[a][0][2] == space[b][0][2]
+
+    def scale(node: fx.Node) -> bool:
+        """``x * p`` or ``x + p`` with ``p`` a parameter holding one value per channel of ``x`` (a ConvNeXt-style
+        layer scale, (C,) or (C, 1, 1)): the output keeps the channels and ``p`` follows them (role ``scale``)."""
+        if len(node.args) != 2 or node.kwargs:
+            return False
+        a, b = node.args
+        x, p = (a, b) if isinstance(b, fx.Node) and b.op == "get_attr" else (b, a)
+        if not (isinstance(x, fx.Node) and isinstance(p, fx.Node) and p.op == "get_attr" and x in space) \
+                or x in flat or len(space[x]) != 1:
+            return False
+        try:
+            param = model.get_parameter(str(p.target))
+        except AttributeError:
+            return False
+        xs, ps, out = x.meta["tensor_meta"].shape, tuple(param.shape), node.meta.get("tensor_meta")
+        if out is None or tuple(out.shape) != tuple(xs) or len(ps) > len(xs):
+            return False
+        ch = len(xs) - 1 if x in last else 1
+        lead = len(xs) - len(ps)
+        if any(d != 1 for i, d in enumerate(ps) if lead + i != ch):
+            return False
+        carry(node, x)
+        if ch < lead or ps[ch - lead] != xs[ch]:  # one value for all channels: nothing follows
+            return True
+        name = str(p.target)
+        g = space[x][0][0]
+        if name in scales or len(p.users) != 1:  # used elsewhere too: cutting it here would break the other use
+            why = f"{name} (a per-channel parameter used by more than one op)"
+            block(x, why)
+            if name in scales:
+                groups[find(scales[name])].blocked.append(why)
+            return True
+        scales[name] = g
+        groups[find(g)].members.append((name, "scale", 1))
+        groups[find(g)].param_dims[name] = ch - lead
+        return True
+
     for node in gm.graph.nodes:
         args = list(node.all_input_nodes)  # nested ones too (torch.cat's list)
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -158,16 +236,19 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
             m = gm.get_submodule(str(node.target))
             name = str(node.target)
             if isinstance(m, nn.Linear) or (isinstance(m, _CONV) and m.groups == 1):
-                if src in space:
+                if src in space and not (isinstance(m, _CONV) and along_last(src, f"{name} (a convolution)")):
                     join(src, name, "in")
-                    if src not in flat and isinstance(m, nn.Linear) and len(src.meta["tensor_meta"].shape) != 2:
-                        block(src, f"{name} (a Linear on a {len(src.meta['tensor_meta'].shape)}-d input)")
+                    if src not in flat and src not in last and isinstance(m, nn.Linear) and ndim(src) != 2:
+                        block(src, f"{name} (a Linear on a {ndim(src)}-d input reads its last axis, not the "
+                                   "channels)")
                 out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
                 g = new(out)
                 space[node] = [(g, 0, 1)]
                 groups[g].members.append((name, "out", 1))
+                if isinstance(m, nn.Linear) and ndim(node) >= 3:  # (B, T, features): channels on the last axis
+                    last.add(node)
             elif _is_depthwise(m) or isinstance(m, _BN):
-                if src in space:
+                if src in space and not along_last(src, f"{name} ({type(m).__name__})"):
                     _pass(node, src, space, flat)
                     join(src, name, "dw" if isinstance(m, _CONV) else "bn")
             elif isinstance(m, _CONV):  # grouped, not depthwise: channel sets would have to stay per group
@@ -177,24 +258,42 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
                 space[node] = [(g, 0, 1)]
                 groups[g].blocked.append(f"{name} (a grouped convolution)")
             elif isinstance(m, nn.Flatten):
-                _pass_flatten(node, src, space, flat, block)
-            elif isinstance(m, _PASS_MODULES):
-                _pass(node, src, space, flat)
+                if not along_last(src, f"{name} (Flatten)"):
+                    _pass_flatten(node, src, space, flat, block)
+            elif isinstance(m, _ELEMENTWISE_MODULES):
+                carry(node, src)
+            elif isinstance(m, _PASS_MODULES):  # pooling: along the spatial axes
+                if not along_last(src, f"{name} ({type(m).__name__})"):
+                    _pass(node, src, space, flat)
             else:
                 for a in args:
                     block(a, f"{name} ({type(m).__name__})")
         elif node.op == "call_function":
-            if node.target in _ADD and len(args) == 2 and all(len(space.get(a, [])) == 1 for a in args) \
-                    and (args[0] in flat) == (args[1] in flat) and space[args[0]][0][2] == space[args[1]][0][2]:
+            if node.target in _ADD and len(args) == 2 and tied(args[0], args[1]):
                 space[node] = [(union(space[args[0]][0][0], space[args[1]][0][0]), 0, space[args[0]][0][2])]
                 if args[0] in flat:
                     flat.add(node)
+                if args[0] in last:
+                    last.add(node)
+            elif node.target in _MUL and len(args) == 2 and len(node.args) == 2 and tied(args[0], args[1]):
+                # an elementwise product of two channel sets (a gated MLP): channel i of one meets channel i of the
+                # other, so they go together
+                space[node] = [(union(space[args[0]][0][0], space[args[1]][0][0]), 0, 1)]
+                if args[0] in last:
+                    last.add(node)
+            elif node.target in _ADD | _MUL and scale(node):
+                pass
             elif node.target is torch.cat:
-                _concat(node, space, flat, block)
+                if not any(along_last(a, "torch.cat") for a in args):
+                    _concat(node, space, flat, block)
             elif node.target is torch.flatten and node.args[1:] in ((1,), ()) and not node.kwargs:
-                _pass_flatten(node, src, space, flat, block)
+                if not along_last(src, "torch.flatten"):
+                    _pass_flatten(node, src, space, flat, block)
             elif node.target in _PASS_FUNCTIONS:
-                _pass(node, src, space, flat)
+                if node.target in _ELEMENTWISE_FUNCTIONS:
+                    carry(node, src)
+                elif not along_last(src, f"{getattr(node.target, '__name__', node.target)}"):
+                    _pass(node, src, space, flat)
                 for a in args[1:]:
                     block(a, f"{getattr(node.target, '__name__', node.target)}")
             else:
@@ -202,8 +301,9 @@ def channel_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[Chann
                     block(a, f"{getattr(node.target, '__name__', str(node.target))}")
         elif node.op == "call_method":
             if node.target in _PASS_METHODS:
-                _pass(node, src, space, flat)
-            elif node.target in ("view", "reshape", "flatten") and src in space and _is_flatten(node):
+                carry(node, src)
+            elif node.target in ("view", "reshape", "flatten") and src in space and _is_flatten(node) \
+                    and not along_last(src, f"the tensor method .{node.target}()"):
                 _pass_flatten(node, src, space, flat, block)
             else:
                 for a in args:
@@ -303,7 +403,12 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: dict[int
             chans = chosen.get(i, torch.arange(groups[i].size))
             parts.append(off + ((chans[:, None] * factor + torch.arange(factor)).reshape(-1) if factor > 1 else chans))
         (cols if axis == "cols" else rows)[name] = torch.cat(parts)
+    dims = {n: d for g in groups for n, d in g.param_dims.items()}
     for name in set(rows) | set(cols):
+        if name in dims:  # a per-channel parameter (layer scale): sliced along its channel axis
+            p = model.get_parameter(name)
+            p.data = p.data.index_select(dims[name], rows[name].to(p.device)).contiguous()
+            continue
         _slice(model.get_submodule(name), rows.get(name), cols.get(name))
 
 

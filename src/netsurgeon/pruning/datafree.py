@@ -119,7 +119,8 @@ def mergeable_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
             continue
         prod = model.get_submodule(g.producers[0])
         consumers = [(n, f) for n, role, f in g.members if role == "in"]
-        if not isinstance(prod, nn.Linear) or not consumers or any(role in ("bn", "dw") for _, role, _ in g.members):
+        if not isinstance(prod, nn.Linear) or not consumers or any(role in ("bn", "dw", "scale")
+                                                                          for _, role, _ in g.members):
             continue
         if all(f == 1 and isinstance(model.get_submodule(n), nn.Linear) for n, f in consumers):
             out[g.producers[0]] = (gi, g)

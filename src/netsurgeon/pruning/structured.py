@@ -339,7 +339,7 @@ def remove_zero_channels(model: nn.Module, input_shape: tuple[int, ...], *, min_
     def score(g: ChannelGroup):
         consumers = [col_norms(g, n, f) for n, role, f in g.members if role == "in"]
         read = sum(consumers) if consumers else torch.full((g.size,), float("inf"))
-        if any(role in ("bn", "dw") for _, role, _ in g.members):
+        if any(role in ("bn", "dw", "scale") for _, role, _ in g.members):  # a per-channel shift on the way
             return read
         carried = torch.zeros(g.size)
         for n in g.producers:
