@@ -350,9 +350,9 @@ def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_gra
     layer's outputs, from the same ``num_grads`` x ``batch_size`` samples :func:`collect_gradients` draws with
     ``seed`` (per-sample statistics: the mini-batch is only how they are computed). ``sample_labels`` draws the
     labels from the model's predictions (true Fisher, as K-FAC proper) instead of the data's (empirical Fisher).
-    Layers whose forward never ran are left out of the result. A Linear applied to a sequence, (B, T, in), counts each of its B·T positions as a sample (K-FAC-expand, the
-    form for weight sharing over a sequence: Eschenhagen et al. 2023, arXiv 2311.00636). Returns float64
-    ``{layer: (A, G)}``."""
+    Layers whose forward never ran are left out of the result. A Linear applied to a sequence, (B, T, in),
+    counts each of its B·T positions as a sample (K-FAC-expand, the form for weight sharing over a sequence:
+    Eschenhagen et al. 2023, arXiv 2311.00636). Returns float64 ``{layer: (A, G)}``."""
     import torch.nn.functional as F
 
     mods = {name: model.get_submodule(name) for name in layers}
