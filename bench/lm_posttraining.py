@@ -47,6 +47,19 @@ LENET_CAL = {"samples": 1024, "batch_size": 128}            # 1,024 training ima
 LENET_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
 SEEDS = (0, 1, 2)
 WOODFISHER = {"num_grads": 1000, "grad_batch": 4, "damp": 0.1, "relative_damp": True, "block_size": 1000}
+LM_TEXT = RESULTS / "lm_text.json"
+
+
+def woodfisher_lm() -> dict[str, Any]:
+    """WoodFisher on the LM as bench/lm_text.py runs it on the same checkpoint: 64 gradients of 4 sequences, blocks
+    of 128, relative dampening as lm_text chose it on the validation split (``choices.woodfisher_damp``; never on
+    test) -- read from its committed result, which must be of this checkpoint."""
+    lt = json.loads(LM_TEXT.read_text())
+    if lt["model"]["file"] != rel(LM_FILE):
+        raise SystemExit(f"{rel(LM_TEXT)} is of {lt['model']['file']}, not {rel(LM_FILE)}: choose the dampening "
+                         "on validation for this checkpoint first (bench/lm_text.py --only woodfisher_oneshot).")
+    return {"num_grads": 64, "grad_batch": 4, "block_size": 128,
+            "damp": lt["choices"]["woodfisher_damp"]["chosen"], "relative_damp": True, "seed": 0}
 
 # The issue's reference figures (LLaMA-2-7B, WikiText2 perplexity, from the Wanda README) and GPTQ's: relative
 # perplexity increase over dense = ppl / dense - 1.
@@ -65,6 +78,7 @@ def lm_rows(quick: bool) -> dict[str, dict[str, Any]]:
     """The LM rows: method, pattern and the pipeline stages."""
     cal = {**LM_CAL, "samples": 8} if quick else LM_CAL
     g = {"group_size": 128}
+    wf = {**woodfisher_lm(), **({"num_grads": 4} if quick else {})}
     rows = {
         "dense": ("dense", "-", []),
         # magnitude prunes the same layers as the calibrated methods: every Linear and attention projection, not the
@@ -78,6 +92,10 @@ def lm_rows(quick: bool) -> dict[str, dict[str, Any]]:
                                 [{"wanda": {"sparsity": 0.5, "group": "layer", **cal}}]),
         "sparsegpt 50%": ("sparsegpt", "50%", [{"sparsegpt": {"sparsity": 0.5, **cal}}]),
         "sparsegpt 2:4": ("sparsegpt", "2:4", [{"sparsegpt": {"pattern": "2:4", **cal}}]),
+        # WoodFisher ranks all weight sites together (the embedding too; the paper's global ranking), so its 50% is
+        # overall, per layer as the ranking chose; 2:4 is per group and leaves the embedding dense as the others
+        "woodfisher 50%": ("woodfisher", "50%", [{"woodfisher": {"sparsity": 0.5, **wf}}]),
+        "woodfisher 2:4": ("woodfisher", "2:4", [{"woodfisher": {"pattern": "2:4", **wf}}]),
         "rtn int4 g128": ("rtn", "int4 g128", [{"rtn": {"bits": 4, **g}}]),
         "gptq int4 g128": ("gptq", "int4 g128", [{"gptq": {"bits": 4, **g, **cal}}]),
         "rtn int3 g128": ("rtn", "int3 g128", [{"rtn": {"bits": 3, **g}}]),
@@ -505,6 +523,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few rows, few samples, under bench/.cache (a smoke run)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
     ap.add_argument("--assemble", action="store_true", help="write the result from the rows already computed")
+    ap.add_argument("--rows", nargs="+", metavar="ROW", help="only these LM rows (e.g. 'woodfisher 2:4'; with --part "
+                    "lm or speed): the other LM rows stay as the committed result has them")
     ap.add_argument("--out-dir", type=Path, default=RESULTS / "files")
     ap.add_argument("--markdown", action="store_true", help="print the docs tables of the committed result and write "
                                                                   "them into docs/posttraining.md")
@@ -537,12 +557,18 @@ def main() -> None:
                                                     "load_note": "2-core machine shared with other sessions: wall "
                                                                  "times are noisy"}}
     lm_done = {}
+    wanted = lm_rows(args.quick)
+    if args.rows:
+        unknown = sorted(set(args.rows) - set(wanted))
+        if unknown:
+            raise SystemExit(f"--rows: unknown LM row(s) {unknown}; the rows are {list(wanted)}.")
+        wanted = {k: v for k, v in wanted.items() if k in args.rows}
     if args.part in ("lm", "all"):
-        for k, spec in lm_rows(args.quick).items():
+        for k, spec in wanted.items():
             if not args.assemble or row_path(k).is_file():
                 lm_done[k] = ensure_row(k, spec, args)
     else:
-        lm_done = {k: json.loads(row_path(k).read_text()) for k in lm_rows(args.quick) if row_path(k).is_file()}
+        lm_done = {k: json.loads(row_path(k).read_text()) for k in wanted if row_path(k).is_file()}
     le_done = {}
     dense_err = None
     if args.part in ("lenet", "all") and args.data_dir:
