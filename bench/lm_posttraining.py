@@ -710,12 +710,18 @@ def main() -> None:
             res["lm"] = {**old["lm"], "rows": merge_lm_rows(old, lm_table(lm_done, ref))}
             if any(r["method"] == "woodfisher" for r in res["lm"]["rows"]):
                 res["lm"]["woodfisher"] = woodfisher_record(res["lm"]["rows"])
-            res["command"], res["machine"] = old["command"], old["machine"]  # of the committed rows
-            res["updates"] = [*[u for u in old.get("updates", []) if set(u["rows"]) - set(lm_done)],
-                              {"command": "python " + shlex.join(["bench/lm_posttraining.py", *sys.argv[1:]]),
-                               "rows": list(lm_done), "machine": {**facts, "threads": 1},
-                               "loadavg_1min_end": {k: r.get("machine", {}).get("loadavg_1min_end")
-                                                    for k, r in lm_done.items()}}]
+            # the committed rows' command, machine, wall and speed notes stay; this run is recorded as an update
+            # (one per command: re-running a command replaces its record)
+            upd = {"command": "python " + shlex.join(["bench/lm_posttraining.py", *sys.argv[1:]]),
+                   "rows": list(lm_done), "machine": {**facts, "threads": 1}, "wall_s": time.perf_counter() - t0,
+                   "loadavg_1min_end": {k: r.get("machine", {}).get("loadavg_1min_end") for k, r in lm_done.items()},
+                   **({"speed": res["speed"]} if args.part == "speed" else {})}
+            for key in ("command", "machine", "wall_s", "speed"):
+                if key in old:
+                    res[key] = old[key]
+                else:
+                    res.pop(key, None)
+            res["updates"] = [*[u for u in old.get("updates", []) if u["command"] != upd["command"]], upd]
     if le_done:
         tab, curves = lenet_table(le_done, dense_err)
         res["lenet5"] = {"dense_error_pct": dense_err, "curves": curves, "rows": tab,
@@ -727,7 +733,7 @@ def main() -> None:
     lenet_tab = (res.get("lenet5", {}).get("rows", []) if le_done
                  else [r for r in old.get("table_rows", []) if r["model"] == "lenet5"])
     res["table_rows"] = res.get("lm", {}).get("rows", []) + lenet_tab
-    res["wall_s"] = time.perf_counter() - t0
+    res.setdefault("wall_s", time.perf_counter() - t0)
     if args.quick:
         print(json.dumps({r.get("row", r["method"] + " " + r["pattern"]): r.get("perplexity") or r.get("error_pct")
                           for r in res["table_rows"]}, indent=1))
