@@ -283,6 +283,7 @@ def speed(row: dict[str, Any], quick: bool) -> dict[str, Any]:
         logging.info("%s b%d: dense %.3f ms, runtime %.3f ms, %.2fx; over the dense runtime form %.2fx (%s)",
                      row["key"], b, 1e3 * lat.reference_s, 1e3 * lat.model_s, out[f"speedup_b{b}"],
                      out[f"speedup_over_dense_runtime_b{b}"], out[f"b{b}"]["kernels"])
+    out["speed_loadavg_1min"] = os.getloadavg()[0]  # the machine's load when the timing ended
     return out
 
 
@@ -386,6 +387,7 @@ def lm_table(rows: dict[str, dict[str, Any]], ref_ppl: dict[str, float] | None =
             "speedup_over_dense_runtime_b1": r.get("speedup_over_dense_runtime_b1"),
             "speedup_over_dense_runtime_b64": r.get("speedup_over_dense_runtime_b64"),
             "speed": {b: r[b] for b in ("b1", "b64") if b in r} or None,
+            **({"speed_loadavg_1min": r["speed_loadavg_1min"]} if "speed_loadavg_1min" in r else {}),
             "stages": r["spec"]["stages"], "eval_s": r["eval_s"],
             **({"per_layer_sparsity": rep[0].get("per_layer") or _per_layer_of(r.get("file")),
                 "fit_seconds": rep[0].get("fit_seconds")} if method == "woodfisher" else {}),
