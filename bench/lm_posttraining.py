@@ -1,6 +1,6 @@
-"""Post-training compression on calibration data (issue 37): SparseGPT, Wanda and magnitude at 50% and 2:4, GPTQ
-against round-to-nearest at int4/int3 with groups of 128, and SparseGPT + GPTQ, on the 4-layer byte-level GPT of
-bench/lm_train.py; then LeNet-5 on MNIST one-shot at 50-90% for magnitude, SparseGPT, OBC and WoodFisher.
+"""Post-training compression on calibration data (issue 37): SparseGPT, Wanda, WoodFisher and magnitude at 50% and
+2:4, GPTQ against round-to-nearest at int4/int3 with groups of 128, and SparseGPT + GPTQ, on the 4-layer byte-level
+GPT of bench/lm_train.py; then LeNet-5 on MNIST one-shot at 50-90% for magnitude, SparseGPT, OBC and WoodFisher.
 
     python bench/lm_posttraining.py --data-dir ../shared/data/mnist [--part lm|lenet|all] [--quick] [--fresh]
     python bench/lm_posttraining.py --assemble        # only write the JSON, PNG from the finished rows
