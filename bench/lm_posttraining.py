@@ -1,6 +1,6 @@
-"""Post-training compression on calibration data (issue 37): SparseGPT, Wanda and magnitude at 50% and 2:4, GPTQ
-against round-to-nearest at int4/int3 with groups of 128, and SparseGPT + GPTQ, on the 4-layer byte-level GPT of
-bench/lm_train.py; then LeNet-5 on MNIST one-shot at 50-90% for magnitude, SparseGPT, OBC and WoodFisher.
+"""Post-training compression on calibration data (issue 37): SparseGPT, Wanda, WoodFisher and magnitude at 50% and
+2:4, GPTQ against round-to-nearest at int4/int3 with groups of 128, and SparseGPT + GPTQ, on the 4-layer byte-level
+GPT of bench/lm_train.py; then LeNet-5 on MNIST one-shot at 50-90% for magnitude, SparseGPT, OBC and WoodFisher.
 
     python bench/lm_posttraining.py --data-dir ../shared/data/mnist [--part lm|lenet|all] [--quick] [--fresh]
     python bench/lm_posttraining.py --assemble        # only write the JSON, PNG from the finished rows
@@ -47,6 +47,19 @@ LENET_CAL = {"samples": 1024, "batch_size": 128}            # 1,024 training ima
 LENET_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
 SEEDS = (0, 1, 2)
 WOODFISHER = {"num_grads": 1000, "grad_batch": 4, "damp": 0.1, "relative_damp": True, "block_size": 1000}
+LM_TEXT = RESULTS / "lm_text.json"
+
+
+def woodfisher_lm() -> dict[str, Any]:
+    """WoodFisher on the LM as bench/lm_text.py runs it on the same checkpoint: 64 gradients of 4 sequences, blocks
+    of 128, relative dampening as lm_text chose it on the validation split (``choices.woodfisher_damp``; never on
+    test) -- read from its committed result, which must be of this checkpoint."""
+    lt = json.loads(LM_TEXT.read_text())
+    if lt["model"]["file"] != rel(LM_FILE):
+        raise SystemExit(f"{rel(LM_TEXT)} is of {lt['model']['file']}, not {rel(LM_FILE)}: choose the dampening "
+                         "on validation for this checkpoint first (bench/lm_text.py --only woodfisher_oneshot).")
+    return {"num_grads": 64, "grad_batch": 4, "block_size": 128,
+            "damp": lt["choices"]["woodfisher_damp"]["chosen"], "relative_damp": True, "seed": 0}
 
 # The issue's reference figures (LLaMA-2-7B, WikiText2 perplexity, from the Wanda README) and GPTQ's: relative
 # perplexity increase over dense = ppl / dense - 1.
@@ -65,6 +78,7 @@ def lm_rows(quick: bool) -> dict[str, dict[str, Any]]:
     """The LM rows: method, pattern and the pipeline stages."""
     cal = {**LM_CAL, "samples": 8} if quick else LM_CAL
     g = {"group_size": 128}
+    wf = {**woodfisher_lm(), **({"num_grads": 4} if quick else {})}
     rows = {
         "dense": ("dense", "-", []),
         # magnitude prunes the same layers as the calibrated methods: every Linear and attention projection, not the
@@ -78,6 +92,10 @@ def lm_rows(quick: bool) -> dict[str, dict[str, Any]]:
                                 [{"wanda": {"sparsity": 0.5, "group": "layer", **cal}}]),
         "sparsegpt 50%": ("sparsegpt", "50%", [{"sparsegpt": {"sparsity": 0.5, **cal}}]),
         "sparsegpt 2:4": ("sparsegpt", "2:4", [{"sparsegpt": {"pattern": "2:4", **cal}}]),
+        # WoodFisher ranks all weight sites together (the embedding too; the paper's global ranking), so its 50% is
+        # overall, per layer as the ranking chose; 2:4 is per group and leaves the embedding dense as the others
+        "woodfisher 50%": ("woodfisher", "50%", [{"woodfisher": {"sparsity": 0.5, **wf}}]),
+        "woodfisher 2:4": ("woodfisher", "2:4", [{"woodfisher": {"pattern": "2:4", **wf}}]),
         "rtn int4 g128": ("rtn", "int4 g128", [{"rtn": {"bits": 4, **g}}]),
         "gptq int4 g128": ("gptq", "int4 g128", [{"gptq": {"bits": 4, **g, **cal}}]),
         "rtn int3 g128": ("rtn", "int3 g128", [{"rtn": {"bits": 3, **g}}]),
@@ -197,7 +215,8 @@ def run_row(key: str, spec: dict[str, Any], out_dir: Path, data_dir: Path | None
         out["file_sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
         out["compression_bytes"] = dense_bytes / out["file_bytes"]
         out["reports"] = [{k: v for k, v in (r.get("report") or {}).items()
-                           if k in ("kept", "skipped", "samples", "chained", "memory_estimate", "kept_per_layer")}
+                           if k in ("kept", "skipped", "samples", "chained", "memory_estimate", "kept_per_layer",
+                                    "per_layer", "fit_seconds")}
                           for r in records]
         model = ns.load_compressed(f)  # what the file holds is what is scored
     else:
@@ -264,6 +283,7 @@ def speed(row: dict[str, Any], quick: bool) -> dict[str, Any]:
         logging.info("%s b%d: dense %.3f ms, runtime %.3f ms, %.2fx; over the dense runtime form %.2fx (%s)",
                      row["key"], b, 1e3 * lat.reference_s, 1e3 * lat.model_s, out[f"speedup_b{b}"],
                      out[f"speedup_over_dense_runtime_b{b}"], out[f"b{b}"]["kernels"])
+    out["speed_loadavg_1min"] = os.getloadavg()[0]  # the machine's load when the timing ended
     return out
 
 
@@ -311,9 +331,11 @@ def _rel_inc(p: float | None, dense: float | None) -> float | None:
     return None if p is None or not dense else p / dense - 1
 
 
-def lm_table(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    dense = rows["dense"]["test_perplexity"]
-    ppl = {k: r["test_perplexity"] for k, r in rows.items()}
+def lm_table(rows: dict[str, dict[str, Any]], ref_ppl: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The table rows of ``rows``; ``ref_ppl``: the perplexities of rows not re-run here (``--rows``: the committed
+    result's dense and magnitude rows, which the new rows are compared with)."""
+    ppl = {**(ref_ppl or {}), **{k: r["test_perplexity"] for k, r in rows.items()}}
+    dense = ppl["dense"]
     out = []
     for k, r in rows.items():
         inc = ppl[k] - dense
@@ -330,6 +352,10 @@ def lm_table(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             mag = ppl[f"magnitude {pattern}"] - dense
             target = f"perplexity increase <= 1/3 of magnitude's at {pattern} ({mag / 3:.4f})"
             met = inc <= mag / 3
+        elif method == "woodfisher" and f"magnitude {pattern}" in ppl:
+            mag = ppl[f"magnitude {pattern}"] - dense
+            target = (f"none (issue 37 sets the 1/3-of-magnitude rule for SparseGPT and Wanda; WoodFisher's share of "
+                      f"magnitude's increase: {inc / mag:.2f})")
         elif k == "gptq int4 g128":
             target = (f"within 5% of dense ({1.05 * dense:.4f}) and below RTN int4 g128 "
                       f"({ppl['rtn int4 g128']:.4f})")
@@ -354,18 +380,85 @@ def lm_table(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "rss_before_stages_mb": r["rss_before_stages_mb"],
             "memory_estimate_mb": max((x.get("memory_estimate", {}).get("peak", 0) for x in rep), default=0) / 2**20
             or None,
-            "calibration": {"samples": next((x["samples"] for x in rep if "samples" in x), None),
-                            "tokens_per_sample": 128, "split": "train"} if method not in ("dense", "magnitude", "rtn")
-            else None,
+            "calibration": _lm_calibration(method, rep, r["spec"]["stages"]),
             "skipped": [x.get("skipped") for x in rep if x.get("skipped")],
             "speedup_b1": r.get("speedup_b1") or (1.0 if method == "dense" else None),
             "speedup_b64": r.get("speedup_b64") or (1.0 if method == "dense" else None),
             "speedup_over_dense_runtime_b1": r.get("speedup_over_dense_runtime_b1"),
             "speedup_over_dense_runtime_b64": r.get("speedup_over_dense_runtime_b64"),
             "speed": {b: r[b] for b in ("b1", "b64") if b in r} or None,
+            **({"speed_loadavg_1min": r["speed_loadavg_1min"]} if "speed_loadavg_1min" in r else {}),
             "stages": r["spec"]["stages"], "eval_s": r["eval_s"],
+            **({"per_layer_sparsity": rep[0].get("per_layer") or _per_layer_of(r.get("file")),
+                "fit_seconds": rep[0].get("fit_seconds")} if method == "woodfisher" else {}),
         })
     return out
+
+
+def _per_layer_of(file: str | None) -> dict[str, float] | None:
+    """Each compressed tensor's sparsity, read back from the row's file (rows cached before the report kept it)."""
+    if not file or not (REPO / file).is_file():
+        return None
+    from netsurgeon.masks import sparsity_report
+
+    return {r.name.removesuffix(".weight"): 1 - r.kept
+            for r in sparsity_report(ns.load_compressed(REPO / file), include_bias=False)}
+
+
+def _lm_calibration(method: str, rep: list[dict[str, Any]], stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if method == "woodfisher":
+        wf = stages[0]["woodfisher"]
+        return {"gradients": wf["num_grads"], "grad_batch": wf["grad_batch"], "tokens_per_sample": 128,
+                "split": "train", "how": "WoodFisher's own seeded draw of gradient mini-batches from the training "
+                                        "split (seed 0)"}
+    if method in ("dense", "magnitude", "rtn"):
+        return None
+    return {"samples": next((x["samples"] for x in rep if "samples" in x), None), "tokens_per_sample": 128,
+            "split": "train"}
+
+
+def goal_comparison(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Issue 37's goal, per pattern: each pruning method's perplexity increase over dense as a share of
+    magnitude's (the goal: at most 1/3 for SparseGPT and Wanda; WoodFisher shown beside them)."""
+    ppl = {r["row"]: r["perplexity"] for r in rows}
+    dense = ppl["dense"]
+    out = {}
+    for pattern in ("50%", "2:4"):
+        mag = ppl.get(f"magnitude {pattern}")
+        if mag is None:
+            continue
+        out[pattern] = {"magnitude_increase": mag - dense, **{
+            f"{m}_share_of_magnitude_increase": (ppl[f"{m} {pattern}"] - dense) / (mag - dense)
+            for m in ("sparsegpt", "wanda", "woodfisher") if f"{m} {pattern}" in ppl}}
+    return out
+
+
+def woodfisher_record(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the WoodFisher LM rows were configured, where the dampening came from, and how they compare."""
+    lt = json.loads(LM_TEXT.read_text())
+    return {
+        "settings": woodfisher_lm(),
+        "damp_choice": {**lt["choices"]["woodfisher_damp"], "from": rel(LM_TEXT),
+                        "note": "chosen by bench/lm_text.py on this checkpoint's validation split (every 8th "
+                                "sequence) at 50% unstructured one-shot with the same gradients and blocks; reused "
+                                "here for 50% and 2:4 (no separate choice for 2:4); the test split was not read"},
+        "checkpoint_sha256": hashlib.sha256(LM_FILE.read_bytes()).hexdigest(),
+        "coverage": "50%: one global ranking over every weight site, the token embedding included (65,536 of "
+                    "3,276,800 weights; the paper's global ranking; per_layer_sparsity in the row), so its Linear "
+                    "layers need not be at exactly 50% (nonzero weights counts those); the other methods' 50% is "
+                    "50% of each Linear and attention projection. 2:4: every Linear and attention projection, the "
+                    "embedding left dense (skipped), as magnitude, SparseGPT and Wanda",
+        "goal_comparison": goal_comparison(rows),
+    }
+
+
+def merge_lm_rows(old: dict[str, Any], new_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The committed LM table rows (as ``table_rows`` has them, with what bench/files_budget.py recorded) with the
+    re-run ones replaced or added, in :func:`lm_rows`' order."""
+    order = list(lm_rows(False))
+    merged = {r["row"]: r for r in old["table_rows"] if r["model"].startswith("gpt")}
+    merged.update({r["row"]: r for r in new_rows})
+    return sorted(merged.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
 
 
 def _lenet_calibration(method: str) -> dict[str, Any] | None:
@@ -443,6 +536,16 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {f(r.get('speedup_b1'), '.2f')} / "
                          f"{f(r.get('speedup_b64'), '.2f')} | {f(r.get('speedup_over_dense_runtime_b1'), '.2f')} / "
                          f"{f(r.get('speedup_over_dense_runtime_b64'), '.2f')} |")
+        goal = goal_comparison(lm["rows"])
+        if goal:
+            ms = [m for m in ("sparsegpt", "wanda", "woodfisher")
+                  if any(f"{m}_share_of_magnitude_increase" in g for g in goal.values())]
+            lines += ["", "Perplexity increase over dense as a share of magnitude's (issue 37's goal: at most 1/3 for "
+                          "SparseGPT and Wanda; WoodFisher has no target and is shown beside them):", "",
+                      "| pattern | magnitude's increase | " + " | ".join(ms) + " |", "|---" * (len(ms) + 2) + "|"]
+            for pat, g in goal.items():
+                cells = [f(g.get(f"{m}_share_of_magnitude_increase"), ".2f") for m in ms]
+                lines.append(f"| {pat} | {g['magnitude_increase']:+.3f} | " + " | ".join(cells) + " |")
     if "scale" in res:
         lines += ["", "| ~100M GPT (random init) | wall s | peak RSS MB | RSS before MB | logged estimate MB |",
                   "|---|---|---|---|---|"]
@@ -505,6 +608,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few rows, few samples, under bench/.cache (a smoke run)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
     ap.add_argument("--assemble", action="store_true", help="write the result from the rows already computed")
+    ap.add_argument("--rows", nargs="+", metavar="ROW", help="only these LM rows (e.g. 'woodfisher 2:4'; with --part "
+                    "lm or speed): the other LM rows stay as the committed result has them")
     ap.add_argument("--out-dir", type=Path, default=RESULTS / "files")
     ap.add_argument("--markdown", action="store_true", help="print the docs tables of the committed result and write "
                                                                   "them into docs/posttraining.md")
@@ -537,12 +642,18 @@ def main() -> None:
                                                     "load_note": "2-core machine shared with other sessions: wall "
                                                                  "times are noisy"}}
     lm_done = {}
+    wanted = lm_rows(args.quick)
+    if args.rows:
+        unknown = sorted(set(args.rows) - set(wanted))
+        if unknown:
+            raise SystemExit(f"--rows: unknown LM row(s) {unknown}; the rows are {list(wanted)}.")
+        wanted = {k: v for k, v in wanted.items() if k in args.rows}
     if args.part in ("lm", "all"):
-        for k, spec in lm_rows(args.quick).items():
+        for k, spec in wanted.items():
             if not args.assemble or row_path(k).is_file():
                 lm_done[k] = ensure_row(k, spec, args)
     else:
-        lm_done = {k: json.loads(row_path(k).read_text()) for k in lm_rows(args.quick) if row_path(k).is_file()}
+        lm_done = {k: json.loads(row_path(k).read_text()) for k in wanted if row_path(k).is_file()}
     le_done = {}
     dense_err = None
     if args.part in ("lenet", "all") and args.data_dir:
@@ -592,8 +703,27 @@ def main() -> None:
                                    "The per-layer group (row 'wanda 50% per-layer') does better than magnitude but "
                                    "not by 3x; this 3.3M model has no outlier input features (max/median ||X_j|| "
                                    "1.7-7.2, docs/posttraining.md), which is what Wanda's score exploits in LLMs."}
+        if any(r["method"] == "woodfisher" for r in tab):
+            res["lm"]["woodfisher"] = woodfisher_record(tab)
     elif old.get("lm"):
         res["lm"] = old["lm"]
+        if lm_done:  # --rows: these rows' entries replace (or join) the committed ones; the others stay as they are
+            ref = {r["row"]: r["perplexity"] for r in old["lm"]["rows"]}
+            res["lm"] = {**old["lm"], "rows": merge_lm_rows(old, lm_table(lm_done, ref))}
+            if any(r["method"] == "woodfisher" for r in res["lm"]["rows"]):
+                res["lm"]["woodfisher"] = woodfisher_record(res["lm"]["rows"])
+            # the committed rows' command, machine, wall and speed notes stay; this run is recorded as an update
+            # (one per command: re-running a command replaces its record)
+            upd = {"command": "python " + shlex.join(["bench/lm_posttraining.py", *sys.argv[1:]]),
+                   "rows": list(lm_done), "machine": {**facts, "threads": 1}, "wall_s": time.perf_counter() - t0,
+                   "loadavg_1min_end": {k: r.get("machine", {}).get("loadavg_1min_end") for k, r in lm_done.items()},
+                   **({"speed": res["speed"]} if args.part == "speed" else {})}
+            for key in ("command", "machine", "wall_s", "speed"):
+                if key in old:
+                    res[key] = old[key]
+                else:
+                    res.pop(key, None)
+            res["updates"] = [*[u for u in old.get("updates", []) if u["command"] != upd["command"]], upd]
     if le_done:
         tab, curves = lenet_table(le_done, dense_err)
         res["lenet5"] = {"dense_error_pct": dense_err, "curves": curves, "rows": tab,
@@ -601,8 +731,11 @@ def main() -> None:
                          "seeds": list(SEEDS), "obc": {"max_columns": 800}}
     elif old.get("lenet5"):
         res["lenet5"] = old["lenet5"]
-    res["table_rows"] = res.get("lm", {}).get("rows", []) + res.get("lenet5", {}).get("rows", [])
-    res["wall_s"] = time.perf_counter() - t0
+    # rows not recomputed keep their committed table entries (with what bench/files_budget.py recorded there)
+    lenet_tab = (res.get("lenet5", {}).get("rows", []) if le_done
+                 else [r for r in old.get("table_rows", []) if r["model"] == "lenet5"])
+    res["table_rows"] = res.get("lm", {}).get("rows", []) + lenet_tab
+    res.setdefault("wall_s", time.perf_counter() - t0)
     if args.quick:
         print(json.dumps({r.get("row", r["method"] + " " + r["pattern"]): r.get("perplexity") or r.get("error_pct")
                           for r in res["table_rows"]}, indent=1))

@@ -16,6 +16,11 @@
 * K-FAC (Martens & Grosse 2015): OBS with each Linear layer's Fisher approximated by A ⊗ G (input and
   output-gradient covariances, factored Tikhonov damping), the Kronecker baseline of WoodFisher's Table 1.
 
+Every method takes ``pattern="N:M"`` (e.g. 2:4) instead of a sparsity: in every M consecutive inputs of a row the
+M−N lowest saliencies are removed and the survivors get the method's update for exactly that set (the N:M form is
+ours: :mod:`netsurgeon.pruning.secondorder.pruner`); embeddings and rows not a multiple of M stay dense (listed as
+skipped).
+
 The implementation is the package :mod:`netsurgeon.pruning.secondorder` (one config, the curvature estimators,
 the pruner); this module registers the methods and keeps the names it has always exported.
 
@@ -33,6 +38,7 @@ from typing import Any
 
 from torch import nn
 
+from ..masks import note_skipped, parse_nm
 from ..plan import pruned_then_finetuned
 from ..registry import StageContext, register
 from .secondorder.config import FisherConfig, SecondOrderConfig, config_for
@@ -58,8 +64,11 @@ _SECOND_ORDER = {
 
 def _register_second_order(name: str, citation: str, summary: str) -> None:
     def run(model: nn.Module, c: SecondOrderConfig, ctx: StageContext) -> dict[str, Any]:
+        nm = parse_nm(name, c.pattern)
         pruner = OneShotPruner(name, c).fit(model, ctx.require_data(name).train, progress=ctx.progress)
-        out = pruner.prune(model, c.sparsity)
+        out = pruner.prune(model, None if nm else c.sparsity, pattern=c.pattern)
+        if out.get("skipped"):  # the stage record lists them (compare's row and page too)
+            note_skipped(model, out["skipped"])
         return {**out, "fit_seconds": pruner.fit_seconds_}
 
     quick = {"obs": {"sparsity": 0.3, "num_grads": 4}, "kfac": {"sparsity": 0.5, "num_grads": 8}}.get(

@@ -1,5 +1,5 @@
-"""The one config of every second-order method: the sparsity, how the curvature statistics are gathered, the
-weight update, and the memory the statistics may take.
+"""The one config of every second-order method: the sparsity (or an N:M pattern), how the curvature statistics are
+gathered, the weight update, and the memory the statistics may take.
 
 Each registered method (``obd``, ``diag_fisher``, ``obs``, ``woodfisher``, ``woodtaylor``, ``kfac``) gets a view
 of this class from :func:`config_for`: the same fields, with the method's name in messages and its own default
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar
 
+from ...masks import parse_nm
 from ...registry import MethodConfig, option
 
 __all__ = ["SecondOrderConfig", "FisherConfig", "config_for", "UPDATES", "BLOCKINGS", "LOW_MEMORY_METHODS"]
@@ -27,8 +28,12 @@ class SecondOrderConfig(MethodConfig):
     """One global sparsity, the gradient statistics, the weight update and the memory bound (module docstring)."""
 
     owner: ClassVar[str] = "second-order"
-    sparsity: float = option(0.9, "fraction of all weights removed (one global ranking)", low=0, high=1,
-                             high_open=True)
+    sparsity: float = option(0.9, "fraction of all weights removed (one global ranking; not used with an N:M "
+                             "pattern)", low=0, high=1, high_open=True)
+    pattern: str = option("unstructured", "unstructured (one global ranking to sparsity), or N:M: in every M "
+                          "consecutive inputs of a row remove the M-N lowest saliencies, then the same update "
+                          "(e.g. 2:4; sparsity is then 1 - N/M and the sparsity option is not used; embeddings "
+                          "and rows not a multiple of M stay dense and are listed as skipped)")
     num_grads: int = option(1000, "gradients in the Fisher (the paper's m)", low=1)
     grad_batch: int = option(1, "samples averaged into each gradient", low=1)
     damp: float = option(1e-5, "dampening lambda", low=0, low_open=True)
@@ -51,6 +56,7 @@ class SecondOrderConfig(MethodConfig):
 def check_method_options(method: str, cfg: SecondOrderConfig, update: str | None = None) -> None:
     """Refuse option combinations ``method`` cannot run (one line each, naming the option and its value)."""
     update = cfg.update if update is None else update
+    parse_nm(method, cfg.pattern)
     if method == "woodtaylor" and update == "joint":
         raise ValueError("woodtaylor: update 'joint' does not exist for WoodTaylor; use 'single' or 'none'.")
     if cfg.low_memory and method in _METHOD_NAMES and method not in LOW_MEMORY_METHODS:

@@ -13,6 +13,15 @@ composed with a saliency, a global selection and an update (the math: :mod:`nets
 
 Every method ranks all weights of all layers together: the per-layer sparsity is chosen by the ranking and
 reported. Biases are not pruned (as in the official WoodFisher code).
+
+With an N:M pattern (``prune(model, pattern="2:4")``) the selection is per group instead: in every M consecutive
+inputs of a row (the flattened input dimension, as :func:`masks.nm_mask`) the M−N weights of lowest saliency are
+removed, and the surviving weights get the same update as in the unstructured case, for exactly that removed set.
+The papers rank globally (Singh & Alistarh 2020 Sec. 3-4: one threshold on ρ_q = w_q²/2[F⁻¹]_qq); under a
+per-group constraint that ranking becomes this greedy per-group choice. The N:M form is ours (no WoodFisher paper
+reports N:M); SparseGPT and Wanda choose their N:M masks per group of M inputs the same way. Embeddings (a table
+lookup) and tensors whose row length is not a multiple of M stay dense and are reported as skipped, as magnitude's
+N:M does; weights already pruned stay pruned (a group may then keep fewer than N).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from ...linalg import (
     woodtaylor_scores,
     woodtaylor_update,
 )
-from ...masks import attach_masks, original, prunable_tensors, sparsity_report
+from ...masks import attach_masks, original, parse_nm, prunable_tensors, sparsity_report
 from ...progress import log as progress_log
 from .config import UPDATES, SecondOrderConfig, check_method_options, config_for
 from .curvature import (
@@ -300,22 +309,29 @@ class OneShotPruner:
 
     # -- prune ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prune(self, model: nn.Module, sparsity: float) -> dict[str, Any]:
-        """Prune ``model`` (the fitted model, or one with identical weights) in place to ``sparsity`` overall.
+    def prune(self, model: nn.Module, sparsity: float | None = None, *,
+              pattern: str = "unstructured") -> dict[str, Any]:
+        """Prune ``model`` (the fitted model, or one with identical weights) in place to ``sparsity`` overall, or
+        to an N:M ``pattern`` (e.g. ``"2:4"``: in every 4 consecutive inputs of a row the 2 lowest saliencies are
+        removed; module docstring). Give one of the two.
 
         Returns ``{"sparsity", "per_layer", "step_scale", "seconds"}`` with the per-layer sparsity the ranking
-        chose."""
-        check_fraction("OneShotPruner", "sparsity", sparsity)
+        chose; with a pattern also ``"skipped"``: ``{layer: why}`` of the tensors left dense."""
+        nm = _check_target("OneShotPruner", sparsity, pattern)
         if not hasattr(self, "scores_"):
             raise ValueError("OneShotPruner: call fit(model, data) before prune().")
         t0 = time.perf_counter()
         masks = attach_masks(model, self.tensors_)
         w = self._flat(model).double()
         d = w.numel()
-        k = int(round(sparsity * int((self.scores_ < float("inf")).sum())))  # of the weights it covers (K-FAC: Linear)
-        prune = torch.zeros(d, dtype=torch.bool)
-        if k:  # the k lowest scores (stable: ties go to the earlier weight)
-            prune[torch.sort(self.scores_, stable=True).indices[:k]] = True
+        skipped: dict[str, str] = {}
+        if nm is not None:
+            prune, skipped = self._nm_selection(model, *nm)
+        else:
+            k = int(round(sparsity * int((self.scores_ < float("inf")).sum())))  # of the weights it covers
+            prune = torch.zeros(d, dtype=torch.bool)
+            if k:  # the k lowest scores (stable: ties go to the earlier weight)
+                prune[torch.sort(self.scores_, stable=True).indices[:k]] = True
         delta = self._update(model, w, prune) if self.recipe.updates and self.update != "none" else \
             torch.zeros(d, dtype=torch.float64)
         scale = 1.0
@@ -323,8 +339,38 @@ class OneShotPruner:
             scale = self._line_search(model, masks, w, delta, prune)
         self._apply(model, masks, torch.where(prune, torch.zeros_like(w), w + scale * delta).float(), prune)
         per_layer = {r.name.removesuffix(".weight"): 1 - r.kept for r in sparsity_report(model, include_bias=False)}
-        return {"sparsity": float(prune.float().mean()), "per_layer": per_layer, "step_scale": scale,
-                "seconds": time.perf_counter() - t0}
+        out = {"sparsity": float(prune.float().mean()), "per_layer": per_layer, "step_scale": scale,
+               "seconds": time.perf_counter() - t0}
+        if nm is not None:
+            out["skipped"] = skipped
+        return out
+
+    def _nm_selection(self, model: nn.Module, n: int, m: int) -> tuple[Tensor, dict[str, str]]:
+        """The weights an N:M pattern removes: the M−N lowest scores of every M consecutive inputs of each row
+        (stable: ties go to the earlier weight), and the weights already pruned; tensors N:M cannot apply to (an
+        embedding, a row length not a multiple of M) lose none and are returned as ``{layer: why}``. (Blocks never
+        straddle a tensor, so the update leaves them as they are too, except with one Fisher block over several
+        tensors, ``block_size=None``, where the OBS update adjusts every surviving weight of the block.)"""
+        from ..magnitude import _nm_skip  # the same rule as magnitude's N:M (imported late: no import cycle)
+
+        parts, skipped = [], {}
+        for t, scores, shape in zip(self.tensors_, self.scores_.split(self.sizes_), self.shapes_, strict=True):
+            why = _nm_skip(model, t, original(model, t), m)
+            if why is None and bool(torch.isposinf(scores).all()):  # no statistics: the estimator left it (K-FAC)
+                why = f"{self.method} has no curvature for it"
+            part = torch.zeros(scores.numel(), dtype=torch.bool)
+            if why:
+                skipped[t.removesuffix(".weight")] = why
+            else:
+                groups = scores.reshape(shape[0], -1, m)                      # (out, in/m, m)
+                lowest = torch.sort(groups, dim=-1, stable=True).indices[..., :m - n]
+                part = part.view_as(groups).scatter(-1, lowest, True).flatten()
+            parts.append(part)
+        prune = torch.cat(parts) | torch.isneginf(self.scores_)  # weights pruned before stay pruned
+        if skipped:
+            progress_log.info("%s %d:%d: left dense: %s", self.method, n, m,
+                              "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+        return prune, skipped
 
     def _update(self, model: nn.Module, w: Tensor, prune: Tensor) -> Tensor:
         """The update of the surviving weights, block by block (each rank its own blocks, then gathered)."""
@@ -369,6 +415,19 @@ class OneShotPruner:
         finally:
             model.train(was)
         return best[1]
+
+
+def _check_target(owner: str, sparsity: float | None, pattern: str) -> tuple[int, int] | None:
+    """Exactly one of a sparsity and an N:M pattern, each valid (one-line errors quoting the value); the (N, M)."""
+    nm = parse_nm(owner, pattern)
+    if nm is not None and sparsity is not None:
+        raise ValueError(f"{owner}: give a sparsity or an N:M pattern, not both; got sparsity={sparsity!r} and "
+                         f"pattern={pattern!r}.")
+    if nm is None:
+        if sparsity is None:
+            raise ValueError(f"{owner}: give a sparsity or an N:M pattern; got neither.")
+        check_fraction(owner, "sparsity", sparsity)
+    return nm
 
 
 def _is_token_data(data: Split | Any) -> bool:
@@ -420,10 +479,13 @@ def _probe_batch(data: Split | Any, n: int) -> tuple[Tensor, Tensor]:
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
-def one_shot_prune(model: nn.Module, data: Split, sparsity: float, method: str = "woodfisher",
-                   fisher: SecondOrderConfig | None = None, update: str | None = None) -> dict[str, Any]:
-    """Fit and prune in one call. Modifies ``model`` in place; returns :meth:`OneShotPruner.prune`'s report."""
+def one_shot_prune(model: nn.Module, data: Split, sparsity: float | None = None, method: str = "woodfisher",
+                   fisher: SecondOrderConfig | None = None, update: str | None = None, *,
+                   pattern: str = "unstructured") -> dict[str, Any]:
+    """Fit and prune in one call, to ``sparsity`` or an N:M ``pattern`` (:meth:`OneShotPruner.prune`). Modifies
+    ``model`` in place; returns :meth:`OneShotPruner.prune`'s report."""
+    _check_target("one_shot_prune", sparsity, pattern)  # refused before the statistics are gathered
     pruner = OneShotPruner(method, fisher, update).fit(model, data)
-    out = pruner.prune(model, sparsity)
+    out = pruner.prune(model, sparsity, pattern=pattern)
     out["fit_seconds"] = pruner.fit_seconds_
     return out
