@@ -147,3 +147,19 @@ def test_true_fisher_and_kfac_run_on_a_language_model(method):
         assert {"tok", "blocks.0.attn.out_proj"} <= set(rec["skipped"]), rec["skipped"]
         assert int((model.tok.weight == 0).sum()) == 0
     assert torch.isfinite(model(data.val.x[:2])).all()
+
+
+def test_kfac_two_four_on_a_language_model_leaves_what_it_has_no_factors_for():
+    from netsurgeon.data.text import tokens_dataset
+
+    g = torch.Generator().manual_seed(1)
+    data = tokens_dataset(*(torch.randint(0, 20, (n,), generator=g) for n in (600, 200, 200)), seq_len=8,
+                          vocab_size=20)
+    torch.manual_seed(0)
+    model = gpt((8,), 20, n_layer=1, width=16, n_head=2)
+    out_proj = model.blocks[0].attn.out_proj.weight.detach().clone()
+    rec = ns.Pipeline.from_spec([{"kfac": {"pattern": "2:4", "num_grads": 8}}]).run(model, data)[0]
+    w = model.blocks[0].mlp.fc1.weight.detach()
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) == 2).all()  # exactly 2 of every 4 inputs
+    torch.testing.assert_close(model.blocks[0].attn.out_proj.weight.detach(), out_proj)  # no factors: untouched
+    assert "blocks.0.attn.out_proj" in rec["skipped"]
