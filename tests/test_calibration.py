@@ -169,7 +169,7 @@ def test_attention_in_proj_and_out_proj_get_the_inputs_a_decomposed_forward_sees
     msg = [r.getMessage() for r in caplog.records if "peak memory estimate" in r.getMessage()]
     assert len(msg) == 1 and "(chained)" in msg[0]
     assert "largest layer enc.layers.0.linear2, 16 inputs, float64" in msg[0]
-    assert res.memory["peak"] == 1920 + 2048
+    assert res.memory["forward"] > 0 and res.memory["peak"] == 1920 + 2048 + res.memory["forward"]
 
 
 def test_cross_attention_gets_one_hessian_per_input():
@@ -272,3 +272,27 @@ def test_hugging_face_gpt2_conv1d_and_tied_head():
     assert "gpt.transformer.h.1.mlp.c_proj.weight" in seen
     a = grabbed["x"].reshape(-1, 8)
     torch.testing.assert_close(seen["gpt.transformer.h.1.attn.c_attn.weight"], 2 * a.T @ a / 24)
+
+
+def test_the_memory_estimate_sizes_one_batch_through_the_largest_block():
+    """Each leaf's output per sample times the batch, and an attention layer's scores and softmax (B x heads x T x
+    T float32, twice), which no module returns."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    res = compress_sequentially(mlp, torch.randn(10, 8), lambda n, ts, accs: [None] * len(ts), owner="t",
+                                batch_size=4)
+    # the Sequential is the trunk and each child a block: the largest, 16 floats a sample (batch 4, float32)
+    assert res.memory["forward"] == 4 * 4 * 16
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    res = compress_sequentially(Attn(), torch.randn(6, 5, 8), lambda n, ts, accs: [None] * len(ts), owner="t",
+                                batch_size=3)
+    # out_proj never runs its own forward: the MHA's output (3 x 5 x 8) and its scores (3 x 2 x 5 x 5, twice)
+    assert res.memory["forward"] == 4 * (3 * 5 * 8 + 2 * 3 * 2 * 5 * 5)

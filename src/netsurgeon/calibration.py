@@ -379,6 +379,7 @@ class _Trace:
         self.calls: dict[str, int] = {}
         self.attention: dict[str, str] = {}
         self.io: dict[int, list[Any]] = {}
+        self.forward_bytes: dict[str, int] = {}  # per unit (a trunk block, or "" for the rest): see _sizer
         kids = {n: i for i, (n, _) in enumerate(trunk.children)} if trunk is not None else {}
         handles = []
         try:
@@ -387,6 +388,10 @@ class _Trace:
                 handles.append(m.register_forward_pre_hook(self._pre(n, m, kids.get(n)), with_kwargs=True))
                 if n in kids:
                     handles.append(m.register_forward_hook(self._post(kids[n])))
+            for n, m in model.named_modules():
+                if next(m.children(), None) is None or isinstance(m, nn.MultiheadAttention):
+                    unit = next((k for k in kids if n == k or n.startswith(k + ".")), "")
+                    handles.append(m.register_forward_hook(self._sizer(unit, m), with_kwargs=True))
             model(x)
         finally:
             for h in handles:
@@ -403,6 +408,21 @@ class _Trace:
                 self.attention[name] = "self" if q is k and k is v else "kv" if k is v else "cross"
             if index is not None and index not in self.io:
                 self.io[index] = [args, kwargs, None]
+        return hook
+
+    def _sizer(self, unit: str, m: nn.Module) -> Callable[..., None]:
+        """Adds the bytes of each output of a leaf module (and of nn.MultiheadAttention, also its attention
+        scores and their softmax, B x heads x Tq x Tk float32 twice, which no module returns) to its unit: what one
+        batch's forward pass through the unit allocates, an upper bound of what it holds at once."""
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            size = _nbytes(out)
+            if isinstance(m, nn.MultiheadAttention):
+                q, k = (args[i] if len(args) > i else kwargs.get(s) for i, s in enumerate(("query", "key")))
+                if isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 3:
+                    b, tq, tk = (q.shape[0], q.shape[1], k.shape[1]) if m.batch_first else \
+                        (q.shape[1], q.shape[0], k.shape[0])
+                    size += 2 * 4 * b * m.num_heads * tq * tk
+            self.forward_bytes[unit] = self.forward_bytes.get(unit, 0) + size
         return hook
 
     def _post(self, index: int) -> Callable[..., None]:
@@ -492,15 +512,18 @@ class _Run:
         acts = int(per_sample * self.result.samples) if chained else 0
         work = max((workspace(t) for ts in self.targets.values() for t in ts), default=0) if workspace else 0
         largest = max(self.hbytes, key=self.hbytes.get, default="")
-        self.result.memory = {"activations": acts, "hessians": self.budget, "workspace": work,
-                              "peak": acts + self.budget + work, "largest_layer": largest}
+        # one batch through the largest unit (a re-run model passes through every unit, one at a time)
+        fwd = int(max(self.trace.forward_bytes.values(), default=0) / max(self.trace.samples, 1)
+                  * max((len(b) for b in self.batches), default=0))
+        self.result.memory = {"activations": acts, "hessians": self.budget, "workspace": work, "forward": fwd,
+                              "peak": acts + self.budget + work + fwd, "largest_layer": largest}
         cols = max((t.columns for t in self.targets.get(largest, [])), default=0)
         log.info("%s: %d calibration samples in %d batches, %d layers in %d blocks%s; peak memory estimate %.2f MiB = "
                  "%.2f MiB block inputs + %.2f MiB Hessians (largest layer %s, %d inputs, %s) + %.2f MiB solver "
-                 "workspace, plus one batch's forward pass", self.owner, self.result.samples, len(self.batches),
-                 len(self.layers), len(set(self.unit[n] for n in self.layers)),
-                 " (chained)" if chained else "", _mib(acts + self.budget + work), _mib(acts), _mib(self.budget),
-                 largest or "-", cols, str(self.dtype).removeprefix("torch."), _mib(work))
+                 "workspace + %.2f MiB one batch's forward pass through a block", self.owner, self.result.samples,
+                 len(self.batches), len(self.layers), len(set(self.unit[n] for n in self.layers)),
+                 " (chained)" if chained else "", _mib(acts + self.budget + work + fwd), _mib(acts), _mib(self.budget),
+                 largest or "-", cols, str(self.dtype).removeprefix("torch."), _mib(work), _mib(fwd))
 
     # -- feeding a block ------------------------------------------------------------------------------------------
     def _rerun(self, unit: str) -> Callable[[], None]:

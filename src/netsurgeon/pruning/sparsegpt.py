@@ -211,8 +211,9 @@ def prune_calibrated(model: nn.Module, cfg: CalibratedConfig, ctx: StageContext,
 
 
 def _workspace(t: Target) -> int:
-    """The solver's memory: damped H and U (d² each) and a few copies of W (float32)."""
-    return 4 * (2 * t.columns**2 + 4 * (t.rows[1] - t.rows[0]) * t.columns)
+    """The solver's memory (float32): the damped H, its Cholesky factor, their inverse and its upper Cholesky
+    factor U (d² each, alive together in ``linalg.inverse_cholesky_upper``) and a few copies of W."""
+    return 4 * (4 * t.columns**2 + 4 * (t.rows[1] - t.rows[0]) * t.columns)
 
 
 @register("sparsegpt", family="post-training", compare=pruned_then_finetuned("sparsegpt"),

@@ -164,7 +164,7 @@ def _run_gptq(model: nn.Module, cfg: GPTQConfig, ctx: StageContext) -> dict[str,
         return out
 
     def workspace(t: Target) -> int:
-        return 4 * (2 * t.columns**2 + 5 * (t.rows[1] - t.rows[0]) * t.columns)
+        return 4 * (4 * t.columns**2 + 5 * (t.rows[1] - t.rows[0]) * t.columns)  # as sparsegpt._workspace
 
     run = compress_sequentially(model, samples, compress, owner=cfg.owner, batch_size=cfg.batch_size,
                                 workspace=workspace)
