@@ -23,13 +23,12 @@ from _common import (
     parse_args,
     pyplot,
     rel,
+    run_stages,
     save_figure,
+    train_options,
     weight_counts,
     write_result,
 )
-from netsurgeon.masks import prunable_tensors
-from netsurgeon.quantization.kmeans import share_weights, share_weights_global
-from netsurgeon.stats import collect_gradients
 
 CHOI_LENET = 51.25  # Choi et al. 2017, LeNet compression ratio with Hessian-weighted k-means + Huffman
 PAPER = {  # Deep Compression Tables 2-3: size after pruning + quantization (+ Huffman)
@@ -61,13 +60,13 @@ def pipeline(name: str, label: str, src: str, data) -> dict:
     model = ns.load_compressed(path)
     pruned_err = 100 * (1 - ns.evaluate(model, data.test)[1])
     t0 = time.perf_counter()
-    rep = share_weights(model, BITS, init="linear")
-    shared_err = 100 * (1 - ns.evaluate(model, data.test)[1])
-    ns.train(model, data, CENTROID, progress=True)
+    rep = run_stages(model, [{"kmeans": {"bits": BITS, "init": "linear"}}])[0]["report"]["layers"]
+    shared_err = 100 * (1 - ns.evaluate(model, data.test)[1])  # between the stages: sharing before fine-tuning
+    run_stages(model, [{"finetune": train_options(CENTROID)}], data)
     wall = time.perf_counter() - t0
     slug = f"{name}_{'dns' if label == 'DNS' else label.split()[1].strip('()')}".replace("-", "")
     out = {"source": src, "pruned_error_pct": pruned_err, "shared_error_pct_before_finetune": shared_err,
-           "rms_error": {r.name: r.rms_error for r in rep}, "wall_s": wall}
+           "rms_error": {n: r["rms_error"] for n, r in rep.items()}, "wall_s": wall}
     for huff in (False, True):
         f = RESULTS / "files" / f"dc_{slug}{'_huffman' if huff else ''}.nsz"
         info = ns.save_compressed(model, f, value_dtype="float16", huffman=huff,
@@ -90,7 +89,7 @@ def init_comparison(name: str, src: str, data) -> dict:
     for init in ("linear", "density", "random"):
         for bits in (2, 3, 4, 5):
             model = ns.load_compressed(RESULTS / "files" / src)
-            share_weights(model, {"conv": 8, "fc": bits}, init=init)
+            run_stages(model, [{"kmeans": {"bits": {"conv": 8, "fc": bits}, "init": init}}], progress=False)
             out.setdefault(init, {})[str(bits)] = 100 * ns.evaluate(model, data.test)[1]
     return out
 
@@ -123,20 +122,16 @@ def plot(res: dict, path) -> None:
 def hessian_weighted(name: str, src: str, data) -> dict:
     """Choi et al. 2017: one codebook for all layers, k-means weighted by the diagonal of the empirical Fisher
     (2,000 gradients of mini-batch 16 on the training split), against plain k-means at the same bits.
-    No fine-tuning, so the comparison isolates the clustering objective."""
-    base = ns.load_compressed(RESULTS / "files" / src)
-    names = prunable_tensors(base)
-    g = collect_gradients(base, data.train, names, 2000, 16, seed=0)
-    diag = g.pow(2).mean(0)
-    sizes = [base.get_submodule(n.rsplit(".", 1)[0]).weight.numel() for n in names]
-    imp = {n: d.view_as(base.get_submodule(n.rsplit(".", 1)[0]).weight) for n, d in zip(names, diag.split(sizes),
-                                                                                           strict=True)}
+    No fine-tuning, so the comparison isolates the clustering objective. Each file is the ``hessian_kmeans``
+    stage (``weighted: false``: plain k-means over all layers); the Fisher diagonal is the same at every bit width
+    (the same starting weights, gradient seed 0), computed by the stage each time."""
     out = {}
     for bits in (2, 3, 4, 5):
-        for label, importance in (("k-means, all layers", None), ("Hessian-weighted k-means", imp)):
+        for label, weighted in (("k-means, all layers", False), ("Hessian-weighted k-means", True)):
             m = ns.load_compressed(RESULTS / "files" / src)
-            share_weights_global(m, bits, importance)
-            f = RESULTS / "files" / f"dc_{name}_global_{'hw' if importance else 'km'}{bits}.nsz"
+            run_stages(m, [{"hessian_kmeans": {"bits": bits, "weighted": weighted, "num_grads": 2000,
+                                               "grad_batch": 16, "seed": 0}}], data)
+            f = RESULTS / "files" / f"dc_{name}_global_{'hw' if weighted else 'km'}{bits}.nsz"
             info = ns.save_compressed(m, f, value_dtype="float16")
             out.setdefault(label, {})[str(bits)] = {
                 "test_error_pct": 100 * (1 - ns.evaluate(ns.load_compressed(f), data.test)[1]),

@@ -2,7 +2,6 @@
 builds, the pipeline leaves exactly the weights (and the same .nsz bytes) that the direct calls the benchmark made
 before left, from the same model and seed. So a committed number stays valid where only the code path changed
 (docs/bench_pipeline.md)."""
-import copy
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -79,4 +78,57 @@ def test_qat_stage_is_the_callback_then_int8(tmp_path):
     ns.train(old, data, cfg, callbacks=[QuantizationAwareTraining()])
     quantize_model_int8(old)
     common.run_stages(new, [{"qat": common.train_options(cfg)}], data, progress=False)
+    _same(old, new, tmp_path)
+
+
+def _pruned(name: str = "lenet5"):
+    from netsurgeon.pruning.magnitude import prune_magnitude
+
+    m = _model(name)
+    prune_magnitude(m, sparsity=0.8)
+    return m
+
+
+def test_kmeans_then_finetune_stages_are_share_weights_then_train(tmp_path):
+    from netsurgeon.quantization.kmeans import share_weights
+
+    data, bits = _data(), {"conv": 8, "fc": 5}
+    centroid = ns.TrainConfig(epochs=1, lr=0.001, momentum=0.9, weight_decay=0.0, schedule="cosine", seed=2)
+    old, new = _pruned(), _pruned()
+    rep = share_weights(old, bits, init="linear")
+    ns.train(old, data, centroid)
+    rec = common.run_stages(new, [{"kmeans": {"bits": bits, "init": "linear"}}], progress=False)
+    assert {r.name: r.rms_error for r in rep} == {n: r["rms_error"] for n, r in rec[0]["report"]["layers"].items()}
+    common.run_stages(new, [{"finetune": common.train_options(centroid)}], data, progress=False)
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("init", ["density", "random"])
+def test_kmeans_stage_inits(tmp_path, init):
+    from netsurgeon.quantization.kmeans import share_weights
+
+    old, new = _pruned(), _pruned()
+    share_weights(old, {"conv": 8, "fc": 3}, init=init)
+    common.run_stages(new, [{"kmeans": {"bits": {"conv": 8, "fc": 3}, "init": init}}], progress=False)
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_hessian_kmeans_stage_is_collect_gradients_then_share_weights_global(tmp_path, weighted):
+    from netsurgeon.masks import prunable_tensors
+    from netsurgeon.quantization.kmeans import share_weights_global
+    from netsurgeon.stats import collect_gradients
+
+    data = _data()
+    old, new = _pruned(), _pruned()
+    imp = None
+    if weighted:  # bench/deep_compression_mnist.py before: the Fisher diagonal computed by hand
+        names = prunable_tensors(old)
+        diag = collect_gradients(old, data.train, names, 40, 4, seed=0).pow(2).mean(0)
+        sizes = [old.get_submodule(n.rsplit(".", 1)[0]).weight.numel() for n in names]
+        imp = {n: d.view_as(old.get_submodule(n.rsplit(".", 1)[0]).weight)
+               for n, d in zip(names, diag.split(sizes), strict=True)}
+    share_weights_global(old, 3, imp)
+    common.run_stages(new, [{"hessian_kmeans": {"bits": 3, "weighted": weighted, "num_grads": 40, "grad_batch": 4,
+                                                "seed": 0}}], data, progress=False)
     _same(old, new, tmp_path)
