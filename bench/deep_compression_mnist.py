@@ -15,9 +15,14 @@ from pathlib import Path
 
 import netsurgeon as ns
 from _common import (
+    DC_BITS,
+    DC_CENTROID,
+    DC_PAPER,
+    DC_PAPER_WIDTHS,
     REPO,
     RESULTS,
     cached_json,
+    dc_pipeline,
     dns_choice,
     machine,
     parse_args,
@@ -25,18 +30,12 @@ from _common import (
     rel,
     run_stages,
     save_figure,
-    train_options,
     weight_counts,
     write_result,
 )
 
 CHOI_LENET = 51.25  # Choi et al. 2017, LeNet compression ratio with Hessian-weighted k-means + Huffman
-PAPER = {  # Deep Compression Tables 2-3: size after pruning + quantization (+ Huffman)
-    "lenet300": {"dense_kb": 1070, "kb": 27, "compression": 40, "before_huffman": 32, "error": 1.58,
-                 "ref_error": 1.64},
-    "lenet5": {"dense_kb": 1720, "kb": 44, "compression": 39, "before_huffman": 33, "error": 0.74,
-               "ref_error": 0.80},
-}
+PAPER, PAPER_WIDTHS, BITS, CENTROID = DC_PAPER, DC_PAPER_WIDTHS, DC_BITS, DC_CENTROID  # in bench/_common.py
 SOURCES = {  # pruned starting points: (label, file); DNS's is the run bench/dns_mnist.py chose
     "lenet300": [("magnitude per-layer (Han)", "han_lenet300_layer_float32.nsz"), ("DNS", None)],
     "lenet5": [("magnitude per-layer (Han)", "han_lenet5_layer_float32.nsz"),
@@ -51,36 +50,6 @@ def sources(name: str) -> list[tuple[str, str]]:
 def _file(src: str) -> Path:
     """A pruned starting point's path relative to the repository: stages are cached under its content hash."""
     return RESULTS.relative_to(REPO) / "files" / src
-BITS = {"conv": 8, "fc": 5}
-CENTROID = ns.TrainConfig(epochs=2, lr=0.001, momentum=0.9, weight_decay=0.0, schedule="cosine")
-
-
-def pipeline(name: str, label: str, src: str, data) -> dict:
-    path = RESULTS / "files" / src
-    model = ns.load_compressed(path)
-    pruned_err = 100 * (1 - ns.evaluate(model, data.test)[1])
-    t0 = time.perf_counter()
-    rep = run_stages(model, [{"kmeans": {"bits": BITS, "init": "linear"}}])[0]["report"]["layers"]
-    shared_err = 100 * (1 - ns.evaluate(model, data.test)[1])  # between the stages: sharing before fine-tuning
-    run_stages(model, [{"finetune": train_options(CENTROID)}], data)
-    wall = time.perf_counter() - t0
-    slug = f"{name}_{'dns' if label == 'DNS' else label.split()[1].strip('()')}".replace("-", "")
-    out = {"source": src, "pruned_error_pct": pruned_err, "shared_error_pct_before_finetune": shared_err,
-           "rms_error": {n: r["rms_error"] for n, r in rep.items()}, "wall_s": wall}
-    for huff in (False, True):
-        f = RESULTS / "files" / f"dc_{slug}{'_huffman' if huff else ''}.nsz"
-        info = ns.save_compressed(model, f, value_dtype="float16", huffman=huff,
-                                  meta={"method": f"{label} + k-means {BITS} + centroid fine-tuning"})
-        loaded = ns.load_compressed(f)
-        out["huffman" if huff else "fixed"] = {
-            "file": rel(f), "file_bytes": info.file_bytes, "compression_bytes": info.compression,
-            "test_error_pct": 100 * (1 - ns.evaluate(loaded, data.test)[1])}
-    nz, total = ns.stats.count_nonzero(loaded)
-    out.update(nonzero=nz, params=total, compression_nonzero=total / nz,
-               per_tensor={r.name: {"codec": r.codec, "bytes": r.bytes, "bytes_fixed": r.bytes_fixed,
-                                    "index_bits": r.index_bits, "code_bits": r.code_bits}
-                           for r in ns.read_compressed(REPO / out["huffman"]["file"])[0].records})
-    return out
 
 
 def init_comparison(name: str, src: str, data) -> dict:
@@ -137,9 +106,6 @@ def hessian_weighted(name: str, src: str, data) -> dict:
                 "test_error_pct": 100 * (1 - ns.evaluate(ns.load_compressed(f), data.test)[1]),
                 "file_bytes": info.file_bytes, "compression_bytes": info.compression}
     return out
-
-
-PAPER_WIDTHS = {"conv": 8, "fc": 5}   # the paper's relative-index widths (Sec. 2): 8 bits conv, 5 bits fc
 
 
 def paper_widths(name: str, label: str, huffman_file: str, data) -> dict:
@@ -201,8 +167,8 @@ def main() -> None:
         p = PAPER[name]
         r = {"paper": p, "pipelines": {}}
         for label, src in sources(name):
-            v = cached_json(f"dc_{name}_{src.removesuffix('.nsz')}", lambda name=name, label=label, src=src: pipeline(
-                name, label, src, data), args.fresh, source=_file(src))
+            v = cached_json(f"dc_{name}_{src.removesuffix('.nsz')}", lambda name=name, label=label, src=src:
+                            dc_pipeline(name, label, src, data), args.fresh, source=_file(src))
             r["pipelines"][label] = v
             h = v["huffman"]
             is_han = label.startswith("magnitude")

@@ -132,3 +132,69 @@ def test_hessian_kmeans_stage_is_collect_gradients_then_share_weights_global(tmp
     common.run_stages(new, [{"hessian_kmeans": {"bits": 3, "weighted": weighted, "num_grads": 40, "grad_batch": 4,
                                                 "seed": 0}}], data, progress=False)
     _same(old, new, tmp_path)
+
+
+def _same_file(a, b, tmp_path: Path, data) -> None:
+    """Training-time methods: the stage also runs the method's ``finalize`` (plain masks instead of its own
+    parametrization), which the benchmarks did not call; what they measure must not move: the effective weights,
+    the file bytes, the outputs."""
+    fa, fb = tmp_path / "a.nsz", tmp_path / "b.nsz"
+    ns.save_compressed(a, fa, value_dtype="float16")
+    ns.save_compressed(b, fb, value_dtype="float16")
+    assert fa.read_bytes() == fb.read_bytes()
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a(data.test.x), b(data.test.x))
+    assert ns.evaluate(a, data.test) == ns.evaluate(b, data.test)
+    from netsurgeon.masks import sparsity_report
+
+    assert ns.stats.count_nonzero(a) == ns.stats.count_nonzero(b)
+    kept = [[(r.name, r.kept) for r in sparsity_report(m, False)] for m in (a, b)]
+    assert kept[0] == kept[1]
+    assert ns.stats.total_flops(a, data.input_shape) == ns.stats.total_flops(b, data.input_shape)
+
+
+AP_CFG = ns.TrainConfig(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+
+
+def test_dns_stage_is_the_dns_callback(tmp_path):
+    from netsurgeon.pruning.dns import DNS
+
+    data, c = _data(), {"fc1": 2.5, "fc2": 2.0, "fc3": 1.5}
+    old, new = _model("lenet300"), _model("lenet300")
+    ns.train(old, data, AP_CFG, callbacks=[DNS(c_rate=c, gamma=1e-3, iter_stop=2)])
+    common.run_stages(new, [{"dns": common.train_options(AP_CFG, c_rate=c, gamma=1e-3, iter_stop=2)}], data,
+                      progress=False)
+    _same_file(old, new, tmp_path, data)
+
+
+def test_l1_stage_is_the_proximal_callback(tmp_path):
+    from netsurgeon.pruning.l1 import L1Proximal
+
+    data = _data()
+    old, new = _model("lenet300"), _model("lenet300")
+    ns.train(old, data, AP_CFG, callbacks=[L1Proximal(0.05)])
+    common.run_stages(new, [{"l1": common.train_options(AP_CFG, lam=0.05)}], data, progress=False)
+    # the stage's finalize masks the exact zeros (mask_zeros): a masked weight comes after its bias in the state
+    # dict, so the file lists the same records in another order; the header's offsets then take a few more or
+    # fewer digits. Same tensors, same nonzeros, same outputs: only file_bytes moves, by a few bytes.
+    fa, fb = tmp_path / "a.nsz", tmp_path / "b.nsz"
+    ia, ib = ns.save_compressed(old, fa, value_dtype="float16"), ns.save_compressed(new, fb, value_dtype="float16")
+    ra = {r.name: (r.nonzero, r.bytes, r.codec) for r in ns.nsz.read_header(fa).records}
+    assert ra == {r.name: (r.nonzero, r.bytes, r.codec) for r in ns.nsz.read_header(fb).records}
+    assert abs(ia.file_bytes - ib.file_bytes) < 32
+    old.eval(), new.eval()
+    with torch.no_grad():
+        assert torch.equal(old(data.test.x), new(data.test.x))
+    assert torch.equal(ns.load_compressed(fa)(data.test.x), ns.load_compressed(fb)(data.test.x))
+
+
+def test_autoprune_stage_is_the_callback(tmp_path):
+    from netsurgeon.pruning.autoprune import AutoPrune
+
+    data = _data()
+    old, new = _model("lenet300"), _model("lenet300")
+    ns.train(old, data, AP_CFG, callbacks=[AutoPrune(mu=50.0, m_lr=0.01, stop=2)])
+    common.run_stages(new, [{"autoprune": common.train_options(AP_CFG, mu=50.0, m_lr=0.01, stop=2)}], data,
+                      progress=False)
+    _same_file(old, new, tmp_path, data)
