@@ -421,6 +421,29 @@ def autoprune_run(name: str, data, mu: float, epochs: int = AP_EPOCHS, tag: str 
     return ap_measure(m, data, t0, {"mu": mu, "options": kw, "history": ap.history_}, name, tag)
 
 
+DAMPS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the damping grid of every second-order row (choose_damp)
+
+
+def choose_damp(data, state: dict, method: str, over: dict, n_grads: int, sparsity: float = 0.95) -> dict:
+    """The damping of a second-order row, chosen on the validation split (never test): the lambda of DAMPS with
+    the best validation accuracy after one-shot pruning MLPNet (``state``) to ``sparsity`` with ``method`` (its
+    registered stage: fit on the training split, prune) and the row's other options ``over`` (Fisher seed 0).
+    Ties go to the smaller lambda. Every second-order row of every table (bench/woodfisher_mnist.py's sweep, the
+    limited-data curves, the official conditions, bench/survey_mnist.py's K-FAC part) uses it."""
+    val = {}
+    for damp in DAMPS:
+        m = ns.build_model("mlpnet")
+        m.load_state_dict(state)
+        run_stages(m, [{method: {"num_grads": n_grads, "seed": 0, **over, "damp": damp, "sparsity": sparsity}}],
+                   data, progress=False)
+        val[str(damp)] = 100 * ns.evaluate(m, data.val)[1]
+    chosen = float(max(val, key=val.get))
+    print(f"{method} {over} damping on the validation split at {sparsity:.0%}, {n_grads} gradients: {val} -> "
+          f"{chosen:g}", flush=True)
+    return {"chosen": chosen, "val_acc": val, "how": f"best validation accuracy at {sparsity:.0%} sparsity, "
+                                                     f"{n_grads} gradients, seed 0, over {list(DAMPS)}"}
+
+
 def pipeline_run(tag: str, model, stages: list[dict], data, meta: dict, out_dir: Path | None = None) -> dict:
     """Run ``stages`` on ``model``, save OUT_DIR/TAG.nsz (default bench/results/files/; smoke runs pass the
     cache), return its validation and test error and the wall time of the stages (saving excluded)."""

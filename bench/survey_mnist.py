@@ -50,6 +50,7 @@ from _common import (
     REPO,
     RESULTS,
     cached_json,
+    choose_damp,
     dense_model,
     file_bytes_counts,
     latency,
@@ -70,7 +71,6 @@ from netsurgeon.pruning.channels import remove_channels
 from netsurgeon.pruning.datafree import merge_neurons, mergeable_layers
 from netsurgeon.pruning.structured import l1_filter_prune
 from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner
-from woodfisher_mnist import choose_damp
 
 SHAPE = (1, 28, 28)
 FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]

@@ -18,8 +18,10 @@ import torch
 
 import netsurgeon as ns
 from _common import (
+    DAMPS,
     RESULTS,
     cached_json,
+    choose_damp,
     dense_model,
     load_dense,
     machine,
@@ -42,9 +44,9 @@ METHODS = {  # name: (method, FisherConfig overrides)
     "WoodTaylor block 2000": ("woodtaylor", {"block_size": 2000, "damp": 0.1}),
     "K-FAC": ("kfac", {}),
 }
-# Every second-order row chooses its damping from this grid the same way (choose_damp: best validation accuracy at
-# 95% sparsity, Fisher seed 0); until issue 39 only K-FAC did, and the others kept lambda = 1e-5 (0.1 WoodTaylor).
-DAMPS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# Every second-order row chooses its damping from the grid DAMPS the same way (bench/_common.py choose_damp: best
+# validation accuracy at 95% sparsity, Fisher seed 0); until issue 39 only K-FAC did, and the others kept
+# lambda = 1e-5 (0.1 WoodTaylor).
 ANCHOR = {"sparsity": 0.95, "num_grads": 100, "dense_acc": 93.97,
           "woodfisher_block": 84.18, "kfac": 81.26, "diag_fisher": 19.88}  # official repo's regression test
 
@@ -88,25 +90,6 @@ def sweep(data, dense_path, seeds: list[int], n_grads: int, only: list[str] | No
                                 "std": {s: statistics.pstdev(v) for s, v in accs.items()}, "runs": accs}
     out["wall_s"] = time.perf_counter() - t0
     return out
-
-
-def choose_damp(data, state: dict, method: str, over: dict, n_grads: int, sparsity: float = 0.95) -> dict:
-    """The damping of a second-order row, chosen on the validation split (never test): the lambda of DAMPS with
-    the best validation accuracy after one-shot pruning MLPNet (``state``) to ``sparsity`` with ``method`` and the
-    row's other options ``over`` (Fisher seed 0). Ties go to the smaller lambda. Every second-order row of every
-    table (this sweep, the limited-data curves, the official conditions, survey_mnist's K-FAC part) uses it."""
-    val = {}
-    for damp in DAMPS:
-        m = ns.build_model("mlpnet")
-        m.load_state_dict(state)
-        cfg = FisherConfig(**{"num_grads": n_grads, "seed": 0, **over, "damp": damp})
-        OneShotPruner(method, cfg).fit(m, data.train).prune(m, sparsity)
-        val[str(damp)] = 100 * ns.evaluate(m, data.val)[1]
-    chosen = float(max(val, key=val.get))
-    print(f"{method} {over} damping on the validation split at {sparsity:.0%}, {n_grads} gradients: {val} -> "
-          f"{chosen:g}", flush=True)
-    return {"chosen": chosen, "val_acc": val, "how": f"best validation accuracy at {sparsity:.0%} sparsity, "
-                                                     f"{n_grads} gradients, seed 0, over {list(DAMPS)}"}
 
 
 def kfac_damp(data, state: dict, n_grads: int, sparsity: float = 0.95) -> dict:

@@ -198,3 +198,18 @@ def test_autoprune_stage_is_the_callback(tmp_path):
     common.run_stages(new, [{"autoprune": common.train_options(AP_CFG, mu=50.0, m_lr=0.01, stop=2)}], data,
                       progress=False)
     _same_file(old, new, tmp_path, data)
+
+
+@pytest.mark.parametrize("method,over", [("woodfisher", {"block_size": 100}), ("kfac", {}),
+                                         ("woodtaylor", {"block_size": 100, "damp": 0.1})])
+def test_second_order_stage_is_fit_then_prune(tmp_path, method, over):
+    """bench/_common.py choose_damp: the registered stage instead of OneShotPruner(...).fit(...).prune(...)."""
+    from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner
+
+    data = _data()
+    old, new = _model("mlpnet"), _model("mlpnet")
+    cfg = FisherConfig(**{"num_grads": 16, "seed": 0, **over, "damp": 1e-3})
+    OneShotPruner(method, cfg).fit(old, data.train).prune(old, 0.9)
+    common.run_stages(new, [{method: {"num_grads": 16, "seed": 0, **over, "damp": 1e-3, "sparsity": 0.9}}], data,
+                      progress=False)
+    _same(old, new, tmp_path)
