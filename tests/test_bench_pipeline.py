@@ -213,3 +213,34 @@ def test_second_order_stage_is_fit_then_prune(tmp_path, method, over):
     common.run_stages(new, [{method: {"num_grads": 16, "seed": 0, **over, "damp": 1e-3, "sparsity": 0.9}}], data,
                       progress=False)
     _same(old, new, tmp_path)
+
+
+def test_global_magnitude_stage_is_the_second_order_pruners_magnitude(tmp_path):
+    """bench/survey_mnist.py's K-FAC part: its global-magnitude row."""
+    from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner
+
+    data = _data()
+    old, new = _model("mlpnet"), _model("mlpnet")
+    OneShotPruner("magnitude", FisherConfig(num_grads=16, seed=0)).fit(old, data.train).prune(old, 0.95)
+    common.run_stages(new, [{"magnitude": {"sparsity": 0.95, "scope": "global", "epochs": 0}}], progress=False)
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["datafree", "zero partner", "no surgery", "l1 neurons"])
+def test_neuron_removal_stages(tmp_path, kind):
+    """bench/survey_mnist.py's data-free part: merge_neurons / l1_filter_prune called directly before."""
+    from netsurgeon.pruning.datafree import merge_neurons, mergeable_layers
+    from netsurgeon.pruning.structured import l1_filter_prune
+
+    shape = (1, 28, 28)
+    old, new = _model("lenet300"), _model("lenet300")
+    fraction = {n: 0.5 for n in mergeable_layers(old, shape)}
+    if kind == "l1 neurons":
+        l1_filter_prune(old, fraction, shape)
+        stage = {"l1_filters": {"fraction": fraction}}
+    else:
+        merge_neurons(old, fraction, shape, zero_partner=kind == "zero partner", surgery=kind != "no surgery")
+        stage = {"datafree": {"fraction": fraction, "zero_partner": kind == "zero partner",
+                              "surgery": kind != "no surgery"}}
+    common.run_stages(new, [stage], progress=False)
+    _same(old, new, tmp_path)
