@@ -421,6 +421,16 @@ def autoprune_run(name: str, data, mu: float, epochs: int = AP_EPOCHS, tag: str 
     return ap_measure(m, data, t0, {"mu": mu, "options": kw, "history": ap.history_}, name, tag)
 
 
+def oneshot_stage(method: str, sparsity: float, **options: Any) -> dict:
+    """The stage of one-shot ``method`` (a second-order pruner: woodfisher, kfac, diag_fisher, obd, ...) to one
+    global ``sparsity`` with its ``options`` (num_grads, damp, block_size, seed, ...), fitted on the training split.
+    ``magnitude`` is global magnitude pruning once, no retraining (the magnitude method's ``epochs: 0``; it takes
+    no Fisher options), the same weights as ``OneShotPruner("magnitude", ...)``."""
+    if method == "magnitude":
+        return {"magnitude": {"sparsity": sparsity, "scope": "global", "epochs": 0}}
+    return {method: {**options, "sparsity": sparsity}}
+
+
 DAMPS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the damping grid of every second-order row (choose_damp)
 
 
@@ -434,8 +444,8 @@ def choose_damp(data, state: dict, method: str, over: dict, n_grads: int, sparsi
     for damp in DAMPS:
         m = ns.build_model("mlpnet")
         m.load_state_dict(state)
-        run_stages(m, [{method: {"num_grads": n_grads, "seed": 0, **over, "damp": damp, "sparsity": sparsity}}],
-                   data, progress=False)
+        run_stages(m, [oneshot_stage(method, sparsity, num_grads=n_grads, seed=0, **{**over, "damp": damp})], data,
+                   progress=False)
         val[str(damp)] = 100 * ns.evaluate(m, data.val)[1]
     chosen = float(max(val, key=val.get))
     print(f"{method} {over} damping on the validation split at {sparsity:.0%}, {n_grads} gradients: {val} -> "

@@ -34,6 +34,9 @@
 
 Rows go to bench/results/survey_mnist.json (``table_rows``) with a plot; every row's weights are counted from
 its .nsz file (weights only, biases apart) and its latency is the runtime form against the dense model.
+Every compression runs as ns.Pipeline stages except: random neuron removal (a baseline no registered method
+offers), the saliency curve (merge_neurons(curve=True), an analysis) and the distortion tests (distort_model
+applied to trained networks at test time).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from _common import (
     load_dense,
     machine,
     mean_std,
+    oneshot_stage,
     parse_args,
     pipeline_run,
     pyplot,
@@ -337,11 +341,8 @@ def kfac(data, quick: bool) -> dict:
             for seed in (SEEDS[:1] if quick or method == "magnitude" else SEEDS):
                 m = load_dense(src)
                 t0 = time.perf_counter()
-                # the registered stage; global magnitude is the magnitude method pruning once, no retraining
-                stage = ({"magnitude": {"sparsity": KFAC["sparsity"], "scope": "global", "epochs": 0}}
-                         if method == "magnitude" else
-                         {method: {"num_grads": n, "seed": seed, **over, "sparsity": KFAC["sparsity"]}})
-                run_stages(m, [stage], data, progress=False)
+                run_stages(m, [oneshot_stage(method, KFAC["sparsity"], num_grads=n, seed=seed, **over)], data,
+                           progress=False)
                 wall = time.perf_counter() - t0
                 accs.append(100 * ns.evaluate(m, data.test)[1])
                 f = (CACHE if quick else RESULTS / "files") / f"survey_mlpnet_{method}_{n}g_s{seed}.nsz"

@@ -244,3 +244,22 @@ def test_neuron_removal_stages(tmp_path, kind):
                               "surgery": kind != "no surgery"}}
     common.run_stages(new, [stage], progress=False)
     _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("scorer", ["magnitude", "woodfisher"])
+def test_gradual_stage_is_the_gradual_callback(tmp_path, scorer):
+    """bench/woodfisher_mnist.py's gradual part; the last pruning step is recovered from the report's count."""
+    from netsurgeon.pruning.schedules import GradualPruning
+    from netsurgeon.pruning.woodfisher import FisherConfig
+
+    data, cfg = _data(), ns.TrainConfig(epochs=1, lr=0.01, schedule="cosine", max_steps=3)
+    old, new = _model("mlpnet"), _model("mlpnet")
+    cb = GradualPruning(0.95, start=0, end=2, every=1, method=scorer,
+                        fisher=FisherConfig(num_grads=8, damp=1e-5, block_size=100))
+    ns.train(old, data, cfg, callbacks=[cb])
+    rep = common.run_stages(new, [{"gradual": common.train_options(
+        cfg, target=0.95, start=0, end=2, every=1, scorer=scorer, num_grads=8, damp=1e-5, block_size=100)}], data,
+        progress=False)[0]["report"]
+    assert (rep["pruning_steps"] - 1) * 1 == cb.steps_done_[-1]["step"]
+    assert rep["sparsity"] == cb.steps_done_[-1]["sparsity"]
+    _same(old, new, tmp_path)
