@@ -255,6 +255,205 @@ def save_figure(fig, path: Path) -> None:
     pyplot().close(fig)
 
 
+def run_stages(model, stages: list[dict], data=None, progress: bool = True) -> list[dict]:
+    """Run ``stages`` (``[{method: {options}}, ...]``, a recipe's ``stages``) on ``model`` in place through
+    ``ns.Pipeline``, the code path of ``netsurgeon compress``; returns each stage's record (its report)."""
+    return ns.Pipeline.from_spec(stages).run(model, data, progress=progress)
+
+
+def train_options(cfg: ns.TrainConfig, **changes: Any) -> dict[str, Any]:
+    """A TrainConfig's fields as stage options (every training-time method takes them), with ``changes``."""
+    return {**cfg.to_dict(), **changes}
+
+
+def magnitude_stages(cfg: ns.TrainConfig, *, sparsity: float | dict[str, float], rounds: int, epochs: int,
+                     lr_factor: float, final: int = 0, scope: str = "layer") -> list[dict]:
+    """Han et al.'s iterative pruning as stages: ``rounds`` of magnitude pruning each retrained ``epochs`` at
+    LR x ``lr_factor`` (the ``magnitude`` method, training fields from ``cfg``), then, if ``final``, the same masks
+    retrained ``final`` epochs longer at that LR with seed ``cfg.seed + 100`` (a ``finetune`` stage)."""
+    stages = [{"magnitude": train_options(cfg, epochs=epochs, sparsity=sparsity, scope=scope, rounds=rounds,
+                                          lr_factor=lr_factor)}]
+    if final:
+        stages.append({"finetune": train_options(cfg, lr=cfg.lr * lr_factor, epochs=final, seed=cfg.seed + 100)})
+    return stages
+
+
+HAN_PAPER = {  # Han et al. 2015, Table 1 (errors) and Table 2 (% of weights kept per layer)
+    "lenet300": {"ref_error": 1.64, "pruned_error": 1.59, "compression": 12.0,
+                 "kept": {"fc1": 8.0, "fc2": 9.0, "fc3": 26.0}},
+    "lenet5": {"ref_error": 0.80, "pruned_error": 0.77, "compression": 12.0,
+               "kept": {"conv1": 66.0, "conv2": 12.0, "fc1": 8.0, "fc2": 19.0}},
+}
+# (epochs per prune/retrain round, LR factor, final epochs at the last sparsity), 3 rounds: the schedules chosen
+# on the validation split in bench/missed_targets.py (docs/missed_targets.md); before: 6 / 10 epochs, LR / 10, none
+HAN_SCHEDULE = {"lenet300": (10, 0.5, 20), "lenet5": (6, 0.1, 12)}
+
+
+def han_stages(name: str, cfg: ns.TrainConfig, *, quick: bool = False, **kw: Any) -> list[dict]:
+    """bench/han_mnist.py's pruning on the schedule chosen on validation (HAN_SCHEDULE) as stages: 3 rounds of
+    pruning and retraining at LR x lr_factor, then the same masks retrained ``final`` epochs longer (not with
+    ``quick``: 1 epoch per round). ``kw``: sparsity, scope."""
+    per_round, lr_factor, final = HAN_SCHEDULE[name]
+    return magnitude_stages(cfg, rounds=3, epochs=1 if quick else per_round, lr_factor=lr_factor,
+                            final=0 if quick else final, **kw)
+
+
+DNS_ITERATIONS = {"lenet5": 16_000, "lenet300": 25_000}  # Guo et al. 2016's surgery runs (bench/dns_mnist.py)
+# Surgery run: Caffe's LeNet solver (lr 0.01, momentum 0.9, wd 5e-4, "inv" policy), the official example's
+# gamma = 1e-4 for LeNet-5 and the default 1e-3 for LeNet-300-100; masks freeze at 7/8 of the run.
+DNS_SURGERY = {
+    "lenet5": dict(gamma=1e-4, lr=0.01),
+    "lenet300": dict(gamma=1e-3, lr=0.01),
+}
+
+
+def dns_surgery(name: str, data, dense_path: Path, targets: dict[str, float], tag: str, iterations: int,
+                iter_stop: int | None = None) -> dict:
+    """One DNS surgery run from the dense model (bench/dns_mnist.py, bench/missed_targets.py): c calibrated per
+    layer on the dense weights to keep ``targets`` %; ``iter_stop`` None is DNS's default (the official code's).
+
+    Not through ``ns.Pipeline``: the plots read DNS's per-step ``history_`` (kept %, pruned and spliced
+    connections per layer), which the dns stage's report does not carry, and these 16,000-32,000-iteration runs
+    resume from checkpoints, which ``Pipeline.run`` does not offer."""
+    from netsurgeon.masks import sparsity_report
+    from netsurgeon.pruning.dns import DNS, calibrate_c_rate
+
+    model = load_dense(dense_path)
+
+    def tensors(layer: str) -> list:
+        m = model.get_submodule(layer)
+        return [m.weight] + ([m.bias] if m.bias is not None else [])
+
+    c = {k: calibrate_c_rate(tensors(k), v / 100) for k, v in targets.items()}
+    steps_per_epoch = -(-len(data.train) // 64)
+    cfg = ns.TrainConfig(epochs=-(-iterations // steps_per_epoch), max_steps=iterations, lr=DNS_SURGERY[name]["lr"],
+                         momentum=0.9, weight_decay=5e-4, schedule="inv", lr_gamma=1e-4, lr_power=0.75)
+    dns = DNS(c_rate=c, gamma=DNS_SURGERY[name]["gamma"], iter_stop=iter_stop, log_every=250)
+    ckpt = CACHE / f"dns_{name}_{tag}.ckpt"
+    t0 = time.perf_counter()
+    ns.train(model, data, cfg, callbacks=[dns], checkpoint=ckpt, checkpoint_every=1000, resume=ckpt.is_file(),
+             progress=True)
+    wall = time.perf_counter() - t0
+    f = (CACHE if "quick" in tag else RESULTS / "files") / f"dns_{name}_{tag}.nsz"
+    ns.save_compressed(model, f, value_dtype="float16", meta={"method": "dns", "c_rate": c})
+    kept = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, include_bias=False)}
+    return {"tag": tag, "targets_pct": targets, "c_rate": c, "iter_stop": dns.iter_stop, "kept_pct": kept,
+            "iterations": iterations,
+            "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]), "wall_s": wall, "file": rel(f),
+            "surgery": dns.summary(), "history": dns.history_}
+
+
+DC_PAPER = {  # Deep Compression Tables 2-3: size after pruning + quantization (+ Huffman)
+    "lenet300": {"dense_kb": 1070, "kb": 27, "compression": 40, "before_huffman": 32, "error": 1.58,
+                 "ref_error": 1.64},
+    "lenet5": {"dense_kb": 1720, "kb": 44, "compression": 39, "before_huffman": 33, "error": 0.74,
+               "ref_error": 0.80},
+}
+DC_PAPER_WIDTHS = {"conv": 8, "fc": 5}   # the paper's relative-index widths (Sec. 2): 8 bits conv, 5 bits fc
+DC_BITS = {"conv": 8, "fc": 5}
+DC_CENTROID = ns.TrainConfig(epochs=2, lr=0.001, momentum=0.9, weight_decay=0.0, schedule="cosine")
+
+
+def dc_pipeline(name: str, label: str, src: str, data) -> dict:
+    """Deep Compression from the pruned file bench/results/files/SRC (bench/deep_compression_mnist.py,
+    bench/missed_targets.py): the ``kmeans`` stage (conv 8, fc 5 bits, linear init), the error before fine-tuning,
+    a ``finetune`` stage of the centroids, then the file written with fixed-width streams and with Huffman."""
+    path = RESULTS / "files" / src
+    model = ns.load_compressed(path)
+    pruned_err = 100 * (1 - ns.evaluate(model, data.test)[1])
+    t0 = time.perf_counter()
+    rep = run_stages(model, [{"kmeans": {"bits": DC_BITS, "init": "linear"}}])[0]["report"]["layers"]
+    shared_err = 100 * (1 - ns.evaluate(model, data.test)[1])  # between the stages: sharing before fine-tuning
+    run_stages(model, [{"finetune": train_options(DC_CENTROID)}], data)
+    wall = time.perf_counter() - t0
+    slug = f"{name}_{'dns' if label == 'DNS' else label.split()[1].strip('()')}".replace("-", "")
+    out = {"source": src, "pruned_error_pct": pruned_err, "shared_error_pct_before_finetune": shared_err,
+           "rms_error": {n: r["rms_error"] for n, r in rep.items()}, "wall_s": wall}
+    for huff in (False, True):
+        f = RESULTS / "files" / f"dc_{slug}{'_huffman' if huff else ''}.nsz"
+        info = ns.save_compressed(model, f, value_dtype="float16", huffman=huff,
+                                  meta={"method": f"{label} + k-means {DC_BITS} + centroid fine-tuning"})
+        loaded = ns.load_compressed(f)
+        out["huffman" if huff else "fixed"] = {
+            "file": rel(f), "file_bytes": info.file_bytes, "compression_bytes": info.compression,
+            "test_error_pct": 100 * (1 - ns.evaluate(loaded, data.test)[1])}
+    nz, total = ns.stats.count_nonzero(loaded)
+    out.update(nonzero=nz, params=total, compression_nonzero=total / nz,
+               per_tensor={r.name: {"codec": r.codec, "bytes": r.bytes, "bytes_fixed": r.bytes_fixed,
+                                    "index_bits": r.index_bits, "code_bits": r.code_bits}
+                           for r in ns.read_compressed(REPO / out["huffman"]["file"])[0].records})
+    return out
+
+
+AP_EPOCHS = 10  # bench/autoprune_mnist.py's AutoPrune runs (also bench/missed_targets.py, bench/seeds_mnist.py)
+AP_MU = {"lenet300": 100.0, "lenet5": 300.0}
+AP_CFG = ns.TrainConfig(epochs=AP_EPOCHS, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+
+
+def ap_measure(model, data, t0: float, extra: dict | None = None, name: str = "", tag: str = "") -> dict:
+    """Save bench/results/files/autoprune_NAME_TAG.nsz (float16) and measure it: errors, nonzeros, bytes, FLOPs."""
+    from netsurgeon.masks import sparsity_report
+
+    f = RESULTS / "files" / f"autoprune_{name}_{tag}.nsz"
+    info = ns.save_compressed(model, f, value_dtype="float16")
+    nz, total = ns.stats.count_nonzero(model)
+    dense_f, eff_f = ns.stats.total_flops(model, data.input_shape)
+    return {"test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]),
+            "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]),
+            "compression_nonzero": total / nz, "nonzero": nz, "params": total, "file_bytes": info.file_bytes,
+            "compression_bytes": info.compression, "flops_kept_pct": 100 * eff_f / dense_f,
+            "kept_pct": {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, False)},
+            "wall_s": time.perf_counter() - t0, **(extra or {})}
+
+
+def autoprune_run(name: str, data, mu: float, epochs: int = AP_EPOCHS, tag: str = "main", **kw) -> dict:
+    """AutoPrune from the dense model (bench/autoprune_mnist.py; bench/missed_targets.py's longer attempts).
+
+    Not through ``ns.Pipeline``: the result keeps AutoPrune's per-step ``history_`` (kept % per layer, plotted),
+    which the autoprune stage's report does not carry (its last entry only)."""
+    from netsurgeon.pruning.autoprune import AutoPrune
+
+    m = load_dense(dense_model(name, data)[0])
+    steps = epochs * -(-len(data.train) // AP_CFG.batch_size)
+    ap = AutoPrune(mu=mu, m_lr=0.01, stop=int(0.8 * steps), **kw)
+    t0 = time.perf_counter()
+    ns.train(m, data, ns.TrainConfig(**{**AP_CFG.__dict__, "epochs": epochs}), callbacks=[ap], progress=True)
+    return ap_measure(m, data, t0, {"mu": mu, "options": kw, "history": ap.history_}, name, tag)
+
+
+def oneshot_stage(method: str, sparsity: float, **options: Any) -> dict:
+    """The stage of one-shot ``method`` (a second-order pruner: woodfisher, kfac, diag_fisher, obd, ...) to one
+    global ``sparsity`` with its ``options`` (num_grads, damp, block_size, seed, ...), fitted on the training split.
+    ``magnitude`` is global magnitude pruning once, no retraining (the magnitude method's ``epochs: 0``; it takes
+    no Fisher options), the same weights as ``OneShotPruner("magnitude", ...)``."""
+    if method == "magnitude":
+        return {"magnitude": {"sparsity": sparsity, "scope": "global", "epochs": 0}}
+    return {method: {**options, "sparsity": sparsity}}
+
+
+DAMPS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the damping grid of every second-order row (choose_damp)
+
+
+def choose_damp(data, state: dict, method: str, over: dict, n_grads: int, sparsity: float = 0.95) -> dict:
+    """The damping of a second-order row, chosen on the validation split (never test): the lambda of DAMPS with
+    the best validation accuracy after one-shot pruning MLPNet (``state``) to ``sparsity`` with ``method`` (its
+    registered stage: fit on the training split, prune) and the row's other options ``over`` (Fisher seed 0).
+    Ties go to the smaller lambda. Every second-order row of every table (bench/woodfisher_mnist.py's sweep, the
+    limited-data curves, the official conditions, bench/survey_mnist.py's K-FAC part) uses it."""
+    val = {}
+    for damp in DAMPS:
+        m = ns.build_model("mlpnet")
+        m.load_state_dict(state)
+        run_stages(m, [oneshot_stage(method, sparsity, num_grads=n_grads, seed=0, **{**over, "damp": damp})], data,
+                   progress=False)
+        val[str(damp)] = 100 * ns.evaluate(m, data.val)[1]
+    chosen = float(max(val, key=val.get))
+    print(f"{method} {over} damping on the validation split at {sparsity:.0%}, {n_grads} gradients: {val} -> "
+          f"{chosen:g}", flush=True)
+    return {"chosen": chosen, "val_acc": val, "how": f"best validation accuracy at {sparsity:.0%} sparsity, "
+                                                     f"{n_grads} gradients, seed 0, over {list(DAMPS)}"}
+
+
 def pipeline_run(tag: str, model, stages: list[dict], data, meta: dict, out_dir: Path | None = None) -> dict:
     """Run ``stages`` on ``model``, save OUT_DIR/TAG.nsz (default bench/results/files/; smoke runs pass the
     cache), return its validation and test error and the wall time of the stages (saving excluded)."""

@@ -5,6 +5,8 @@ run, an STE / update-rule ablation and a mu sweep against an L1 penalty on the w
 
 All runs start from the dense models of bench/_common.py. M is trained on the validation split (bi-level);
 the test split is only evaluated. The interpretations behind every choice: docs/autoprune.md.
+DNS, magnitude and L1 run as ns.Pipeline stages; AutoPrune itself (bench/_common.py autoprune_run) trains its
+callback directly because the plot reads its per-step history_ (kept % per layer), which the stage report lacks.
 """
 
 from __future__ import annotations
@@ -13,78 +15,58 @@ import time
 
 import netsurgeon as ns
 from _common import (
+    AP_CFG,
+    AP_EPOCHS,
+    AP_MU,
     RESULTS,
+    ap_measure,
+    autoprune_run,
     cached_json,
     dense_model,
     dns_choice,
     load_dense,
     machine,
+    magnitude_stages,
     parse_args,
     pyplot,
+    run_stages,
     save_figure,
+    train_options,
     weight_counts,
     write_result,
 )
-from netsurgeon.masks import sparsity_report
-from netsurgeon.pruning.autoprune import AutoPrune
-from netsurgeon.pruning.dns import DNS
-from netsurgeon.pruning.l1 import L1Proximal
-from netsurgeon.pruning.magnitude import prune_and_retrain
 
 PAPER = {"lenet5": {"compression": 310.0, "flops_pct": 7.0, "target_error": 0.95},
          # LeNet-300-100: the AutoPrune paper gives no figure; 56x is DNS's, the project's goal ("above DNS")
          "lenet300": {"compression": 56.0, "target_error": 2.0, "goal_not_paper": True}}
-EPOCHS = 10
+EPOCHS, MU, CFG = AP_EPOCHS, AP_MU, AP_CFG  # bench/_common.py: bench/missed_targets.py and seeds_mnist.py use them
 TAGS = {"autoprune": "main", "dns": "dns", "magnitude": "magnitude"}   # each row's file: autoprune_{model}_{tag}.nsz
-MU = {"lenet300": 100.0, "lenet5": 300.0}
-CFG = ns.TrainConfig(epochs=EPOCHS, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine")
-
-
-def _measure(model, data, t0: float, extra: dict | None = None, name: str = "", tag: str = "") -> dict:
-    f = RESULTS / "files" / f"autoprune_{name}_{tag}.nsz"
-    info = ns.save_compressed(model, f, value_dtype="float16")
-    nz, total = ns.stats.count_nonzero(model)
-    dense_f, eff_f = ns.stats.total_flops(model, data.input_shape)
-    return {"test_error_pct": 100 * (1 - ns.evaluate(model, data.test)[1]),
-            "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]),
-            "compression_nonzero": total / nz, "nonzero": nz, "params": total, "file_bytes": info.file_bytes,
-            "compression_bytes": info.compression, "flops_kept_pct": 100 * eff_f / dense_f,
-            "kept_pct": {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, False)},
-            "wall_s": time.perf_counter() - t0, **(extra or {})}
-
-
-def autoprune_run(name: str, data, mu: float, epochs: int = EPOCHS, tag: str = "main", **kw) -> dict:
-    m = load_dense(dense_model(name, data)[0])
-    steps = epochs * -(-len(data.train) // CFG.batch_size)
-    ap = AutoPrune(mu=mu, m_lr=0.01, stop=int(0.8 * steps), **kw)
-    t0 = time.perf_counter()
-    ns.train(m, data, ns.TrainConfig(**{**CFG.__dict__, "epochs": epochs}), callbacks=[ap], progress=True)
-    return _measure(m, data, t0, {"mu": mu, "options": kw, "history": ap.history_}, name, tag)
 
 
 def dns_run(name: str, data) -> dict:
     m = load_dense(dense_model(name, data)[0])
     steps = EPOCHS * -(-len(data.train) // CFG.batch_size)
     # c of the run bench/dns_mnist.py chose; this row's own epochs and mask schedule
-    dns = DNS(c_rate=dns_choice(name)["c_rate"], gamma=1e-4 if name == "lenet5" else 1e-3, iter_stop=int(0.8 * steps))
+    dns = train_options(CFG, c_rate=dns_choice(name)["c_rate"], gamma=1e-4 if name == "lenet5" else 1e-3,
+                        iter_stop=int(0.8 * steps))
     t0 = time.perf_counter()
-    ns.train(m, data, CFG, callbacks=[dns], progress=True)
-    return _measure(m, data, t0, {}, name, "dns")
+    run_stages(m, [{"dns": dns}], data)
+    return ap_measure(m, data, t0, {}, name, "dns")
 
 
 def magnitude_run(name: str, data, kept: dict[str, float]) -> dict:
     m = load_dense(dense_model(name, data)[0])
     t0 = time.perf_counter()
-    prune_and_retrain(m, data, sparsity={k: 1 - v / 100 for k, v in kept.items()}, rounds=2,
-                      epochs_per_round=EPOCHS // 2, config=ns.TrainConfig(lr=0.1, schedule="cosine"), progress=True)
-    return _measure(m, data, t0, {}, name, "magnitude")
+    run_stages(m, magnitude_stages(ns.TrainConfig(lr=0.1, schedule="cosine"), rounds=2, epochs=EPOCHS // 2,
+                                   lr_factor=0.1, sparsity={k: 1 - v / 100 for k, v in kept.items()}), data)
+    return ap_measure(m, data, t0, {}, name, "magnitude")
 
 
 def l1_run(name: str, data, lam: float, epochs: int) -> dict:
     m = load_dense(dense_model(name, data)[0])
     t0 = time.perf_counter()
-    ns.train(m, data, ns.TrainConfig(**{**CFG.__dict__, "epochs": epochs}), callbacks=[L1Proximal(lam)])
-    return _measure(m, data, t0, {"lambda": lam}, name, f"l1_{lam:g}")
+    run_stages(m, [{"l1": train_options(CFG, epochs=epochs, lam=lam)}], data, progress=False)
+    return ap_measure(m, data, t0, {"lambda": lam}, name, f"l1_{lam:g}")
 
 
 def main() -> None:

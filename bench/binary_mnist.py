@@ -11,6 +11,11 @@ for the MLPs; test error of the epoch with the best *validation* error (the pape
 250-1000 epochs on a GPU; this CPU budget allows ``--epochs`` (say so beside every row). One seed.
 Training stages are cached (bench/.cache) and checkpointed, so an interrupted run resumes; the latency stage
 is re-measured on every run.
+
+Not through ns.Pipeline: every run keeps the weights of its best validation epoch (BestOnValidation beside the
+method's callback), re-estimates BatchNorm for stochastic BinaryConnect's real weights, and only then binarizes
+(the callback's finalize); a binary stage finalizes right after its last epoch and takes no model-selection
+callback, and these hour-long runs resume from checkpoints, which Pipeline.run does not offer.
 """
 
 from __future__ import annotations

@@ -15,29 +15,27 @@ from pathlib import Path
 
 import netsurgeon as ns
 from _common import (
+    DC_BITS,
+    DC_CENTROID,
+    DC_PAPER,
+    DC_PAPER_WIDTHS,
     REPO,
     RESULTS,
     cached_json,
+    dc_pipeline,
     dns_choice,
     machine,
     parse_args,
     pyplot,
     rel,
+    run_stages,
     save_figure,
     weight_counts,
     write_result,
 )
-from netsurgeon.masks import prunable_tensors
-from netsurgeon.quantization.kmeans import share_weights, share_weights_global
-from netsurgeon.stats import collect_gradients
 
 CHOI_LENET = 51.25  # Choi et al. 2017, LeNet compression ratio with Hessian-weighted k-means + Huffman
-PAPER = {  # Deep Compression Tables 2-3: size after pruning + quantization (+ Huffman)
-    "lenet300": {"dense_kb": 1070, "kb": 27, "compression": 40, "before_huffman": 32, "error": 1.58,
-                 "ref_error": 1.64},
-    "lenet5": {"dense_kb": 1720, "kb": 44, "compression": 39, "before_huffman": 33, "error": 0.74,
-               "ref_error": 0.80},
-}
+PAPER, PAPER_WIDTHS, BITS, CENTROID = DC_PAPER, DC_PAPER_WIDTHS, DC_BITS, DC_CENTROID  # in bench/_common.py
 SOURCES = {  # pruned starting points: (label, file); DNS's is the run bench/dns_mnist.py chose
     "lenet300": [("magnitude per-layer (Han)", "han_lenet300_layer_float32.nsz"), ("DNS", None)],
     "lenet5": [("magnitude per-layer (Han)", "han_lenet5_layer_float32.nsz"),
@@ -52,36 +50,6 @@ def sources(name: str) -> list[tuple[str, str]]:
 def _file(src: str) -> Path:
     """A pruned starting point's path relative to the repository: stages are cached under its content hash."""
     return RESULTS.relative_to(REPO) / "files" / src
-BITS = {"conv": 8, "fc": 5}
-CENTROID = ns.TrainConfig(epochs=2, lr=0.001, momentum=0.9, weight_decay=0.0, schedule="cosine")
-
-
-def pipeline(name: str, label: str, src: str, data) -> dict:
-    path = RESULTS / "files" / src
-    model = ns.load_compressed(path)
-    pruned_err = 100 * (1 - ns.evaluate(model, data.test)[1])
-    t0 = time.perf_counter()
-    rep = share_weights(model, BITS, init="linear")
-    shared_err = 100 * (1 - ns.evaluate(model, data.test)[1])
-    ns.train(model, data, CENTROID, progress=True)
-    wall = time.perf_counter() - t0
-    slug = f"{name}_{'dns' if label == 'DNS' else label.split()[1].strip('()')}".replace("-", "")
-    out = {"source": src, "pruned_error_pct": pruned_err, "shared_error_pct_before_finetune": shared_err,
-           "rms_error": {r.name: r.rms_error for r in rep}, "wall_s": wall}
-    for huff in (False, True):
-        f = RESULTS / "files" / f"dc_{slug}{'_huffman' if huff else ''}.nsz"
-        info = ns.save_compressed(model, f, value_dtype="float16", huffman=huff,
-                                  meta={"method": f"{label} + k-means {BITS} + centroid fine-tuning"})
-        loaded = ns.load_compressed(f)
-        out["huffman" if huff else "fixed"] = {
-            "file": rel(f), "file_bytes": info.file_bytes, "compression_bytes": info.compression,
-            "test_error_pct": 100 * (1 - ns.evaluate(loaded, data.test)[1])}
-    nz, total = ns.stats.count_nonzero(loaded)
-    out.update(nonzero=nz, params=total, compression_nonzero=total / nz,
-               per_tensor={r.name: {"codec": r.codec, "bytes": r.bytes, "bytes_fixed": r.bytes_fixed,
-                                    "index_bits": r.index_bits, "code_bits": r.code_bits}
-                           for r in ns.read_compressed(REPO / out["huffman"]["file"])[0].records})
-    return out
 
 
 def init_comparison(name: str, src: str, data) -> dict:
@@ -90,7 +58,7 @@ def init_comparison(name: str, src: str, data) -> dict:
     for init in ("linear", "density", "random"):
         for bits in (2, 3, 4, 5):
             model = ns.load_compressed(RESULTS / "files" / src)
-            share_weights(model, {"conv": 8, "fc": bits}, init=init)
+            run_stages(model, [{"kmeans": {"bits": {"conv": 8, "fc": bits}, "init": init}}], progress=False)
             out.setdefault(init, {})[str(bits)] = 100 * ns.evaluate(model, data.test)[1]
     return out
 
@@ -123,28 +91,21 @@ def plot(res: dict, path) -> None:
 def hessian_weighted(name: str, src: str, data) -> dict:
     """Choi et al. 2017: one codebook for all layers, k-means weighted by the diagonal of the empirical Fisher
     (2,000 gradients of mini-batch 16 on the training split), against plain k-means at the same bits.
-    No fine-tuning, so the comparison isolates the clustering objective."""
-    base = ns.load_compressed(RESULTS / "files" / src)
-    names = prunable_tensors(base)
-    g = collect_gradients(base, data.train, names, 2000, 16, seed=0)
-    diag = g.pow(2).mean(0)
-    sizes = [base.get_submodule(n.rsplit(".", 1)[0]).weight.numel() for n in names]
-    imp = {n: d.view_as(base.get_submodule(n.rsplit(".", 1)[0]).weight) for n, d in zip(names, diag.split(sizes),
-                                                                                           strict=True)}
+    No fine-tuning, so the comparison isolates the clustering objective. Each file is the ``hessian_kmeans``
+    stage (``weighted: false``: plain k-means over all layers); the Fisher diagonal is the same at every bit width
+    (the same starting weights, gradient seed 0), computed by the stage each time."""
     out = {}
     for bits in (2, 3, 4, 5):
-        for label, importance in (("k-means, all layers", None), ("Hessian-weighted k-means", imp)):
+        for label, weighted in (("k-means, all layers", False), ("Hessian-weighted k-means", True)):
             m = ns.load_compressed(RESULTS / "files" / src)
-            share_weights_global(m, bits, importance)
-            f = RESULTS / "files" / f"dc_{name}_global_{'hw' if importance else 'km'}{bits}.nsz"
+            run_stages(m, [{"hessian_kmeans": {"bits": bits, "weighted": weighted, "num_grads": 2000,
+                                               "grad_batch": 16, "seed": 0}}], data)
+            f = RESULTS / "files" / f"dc_{name}_global_{'hw' if weighted else 'km'}{bits}.nsz"
             info = ns.save_compressed(m, f, value_dtype="float16")
             out.setdefault(label, {})[str(bits)] = {
                 "test_error_pct": 100 * (1 - ns.evaluate(ns.load_compressed(f), data.test)[1]),
                 "file_bytes": info.file_bytes, "compression_bytes": info.compression}
     return out
-
-
-PAPER_WIDTHS = {"conv": 8, "fc": 5}   # the paper's relative-index widths (Sec. 2): 8 bits conv, 5 bits fc
 
 
 def paper_widths(name: str, label: str, huffman_file: str, data) -> dict:
@@ -206,8 +167,8 @@ def main() -> None:
         p = PAPER[name]
         r = {"paper": p, "pipelines": {}}
         for label, src in sources(name):
-            v = cached_json(f"dc_{name}_{src.removesuffix('.nsz')}", lambda name=name, label=label, src=src: pipeline(
-                name, label, src, data), args.fresh, source=_file(src))
+            v = cached_json(f"dc_{name}_{src.removesuffix('.nsz')}", lambda name=name, label=label, src=src:
+                            dc_pipeline(name, label, src, data), args.fresh, source=_file(src))
             r["pipelines"][label] = v
             h = v["huffman"]
             is_han = label.startswith("magnitude")

@@ -14,6 +14,10 @@ The design note's numbers (docs/distributed.md: ResNet-50 on 8 ranks) come from 
 pruner uses, on ResNet-50's weight shapes; they are written to the JSON as ``resnet50_plan``.
 
     python bench/distributed.py --data-dir ../shared/data/mnist
+
+Not through ns.Pipeline: each rank reads the sharded fit's internals (phase seconds, bytes of inverses held, the
+logged memory estimate, RSS between fit and prune) and times DNS steps with a clock callback beside DNS's, none of
+which a stage's report carries.
 """
 
 from __future__ import annotations

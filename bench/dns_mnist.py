@@ -12,6 +12,8 @@ code's (conv masks freeze at 10,000 iterations, FC at 8,000; DNS()'s default) an
 mask at 7/8 of the run. Of all runs, the one that reaches the compression target with the lowest *validation*
 error is reported; the test split is only evaluated.
 Stages are cached in bench/.cache/, so an interrupted run continues.
+The magnitude baseline runs as ns.Pipeline stages. DNS surgery (bench/_common.py dns_surgery) trains the DNS
+callback directly: the plot reads its per-step history_, and 16,000-iteration runs resume from checkpoints.
 """
 
 from __future__ import annotations
@@ -22,75 +24,42 @@ from pathlib import Path
 import netsurgeon as ns
 from _common import (
     CACHE,
+    DNS_ITERATIONS,
     REPO,
     RESULTS,
     cached_json,
     dense_model,
+    dns_surgery,
     load_dense,
     machine,
+    magnitude_stages,
     parse_args,
     pyplot,
     rel,
+    run_stages,
     save_figure,
     weight_counts,
     write_result,
 )
 from netsurgeon.masks import sparsity_report
-from netsurgeon.pruning.dns import DNS, calibrate_c_rate
-from netsurgeon.pruning.magnitude import prune_and_retrain
 from netsurgeon.report import summarize
 
 PAPER = {  # Guo et al. 2016 Table 1; per-layer kept % from its Table 2 (checked against the released models)
-    "lenet5": {"ref_error": 0.91, "pruned_error": 0.91, "compression": 108.0, "iterations": 16_000,
+    "lenet5": {"ref_error": 0.91, "pruned_error": 0.91, "compression": 108.0, "iterations": DNS_ITERATIONS["lenet5"],
                "kept": {"conv1": 14.2, "conv2": 3.1, "fc1": 0.7, "fc2": 4.3}, "target_error": 0.95},
-    "lenet300": {"ref_error": 2.28, "pruned_error": 1.99, "compression": 56.0, "iterations": 25_000,
+    "lenet300": {"ref_error": 2.28, "pruned_error": 1.99, "compression": 56.0,
+                 "iterations": DNS_ITERATIONS["lenet300"],
                  "kept": {"fc1": 1.8, "fc2": 1.8, "fc3": 5.5}, "target_error": 2.0},
 }
-# Surgery run: Caffe's LeNet solver (lr 0.01, momentum 0.9, wd 5e-4, "inv" policy), the official example's
-# gamma = 1e-4 for LeNet-5 and the default 1e-3 for LeNet-300-100; masks freeze at 7/8 of the run.
-SURGERY = {
-    "lenet5": dict(gamma=1e-4, lr=0.01),
-    "lenet300": dict(gamma=1e-3, lr=0.01),
-}
-
-
-def _layer_tensors(model, layer):
-    m = model.get_submodule(layer)
-    return [m.weight] + ([m.bias] if m.bias is not None else [])
-
-
-def surgery(name: str, data, dense_path: Path, targets: dict[str, float], tag: str, iterations: int,
-            iter_stop: int | None = None) -> dict:
-    """One surgery run from the dense model; ``iter_stop`` None is DNS's default (the official code's)."""
-    model = load_dense(dense_path)
-    c = {k: calibrate_c_rate(_layer_tensors(model, k), v / 100) for k, v in targets.items()}
-    steps_per_epoch = -(-len(data.train) // 64)
-    cfg = ns.TrainConfig(epochs=-(-iterations // steps_per_epoch), max_steps=iterations, lr=SURGERY[name]["lr"],
-                         momentum=0.9, weight_decay=5e-4, schedule="inv", lr_gamma=1e-4, lr_power=0.75)
-    dns = DNS(c_rate=c, gamma=SURGERY[name]["gamma"], iter_stop=iter_stop, log_every=250)
-    ckpt = CACHE / f"dns_{name}_{tag}.ckpt"
-    t0 = time.perf_counter()
-    ns.train(model, data, cfg, callbacks=[dns], checkpoint=ckpt, checkpoint_every=1000, resume=ckpt.is_file(),
-             progress=True)
-    wall = time.perf_counter() - t0
-    f = (CACHE if "quick" in tag else RESULTS / "files") / f"dns_{name}_{tag}.nsz"
-    ns.save_compressed(model, f, value_dtype="float16", meta={"method": "dns", "c_rate": c})
-    kept = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, include_bias=False)}
-    return {"tag": tag, "targets_pct": targets, "c_rate": c, "iter_stop": dns.iter_stop, "kept_pct": kept,
-            "iterations": iterations,
-            "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]), "wall_s": wall, "file": rel(f),
-            "surgery": dns.summary(), "history": dns.history_}
-
-
 def magnitude_same_budget(name: str, data, dense_path: Path, kept: dict[str, float], iterations: int,
                           tag: str = "") -> dict:
     model = load_dense(dense_path)
     steps_per_epoch = -(-len(data.train) // 64)
     epochs_per_round = max(1, round(iterations / steps_per_epoch / 3))
     t0 = time.perf_counter()
-    prune_and_retrain(model, data, sparsity={k: 1 - v / 100 for k, v in kept.items()}, rounds=3,
-                      epochs_per_round=epochs_per_round, config=ns.TrainConfig(lr=0.1, schedule="cosine"),
-                      progress=True)  # retraining at lr/10 = 0.01, the surgery run's LR
+    run_stages(model, magnitude_stages(ns.TrainConfig(lr=0.1, schedule="cosine"), rounds=3, epochs=epochs_per_round,
+                                       lr_factor=0.1, sparsity={k: 1 - v / 100 for k, v in kept.items()}),
+               data)  # retraining at lr/10 = 0.01, the surgery run's LR
     wall = time.perf_counter() - t0
     f = (CACHE if "quick" in tag else RESULTS / "files") / f"dns_{name}_magnitude_baseline{tag}.nsz"
     ns.save_compressed(model, f, value_dtype="float16", meta={"method": "magnitude"})
@@ -137,8 +106,8 @@ def calibrate(name: str, data, dense_path: Path, schedule: str, iters: int, fres
         else:
             targets = {k: _secant(v, runs[-2], runs[-1], k) for k, v in goal.items()}
         tag = f"{prefix}run{i}{q}"
-        r = cached_json(f"dns_{name}_{tag}", lambda t=targets, g=tag: surgery(name, data, dense_path, t, g, iters,
-                                                                             stop), fresh)
+        r = cached_json(f"dns_{name}_{tag}", lambda t=targets, g=tag: dns_surgery(name, data, dense_path, t, g, iters,
+                                                                                 stop), fresh)
         r["schedule"] = schedule
         runs.append(r)
         if all(abs(math.log(r["kept_pct"][k] / v)) <= math.log(1 + KEPT_TOL) for k, v in goal.items()):

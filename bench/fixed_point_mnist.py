@@ -4,6 +4,9 @@ with the same optimizer. Two simulations: the paper's (parameters, layer outputs
 back-propagated errors all in fixed point) and parameters only (this benchmark's first version).
 
     python bench/fixed_point_mnist.py --data-dir ../shared/data/mnist
+
+Not through ns.Pipeline: the plot needs the validation accuracy of every epoch of every run, and a training
+stage's report keeps the last epoch's only (the fixed_point stage trains with the same FixedPointTraining).
 """
 
 from __future__ import annotations

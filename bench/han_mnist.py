@@ -13,31 +13,26 @@ import time
 from dataclasses import asdict, replace
 
 import netsurgeon as ns
-from _common import DENSE, RESULTS, cached_json, dense_model, machine, parse_args, rel, weight_counts, write_result
+from _common import (
+    DENSE,
+    HAN_PAPER,
+    HAN_SCHEDULE,
+    RESULTS,
+    cached_json,
+    dense_model,
+    han_stages,
+    machine,
+    parse_args,
+    rel,
+    run_stages,
+    weight_counts,
+    write_result,
+)
 from netsurgeon.masks import sparsity_report
 from netsurgeon.modelfile import load_model
-from netsurgeon.pruning.magnitude import prune_and_retrain
 from netsurgeon.report import plot_kept, summarize
 
-PAPER = {  # Han et al. 2015, Table 1 (errors) and Table 2 (% of weights kept per layer)
-    "lenet300": {"ref_error": 1.64, "pruned_error": 1.59, "compression": 12.0,
-                 "kept": {"fc1": 8.0, "fc2": 9.0, "fc3": 26.0}},
-    "lenet5": {"ref_error": 0.80, "pruned_error": 0.77, "compression": 12.0,
-               "kept": {"conv1": 66.0, "conv2": 12.0, "fc1": 8.0, "fc2": 19.0}},
-}
-# (epochs per prune/retrain round, LR factor, final epochs at the last sparsity), 3 rounds: the schedules chosen
-# on the validation split in bench/missed_targets.py (docs/missed_targets.md); before: 6 / 10 epochs, LR / 10, none
-SCHEDULE = {"lenet300": (10, 0.5, 20), "lenet5": (6, 0.1, 12)}
-
-
-def prune_on_schedule(model, data, name: str, cfg: ns.TrainConfig, *, quick: bool = False, **kw) -> None:
-    """Han et al.'s iterative pruning on the schedule chosen on validation (SCHEDULE): 3 rounds of pruning and
-    retraining at LR x lr_factor, then the same masks retrained ``final`` epochs longer. ``kw``: sparsity, scope."""
-    per_round, lr_factor, final = SCHEDULE[name]
-    prune_and_retrain(model, data, rounds=3, epochs_per_round=1 if quick else per_round, config=cfg,
-                      lr_factor=lr_factor, progress=True, **kw)
-    if final and not quick:  # the same masks, retrained longer at the last sparsity
-        ns.train(model, data, replace(cfg, lr=cfg.lr * lr_factor, epochs=final, seed=cfg.seed + 100), progress=True)
+PAPER, SCHEDULE = HAN_PAPER, HAN_SCHEDULE  # bench/_common.py: seeds_mnist runs the same schedule
 
 
 def run_model(name: str, data: ns.data.Dataset, fresh: bool, quick: bool) -> dict:
@@ -57,7 +52,7 @@ def run_model(name: str, data: ns.data.Dataset, fresh: bool, quick: bool) -> dic
         def stage(kw=kw, vname=vname) -> dict:
             m, _ = load_model(dense_path)
             t = time.perf_counter()
-            prune_on_schedule(m, data, name, cfg, quick=quick, **kw)
+            run_stages(m, han_stages(name, cfg, quick=quick, **kw), data)
             wall = time.perf_counter() - t
             kept = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(m, include_bias=False)}
             slug = ("layer" if kw["scope"] == "layer" else "global") + ("_quick" if quick else "")

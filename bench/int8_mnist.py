@@ -24,12 +24,13 @@ from _common import (
     parse_args,
     pyplot,
     rel,
+    run_stages,
     save_figure,
+    train_options,
     weight_counts,
     write_result,
 )
 from _common import latency as latency_common
-from netsurgeon.quantization.uniform import QuantizationAwareTraining, quantize_model_int8
 from netsurgeon.stats import measure_latency
 
 SEEDS = (0, 1, 2)
@@ -41,7 +42,7 @@ def run(name: str, data) -> dict:
            "dense_file": rel(dense_path)}
     for label, per_channel in (("PTQ per tensor", False), ("PTQ per channel", True)):
         m = load_dense(dense_path)
-        quantize_model_int8(m, per_channel=per_channel)
+        run_stages(m, [{"int8": {"per_channel": per_channel}}])
         f = RESULTS / "files" / f"int8_{name}_{'channel' if per_channel else 'tensor'}.nsz"
         info = ns.save_compressed(m, f)
         out[label] = {"test_error_pct": 100 * (1 - ns.evaluate(ns.load_compressed(f), data.test)[1]),
@@ -50,9 +51,9 @@ def run(name: str, data) -> dict:
     for seed in SEEDS:
         m = load_dense(dense_path)
         t = time.perf_counter()
-        ns.train(m, data, ns.TrainConfig(epochs=1, lr=0.001, schedule="cosine", seed=seed),
-                 callbacks=[QuantizationAwareTraining()], progress=True)
-        quantize_model_int8(m)
+        # fake-quantized training, then int8 weights per channel (the qat stage's finalize)
+        run_stages(m, [{"qat": train_options(ns.TrainConfig(epochs=1, lr=0.001, schedule="cosine", seed=seed))}],
+                   data)
         f = RESULTS / "files" / f"int8_{name}_qat{f'_seed{seed}' if seed else ''}.nsz"
         info = ns.save_compressed(m, f)
         seeds[seed] = {"test_error_pct": 100 * (1 - ns.evaluate(ns.load_compressed(f), data.test)[1]),

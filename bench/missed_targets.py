@@ -28,23 +28,31 @@ import torch
 
 import netsurgeon as ns
 from _common import (
+    AP_CFG,
+    DC_PAPER,
+    DC_PAPER_WIDTHS,
     DENSE,
     REPO,
     RESULTS,
+    autoprune_run,
     cached_json,
+    dc_pipeline,
     dense_model,
+    dns_surgery,
     load_dense,
     machine,
+    magnitude_stages,
     mean_std,
     parse_args,
     pyplot,
     rel,
+    run_stages,
     save_figure,
+    train_options,
     weight_counts,
     write_result,
 )
 from netsurgeon.masks import sparsity_report
-from netsurgeon.pruning.magnitude import prune_and_retrain
 from netsurgeon.report import summarize
 
 PAPER = {"error": 0.77, "ref_error": 0.80, "compression": 12.0,
@@ -73,11 +81,8 @@ def run_variant(name: str, spec: tuple, data, dense_path, seed: int = 0, model_n
     model = load_dense(dense_path)
     sparsity = {k: 1 - v / 100 for k, v in (PAPER if model_name == "lenet5" else PAPER300)["kept"].items()}
     t0 = time.perf_counter()
-    prune_and_retrain(model, data, sparsity=sparsity, rounds=rounds, epochs_per_round=epochs, scope="layer",
-                      config=cfg, lr_factor=lr_factor, progress=True)
-    if final:
-        ns.train(model, data, replace(cfg, lr=cfg.lr * lr_factor, epochs=final, seed=cfg.seed + 100),
-                 progress=True)
+    run_stages(model, magnitude_stages(cfg, sparsity=sparsity, rounds=rounds, epochs=epochs, lr_factor=lr_factor,
+                                       final=final), data)
     wall = time.perf_counter() - t0
     slug = name.split(":")[0].replace(" ", "_").replace("/", "").replace("+", "").replace(",", "")[:40]
     f = RESULTS / "files" / f"missed_han_{model_name}_{slug}{f'_seed{seed}' if seed else ''}.nsz"
@@ -154,8 +159,6 @@ def dns_longer(data, dense_path, dense_err: float) -> dict:
     the compression (a) lost). Among the runs at >= 108x, the lowest validation error is the result."""
     import json
 
-    from dns_mnist import surgery
-
     run3 = json.loads((RESULTS / "dns_mnist.json").read_text())["models"]["lenet5"]["dns"]
     runs, rows = {}, []
     for tag, label in (("attempt_32k", "DNS, same initial targets, 32,000 iterations (2x)"),
@@ -167,7 +170,7 @@ def dns_longer(data, dense_path, dense_err: float) -> dict:
             targets = {k: v * scale for k, v in run3["targets_pct"].items()}
         # cached under the starting targets: a re-run dns_mnist (new chosen run) is a new attempt
         r = cached_json(f"missed_dns_lenet5_{tag.removeprefix('attempt_')}",
-                        lambda t=targets, g=tag, n=2 * DNS_PAPER["iterations"]: surgery(
+                        lambda t=targets, g=tag, n=2 * DNS_PAPER["iterations"]: dns_surgery(
                             "lenet5", data, dense_path, t, g, n, n * 7 // 8), source=targets)
         back = ns.load_compressed(REPO / r["file"])
         s = summarize(back, data.input_shape, data=data, file_path=REPO / r["file"])
@@ -187,16 +190,13 @@ def deep_compression(data, han_result: dict, model: str = "lenet5") -> dict:
     18-epoch one: paper 0.74% at 39x by bytes; before 0.90 +- 0.02% (3 seeds)."""
     from pathlib import Path
 
-    from deep_compression_mnist import PAPER as DC_PAPER
-    from deep_compression_mnist import PAPER_WIDTHS, pipeline
-
     run = next(r for r in han_result["runs"] if r["variant"] == han_result["chosen"])
     label = (f"magnitude {run['retrain_epochs']}-epoch (Han, chosen in missed_targets)" if model == "lenet5" else
              f"magnitude {run['retrain_epochs']}-epoch (Han LeNet-300-100, chosen in missed_targets)")
-    v = cached_json(f"missed_dc_{model}", lambda: pipeline(model, label, Path(run["file"]).name, data))
+    v = cached_json(f"missed_dc_{model}", lambda: dc_pipeline(model, label, Path(run["file"]).name, data))
     shared = ns.load_compressed(REPO / v["huffman"]["file"], keep_codecs=True)  # the paper's fixed index widths
     f = RESULTS / "files" / f"missed_dc_{model}_paper_widths.nsz"
-    info = ns.save_compressed(shared, f, value_dtype="float16", index_bits=PAPER_WIDTHS)
+    info = ns.save_compressed(shared, f, value_dtype="float16", index_bits=DC_PAPER_WIDTHS)
     p = DC_PAPER[model]
     rows = []
     for method, out in ((f"Deep Compression from the {label}: k-means + Huffman", v["huffman"]),
@@ -219,9 +219,6 @@ def dc300_seeds(data, path300, err300: float, han300: dict, dc300: dict) -> dict
     Compression pipeline: mean and std over seeds 0, 1, 2 of the pruned and the final test error and the bytes."""
     from pathlib import Path
 
-    from deep_compression_mnist import PAPER as DC_PAPER
-    from deep_compression_mnist import pipeline
-
     name = han300["chosen"]
     seed0 = next(r for r in han300["runs"] if r["variant"] == name)
     pruned, final, comp = [seed0["test_error_pct"]], [dc300["pipeline"]["huffman"]["test_error_pct"]], \
@@ -231,7 +228,7 @@ def dc300_seeds(data, path300, err300: float, han300: dict, dc300: dict) -> dict
         r = cached_json(f"missed_han_lenet300_seed{seed}", lambda seed=seed: {k: v for k, v in run_variant(
             name, VARIANTS300[name], data, path300, seed=seed, model_name="lenet300").items() if k != "summary"})
         label = f"magnitude {r['retrain_epochs']}-epoch-seed{seed} (Han LeNet-300-100, chosen in missed_targets)"
-        v = cached_json(f"missed_dc_lenet300_seed{seed}", lambda r=r, label=label: pipeline(
+        v = cached_json(f"missed_dc_lenet300_seed{seed}", lambda r=r, label=label: dc_pipeline(
             "lenet300", label, Path(r["file"]).name, data))
         pruned.append(r["test_error_pct"])
         final.append(v["huffman"]["test_error_pct"])
@@ -263,7 +260,6 @@ def autoprune_longer(data, dense_path, dense_err: float) -> dict:
     for the same 10 epochs, then 10 epochs of fine-tuning with the masks fixed. Among the runs at >= 310x, the
     lowest validation error is the result (AutoPrune trains its gates on validation batches, so that error is
     optimistic for it; the test split decides nothing)."""
-    from autoprune_mnist import CFG, autoprune_run
     from netsurgeon.masks import mask_zeros
 
     rows, runs = [], {}
@@ -274,8 +270,8 @@ def autoprune_longer(data, dense_path, dense_err: float) -> dict:
             if ft:
                 t0 = time.perf_counter()
                 m = ns.load_compressed(f)
-                mask_zeros(m)
-                ns.train(m, data, replace(CFG, epochs=ft, lr=CFG.lr / 10, seed=1), progress=True)
+                mask_zeros(m)  # the zeros AutoPrune left stay pruned while the rest is fine-tuned
+                run_stages(m, [{"finetune": train_options(AP_CFG, epochs=ft, lr=AP_CFG.lr / 10, seed=1)}], data)
                 ns.save_compressed(m, f, value_dtype="float16")
                 r["wall_s"] += time.perf_counter() - t0
             r.pop("history", None)

@@ -3,10 +3,15 @@ both, and AutoPrune, each re-run with seeds 0, 1, 2 from the same seeded dense m
 
     python bench/seeds_mnist.py --data-dir ../shared/data/mnist [--seeds 0 1 2] [--threads 2]
 
-What a seed changes: the order of mini-batches and every random draw of the compression run (its
-``TrainConfig.seed``). What it does not: the dense reference model (bench/_common.py, trained once from seed 0),
-and the hyper-parameters, which were chosen once on the validation split by the single-run benchmarks
-(han_mnist, dns_mnist: the initial per-layer targets of its chosen run; autoprune_mnist: mu). Each
+What a seed changes: the order of mini-batches and the random draws of the training runs (``TrainConfig.seed``,
+which seeds the Han and Deep Compression stages' draws too). The DNS and AutoPrune rows seed only the batch
+order: their callbacks' own draws (DNS's update draws, AutoPrune's validation batches) use seed 0 for every seed.
+Those two rows therefore call DNS and AutoPrune directly instead of through ``ns.Pipeline``: the dns and
+autoprune stages seed the method's draws with the stage's ``seed``, which would change the committed rows of
+seeds 1 and 2 (the Han and Deep Compression rows are ns.Pipeline stages). What a seed does not change: the
+dense reference model (bench/_common.py, trained once from seed 0), and the hyper-parameters, which were chosen
+once on the validation split by the single-run benchmarks (han_mnist, dns_mnist: the initial per-layer targets of
+its chosen run; autoprune_mnist: mu). Each
 (model, method, seed) stage is cached in bench/.cache/, so an interrupted run resumes. Writes
 bench/results/seeds_mnist.json (rows with mean ± std) and seeds_mnist.png.
 """
@@ -19,30 +24,35 @@ from dataclasses import replace
 
 import torch
 
-import autoprune_mnist as ap_bench
-import deep_compression_mnist as dc_bench
-import dns_mnist as dns_bench
-import han_mnist as han_bench
 import netsurgeon as ns
 from _common import (
+    AP_CFG,
+    AP_MU,
+    DC_BITS,
+    DC_CENTROID,
     DENSE,
+    DNS_ITERATIONS,
+    DNS_SURGERY,
+    HAN_PAPER,
     REPO,
     RESULTS,
     cached_json,
     dense_model,
     dns_choice,
+    han_stages,
     load_dense,
     machine,
     parse_args,
     pyplot,
     rel,
+    run_stages,
     save_figure,
+    train_options,
     weight_counts,
     write_result,
 )
 from netsurgeon.pruning.autoprune import AutoPrune
 from netsurgeon.pruning.dns import DNS
-from netsurgeon.quantization.kmeans import share_weights
 
 FILES = RESULTS / "files" / "seeds"
 
@@ -57,20 +67,20 @@ def _measure(model, data, t0: float, path) -> dict:
 def han(name: str, data, seed: int) -> dict:
     model = load_dense(dense_model(name, data)[0])
     t0 = time.perf_counter()
-    han_bench.prune_on_schedule(model, data, name, replace(DENSE[name], seed=seed), scope="layer",
-                                sparsity={k: 1 - v / 100 for k, v in han_bench.PAPER[name]["kept"].items()})
+    run_stages(model, han_stages(name, replace(DENSE[name], seed=seed), scope="layer",
+                                 sparsity={k: 1 - v / 100 for k, v in HAN_PAPER[name]["kept"].items()}), data)
     return _measure(model, data, t0, FILES / f"han_{name}_s{seed}.nsz")
 
 
 def dns(name: str, data, seed: int) -> dict:
     chosen = dns_choice(name)  # its c was calibrated on this same dense model
     model = load_dense(dense_model(name, data)[0])
-    iters = dns_bench.PAPER[name]["iterations"]
+    iters = DNS_ITERATIONS[name]
     steps_per_epoch = -(-len(data.train) // 64)
-    cfg = ns.TrainConfig(epochs=-(-iters // steps_per_epoch), max_steps=iters, lr=dns_bench.SURGERY[name]["lr"],
+    cfg = ns.TrainConfig(epochs=-(-iters // steps_per_epoch), max_steps=iters, lr=DNS_SURGERY[name]["lr"],
                          momentum=0.9, weight_decay=5e-4, schedule="inv", lr_gamma=1e-4, lr_power=0.75, seed=seed)
-    cb = DNS(c_rate=chosen["c_rate"], gamma=dns_bench.SURGERY[name]["gamma"], iter_stop=chosen["iter_stop"],
-             log_every=1000)
+    cb = DNS(c_rate=chosen["c_rate"], gamma=DNS_SURGERY[name]["gamma"], iter_stop=chosen["iter_stop"],
+             log_every=1000)  # seed 0 for every seed: see the docstring
     t0 = time.perf_counter()
     ns.train(model, data, cfg, callbacks=[cb], progress=True)
     return {**_measure(model, data, t0, FILES / f"dns_{name}_s{seed}.nsz"), "targets_pct": chosen["targets_pct"]}
@@ -80,8 +90,8 @@ def deep_compression(name: str, source: str, data, seed: int) -> dict:
     """k-means (conv 8, fc 5 bits, linear init) + centroid fine-tuning + Huffman on this seed's pruned model."""
     model = ns.load_compressed(FILES / f"{source}_{name}_s{seed}.nsz")
     t0 = time.perf_counter()
-    share_weights(model, dc_bench.BITS, init="linear")
-    ns.train(model, data, replace(dc_bench.CENTROID, seed=seed), progress=True)
+    run_stages(model, [{"kmeans": {"bits": DC_BITS, "init": "linear"}},
+                       {"finetune": train_options(DC_CENTROID, seed=seed)}], data)
     wall = time.perf_counter() - t0
     path = FILES / f"dc_{source}_{name}_s{seed}.nsz"
     ns.save_compressed(model, path, value_dtype="float16", huffman=True)
@@ -92,9 +102,9 @@ def deep_compression(name: str, source: str, data, seed: int) -> dict:
 
 def autoprune(name: str, data, seed: int) -> dict:
     model = load_dense(dense_model(name, data)[0])
-    cfg = replace(ap_bench.CFG, seed=seed)
+    cfg = replace(AP_CFG, seed=seed)
     steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
-    cb = AutoPrune(mu=ap_bench.MU[name], m_lr=0.01, stop=int(0.8 * steps))
+    cb = AutoPrune(mu=AP_MU[name], m_lr=0.01, stop=int(0.8 * steps))  # seed 0 for every seed: see the docstring
     t0 = time.perf_counter()
     ns.train(model, data, cfg, callbacks=[cb], progress=True)
     return _measure(model, data, t0, FILES / f"autoprune_{name}_s{seed}.nsz")

@@ -13,6 +13,12 @@ error: HashedNets' trained weights (the release's rule), soft weight sharing's *
 weights and mixture, quantized to the component means as the file stores them, evaluated on validation; the
 chosen epoch's weights and mixture are restored before the final quantization). Nothing is tuned on the test
 split. One seed (the time budget; said in the README).
+
+Centroid fine-tuning after soft sharing runs as an ns.Pipeline ``finetune`` stage. HashedNets and soft weight
+sharing train their callbacks directly, not through ns.Pipeline: both keep the epoch with the best validation
+error (soft sharing's selection evaluates the network quantized to the SWS callback's current mixture and restores
+weights and mixture together before the final quantization), and HashedNets hashes with its own generator; a
+stage finalizes right after its last epoch and takes no model-selection callback.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from _common import (
     parse_args,
     pyplot,
     rel,
+    run_stages,
     save_figure,
+    train_options,
     weight_counts,
     write_result,
 )
@@ -178,8 +186,8 @@ def sws_finetune(key: str, data, epochs: int) -> dict:
     src = REPO / f"bench/results/files/sharing_sws_{key}_auto.nsz"
     model = ns.load_compressed(src, keep_codecs=True)
     t0 = time.perf_counter()
-    ns.train(model, data, ns.TrainConfig(epochs=epochs, lr=1e-3, momentum=0.9, weight_decay=0.0, seed=0),
-             progress=True)
+    run_stages(model, [{"finetune": train_options(ns.TrainConfig(epochs=epochs, lr=1e-3, momentum=0.9,
+                                                                 weight_decay=0.0, seed=0))}], data)
     wall = time.perf_counter() - t0
     model.eval()
     f = RESULTS / "files" / f"sharing_sws_{key}_finetuned.nsz"

@@ -15,6 +15,9 @@ model at batch 1 and 256 (interleaved, same process, 2 threads, medians) beside 
 is a measured speedup >= 80% of the FLOP ratio at batch 256. Training stages are cached in bench/.cache/;
 latency is measured on every run (so it can be re-taken on a quiet machine). Torch-Pruning is a benchmark-only
 dependency (pip install torch-pruning); its rows are skipped, saying so, when it is missing.
+Every row runs through ns.Pipeline (``run``). l1_filter_prune is called directly only for the Torch-Pruning
+comparison, which needs the kept channel indices (the l1_filters stage reports counts), and filter_sensitivity is
+an analysis (Li et al.'s per-layer curves), not a compression.
 """
 
 from __future__ import annotations

@@ -34,6 +34,9 @@
 
 Rows go to bench/results/survey_mnist.json (``table_rows``) with a plot; every row's weights are counted from
 its .nsz file (weights only, biases apart) and its latency is the runtime form against the dense model.
+Every compression runs as ns.Pipeline stages except: random neuron removal (a baseline no registered method
+offers), the saliency curve (merge_neurons(curve=True), an analysis) and the distortion tests (distort_model
+applied to trained networks at test time).
 """
 
 from __future__ import annotations
@@ -50,27 +53,27 @@ from _common import (
     REPO,
     RESULTS,
     cached_json,
+    choose_damp,
     dense_model,
     file_bytes_counts,
     latency,
     load_dense,
     machine,
     mean_std,
+    oneshot_stage,
     parse_args,
     pipeline_run,
     pyplot,
     recount_bytes,
     rel,
+    run_stages,
     save_figure,
     weight_counts,
     write_result,
 )
 from netsurgeon.changes.resized import layer_sizes, record_resized, resized_record
 from netsurgeon.pruning.channels import remove_channels
-from netsurgeon.pruning.datafree import merge_neurons, mergeable_layers
-from netsurgeon.pruning.structured import l1_filter_prune
-from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner
-from woodfisher_mnist import choose_damp
+from netsurgeon.pruning.datafree import merge_neurons, mergeable_layers  # the sweep's layers, a saliency curve
 
 SHAPE = (1, 28, 28)
 FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
@@ -133,15 +136,13 @@ def _layers(model) -> list[str]:
 
 def _remove(model, kind: str, f: float, seed: int = 0) -> None:
     layers = _layers(model)
-    if kind == "datafree":
-        merge_neurons(model, {n: f for n in layers}, SHAPE)
-    elif kind == "zero partner":
-        merge_neurons(model, {n: f for n in layers}, SHAPE, zero_partner=True)
-    elif kind == "no surgery":
-        merge_neurons(model, {n: f for n in layers}, SHAPE, surgery=False)
+    fraction = {n: f for n in layers}
+    if kind in ("datafree", "zero partner", "no surgery"):
+        run_stages(model, [{"datafree": {"fraction": fraction, "zero_partner": kind == "zero partner",
+                                         "surgery": kind != "no surgery"}}], progress=False)
     elif kind == "l1 neurons":
-        l1_filter_prune(model, {n: f for n in layers}, SHAPE)
-    else:  # random neurons: the same counts, chosen uniformly
+        run_stages(model, [{"l1_filters": {"fraction": fraction}}], progress=False)
+    else:  # random neurons: the same counts, chosen uniformly (a baseline no registered method offers)
         g = torch.Generator().manual_seed(seed)
         for name in layers:
             grp = mergeable_layers(model, SHAPE)[name][1]
@@ -340,8 +341,8 @@ def kfac(data, quick: bool) -> dict:
             for seed in (SEEDS[:1] if quick or method == "magnitude" else SEEDS):
                 m = load_dense(src)
                 t0 = time.perf_counter()
-                OneShotPruner(method, FisherConfig(**{"num_grads": n, "seed": seed, **over})).fit(
-                    m, data.train).prune(m, KFAC["sparsity"])
+                run_stages(m, [oneshot_stage(method, KFAC["sparsity"], num_grads=n, seed=seed, **over)], data,
+                           progress=False)
                 wall = time.perf_counter() - t0
                 accs.append(100 * ns.evaluate(m, data.test)[1])
                 f = (CACHE if quick else RESULTS / "files") / f"survey_mlpnet_{method}_{n}g_s{seed}.nsz"

@@ -6,6 +6,12 @@ and Fisher seeds; the limited-data regime at 95%; and the cost of one block inve
 
 Writes bench/results/woodfisher_mnist.json and woodfisher_mnist.png. Statistics use the training split;
 accuracy is on the test split (the paper's protocol: one-shot, no fine-tuning).
+
+Through ns.Pipeline stages: every damping choice (bench/_common.py choose_damp), the limited-data and official-
+conditions points (one fit, one prune each) and the gradual part. Not through it: the sparsity sweep, the LeNet
+points and the joint-vs-single comparison fit one OneShotPruner and prune copies of the model at several
+sparsities and update rules from that one fit (a stage fits again for every prune), and they record the fit's
+phase timings, which a stage's report does not carry.
 """
 
 from __future__ import annotations
@@ -18,14 +24,19 @@ import torch
 
 import netsurgeon as ns
 from _common import (
+    DAMPS,
     RESULTS,
     cached_json,
+    choose_damp,
     dense_model,
     load_dense,
     machine,
+    oneshot_stage,
     parse_args,
     pyplot,
+    run_stages,
     save_figure,
+    train_options,
     write_result,
 )
 from netsurgeon.linalg import fisher_inverse
@@ -42,9 +53,9 @@ METHODS = {  # name: (method, FisherConfig overrides)
     "WoodTaylor block 2000": ("woodtaylor", {"block_size": 2000, "damp": 0.1}),
     "K-FAC": ("kfac", {}),
 }
-# Every second-order row chooses its damping from this grid the same way (choose_damp: best validation accuracy at
-# 95% sparsity, Fisher seed 0); until issue 39 only K-FAC did, and the others kept lambda = 1e-5 (0.1 WoodTaylor).
-DAMPS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# Every second-order row chooses its damping from the grid DAMPS the same way (bench/_common.py choose_damp: best
+# validation accuracy at 95% sparsity, Fisher seed 0); until issue 39 only K-FAC did, and the others kept
+# lambda = 1e-5 (0.1 WoodTaylor).
 ANCHOR = {"sparsity": 0.95, "num_grads": 100, "dense_acc": 93.97,
           "woodfisher_block": 84.18, "kfac": 81.26, "diag_fisher": 19.88}  # official repo's regression test
 
@@ -90,25 +101,6 @@ def sweep(data, dense_path, seeds: list[int], n_grads: int, only: list[str] | No
     return out
 
 
-def choose_damp(data, state: dict, method: str, over: dict, n_grads: int, sparsity: float = 0.95) -> dict:
-    """The damping of a second-order row, chosen on the validation split (never test): the lambda of DAMPS with
-    the best validation accuracy after one-shot pruning MLPNet (``state``) to ``sparsity`` with ``method`` and the
-    row's other options ``over`` (Fisher seed 0). Ties go to the smaller lambda. Every second-order row of every
-    table (this sweep, the limited-data curves, the official conditions, survey_mnist's K-FAC part) uses it."""
-    val = {}
-    for damp in DAMPS:
-        m = ns.build_model("mlpnet")
-        m.load_state_dict(state)
-        cfg = FisherConfig(**{"num_grads": n_grads, "seed": 0, **over, "damp": damp})
-        OneShotPruner(method, cfg).fit(m, data.train).prune(m, sparsity)
-        val[str(damp)] = 100 * ns.evaluate(m, data.val)[1]
-    chosen = float(max(val, key=val.get))
-    print(f"{method} {over} damping on the validation split at {sparsity:.0%}, {n_grads} gradients: {val} -> "
-          f"{chosen:g}", flush=True)
-    return {"chosen": chosen, "val_acc": val, "how": f"best validation accuracy at {sparsity:.0%} sparsity, "
-                                                     f"{n_grads} gradients, seed 0, over {list(DAMPS)}"}
-
-
 def kfac_damp(data, state: dict, n_grads: int, sparsity: float = 0.95) -> dict:
     """K-FAC's damping chosen by :func:`choose_damp`."""
     return choose_damp(data, state, "kfac", {}, n_grads, sparsity)
@@ -128,9 +120,8 @@ def limited_data(data, dense_path, counts: list[int], methods=None) -> dict:
                 out["damp_choice"].setdefault(method, {})[str(n)] = choice
                 damp = {"damp": choice["chosen"]}
             m = load_dense(dense_path)
-            cfg = FisherConfig(**{"num_grads": n, "damp": DAMP, "seed": 0, **over, **damp})
-            p = OneShotPruner(method, cfg).fit(m, data.train)
-            p.prune(m, 0.95)
+            run_stages(m, [oneshot_stage(method, 0.95, **{"num_grads": n, "damp": DAMP, "seed": 0, **over, **damp})],
+                       data, progress=False)
             accs[str(n)] = 100 * ns.evaluate(m, data.test)[1]
         out[method] = accs
     return out
@@ -176,9 +167,8 @@ def anchor_conditions(data, seeds: list[int]) -> dict:
         for seed in seeds if method != "magnitude" else seeds[:1]:
             mm = ns.build_model("mlpnet")
             mm.load_state_dict(state)
-            cfg = FisherConfig(**{"num_grads": 100, "damp": DAMP, "seed": seed, **over})
-            p = OneShotPruner(method, cfg).fit(mm, data.train)
-            p.prune(mm, 0.95)
+            run_stages(mm, [oneshot_stage(method, 0.95, **{"num_grads": 100, "damp": DAMP, "seed": seed, **over})],
+                       data, progress=False)
             accs.append(100 * ns.evaluate(mm, data.test)[1])
         out["runs"][method] = {"mean": statistics.mean(accs), "std": statistics.pstdev(accs), "per_seed": accs}
     return out
@@ -239,19 +229,22 @@ def joint_vs_single(data, dense_path, n_grads: int) -> dict:
 
 
 def gradual(data, dense_path, quick: bool) -> dict:
-    """Gradual pruning to 95% under the same cubic schedule, WoodFisher vs magnitude, 3 epochs."""
-    from netsurgeon.pruning.schedules import GradualPruning
-
+    """Gradual pruning to 95% under the same cubic schedule, WoodFisher vs magnitude, 3 epochs (the gradual
+    stage)."""
     out = {}
     for method in ("magnitude", "woodfisher"):
         m = load_dense(dense_path)
-        cb = GradualPruning(0.95, start=0, end=200 if quick else 1720, every=50 if quick else 172, method=method,
-                            fisher=FisherConfig(num_grads=200 if quick else 1000, damp=DAMP, block_size=2000))
+        every = 50 if quick else 172
+        stage = {"gradual": train_options(ns.TrainConfig(epochs=1 if quick else 3, lr=0.01, schedule="cosine",
+                                                         max_steps=250 if quick else None),
+                                          target=0.95, start=0, end=200 if quick else 1720, every=every,
+                                          scorer=method, num_grads=200 if quick else 1000, damp=DAMP,
+                                          block_size=2000)}
         t = time.perf_counter()
-        ns.train(m, data, ns.TrainConfig(epochs=1 if quick else 3, lr=0.01, schedule="cosine",
-                                         max_steps=250 if quick else None), callbacks=[cb])
+        rep = run_stages(m, [stage], data, progress=False)[0]["report"]
+        # pruning steps at start, start + every, ...: the last one's step number from their count
         out[method] = {"test_acc": 100 * ns.evaluate(m, data.test)[1], "wall_s": time.perf_counter() - t,
-                       "steps": cb.steps_done_[-1]["step"], "final_sparsity": cb.steps_done_[-1]["sparsity"]}
+                       "steps": (rep["pruning_steps"] - 1) * every, "final_sparsity": rep["sparsity"]}
     return out
 
 

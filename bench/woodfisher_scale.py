@@ -7,6 +7,8 @@ above the process's RSS before the fit (the model, data and torch are already th
     python bench/woodfisher_scale.py [--layers 12] [--max-memory 8] [--threads 2]
 
 Writes bench/results/woodfisher_scale.json. Random data and weights: this measures time and memory, not accuracy.
+Not through ns.Pipeline: it measures OneShotPruner's fit and prune apart (the peak RSS of the fit, then the prune's
+time), which a woodfisher stage runs as one call.
 """
 
 from __future__ import annotations

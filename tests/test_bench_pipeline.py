@@ -1,0 +1,265 @@
+"""The benchmarks run their methods through ``ns.Pipeline`` (issue 35, item 6): for every stage list a benchmark
+builds, the pipeline leaves exactly the weights (and the same .nsz bytes) that the direct calls the benchmark made
+before left, from the same model and seed. So a committed number stays valid where only the code path changed
+(docs/bench_pipeline.md)."""
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import netsurgeon as ns
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+common = pytest.importorskip("_common")
+
+
+def _data(n_train: int = 192, seed: int = 0) -> ns.data.Dataset:
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        return ns.data.Split(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+    return ns.data.Dataset("tiny", split(n_train), split(64), split(64), 10)
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    return ns.build_model(name)
+
+
+def _same(a, b, tmp_path: Path) -> None:
+    """Same weights, buffers and parametrizations (state dicts), and the same file bytes."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    fa, fb = tmp_path / "a.nsz", tmp_path / "b.nsz"
+    ns.save_compressed(a, fa, value_dtype="float16")
+    ns.save_compressed(b, fb, value_dtype="float16")
+    assert fa.read_bytes() == fb.read_bytes()
+
+
+CFG = ns.TrainConfig(epochs=20, lr=0.05, weight_decay=1e-4, schedule="cosine", batch_size=64, seed=3)
+
+
+@pytest.mark.parametrize("final", [0, 1])
+def test_magnitude_stages_are_prune_and_retrain(tmp_path, final):
+    from netsurgeon.pruning.magnitude import prune_and_retrain
+
+    data, sparsity = _data(), {"fc1": 0.92, "fc2": 0.91, "fc3": 0.74}
+    old, new = _model("lenet300"), _model("lenet300")
+    prune_and_retrain(old, data, sparsity=sparsity, rounds=3, epochs_per_round=1, scope="layer", config=CFG,
+                      lr_factor=0.5)
+    if final:
+        ns.train(old, data, replace(CFG, lr=CFG.lr * 0.5, epochs=final, seed=CFG.seed + 100))
+    common.run_stages(new, common.magnitude_stages(CFG, sparsity=sparsity, rounds=3, epochs=1, lr_factor=0.5,
+                                                   final=final), data, progress=False)
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_stage_is_quantize_model_int8(tmp_path, per_channel):
+    from netsurgeon.quantization.uniform import quantize_model_int8
+
+    old, new = _model("lenet5"), _model("lenet5")
+    quantize_model_int8(old, per_channel=per_channel)
+    common.run_stages(new, [{"int8": {"per_channel": per_channel}}], progress=False)
+    _same(old, new, tmp_path)
+
+
+def test_qat_stage_is_the_callback_then_int8(tmp_path):
+    from netsurgeon.quantization.uniform import QuantizationAwareTraining, quantize_model_int8
+
+    data, cfg = _data(), ns.TrainConfig(epochs=1, lr=0.001, schedule="cosine", seed=1)
+    old, new = _model("lenet300"), _model("lenet300")
+    ns.train(old, data, cfg, callbacks=[QuantizationAwareTraining()])
+    quantize_model_int8(old)
+    common.run_stages(new, [{"qat": common.train_options(cfg)}], data, progress=False)
+    _same(old, new, tmp_path)
+
+
+def _pruned(name: str = "lenet5"):
+    from netsurgeon.pruning.magnitude import prune_magnitude
+
+    m = _model(name)
+    prune_magnitude(m, sparsity=0.8)
+    return m
+
+
+def test_kmeans_then_finetune_stages_are_share_weights_then_train(tmp_path):
+    from netsurgeon.quantization.kmeans import share_weights
+
+    data, bits = _data(), {"conv": 8, "fc": 5}
+    centroid = ns.TrainConfig(epochs=1, lr=0.001, momentum=0.9, weight_decay=0.0, schedule="cosine", seed=2)
+    old, new = _pruned(), _pruned()
+    rep = share_weights(old, bits, init="linear")
+    ns.train(old, data, centroid)
+    rec = common.run_stages(new, [{"kmeans": {"bits": bits, "init": "linear"}}], progress=False)
+    assert {r.name: r.rms_error for r in rep} == {n: r["rms_error"] for n, r in rec[0]["report"]["layers"].items()}
+    common.run_stages(new, [{"finetune": common.train_options(centroid)}], data, progress=False)
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("init", ["density", "random"])
+def test_kmeans_stage_inits(tmp_path, init):
+    from netsurgeon.quantization.kmeans import share_weights
+
+    old, new = _pruned(), _pruned()
+    share_weights(old, {"conv": 8, "fc": 3}, init=init)
+    common.run_stages(new, [{"kmeans": {"bits": {"conv": 8, "fc": 3}, "init": init}}], progress=False)
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_hessian_kmeans_stage_is_collect_gradients_then_share_weights_global(tmp_path, weighted):
+    from netsurgeon.masks import prunable_tensors
+    from netsurgeon.quantization.kmeans import share_weights_global
+    from netsurgeon.stats import collect_gradients
+
+    data = _data()
+    old, new = _pruned(), _pruned()
+    imp = None
+    if weighted:  # bench/deep_compression_mnist.py before: the Fisher diagonal computed by hand
+        names = prunable_tensors(old)
+        diag = collect_gradients(old, data.train, names, 40, 4, seed=0).pow(2).mean(0)
+        sizes = [old.get_submodule(n.rsplit(".", 1)[0]).weight.numel() for n in names]
+        imp = {n: d.view_as(old.get_submodule(n.rsplit(".", 1)[0]).weight)
+               for n, d in zip(names, diag.split(sizes), strict=True)}
+    share_weights_global(old, 3, imp)
+    common.run_stages(new, [{"hessian_kmeans": {"bits": 3, "weighted": weighted, "num_grads": 40, "grad_batch": 4,
+                                                "seed": 0}}], data, progress=False)
+    _same(old, new, tmp_path)
+
+
+def _same_file(a, b, tmp_path: Path, data) -> None:
+    """Training-time methods: the stage also runs the method's ``finalize`` (plain masks instead of its own
+    parametrization), which the benchmarks did not call; what they measure must not move: the effective weights,
+    the file bytes, the outputs."""
+    fa, fb = tmp_path / "a.nsz", tmp_path / "b.nsz"
+    ns.save_compressed(a, fa, value_dtype="float16")
+    ns.save_compressed(b, fb, value_dtype="float16")
+    assert fa.read_bytes() == fb.read_bytes()
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a(data.test.x), b(data.test.x))
+    assert ns.evaluate(a, data.test) == ns.evaluate(b, data.test)
+    from netsurgeon.masks import sparsity_report
+
+    assert ns.stats.count_nonzero(a) == ns.stats.count_nonzero(b)
+    kept = [[(r.name, r.kept) for r in sparsity_report(m, False)] for m in (a, b)]
+    assert kept[0] == kept[1]
+    assert ns.stats.total_flops(a, data.input_shape) == ns.stats.total_flops(b, data.input_shape)
+
+
+AP_CFG = ns.TrainConfig(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+
+
+def test_dns_stage_is_the_dns_callback(tmp_path):
+    from netsurgeon.pruning.dns import DNS
+
+    data, c = _data(), {"fc1": 2.5, "fc2": 2.0, "fc3": 1.5}
+    old, new = _model("lenet300"), _model("lenet300")
+    ns.train(old, data, AP_CFG, callbacks=[DNS(c_rate=c, gamma=1e-3, iter_stop=2)])
+    common.run_stages(new, [{"dns": common.train_options(AP_CFG, c_rate=c, gamma=1e-3, iter_stop=2)}], data,
+                      progress=False)
+    _same_file(old, new, tmp_path, data)
+
+
+def test_l1_stage_is_the_proximal_callback(tmp_path):
+    from netsurgeon.pruning.l1 import L1Proximal
+
+    data = _data()
+    old, new = _model("lenet300"), _model("lenet300")
+    ns.train(old, data, AP_CFG, callbacks=[L1Proximal(0.05)])
+    common.run_stages(new, [{"l1": common.train_options(AP_CFG, lam=0.05)}], data, progress=False)
+    # the stage's finalize masks the exact zeros (mask_zeros): a masked weight comes after its bias in the state
+    # dict, so the file lists the same records in another order; the header's offsets then take a few more or
+    # fewer digits. Same tensors, same nonzeros, same outputs: only file_bytes moves, by a few bytes.
+    fa, fb = tmp_path / "a.nsz", tmp_path / "b.nsz"
+    ia, ib = ns.save_compressed(old, fa, value_dtype="float16"), ns.save_compressed(new, fb, value_dtype="float16")
+    ra = {r.name: (r.nonzero, r.bytes, r.codec) for r in ns.nsz.read_header(fa).records}
+    assert ra == {r.name: (r.nonzero, r.bytes, r.codec) for r in ns.nsz.read_header(fb).records}
+    assert abs(ia.file_bytes - ib.file_bytes) < 32
+    old.eval(), new.eval()
+    with torch.no_grad():
+        assert torch.equal(old(data.test.x), new(data.test.x))
+    assert torch.equal(ns.load_compressed(fa)(data.test.x), ns.load_compressed(fb)(data.test.x))
+
+
+def test_autoprune_stage_is_the_callback(tmp_path):
+    from netsurgeon.pruning.autoprune import AutoPrune
+
+    data = _data()
+    old, new = _model("lenet300"), _model("lenet300")
+    ns.train(old, data, AP_CFG, callbacks=[AutoPrune(mu=50.0, m_lr=0.01, stop=2)])
+    common.run_stages(new, [{"autoprune": common.train_options(AP_CFG, mu=50.0, m_lr=0.01, stop=2)}], data,
+                      progress=False)
+    _same_file(old, new, tmp_path, data)
+
+
+@pytest.mark.parametrize("method,over", [("woodfisher", {"block_size": 100}), ("kfac", {}),
+                                         ("woodtaylor", {"block_size": 100, "damp": 0.1})])
+def test_second_order_stage_is_fit_then_prune(tmp_path, method, over):
+    """bench/_common.py choose_damp: the registered stage instead of OneShotPruner(...).fit(...).prune(...)."""
+    from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner
+
+    data = _data()
+    old, new = _model("mlpnet"), _model("mlpnet")
+    cfg = FisherConfig(**{"num_grads": 16, "seed": 0, **over, "damp": 1e-3})
+    OneShotPruner(method, cfg).fit(old, data.train).prune(old, 0.9)
+    common.run_stages(new, [{method: {"num_grads": 16, "seed": 0, **over, "damp": 1e-3, "sparsity": 0.9}}], data,
+                      progress=False)
+    _same(old, new, tmp_path)
+
+
+def test_global_magnitude_stage_is_the_second_order_pruners_magnitude(tmp_path):
+    """bench/survey_mnist.py's K-FAC part: its global-magnitude row."""
+    from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner
+
+    data = _data()
+    old, new = _model("mlpnet"), _model("mlpnet")
+    OneShotPruner("magnitude", FisherConfig(num_grads=16, seed=0)).fit(old, data.train).prune(old, 0.95)
+    common.run_stages(new, [{"magnitude": {"sparsity": 0.95, "scope": "global", "epochs": 0}}], progress=False)
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["datafree", "zero partner", "no surgery", "l1 neurons"])
+def test_neuron_removal_stages(tmp_path, kind):
+    """bench/survey_mnist.py's data-free part: merge_neurons / l1_filter_prune called directly before."""
+    from netsurgeon.pruning.datafree import merge_neurons, mergeable_layers
+    from netsurgeon.pruning.structured import l1_filter_prune
+
+    shape = (1, 28, 28)
+    old, new = _model("lenet300"), _model("lenet300")
+    fraction = {n: 0.5 for n in mergeable_layers(old, shape)}
+    if kind == "l1 neurons":
+        l1_filter_prune(old, fraction, shape)
+        stage = {"l1_filters": {"fraction": fraction}}
+    else:
+        merge_neurons(old, fraction, shape, zero_partner=kind == "zero partner", surgery=kind != "no surgery")
+        stage = {"datafree": {"fraction": fraction, "zero_partner": kind == "zero partner",
+                              "surgery": kind != "no surgery"}}
+    common.run_stages(new, [stage], progress=False)
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("scorer", ["magnitude", "woodfisher"])
+def test_gradual_stage_is_the_gradual_callback(tmp_path, scorer):
+    """bench/woodfisher_mnist.py's gradual part; the last pruning step is recovered from the report's count."""
+    from netsurgeon.pruning.schedules import GradualPruning
+    from netsurgeon.pruning.woodfisher import FisherConfig
+
+    data, cfg = _data(), ns.TrainConfig(epochs=1, lr=0.01, schedule="cosine", max_steps=3)
+    old, new = _model("mlpnet"), _model("mlpnet")
+    cb = GradualPruning(0.95, start=0, end=2, every=1, method=scorer,
+                        fisher=FisherConfig(num_grads=8, damp=1e-5, block_size=100))
+    ns.train(old, data, cfg, callbacks=[cb])
+    rep = common.run_stages(new, [{"gradual": common.train_options(
+        cfg, target=0.95, start=0, end=2, every=1, scorer=scorer, num_grads=8, damp=1e-5, block_size=100)}], data,
+        progress=False)[0]["report"]
+    assert (rep["pruning_steps"] - 1) * 1 == cb.steps_done_[-1]["step"]
+    assert rep["sparsity"] == cb.steps_done_[-1]["sparsity"]
+    _same(old, new, tmp_path)
