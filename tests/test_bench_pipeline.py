@@ -14,6 +14,8 @@ import netsurgeon as ns
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 common = pytest.importorskip("_common")
+# about 30 s of small trainings on the benchmarks' code path: run by .ci/run with the slow cases
+pytestmark = pytest.mark.slow
 
 
 def _data(n_train: int = 192, seed: int = 0) -> ns.data.Dataset:
