@@ -186,7 +186,7 @@ def draw_samples(data: Split | Any, n: int, seed: int, owner: str) -> Tensor:
     if isinstance(data, Split):
         if len(data) == 0:
             raise ValueError(f"{owner}: the training split is empty; calibration needs samples.")
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed), device="cpu")[:n]
         out = data.x[idx.sort().values]
     else:
         xs, have = [], 0

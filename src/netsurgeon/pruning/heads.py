@@ -162,7 +162,8 @@ def _calibration(data: Any, samples: int, batch_size: int, seed: int) -> Iterato
     """``samples`` labelled samples in batches: drawn without replacement (seeded) from a Split, or the first ones
     of a loader's batches."""
     if isinstance(data, Split):
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data), generator=g, device="cpu")[:samples].sort().values
         for i in range(0, len(idx), batch_size):
             yield data.x[idx[i:i + batch_size]], data.y[idx[i:i + batch_size]]
         return
