@@ -29,20 +29,23 @@ CONSTRUCTORS = _device_constructors()
 
 
 class DefaultDeviceSpy(TorchFunctionMode):
-    """Records ``(site, how)`` -> calls for every factory call without ``device=`` reached from netsurgeon code.
+    """Records ``(site, how)`` -> calls for every factory call without ``device=`` (or with ``device=None``)
+    reached from code under ``roots`` (default: ``src/netsurgeon``).
 
-    ``site`` is ``path/inside/netsurgeon.py:line (function)`` of the innermost netsurgeon frame; ``how`` is
-    ``direct`` or ``via torch/<file>:<function>`` (the torch frame netsurgeon called into). Calls whose stack has
-    no netsurgeon frame (the test's own code) are not recorded."""
+    ``site`` is ``file:line (function)`` of the innermost frame under a root (relative to the root's folder);
+    ``how`` is ``direct`` or ``via torch/<file>:<function>`` (the torch frame the code called into, e.g. an
+    ``nn.Linear`` built without a device). A call reached from elsewhere first (the test's own code, another
+    library) is not recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, roots: tuple[str, ...] = (SRC,)) -> None:
         super().__init__()
+        self.roots = tuple(os.path.abspath(r) for r in roots)
         self.sites: Counter[tuple[str, str]] = Counter()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func in CONSTRUCTORS and kwargs.get("device") is None:
-            where = _site()
+            where = _site(self.roots)
             if where is not None:
                 self.sites[where] += 1
         return func(*args, **kwargs)
@@ -51,13 +54,14 @@ class DefaultDeviceSpy(TorchFunctionMode):
         return "\n".join(f"  {site} [{how}] x{n}" for (site, how), n in sorted(self.sites.items()))
 
 
-def _site() -> tuple[str, str] | None:
+def _site(roots: tuple[str, ...]) -> tuple[str, str] | None:
     f = sys._getframe(2)  # the frame that called the factory (past __torch_function__ and _site)
     via = None
     while f is not None:
         path = os.path.abspath(f.f_code.co_filename)
-        if path.startswith(SRC):
-            rel = os.path.relpath(path, os.path.dirname(SRC))
+        root = next((r for r in roots if path.startswith(r)), None)
+        if root is not None:
+            rel = os.path.relpath(path, os.path.dirname(root.rstrip(os.sep)))
             return f"{rel}:{f.f_lineno} ({f.f_code.co_name})", via or "direct"
         if path.startswith(TORCH):
             via = f"via torch/{os.path.relpath(path, TORCH)}:{f.f_code.co_name}"  # outermost torch frame
