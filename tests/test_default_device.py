@@ -104,7 +104,7 @@ EXTRA = [("woodfisher", {"pattern": "2:4"}), ("woodfisher", {"low_memory": True,
          ("distort", {"distortion": "noise"}), ("distort", {"distortion": "multiplicative"}),
          ("hashednets", {"init": "random"}), ("kmeans", {"init": "random"}),
          ("fewmult", {"weights": "binary"}), ("binaryconnect", {"stochastic": True}),
-         ("datafree", {"zero_partner": True})]
+         ("datafree", {"zero_partner": True}), ("finetune", {"jitter": 1})]
 
 
 def _cases():

@@ -339,7 +339,7 @@ def gradient_rows(model: nn.Module, data: Split | Any, tensors: list[str], num_g
         for i, logits, yb in _labelled_outputs(model, data, num_grads, batch_size, g, sample_labels, every):
             bar.update(i)
             grads = torch.autograd.grad(F.cross_entropy(logits, yb), params, allow_unused=True)
-            yield i, torch.cat([torch.zeros(p.numel()) if gr is None else gr.flatten()
+            yield i, torch.cat([torch.zeros(p.numel(), device=p.device) if gr is None else gr.flatten()
                                 for p, gr in zip(params, grads, strict=True)])
         bar.update(num_grads)
     finally:

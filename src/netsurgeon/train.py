@@ -143,10 +143,11 @@ def jitter_images(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
     filling with zeros (the input jitter of Hinton, Vinyals, Dean 2015, Sec. 3)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pixels, pixels, pixels, pixels))
-    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator)
-    rows = (dy + torch.arange(h))[:, :, None]  # (N, H, 1)
-    cols = (dx + torch.arange(w))[:, None, :]  # (N, 1, W)
-    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    cpu = torch.device("cpu")  # host indices from a CPU generator (a CPU index selects from a cuda batch)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator, device=cpu)
+    rows = (dy + torch.arange(h, device=cpu))[:, :, None]  # (N, H, 1)
+    cols = (dx + torch.arange(w, device=cpu))[:, None, :]  # (N, 1, W)
+    return padded[torch.arange(n, device=cpu)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def flat_predictions(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -255,7 +255,7 @@ def neuron_gates(model: nn.Module, gates: dict[str, Tensor]) -> Iterator[None]:
 @torch.no_grad()
 def l1_importance(model: nn.Module, site: FfnSite) -> Tensor:
     """Σ|w| over each neuron's row of the first layer(s) (Li et al. 2017's filter score), no bias. -> (hidden,)."""
-    s = torch.zeros(site.hidden)
+    s = torch.zeros(site.hidden, device="cpu")  # summed on the host
     for p in site.producers:
         m = model.get_submodule(p)
         w = m.weight.detach().abs().float()

@@ -146,7 +146,7 @@ def head_gates(model: nn.Module, gates: dict[str, Tensor]) -> Iterator[None]:
 @torch.no_grad()
 def l1_importance(site: AttentionSite) -> Tensor:
     """Σ|w| over every weight of each head (query, key, value rows; output projection columns). -> (heads,)."""
-    s = torch.zeros(site.num_heads)
+    s = torch.zeros(site.num_heads, device="cpu")  # summed on the host
     for b in head_blocks(site):
         if not b.weight:
             continue
