@@ -186,7 +186,7 @@ def draw_samples(data: Split | Any, n: int, seed: int, owner: str) -> Tensor:
     if isinstance(data, Split):
         if len(data) == 0:
             raise ValueError(f"{owner}: the training split is empty; calibration needs samples.")
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed), device="cpu")[:n]
         out = data.x[idx.sort().values]
     else:
         xs, have = [], 0
@@ -238,7 +238,7 @@ def _mha_forward(mha: nn.MultiheadAttention, stats: dict[str, list[HessianAccumu
         if ident is None:  # x·I + 0 is exact: the module's own forward then returns the heads' output unchanged
             w = real.weight
             ident = nn.Linear(mha.embed_dim, mha.embed_dim, bias=real.bias is not None, device=w.device, dtype=w.dtype)
-            ident.weight.data.copy_(torch.eye(mha.embed_dim, dtype=w.dtype))
+            ident.weight.data.copy_(torch.eye(mha.embed_dim, dtype=w.dtype, device=w.device))
             if ident.bias is not None:
                 ident.bias.data.zero_()
         mha.out_proj = ident

@@ -110,7 +110,7 @@ class ImplicitFisherInverse:
     def columns(self, idx: Tensor) -> Tensor:
         """F⁻¹[:, idx], shape (d, len(idx))."""
         cols = -(self.y.T @ self.y[:, idx])
-        cols[idx, torch.arange(len(idx))] += 1.0
+        cols[idx, torch.arange(len(idx), device=cols.device)] += 1.0
         return cols / self.damp
 
 

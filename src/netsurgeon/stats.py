@@ -64,16 +64,20 @@ def count_nonzero(model: nn.Module) -> tuple[int, int]:
 def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1,
                   generator: torch.Generator | None = None) -> Tensor:
     """A batch the model accepts: token ids (int64, below every embedding's size) for a model whose architecture
-    record says ``input_dtype: int64`` or whose first layer is an ``nn.Embedding``, random floats otherwise."""
+    record says ``input_dtype: int64`` or whose first layer is an ``nn.Embedding``, random floats otherwise; drawn
+    on the CPU (the same batch whatever the device, from a CPU ``generator``) and moved to the model's device."""
     from .changes import arch_of
+    from .devices import model_device
 
     emb = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
     tokens = (arch_of(model) or {}).get("input_dtype") == "int64" or (emb and first is emb[0])
     if tokens:
         high = min(m.num_embeddings for m in emb) if emb else 2
-        return torch.randint(0, high, (batch, *input_shape), generator=generator)
-    return torch.randn(batch, *input_shape, generator=generator)
+        x = torch.randint(0, high, (batch, *input_shape), generator=generator, device="cpu")
+    else:
+        x = torch.randn(batch, *input_shape, generator=generator, device="cpu")
+    return x.to(model_device(model))
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,7 @@ def _gradient_batches(data: Any, num_grads: int, batch_size: int,
     if isinstance(data, Split):
         if len(data) == 0:
             raise ValueError("collect_gradients: the data split is empty.")
-        idx = torch.randint(len(data), (num_grads, batch_size), generator=g)
+        idx = torch.randint(len(data), (num_grads, batch_size), generator=g, device="cpu")  # CPU draws: any device
         for i in range(num_grads):
             yield data.x[idx[i]], data.y[idx[i]]
         return
@@ -286,7 +290,8 @@ def _labelled_outputs(model: nn.Module, data: Any, num_grads: int, batch_size: i
         if sample_labels:  # classes on dim 1: (B, C) logits, or a language model's (B, V, T) (next_token_logits)
             with torch.no_grad():
                 p = logits.softmax(1).movedim(1, -1)
-                yb = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=g).view(p.shape[:-1])
+                # the CPU generator draws on the CPU (the same labels on any device), moved beside the logits
+                yb = torch.multinomial(p.reshape(-1, p.shape[-1]).cpu(), 1, generator=g).view(p.shape[:-1]).to(p.device)
         yield i, logits, yb
 
 
@@ -306,7 +311,7 @@ def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], n
     Shapes: -> (num_grads, total numel of ``tensors``).
     """
     params = [original(model, t) for t in tensors]
-    out = torch.empty(num_grads, sum(p.numel() for p in params))
+    out = torch.empty(num_grads, sum(p.numel() for p in params), device=params[0].device if params else "cpu")
     for i, row in gradient_rows(model, data, tensors, num_grads, batch_size, seed, sample_labels, progress):
         out[i] = row
     return out
@@ -334,7 +339,7 @@ def gradient_rows(model: nn.Module, data: Split | Any, tensors: list[str], num_g
         for i, logits, yb in _labelled_outputs(model, data, num_grads, batch_size, g, sample_labels, every):
             bar.update(i)
             grads = torch.autograd.grad(F.cross_entropy(logits, yb), params, allow_unused=True)
-            yield i, torch.cat([torch.zeros(p.numel()) if gr is None else gr.flatten()
+            yield i, torch.cat([torch.zeros(p.numel(), device=p.device) if gr is None else gr.flatten()
                                 for p, gr in zip(params, grads, strict=True)])
         bar.update(num_grads)
     finally:
@@ -361,8 +366,9 @@ def kfac_factors(model: nn.Module, data: Split | Any, layers: list[str], num_gra
             raise ValueError(f"kfac: K-FAC is implemented for Linear layers only; {name!r} is "
                              f"{type(m).__name__} (use woodfisher for convolutions).")
     acts: dict[str, Tensor] = {}
-    sums = {n: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64),
-                torch.zeros(m.out_features, m.out_features, dtype=torch.float64)] for n, m in mods.items()}
+    sums = {n: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device),
+                torch.zeros(m.out_features, m.out_features, dtype=torch.float64, device=m.weight.device)]
+            for n, m in mods.items()}
     def hook(name: str):
         def keep(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
             acts[name] = inp[0].detach()
@@ -462,7 +468,7 @@ class HessianAccumulator:
     @staticmethod
     def nbytes(columns: int, dtype: torch.dtype = torch.float32, diagonal_only: bool = False) -> int:
         """Bytes of the state for ``columns`` inputs (for memory estimates before a run)."""
-        return (columns if diagonal_only else columns * columns) * torch.empty((), dtype=dtype).element_size()
+        return (columns if diagonal_only else columns * columns) * dtype.itemsize
 
     @torch.no_grad()
     def add_batch(self, x: Tensor) -> None:

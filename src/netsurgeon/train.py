@@ -143,10 +143,11 @@ def jitter_images(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
     filling with zeros (the input jitter of Hinton, Vinyals, Dean 2015, Sec. 3)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pixels, pixels, pixels, pixels))
-    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator)
-    rows = (dy + torch.arange(h))[:, :, None]  # (N, H, 1)
-    cols = (dx + torch.arange(w))[:, None, :]  # (N, 1, W)
-    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    cpu = torch.device("cpu")  # host indices from a CPU generator (a CPU index selects from a cuda batch)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1), generator=generator, device=cpu)
+    rows = (dy + torch.arange(h, device=cpu))[:, :, None]  # (N, H, 1)
+    cols = (dx + torch.arange(w, device=cpu))[:, None, :]  # (N, 1, W)
+    return padded[torch.arange(n, device=cpu)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def flat_predictions(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,7 +276,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.step = 0
         self.optimizer: torch.optim.Optimizer | None = None
-        self._epoch_sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        self._epoch_sums = torch.zeros(3, dtype=torch.float64, device="cpu")  # loss sum, correct, count: host-side
         self.history: list[dict[str, float]] = []
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -287,7 +288,7 @@ class Trainer:
 
     def _batch_order(self, epoch: int) -> Tensor:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.data.train), generator=g)
+        return torch.randperm(len(self.data.train), generator=g, device="cpu")  # the same order on any device
 
     def _batch(self, epoch: int, i: int) -> tuple[Tensor, Tensor]:
         if self._in_memory:
@@ -444,7 +445,7 @@ class Trainer:
                 total = total + extra
         finite = bool(torch.isfinite(total))
         if self.world_size > 1:  # every rank stops together, or the others would wait in the all-reduce
-            finite = float(ddp.all_reduce_sum(torch.tensor([0.0 if finite else 1.0]))[0]) == 0.0
+            finite = float(ddp.all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device="cpu"))[0]) == 0.0
         if not finite:
             raise FloatingPointError(f"train: loss became {float(total)} at step {self.step}; "
                                      "lower the learning rate.")
@@ -460,7 +461,7 @@ class Trainer:
             cb.after_step(self)
         with torch.no_grad():
             self._epoch_sums += torch.tensor([float(loss) * flat_y.numel(), float((flat_out.argmax(1) == flat_y).sum()),
-                                              flat_y.numel()], dtype=torch.float64)
+                                              flat_y.numel()], dtype=torch.float64, device="cpu")
         if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
             if self.world_size > 1:
                 ddp.all_reduce_sum(self._epoch_sums)
@@ -474,7 +475,7 @@ class Trainer:
                                  "train_acc": float(s[1] / s[2]), "val_acc": val_acc, "val_loss": val_loss, "lr": lr})
             log.info("epoch %d: loss %.4f train acc %.4f val acc %.4f val loss %.4f", epoch + 1, s[0] / s[2],
                      s[1] / s[2], val_acc, val_loss)
-            self._epoch_sums = torch.zeros(3, dtype=torch.float64)
+            self._epoch_sums = torch.zeros(3, dtype=torch.float64, device="cpu")
             for cb in self.callbacks:
                 cb.on_epoch_end(self)
 
@@ -486,14 +487,14 @@ def _evaluate_sharded(model: nn.Module, split: Split | Any) -> tuple[float, floa
     if size > 1 and ddp.rank_local(split):  # each rank holds its own part of the split: combine the sums
         loss, acc = evaluate(model, split)
         n = len(split.sampler)  # type: ignore[attr-defined]
-        sums = ddp.all_reduce_sum(torch.tensor([loss * n, acc * n, n], dtype=torch.float64))
+        sums = ddp.all_reduce_sum(torch.tensor([loss * n, acc * n, n], dtype=torch.float64, device="cpu"))
         return float(sums[0] / sums[2]), float(sums[1] / sums[2])
     if size == 1 or not isinstance(split, Split):
         return evaluate(model, split)
     part = Split(split.x[rank::size], split.y[rank::size])
     n = len(part)
     loss, acc = evaluate(model, part) if n else (0.0, 0.0)
-    sums = ddp.all_reduce_sum(torch.tensor([loss * n, acc * n, n], dtype=torch.float64))
+    sums = ddp.all_reduce_sum(torch.tensor([loss * n, acc * n, n], dtype=torch.float64, device="cpu"))
     return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
 

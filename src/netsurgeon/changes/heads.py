@@ -64,8 +64,8 @@ class HeadAttention(nn.Module):
         """The layer ``mha`` restricted to heads ``keep`` (sorted indices), its weights copied (meta stays meta)."""
         E, H = mha.embed_dim, mha.num_heads
         hd = E // H
-        idx = _index(keep, hd)
         w = mha.out_proj.weight
+        idx = _index(keep, hd, device=w.device)
         new = cls(E, hd, keep, H, kdim=mha.kdim, vdim=mha.vdim, bias=mha.in_proj_bias is not None,
                   out_bias=mha.out_proj.bias is not None, batch_first=mha.batch_first, dropout=mha.dropout,
                   device=w.device, dtype=w.dtype)
@@ -164,8 +164,11 @@ class AttentionSite:
     original: list[int]
 
 
-def _index(keep: list[int], hd: int, offset: int = 0) -> Tensor:
-    return (offset + torch.as_tensor(keep, dtype=torch.long)[:, None] * hd + torch.arange(hd)).reshape(-1)
+def _index(keep: list[int], hd: int, offset: int = 0, device: torch.device | str = "cpu") -> Tensor:
+    """The rows of heads ``keep`` (``hd`` each) from ``offset``, on ``device`` (index_select wants its index
+    beside the weights)."""
+    keep_t = torch.as_tensor(keep, dtype=torch.long, device=device)
+    return (offset + keep_t[:, None] * hd + torch.arange(hd, device=device)).reshape(-1)
 
 
 def _heads_attr(m: nn.Module) -> str | None:

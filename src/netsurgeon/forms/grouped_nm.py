@@ -86,7 +86,8 @@ def pattern_rank(pos: np.ndarray, m: int) -> np.ndarray:
 
 def _zero_points(bits: int, scales: Tensor, zeros: Tensor | None) -> Tensor:
     """(rows, groups) long: the stored zero points, or the symmetric grid's 2^(bits-1)."""
-    return zeros.long() if zeros is not None else torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.long)
+    return zeros.long() if zeros is not None else torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.long,
+                                                                          device=scales.device)
 
 
 def _group_width(group_size: int | None, cols: int) -> int:
@@ -123,7 +124,7 @@ class GroupQuantNMWeights(nn.Module):
 
     def columns(self) -> Tensor:
         """(out, kept) long: each kept value's input column."""
-        k = torch.arange(self.codes.shape[1])
+        k = torch.arange(self.codes.shape[1], device=self.codes.device)
         return (k // self.n * self.m) + self.positions.long()
 
     def dense_codes(self) -> Tensor:
@@ -145,7 +146,7 @@ class GroupQuantNMWeights(nn.Module):
         s = self.scales.gather(1, grp)
         z = _zero_points(self.bits, self.scales, self.zeros).gather(1, grp).to(torch.float32)
         vals = s * (self.codes.to(torch.float32) - z)
-        return torch.zeros(self.codes.shape[0], self.cols).scatter(1, cols, vals)
+        return torch.zeros(self.codes.shape[0], self.cols, device=vals.device).scatter(1, cols, vals)
 
     def forward(self, w: Tensor) -> Tensor:
         mat = self.dequantized_matrix()

@@ -46,7 +46,8 @@ class HashedWeights(nn.Module):
             raise ValueError(f"HashedWeights: expected a tensor of shape {list(self.shape)} or ({self.buckets},); "
                              f"got {list(value.shape)}.")
         flat = (value.detach() * self.sign.to(value.dtype)).reshape(-1)
-        sums = torch.zeros(self.buckets, dtype=value.dtype).index_add_(0, self.idx.reshape(-1), flat)
+        sums = torch.zeros(self.buckets, dtype=value.dtype, device=value.device)
+        sums = sums.index_add_(0, self.idx.reshape(-1), flat)
         counts = torch.bincount(self.idx.reshape(-1), minlength=self.buckets).clamp_min(1).to(value.dtype)
         return sums / counts
 

@@ -52,7 +52,7 @@ class ProductQuantized(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         t, s, k, d = self.codebooks.shape
-        seg = torch.arange(s)
+        seg = torch.arange(s, device=self.codebooks.device)
         rows = sum(self.codebooks[i][seg[None, :], self.codes[i]] for i in range(t))  # (rows, S, d)
         rows = rows.reshape(rows.shape[0], s * d)[:, : self.shape[1]]
         return from_rows(rows, self.shape)

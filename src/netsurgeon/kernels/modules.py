@@ -243,7 +243,8 @@ class ColumnConv2d(nn.Module):
                 raise ValueError(f"ColumnConv2d: input {h}x{w} is smaller than the kernel {kh}x{kw}.")
             c, r = self.keep // (kh * kw), self.keep % (kh * kw)
             start = c * hp * wp + (r // kw) * dh * wp + (r % kw) * dw  # top-left tap of each kept column
-            grid = (torch.arange(oh) * sh)[:, None] * wp + (torch.arange(ow) * sw)[None, :]
+            dev = start.device
+            grid = (torch.arange(oh, device=dev) * sh)[:, None] * wp + (torch.arange(ow, device=dev) * sw)[None, :]
             got = ((start[:, None] + grid.reshape(1, -1)).reshape(-1), oh, ow)
             self._index[(h, w)] = got
         return got

@@ -219,7 +219,7 @@ def match_outputs(model: nn.Module, originals: dict[str, nn.Module], data: Any, 
     try:
         for _ in range(steps):
             if isinstance(train_split, Split):  # random mini-batches of an in-memory split
-                batch = (train_split.x[torch.randint(len(train_split), (batch_size,), generator=g)],)
+                batch = (train_split.x[torch.randint(len(train_split), (batch_size,), generator=g, device="cpu")],)
             else:  # a loader, cycled
                 batch = next(stream, None)
                 if batch is None:

@@ -69,8 +69,9 @@ def factorize_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     w = layer.weight.detach().double()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:rank].sqrt()
-    first = nn.Linear(layer.in_features, rank, bias=False)
-    second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None)
+    dev = layer.weight.device
+    first = nn.Linear(layer.in_features, rank, bias=False, device=dev)
+    second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None, device=dev)
     with torch.no_grad():
         first.weight.copy_((root[:, None] * vh[:rank]).float())
         second.weight.copy_((u[:, :rank] * root).float())

@@ -176,7 +176,7 @@ class AutoPrune(Callback):
         One normalization for the whole network, so every weight feels the same pressure; a per-layer mean
         over-prunes small layers (measured: LeNet-300-100's fc3 fell to 0.7% first).
         """
-        total, count = torch.zeros(()), 0
+        total, count = torch.zeros((), device=next((g.m.device for g in self._gates.values()), "cpu")), 0
         for g in self._gates.values():
             hard = (g.m > 0).float()
             soft = ste_derivative(g.m.detach(), g.ste, g.alpha, g.tau) * g.m
@@ -194,7 +194,7 @@ class AutoPrune(Callback):
 
     def _val_batch(self) -> tuple[Tensor, Tensor]:
         if isinstance(self._val, Split):
-            idx = torch.randint(len(self._val), (self.val_batch,), generator=self._gen)
+            idx = torch.randint(len(self._val), (self.val_batch,), generator=self._gen, device="cpu")
             return self._val.x[idx], self._val.y[idx]
         for _ in range(2):  # a loader is cycled through
             if self._val_iter is None:

@@ -382,7 +382,7 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: dict[int
         g = groups[i]
         if not g.prunable:
             raise ValueError(f"remove_channels: group {i} cannot shrink: {', '.join(g.blocked)}.")
-        idx = torch.as_tensor(idx, dtype=torch.long).sort().values
+        idx = torch.as_tensor(idx, dtype=torch.long, device="cpu").sort().values  # indices on the host: moved per slice
         if idx.numel() == 0 or int(idx.max()) >= g.size or int(idx.min()) < 0:
             raise ValueError(f"remove_channels: group {i} keeps {idx.numel()} of {g.size} channels; it must keep "
                              "at least one, with indices below its size.")
@@ -400,8 +400,9 @@ def remove_channels(model: nn.Module, groups: list[ChannelGroup], keep: dict[int
             continue
         parts = []
         for off, i, factor in sorted(segs):
-            chans = chosen.get(i, torch.arange(groups[i].size))
-            parts.append(off + ((chans[:, None] * factor + torch.arange(factor)).reshape(-1) if factor > 1 else chans))
+            chans = chosen.get(i, torch.arange(groups[i].size, device="cpu"))
+            parts.append(off + ((chans[:, None] * factor + torch.arange(factor, device="cpu")).reshape(-1)
+                                if factor > 1 else chans))
         (cols if axis == "cols" else rows)[name] = torch.cat(parts)
     dims = {n: d for g in groups for n, d in g.param_dims.items()}
     for name in set(rows) | set(cols):

@@ -89,7 +89,7 @@ def greedy_merge_order(w_in: Tensor, a_out: Tensor, count: int | None = None, ze
     size = dist.shape[0]
     # blocked[i, j]: j cannot be removed into i (i = j, either one already gone, or j the virtual neuron);
     # masked explicitly, since inf * 0 (a neuron with all-zero outgoing weights) would be NaN
-    blocked = torch.eye(size, dtype=torch.bool)
+    blocked = torch.eye(size, dtype=torch.bool, device=dist.device)
     if zero_partner:
         blocked[:, n] = True
     a = a_out.detach().clone().double()
@@ -176,7 +176,7 @@ def merge_neurons(model: nn.Module, fraction: float | Mapping[str, float], input
                 c.weight.copy_(a_new[row:row + c.weight.shape[0]])
                 row += c.weight.shape[0]
         removed = {j for _, j in merges}
-        keep = torch.tensor([k for k in range(n) if k not in removed])
+        keep = torch.tensor([k for k in range(n) if k not in removed], device="cpu")
         before = layer_sizes(model)
         remove_channels(model, [g], {0: keep})
         record_resized(model, resized_record(model, before))

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_positive
+from ..devices import model_device
 from ..masks import original, prunable_tensors
 from ..plan import trained
 from ..registry import StageContext, option, register
@@ -84,7 +85,7 @@ class BiasedWeightDecay(Callback):
     def penalty(self, model: nn.Module | None = None) -> Tensor:
         """``λ Σ B`` over every weight tensor (for inspection and the tests; training adds its gradient)."""
         model = model or self._model
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=model_device(model))
         for name in self._names:
             total += self._term(original(model, name).detach()).double()
         return self.lam * total

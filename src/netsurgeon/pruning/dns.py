@@ -274,7 +274,7 @@ class DNS(Callback):
         updates: list[tuple[_LayerState, str, Tensor]] = []  # every new mask first, so a refusal changes nothing
         floored: list[str] = []
         for name, s in self.layers_.items():
-            draw = float(torch.rand(1, generator=self._gen))  # one draw per layer per iteration, always
+            draw = float(torch.rand(1, generator=self._gen, device="cpu"))  # one draw per layer per iteration, always
             if not s.start <= i < s.stop:
                 continue
             if s.a is None:  # thresholds from the weights as they are when this layer's surgery starts

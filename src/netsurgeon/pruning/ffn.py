@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..calibration import _no_attention_fast_path
 from ..changes.resized import is_conv1d, layer_sizes, record_resized, resized_record
+from ..devices import model_device
 from ..masks import note_skipped
 from ..plan import oneshot_then_finetuned
 from ..registry import MethodConfig, StageContext, option, register
@@ -254,7 +255,7 @@ def neuron_gates(model: nn.Module, gates: dict[str, Tensor]) -> Iterator[None]:
 @torch.no_grad()
 def l1_importance(model: nn.Module, site: FfnSite) -> Tensor:
     """Σ|w| over each neuron's row of the first layer(s) (Li et al. 2017's filter score), no bias. -> (hidden,)."""
-    s = torch.zeros(site.hidden)
+    s = torch.zeros(site.hidden, device="cpu")  # summed on the host
     for p in site.producers:
         m = model.get_submodule(p)
         w = m.weight.detach().abs().float()
@@ -267,13 +268,14 @@ def taylor_importance(model: nn.Module, sites: list[FfnSite], data: Any, *, samp
     """I_j = E_x |∂L(x)/∂ξ_j| over ``samples`` training samples, per block (hidden,): Michel et al. 2019's importance
     with one gate per neuron (Molchanov et al. 2017's |activation × gradient| summed over positions, per sample).
     L(x) is sample x's cross-entropy (a language model's: the mean over its tokens); eval mode, no weight gradient."""
-    total = {s.name: torch.zeros(s.hidden) for s in sites}
+    total = {s.name: torch.zeros(s.hidden, device="cpu") for s in sites}  # summed on the host
     n = 0
     was = model.training
+    dev = model_device(model)  # the gates multiply the hidden activations: beside them
     model.eval()
     try:
         for x, y in _calibration(data, samples, batch_size, seed):
-            gates = {s.name: torch.ones(len(x), s.hidden, requires_grad=True) for s in sites}
+            gates = {s.name: torch.ones(len(x), s.hidden, requires_grad=True, device=dev) for s in sites}
             with neuron_gates(model, gates):
                 out = model(x)
             logits, t = flat_predictions(out, y)
@@ -362,7 +364,7 @@ def prune_ffn(model: nn.Module, keep: dict[str, list[int]]) -> dict[str, dict[st
     before = layer_sizes(model)
     out = {}
     for name, k in chosen.items():
-        site, idx = sites[name], torch.tensor(chosen[name], dtype=torch.long)
+        site, idx = sites[name], torch.tensor(chosen[name], dtype=torch.long, device="cpu")
         for p in site.producers:
             _slice(model.get_submodule(p), idx, "out")
         _slice(model.get_submodule(site.consumer), idx, "in")

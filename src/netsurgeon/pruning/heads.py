@@ -35,6 +35,7 @@ from ..calibration import _no_attention_fast_path
 from ..changes.heads import AttentionSite, attention_sites, head_blocks, record_heads, shrink_heads
 from ..data import Split
 from ..data.core import batches
+from ..devices import model_device
 from ..plan import oneshot_then_finetuned
 from ..registry import MethodConfig, StageContext, option, register
 from ..train import flat_predictions
@@ -83,7 +84,7 @@ def _mha_forward(mha: nn.MultiheadAttention, gate: Tensor) -> Any:
     w = real.weight
     ident = nn.Linear(mha.embed_dim, mha.embed_dim, bias=real.bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        ident.weight.copy_(torch.eye(mha.embed_dim, dtype=w.dtype))
+        ident.weight.copy_(torch.eye(mha.embed_dim, dtype=w.dtype, device=w.device))
         if ident.bias is not None:
             ident.bias.zero_()
 
@@ -145,7 +146,7 @@ def head_gates(model: nn.Module, gates: dict[str, Tensor]) -> Iterator[None]:
 @torch.no_grad()
 def l1_importance(site: AttentionSite) -> Tensor:
     """Σ|w| over every weight of each head (query, key, value rows; output projection columns). -> (heads,)."""
-    s = torch.zeros(site.num_heads)
+    s = torch.zeros(site.num_heads, device="cpu")  # summed on the host
     for b in head_blocks(site):
         if not b.weight:
             continue
@@ -162,7 +163,8 @@ def _calibration(data: Any, samples: int, batch_size: int, seed: int) -> Iterato
     """``samples`` labelled samples in batches: drawn without replacement (seeded) from a Split, or the first ones
     of a loader's batches."""
     if isinstance(data, Split):
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data), generator=g, device="cpu")[:samples].sort().values
         for i in range(0, len(idx), batch_size):
             yield data.x[idx[i:i + batch_size]], data.y[idx[i:i + batch_size]]
         return
@@ -181,13 +183,14 @@ def taylor_importance(model: nn.Module, sites: list[AttentionSite], data: Any, *
     """I_h = E_x |∂L(x)/∂ξ_h| (Michel et al. 2019, Sec. 4.1) over ``samples`` training samples: per layer, (heads,).
     L(x) is the cross-entropy of sample x (a language model's: the mean over its tokens). The model runs in eval
     mode (no dropout); its weights get no gradient."""
-    total = {s.name: torch.zeros(s.num_heads) for s in sites}
+    total = {s.name: torch.zeros(s.num_heads, device="cpu") for s in sites}  # summed on the host
     n = 0
     was = model.training
+    dev = model_device(model)  # the gates multiply the heads' outputs: beside them
     model.eval()
     try:
         for x, y in _calibration(data, samples, batch_size, seed):
-            gates = {s.name: torch.ones(len(x), s.num_heads, requires_grad=True) for s in sites}
+            gates = {s.name: torch.ones(len(x), s.num_heads, requires_grad=True, device=dev) for s in sites}
             with head_gates(model, gates):
                 out = model(x)
             logits, t = flat_predictions(out, y)

@@ -40,10 +40,11 @@ def _greedy_paths(w: Tensor, hinv: Tensor, forced: Tensor, nm: tuple[int, int] |
     (removed first: earlier masks). Returns order (c, steps) long (-1: nothing removed) and loss (c, steps)."""
     c, d = w.shape
     w, Hi = w.clone(), hinv.expand(c, d, d).clone()
-    removed = torch.zeros(c, d, dtype=torch.bool)
-    order = torch.full((c, steps), -1, dtype=torch.long)
-    loss = torch.full((c, steps), torch.inf, dtype=w.dtype)
-    rows = torch.arange(c)
+    dev = w.device
+    removed = torch.zeros(c, d, dtype=torch.bool, device=dev)
+    order = torch.full((c, steps), -1, dtype=torch.long, device=dev)
+    loss = torch.full((c, steps), torch.inf, dtype=w.dtype, device=dev)
+    rows = torch.arange(c, device=dev)
     for s in range(steps):
         diag = Hi.diagonal(dim1=1, dim2=2)
         score = w.square() / diag
@@ -76,7 +77,8 @@ def obc_prune(W: Tensor, H: Tensor, *, sparsity: float = 0.5, nm: tuple[int, int
     W[:, dead] = 0
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd))
     rows, d = W.shape
-    forced = torch.zeros(rows, d, dtype=torch.bool) if keep is None else ~keep.cpu()
+    dev = W.device  # every buffer beside the weights (issue 36 item 5)
+    forced = torch.zeros(rows, d, dtype=torch.bool, device=dev) if keep is None else ~keep.to(dev)
     # unstructured: each row's whole greedy path; N:M: M - N per group, plus what earlier masks removed beyond that
     steps = d if nm is None else min(d, d // nm[1] * (nm[1] - nm[0]) + int(forced.sum(1).max()))
     parts = [_greedy_paths(W[i:i + chunk], hinv, forced[i:i + chunk], nm, steps) for i in range(0, rows, chunk)]
@@ -84,17 +86,18 @@ def obc_prune(W: Tensor, H: Tensor, *, sparsity: float = 0.5, nm: tuple[int, int
     if nm is None:  # the layer's k smallest step losses (earlier masks first) set each row's count
         k = max(int(round(sparsity * rows * d)), int(forced.sum()))
         flat = torch.where(order >= 0, loss, torch.inf)
-        flat = torch.where(torch.arange(steps) < forced.sum(1, keepdim=True), -torch.inf, flat)
-        chosen = torch.zeros(rows * steps, dtype=torch.bool)
+        flat = torch.where(torch.arange(steps, device=dev) < forced.sum(1, keepdim=True), -torch.inf, flat)
+        chosen = torch.zeros(rows * steps, dtype=torch.bool, device=dev)
         chosen[torch.sort(flat.flatten(), stable=True).indices[:k]] = True
         counts = chosen.view(rows, steps).sum(1)
     else:
         counts = (order >= 0).sum(1)
-    out, kept, total = W.clone(), torch.ones(rows, d, dtype=torch.bool), torch.zeros(rows, dtype=torch.float64)
+    out, kept = W.clone(), torch.ones(rows, d, dtype=torch.bool, device=dev)
+    total = torch.zeros(rows, dtype=torch.float64, device=dev)
     for r in range(rows):
         q = order[r, : int(counts[r])]
         if q.numel():
-            prune = torch.zeros(d, dtype=torch.bool)
+            prune = torch.zeros(d, dtype=torch.bool, device=dev)
             prune[q] = True
             out[r] += obs_update_joint(W[r], hinv, prune)
             out[r, q] = 0.0

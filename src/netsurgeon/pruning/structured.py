@@ -103,7 +103,7 @@ def _has_bn(g: ChannelGroup) -> bool:
 
 
 def _scores(model: nn.Module, g: ChannelGroup) -> torch.Tensor:
-    s = torch.zeros(g.size)
+    s = torch.zeros(g.size, device="cpu")  # channel scores live on the host
     for name in g.producers:
         w = model.get_submodule(name).weight.detach()
         s += w.abs().reshape(w.shape[0], -1).sum(1).cpu()
@@ -206,7 +206,7 @@ def _remove_by_score(model: nn.Module, input_shape: tuple[int, ...], score, frac
         return []
     allv = torch.cat(list(scored.values()))
     k = int(round(fraction * allv.numel()))
-    thr = allv.sort().values[k - 1] if k > 0 else torch.tensor(-1.0)
+    thr = allv.sort().values[k - 1] if k > 0 else torch.tensor(-1.0, device="cpu")
     keep, reports = {}, []
     for i, s in scored.items():
         idx = torch.nonzero((s > thr) & (s > 0)).flatten()
@@ -338,10 +338,10 @@ def remove_zero_channels(model: nn.Module, input_shape: tuple[int, ...], *, min_
 
     def score(g: ChannelGroup):
         consumers = [col_norms(g, n, f) for n, role, f in g.members if role == "in"]
-        read = sum(consumers) if consumers else torch.full((g.size,), float("inf"))
+        read = sum(consumers) if consumers else torch.full((g.size,), float("inf"), device="cpu")
         if any(role in ("bn", "dw", "scale") for _, role, _ in g.members):  # a per-channel shift on the way
             return read
-        carried = torch.zeros(g.size)
+        carried = torch.zeros(g.size, device="cpu")
         for n in g.producers:
             m = model.get_submodule(n)
             carried += m.weight.detach().abs().reshape(g.size, -1).sum(1).cpu()

@@ -412,7 +412,7 @@ class Binarize(Callback):
                 b = next(p for p in m.parametrizations["weight"] if isinstance(p, BinarizeWeights))
                 scale = loss_aware_alpha(real, b.curvature).reshape(())
             else:
-                scale = _alpha(real).flatten() if self.weights == "alpha" else torch.ones(())
+                scale = _alpha(real).flatten() if self.weights == "alpha" else torch.ones((), device=real.device)
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
             signs = sign_pm(real).to(torch.int8)
             with torch.no_grad():

@@ -46,10 +46,10 @@ def distort(w: Tensor, kind: str, *, sigma: float = 0.5, levels: int = 8,
     if kind == "binarize":
         return w.abs().mean() * torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
     if kind == "noise":
-        eps = torch.randn(w.shape, generator=generator, dtype=w.dtype)
+        eps = torch.randn(w.shape, generator=generator, dtype=w.dtype, device="cpu").to(w.device)
         return w + sigma * w.std() * eps
     if kind == "multiplicative":
-        eps = torch.randn(w.shape, generator=generator, dtype=w.dtype)
+        eps = torch.randn(w.shape, generator=generator, dtype=w.dtype, device="cpu").to(w.device)
         return w * (1 + sigma * eps)
     if kind == "pow2":
         top = math.floor(math.log2(max(float(w.abs().max()), 1e-30)))

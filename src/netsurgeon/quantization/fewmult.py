@@ -82,10 +82,10 @@ class _StochasticWeights(nn.Module):
             if not self.training:
                 q = _deterministic(w, self.mode, self.w0)
             elif self.mode == "ternary":
-                u = torch.rand(w.shape, generator=self.generator, dtype=w.dtype)
+                u = torch.rand(w.shape, generator=self.generator, dtype=w.dtype, device="cpu").to(w.device)
                 q = self.w0 * torch.sign(w) * (u < w.abs() / self.w0).to(w.dtype)
             else:
-                u = torch.rand(w.shape, generator=self.generator, dtype=w.dtype)
+                u = torch.rand(w.shape, generator=self.generator, dtype=w.dtype, device="cpu").to(w.device)
                 q = self.w0 * torch.where(u < ((w / self.w0 + 1) / 2).clamp(0, 1), 1.0, -1.0).to(w.dtype)
         return w + (q - w).detach()  # the value of q, the gradient of w
 
@@ -205,9 +205,9 @@ class FewMultiplications(Callback):
                 m.weight.copy_(q)
             if self.weights == "ternary":
                 index = torch.where(q > 0, 2, torch.where(q < 0, 1, 0)).long()
-                par: nn.Module = SharedWeights(torch.tensor([-w0, w0]), index)
+                par: nn.Module = SharedWeights(torch.tensor([-w0, w0], device=q.device), index)
             else:
-                par = BinaryWeights(torch.sign(q).to(torch.int8), torch.tensor(w0))
+                par = BinaryWeights(torch.sign(q).to(torch.int8), torch.tensor(w0, device=q.device))
             parametrize.register_parametrization(m, "weight", par, unsafe=True)
         return out
 

@@ -75,7 +75,7 @@ class FixedPointTraining(Callback):
                  activations: bool = True) -> None:
         if rounding not in _ROUNDING:
             raise ValueError(f"FixedPointTraining: rounding must be one of {_ROUNDING}; got {rounding!r}.")
-        fixed_point(torch.zeros(1), int_bits, frac_bits)  # validates the format
+        fixed_point(torch.zeros(1, device="cpu"), int_bits, frac_bits)  # validates the format
         self.int_bits, self.frac_bits, self.rounding, self.activations = int_bits, frac_bits, rounding, activations
         self._gen = torch.Generator().manual_seed(seed)
         self._hooks: list[Any] = []

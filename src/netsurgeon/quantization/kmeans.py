@@ -53,7 +53,7 @@ def kmeans_1d(x: Tensor, k: int, init: str = "linear", iters: int = 50, seed: in
         c = torch.quantile(x, (torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) / k)
     else:
         g = torch.Generator().manual_seed(seed)
-        c = x[torch.randint(x.numel(), (k,), generator=g).to(x.device)].sort().values
+        c = x[torch.randint(x.numel(), (k,), generator=g, device="cpu").to(x.device)].sort().values
     for _ in range(iters):
         labels = torch.bucketize(x, (c[1:] + c[:-1]) / 2)
         total = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, labels, x * sw)

@@ -65,18 +65,18 @@ def kmeans_vectors(x: Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[T
     k = min(k, n)
     g = torch.Generator().manual_seed(seed)
     x = x.double()
-    cents = [x[int(torch.randint(n, (1,), generator=g))]]
+    cents = [x[int(torch.randint(n, (1,), generator=g, device="cpu"))]]
     d2 = ((x - cents[0]) ** 2).sum(1)
     for _ in range(1, k):
         total = float(d2.sum())
         if total > 0:
-            i = int(torch.multinomial(d2 / total, 1, generator=g))
+            i = int(torch.multinomial((d2 / total).cpu(), 1, generator=g))  # a CPU generator draws on the CPU
         else:  # every row is a centroid already: any row
-            i = int(torch.randint(n, (1,), generator=g))
+            i = int(torch.randint(n, (1,), generator=g, device="cpu"))
         cents.append(x[i])
         d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
     c = torch.stack(cents)
-    codes = torch.zeros(n, dtype=torch.long)
+    codes = torch.zeros(n, dtype=torch.long, device=x.device)
     for _ in range(iters):
         dist = torch.cdist(x, c) ** 2
         new = dist.argmin(1)
@@ -100,7 +100,7 @@ def _segments(rows: Tensor, sub_dim: int) -> Tensor:
     n, cols = rows.shape
     s = -(-cols // sub_dim)
     d = -(-cols // s)
-    padded = torch.zeros(n, s * d, dtype=rows.dtype)
+    padded = torch.zeros(n, s * d, dtype=rows.dtype, device=rows.device)
     padded[:, :cols] = rows
     return padded.reshape(n, s, d)
 
@@ -109,8 +109,8 @@ def product_quantize(w: Tensor, sub_dim: int, k: int, seed: int = 0) -> ProductQ
     """Gong et al. Sec. 3.3: k-means per segment position over the rows' segments of ``sub_dim`` columns."""
     segs = _segments(rows_of(w.detach()), sub_dim)
     n, s, d = segs.shape
-    books = torch.zeros(1, s, min(k, n), d)
-    codes = torch.zeros(1, n, s, dtype=torch.long)
+    books = torch.zeros(1, s, min(k, n), d, device=w.device)
+    codes = torch.zeros(1, n, s, dtype=torch.long, device=w.device)
     for j in range(s):
         c, codes[0, :, j] = kmeans_vectors(segs[:, j], k, seed=seed + j)
         books[0, j, : c.shape[0]] = c
@@ -121,8 +121,8 @@ def residual_quantize(w: Tensor, k: int, stages: int, seed: int = 0) -> ProductQ
     """Gong et al. Sec. 3.4: whole rows quantized by k-means, then the residual, ``stages`` times."""
     rows = rows_of(w.detach()).float()
     n, d = rows.shape
-    books = torch.zeros(stages, 1, min(k, n), d)
-    codes = torch.zeros(stages, n, 1, dtype=torch.long)
+    books = torch.zeros(stages, 1, min(k, n), d, device=w.device)
+    codes = torch.zeros(stages, n, 1, dtype=torch.long, device=w.device)
     residual = rows.clone()
     for t in range(stages):
         c, codes[t, :, 0] = kmeans_vectors(residual, k, seed=seed + 1000 * t)
@@ -180,11 +180,11 @@ def refine_response(par: ProductQuantized, x_in: Tensor, target: Tensor, iters: 
     norm = target.norm().clamp_min(1e-12)
 
     def approx() -> Tensor:  # x̃ Ŵᵀ from the current codebooks
-        w_rows = books[torch.arange(s)[None, :], codes]                    # (rows, S, d)
+        w_rows = books[torch.arange(s, device=codes.device)[None, :], codes]                    # (rows, S, d)
         return torch.einsum("nsd,rsd->nr", xs, w_rows)
 
     errors = [float((target - approx()).norm() / norm)]
-    eye = torch.eye(d)
+    eye = torch.eye(d, device=xs.device)
     for _ in range(iters):
         for j in range(s):
             xj = xs[:, j]                                                  # (N, d)
@@ -196,7 +196,7 @@ def refine_response(par: ProductQuantized, x_in: Tensor, target: Tensor, iters: 
             cost = ((books[j] @ g) * books[j]).sum(1)[None, :] - 2 * p.T @ books[j].T   # (rows, k)
             codes[:, j] = cost.argmin(1)
             count = torch.bincount(codes[:, j], minlength=k).float()
-            sums = torch.zeros(k, d).index_add_(0, codes[:, j], p.T)
+            sums = torch.zeros(k, d, device=p.device).index_add_(0, codes[:, j], p.T)
             used = count > 0
             books[j, used] = torch.linalg.solve(g, (sums[used] / count[used, None]).T).T
         errors.append(float((target - approx()).norm() / norm))
@@ -229,7 +229,7 @@ def refine_conv_response(par: ProductQuantized, u: Tensor, target: Tensor, iters
     o, c = par.shape[0], par.shape[1]
     positions = par.shape[2] * par.shape[3]
     m = u.shape[0]
-    us = torch.zeros(m, positions, s * d, dtype=torch.float64)
+    us = torch.zeros(m, positions, s * d, dtype=torch.float64, device=u.device)
     us[:, :, :c] = u.double()
     us = us.reshape(m, positions, s, d)
     target = target.double()
@@ -238,7 +238,7 @@ def refine_conv_response(par: ProductQuantized, u: Tensor, target: Tensor, iters
     norm = target.norm().clamp_min(1e-12)
 
     def weight() -> Tensor:                                                # (O, P, S, d)
-        return books[torch.arange(s)[None, None, :], codes]
+        return books[torch.arange(s, device=codes.device)[None, None, :], codes]
 
     approx = torch.einsum("mpsd,opsd->mo", us, weight())
     errors = [float((target - approx).norm() / norm)]
@@ -258,10 +258,10 @@ def refine_conv_response(par: ProductQuantized, u: Tensor, target: Tensor, iters
             r = target - approx + torch.einsum("mpd,opd->mo", xj, old)
             cross = torch.einsum("mpd,mqe->pqde", xj, xj)                  # (P, P, d, d)
             pair = (cj[:, :, None] * k + cj[:, None, :]).reshape(-1)
-            h = torch.zeros(k * k, d, d, dtype=torch.float64).index_add_(
+            h = torch.zeros(k * k, d, d, dtype=torch.float64, device=cross.device).index_add_(
                 0, pair, cross[None].expand(o, -1, -1, -1, -1).reshape(-1, d, d))
             h = h.reshape(k, k, d, d).permute(0, 2, 1, 3).reshape(k * d, k * d)
-            b = torch.zeros(k, d, dtype=torch.float64).index_add_(
+            b = torch.zeros(k, d, dtype=torch.float64, device=cross.device).index_add_(
                 0, cj.reshape(-1), torch.einsum("mpd,mo->opd", xj, r).reshape(-1, d)).reshape(-1)
             lam = damp * float(h.diagonal().mean()) + 1e-12
             h.diagonal().add_(lam)
@@ -308,7 +308,7 @@ def refine_model_response(model: nn.Module, dense: nn.Module, x: Tensor, iters: 
             out[name] = refine_response(par, seen["q"].flatten(1), seen["d"].flatten(1) @ w.T, iters)
             continue
         uq, ud = _patches(seen["q"], m), _patches(seen["d"], m)
-        keep = torch.randperm(uq.shape[0], generator=g)[:max_rows]
+        keep = torch.randperm(uq.shape[0], generator=g, device="cpu")[:max_rows]
         uq, ud = uq[keep], ud[keep]
         target = torch.einsum("mpc,opc->mo", ud, w.movedim(1, -1).reshape(w.shape[0], -1, w.shape[1]))
         out[name] = refine_conv_response(par, uq, target, iters)
@@ -352,7 +352,7 @@ def _run_pq(model: nn.Module, cfg: PQConfig, ctx: StageContext) -> dict[str, Any
     if cfg.response_iters:
         train = ctx.require_data("pq").train
         g = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randperm(len(train), generator=g)[: cfg.response_samples]
+        idx = torch.randperm(len(train), generator=g, device="cpu")[: cfg.response_samples]
         out["response_error"] = refine_model_response(model, dense, train.x[idx], cfg.response_iters,
                                                       seed=cfg.seed)
     return out

@@ -70,7 +70,8 @@ def hash_layers(model: nn.Module, compression: float, *, seed: int = 0, hash_bia
             if init == "random":
                 bound = 1 / math.sqrt(m.weight[0].numel())
                 with torch.no_grad():
-                    vals = torch.rand(buckets, generator=generator) * 2 * bound - bound
+                    vals = torch.rand(buckets, generator=generator, device="cpu")  # a CPU generator's draws
+                    vals = vals.to(m.weight.device) * 2 * bound - bound
                 parametrize.register_parametrization(m, attr, par, unsafe=True)
                 with torch.no_grad():
                     m.parametrizations[attr].original.copy_(vals)

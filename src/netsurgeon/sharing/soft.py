@@ -63,12 +63,13 @@ class GaussianMixturePrior(nn.Module):
         if components < 2:
             raise ValueError(f"GaussianMixturePrior: need at least 2 components (zero + one); got {components}.")
         lo, hi = float(weights.min()), float(weights.max())
-        self.means = nn.Parameter(torch.linspace(lo, hi, components - 1))
-        self.log_precision = nn.Parameter(torch.full((components,), -2 * math.log(init_std)))
-        self.mix_logits = nn.Parameter(torch.zeros(components - 1))
-        self.register_buffer("pi0", torch.tensor(float(pi0)))
-        self.register_buffer("alpha", torch.tensor([gamma_zero[0]] + [gamma_other[0]] * (components - 1)))
-        self.register_buffer("beta", torch.tensor([gamma_zero[1]] + [gamma_other[1]] * (components - 1)))
+        dev = weights.device  # beside the weights it is trained with
+        self.means = nn.Parameter(torch.linspace(lo, hi, components - 1, device=dev))
+        self.log_precision = nn.Parameter(torch.full((components,), -2 * math.log(init_std), device=dev))
+        self.mix_logits = nn.Parameter(torch.zeros(components - 1, device=dev))
+        self.register_buffer("pi0", torch.tensor(float(pi0), device=dev))
+        self.register_buffer("alpha", torch.tensor([gamma_zero[0]] + [gamma_other[0]] * (components - 1), device=dev))
+        self.register_buffer("beta", torch.tensor([gamma_zero[1]] + [gamma_other[1]] * (components - 1), device=dev))
 
     def mixture(self) -> tuple[Tensor, Tensor, Tensor]:
         """(μ, λ, log π) of all components, the zero component first."""
@@ -115,10 +116,10 @@ def merge_components(mu: Tensor, var: Tensor, pi: Tensor, threshold: float) -> t
         groups.setdefault(root(a), []).append(a)
     out_mu, out_var, out_pi = [], [], []
     for r in sorted(groups):
-        g = torch.tensor(groups[r])
+        g = torch.tensor(groups[r], device=pi.device)
         p = pi[g].sum()
         out_pi.append(p)
-        out_mu.append(torch.zeros(()) if r == 0 else (pi[g] * mu[g]).sum() / p)
+        out_mu.append(torch.zeros((), device=mu.device) if r == 0 else (pi[g] * mu[g]).sum() / p)
         out_var.append((pi[g] * var[g]).sum() / p)
     return torch.stack(out_mu), torch.stack(out_var), torch.stack(out_pi)
 
@@ -262,7 +263,7 @@ class SoftWeightSharing(Callback):
         _, var, pi = self._merged
         book = nn.Parameter(mu[1:].clone())
         kept_total = 0
-        used = torch.zeros(mu.numel(), dtype=torch.bool)
+        used = torch.zeros(mu.numel(), dtype=torch.bool, device=mu.device)
         for name, m in self.layers.items():
             k = index[name]
             used[k.unique()] = True

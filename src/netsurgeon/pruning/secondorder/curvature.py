@@ -176,7 +176,8 @@ class DiagonalFisher:
         self.phase_seconds_ = {"gradients": time.perf_counter() - t0}
 
     def blocks(self, model: nn.Module) -> Iterator[Block]:
-        yield Block(0, self.d_, torch.arange(self.d_), DiagonalInverse(self.diag_, self.damp_))
+        yield Block(0, self.d_, torch.arange(self.d_, device=self.diag_.device),
+                    DiagonalInverse(self.diag_, self.damp_))
 
 
 class WoodburyFisher:
@@ -231,7 +232,7 @@ class WoodburyFisher:
         bar = Progress(f"{job.method}: inverting {len(job.ranges)} block(s)", len(job.ranges), enabled=job.progress)
         for i, (start, stop) in enumerate(job.ranges):
             bar.update(i)
-            idx = torch.arange(start, stop)[job.alive[start:stop]]
+            idx = torch.arange(start, stop, device=job.alive.device)[job.alive[start:stop]]
             cols = idx - lo  # this block's columns of g (g holds only this rank's columns when sharded)
             gb = g[:, cols].double()
             hinv = ImplicitFisherInverse(gb, self.damp_) if prefer_factored(len(idx), self.cfg.num_grads) \
@@ -293,7 +294,7 @@ class KroneckerFisher:
                 a, g = factors[layer]
                 damp = c.damp * float(g.diagonal().mean() * a.diagonal().mean()) if c.relative_damp else c.damp
                 hinv = KroneckerInverse(*kfac_damped_inverses(a, g, damp))
-                self.blocks_.append(Block(off, off + n, torch.arange(off, off + n), hinv))
+                self.blocks_.append(Block(off, off + n, torch.arange(off, off + n, device=job.w.device), hinv))
             off += n
         self.phase_seconds_ = {"gradients": t_inv - t0, "inverses": time.perf_counter() - t_inv}
 
@@ -329,8 +330,9 @@ class ExactHessian:
         hess = self._hessian(job)
         t_inv = time.perf_counter()
         for start, stop in job.ranges:
-            idx = torch.arange(start, stop)[job.alive[start:stop]]
-            h = nearest_psd(hess[idx][:, idx]) + self.damp_ * torch.eye(len(idx), dtype=torch.float64)
+            idx = torch.arange(start, stop, device=job.alive.device)[job.alive[start:stop]]
+            h = nearest_psd(hess[idx][:, idx]) + self.damp_ * torch.eye(len(idx), dtype=torch.float64,
+                                                                         device=hess.device)
             self.blocks_.append(Block(start, stop, idx, torch.linalg.inv(h)))
         self.phase_seconds_ = {"gradients": t_inv - t0, "inverses": time.perf_counter() - t_inv}
 

@@ -111,7 +111,7 @@ class LowMemoryWoodbury:
         last = min(i for i in range(1, len(starts)) if starts[i] >= hi)
         tensors = job.layout.tensors[first:last]
         off = starts[first]
-        out = torch.empty(c.num_grads, hi - lo)
+        out = torch.empty(c.num_grads, hi - lo, device=job.w.device)
         with torch.enable_grad():
             for i, row in gradient_rows(model, self.batches_ if data is None else data, tensors, c.num_grads,
                                         c.grad_batch, c.seed, progress=job.progress and k == 0):
@@ -140,7 +140,7 @@ class LowMemoryWoodbury:
                 t = time.perf_counter()
                 hinv = BatchedFisherInverse(gb, self.damp_)
                 self.phase_seconds_["inverses"] += time.perf_counter() - t
-                idx = torch.arange(first, first + count * n).reshape(count, n)
+                idx = torch.arange(first, first + count * n, device=g.device).reshape(count, n)
                 grad = mean[s:s + count * n].reshape(count, n) if mean is not None else None
                 yield Block(first, first + count * n, idx, hinv, grad)
                 done += count

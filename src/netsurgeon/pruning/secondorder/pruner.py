@@ -202,7 +202,7 @@ class OneShotPruner:
             job = FitJob(self.method, model, data, layout, self.config, w, alive, ranges, progress and rank == 0,
                          self.recipe.keeps_mean, self.shard_, self.shard_sizes_)
             self.curvature_.fit(job)
-            self.scores_ = torch.full((d,), float("inf"))
+            self.scores_ = torch.full((d,), float("inf"), device=w.device)
             for b in self.curvature_.blocks(model):
                 self.scores_[b.alive] = self.recipe.saliency(w[b.alive], b).float()
             self.phase_seconds_ = dict(self.curvature_.phase_seconds_)
@@ -329,11 +329,11 @@ class OneShotPruner:
             prune, skipped = self._nm_selection(model, *nm)
         else:
             k = int(round(sparsity * int((self.scores_ < float("inf")).sum())))  # of the weights it covers
-            prune = torch.zeros(d, dtype=torch.bool)
+            prune = torch.zeros(d, dtype=torch.bool, device=w.device)
             if k:  # the k lowest scores (stable: ties go to the earlier weight)
                 prune[torch.sort(self.scores_, stable=True).indices[:k]] = True
         delta = self._update(model, w, prune) if self.recipe.updates and self.update != "none" else \
-            torch.zeros(d, dtype=torch.float64)
+            torch.zeros(d, dtype=torch.float64, device=w.device)
         scale = 1.0
         if self.method == "woodtaylor":  # the Newton part can overshoot: a line search on held-out fit data
             scale = self._line_search(model, masks, w, delta, prune)
@@ -358,7 +358,7 @@ class OneShotPruner:
             why = _nm_skip(model, t, original(model, t), m)
             if why is None and bool(torch.isposinf(scores).all()):  # no statistics: the estimator left it (K-FAC)
                 why = f"{self.method} has no curvature for it"
-            part = torch.zeros(scores.numel(), dtype=torch.bool)
+            part = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
             if why:
                 skipped[t.removesuffix(".weight")] = why
             else:
@@ -374,7 +374,7 @@ class OneShotPruner:
 
     def _update(self, model: nn.Module, w: Tensor, prune: Tensor) -> Tensor:
         """The update of the surviving weights, block by block (each rank its own blocks, then gathered)."""
-        delta = torch.zeros(w.numel(), dtype=torch.float64)
+        delta = torch.zeros(w.numel(), dtype=torch.float64, device=w.device)
         for b in self.curvature_.blocks(model):
             q = prune[b.alive]
             if self.update == "joint" and int(q.sum()) > JOINT_MAX:
