@@ -21,6 +21,7 @@ def test_count_nonzero_sees_masks_and_norms():
 
 
 def test_dense_flops_match_torch_flop_counter():
+    torch.manual_seed(0)  # unseeded, a random init drew an exact 0.0 weight in ~3 of 80 builds (eff < dense)
     for name in ("lenet5", "lenet300"):
         m = ns.build_model(name)
         with FlopCounterMode(display=False) as fc:

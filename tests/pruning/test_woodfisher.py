@@ -197,8 +197,16 @@ def test_kfac_factors_of_one_sample_give_that_samples_fisher_exactly():
         a, gg = f[name]
         gv = grads[0, lo:hi]
         torch.testing.assert_close(torch.kron(gg, a), torch.outer(gv, gv), atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="K-FAC is implemented for Linear layers only; 'conv1'"):
-        OneShotPruner("kfac").fit(ns.build_model("digits_cnn"), _split_images())
+    # a CNN: K-FAC prunes its Linear layers and leaves the convolutions as they are (no KFC), never refuses it
+    cnn = ns.build_model("digits_cnn")
+    conv = cnn.conv1.weight.detach().clone()
+    pruner = OneShotPruner("kfac", FisherConfig(num_grads=4)).fit(cnn, _split_images())
+    pruner.prune(cnn, 0.5)
+    torch.testing.assert_close(cnn.conv1.weight.detach(), conv)
+    linear = [m.weight for m in cnn.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(int((w == 0).sum()) for w in linear) == round(0.5 * sum(w.numel() for w in linear))
+    with pytest.raises(ValueError, match="K-FAC is implemented for Linear layers only and this model has none"):
+        OneShotPruner("kfac").fit(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten()), _split_images())
 
 
 def _split_images():
