@@ -99,6 +99,7 @@ def test_a_pipeline_named_like_a_built_in_entry_is_refused(tmp_path):
     assert [e.name for e in plan_entries(Plan(10, 10), None, f)] == ["dns"]  # alone, it is just a name
 
 
+@pytest.mark.slow  # end to end, seconds: run by .ci/run with the slow cases
 def test_python_api_compares_a_users_model(tmp_path, digits):
     """ns.run_comparison on a model built in Python (no file): the same results as the CLI's."""
     import netsurgeon as ns
@@ -116,6 +117,7 @@ def test_python_api_compares_a_users_model(tmp_path, digits):
     assert (tmp_path / "rep" / "index.html").is_file() and (tmp_path / "rep" / "files" / "_dense.safetensors").is_file()
 
 
+@pytest.mark.slow  # end to end, seconds: run by .ci/run with the slow cases
 def test_fixed_steps_give_the_same_files_in_any_run(tmp_path, digits):
     import netsurgeon as ns
 
@@ -147,7 +149,7 @@ def report(tmp_path_factory):
     runner = CliRunner()
     base = d / "base.safetensors"
     _ok(runner.invoke(cli, ["train", "--model", "lenet300", "--epochs", "3", "--lr", "0.05", "-o", str(base)]))
-    out = _ok(runner.invoke(cli, ["compare", str(base), "--methods", "magnitude,int8,slimming", "--budget", "6s",
+    out = _ok(runner.invoke(cli, ["compare", str(base), "--methods", "magnitude,int8,slimming", "--steps", "30",
                                   "--repeats", "5", "--threads", "1", "-o", str(d / "rep")]))
     return d, out, runner
 
@@ -165,7 +167,7 @@ def test_compare_writes_a_report_of_measured_files(report):
     assert rows["int8"]["compression_bytes"] > 3.0 and rows["int8"]["train_steps"] == 0
     assert set(mag["latency"]) == {"1", "256"} and mag["latency"]["1"]["speedup"] > 0
     assert res["dense"]["file_bytes"] == (d / "base.safetensors").stat().st_size
-    assert "--budget 6s" in res["command"] and res["command"].startswith("netsurgeon compare ")
+    assert "--steps 30" in res["command"] and res["command"].startswith("netsurgeon compare ")
     words = shlex.split(res["command"])  # paths as typed from the working directory: no machine's absolute prefix
     assert not any(w.startswith("/") for w in words) and any(w.endswith("base.safetensors") for w in words)
     page = (d / "rep" / "index.html").read_text()
@@ -187,7 +189,7 @@ def test_compare_resumes_without_rerunning_finished_methods(report):
     (d / "rep" / "runs" / "int8.json").unlink()  # as if interrupted while int8 ran
     before = json.loads((d / "rep" / "runs" / "magnitude.json").read_text())
     out = _ok(runner.invoke(cli, ["compare", str(d / "base.safetensors"), "--methods", "magnitude,int8,slimming",
-                                  "--budget", "6s", "--repeats", "5", "--threads", "1", "-o", str(d / "rep")]))
+                                  "--steps", "30", "--repeats", "5", "--threads", "1", "-o", str(d / "rep")]))
     assert "magnitude: done before" in out and "int8: done before" not in out
     assert json.loads((d / "rep" / "runs" / "magnitude.json").read_text()) == before
     assert (d / "rep" / "runs" / "int8.json").is_file()
@@ -283,6 +285,7 @@ def _compare(model, digits, out, **kw):
                                                     "threads": 1, "data_name": "digits", "progress": False, **kw})
 
 
+@pytest.mark.slow  # end to end, seconds: run by .ci/run with the slow cases
 def test_an_entry_at_chance_accuracy_is_warned_about_and_kept_off_the_fronts(tmp_path, digits, small_mlp,
                                                                               monkeypatch, caplog):
     """9i: an entry that ends at chance (DNS at 200 steps: 11.35%) is flagged and logged; the page keeps it in the
@@ -319,6 +322,7 @@ def test_an_entry_at_chance_accuracy_is_warned_about_and_kept_off_the_fronts(tmp
     assert len(tops) >= 4 and all(top < rows["magnitude"]["test_error_pct"] / 2 for top in tops[:4]), tops  # fronts
 
 
+@pytest.mark.slow  # end to end, seconds: run by .ci/run with the slow cases
 def test_a_run_over_its_budget_is_warned_about_and_the_page_says_what_the_budget_excludes(tmp_path, digits,
                                                                                             small_mlp, caplog):
     """9j: `compare --budget 3m` ran 4.6 min with no word: the budget plans the training steps; a run that takes

@@ -107,10 +107,17 @@ EXTRA = [("woodfisher", {"pattern": "2:4"}), ("woodfisher", {"low_memory": True,
          ("datafree", {"zero_partner": True}), ("finetune", {"jitter": 1})]
 
 
+# in the quick suite: one method per code path (masks and retraining, DNS's surgery, Woodbury and K-FAC curvature,
+# the calibrated sweep, group quantization, k-means, int8, structured removal with its records, low rank); every
+# other method and setting runs with the slow cases (.ci/run runs both), keeping `pytest -q` under 2 minutes
+QUICK = {"magnitude", "dns", "woodfisher", "kfac", "sparsegpt", "gptq", "kmeans", "int8", "heads", "ffn_neurons",
+         "l1_filters", "lowrank"}
+
+
 def _cases():
-    """Each method with its quick options (the quick suite); the settings beyond them run with the slow cases."""
+    """Each method with its quick options; the settings beyond them run with the slow cases."""
     for name in sorted(methods()):
-        yield pytest.param(name, {}, id=name)
+        yield pytest.param(name, {}, id=name, marks=() if name in QUICK else pytest.mark.slow)
     for name, extra in EXTRA:
         tag = ",".join(f"{k}={v}" for k, v in extra.items())
         yield pytest.param(name, extra, id=f"{name}[{tag}]", marks=pytest.mark.slow)

@@ -61,6 +61,7 @@ def test_distributed_sampler_loaders_give_each_rank_its_own_rows_and_identical_m
         assert any(k.endswith(".mask") and float(v.mean()) < 1 for k, v in a.items()), name
 
 
+@pytest.mark.slow  # end to end, seconds: run by .ci/run with the slow cases
 def test_sharded_woodfisher_equals_single_process(tmp_path: Path) -> None:
     torchrun(str(WORKER), "woodfisher", str(tmp_path))
     from netsurgeon.pruning.woodfisher import FisherConfig, OneShotPruner

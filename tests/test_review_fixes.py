@@ -190,6 +190,7 @@ def test_a_per_layer_option_naming_no_layer_fails_before_data_loads(runner, tmp_
         ns.build_model("lenet300", (1, 8, 8)))   # the tensor's name and a layer kind are layer names too
 
 
+@pytest.mark.slow  # end to end, seconds: run by .ci/run with the slow cases
 def test_a_factory_in_the_working_directory_imports_from_the_command_line(user_module, tmp_path, monkeypatch):
     """#39.9: --model mynets:factory for a module in the current directory failed unless PYTHONPATH=."""
     import subprocess

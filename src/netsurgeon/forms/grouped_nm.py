@@ -55,7 +55,7 @@ from ..coding.bits import pack_bits, packed_size, unpack_bits
 from ..coding.container import NszError
 from ..coding.schema import VALUE_ITEMSIZE, TensorRecord, need_blob
 from . import EncodeOptions, Form, as_numpy, chain, read_values, register_form, stored_parametrization, value_array
-from .grouped import GroupQuantWeights, groups_of
+from .grouped import Grouped, GroupQuantWeights, groups_of
 
 __all__ = ["GroupQuantNMWeights", "GroupedNM", "from_grouped", "pattern_bits", "pattern_table", "pattern_rank"]
 
@@ -223,16 +223,7 @@ class GroupedNM(Form):
                            codebook_size=scales.size, extra=extra)
         return rec, blobs
 
-    @staticmethod
-    def _layout(rec: TensorRecord) -> tuple[int, int, int]:
-        """(rows, cols, groups): the weight as the (out, in) matrix the codes index."""
-        if rec.extra["transposed"]:
-            rows, cols = (rec.shape[1], rec.shape[0]) if len(rec.shape) == 2 else (0, 0)
-        else:
-            rows = rec.shape[0] if rec.shape else 0
-            cols = rec.numel // rows if rows else 0
-        g = rec.extra["group_size"]
-        return rows, cols, 1 if g == 0 or g >= cols else math.ceil(cols / g)
+    _layout = staticmethod(Grouped._layout)  # (rows, cols, groups): the (out, in) matrix the codes index
 
     def check(self, where: str, rec: TensorRecord, blobs: Mapping[str, bytes]) -> list[str]:
         rows, cols, groups = self._layout(rec)

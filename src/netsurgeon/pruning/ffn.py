@@ -49,12 +49,10 @@ from torch import Tensor, nn
 
 from ..calibration import _no_attention_fast_path
 from ..changes.resized import is_conv1d, layer_sizes, record_resized, resized_record
-from ..devices import model_device
 from ..masks import note_skipped
 from ..plan import oneshot_then_finetuned
 from ..registry import MethodConfig, StageContext, option, register
-from ..train import flat_predictions
-from .heads import _calibration, select_heads
+from .heads import gate_importance, select_heads
 
 log = logging.getLogger(__name__)
 
@@ -268,29 +266,8 @@ def taylor_importance(model: nn.Module, sites: list[FfnSite], data: Any, *, samp
     """I_j = E_x |∂L(x)/∂ξ_j| over ``samples`` training samples, per block (hidden,): Michel et al. 2019's importance
     with one gate per neuron (Molchanov et al. 2017's |activation × gradient| summed over positions, per sample).
     L(x) is sample x's cross-entropy (a language model's: the mean over its tokens); eval mode, no weight gradient."""
-    total = {s.name: torch.zeros(s.hidden, device="cpu") for s in sites}  # summed on the host
-    n = 0
-    was = model.training
-    dev = model_device(model)  # the gates multiply the hidden activations: beside them
-    model.eval()
-    try:
-        for x, y in _calibration(data, samples, batch_size, seed):
-            gates = {s.name: torch.ones(len(x), s.hidden, requires_grad=True, device=dev) for s in sites}
-            with neuron_gates(model, gates):
-                out = model(x)
-            logits, t = flat_predictions(out, y)
-            per_sample = F.cross_entropy(logits.float(), t, reduction="none").reshape(len(x), -1).mean(1)
-            grads = torch.autograd.grad(per_sample.sum(), list(gates.values()), allow_unused=True)
-            for name, g in zip(gates, grads, strict=True):
-                if g is not None:
-                    total[name] += g.detach().abs().sum(0).cpu()
-            n += len(x)
-    finally:
-        model.train(was)
-    if n == 0:
-        raise ValueError("ffn_neurons: the training data gave no sample; taylor importance needs calibration "
-                         "samples.")
-    return {k: v / n for k, v in total.items()}
+    return gate_importance(model, {s.name: s.hidden for s in sites}, neuron_gates, data, samples=samples,
+                           batch_size=batch_size, seed=seed, owner="ffn_neurons")
 
 
 def select_neurons(scores: dict[str, Tensor], fraction: float | Mapping[str, float], *, scope: str = "global",

@@ -22,7 +22,7 @@ follow this stage with ``finetune`` to recover.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -183,15 +183,24 @@ def taylor_importance(model: nn.Module, sites: list[AttentionSite], data: Any, *
     """I_h = E_x |∂L(x)/∂ξ_h| (Michel et al. 2019, Sec. 4.1) over ``samples`` training samples: per layer, (heads,).
     L(x) is the cross-entropy of sample x (a language model's: the mean over its tokens). The model runs in eval
     mode (no dropout); its weights get no gradient."""
-    total = {s.name: torch.zeros(s.num_heads, device="cpu") for s in sites}  # summed on the host
+    return gate_importance(model, {s.name: s.num_heads for s in sites}, head_gates, data, samples=samples,
+                           batch_size=batch_size, seed=seed, owner="heads")
+
+
+def gate_importance(model: nn.Module, widths: dict[str, int], gated: Callable[[nn.Module, dict[str, Tensor]], Any],
+                    data: Any, *, samples: int, batch_size: int, seed: int, owner: str) -> dict[str, Tensor]:
+    """E_x |∂L(x)/∂ξ| for gates ξ of ones, ``widths[name]`` per site, that the context manager ``gated(model,
+    gates)`` multiplies into the model's forward (heads' outputs, FFN neurons' activations): per site, (width,).
+    One gate per sample, so each sample's |gradient| counts on its own (Michel et al. 2019, Sec. 4.1)."""
+    total = {name: torch.zeros(w, device="cpu") for name, w in widths.items()}  # summed on the host
     n = 0
     was = model.training
-    dev = model_device(model)  # the gates multiply the heads' outputs: beside them
+    dev = model_device(model)  # the gates multiply activations: beside them
     model.eval()
     try:
         for x, y in _calibration(data, samples, batch_size, seed):
-            gates = {s.name: torch.ones(len(x), s.num_heads, requires_grad=True, device=dev) for s in sites}
-            with head_gates(model, gates):
+            gates = {name: torch.ones(len(x), w, requires_grad=True, device=dev) for name, w in widths.items()}
+            with gated(model, gates):
                 out = model(x)
             logits, t = flat_predictions(out, y)
             per_sample = F.cross_entropy(logits.float(), t, reduction="none").reshape(len(x), -1).mean(1)
@@ -203,7 +212,7 @@ def taylor_importance(model: nn.Module, sites: list[AttentionSite], data: Any, *
     finally:
         model.train(was)
     if n == 0:
-        raise ValueError("heads: the training data gave no sample; taylor importance needs calibration samples.")
+        raise ValueError(f"{owner}: the training data gave no sample; taylor importance needs calibration samples.")
     return {k: v / n for k, v in total.items()}
 
 
