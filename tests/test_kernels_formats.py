@@ -249,6 +249,7 @@ def test_portable_path_computes_the_same():
 
 
 @needs_simd
+@pytest.mark.slow  # seconds (a subprocess, a large model or tensor): run by .ci/run
 def test_first_kernel_call_keeps_torch_thread_count():
     """Starting numba's threading layer resets OpenMP's thread count (shared with torch); the modules put it back.
     A fresh process: in this one numba's threads may be started already."""

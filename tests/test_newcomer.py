@@ -32,6 +32,7 @@ def base(runner, tmp_path):
     return path
 
 
+@pytest.mark.slow  # seconds (a subprocess, a large model or tensor): run by .ci/run
 def test_same_seed_same_weights_for_train_and_demo(runner, tmp_path):
     for name in ("a", "b"):
         _ok(runner.invoke(cli, ["train", "--model", "digits_cnn", "--epochs", "1", "--seed", "3",

@@ -114,8 +114,9 @@ def test_composition_is_checked_before_any_work():
 
 
 @pytest.mark.parametrize("method,model_name", [
-    # exact OBS on the user net differentiates its ~2,700 weights twice (~8 s): run with the slow cases
-    pytest.param(m, n, marks=pytest.mark.slow) if (m, n) == ("obs", "user_net") else (m, n)
+    # exact OBS on the user net differentiates its ~2,700 weights twice (~8 s), and LeNet-5's 431k weights make
+    # every method slower (8 s in all) than on the two small nets: run with the slow cases
+    pytest.param(m, n, marks=pytest.mark.slow) if (m, n) == ("obs", "user_net") or n == "lenet5" else (m, n)
     for n in ("resnet_small", "lenet5", "user_net") for m in sorted(methods())])
 def test_every_method_compresses_saves_and_reloads_the_same_module(method, model_name, tmp_path):
     model, data = _model(model_name)

@@ -73,6 +73,7 @@ print(json.dumps([faults(), keep_freed_memory() != "default", faults()]))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.slow  # seconds (a subprocess, a large model or tensor): run by .ci/run
 def test_keep_freed_memory_stops_large_tensors_from_faulting_their_pages_in_every_time():
     run = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True)
     before, applied, after = json.loads(run.stdout)

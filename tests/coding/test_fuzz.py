@@ -81,6 +81,7 @@ def test_huffman_stream_with_fewer_declared_entries_is_refused(corpus, tmp_path)
         load_compressed(_crafted(corpus, tmp_path, edit, which=2))
 
 
+@pytest.mark.slow  # seconds (a subprocess, a large model or tensor): run by .ci/run
 def test_a_header_bomb_is_refused(corpus, tmp_path):
     header, blobs = split_file(corpus[0])
     header["meta"] = {"pad": "x" * (200 << 20)}  # 200 MB of JSON compresses to about 200 KB

@@ -101,6 +101,7 @@ def _transformer_stack(d_model=1024, layers=8):
     return shapes
 
 
+@pytest.mark.slow  # seconds (a subprocess, a large model or tensor): run by .ci/run
 def test_a_100m_weight_model_is_planned_under_24_gib_with_blocks_of_128_and_64_gradients():
     shapes = _transformer_stack()
     sizes = [a * b for a, b in shapes]
@@ -165,6 +166,7 @@ def _peak(**args) -> dict:
 SMALL = [128, 512, 128, 10]  # 132k weights
 
 
+@pytest.mark.slow  # seconds (a subprocess, a large model or tensor): run by .ci/run
 def test_low_memory_estimate_is_within_2x_of_the_measured_peak():
     """132k weights, 32 gradients, blocks of 128: the estimate (about 90 MB) against the peak RSS the fit and
     one prune add in a fresh process (measured 110 MB)."""
