@@ -263,15 +263,9 @@ class GroupedNM(Form):
                                    torch.from_numpy(scales.copy()).reshape(rows, groups), zeros, bits,
                                    rec.extra["group_size"] or None, n, m, rec.shape, bool(rec.extra["transposed"]))
 
-    def decode(self, where: str, rec: TensorRecord, blobs: Mapping[str, bytes]) -> Tensor:
-        with torch.no_grad():
-            return self._parts(where, rec, blobs)(torch.empty(0))
-
-    def attach(self, module, attr, where, rec, blobs) -> bool:
-        from torch.nn.utils import parametrize
-
-        parametrize.register_parametrization(module, attr, self._parts(where, rec, blobs), unsafe=True)
-        return True
+    # as grouped's: both build the weight from this form's own ``_parts``
+    decode = Grouped.decode
+    attach = Grouped.attach
 
     def describe(self, rec: TensorRecord) -> str:
         g = rec.extra["group_size"]
