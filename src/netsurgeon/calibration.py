@@ -279,10 +279,15 @@ def _capturing(layers: dict[str, nn.Module], targets: dict[str, list[Target]],
                 handles.append(m.register_forward_pre_hook(feed(targets[name], isinstance(m, (nn.Conv1d, nn.Conv2d)))))
         yield
     finally:
-        for h in handles:
-            h.remove()
-        for m in patched:
-            del m.forward
+        undo_hooks(handles, patched)
+
+
+def undo_hooks(handles: list[Any], patched: list[nn.Module]) -> None:
+    """Remove forward hooks and the instance ``forward`` a capture put on modules (their class's comes back)."""
+    for h in handles:
+        h.remove()
+    for m in patched:
+        del m.forward
 
 
 class _Stop(Exception):

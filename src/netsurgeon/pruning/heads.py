@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..calibration import _no_attention_fast_path
+from ..calibration import _no_attention_fast_path, undo_hooks
 from ..changes.heads import AttentionSite, attention_sites, head_blocks, record_heads, shrink_heads
 from ..data import Split
 from ..data.core import batches
@@ -137,10 +137,7 @@ def head_gates(model: nn.Module, gates: dict[str, Tensor]) -> Iterator[None]:
                 handles.append(proj.register_forward_pre_hook(pre))
             yield
     finally:
-        for h in handles:
-            h.remove()
-        for m in patched:
-            del m.forward
+        undo_hooks(handles, patched)
 
 
 @torch.no_grad()
