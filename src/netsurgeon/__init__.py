@@ -25,7 +25,7 @@ _NAMES = {
     # methods and pipelines
     "Pipeline": "pipeline", "get_method": "pipeline", "methods": "pipeline", "run_comparison": "compare",
     # engine
-    "Callback": "train", "TrainConfig": "train", "evaluate": "train", "train": "train",
+    "Callback": "train", "BestOnValidation": "train", "TrainConfig": "train", "evaluate": "train", "train": "train",
 }
 __all__ = ["__version__", *_SUBMODULES, *_NAMES]
 

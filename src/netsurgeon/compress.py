@@ -83,15 +83,16 @@ def _inherited_defaults(model_file: str | os.PathLike[str], seed: int) -> dict[s
 def compress_model(model: nn.Module, pipe: Pipeline, data: Any, output: str | os.PathLike[str] | None, *,
                    meta: Mapping[str, Any] | None = None, history: Sequence[dict[str, Any]] = (),
                    progress: bool = True, evaluate_test: bool = True,
-                   device: str | torch.device | None = None) -> CompressResult:
+                   device: str | torch.device | None = None, **run_options: Any) -> CompressResult:
     """Run ``pipe`` on ``model`` in place with ``data``, then write ``output`` (None: nothing is written, e.g. on
     ranks other than 0 of a distributed run). The file records the architecture as the stages left it (with the
     data's input shape where the record has none), ``meta``, the test metrics and the stages of ``history``
     followed by this pipeline's. ``device``: where the stages run (see :meth:`Pipeline.run`); the file is
-    written from a CPU copy and the model is left on that device."""
+    written from a CPU copy and the model is left on that device. ``run_options`` go to :meth:`Pipeline.run`
+    (``callbacks``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``)."""
     from .train import evaluate
 
-    runs = pipe.run(model, data, progress=progress, device=device)
+    runs = pipe.run(model, data, progress=progress, device=device, **run_options)
     metrics: dict[str, float] = {}
     if evaluate_test and getattr(data, "test", None) is not None:
         ev = evaluate(model, data.test)
@@ -118,7 +119,9 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
                   overrides: Sequence[str] = (), seed: int = 0, model_spec: str | None = None,
                   model_args: Mapping[str, Any] | None = None, trust_code: bool = False,
                   load_data: Callable[[Pipeline, dict[str, Any], nn.Module], Any], progress: bool = True,
-                  meta: Mapping[str, Any] | None = None, device: str | torch.device | None = None) -> CompressResult:
+                  meta: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
+                  checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 500,
+                  resume: bool = False) -> CompressResult:
     """Compress ``model_file`` with a pipeline (``stages`` like a recipe's, or a ``recipe`` file; ``overrides``
     as ``--set``) and write ``output``.
 
@@ -127,7 +130,7 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
     ``model``). ``load_data(pipe, file_meta, model)`` then returns the data set (and may check that the model
     takes its inputs). The run keeps the input's stored forms, its float16 values unless told otherwise, and the
     history of the runs that made it. ``device`` (``cpu``, ``cuda``, ``cuda:N``) is checked before the file is
-    read; the stages run there.
+    read; the stages run there. ``checkpoint_dir``/``checkpoint_every``/``resume``: see :meth:`Pipeline.run`.
     """
     parse_device(device)
     if (stages is None) == (recipe is None):
@@ -147,7 +150,8 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
     pipe.check_layers(model)
     data = load_data(pipe, file_meta, model)
     return compress_model(model, pipe, data, output, meta={**file_meta, **(meta or {})},
-                          history=file_history(file_meta), progress=progress, device=device)
+                          history=file_history(file_meta), progress=progress, device=device,
+                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
 
 
 def output_path(path: str | os.PathLike[str]) -> Path:

@@ -258,7 +258,9 @@ class Pipeline:
         return last if isinstance(last, EncodeConfig) else EncodeConfig()
 
     def run(self, model: nn.Module, data: Any = None, *, progress: bool = False,
-            device: str | torch.device | None = None, teacher: nn.Module | None = None) -> list[dict[str, Any]]:
+            device: str | torch.device | None = None, teacher: nn.Module | None = None,
+            callbacks: Sequence[Any] = (), checkpoint_dir: str | os.PathLike[str] | None = None,
+            checkpoint_every: int = 500, resume: bool = False) -> list[dict[str, Any]]:
         """Run every stage on ``model`` in place; returns one record per stage (method, config, report, seconds).
 
         ``data`` is a :class:`~netsurgeon.data.Dataset` or :func:`~netsurgeon.data.from_loaders` data; stages
@@ -267,6 +269,11 @@ class Pipeline:
         model and in-memory splits move there first, and the methods keep their tensors beside the weights.
         ``teacher``: the model a ``distill`` stage learns from (default: ``model`` as the pipeline receives it);
         give the large model here to distill it into a smaller ``model`` (a student with fewer layers).
+        ``callbacks``: :class:`~netsurgeon.train.Callback`\\ s run inside every training stage besides the method's
+        own (a probe, a logger), finalized before it. ``checkpoint_dir``: each training stage checkpoints there
+        (``stage<N>-<method>.ckpt``, every ``checkpoint_every`` steps, on Ctrl-C and at its end); with ``resume``
+        a stage continues from its file, and a stage that had finished takes its final weights without training
+        again (stages without training re-run: they are deterministic for a seed).
         """
         from .architecture import record_inputs
         from .changes import arch_of, set_arch
@@ -274,6 +281,17 @@ class Pipeline:
 
         data = None if data is None else as_data(data)
         parse_device(device, "device")
+        if resume and checkpoint_dir is None:
+            raise ValueError("pipeline: resume=True needs checkpoint_dir (where the stages' checkpoints are).")
+        from .train import Callback
+
+        if isinstance(callbacks, (str, bytes, Callback)) or not all(isinstance(c, Callback) for c in callbacks):
+            raise ValueError(f"pipeline: callbacks must be a list of netsurgeon.Callback; got {callbacks!r}.")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"pipeline: checkpoint_every must be an integer >= 0; got {checkpoint_every!r}.")
+        ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
+        if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
+            raise ValueError(f"pipeline: checkpoint_dir {str(ckpt)!r} is a file, not a directory.")
         self.check(has_data=data is not None, start_form=weight_form(model))
         if data is not None and arch_of(model) is not None:  # token ids: the saved file's record says so
             set_arch(model, record_inputs(arch_of(model), data))
@@ -282,17 +300,19 @@ class Pipeline:
         dev, data = place(model, data, device)
         if teacher is not None:
             teacher.to(dev)
+        if ckpt is not None:
+            ckpt.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(data, progress, teacher, tuple(callbacks), None, checkpoint_every, resume)
         with running_on(dev):
-            return self._run_stages(model, data, progress, teacher)
+            return self._run_stages(model, ctx, ckpt)
 
-    def _run_stages(self, model: nn.Module, data: Any, progress: bool,
-                    teacher: nn.Module | None) -> list[dict[str, Any]]:
-        if teacher is None and any(st.spec.needs_teacher for st in self.stages):
-            teacher = copy.deepcopy(model).eval()
-        ctx = StageContext(data, progress, teacher)
+    def _run_stages(self, model: nn.Module, ctx: StageContext, ckpt: Path | None) -> list[dict[str, Any]]:
+        if ctx.teacher is None and any(st.spec.needs_teacher for st in self.stages):
+            ctx.teacher = copy.deepcopy(model).eval()
         out = []
         for i, st in enumerate(self.stages, 1):
-            (progress_log if progress else log).info("stage %d/%d: %s", i, len(self.stages), st.method)
+            (progress_log if ctx.progress else log).info("stage %d/%d: %s", i, len(self.stages), st.method)
+            ctx.checkpoint = None if ckpt is None else ckpt / f"stage{i}-{st.method}.ckpt"
             t0 = time.perf_counter()
             take_skipped(model)
             report = st.spec.run(model, st.config, ctx)

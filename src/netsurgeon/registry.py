@@ -197,12 +197,18 @@ class MethodConfig:
 @dataclass
 class StageContext:
     """What a stage's ``run`` may use besides the model: the data (None if the user gave none), a progress
-    flag, and ``teacher``: the model as the pipeline received it (kept only when a stage distills from it).
-    Stages never read ``data.test``."""
+    flag, ``teacher``: the model as the pipeline received it (kept only when a stage distills from it), and
+    what a training stage passes to its run: the pipeline's own ``callbacks`` (run inside every training
+    stage, finalized before the method's), and ``checkpoint`` (the stage's checkpoint file, written every
+    ``checkpoint_every`` steps; continued from when ``resume``). Stages never read ``data.test``."""
 
     data: Any = None
     progress: bool = False
     teacher: Any = None
+    callbacks: tuple[Any, ...] = ()
+    checkpoint: Any = None
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def require_data(self, method: str) -> Any:
         if self.data is None:

@@ -13,11 +13,13 @@ resume from them, and the ranks' weights and masks are checked identical at ever
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -34,7 +36,8 @@ from .masks import attach_masks_for_state_dict
 from .progress import Progress
 from .registry import MethodConfig, StageContext, option, register
 
-__all__ = ["Callback", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "Evaluation", "lr_at",
+__all__ = ["Callback", "BestOnValidation", "TrainConfig", "Trainer", "TrainResult", "train", "evaluate", "Evaluation",
+           "lr_at",
            "run_training", "squared_hinge", "recalibrate_batchnorm", "flat_predictions"]
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 _OPTIMIZERS = ("sgd", "adam")
 _SCHEDULES = ("constant", "step", "cosine", "inv", "exp")
 _LOSSES = ("cross_entropy", "squared_hinge")
+_SELECT = ("last", "best_val")
 
 
 class Callback:
@@ -51,7 +55,10 @@ class Callback:
     ``on_train_start``, also on resume *before* the checkpoint is loaded), then per step ``loss`` (an extra
     loss term or None), ``after_backward`` (gradients are in ``.grad``), ``after_step`` (weights updated),
     ``on_epoch_end``, and ``finalize`` at the end (leave a plain masked model: pruned weights stay zero in
-    any later training). ``state_dict``/``load_state_dict`` carry the callback's state through checkpoints.
+    any later training). ``state_dict``/``load_state_dict`` carry the callback's state through checkpoints
+    (and through model selection: ``select="best_val"`` restores them with the chosen epoch's weights).
+    ``stored()`` is a context in which the model computes as the file will hold it, for a method whose
+    training network differs from its stored one (soft weight sharing's quantized weights).
     A callback may set ``hard_loss_weight`` (default 1) to scale the label loss (distillation: 1 − α).
 
     The ``trainer`` argument is optional everywhere, so a method runs in the user's own loop too::
@@ -94,6 +101,67 @@ class Callback:
     def state_dict(self) -> dict[str, Any]:
         return {}
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    @contextlib.contextmanager
+    def stored(self) -> Iterator[None]:
+        """Within the block the model computes with the weights ``finalize`` would store (default: as trained)."""
+        yield
+
+
+def _stores_differently(cb: Callback) -> bool:
+    return type(cb).stored is not Callback.stored
+
+
+class BestOnValidation(Callback):
+    """Model selection on the validation split (the papers' rule: report the epoch best on validation): at
+    each epoch's end, keep a copy of the weights and of every other callback's state when the epoch beats the
+    best so far (accuracy, or loss for a language model; the first of equal epochs wins), and put them back at
+    the end of training, before the methods' ``finalize``. Where a method stores other weights than it trains
+    with (its ``stored()`` context, e.g. soft weight sharing's quantized network), epochs are compared as
+    stored. ``TrainConfig(select="best_val")`` adds one to a run; the test split is never read."""
+
+    def __init__(self) -> None:
+        self.best_score, self.best_epoch, self.scores = -math.inf, 0, []
+        self._best: tuple[dict[str, Tensor], list[dict[str, Any]]] | None = None
+
+    def on_epoch_end(self, trainer: Trainer | None = None) -> None:
+        assert trainer is not None
+        entry = trainer.history[-1]
+        others = [cb for cb in trainer.callbacks if cb is not self]
+        perplexity = getattr(trainer.data, "metric", "accuracy") == "perplexity"
+        if any(_stores_differently(cb) for cb in others):
+            with contextlib.ExitStack() as stack:
+                for cb in others:
+                    stack.enter_context(cb.stored())
+                loss, acc = _evaluate_sharded(trainer.model, trainer.data.val)
+            entry.update(stored_val_acc=acc, stored_val_loss=loss)
+        else:
+            loss, acc = entry["val_loss"], entry["val_acc"]
+        score = -loss if perplexity else acc
+        if not math.isfinite(score):
+            raise ValueError(f"select='best_val': the validation {'loss' if perplexity else 'accuracy'} of epoch "
+                             f"{entry['epoch']} is {score!r}; give a non-empty validation split.")
+        self.scores.append(score)
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, int(entry["epoch"])
+            self._best = ({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                          [copy.deepcopy(cb.state_dict()) for cb in others])
+
+    def restore(self, trainer: Trainer) -> None:
+        """Put the chosen epoch's weights and callback states back on ``trainer``'s model and callbacks."""
+        if self._best is None:
+            return
+        weights, states = self._best
+        trainer.model.load_state_dict(weights)
+        for cb, state in zip([cb for cb in trainer.callbacks if cb is not self], states, strict=True):
+            cb.load_state_dict(copy.deepcopy(state))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "scores": list(self.scores),
+                "best": self._best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.scores, self._best = list(state["scores"]), state["best"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +187,8 @@ class TrainConfig(MethodConfig):
                                         "sum over classes of max(0, 1 - t·y)^2 with t = ±1)", choices=_LOSSES)
     jitter: int = option(0, "shift each training image by up to this many pixels in each direction, zero-filled "
                             "(Hinton et al. 2015's MNIST teacher: 2)", low=0)
+    select: str = option("last", "which epoch's weights the run keeps: last, or best_val (the epoch best on the "
+                                 "validation split, weights and method state together)", choices=_SELECT)
 
     def train_config(self) -> TrainConfig:
         """The plain training fields of this config (drops a method's own fields)."""
@@ -167,10 +237,12 @@ def squared_hinge(out: Tensor, y: Tensor) -> Tensor:
 
 @dataclass
 class TrainResult:
-    """Per-epoch history (``epoch``, ``loss``, ``train_acc``, ``val_acc``, ``lr``) and the last step."""
+    """Per-epoch history (``epoch``, ``loss``, ``train_acc``, ``val_acc``, ``val_loss``, ``lr``), the last step,
+    and ``selected_epoch``: the epoch whose weights the model holds (the last, or the best on validation)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
+    selected_epoch: int | None = None
 
 
 class Evaluation(NamedTuple):
@@ -278,6 +350,14 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self._epoch_sums = torch.zeros(3, dtype=torch.float64, device="cpu")  # loss sum, correct, count: host-side
         self.history: list[dict[str, float]] = []
+        self._selector: BestOnValidation | None = None
+        if self.config.select == "best_val":
+            val = getattr(data, "val", None)
+            if val is None or not _nonempty(val):
+                raise ValueError("train: select='best_val' chooses an epoch on the validation split, but the data "
+                                 "has none; give a validation split, or select='last'.")
+            self._selector = BestOnValidation()
+            self.callbacks.append(self._selector)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -398,10 +478,15 @@ class Trainer:
         finally:
             if bar:
                 bar.close()
-        if checkpoint:
+        if checkpoint:  # the state training ended in: a resumed run with more steps goes on from it
             self.save_checkpoint(checkpoint)
         self._check_ranks("end of training")
-        return TrainResult(self.history, self.step)
+        selected = int(self.history[-1]["epoch"]) if self.history else None
+        if self._selector is not None and self._selector.best_epoch:
+            self._selector.restore(self)
+            selected = self._selector.best_epoch
+            log.info("select='best_val': kept epoch %d of %d", selected, len(self.history))
+        return TrainResult(self.history, self.step, selected)
 
     def _running(self) -> str:
         """This epoch's running training loss and its metric, for the progress bar."""
@@ -534,14 +619,20 @@ def train(model: nn.Module, data: Dataset | LoaderData | Any, config: TrainConfi
 
 def run_training(model: nn.Module, ctx: StageContext, config: TrainConfig,
                  callback: Callback | None = None) -> dict[str, Any]:
-    """Run one training stage of a pipeline: train with ``callback`` (if any), then ``callback.finalize``."""
+    """Run one training stage of a pipeline: train with ``callback`` (if any) and the pipeline's own callbacks
+    (``ctx.callbacks``), checkpointing to ``ctx.checkpoint`` (resumed from it when ``ctx.resume``), then
+    ``finalize`` the pipeline's callbacks and the method's. The report holds the per-epoch history and the
+    epoch kept (``config.select``)."""
     data = ctx.require_data(config.owner)
-    result = train(model, data, config, callbacks=[callback] if callback is not None else [],
+    resume = bool(ctx.resume and ctx.checkpoint is not None and Path(ctx.checkpoint).is_file())
+    result = train(model, data, config, callbacks=[*([callback] if callback is not None else []), *ctx.callbacks],
+                   checkpoint=ctx.checkpoint, checkpoint_every=ctx.checkpoint_every, resume=resume,
                    progress=ctx.progress)
-    if callback is not None:
-        callback.finalize(model)
-    last = result.history[-1] if result.history else {}
-    return {"steps": result.steps, "val_acc": last.get("val_acc"), "train_loss": last.get("loss")}
+    for cb in [*ctx.callbacks, *([callback] if callback is not None else [])]:
+        cb.finalize(model)
+    kept = next((h for h in result.history if h["epoch"] == result.selected_epoch), {})
+    return {"steps": result.steps, "val_acc": kept.get("val_acc"), "train_loss": kept.get("loss"),
+            "selected_epoch": result.selected_epoch, "resumed": resume, "history": result.history}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch import nn
 from .._validation import check_finite_model
 from ..plan import trained
 from ..registry import StageContext, option, register
-from ..train import TrainConfig, train
+from ..train import TrainConfig, run_training
 from .conv import CONV_KINDS, conv_cost
 from .factorize import candidate_layers, factorize_layers, lowrank_factorize, match_outputs
 
@@ -39,7 +39,7 @@ def _after(model: nn.Module, cfg: _FactorTraining, ctx: StageContext, originals:
         out["matched_rel_error"] = match_outputs(model, originals, ctx.require_data(cfg.owner), steps=cfg.match_steps,
                                                  lr=cfg.match_lr, batch_size=cfg.batch_size, seed=cfg.seed)
     if cfg.epochs > 0:
-        train(model, ctx.require_data(cfg.owner), cfg.train_config(), progress=ctx.progress)
+        out["finetune"] = run_training(model, ctx, cfg)
     return out
 
 

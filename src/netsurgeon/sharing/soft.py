@@ -230,6 +230,13 @@ class SoftWeightSharing(Callback):
                 for name, w0 in saved.items():
                     _trainable_weight(self.layers[name]).copy_(w0)
 
+    @contextmanager
+    def stored(self) -> Iterator[None]:
+        """Epochs are compared as the file will hold them (``select="best_val"``): quantized, as in
+        :meth:`quantized`."""
+        with self.quantized():
+            yield
+
     @torch.no_grad()
     def finalize(self, model: nn.Module | None = None) -> nn.Module:
         """Merge components, give each weight its component's mean (zero for component 0), and leave one shared
