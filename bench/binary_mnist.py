@@ -12,10 +12,11 @@ for the MLPs; test error of the epoch with the best *validation* error (the pape
 Training stages are cached (bench/.cache) and checkpointed, so an interrupted run resumes; the latency stage
 is re-measured on every run.
 
-Not through ns.Pipeline: every run keeps the weights of its best validation epoch (BestOnValidation beside the
-method's callback), re-estimates BatchNorm for stochastic BinaryConnect's real weights, and only then binarizes
-(the callback's finalize); a binary stage finalizes right after its last epoch and takes no model-selection
-callback, and these hour-long runs resume from checkpoints, which Pipeline.run does not offer.
+Every run goes through ns.Pipeline (``netsurgeon compress``'s code path): one training stage per setup with
+``select=best_val`` (the epoch best on validation, weights and method state together), checkpointed under
+bench/.cache so an interrupted run resumes; stochastic BinaryConnect's real-weight error is read by a pipeline
+callback at the end of training, before the stage binarizes (tests/test_bench_pipeline.py pins each stage list
+to the direct calls this script made before: the same weights and file bytes).
 """
 
 from __future__ import annotations
@@ -32,18 +33,17 @@ import netsurgeon as ns
 from _common import (
     CACHE,
     RESULTS,
-    BestOnValidation,
     cached_json,
     machine,
     pyplot,
     rel,
     save_figure,
+    train_options,
     weight_counts,
     write_result,
 )
 from netsurgeon.kernels import bitops
 from netsurgeon.kernels import fused as kernels
-from netsurgeon.quantization.binary import Binarize
 from netsurgeon.runtime import compile_runtime
 from netsurgeon.stats import time_interleaved, time_models
 from netsurgeon.train import recalibrate_batchnorm
@@ -75,50 +75,59 @@ def _config(key: str, epochs: int) -> ns.TrainConfig:
                           schedule="exp", lr_gamma=1e-2, loss="squared_hinge" if mlp else "cross_entropy", seed=0)
 
 
-SETUPS = {  # key: (model, model kwargs, Binarize arguments or None for the float baseline)
+SETUPS = {  # key: (model, model kwargs, stage: (method, options) or None for the float baseline)
     "float_mlp": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, None),
-    "bc_det": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "sign"}),
-    "bc_stoch": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "stochastic"}),
-    "bwn_mlp": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "alpha", "lr_scale": False}),
-    "lab_mlp": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, {"weights": "loss_aware", "lr_scale": False}),
-    "bnn": ("mlp_bn", {"widths": [2048] * 3, "act": "hardtanh"}, {"weights": "sign", "inputs": "sign"}),
-    "bnn_wide": ("mlp_bn", {"widths": [4096] * 3, "act": "hardtanh"}, {"weights": "sign", "inputs": "sign"}),
+    "bc_det": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, ("binaryconnect", {})),
+    "bc_stoch": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, ("binaryconnect", {"stochastic": True})),
+    "bwn_mlp": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"},  # the last layer binary: BatchNorm follows it
+                ("xnor", {"binarize_inputs": False, "keep_first": False, "keep_last": False})),
+    "lab_mlp": ("mlp_bn", {"widths": [2048] * 3, "act": "relu"}, ("lab", {})),
+    "bnn": ("mlp_bn", {"widths": [2048] * 3, "act": "hardtanh"}, ("bnn", {})),
+    "bnn_wide": ("mlp_bn", {"widths": [4096] * 3, "act": "hardtanh"}, ("bnn", {})),
     "float_lenet5": ("lenet5_bn", {}, None),
-    "bwn_lenet5": ("lenet5_bn", {}, {"weights": "alpha", "keep_first": True, "keep_last": True,
-                                     "lr_scale": False}),
-    "xnor_lenet5": ("lenet5_bn", {}, {"weights": "alpha", "inputs": "scaled", "keep_first": True,
-                                      "keep_last": True, "lr_scale": False}),
-    "hwgq_lenet5": ("lenet5_bn", {}, {"hwgq": {"bits": 2, "backward": "clipped"}}),  # + BWN weights
+    "bwn_lenet5": ("lenet5_bn", {}, ("xnor", {"binarize_inputs": False})),  # first and last layers real
+    "xnor_lenet5": ("lenet5_bn", {}, ("xnor", {})),
+    "hwgq_lenet5": ("lenet5_bn", {}, ("hwgq", {"bits": 2, "backward": "clipped"})),  # + BWN weights
 }
 
 
+def stages(key: str, epochs: int) -> list[dict]:
+    """The setup's one training stage: its method (``finetune`` for the float baseline) with the shared
+    training settings, keeping the epoch best on validation."""
+    method, options = SETUPS[key][2] or ("finetune", {})
+    return [{method: train_options(_config(key, epochs), select="best_val", **options)}]
+
+
+class RealWeights(ns.Callback):
+    """At the end of stochastic BinaryConnect's training, before the stage binarizes: re-estimate BatchNorm for
+    the real weights (the authors' code) and measure the test error with them (the paper's figure)."""
+
+    def __init__(self, data) -> None:
+        self.data, self.test_error_pct = data, None
+
+    def finalize(self, model=None):
+        recalibrate_batchnorm(model, self.data.train)
+        self.test_error_pct = _err(model, self.data.test)
+        return model
+
+
 def train_one(key: str, data, epochs: int) -> dict:
-    model_name, kwargs, binarize = SETUPS[key]
+    model_name, kwargs, stage = SETUPS[key]
     torch.manual_seed(0)
     model = ns.build_model(model_name, **kwargs)
     cfg = _config(key, epochs)
-    best = BestOnValidation()
-    if binarize and "hwgq" in binarize:
-        from netsurgeon.quantization.hwgq import HWGQ
-
-        callbacks = [HWGQ(**binarize["hwgq"]), best]
-    else:
-        callbacks = ([Binarize(**binarize)] if binarize else []) + [best]
-    ckpt = CACHE / f"binary_{key}_{epochs}.ckpt"
-    wall_file = ckpt.with_suffix(".wall")  # training time summed over the runs that resumed this checkpoint
+    real = RealWeights(data) if stage and stage[1].get("stochastic") else None
+    wall_file = CACHE / f"binary_{key}_{epochs}.wall"  # training time summed over the runs that resumed it
     t0 = time.perf_counter()
-    ns.train(model, data, cfg, callbacks=callbacks, checkpoint=ckpt, checkpoint_every=500, resume=ckpt.is_file(),
-             progress=True)
+    run = ns.Pipeline.from_spec(stages(key, epochs)).run(
+        model, data, progress=True, callbacks=[real] if real else [], checkpoint_dir=CACHE / f"binary_{key}_{epochs}",
+        checkpoint_every=500, resume=True)[0]
     wall = time.perf_counter() - t0 + (float(wall_file.read_text()) if wall_file.is_file() else 0.0)
     wall_file.write_text(str(wall))
-    best.restore(model)
-    out = {"model": model_name, "kwargs": kwargs, "binarize": binarize, "epochs": epochs,
-           "best_val_epoch": best.best_epoch, "train_config": cfg.to_dict(), "wall_s": wall}
-    if binarize and binarize.get("weights") == "stochastic":  # the paper evaluates with the real weights, its code
-        recalibrate_batchnorm(model, data.train)  # with BN statistics re-estimated for them
-        out["test_error_real_weights_pct"] = _err(model, data.test)
-    if binarize:
-        callbacks[0].finalize(model)
+    out = {"model": model_name, "kwargs": kwargs, "stage": stages(key, epochs)[0], "epochs": epochs,
+           "best_val_epoch": run["report"]["selected_epoch"], "train_config": cfg.to_dict(), "wall_s": wall}
+    if real:  # the paper evaluates with the real weights, its code with BN statistics re-estimated for them
+        out["test_error_real_weights_pct"] = real.test_error_pct
     f = RESULTS / "files" / f"binary_{key}.nsz"
     info = ns.save_compressed(model, f, meta={"benchmark": "binary_mnist", "setup": key})
     loaded = ns.load_compressed(f)

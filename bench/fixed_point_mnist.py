@@ -5,8 +5,10 @@ back-propagated errors all in fixed point) and parameters only (this benchmark's
 
     python bench/fixed_point_mnist.py --data-dir ../shared/data/mnist
 
-Not through ns.Pipeline: the plot needs the validation accuracy of every epoch of every run, and a training
-stage's report keeps the last epoch's only (the fixed_point stage trains with the same FixedPointTraining).
+Every run goes through ns.Pipeline (``netsurgeon compress``'s code path): a ``fixed_point`` stage, or a
+``finetune`` stage for float32, on a freshly initialized network; the plot's per-epoch validation accuracy is
+the stage report's history (tests/test_bench_pipeline.py pins the stages to the direct calls this script made
+before).
 """
 
 from __future__ import annotations
@@ -18,8 +20,17 @@ from dataclasses import replace
 import torch
 
 import netsurgeon as ns
-from _common import RESULTS, cached_json, machine, parse_args, pyplot, save_figure, write_result
-from netsurgeon.quantization.fixed_point import FixedPointTraining
+from _common import (
+    RESULTS,
+    cached_json,
+    machine,
+    parse_args,
+    pyplot,
+    run_stages,
+    save_figure,
+    train_options,
+    write_result,
+)
 
 FORMATS = [(2, 14), (2, 12), (2, 10)]   # <IL, FL>: 16, 14 and 12 bits; range [-2, 2): enough for the weights
 # The full simulation also puts layer outputs in fixed point, and those leave [-8, 8) while training
@@ -31,14 +42,22 @@ CFG = ns.TrainConfig(epochs=5, lr=0.01, momentum=0.0, weight_decay=0.0, batch_si
 SEEDS = [0, 1, 2]
 
 
+def stages(fmt, rounding, activations: bool = True, seed: int = 0) -> list[dict]:
+    """One training stage from scratch: ``fixed_point`` in format ``fmt`` (``finetune``, plain float32, if None)."""
+    opts = train_options(replace(CFG, seed=seed))
+    if fmt is None:
+        return [{"finetune": opts}]
+    return [{"fixed_point": {**opts, "int_bits": fmt[0], "frac_bits": fmt[1], "rounding": rounding,
+                             "activations": activations}}]
+
+
 def run(data, fmt, rounding, activations: bool = True, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     m = ns.build_model("lenet300")
-    cbs = [] if fmt is None else [FixedPointTraining(fmt[0], fmt[1], rounding, seed=seed, activations=activations)]
     t = time.perf_counter()
-    r = ns.train(m, data, replace(CFG, seed=seed), callbacks=cbs, progress=True)
+    report = run_stages(m, stages(fmt, rounding, activations, seed), data)[0]["report"]
     return {"test_error_pct": 100 * (1 - ns.evaluate(m, data.test)[1]), "wall_s": time.perf_counter() - t,
-            "val_acc_per_epoch": [h["val_acc"] for h in r.history]}
+            "val_acc_per_epoch": [h["val_acc"] for h in report["history"]]}
 
 
 def seeds(name: str, compute, fresh: bool) -> dict:

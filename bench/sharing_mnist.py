@@ -14,16 +14,16 @@ weights and mixture, quantized to the component means as the file stores them, e
 chosen epoch's weights and mixture are restored before the final quantization). Nothing is tuned on the test
 split. One seed (the time budget; said in the README).
 
-Centroid fine-tuning after soft sharing runs as an ns.Pipeline ``finetune`` stage. HashedNets and soft weight
-sharing train their callbacks directly, not through ns.Pipeline: both keep the epoch with the best validation
-error (soft sharing's selection evaluates the network quantized to the SWS callback's current mixture and restores
-weights and mixture together before the final quantization), and HashedNets hashes with its own generator; a
-stage finalizes right after its last epoch and takes no model-selection callback.
+Every run goes through ns.Pipeline (``netsurgeon compress``'s code path): ``hashednets`` (or ``finetune`` for the
+plain baseline and the dense net), ``soft_sharing`` and the centroid ``finetune`` stages, the first two with
+``select=best_val``: soft sharing's epochs are compared as its file stores them (its ``stored()`` form, the
+network quantized to the current mixture), and the weights and mixture of the chosen epoch come back together
+before the stage quantizes; the error of the retrained (unquantized) network is read by a pipeline callback just
+before. tests/test_bench_pipeline.py pins these stages to the direct calls this script made before.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 
@@ -33,7 +33,6 @@ import netsurgeon as ns
 from _common import (
     REPO,
     RESULTS,
-    BestOnValidation,
     cached_json,
     dense_model,
     dns_choice,
@@ -49,8 +48,6 @@ from _common import (
     write_result,
 )
 from netsurgeon.kernels.hashed import HashedLinearRuntime
-from netsurgeon.sharing.hashed import hash_layers
-from netsurgeon.sharing.soft import SoftWeightSharing
 from netsurgeon.stats import measure_latency
 
 THREADS = 2
@@ -64,28 +61,16 @@ def _err(model, split) -> float:
     return 100 * (1 - ns.evaluate(model, split)[1])
 
 
-class BestQuantizedOnValidation(ns.Callback):
-    """Soft weight sharing's model selection: at each epoch's end, the validation accuracy of the network
-    quantized to the current mixture (what the file would hold); keeps the weights and the mixture of the best
-    epoch, restored by :meth:`restore` before the final quantization. The test split is never read."""
+class Retrained(ns.Callback):
+    """The test error of soft weight sharing's retrained network, read at the end of its training (the chosen
+    epoch's weights restored), before the stage quantizes it."""
 
-    def __init__(self, sws: SoftWeightSharing, val) -> None:
-        self.sws, self.val = sws, val
-        self.best_acc, self.best_epoch, self.best, self.by_epoch = -1.0, 0, None, []
+    def __init__(self, test) -> None:
+        self.test, self.error_pct = test, None
 
-    def on_epoch_end(self, trainer=None) -> None:
-        with self.sws.quantized():
-            acc = ns.evaluate(trainer.model, self.val)[1]
-        self.by_epoch.append(acc)
-        if acc > self.best_acc:
-            self.best_acc, self.best_epoch = acc, trainer.history[-1]["epoch"]
-            self.best = ({k: v.clone() for k, v in trainer.model.state_dict().items()},
-                         copy.deepcopy(self.sws.state_dict()))
-
-    def restore(self, model) -> None:
-        if self.best is not None:
-            model.load_state_dict(self.best[0])
-            self.sws.load_state_dict(self.best[1])
+    def finalize(self, model=None):
+        self.error_pct = _err(model, self.test)
+        return model
 
 
 def _hash_cfg(epochs: int) -> ns.TrainConfig:
@@ -97,6 +82,15 @@ def _real_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def hash_stages(label: str, kind: str, epochs: int) -> list[dict]:
+    """HashedNets at factor ``label`` trained from scratch, or (the plain baseline and the 1/1 dense net) the
+    network trained as it is; both keep the epoch best on validation."""
+    opts = train_options(_hash_cfg(epochs), select="best_val")
+    if label == "1/1" or kind == "plain":
+        return [{"finetune": opts}]
+    return [{"hashednets": {**opts, "compression": FACTORS[label], "init": "random"}}]
+
+
 def hashed_run(label: str, data, epochs: int) -> dict:
     """HashedNets at factor ``label`` (or the dense net for "1/1"), and its equal-parameter plain baseline."""
     out = {}
@@ -105,26 +99,32 @@ def hashed_run(label: str, data, epochs: int) -> dict:
             continue
         torch.manual_seed(0)
         model = ns.build_model("mlp_dropout")
-        if label != "1/1" and kind == "hashednets":
-            hash_layers(model, FACTORS[label], seed=0, init="random", generator=torch.Generator().manual_seed(0))
         if kind == "plain":
             target = out["hashednets"]["real_params"]
             width = max(1, round((target - 10) / (784 + 1 + 10)))
             model = ns.build_model("mlp_dropout", widths=[width])
-        best = BestOnValidation()
         t0 = time.perf_counter()
-        ns.train(model, data, _hash_cfg(epochs), callbacks=[best], progress=True)
+        report = run_stages(model, hash_stages(label, kind, epochs), data)[0]["report"]
         wall = time.perf_counter() - t0
-        best.restore(model)
         model.eval()
         f = RESULTS / "files" / f"sharing_hash_{label.replace('/', 'over')}_{kind}.nsz"
         info = ns.save_compressed(model, f)
         out[kind] = {"epochs": epochs, "real_params": _real_params(model),
                      "test_error_pct": _err(ns.load_compressed(f), data.test),
-                     "val_error_pct": _err(model, data.val), "best_val_epoch": best.best_epoch, "wall_s": wall,
-                     "file": rel(f), "file_bytes": info.file_bytes, "hidden": model.fc1.out_features
+                     "val_error_pct": _err(model, data.val), "best_val_epoch": report["selected_epoch"],
+                     "wall_s": wall, "file": rel(f), "file_bytes": info.file_bytes, "hidden": model.fc1.out_features
                      if kind == "plain" else 1000}
     return out
+
+
+SWS_TRAIN = {"batch_size": 128, "optimizer": "adam", "lr": 5e-4, "weight_decay": 0.0, "seed": 0}
+
+
+def sws_stages(epochs: int, tau: float) -> list[dict]:
+    """Soft weight sharing at the paper's 17 components and pi0 = 0.999, Adam, keeping the epoch whose
+    quantized network is best on validation."""
+    opts = train_options(ns.TrainConfig(epochs=epochs, **SWS_TRAIN), select="best_val")
+    return [{"soft_sharing": {**opts, "components": 17, "pi0": 0.999, "tau": tau}}]
 
 
 def sws_run(name: str, data, epochs: int, start: str, tau: float) -> dict:
@@ -135,19 +135,18 @@ def sws_run(name: str, data, epochs: int, start: str, tau: float) -> dict:
         # the DNS table's chosen file; its masks keep pruned weights at zero
         model = ns.load_compressed(REPO / dns_choice(name)["file"], keep_codecs=True)
     before = _err(model, data.test)
-    cb = SoftWeightSharing(components=17, pi0=0.999, tau=tau)
-    best = BestQuantizedOnValidation(cb, data.val)
+    retrained = Retrained(data.test)
     t0 = time.perf_counter()
-    hist = ns.train(model, data, ns.TrainConfig(epochs=epochs, batch_size=128, optimizer="adam", lr=5e-4,
-                                                weight_decay=0.0, seed=0), callbacks=[cb, best], progress=True).history
+    report = ns.Pipeline.from_spec(sws_stages(epochs, tau)).run(model, data, progress=True,
+                                                                callbacks=[retrained])[0]["report"]
     wall = time.perf_counter() - t0
-    best.restore(model)  # the epoch whose quantized network is best on validation: weights and mixture together
-    soft_error = _err(model, data.test)
-    cb.finalize(model)
     model.eval()
-    out = {"start": start, "tau": tau, "epochs": epochs, "start_error_pct": before, "retrained_error_pct": soft_error,
-           "val_acc_by_epoch": [h["val_acc"] for h in hist], "quantized_val_acc_by_epoch": best.by_epoch,
-           "best_epoch": best.best_epoch, "wall_s": wall, **cb.report}
+    hist = report["history"]
+    training = {"steps", "val_acc", "train_loss", "selected_epoch", "resumed", "history"}
+    out = {"start": start, "tau": tau, "epochs": epochs, "start_error_pct": before,
+           "retrained_error_pct": retrained.error_pct, "val_acc_by_epoch": [h["val_acc"] for h in hist],
+           "quantized_val_acc_by_epoch": [h["stored_val_acc"] for h in hist], "best_epoch": report["selected_epoch"],
+           "wall_s": wall, **{k: v for k, v in report.items() if k not in training}}
     for fmt, bits in (("auto", "auto"), ("paper_widths", {"conv": 8, "fc": 5})):
         f = RESULTS / "files" / f"sharing_sws_{name}_{start}_{fmt}.nsz"
         info = ns.save_compressed(model, f, index_bits=bits)

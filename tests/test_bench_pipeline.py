@@ -265,3 +265,148 @@ def test_gradual_stage_is_the_gradual_callback(tmp_path, scorer):
     assert (rep["pruning_steps"] - 1) * 1 == cb.steps_done_[-1]["step"]
     assert rep["sparsity"] == cb.steps_done_[-1]["sparsity"]
     _same(old, new, tmp_path)
+
+
+# -- the training benchmarks that keep the epoch best on validation (select=best_val) --------------------------
+class _OldBest(ns.Callback):
+    """The model selection these benchmarks ran beside the method before (bench/_common.py's former
+    BestOnValidation): the weights of the epoch with the best validation accuracy, restored after training."""
+
+    def __init__(self) -> None:
+        self.best_acc, self.best_epoch, self.best = -1.0, 0, None
+
+    def on_epoch_end(self, trainer=None) -> None:
+        h = trainer.history[-1]
+        if h["val_acc"] > self.best_acc:
+            self.best_acc, self.best_epoch = h["val_acc"], h["epoch"]
+            self.best = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    def restore(self, model) -> None:
+        model.load_state_dict(self.best)
+
+
+_OLD_BINARIZE = {  # bench/binary_mnist.py's Binarize (or HWGQ) arguments before it ran through the pipeline
+    "float_mlp": None, "bc_det": {"weights": "sign"}, "bc_stoch": {"weights": "stochastic"},
+    "bwn_mlp": {"weights": "alpha", "lr_scale": False}, "lab_mlp": {"weights": "loss_aware", "lr_scale": False},
+    "bnn": {"weights": "sign", "inputs": "sign"}, "bnn_wide": {"weights": "sign", "inputs": "sign"},
+    "float_lenet5": None, "bwn_lenet5": {"weights": "alpha", "keep_first": True, "keep_last": True, "lr_scale": False},
+    "xnor_lenet5": {"weights": "alpha", "inputs": "scaled", "keep_first": True, "keep_last": True, "lr_scale": False},
+    "hwgq_lenet5": {"hwgq": {"bits": 2, "backward": "clipped"}},
+}
+
+
+@pytest.mark.parametrize("key", list(_OLD_BINARIZE))
+def test_binary_stages_are_the_callbacks_with_best_epoch(tmp_path, key):
+    """bench/binary_mnist.py: each setup's stage (select=best_val, checkpointed) against the callback trained
+    directly beside the old model selection; stochastic BinaryConnect's real-weight error too."""
+    from netsurgeon.quantization.binary import Binarize
+    from netsurgeon.quantization.hwgq import HWGQ
+    from netsurgeon.train import recalibrate_batchnorm
+
+    bm = pytest.importorskip("binary_mnist")
+    name, kwargs, _ = bm.SETUPS[key]
+    kwargs = {**kwargs, "widths": [32] * 3} if "widths" in kwargs else kwargs
+    data, epochs, args = _data(), 4, _OLD_BINARIZE[key]
+
+    def build():
+        torch.manual_seed(0)
+        return ns.build_model(name, **kwargs)
+
+    old, new = build(), build()
+    best = _OldBest()
+    cbs = [HWGQ(**args["hwgq"])] if args and "hwgq" in args else [Binarize(**args)] if args else []
+    ns.train(old, data, bm._config(key, epochs), callbacks=[*cbs, best])
+    best.restore(old)
+    stochastic = bool(args and args.get("weights") == "stochastic")
+    if stochastic:
+        recalibrate_batchnorm(old, data.train)
+        real_old = bm._err(old, data.test)
+    if cbs:
+        cbs[0].finalize(old)
+    real = bm.RealWeights(data) if stochastic else None
+    run = ns.Pipeline.from_spec(bm.stages(key, epochs)).run(new, data, callbacks=[real] if real else [],
+                                                            checkpoint_dir=tmp_path / "ck", resume=True)[0]
+    assert run["report"]["selected_epoch"] == best.best_epoch
+    if stochastic:
+        assert real.test_error_pct == real_old
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("fmt,rounding,activations", [(None, None, True), ((6, 10), "stochastic", True),
+                                                      ((2, 12), "nearest", False)])
+def test_fixed_point_stages_are_the_callback(tmp_path, fmt, rounding, activations):
+    """bench/fixed_point_mnist.py: the stage's history is the direct run's, epoch by epoch."""
+    from netsurgeon.quantization.fixed_point import FixedPointTraining
+
+    fp = pytest.importorskip("fixed_point_mnist")
+    data, seed = _data(), 1
+    old, new = _model("lenet300"), _model("lenet300")
+    cbs = [] if fmt is None else [FixedPointTraining(fmt[0], fmt[1], rounding, seed=seed, activations=activations)]
+    hist = ns.train(old, data, replace(fp.CFG, seed=seed), callbacks=cbs).history
+    rep = common.run_stages(new, fp.stages(fmt, rounding, activations, seed), data, progress=False)[0]["report"]
+    assert [h["val_acc"] for h in rep["history"]] == [h["val_acc"] for h in hist]
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("label,kind", [("1/8", "hashednets"), ("1/8", "plain"), ("1/1", "hashednets")])
+def test_hashednets_stages_are_hash_layers_then_train_with_best_epoch(tmp_path, label, kind):
+    from netsurgeon.sharing.hashed import hash_layers
+
+    sm = pytest.importorskip("sharing_mnist")
+    data = _data()
+    widths = {"widths": [40]} if kind == "plain" else {}
+    old, new = (_model_with("mlp_dropout", widths) for _ in range(2))
+    if label != "1/1" and kind == "hashednets":
+        hash_layers(old, sm.FACTORS[label], seed=0, init="random", generator=torch.Generator().manual_seed(0))
+    best = _OldBest()
+    ns.train(old, data, sm._hash_cfg(3), callbacks=[best])
+    best.restore(old)
+    rep = common.run_stages(new, sm.hash_stages(label, kind, 3), data, progress=False)[0]["report"]
+    assert rep["selected_epoch"] == best.best_epoch
+    _same(old, new, tmp_path)
+
+
+def _model_with(name: str, kwargs: dict):
+    torch.manual_seed(0)
+    return ns.build_model(name, **kwargs)
+
+
+def test_soft_sharing_stage_selects_the_best_quantized_epoch(tmp_path):
+    """bench/sharing_mnist.py's soft weight sharing: the old selection evaluated the network quantized to the
+    callback's mixture and restored weights and mixture together; the stage's select=best_val does the same
+    through SoftWeightSharing.stored()."""
+    import copy
+
+    from netsurgeon.sharing.soft import SoftWeightSharing
+
+    sm = pytest.importorskip("sharing_mnist")
+    data, epochs, tau = _data(), 4, 0.005
+    start = _model("lenet300")
+    ns.train(start, data, ns.TrainConfig(epochs=2, lr=0.05))
+    old, new = copy.deepcopy(start), copy.deepcopy(start)
+
+    class OldBestQuantized(ns.Callback):
+        def __init__(self, sws) -> None:
+            self.sws, self.best_acc, self.best_epoch, self.best, self.by_epoch = sws, -1.0, 0, None, []
+
+        def on_epoch_end(self, trainer=None) -> None:
+            with self.sws.quantized():
+                acc = ns.evaluate(trainer.model, data.val)[1]
+            self.by_epoch.append(acc)
+            if acc > self.best_acc:
+                self.best_acc, self.best_epoch = acc, trainer.history[-1]["epoch"]
+                self.best = ({k: v.clone() for k, v in trainer.model.state_dict().items()},
+                             copy.deepcopy(self.sws.state_dict()))
+
+    cb = SoftWeightSharing(components=17, pi0=0.999, tau=tau)
+    best = OldBestQuantized(cb)
+    ns.train(old, data, ns.TrainConfig(epochs=epochs, **sm.SWS_TRAIN), callbacks=[cb, best])
+    old.load_state_dict(best.best[0])
+    cb.load_state_dict(best.best[1])
+    retrained_old = sm._err(old, data.test)
+    cb.finalize(old)
+    retrained = sm.Retrained(data.test)
+    rep = ns.Pipeline.from_spec(sm.sws_stages(epochs, tau)).run(new, data, callbacks=[retrained])[0]["report"]
+    assert [h["stored_val_acc"] for h in rep["history"]] == best.by_epoch
+    assert rep["selected_epoch"] == best.best_epoch and retrained.error_pct == retrained_old
+    _same(old, new, tmp_path)

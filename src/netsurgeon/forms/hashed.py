@@ -37,7 +37,9 @@ class HashedWeights(nn.Module):
         self.register_buffer("sign", sign if use_sign else torch.ones_like(sign), persistent=False)
 
     def forward(self, w: Tensor) -> Tensor:
-        return w[self.idx] * self.sign.to(w.dtype)
+        # index_select, not w[idx]: advanced indexing's backward adds into the buckets with atomic adds on several
+        # threads, so the same seed gave other weights (measured 3e-6 apart per step); index_select's sums in order
+        return torch.index_select(w, 0, self.idx.reshape(-1)).view(self.idx.shape) * self.sign.to(w.dtype)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         if tuple(value.shape) == (self.buckets,):

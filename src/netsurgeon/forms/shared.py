@@ -38,7 +38,9 @@ class SharedWeights(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         table = torch.cat([self.codebook.new_zeros(1), self.codebook])
-        return table[self.index]
+        # index_select, not table[index]: advanced indexing's backward accumulates into the codebook with atomic adds
+        # on several threads (run-to-run differences of 1e-3 per step); index_select's backward sums in order
+        return torch.index_select(table, 0, self.index.reshape(-1)).view(self.index.shape)
 
 
 def _stream(symbols: np.ndarray, nbits: int, huffman: bool) -> tuple[int, np.ndarray | None]:
