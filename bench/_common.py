@@ -154,30 +154,6 @@ def recount_bytes(res: dict[str, Any], arch_of_row: Callable[[dict[str, Any]], t
     return changed
 
 
-class BestOnValidation(ns.Callback):
-    """Keep the weights of the epoch with the best validation accuracy and restore them at the end (the papers'
-    model selection; the test split is never read). Its state goes into checkpoints, so a resumed run keeps it."""
-
-    def __init__(self) -> None:
-        self.best_acc, self.best_epoch, self.best = -1.0, 0, None
-
-    def on_epoch_end(self, trainer=None) -> None:
-        h = trainer.history[-1]
-        if h["val_acc"] > self.best_acc:
-            self.best_acc, self.best_epoch = h["val_acc"], h["epoch"]
-            self.best = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-
-    def restore(self, model) -> None:
-        if self.best is not None:
-            model.load_state_dict(self.best)
-
-    def state_dict(self) -> dict:
-        return {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "best": self.best}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best_acc, self.best_epoch, self.best = state["best_acc"], state["best_epoch"], state["best"]
-
-
 def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     with atomic_write(path, "w") as f:
@@ -307,16 +283,24 @@ DNS_SURGERY = {
 }
 
 
+def dns_surgery_stage(name: str, c: dict[str, float], iterations: int, steps_per_epoch: int,
+                      iter_stop: int | None = None) -> dict:
+    """DNS surgery's stage: SGD at the official solver's inv LR for ``iterations`` steps, c per layer, the
+    per-step history every 250 steps; ``iter_stop`` None keeps the stage's default (the official code's)."""
+    cfg = ns.TrainConfig(epochs=-(-iterations // steps_per_epoch), max_steps=iterations, lr=DNS_SURGERY[name]["lr"],
+                         momentum=0.9, weight_decay=5e-4, schedule="inv", lr_gamma=1e-4, lr_power=0.75)
+    opts = train_options(cfg, c_rate=c, gamma=DNS_SURGERY[name]["gamma"], log_every=250)
+    return {"dns": opts if iter_stop is None else {**opts, "iter_stop": iter_stop}}
+
+
 def dns_surgery(name: str, data, dense_path: Path, targets: dict[str, float], tag: str, iterations: int,
                 iter_stop: int | None = None) -> dict:
     """One DNS surgery run from the dense model (bench/dns_mnist.py, bench/missed_targets.py): c calibrated per
     layer on the dense weights to keep ``targets`` %; ``iter_stop`` None is DNS's default (the official code's).
-
-    Not through ``ns.Pipeline``: the plots read DNS's per-step ``history_`` (kept %, pruned and spliced
-    connections per layer), which the dns stage's report does not carry, and these 16,000-32,000-iteration runs
-    resume from checkpoints, which ``Pipeline.run`` does not offer."""
+    Through the ``dns`` stage, checkpointed every 1,000 steps under bench/.cache (an interrupted run resumes); the
+    plots read the stage report's per-step ``surgery_history``."""
     from netsurgeon.masks import sparsity_report
-    from netsurgeon.pruning.dns import DNS, calibrate_c_rate
+    from netsurgeon.pruning.dns import calibrate_c_rate
 
     model = load_dense(dense_path)
 
@@ -325,22 +309,18 @@ def dns_surgery(name: str, data, dense_path: Path, targets: dict[str, float], ta
         return [m.weight] + ([m.bias] if m.bias is not None else [])
 
     c = {k: calibrate_c_rate(tensors(k), v / 100) for k, v in targets.items()}
-    steps_per_epoch = -(-len(data.train) // 64)
-    cfg = ns.TrainConfig(epochs=-(-iterations // steps_per_epoch), max_steps=iterations, lr=DNS_SURGERY[name]["lr"],
-                         momentum=0.9, weight_decay=5e-4, schedule="inv", lr_gamma=1e-4, lr_power=0.75)
-    dns = DNS(c_rate=c, gamma=DNS_SURGERY[name]["gamma"], iter_stop=iter_stop, log_every=250)
-    ckpt = CACHE / f"dns_{name}_{tag}.ckpt"
+    stage = dns_surgery_stage(name, c, iterations, -(-len(data.train) // 64), iter_stop)
     t0 = time.perf_counter()
-    ns.train(model, data, cfg, callbacks=[dns], checkpoint=ckpt, checkpoint_every=1000, resume=ckpt.is_file(),
-             progress=True)
+    run = ns.Pipeline.from_spec([stage]).run(model, data, progress=True, checkpoint_dir=CACHE / f"dns_{name}_{tag}",
+                                              checkpoint_every=1000, resume=True)[0]
     wall = time.perf_counter() - t0
     f = (CACHE if "quick" in tag else RESULTS / "files") / f"dns_{name}_{tag}.nsz"
     ns.save_compressed(model, f, value_dtype="float16", meta={"method": "dns", "c_rate": c})
     kept = {r.name.removesuffix(".weight"): 100 * r.kept for r in sparsity_report(model, include_bias=False)}
-    return {"tag": tag, "targets_pct": targets, "c_rate": c, "iter_stop": dns.iter_stop, "kept_pct": kept,
-            "iterations": iterations,
+    return {"tag": tag, "targets_pct": targets, "c_rate": c, "iter_stop": run["config"]["iter_stop"],
+            "kept_pct": kept, "iterations": iterations,
             "val_error_pct": 100 * (1 - ns.evaluate(model, data.val)[1]), "wall_s": wall, "file": rel(f),
-            "surgery": dns.summary(), "history": dns.history_}
+            "surgery": run["report"]["surgery"], "history": run["report"]["surgery_history"]}
 
 
 DC_PAPER = {  # Deep Compression Tables 2-3: size after pruning + quantization (+ Huffman)
@@ -406,19 +386,20 @@ def ap_measure(model, data, t0: float, extra: dict | None = None, name: str = ""
             "wall_s": time.perf_counter() - t0, **(extra or {})}
 
 
+def autoprune_stage(mu: float, steps: int, epochs: int = AP_EPOCHS, **kw: Any) -> dict:
+    """AutoPrune's stage: AP_CFG's training for ``epochs``, M's Adam at 0.01, M frozen after 80% of ``steps``."""
+    return {"autoprune": train_options(AP_CFG, epochs=epochs, **{"mu": mu, "m_lr": 0.01, "stop": int(0.8 * steps),
+                                                                  **kw})}
+
+
 def autoprune_run(name: str, data, mu: float, epochs: int = AP_EPOCHS, tag: str = "main", **kw) -> dict:
-    """AutoPrune from the dense model (bench/autoprune_mnist.py; bench/missed_targets.py's longer attempts).
-
-    Not through ``ns.Pipeline``: the result keeps AutoPrune's per-step ``history_`` (kept % per layer, plotted),
-    which the autoprune stage's report does not carry (its last entry only)."""
-    from netsurgeon.pruning.autoprune import AutoPrune
-
+    """AutoPrune from the dense model (bench/autoprune_mnist.py; bench/missed_targets.py's longer attempts),
+    through the ``autoprune`` stage; the result keeps the report's per-step ``pruning_history`` (plotted)."""
     m = load_dense(dense_model(name, data)[0])
     steps = epochs * -(-len(data.train) // AP_CFG.batch_size)
-    ap = AutoPrune(mu=mu, m_lr=0.01, stop=int(0.8 * steps), **kw)
     t0 = time.perf_counter()
-    ns.train(m, data, ns.TrainConfig(**{**AP_CFG.__dict__, "epochs": epochs}), callbacks=[ap], progress=True)
-    return ap_measure(m, data, t0, {"mu": mu, "options": kw, "history": ap.history_}, name, tag)
+    report = run_stages(m, [autoprune_stage(mu, steps, epochs, **kw)], data)[0]["report"]
+    return ap_measure(m, data, t0, {"mu": mu, "options": kw, "history": report["pruning_history"]}, name, tag)
 
 
 def oneshot_stage(method: str, sparsity: float, **options: Any) -> dict:

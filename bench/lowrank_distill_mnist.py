@@ -39,7 +39,6 @@ from _common import (
     CACHE,
     REPO,
     RESULTS,
-    BestOnValidation,
     cached_json,
     dense_model,
     file_bytes_counts,
@@ -52,11 +51,11 @@ from _common import (
     recount_bytes,
     rel,
     save_figure,
+    train_options,
     weight_counts,
     write_result,
 )
 from _common import pipeline_run as common_pipeline_run
-from netsurgeon.distill import Distillation
 from netsurgeon.modelfile import load_model, save_model
 from netsurgeon.stats import measure_latency
 
@@ -89,21 +88,27 @@ def hinton_cfg(epochs: int, seed: int, teacher: bool) -> ns.TrainConfig:
                           weight_decay=0.0, schedule="cosine", seed=seed, jitter=2 if teacher else 0)
 
 
+def hinton_stages(cfg: ns.TrainConfig, distill: bool) -> list[dict]:
+    """One training stage from scratch keeping the epoch best on validation: plain (``finetune``) or against the
+    teacher's soft targets (``distill`` at the paper's T)."""
+    opts = train_options(cfg, select="best_val")
+    return [{"distill": {**opts, "temperature": TEMPERATURE, "alpha": ALPHA}} if distill else {"finetune": opts}]
+
+
 def train_mlp(tag: str, data, arch: dict, cfg: ns.TrainConfig, teacher=None) -> dict:
-    """Train one Hinton MLP (cached file + checkpoint), keeping the best-validation epoch."""
-    path, ckpt = CACHE / f"lrd_{tag}.safetensors", CACHE / f"lrd_{tag}.ckpt"
+    """Train one Hinton MLP through the pipeline (cached file, checkpointed stage), keeping the best-validation
+    epoch."""
+    path = CACHE / f"lrd_{tag}.safetensors"
     torch.manual_seed(cfg.seed)
     model = ns.build_model("mlp_dropout", **arch)
-    best = BestOnValidation()
-    callbacks = [best] if teacher is None else [Distillation(teacher, TEMPERATURE, ALPHA), best]
     t0 = time.perf_counter()
-    ns.train(model, data, cfg, callbacks=callbacks, checkpoint=ckpt, checkpoint_every=500,
-             resume=ckpt.is_file(), progress=True)
-    best.restore(model)
+    report = ns.Pipeline.from_spec(hinton_stages(cfg, teacher is not None)).run(
+        model, data, progress=True, teacher=teacher, checkpoint_dir=CACHE / f"lrd_{tag}", checkpoint_every=500,
+        resume=True)[0]["report"]
     wall = time.perf_counter() - t0
     save_model(model, path)
     return {"file": rel(path), "test_errors": errors(model, data.test), "val_errors": errors(model, data.val),
-            "best_epoch": best.best_epoch, "wall_s": wall, "config": asdict(cfg)}
+            "best_epoch": report["selected_epoch"], "wall_s": wall, "config": asdict(cfg)}
 
 
 def hinton(data, epochs: int, seeds: list[int], fresh: bool) -> dict:

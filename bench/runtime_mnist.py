@@ -30,12 +30,12 @@ from _common import (
     parse_args,
     pyplot,
     rel,
+    run_stages,
     save_figure,
     weight_counts,
     write_result,
 )
 from netsurgeon.latency import latency_report, ort_session
-from netsurgeon.pruning.magnitude import prune_magnitude
 from netsurgeon.runtime import compile_runtime
 
 FILES = {  # (model, label, file, goal); None: the DNS run bench/dns_mnist.py chose
@@ -129,7 +129,7 @@ def sweep(data, threads: int, repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for s in SWEEP:
             m = load_dense(dense_path)
-            prune_magnitude(m, sparsity=s, scope="global")
+            run_stages(m, [{"magnitude": {"sparsity": s, "scope": "global", "epochs": 0}}], progress=False)
             f = Path(tmp) / f"s{s}.nsz"
             ns.save_compressed(m, f)
             rep = latency_report(f, (1, 256), threads=threads, repeats=repeats, onnx=False)

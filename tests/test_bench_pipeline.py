@@ -383,6 +383,9 @@ def test_soft_sharing_stage_selects_the_best_quantized_epoch(tmp_path):
     data, epochs, tau = _data(), 4, 0.005
     start = _model("lenet300")
     ns.train(start, data, ns.TrainConfig(epochs=2, lr=0.05))
+    with torch.no_grad():  # weights as wide as a trained MNIST net's (not all inside the zero component)
+        for p in start.parameters():
+            p.mul_(5)
     old, new = copy.deepcopy(start), copy.deepcopy(start)
 
     class OldBestQuantized(ns.Callback):
@@ -410,3 +413,63 @@ def test_soft_sharing_stage_selects_the_best_quantized_epoch(tmp_path):
     assert [h["stored_val_acc"] for h in rep["history"]] == best.by_epoch
     assert rep["selected_epoch"] == best.best_epoch and retrained.error_pct == retrained_old
     _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_hinton_stages_are_the_callbacks_with_best_epoch(tmp_path, distill):
+    """bench/lowrank_distill_mnist.py's Hinton part: the teacher and students trained from scratch (jittered
+    inputs for the teacher), plain or distilled, keeping the epoch best on validation."""
+    from netsurgeon.distill import Distillation
+
+    lrd = pytest.importorskip("lowrank_distill_mnist")
+    data, arch = _data(), {"widths": [48, 48]}
+    teacher = _model_with("mlp_dropout", {"widths": [64, 64]})
+    ns.train(teacher, data, ns.TrainConfig(epochs=1, lr=0.05))
+    teacher.eval()
+    cfg = replace(lrd.hinton_cfg(4, 1, teacher=not distill), batch_size=32)
+    torch.manual_seed(cfg.seed)
+    old = ns.build_model("mlp_dropout", **arch)
+    torch.manual_seed(cfg.seed)
+    new = ns.build_model("mlp_dropout", **arch)
+    best = _OldBest()
+    ns.train(old, data, cfg, callbacks=[Distillation(teacher, lrd.TEMPERATURE, lrd.ALPHA), best] if distill
+             else [best])
+    best.restore(old)
+    rep = ns.Pipeline.from_spec(lrd.hinton_stages(cfg, distill)).run(
+        new, data, teacher=teacher, checkpoint_dir=tmp_path / "ck", resume=True)[0]["report"]
+    assert rep["selected_epoch"] == best.best_epoch
+    _same(old, new, tmp_path)
+
+
+@pytest.mark.parametrize("iter_stop", [None, 5])
+def test_dns_surgery_stage_is_the_callback_with_its_history(tmp_path, iter_stop):
+    """bench/_common.py's dns_surgery (dns_mnist, missed_targets): its stage, checkpointed, gives the direct
+    callback's weights and per-step history."""
+    from netsurgeon.pruning.dns import DNS
+
+    data, c, iterations = _data(), {"fc1": 2.5, "fc2": 2.0, "fc3": 1.5}, 9
+    old, new = _model("lenet300"), _model("lenet300")
+    stage = common.dns_surgery_stage("lenet300", c, iterations, 3, iter_stop)
+    cfg = ns.TrainConfig(epochs=3, max_steps=iterations, lr=common.DNS_SURGERY["lenet300"]["lr"], momentum=0.9,
+                         weight_decay=5e-4, schedule="inv", lr_gamma=1e-4, lr_power=0.75)
+    dns = DNS(c_rate=c, gamma=common.DNS_SURGERY["lenet300"]["gamma"], iter_stop=iter_stop, log_every=2)
+    stage["dns"]["log_every"] = 2
+    ns.train(old, data, cfg, callbacks=[dns])
+    run = ns.Pipeline.from_spec([stage]).run(new, data, checkpoint_dir=tmp_path / "ck", resume=True)[0]
+    assert run["report"]["surgery_history"] == dns.history_ and len(dns.history_) > 3
+    assert run["report"]["surgery"] == dns.summary()
+    _same_file(old, new, tmp_path, data)
+
+
+def test_autoprune_run_stage_is_the_callback_with_its_history(tmp_path):
+    from netsurgeon.pruning.autoprune import AutoPrune
+
+    data = _data()
+    old, new = _model("lenet300"), _model("lenet300")
+    ap = AutoPrune(mu=2000.0, m_lr=0.1, stop=int(0.8 * 9), log_every=1)
+    ns.train(old, data, replace(AP_CFG, epochs=3), callbacks=[ap])
+    rep = common.run_stages(new, [common.autoprune_stage(2000.0, 9, 3, log_every=1, m_lr=0.1)], data,
+                            progress=False)[0]["report"]
+    assert rep["pruning_history"] == ap.history_ and len(ap.history_) == 10
+    assert min(ap.history_[-1]["kept"].values()) < 1.0  # it pruned
+    _same_file(old, new, tmp_path, data)

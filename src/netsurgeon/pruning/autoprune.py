@@ -292,4 +292,5 @@ def _run_autoprune(model: nn.Module, cfg: AutoPruneConfig, ctx: StageContext) ->
             "direction", "stop", "log_every")
     ap = AutoPrune(**{k: getattr(cfg, k) for k in keys}, seed=cfg.seed)
     report = run_training(model, ctx, cfg, ap)
-    return {**report, "kept_per_layer": {k: v for k, v in ap.history_[-1]["kept"].items()}}
+    return {**report, "kept_per_layer": {k: v for k, v in ap.history_[-1]["kept"].items()},
+            "pruning_history": ap.history_}

@@ -373,4 +373,4 @@ def _run_dns(model: nn.Module, cfg: DNSConfig, ctx: StageContext) -> dict[str, A
             "allow_empty_layers", "log_every")
     surgery = DNS(**{k: getattr(cfg, k) for k in keys}, seed=cfg.seed)
     report = run_training(model, ctx, cfg, surgery)
-    return {**report, "surgery": surgery.summary()}
+    return {**report, "surgery": surgery.summary(), "surgery_history": surgery.history_}
