@@ -5,8 +5,8 @@ run, an STE / update-rule ablation and a mu sweep against an L1 penalty on the w
 
 All runs start from the dense models of bench/_common.py. M is trained on the validation split (bi-level);
 the test split is only evaluated. The interpretations behind every choice: docs/autoprune.md.
-DNS, magnitude and L1 run as ns.Pipeline stages; AutoPrune itself (bench/_common.py autoprune_run) trains its
-callback directly because the plot reads its per-step history_ (kept % per layer), which the stage report lacks.
+Every row runs as ns.Pipeline stages (DNS, magnitude, L1, and AutoPrune through bench/_common.py autoprune_run,
+whose stage report carries the per-step kept % per layer the plot reads).
 """
 
 from __future__ import annotations

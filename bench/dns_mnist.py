@@ -12,8 +12,9 @@ code's (conv masks freeze at 10,000 iterations, FC at 8,000; DNS()'s default) an
 mask at 7/8 of the run. Of all runs, the one that reaches the compression target with the lowest *validation*
 error is reported; the test split is only evaluated.
 Stages are cached in bench/.cache/, so an interrupted run continues.
-The magnitude baseline runs as ns.Pipeline stages. DNS surgery (bench/_common.py dns_surgery) trains the DNS
-callback directly: the plot reads its per-step history_, and 16,000-iteration runs resume from checkpoints.
+Every run goes through ns.Pipeline stages: the magnitude baseline, and DNS surgery (bench/_common.py
+dns_surgery: the ``dns`` stage, whose report carries the per-step history the plot reads, checkpointed so a
+16,000-iteration run resumes).
 """
 
 from __future__ import annotations
