@@ -181,7 +181,7 @@ def test_pipeline_run_refuses_bad_checkpoint_options(digits, tmp_path):
         pipe.run(_model(), digits, callbacks=Probe())
 
 
-def test_cli_compress_checkpoints_and_resumes(tmp_path):
+def test_cli_compress_checkpoints_and_the_same_command_continues(tmp_path):
     runner = CliRunner()
     base = tmp_path / "b.safetensors"
     assert runner.invoke(cli, ["train", "--model", "digits_cnn", "--epochs", "1", "-o", str(base)]).exit_code == 0
@@ -189,10 +189,28 @@ def test_cli_compress_checkpoints_and_resumes(tmp_path):
             "--checkpoint-dir", str(tmp_path / "ck")]
     r = runner.invoke(cli, [*args, "-o", str(tmp_path / "a.nsz")])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "ck" / "stage1-finetune.ckpt").is_file()
-    r = runner.invoke(cli, [*args, "--resume", "-o", str(tmp_path / "b.nsz")])
+    assert (tmp_path / "ck" / "stage1-finetune.ckpt").is_file() and (tmp_path / "ck" / "run.json").is_file()
+    r = runner.invoke(cli, [*args, "-o", str(tmp_path / "b.nsz")])  # continues: the finished stage is loaded
     assert r.exit_code == 0, r.output
-    a, b = ns.load_compressed(tmp_path / "a.nsz"), ns.load_compressed(tmp_path / "b.nsz")
-    assert _same(a, b)
-    r = runner.invoke(cli, ["compress", str(base), "--method", "finetune", "--resume", "-o", str(tmp_path / "c.nsz")])
-    assert r.exit_code != 0 and "--resume needs --checkpoint-dir DIR" in r.output
+    assert _same(ns.load_compressed(tmp_path / "a.nsz"), ns.load_compressed(tmp_path / "b.nsz"))
+    r = runner.invoke(cli, [*args[:-2], "--set", "lr=0.5", *args[-2:], "-o", str(tmp_path / "c.nsz")])
+    assert r.exit_code == 2 and "holds another run's checkpoints (its stages differ)" in r.output
+    assert not (tmp_path / "c.nsz").exists()
+    (tmp_path / "f").write_text("x")
+    r = runner.invoke(cli, [*args[:-1], str(tmp_path / "f"), "-o", str(tmp_path / "d.nsz")])
+    assert r.exit_code != 0 and "is a file" in r.output
+
+
+def test_resume_or_start_continues_only_the_same_run(digits, tmp_path):
+    from netsurgeon.compress import resume_or_start
+
+    model_file = tmp_path / "m.bin"
+    model_file.write_bytes(b"weights")
+    pipe = ns.Pipeline.from_spec([{"finetune": {"epochs": 1}}])
+    assert resume_or_start(tmp_path / "ck", model_file, pipe, 0, digits) is False
+    assert resume_or_start(tmp_path / "ck", model_file, pipe, 0, digits) is True
+    with pytest.raises(ValueError, match=r"holds another run's checkpoints \(its seed differ\)"):
+        resume_or_start(tmp_path / "ck", model_file, pipe, 1, digits)
+    model_file.write_bytes(b"other weights")
+    with pytest.raises(ValueError, match=r"\(its input_sha256 differ\)"):
+        resume_or_start(tmp_path / "ck", model_file, pipe, 0, digits)

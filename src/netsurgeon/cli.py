@@ -393,17 +393,14 @@ def _check_input_shape(model: Any, data: Any, what: str) -> None:
 @_threads_opt
 @_device_opt
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Training stages checkpoint here (stage<N>-<method>.ckpt); an interrupted run resumes with "
-                   "--resume.")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=500, show_default=True,
-              help="Steps between a training stage's checkpoints.")
-@click.option("--resume", is_flag=True, help="Continue each training stage from its file in --checkpoint-dir.")
+              help="Training stages checkpoint here every 500 steps; the same command after an interruption "
+                   "continues from them.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @_friendly
 def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[str, ...], recipe: Path | None,
                  model_spec: str | None, model_args: tuple[str, ...], trust_code: bool, data_name: str | None,
                  data_dir: Path | None, seed: int, threads: int | None, device: str | None,
-                 checkpoint_dir: Path | None, checkpoint_every: int, resume: bool, output: Path) -> None:
+                 checkpoint_dir: Path | None, output: Path) -> None:
     """Run a compression pipeline on MODEL_FILE and write a .nsz file.
 
     MODEL_FILE is a .safetensors (from `train`, or a plain state dict with --model) or a .nsz file.
@@ -415,12 +412,10 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
           --set sparsity=0.9 --set bits=5 --set 3.lr=0.001 -o small.nsz
       netsurgeon compress base.safetensors --recipe recipes/deep_compression_lenet5.yaml -o dc.nsz
       netsurgeon compress base.safetensors --method binaryconnect --set epochs=20 --set select=best_val \\
-          --checkpoint-dir runs/bc -o bc.nsz        # Ctrl-C, then the same line with --resume
+          --checkpoint-dir runs/bc -o bc.nsz        # interrupted? the same line continues
     """
     if (method_names is None) == (recipe is None):
         raise click.UsageError("give --method NAME[,NAME...] or --recipe FILE (not both).")
-    if resume and checkpoint_dir is None:
-        raise click.BadParameter("--resume needs --checkpoint-dir DIR.", param_hint="--resume")
     if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
         raise _Fail(f"--checkpoint-dir {str(checkpoint_dir)!r} is a file, not a directory.")
     if not model_file.is_file():
@@ -445,7 +440,7 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     result = compress_file(model_file, output if _rank() == 0 else None, stages=stages, recipe=recipe,
                            overrides=overrides, seed=seed, model_spec=model_spec, model_args=_model_args(model_args),
                            trust_code=trust_code, load_data=load_data, meta=chosen, device=dev,
-                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+                           checkpoint_dir=checkpoint_dir)
     if result.file is None:  # every rank holds the same compressed model; rank 0 writes it
         return
     info = result.file

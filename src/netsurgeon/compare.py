@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validation import atomic_write
+from ._validation import atomic_write, sha256_file
 from .compare_html import pareto_front, write_report
 from .plan import FAMILIES, Plan, Stages
 from .progress import log as progress_log
@@ -201,7 +201,7 @@ def resumable_plan(out_dir: str | os.PathLike[str], settings: dict[str, Any], ma
 
 def input_fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 of the input model file: a resumed comparison re-runs nothing only for the same input."""
-    return _sha256(Path(path))
+    return sha256_file(path)
 
 
 def layer_kept(model: nn.Module, dense: nn.Module) -> dict[str, float]:
@@ -236,14 +236,6 @@ PAPER_POINTS: dict[str, list[dict[str, Any]]] = {
         {"paper": "Ullrich et al. 2017 (soft sharing)", "error_pct": 1.94, "compression_bytes": 64.0},
     ],
 }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first_line(e: BaseException) -> str:
@@ -312,7 +304,7 @@ def compare(model: nn.Module, data: Any, out_dir: str | os.PathLike[str], *, ent
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "files").mkdir(exist_ok=True)
     dense = copy.deepcopy(model).eval()
-    fingerprint = fingerprint or (_sha256(Path(input_file)) if input_file else _state_hash(dense))
+    fingerprint = fingerprint or (sha256_file(input_file) if input_file else _state_hash(dense))
     common = {"input": fingerprint, "data": data_name, "seed": seed, "batches": list(batches), "threads": threads,
               "repeats": repeats}
     t_start = time.perf_counter()

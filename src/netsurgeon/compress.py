@@ -8,6 +8,7 @@ pipeline on a model in memory and write the file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validation import atomic_write, sha256_file
 from .architecture import record_inputs
 from .changes import arch_of
 from .devices import model_device, parse_device
@@ -27,7 +29,8 @@ from .nsz import CompressedFile, read_header
 from .pipeline import Pipeline
 from .stats import chance_accuracy
 
-__all__ = ["CompressResult", "compress_file", "compress_model", "read_input", "file_history", "output_path"]
+__all__ = ["CompressResult", "compress_file", "compress_model", "read_input", "file_history", "output_path",
+           "resume_or_start"]
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +123,8 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
                   model_args: Mapping[str, Any] | None = None, trust_code: bool = False,
                   load_data: Callable[[Pipeline, dict[str, Any], nn.Module], Any], progress: bool = True,
                   meta: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
-                  checkpoint_dir: str | os.PathLike[str] | None = None, checkpoint_every: int = 500,
-                  resume: bool = False) -> CompressResult:
+                  checkpoint_dir: str | os.PathLike[str] | None = None,
+                  checkpoint_every: int = 500) -> CompressResult:
     """Compress ``model_file`` with a pipeline (``stages`` like a recipe's, or a ``recipe`` file; ``overrides``
     as ``--set``) and write ``output``.
 
@@ -130,7 +133,9 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
     ``model``). ``load_data(pipe, file_meta, model)`` then returns the data set (and may check that the model
     takes its inputs). The run keeps the input's stored forms, its float16 values unless told otherwise, and the
     history of the runs that made it. ``device`` (``cpu``, ``cuda``, ``cuda:N``) is checked before the file is
-    read; the stages run there. ``checkpoint_dir``/``checkpoint_every``/``resume``: see :meth:`Pipeline.run`.
+    read; the stages run there. ``checkpoint_dir``: the training stages checkpoint there (every
+    ``checkpoint_every`` steps), and the same call after an interruption continues from them: the directory
+    records the run (:func:`resume_or_start`) and one of another run is refused.
     """
     parse_device(device)
     if (stages is None) == (recipe is None):
@@ -148,10 +153,46 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
                                       trust_code=trust_code)
     pipe.check(has_data=True, start_form=weight_form(model))
     pipe.check_layers(model)
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise ValueError(f"checkpoint directory {str(checkpoint_dir)!r} is a file.")
     data = load_data(pipe, file_meta, model)
+    resume = checkpoint_dir is not None and resume_or_start(checkpoint_dir, model_file, pipe, seed, data)
     return compress_model(model, pipe, data, output, meta={**file_meta, **(meta or {})},
                           history=file_history(file_meta), progress=progress, device=device,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+
+
+RUN_RECORD = "run.json"
+
+
+def resume_or_start(checkpoint_dir: str | os.PathLike[str], model_file: str | os.PathLike[str], pipe: Pipeline,
+                    seed: int, data: Any) -> bool:
+    """Whether a compression run with ``checkpoint_dir`` continues from the checkpoints there.
+
+    The directory's ``run.json`` records the run that owns it: the input file's sha256, the stages with every
+    option, the seed and the data set's name. The same run continues (True); another run is refused with the
+    fields that differ, so an edited recipe or another input never resumes from weights it did not make; an empty
+    or new directory is claimed for this run (False).
+    """
+    d = Path(checkpoint_dir)
+    record = json.loads(json.dumps({"input_sha256": sha256_file(model_file), "stages": pipe.to_dict()["stages"],
+                                    "seed": seed, "data": getattr(data, "name", None)}, default=str))
+    f = d / RUN_RECORD
+    if f.is_file():
+        try:
+            held = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"checkpoint directory {str(d)!r}: its {RUN_RECORD} is unreadable ({e}); give a new "
+                             "directory.") from e
+        differ = sorted(k for k in record if not isinstance(held, dict) or held.get(k) != record[k])
+        if differ:
+            raise ValueError(f"checkpoint directory {str(d)!r} holds another run's checkpoints (its "
+                             f"{', '.join(differ)} differ); give a new directory, or delete this one to start over.")
+        log.info("continuing the run checkpointed in %s", d)
+        return True
+    with atomic_write(f, "w") as fh:
+        json.dump(record, fh, indent=2)
+    return False
 
 
 def output_path(path: str | os.PathLike[str]) -> Path:
