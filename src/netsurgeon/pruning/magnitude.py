@@ -10,7 +10,9 @@ for Efficient Neural Networks", arXiv:1506.02626).
 Besides the quality rule, a target ``sparsity`` (per layer, or one global budget ranked across layers) can
 be given, or an N:M ``pattern`` (keep the N largest |w| of every M consecutive inputs of a row, e.g. 2:4; the
 magnitude baseline of SparseGPT's and Wanda's N:M tables; embeddings stay dense, as in those methods). Pruned
-entries stay pruned: a later round only removes more.
+entries stay pruned: a later round only removes more, as in Han et al.'s iterative pruning (Sec. 3.3). Weights that
+are already exactly zero (a model pruned and baked, or pruned elsewhere) count as pruned, and a target below a
+layer's current sparsity keeps its mask as it is (logged, and listed in the stage report).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 
 from .._validation import check_finite_model, check_fraction, check_positive
 from ..data import Dataset
-from ..masks import LayerSparsity, attach_masks, nm_mask, original, parse_nm, prunable_tensors, sparsity_report
+from ..masks import LayerSparsity, mask_zeros, nm_mask, original, parse_nm, prunable_tensors, sparsity_report
 from ..plan import trained
 from ..progress import log as progress_log
 from ..registry import StageContext, option, register
@@ -106,7 +108,8 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
     Args:
         sparsity: fraction of each tensor to remove, in [0, 1): one number, or ``{layer_or_tensor: s}``.
             With ``scope="global"`` a single number: one threshold over all tensors, so each layer's
-            sparsity is chosen by the ranking.
+            sparsity is chosen by the ranking. Pruning only removes: weights already exactly zero count as
+            pruned, and a tensor already sparser than its target keeps its mask as it is (logged).
         quality: Han's rule instead: remove |w| < quality·std(layer). One number or a mapping.
         scope: ``"layer"`` or ``"global"``.
         include_bias: prune biases too (they are few; off by default as in Han et al.).
@@ -126,7 +129,14 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
         raise ValueError(f"{owner}: scope must be 'layer' or 'global'; got {scope!r}.")
     check_finite_model(owner, model)
     names = prunable_tensors(model, include_bias, owner)
-    masks = attach_masks(model, names)
+    if nm is None and sparsity is not None:
+        targets = _sparsity_targets(owner, sparsity, names, scope)
+    elif nm is None and scope == "global":
+        raise ValueError(f"{owner}: scope='global' takes one sparsity number; got quality={quality!r}.")
+    elif nm is None:
+        targets = _per_tensor(owner, "quality", quality, names,
+                              lambda o, n, v: check_positive(o, n, v) if v != 0 else 0.0)
+    masks = mask_zeros(model, names)  # weights already exactly zero (pruned, then baked) count as pruned
     weights = {n: original(model, n) for n in names}
     if nm is not None:
         for n in names:
@@ -135,28 +145,58 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
                 log.info("%s: %s stays as it is: %s", owner, n, why)
             else:
                 masks[n].mask.copy_(magnitude_nm_mask(weights[n], masks[n].mask, *nm))
-    elif scope == "global":
-        if sparsity is None or isinstance(sparsity, Mapping):
-            raise ValueError(f"{owner}: scope='global' takes one sparsity number.")
-        s = check_fraction(owner, "sparsity", sparsity)
+        return _zero_originals(model, masks, weights)
+    if sparsity is not None:
+        above = _sparser_than_asked(model, targets, scope)
+        if above:
+            log.info("%s: already sparser than asked, masks kept as they are (pruning only removes): %s", owner,
+                     ", ".join(f"{k} ({100 * v:.1f}%)" for k, v in above.items()))
+    if scope == "global":
+        s = next(iter(targets.values()))
         flat_w = torch.cat([weights[n].flatten() for n in names])
         flat_m = torch.cat([masks[n].mask.flatten() for n in names])
         new = magnitude_mask(flat_w, flat_m, s)
         for n, part in zip(names, new.split([weights[n].numel() for n in names]), strict=True):
             masks[n].mask.copy_(part.view_as(masks[n].mask))
     else:
-        if sparsity is not None:
-            targets = _per_tensor(owner, "sparsity", sparsity, names, check_fraction)
-            rule = magnitude_mask
-        else:
-            targets = _per_tensor(owner, "quality", quality, names,
-                                  lambda o, n, v: check_positive(o, n, v) if v != 0 else 0.0)
-            rule = quality_mask
+        rule = magnitude_mask if sparsity is not None else quality_mask
         for n, v in targets.items():
             masks[n].mask.copy_(rule(weights[n], masks[n].mask, v))
-    for n in names:  # the hidden originals of pruned weights are zeroed too: the file holds exact zeros
-        weights[n].mul_(masks[n].mask)
+    return _zero_originals(model, masks, weights)
+
+
+def _zero_originals(model: nn.Module, masks: dict, weights: dict[str, Tensor]) -> list[LayerSparsity]:
+    for n, w in weights.items():  # the hidden originals of pruned weights are zeroed too: the file holds exact zeros
+        w.mul_(masks[n].mask)
     return sparsity_report(model)
+
+
+def _sparsity_targets(owner: str, sparsity: float | Mapping[str, float], names: list[str],
+                      scope: str) -> dict[str, float]:
+    """``{tensor: target sparsity}`` for the tensors ``sparsity`` covers (with ``scope="global"``, one number for
+    every tensor: a single ranking over them all)."""
+    if scope == "global":
+        if isinstance(sparsity, Mapping):
+            raise ValueError(f"{owner}: scope='global' takes one sparsity number; got {dict(sparsity)!r}.")
+        return dict.fromkeys(names, check_fraction(owner, "sparsity", sparsity))
+    return _per_tensor(owner, "sparsity", sparsity, names, check_fraction)
+
+
+@torch.no_grad()
+def _sparser_than_asked(model: nn.Module, targets: Mapping[str, float], scope: str = "layer") -> dict[str, float]:
+    """The tensors already sparser than their target, ``{layer: sparsity now}`` (with ``scope="global"`` one entry,
+    ``"all layers"``, for the total). Exact zeros of the masked weight count as pruned. Pruning only removes
+    (Han et al. 2015, Sec. 3.3: pruned connections stay pruned through the rounds), so their masks stay as they are."""
+    counts = {}
+    for n in targets:
+        mod, _, attr = n.rpartition(".")
+        w = getattr(model.get_submodule(mod), attr)
+        counts[n] = (int((w == 0).sum()), w.numel())
+    if scope == "global":
+        pruned, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+        s = next(iter(targets.values()), 0.0)
+        return {"all layers": pruned / total} if total and pruned > round(s * total) else {}
+    return {n.removesuffix(".weight"): p / t for n, (p, t) in counts.items() if p > round(targets[n] * t)}
 
 
 def round_targets(final: float, rounds: int) -> list[float]:
@@ -249,6 +289,9 @@ def _kept(model: nn.Module) -> dict[str, Any]:
           summary="remove the smallest |w| (per layer or global), retrain, repeat")
 def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) -> dict[str, Any]:
     nm = parse_nm(cfg.owner, cfg.pattern)
+    above = {} if nm is not None else _sparser_than_asked(
+        model, _sparsity_targets(cfg.owner, cfg.sparsity, prunable_tensors(model, owner=cfg.owner), cfg.scope),
+        cfg.scope)
     if cfg.epochs == 0:
         if nm is not None:
             prune_magnitude(model, pattern=cfg.pattern)
@@ -259,6 +302,8 @@ def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) ->
                           epochs_per_round=cfg.epochs, scope=cfg.scope, config=replace(cfg, epochs=1).train_config(),
                           lr_factor=cfg.lr_factor, progress=ctx.progress, pattern=cfg.pattern)
     report = _kept(model)
+    if above:  # kept as they were: a mask only ever removes
+        report["sparser_than_asked"] = {k: round(v, 4) for k, v in above.items()}
     if nm is not None:
         why = {n: _nm_skip(model, n, original(model, n), nm[1]) for n in prunable_tensors(model, owner=cfg.owner)}
         report["skipped"] = {n.removesuffix(".weight"): w for n, w in why.items() if w}
