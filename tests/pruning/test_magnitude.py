@@ -152,3 +152,14 @@ def test_a_magnitude_stage_below_the_current_sparsity_keeps_the_masks_and_report
     assert report["kept_per_layer"]["conv1"] == pytest.approx(0.1, abs=1e-3)
     assert report["kept_per_layer"]["fc2"] == pytest.approx(0.05, abs=1e-3)
     assert "sparser_than_asked" not in records[0]["report"]
+
+
+def test_magnitude_takes_layer_kinds_as_keys_and_a_layer_name_wins():
+    """Per-layer sparsity keyed by layer kind, as dns's c_rate and kmeans's bits take it ({conv: ..., fc: ...})."""
+    m = ns.build_model("lenet5")
+    p = ns.Pipeline.from_spec([{"magnitude": {"sparsity": {"conv": 0.9, "fc": 0.5, "fc2": 0.2}, "epochs": 0}}])
+    p.check_layers(m)
+    kept = p.run(m)[0]["report"]["kept_per_layer"]
+    assert kept == pytest.approx({"conv1": 0.1, "conv2": 0.1, "fc1": 0.5, "fc2": 0.8}, abs=1e-3)
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['lstm'\].*conv/fc/embedding"):
+        prune_magnitude(_net(), sparsity={"lstm": 0.5})

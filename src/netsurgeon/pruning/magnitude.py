@@ -27,7 +27,17 @@ from torch import Tensor, nn
 
 from .._validation import check_finite_model, check_fraction, check_positive
 from ..data import Dataset
-from ..masks import LayerSparsity, mask_zeros, nm_mask, original, parse_nm, prunable_tensors, sparsity_report
+from ..masks import (
+    LAYER_KINDS,
+    LayerSparsity,
+    mask_zeros,
+    nm_mask,
+    original,
+    parse_nm,
+    prunable_tensors,
+    sparsity_report,
+    weight_sites,
+)
 from ..plan import trained
 from ..progress import log as progress_log
 from ..registry import StageContext, option, register
@@ -84,14 +94,20 @@ def quality_mask(w: Tensor, mask: Tensor, quality: float) -> Tensor:
 
 
 def _per_tensor(owner: str, param: str, value: float | Mapping[str, float], names: list[str],
-                check) -> dict[str, float]:
+                check, model: nn.Module) -> dict[str, float]:
+    """``{tensor: value}``: one number for every tensor, or a mapping keyed by tensor (``fc1.weight``), layer
+    (``fc1``) or layer kind (``conv``, ``fc``, ``embedding``: every layer of it), the most specific key winning;
+    tensors the mapping does not cover are left out."""
     if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(names) - {n.rsplit(".", 1)[0] for n in names})
+        unknown = sorted(set(value) - set(names) - {n.rsplit(".", 1)[0] for n in names} - set(LAYER_KINDS))
         if unknown:
-            raise ValueError(f"{owner}: unknown layer(s) {unknown}; the model has {names}.")
+            raise ValueError(f"{owner}: unknown layer(s) {unknown}; the model has {names} "
+                             f"(or {'/'.join(LAYER_KINDS)} for every layer of a kind).")
+        kinds = {s.module: s.layer_kind for s in weight_sites(model)}
         out = {}
         for n in names:
-            v = value.get(n, value.get(n.rsplit(".", 1)[0]))
+            layer = n.rsplit(".", 1)[0]
+            v = value.get(n, value.get(layer, value.get(kinds.get(layer, ""))))
             if v is not None:
                 out[n] = check(owner, f"{param} for {n!r}", v)
         return out
@@ -106,7 +122,8 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
     """Prune ``model`` in place by weight magnitude; masks are attached (or tightened) and returned as a report.
 
     Args:
-        sparsity: fraction of each tensor to remove, in [0, 1): one number, or ``{layer_or_tensor: s}``.
+        sparsity: fraction of each tensor to remove, in [0, 1): one number, or ``{layer_or_tensor: s}``
+            (a layer kind, ``conv``/``fc``/``embedding``, covers every layer of it; a layer's own name wins).
             With ``scope="global"`` a single number: one threshold over all tensors, so each layer's
             sparsity is chosen by the ranking. Pruning only removes: weights already exactly zero count as
             pruned, and a tensor already sparser than its target keeps its mask as it is (logged).
@@ -130,12 +147,12 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
     check_finite_model(owner, model)
     names = prunable_tensors(model, include_bias, owner)
     if nm is None and sparsity is not None:
-        targets = _sparsity_targets(owner, sparsity, names, scope)
+        targets = _sparsity_targets(owner, model, sparsity, names, scope)
     elif nm is None and scope == "global":
         raise ValueError(f"{owner}: scope='global' takes one sparsity number; got quality={quality!r}.")
     elif nm is None:
         targets = _per_tensor(owner, "quality", quality, names,
-                              lambda o, n, v: check_positive(o, n, v) if v != 0 else 0.0)
+                              lambda o, n, v: check_positive(o, n, v) if v != 0 else 0.0, model)
     masks = mask_zeros(model, names)  # weights already exactly zero (pruned, then baked) count as pruned
     weights = {n: original(model, n) for n in names}
     if nm is not None:
@@ -171,7 +188,7 @@ def _zero_originals(model: nn.Module, masks: dict, weights: dict[str, Tensor]) -
     return sparsity_report(model)
 
 
-def _sparsity_targets(owner: str, sparsity: float | Mapping[str, float], names: list[str],
+def _sparsity_targets(owner: str, model: nn.Module, sparsity: float | Mapping[str, float], names: list[str],
                       scope: str) -> dict[str, float]:
     """``{tensor: target sparsity}`` for the tensors ``sparsity`` covers (with ``scope="global"``, one number for
     every tensor: a single ranking over them all)."""
@@ -179,7 +196,7 @@ def _sparsity_targets(owner: str, sparsity: float | Mapping[str, float], names: 
         if isinstance(sparsity, Mapping):
             raise ValueError(f"{owner}: scope='global' takes one sparsity number; got {dict(sparsity)!r}.")
         return dict.fromkeys(names, check_fraction(owner, "sparsity", sparsity))
-    return _per_tensor(owner, "sparsity", sparsity, names, check_fraction)
+    return _per_tensor(owner, "sparsity", sparsity, names, check_fraction, model)
 
 
 @torch.no_grad()
@@ -248,7 +265,7 @@ class MagnitudeConfig(TrainConfig):
 
     owner: ClassVar[str] = "magnitude"
     epochs: int = option(2, "retraining epochs per round (0: prune only, no data needed)", low=0)
-    sparsity: float | dict[str, float] = option(0.9, "fraction of weights removed: one number or {layer: s}",
+    sparsity: float | dict[str, float] = option(0.9, "fraction of weights removed: one number or {conv|fc|layer: s}",
                                                  low=0, high=1, high_open=True)
     scope: str = option("layer", "layer: each tensor to its sparsity; global: one ranking over all layers",
                         choices=("layer", "global"))
@@ -270,7 +287,7 @@ class QualityConfig(TrainConfig):
 
     owner: ClassVar[str] = "quality"
     epochs: int = option(2, "retraining epochs per round (0: prune only, no data needed)", low=0)
-    quality: float | dict[str, float] = option(0.5, "threshold in layer std units: one number or {layer: q}",
+    quality: float | dict[str, float] = option(0.5, "threshold in layer std units: one number or {conv|fc|layer: q}",
                                                 low=0)
     rounds: int = option(3, "prune/retrain rounds", low=1)
     lr_factor: float = option(0.1, "retraining LR = lr x lr_factor (Sec. 3.3)", low=0, low_open=True)
@@ -290,7 +307,7 @@ def _kept(model: nn.Module) -> dict[str, Any]:
 def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) -> dict[str, Any]:
     nm = parse_nm(cfg.owner, cfg.pattern)
     above = {} if nm is not None else _sparser_than_asked(
-        model, _sparsity_targets(cfg.owner, cfg.sparsity, prunable_tensors(model, owner=cfg.owner), cfg.scope),
+        model, _sparsity_targets(cfg.owner, model, cfg.sparsity, prunable_tensors(model, owner=cfg.owner), cfg.scope),
         cfg.scope)
     if cfg.epochs == 0:
         if nm is not None:
