@@ -8,11 +8,12 @@ for Efficient Neural Networks", arXiv:1506.02626).
 * Sec. 3.3 notes retraining should start from a lower learning rate: we retrain at 1/10 of the original LR.
 
 Besides the quality rule, a target ``sparsity`` (per layer, or one global budget ranked across layers) can
-be given, or an N:M ``pattern`` (keep the N largest |w| of every M consecutive inputs of a row, e.g. 2:4; the
-magnitude baseline of SparseGPT's and Wanda's N:M tables; embeddings stay dense, as in those methods). Pruned
-entries stay pruned: a later round only removes more, as in Han et al.'s iterative pruning (Sec. 3.3). Weights that
-are already exactly zero (a model pruned and baked, or pruned elsewhere) count as pruned, and a target below a
-layer's current sparsity keeps its mask as it is (logged, and listed in the stage report).
+be given, or an N:M ``pattern`` (keep the N largest |w| of every M consecutive inputs of each output, e.g. 2:4, also
+in Hugging Face's Conv1D, stored (in, out); the magnitude baseline of SparseGPT's and Wanda's N:M tables; embeddings
+stay dense, as in those methods). Pruned entries stay pruned: a later round only removes more, as in Han et al.'s
+iterative pruning (Sec. 3.3). Weights that are already exactly zero (a model pruned and baked, or pruned elsewhere)
+count as pruned, and a target below a layer's current sparsity keeps its mask as it is (logged, and listed in the
+stage report).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from ..masks import (
     original,
     parse_nm,
     prunable_tensors,
+    site_kind_of,
     sparsity_report,
+    weight_matrix,
     weight_sites,
 )
 from ..plan import trained
@@ -64,15 +67,23 @@ def magnitude_mask(w: Tensor, mask: Tensor, sparsity: float) -> Tensor:
     return out.view_as(mask) * mask
 
 
-def magnitude_nm_mask(w: Tensor, mask: Tensor, n: int, m: int) -> Tensor:
-    """Keep the ``n`` largest |w| of every ``m`` consecutive inputs of each row (``masks.nm_mask``); entries already
-    masked out rank lowest and stay pruned. Shapes: w, mask (out, in, ...)."""
-    return nm_mask(torch.where(mask.bool(), w.abs(), torch.full_like(w, -1.0)), n, m) * mask
+def magnitude_nm_mask(w: Tensor, mask: Tensor, n: int, m: int, kind: str = "linear") -> Tensor:
+    """Keep the ``n`` largest |w| of every ``m`` consecutive inputs of each output (``masks.nm_mask``; ``kind``
+    ``"transposed"`` for Hugging Face's Conv1D, stored (in, out)); entries already masked out rank lowest and stay
+    pruned. Shapes: w, mask (out, in, ...), or (in, out) when transposed."""
+    return nm_mask(torch.where(mask.bool(), w.abs(), torch.full_like(w, -1.0)), n, m, kind) * mask
 
 
-def _nm_unfit(w: Tensor, m: int) -> bool:
-    """A tensor N:M cannot apply to: a bias, or a row length that is not a multiple of M."""
-    return w.dim() < 2 or (w.numel() // w.shape[0]) % m != 0
+def _nm_kind(model: nn.Module, fqn: str) -> str:
+    """The site kind of tensor ``fqn`` (:data:`masks.SITE_KINDS`; "linear" for anything not a weight site): it
+    says which axis of the tensor holds the inputs N:M groups run along."""
+    mod, _, attr = fqn.rpartition(".")
+    return dict(site_kind_of(model.get_submodule(mod))).get(attr, "linear")
+
+
+def _nm_unfit(w: Tensor, m: int, kind: str = "linear") -> bool:
+    """A tensor N:M cannot apply to: a bias, or a row length (inputs per output) that is not a multiple of M."""
+    return w.dim() < 2 or weight_matrix(w, kind).shape[1] % m != 0
 
 
 def _nm_skip(model: nn.Module, fqn: str, w: Tensor, m: int) -> str | None:
@@ -81,7 +92,7 @@ def _nm_skip(model: nn.Module, fqn: str, w: Tensor, m: int) -> str | None:
     is not a multiple of M."""
     if isinstance(model.get_submodule(fqn.rpartition(".")[0]), nn.Embedding):
         return "an embedding is a table lookup (N:M speeds up no matmul there)"
-    return f"inputs per row not a multiple of M={m}" if _nm_unfit(w, m) else None
+    return f"inputs per row not a multiple of M={m}" if _nm_unfit(w, m, _nm_kind(model, fqn)) else None
 
 
 def quality_mask(w: Tensor, mask: Tensor, quality: float) -> Tensor:
@@ -161,7 +172,7 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
             if why:
                 log.info("%s: %s stays as it is: %s", owner, n, why)
             else:
-                masks[n].mask.copy_(magnitude_nm_mask(weights[n], masks[n].mask, *nm))
+                masks[n].mask.copy_(magnitude_nm_mask(weights[n], masks[n].mask, *nm, _nm_kind(model, n)))
         return _zero_originals(model, masks, weights)
     if sparsity is not None:
         above = _sparser_than_asked(model, targets, scope)
