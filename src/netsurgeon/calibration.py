@@ -44,10 +44,11 @@ from torch import Tensor, nn
 
 from .data import Split, batches
 from .masks import attach_masks, get_masks, note_skipped, original, weight_matrix
+from .registry import MethodConfig, option
 from .stats import HessianAccumulator
 
-__all__ = ["Target", "discover_layers", "layer_targets", "draw_samples", "target_weight", "target_keep",
-           "write_target", "attach_target_masks", "CalibrationResult", "compress_sequentially"]
+__all__ = ["Target", "discover_layers", "layer_targets", "CalibratedConfig", "draw_samples", "target_weight",
+           "target_keep", "write_target", "attach_target_masks", "CalibrationResult", "compress_sequentially"]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,18 @@ def attach_target_masks(model: nn.Module, keeps: dict[Target, Tensor]) -> None:
         m[t.rows[0]:t.rows[1]] *= keep.to(m.dtype)
     for n in names:
         original(model, n).data.mul_(found[n].mask)
+
+
+@dataclass(frozen=True)
+class CalibratedConfig(MethodConfig):
+    """The calibration draw, declared once for every method that draws one from the training split: the
+    calibrated post-training methods (SparseGPT, OBC, Wanda, GPTQ; 128 samples as SparseGPT's Sec. 4 "Setup",
+    arXiv:2301.00774) and the structured methods' taylor importance (heads, ffn_neurons; Michel et al. 2019,
+    arXiv:1905.10650, Sec. 4.1). Drawn without replacement (seeded) from a Split, or the first ones of a loader."""
+
+    samples: int = option(128, "calibration samples drawn from the training split", low=1)
+    batch_size: int = option(16, "calibration samples per forward (and backward) pass", low=1)
+    seed: int = option(0, "seed of the calibration draw", low=0)
 
 
 def draw_samples(data: Split | Any, n: int, seed: int, owner: str) -> Tensor:
