@@ -296,3 +296,23 @@ def test_the_memory_estimate_sizes_one_batch_through_the_largest_block():
                                 batch_size=3)
     # out_proj never runs its own forward: the MHA's output (3 x 5 x 8) and its scores (3 x 2 x 5 x 5, twice)
     assert res.memory["forward"] == 4 * (3 * 5 * 8 + 2 * 3 * 2 * 5 * 5)
+
+
+@pytest.mark.parametrize("method", ["heads", "ffn_neurons", "sparsegpt", "obc", "wanda", "gptq"])
+def test_every_method_that_draws_calibration_samples_declares_the_draw_once(method):
+    """samples, batch_size and seed live on one base (calibration.CalibratedConfig): no method redeclares them,
+    and each keeps the defaults it had (128, 16, 0)."""
+    import inspect
+
+    from netsurgeon import calibration
+    from netsurgeon.pipeline import get_method
+
+    spec = get_method(method)
+    draw = {"samples", "batch_size", "seed"}
+    assert issubclass(spec.config, calibration.CalibratedConfig)
+    assert not draw & {k for c in spec.config.__mro__ if c is not calibration.CalibratedConfig
+                       for k in inspect.get_annotations(c)}
+    cfg = spec.make_config()
+    assert (cfg.samples, cfg.batch_size, cfg.seed) == (128, 16, 0)
+    with pytest.raises(ValueError, match=rf"^{method}: samples must be an integer >= 1; got 0\.$"):
+        spec.make_config({"samples": 0})

@@ -43,11 +43,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import Split, batches
-from .masks import attach_masks, get_masks, note_skipped, original
+from .masks import attach_masks, get_masks, note_skipped, original, weight_matrix
+from .registry import MethodConfig, option
 from .stats import HessianAccumulator
 
-__all__ = ["Target", "discover_layers", "layer_targets", "draw_samples", "target_weight", "target_keep",
-           "write_target", "attach_target_masks", "CalibrationResult", "compress_sequentially"]
+__all__ = ["Target", "discover_layers", "layer_targets", "CalibratedConfig", "draw_samples", "target_weight",
+           "target_keep", "write_target", "attach_target_masks", "CalibrationResult", "compress_sequentially"]
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +136,6 @@ def layer_targets(name: str, m: nn.Module, attention: str = "self") -> list[Targ
     return [Target(name, f"{pre}weight", (0, m.weight.shape[0]), m.weight.shape[1])]
 
 
-def _matrix(t: Tensor, kind: str) -> Tensor:
-    """A parameter as the (out, in·k) matrix its targets slice (a view)."""
-    return t.T if kind == "transposed" else t.reshape(t.shape[0], -1)
-
-
 def _module_tensor(model: nn.Module, fqn: str) -> Tensor:
     mod, _, attr = fqn.rpartition(".")
     return getattr(model.get_submodule(mod) if mod else model, attr)
@@ -148,7 +144,7 @@ def _module_tensor(model: nn.Module, fqn: str) -> Tensor:
 @torch.no_grad()
 def target_weight(model: nn.Module, t: Target) -> Tensor:
     """The target's current (masked) weights as a float32 (rows, columns) copy."""
-    w = _matrix(_module_tensor(model, t.tensor), t.kind)
+    w = weight_matrix(_module_tensor(model, t.tensor), t.kind)
     return w[t.rows[0]:t.rows[1]].detach().to(torch.float32).clone()
 
 
@@ -156,14 +152,14 @@ def target_weight(model: nn.Module, t: Target) -> Tensor:
 def target_keep(model: nn.Module, t: Target) -> Tensor | None:
     """The target's current mask as bool (rows, columns), or None when the tensor is not masked."""
     m = get_masks(model).get(t.tensor)
-    return None if m is None else _matrix(m.mask, t.kind)[t.rows[0]:t.rows[1]] != 0
+    return None if m is None else weight_matrix(m.mask, t.kind)[t.rows[0]:t.rows[1]] != 0
 
 
 @torch.no_grad()
 def write_target(model: nn.Module, t: Target, w: Tensor) -> None:
     """Write new (rows, columns) weights into the target's rows of the parameter (the original, if masked)."""
     p = original(model, t.tensor)
-    _matrix(p.data, t.kind)[t.rows[0]:t.rows[1]] = w.to(p.dtype)
+    weight_matrix(p.data, t.kind)[t.rows[0]:t.rows[1]] = w.to(p.dtype)
 
 
 @torch.no_grad()
@@ -174,10 +170,22 @@ def attach_target_masks(model: nn.Module, keeps: dict[Target, Tensor]) -> None:
     names = sorted({t.tensor for t in keeps})
     found = attach_masks(model, names)
     for t, keep in keeps.items():
-        m = _matrix(found[t.tensor].mask, t.kind)
+        m = weight_matrix(found[t.tensor].mask, t.kind)
         m[t.rows[0]:t.rows[1]] *= keep.to(m.dtype)
     for n in names:
         original(model, n).data.mul_(found[n].mask)
+
+
+@dataclass(frozen=True)
+class CalibratedConfig(MethodConfig):
+    """The calibration draw, declared once for every method that draws one from the training split: the
+    calibrated post-training methods (SparseGPT, OBC, Wanda, GPTQ; 128 samples as SparseGPT's Sec. 4 "Setup",
+    arXiv:2301.00774) and the structured methods' taylor importance (heads, ffn_neurons; Michel et al. 2019,
+    arXiv:1905.10650, Sec. 4.1). Drawn without replacement (seeded) from a Split, or the first ones of a loader."""
+
+    samples: int = option(128, "calibration samples drawn from the training split", low=1)
+    batch_size: int = option(16, "calibration samples per forward (and backward) pass", low=1)
+    seed: int = option(0, "seed of the calibration draw", low=0)
 
 
 def draw_samples(data: Split | Any, n: int, seed: int, owner: str) -> Tensor:

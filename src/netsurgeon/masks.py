@@ -33,7 +33,7 @@ __all__ = [
     "tied_parameters",
     "attach_masks", "get_masks", "original", "bake", "LayerSparsity", "sparsity_report",
     "attach_masks_for_state_dict", "effective_state_dict", "layer_kind", "LAYER_KINDS", "freeze_masks", "mask_zeros",
-    "parse_nm", "nm_mask",
+    "parse_nm", "nm_mask", "weight_matrix",
 ]
 
 # Grouped and depthwise convolutions are ordinary Conv1d/Conv2d modules with ``groups > 1``.
@@ -75,9 +75,11 @@ class WeightSite:
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): weight (nx, nf), forward x @ W + b; recognised without importing it."""
+    """Hugging Face's ``Conv1D`` (GPT-2): weight (nx, nf), forward x @ W + b; recognised without importing it, also
+    once masked (a parametrized module's class is ``ParametrizedConv1D``)."""
     w = getattr(m, "weight", None)
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
+    return parametrize.type_before_parametrizations(m).__name__ == "Conv1D" and hasattr(m, "nf") \
+        and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
 def site_kind_of(m: nn.Module) -> list[tuple[str, str]]:
@@ -469,18 +471,25 @@ def parse_nm(owner: str, pattern: str) -> tuple[int, int] | None:
                      f"got {pattern!r}.")
 
 
-def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+def weight_matrix(t: Tensor, kind: str = "linear") -> Tensor:
+    """A weight-shaped tensor as the (out, in·k) matrix its rows are outputs of (a view): Hugging Face's ``Conv1D``
+    (``kind="transposed"``) stores (in, out) and is transposed; a convolution's (out, in/groups, *k) is flattened."""
+    return t.T if kind == "transposed" else t.reshape(t.shape[0], -1)
+
+
+def nm_mask(scores: Tensor, n: int, m: int, kind: str = "linear") -> Tensor:
     """Keep the ``n`` highest scores of every ``m`` consecutive entries along the input dimension: a 0/1 mask.
 
-    ``scores`` has the weight's shape (out, in, ...); groups run along the flattened input dimension (in x kernel
-    for a convolution), as in SparseGPT's and Wanda's code. Ties go to the earlier position. Raises ValueError
-    when that dimension is not a multiple of ``m``. Shapes: (out, ...) -> (out, ...), dtype of ``scores``.
+    ``scores`` has the weight's shape, read as (out, in·k) by :func:`weight_matrix` (``kind`` is the site's kind,
+    :data:`SITE_KINDS`: a ``transposed`` Conv1D's (in, out) is transposed first); groups run along the flattened
+    input dimension of each output (in x kernel for a convolution), as in SparseGPT's and Wanda's code. Ties go to
+    the earlier position. Raises ValueError when that dimension is not a multiple of ``m``. Shapes: the weight's
+    -> the weight's, dtype of ``scores``.
     """
-    flat = scores.reshape(scores.shape[0], -1)
+    flat = weight_matrix(scores, kind)
     if flat.shape[1] % m:
         raise ValueError(f"nm_mask: the input dimension {flat.shape[1]} is not a multiple of M={m}.")
     groups = flat.reshape(flat.shape[0], -1, m)                                # (out, in/m, m)
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
-    keep = torch.zeros_like(groups)
-    keep.scatter_(-1, order[..., :n], 1.0)
-    return keep.reshape(scores.shape)
+    keep = torch.zeros_like(groups).scatter_(-1, order[..., :n], 1.0).reshape(flat.shape)
+    return keep.T.contiguous() if kind == "transposed" else keep.reshape(scores.shape)

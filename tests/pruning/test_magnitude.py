@@ -1,3 +1,4 @@
+import logging
 import math
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 from torch import nn
 
 import netsurgeon as ns
-from netsurgeon.masks import get_masks, original
+from netsurgeon.masks import bake, get_masks, original
 from netsurgeon.pruning.magnitude import (
     magnitude_mask,
     prune_and_retrain,
@@ -121,3 +122,44 @@ def test_prune_and_retrain_reaches_the_target(digits):
     kept = {n: float(p.mask.mean()) for n, p in get_masks(m).items()}
     assert kept == pytest.approx({"fc1.weight": 0.1, "fc2.weight": 0.1, "fc3.weight": 0.5}, abs=1e-3)
     assert ns.evaluate(m, digits.test)[1] > 0.9
+
+
+def test_a_lower_target_keeps_baked_zeros_pruned(caplog):
+    """Han et al. 2015 Sec. 3.3: pruned connections stay pruned. A model pruned to 75% and baked (masks multiplied in
+    and dropped) holds exact zeros; asking it for 50% keeps every one of them masked, so retraining cannot revive
+    them, and the log says the target was below the layer's sparsity."""
+    m = _net()
+    prune_magnitude(m, sparsity=0.75)
+    bake(m)
+    zeros = m[0].weight == 0
+    assert int(zeros.sum()) == 15 and not get_masks(m)
+    with caplog.at_level(logging.INFO, logger="netsurgeon.pruning.magnitude"):
+        prune_magnitude(m, sparsity=0.5)
+    assert bool((get_masks(m)["0.weight"].mask[zeros] == 0).all()) and int(get_masks(m)["0.weight"].mask.sum()) == 5
+    assert "already sparser than asked" in caplog.text and "0 (75.0%)" in caplog.text
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(torch.randn(8, 4)).square().sum().backward()
+    opt.step()
+    assert bool((m[0].weight[zeros] == 0).all())
+
+
+def test_a_magnitude_stage_below_the_current_sparsity_keeps_the_masks_and_reports_it():
+    m = ns.build_model("lenet5")
+    records = ns.Pipeline.from_spec([{"magnitude": {"sparsity": 0.9, "epochs": 0}},
+                                     {"magnitude": {"sparsity": {"fc2": 0.95, "conv1": 0.5}, "epochs": 0}}]).run(m)
+    report = records[1]["report"]
+    assert report["sparser_than_asked"] == {"conv1": pytest.approx(0.9, abs=1e-3)}  # fc2 went on to 95%
+    assert report["kept_per_layer"]["conv1"] == pytest.approx(0.1, abs=1e-3)
+    assert report["kept_per_layer"]["fc2"] == pytest.approx(0.05, abs=1e-3)
+    assert "sparser_than_asked" not in records[0]["report"]
+
+
+def test_magnitude_takes_layer_kinds_as_keys_and_a_layer_name_wins():
+    """Per-layer sparsity keyed by layer kind, as dns's c_rate and kmeans's bits take it ({conv: ..., fc: ...})."""
+    m = ns.build_model("lenet5")
+    p = ns.Pipeline.from_spec([{"magnitude": {"sparsity": {"conv": 0.9, "fc": 0.5, "fc2": 0.2}, "epochs": 0}}])
+    p.check_layers(m)
+    kept = p.run(m)[0]["report"]["kept_per_layer"]
+    assert kept == pytest.approx({"conv1": 0.1, "conv2": 0.1, "fc1": 0.5, "fc2": 0.8}, abs=1e-3)
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['lstm'\].*conv/fc/embedding"):
+        prune_magnitude(_net(), sparsity={"lstm": 0.5})

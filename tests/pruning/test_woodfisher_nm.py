@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 import netsurgeon as ns
 from netsurgeon.data import Dataset, Split
@@ -182,3 +183,59 @@ def test_pipeline_recipe_runs_two_four_woodfisher_and_records_the_skipped_embedd
     for layer in (m.fc1, m.fc2):
         assert (_groups_nonzero(layer.weight, 4) == 2).all()
     assert pipe.stages[0].config.pattern == "2:4"
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's ``Conv1D`` as GPT-2 has it (recognised by name and ``nf``, as netsurgeon does without
+    importing transformers): y = x @ W + b with W stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def _transposed_groups_nonzero(w: torch.Tensor, m: int) -> torch.Tensor:
+    """Nonzeros of every group of ``m`` consecutive inputs of each output of an (in, out) weight: (out, in/m)."""
+    return _groups_nonzero(w.detach().T, m)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "woodfisher"])
+def test_two_four_groups_the_inputs_of_each_output_of_a_conv1d(method):
+    """A Conv1D stores (in, out): its N:M groups run along the first axis (as SparseGPT and Wanda read it here), not
+    along the outputs. Inputs 16, outputs 8: both are multiples of 4, so the wrong axis would not be refused."""
+    torch.manual_seed(0)
+    m = nn.Sequential(Conv1D(8, 16), nn.ReLU(), Conv1D(4, 8))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g)
+    s = Split(x, (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4] > 0).long())
+    if method == "magnitude":
+        prune_magnitude(m, pattern="2:4")
+    else:
+        one_shot_prune(m, s, None, method, FisherConfig(num_grads=16, damp=1e-3, block_size=32), pattern="2:4")
+    for layer in (m[0], m[2]):
+        assert (_transposed_groups_nonzero(layer.weight, 4) == 2).all()
+
+
+@pytest.mark.slow  # importing transformers takes 5-15 s here (the Conv1D stand-in above runs with the quick tests)
+@pytest.mark.parametrize("method", ["magnitude", "woodfisher"])
+def test_two_four_on_hugging_face_gpt2_keeps_two_of_every_four_inputs(method):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = ns.models.huggingface("GPT2LMHeadModel", dict(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
+                                                           n_positions=16, bos_token_id=0, eos_token_id=0))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (16, 9), generator=g)
+    data = Dataset("tokens", Split(tokens[:, :-1], tokens[:, 1:]), Split(tokens[:4, :-1], tokens[:4, 1:]),
+                   Split(tokens[:4, :-1], tokens[:4, 1:]), 50)
+    stage = {"pattern": "2:4", "epochs": 0} if method == "magnitude" else \
+        {"pattern": "2:4", "num_grads": 8, "damp": 1e-3, "block_size": 64}
+    ns.Pipeline.from_spec([{method: stage}]).run(model, data)
+    conv1d = [m for m in model.modules() if type_before_parametrizations(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 4
+    for layer in conv1d:
+        assert (_transposed_groups_nonzero(layer.weight, 4) == 2).all()

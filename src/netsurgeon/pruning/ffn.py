@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..calibration import _no_attention_fast_path
+from ..calibration import CalibratedConfig, _no_attention_fast_path
 from ..changes.resized import is_conv1d, layer_sizes, record_resized, resized_record
 from ..masks import note_skipped
 from ..plan import oneshot_then_finetuned
-from ..registry import MethodConfig, StageContext, option, register
+from ..registry import StageContext, option, register
 from .heads import gate_importance, select_heads
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def prune_ffn(model: nn.Module, keep: dict[str, list[int]]) -> dict[str, dict[st
 
 
 @dataclass(frozen=True)
-class FfnConfig(MethodConfig):
+class FfnConfig(CalibratedConfig):
     owner: ClassVar[str] = "ffn_neurons"
     fraction: float | dict[str, float] = option(
         0.5, "fraction of the hidden neurons of feed-forward blocks removed: a number, or {block: fraction} for the "
@@ -365,9 +365,6 @@ class FfnConfig(MethodConfig):
     normalize: bool = option(True, "divide each block's scores by their l2 norm before a global ranking")
     min_neurons: int = option(1, "never keep fewer neurons than this in a block", low=1)
     round_to: int = option(1, "keep a multiple of this many neurons per block (aligned sizes)", low=1)
-    samples: int = option(128, "calibration samples for taylor importance (from the training split)", low=1)
-    batch_size: int = option(16, "calibration samples per forward/backward pass", low=1)
-    seed: int = option(0, "seed of the calibration draw", low=0)
 
 
 @register("ffn_neurons", family="structured", kind="oneshot", config=FfnConfig,

@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..calibration import _no_attention_fast_path, undo_hooks
+from ..calibration import CalibratedConfig, _no_attention_fast_path, undo_hooks
 from ..changes.heads import AttentionSite, attention_sites, head_blocks, record_heads, shrink_heads
 from ..data import Split
 from ..data.core import batches
 from ..devices import model_device
 from ..plan import oneshot_then_finetuned
-from ..registry import MethodConfig, StageContext, option, register
+from ..registry import StageContext, option, register
 from ..train import flat_predictions
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def prune_heads(model: nn.Module, keep: dict[str, list[int]]) -> dict[str, dict[
 
 
 @dataclass(frozen=True)
-class HeadsConfig(MethodConfig):
+class HeadsConfig(CalibratedConfig):
     owner: ClassVar[str] = "heads"
     fraction: float = option(0.5, "fraction of the attention heads removed (every layer keeps at least one)", low=0,
                              high=1, high_open=True)
@@ -271,9 +271,6 @@ class HeadsConfig(MethodConfig):
     scope: str = option("global", "rank all heads together (global, as the paper) or remove the fraction from each "
                                   "layer (layer)", choices=("global", "layer"))
     normalize: bool = option(True, "divide each layer's scores by their l2 norm before a global ranking (Sec. 4.1)")
-    samples: int = option(128, "calibration samples for taylor importance (from the training split)", low=1)
-    batch_size: int = option(16, "calibration samples per forward/backward pass", low=1)
-    seed: int = option(0, "seed of the calibration draw", low=0)
 
 
 @register("heads", family="structured", kind="oneshot", config=HeadsConfig,

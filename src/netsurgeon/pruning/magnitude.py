@@ -8,9 +8,12 @@ for Efficient Neural Networks", arXiv:1506.02626).
 * Sec. 3.3 notes retraining should start from a lower learning rate: we retrain at 1/10 of the original LR.
 
 Besides the quality rule, a target ``sparsity`` (per layer, or one global budget ranked across layers) can
-be given, or an N:M ``pattern`` (keep the N largest |w| of every M consecutive inputs of a row, e.g. 2:4; the
-magnitude baseline of SparseGPT's and Wanda's N:M tables; embeddings stay dense, as in those methods). Pruned
-entries stay pruned: a later round only removes more.
+be given, or an N:M ``pattern`` (keep the N largest |w| of every M consecutive inputs of each output, e.g. 2:4, also
+in Hugging Face's Conv1D, stored (in, out); the magnitude baseline of SparseGPT's and Wanda's N:M tables; embeddings
+stay dense, as in those methods). Pruned entries stay pruned: a later round only removes more, as in Han et al.'s
+iterative pruning (Sec. 3.3). Weights that are already exactly zero (a model pruned and baked, or pruned elsewhere)
+count as pruned, and a target below a layer's current sparsity keeps its mask as it is (logged, and listed in the
+stage report).
 """
 
 from __future__ import annotations
@@ -25,7 +28,19 @@ from torch import Tensor, nn
 
 from .._validation import check_finite_model, check_fraction, check_positive
 from ..data import Dataset
-from ..masks import LayerSparsity, attach_masks, nm_mask, original, parse_nm, prunable_tensors, sparsity_report
+from ..masks import (
+    LAYER_KINDS,
+    LayerSparsity,
+    mask_zeros,
+    nm_mask,
+    original,
+    parse_nm,
+    prunable_tensors,
+    site_kind_of,
+    sparsity_report,
+    weight_matrix,
+    weight_sites,
+)
 from ..plan import trained
 from ..progress import log as progress_log
 from ..registry import StageContext, option, register
@@ -52,15 +67,23 @@ def magnitude_mask(w: Tensor, mask: Tensor, sparsity: float) -> Tensor:
     return out.view_as(mask) * mask
 
 
-def magnitude_nm_mask(w: Tensor, mask: Tensor, n: int, m: int) -> Tensor:
-    """Keep the ``n`` largest |w| of every ``m`` consecutive inputs of each row (``masks.nm_mask``); entries already
-    masked out rank lowest and stay pruned. Shapes: w, mask (out, in, ...)."""
-    return nm_mask(torch.where(mask.bool(), w.abs(), torch.full_like(w, -1.0)), n, m) * mask
+def magnitude_nm_mask(w: Tensor, mask: Tensor, n: int, m: int, kind: str = "linear") -> Tensor:
+    """Keep the ``n`` largest |w| of every ``m`` consecutive inputs of each output (``masks.nm_mask``; ``kind``
+    ``"transposed"`` for Hugging Face's Conv1D, stored (in, out)); entries already masked out rank lowest and stay
+    pruned. Shapes: w, mask (out, in, ...), or (in, out) when transposed."""
+    return nm_mask(torch.where(mask.bool(), w.abs(), torch.full_like(w, -1.0)), n, m, kind) * mask
 
 
-def _nm_unfit(w: Tensor, m: int) -> bool:
-    """A tensor N:M cannot apply to: a bias, or a row length that is not a multiple of M."""
-    return w.dim() < 2 or (w.numel() // w.shape[0]) % m != 0
+def _nm_kind(model: nn.Module, fqn: str) -> str:
+    """The site kind of tensor ``fqn`` (:data:`masks.SITE_KINDS`; "linear" for anything not a weight site): it
+    says which axis of the tensor holds the inputs N:M groups run along."""
+    mod, _, attr = fqn.rpartition(".")
+    return dict(site_kind_of(model.get_submodule(mod))).get(attr, "linear")
+
+
+def _nm_unfit(w: Tensor, m: int, kind: str = "linear") -> bool:
+    """A tensor N:M cannot apply to: a bias, or a row length (inputs per output) that is not a multiple of M."""
+    return w.dim() < 2 or weight_matrix(w, kind).shape[1] % m != 0
 
 
 def _nm_skip(model: nn.Module, fqn: str, w: Tensor, m: int) -> str | None:
@@ -69,7 +92,7 @@ def _nm_skip(model: nn.Module, fqn: str, w: Tensor, m: int) -> str | None:
     is not a multiple of M."""
     if isinstance(model.get_submodule(fqn.rpartition(".")[0]), nn.Embedding):
         return "an embedding is a table lookup (N:M speeds up no matmul there)"
-    return f"inputs per row not a multiple of M={m}" if _nm_unfit(w, m) else None
+    return f"inputs per row not a multiple of M={m}" if _nm_unfit(w, m, _nm_kind(model, fqn)) else None
 
 
 def quality_mask(w: Tensor, mask: Tensor, quality: float) -> Tensor:
@@ -82,14 +105,20 @@ def quality_mask(w: Tensor, mask: Tensor, quality: float) -> Tensor:
 
 
 def _per_tensor(owner: str, param: str, value: float | Mapping[str, float], names: list[str],
-                check) -> dict[str, float]:
+                check, model: nn.Module) -> dict[str, float]:
+    """``{tensor: value}``: one number for every tensor, or a mapping keyed by tensor (``fc1.weight``), layer
+    (``fc1``) or layer kind (``conv``, ``fc``, ``embedding``: every layer of it), the most specific key winning;
+    tensors the mapping does not cover are left out."""
     if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(names) - {n.rsplit(".", 1)[0] for n in names})
+        unknown = sorted(set(value) - set(names) - {n.rsplit(".", 1)[0] for n in names} - set(LAYER_KINDS))
         if unknown:
-            raise ValueError(f"{owner}: unknown layer(s) {unknown}; the model has {names}.")
+            raise ValueError(f"{owner}: unknown layer(s) {unknown}; the model has {names} "
+                             f"(or {'/'.join(LAYER_KINDS)} for every layer of a kind).")
+        kinds = {s.module: s.layer_kind for s in weight_sites(model)}
         out = {}
         for n in names:
-            v = value.get(n, value.get(n.rsplit(".", 1)[0]))
+            layer = n.rsplit(".", 1)[0]
+            v = value.get(n, value.get(layer, value.get(kinds.get(layer, ""))))
             if v is not None:
                 out[n] = check(owner, f"{param} for {n!r}", v)
         return out
@@ -104,9 +133,11 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
     """Prune ``model`` in place by weight magnitude; masks are attached (or tightened) and returned as a report.
 
     Args:
-        sparsity: fraction of each tensor to remove, in [0, 1): one number, or ``{layer_or_tensor: s}``.
+        sparsity: fraction of each tensor to remove, in [0, 1): one number, or ``{layer_or_tensor: s}``
+            (a layer kind, ``conv``/``fc``/``embedding``, covers every layer of it; a layer's own name wins).
             With ``scope="global"`` a single number: one threshold over all tensors, so each layer's
-            sparsity is chosen by the ranking.
+            sparsity is chosen by the ranking. Pruning only removes: weights already exactly zero count as
+            pruned, and a tensor already sparser than its target keeps its mask as it is (logged).
         quality: Han's rule instead: remove |w| < quality·std(layer). One number or a mapping.
         scope: ``"layer"`` or ``"global"``.
         include_bias: prune biases too (they are few; off by default as in Han et al.).
@@ -126,7 +157,14 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
         raise ValueError(f"{owner}: scope must be 'layer' or 'global'; got {scope!r}.")
     check_finite_model(owner, model)
     names = prunable_tensors(model, include_bias, owner)
-    masks = attach_masks(model, names)
+    if nm is None and sparsity is not None:
+        targets = _sparsity_targets(owner, model, sparsity, names, scope)
+    elif nm is None and scope == "global":
+        raise ValueError(f"{owner}: scope='global' takes one sparsity number; got quality={quality!r}.")
+    elif nm is None:
+        targets = _per_tensor(owner, "quality", quality, names,
+                              lambda o, n, v: check_positive(o, n, v) if v != 0 else 0.0, model)
+    masks = mask_zeros(model, names)  # weights already exactly zero (pruned, then baked) count as pruned
     weights = {n: original(model, n) for n in names}
     if nm is not None:
         for n in names:
@@ -134,29 +172,59 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
             if why:
                 log.info("%s: %s stays as it is: %s", owner, n, why)
             else:
-                masks[n].mask.copy_(magnitude_nm_mask(weights[n], masks[n].mask, *nm))
-    elif scope == "global":
-        if sparsity is None or isinstance(sparsity, Mapping):
-            raise ValueError(f"{owner}: scope='global' takes one sparsity number.")
-        s = check_fraction(owner, "sparsity", sparsity)
+                masks[n].mask.copy_(magnitude_nm_mask(weights[n], masks[n].mask, *nm, _nm_kind(model, n)))
+        return _zero_originals(model, masks, weights)
+    if sparsity is not None:
+        above = _sparser_than_asked(model, targets, scope)
+        if above:
+            log.info("%s: already sparser than asked, masks kept as they are (pruning only removes): %s", owner,
+                     ", ".join(f"{k} ({100 * v:.1f}%)" for k, v in above.items()))
+    if scope == "global":
+        s = next(iter(targets.values()))
         flat_w = torch.cat([weights[n].flatten() for n in names])
         flat_m = torch.cat([masks[n].mask.flatten() for n in names])
         new = magnitude_mask(flat_w, flat_m, s)
         for n, part in zip(names, new.split([weights[n].numel() for n in names]), strict=True):
             masks[n].mask.copy_(part.view_as(masks[n].mask))
     else:
-        if sparsity is not None:
-            targets = _per_tensor(owner, "sparsity", sparsity, names, check_fraction)
-            rule = magnitude_mask
-        else:
-            targets = _per_tensor(owner, "quality", quality, names,
-                                  lambda o, n, v: check_positive(o, n, v) if v != 0 else 0.0)
-            rule = quality_mask
+        rule = magnitude_mask if sparsity is not None else quality_mask
         for n, v in targets.items():
             masks[n].mask.copy_(rule(weights[n], masks[n].mask, v))
-    for n in names:  # the hidden originals of pruned weights are zeroed too: the file holds exact zeros
-        weights[n].mul_(masks[n].mask)
+    return _zero_originals(model, masks, weights)
+
+
+def _zero_originals(model: nn.Module, masks: dict, weights: dict[str, Tensor]) -> list[LayerSparsity]:
+    for n, w in weights.items():  # the hidden originals of pruned weights are zeroed too: the file holds exact zeros
+        w.mul_(masks[n].mask)
     return sparsity_report(model)
+
+
+def _sparsity_targets(owner: str, model: nn.Module, sparsity: float | Mapping[str, float], names: list[str],
+                      scope: str) -> dict[str, float]:
+    """``{tensor: target sparsity}`` for the tensors ``sparsity`` covers (with ``scope="global"``, one number for
+    every tensor: a single ranking over them all)."""
+    if scope == "global":
+        if isinstance(sparsity, Mapping):
+            raise ValueError(f"{owner}: scope='global' takes one sparsity number; got {dict(sparsity)!r}.")
+        return dict.fromkeys(names, check_fraction(owner, "sparsity", sparsity))
+    return _per_tensor(owner, "sparsity", sparsity, names, check_fraction, model)
+
+
+@torch.no_grad()
+def _sparser_than_asked(model: nn.Module, targets: Mapping[str, float], scope: str = "layer") -> dict[str, float]:
+    """The tensors already sparser than their target, ``{layer: sparsity now}`` (with ``scope="global"`` one entry,
+    ``"all layers"``, for the total). Exact zeros of the masked weight count as pruned. Pruning only removes
+    (Han et al. 2015, Sec. 3.3: pruned connections stay pruned through the rounds), so their masks stay as they are."""
+    counts = {}
+    for n in targets:
+        mod, _, attr = n.rpartition(".")
+        w = getattr(model.get_submodule(mod), attr)
+        counts[n] = (int((w == 0).sum()), w.numel())
+    if scope == "global":
+        pruned, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+        s = next(iter(targets.values()), 0.0)
+        return {"all layers": pruned / total} if total and pruned > round(s * total) else {}
+    return {n.removesuffix(".weight"): p / t for n, (p, t) in counts.items() if p > round(targets[n] * t)}
 
 
 def round_targets(final: float, rounds: int) -> list[float]:
@@ -208,7 +276,7 @@ class MagnitudeConfig(TrainConfig):
 
     owner: ClassVar[str] = "magnitude"
     epochs: int = option(2, "retraining epochs per round (0: prune only, no data needed)", low=0)
-    sparsity: float | dict[str, float] = option(0.9, "fraction of weights removed: one number or {layer: s}",
+    sparsity: float | dict[str, float] = option(0.9, "fraction of weights removed: one number or {conv|fc|layer: s}",
                                                  low=0, high=1, high_open=True)
     scope: str = option("layer", "layer: each tensor to its sparsity; global: one ranking over all layers",
                         choices=("layer", "global"))
@@ -230,7 +298,7 @@ class QualityConfig(TrainConfig):
 
     owner: ClassVar[str] = "quality"
     epochs: int = option(2, "retraining epochs per round (0: prune only, no data needed)", low=0)
-    quality: float | dict[str, float] = option(0.5, "threshold in layer std units: one number or {layer: q}",
+    quality: float | dict[str, float] = option(0.5, "threshold in layer std units: one number or {conv|fc|layer: q}",
                                                 low=0)
     rounds: int = option(3, "prune/retrain rounds", low=1)
     lr_factor: float = option(0.1, "retraining LR = lr x lr_factor (Sec. 3.3)", low=0, low_open=True)
@@ -249,6 +317,9 @@ def _kept(model: nn.Module) -> dict[str, Any]:
           summary="remove the smallest |w| (per layer or global), retrain, repeat")
 def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) -> dict[str, Any]:
     nm = parse_nm(cfg.owner, cfg.pattern)
+    above = {} if nm is not None else _sparser_than_asked(
+        model, _sparsity_targets(cfg.owner, model, cfg.sparsity, prunable_tensors(model, owner=cfg.owner), cfg.scope),
+        cfg.scope)
     if cfg.epochs == 0:
         if nm is not None:
             prune_magnitude(model, pattern=cfg.pattern)
@@ -259,6 +330,8 @@ def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: StageContext) ->
                           epochs_per_round=cfg.epochs, scope=cfg.scope, config=replace(cfg, epochs=1).train_config(),
                           lr_factor=cfg.lr_factor, progress=ctx.progress, pattern=cfg.pattern)
     report = _kept(model)
+    if above:  # kept as they were: a mask only ever removes
+        report["sparser_than_asked"] = {k: round(v, 4) for k, v in above.items()}
     if nm is not None:
         why = {n: _nm_skip(model, n, original(model, n), nm[1]) for n in prunable_tensors(model, owner=cfg.owner)}
         report["skipped"] = {n.removesuffix(".weight"): w for n, w in why.items() if w}

@@ -28,11 +28,19 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..calibration import Target, attach_target_masks, compress_sequentially, draw_samples, target_keep, target_weight
+from ..calibration import (
+    CalibratedConfig,
+    Target,
+    attach_target_masks,
+    compress_sequentially,
+    draw_samples,
+    target_keep,
+    target_weight,
+)
 from ..linalg import damp_layer_hessian, inverse_cholesky_upper
 from ..masks import nm_mask, parse_nm
 from ..plan import pruned_then_finetuned
-from ..registry import MethodConfig, StageContext, option, register
+from ..registry import StageContext, option, register
 from ..stats import HessianAccumulator
 
 __all__ = ["ColumnQuantizer", "SweepResult", "obs_sweep", "sparsegpt_prune", "CalibratedConfig", "SparseGPTConfig",
@@ -139,16 +147,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, *, sparsity: float = 0.5, nm: tuple[in
     return obs_sweep(W, inverse_cholesky_upper(Hd), block_size=block_size, keep=keep, sparsity=sparsity, nm=nm)
 
 
-# -- calibrated pruning: shared by sparsegpt, obc and wanda -------------------------------------------------------
-@dataclass(frozen=True)
-class CalibratedConfig(MethodConfig):
-    """Options every calibrated post-training method shares: the calibration draw."""
-
-    samples: int = option(128, "calibration samples drawn from the training split", low=1)
-    batch_size: int = option(16, "calibration samples per forward pass", low=1)
-    seed: int = option(0, "seed of the calibration draw", low=0)
-
-
+# -- calibrated pruning: shared by sparsegpt, obc and wanda (their draw options: calibration.CalibratedConfig) ----
 _PATTERN_HELP = "unstructured, or N:M: keep N of every M consecutive inputs of a row (e.g. 2:4; sparsity is 1 - N/M)"
 
 

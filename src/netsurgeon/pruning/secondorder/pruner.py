@@ -15,8 +15,9 @@ Every method ranks all weights of all layers together: the per-layer sparsity is
 reported. Biases are not pruned (as in the official WoodFisher code).
 
 With an N:M pattern (``prune(model, pattern="2:4")``) the selection is per group instead: in every M consecutive
-inputs of a row (the flattened input dimension, as :func:`masks.nm_mask`) the M−N weights of lowest saliency are
-removed, and the surviving weights get the same update as in the unstructured case, for exactly that removed set.
+inputs of an output (the flattened input dimension, as :func:`masks.nm_mask`; for Hugging Face's Conv1D, stored
+(in, out), its first axis) the M−N weights of lowest saliency are removed, and the surviving weights get the same
+update as in the unstructured case, for exactly that removed set.
 The papers rank globally (Singh & Alistarh 2020 Sec. 3-4: one threshold on ρ_q = w_q²/2[F⁻¹]_qq); under a
 per-group constraint that ranking becomes this greedy per-group choice. The N:M form is ours (no WoodFisher paper
 reports N:M); SparseGPT and Wanda choose their N:M masks per group of M inputs the same way. Embeddings (a table
@@ -48,7 +49,7 @@ from ...linalg import (
     woodtaylor_scores,
     woodtaylor_update,
 )
-from ...masks import attach_masks, original, parse_nm, prunable_tensors, sparsity_report
+from ...masks import attach_masks, nm_mask, original, parse_nm, prunable_tensors, sparsity_report
 from ...progress import log as progress_log
 from .config import UPDATES, SecondOrderConfig, check_method_options, config_for
 from .curvature import (
@@ -351,7 +352,7 @@ class OneShotPruner:
         embedding, a row length not a multiple of M) lose none and are returned as ``{layer: why}``. (Blocks never
         straddle a tensor, so the update leaves them as they are too, except with one Fisher block over several
         tensors, ``block_size=None``, where the OBS update adjusts every surviving weight of the block.)"""
-        from ..magnitude import _nm_skip  # the same rule as magnitude's N:M (imported late: no import cycle)
+        from ..magnitude import _nm_kind, _nm_skip  # magnitude's N:M rules (imported late: no import cycle)
 
         parts, skipped = [], {}
         for t, scores, shape in zip(self.tensors_, self.scores_.split(self.sizes_), self.shapes_, strict=True):
@@ -361,10 +362,8 @@ class OneShotPruner:
             part = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
             if why:
                 skipped[t.removesuffix(".weight")] = why
-            else:
-                groups = scores.reshape(shape[0], -1, m)                      # (out, in/m, m)
-                lowest = torch.sort(groups, dim=-1, stable=True).indices[..., :m - n]
-                part = part.view_as(groups).scatter(-1, lowest, True).flatten()
+            else:  # the M-N lowest = the M-N highest negated (ties: the earlier weight), in each output's inputs
+                part = nm_mask(-scores.view(shape), m - n, m, _nm_kind(model, t)).bool().flatten()
             parts.append(part)
         prune = torch.cat(parts) | torch.isneginf(self.scores_)  # weights pruned before stay pruned
         if skipped:
