@@ -143,6 +143,21 @@ def test_a_lower_target_keeps_baked_zeros_pruned(caplog):
     assert bool((m[0].weight[zeros] == 0).all())
 
 
+def test_a_zero_initialized_bias_is_not_taken_for_a_pruned_one():
+    """Exact zeros count as pruned, except in a tensor that is zero throughout: a zero-initialized bias (as
+    transformers initialize theirs) must stay free to train when biases are pruned too."""
+    m = _net()
+    with torch.no_grad():
+        m[0].bias.zero_()
+    prune_magnitude(m, sparsity=0.5, include_bias=True)
+    kept = int(get_masks(m)["0.bias"].mask.sum())
+    assert kept == 3  # half of the 5 removed by the ranking (ties among zeros), not all 5 taken as pruned
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(torch.randn(8, 4)).square().sum().backward()
+    opt.step()
+    assert int((m[0].bias != 0).sum()) == kept
+
+
 def test_a_magnitude_stage_below_the_current_sparsity_keeps_the_masks_and_reports_it():
     m = ns.build_model("lenet5")
     records = ns.Pipeline.from_spec([{"magnitude": {"sparsity": 0.9, "epochs": 0}},

@@ -31,6 +31,7 @@ from ..data import Dataset
 from ..masks import (
     LAYER_KINDS,
     LayerSparsity,
+    attach_masks,
     mask_zeros,
     nm_mask,
     original,
@@ -164,7 +165,10 @@ def prune_magnitude(model: nn.Module, *, sparsity: float | Mapping[str, float] |
     elif nm is None:
         targets = _per_tensor(owner, "quality", quality, names,
                               lambda o, n, v: check_positive(o, n, v) if v != 0 else 0.0, model)
-    masks = mask_zeros(model, names)  # weights already exactly zero (pruned, then baked) count as pruned
+    # weights already exactly zero (pruned, then baked) count as pruned; a tensor that is zero throughout is an
+    # initialization (a zero-initialized bias), not a pruning result, and stays free to train
+    masks = mask_zeros(model, [n for n in names if bool(original(model, n).any())])
+    masks = {**attach_masks(model, names), **masks}
     weights = {n: original(model, n) for n in names}
     if nm is not None:
         for n in names:
