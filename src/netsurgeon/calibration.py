@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import Split, batches
-from .masks import attach_masks, get_masks, note_skipped, original, weight_matrix
+from .masks import attach_masks, get_masks, is_hf_conv1d, note_skipped, original, weight_matrix
 from .registry import MethodConfig, option
 from .stats import HessianAccumulator
 
@@ -56,12 +56,6 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Group
           nn.InstanceNorm2d, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 # compress(layer, targets, statistics) -> the new weight matrix of each target (None: leave it)
 Compress = Callable[[str, list["Target"], list[HessianAccumulator]], list[Tensor | None]]
-
-
-def _is_hf_conv1d(m: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): y = x @ W + b with W stored (in, out). Duck-typed: no transformers import."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(getattr(m, "weight", None), "dim",
-                                                                                 lambda: 0)() == 2
 
 
 def discover_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -78,7 +72,7 @@ def discover_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, s
     for name, m in model.named_modules():
         if "parametrizations." in f".{name}." or name in mha_out:
             continue  # a mask or codebook of a layer; an attention output projection belongs to its attention
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)) or _is_hf_conv1d(m):
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)) or is_hf_conv1d(m):
             tied = [owners[id(original(model, t.tensor))] for t in layer_targets(name, m)]
             tied = [o for o in tied if len(o) > 1]
             if tied:
@@ -126,7 +120,7 @@ def layer_targets(name: str, m: nn.Module, attention: str = "self") -> list[Targ
         parts = {"self": [((0, 3 * e), "query")], "kv": [((0, e), "query"), ((e, 3 * e), "key")],
                  "cross": [((0, e), "query"), ((e, 2 * e), "key"), ((2 * e, 3 * e), "value")]}[attention]
         return [*(Target(name, w, rows, e, source=src, part=len(parts) > 1) for rows, src in parts), heads]
-    if _is_hf_conv1d(m):
+    if is_hf_conv1d(m):
         return [Target(name, f"{pre}weight", (0, m.weight.shape[1]), m.weight.shape[0], kind="transposed")]
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         out, cols = m.weight.shape[0], m.weight[0].numel()

@@ -74,7 +74,7 @@ class WeightSite:
         return {"in_proj_weight": "in_proj_bias", "weight": "bias"}.get(self.attr)
 
 
-def _is_hf_conv1d(m: nn.Module) -> bool:
+def is_hf_conv1d(m: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2): weight (nx, nf), forward x @ W + b; recognised without importing it, also
     once masked (a parametrized module's class is ``ParametrizedConv1D``)."""
     w = getattr(m, "weight", None)
@@ -94,7 +94,7 @@ def site_kind_of(m: nn.Module) -> list[tuple[str, str]]:
         if m.in_proj_weight is not None or parametrize.is_parametrized(m, "in_proj_weight"):
             return [("in_proj_weight", "attention")]
         return [(a, "attention") for a in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
-    if _is_hf_conv1d(m):
+    if is_hf_conv1d(m):
         return [("weight", "transposed")]
     return []
 

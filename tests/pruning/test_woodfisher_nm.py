@@ -239,3 +239,17 @@ def test_two_four_on_hugging_face_gpt2_keeps_two_of_every_four_inputs(method):
     assert len(conv1d) == 4
     for layer in conv1d:
         assert (_transposed_groups_nonzero(layer.weight, 4) == 2).all()
+
+
+def test_a_masked_conv1d_is_still_a_conv1d_everywhere():
+    """Masking makes the class ``ParametrizedConv1D``: the calibration's layer discovery, the architecture
+    records (``resized``) and the masks' site kinds still know it is stored (in, out) (one detector, masks.py)."""
+    from netsurgeon.calibration import discover_layers
+    from netsurgeon.changes.resized import is_conv1d
+    from netsurgeon.masks import attach_masks, site_kind_of
+
+    m = nn.Sequential(Conv1D(8, 16))
+    attach_masks(m, ["0.weight"])
+    assert type(m[0]).__name__ == "ParametrizedConv1D"
+    assert is_conv1d(m[0]) and "0" in discover_layers(m)[0]
+    assert dict(site_kind_of(m[0]))["weight"] == "transposed"

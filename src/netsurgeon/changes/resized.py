@@ -18,19 +18,13 @@ from torch import nn
 
 from ..coding.container import NszError
 from ..coding.schema import check_int, check_mapping, short
+from ..masks import is_hf_conv1d as is_conv1d  # Hugging Face's Conv1D, stored (in, out), also once masked
 from . import ArchChange, record_change, register_change
 
 __all__ = ["Resized", "is_conv1d", "layer_sizes", "resized_record", "apply_resized", "record_resized", "SIZE_FIELDS"]
 
 SIZE_FIELDS = ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features", "channels")
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-def is_conv1d(m: nn.Module) -> bool:
-    """A Hugging Face ``Conv1D``: a Linear whose weight is stored (in, out), output width ``nf``."""
-    w = getattr(m, "weight", None)
-    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int) and isinstance(w, torch.Tensor) \
-        and w.dim() == 2
 
 
 def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from .._validation import check_finite_model
 from ..calibration import discover_layers, layer_targets
 from ..forms.grouped import GroupQuantWeights, dequantize, dequantize_codes, groups_of
+from ..masks import weight_matrix
 from ..registry import MethodConfig, StageContext, option, register
 
 __all__ = ["grid_params", "quantize", "dequantize", "rtn_quantize", "GroupQuantWeights", "install_group_quant",
@@ -98,10 +99,6 @@ def _weight_tensors(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
     return {t.tensor: t.kind for n, m in layers.items() for t in layer_targets(n, m)}, skipped
 
 
-def _matrix(t: Tensor, kind: str) -> Tensor:
-    return t.T if kind == "transposed" else t.reshape(t.shape[0], -1)
-
-
 @torch.no_grad()
 def quantize_model_rtn(model: nn.Module, bits: int = 4, group_size: int | None = 128,
                        symmetric: bool = False) -> dict[str, Any]:
@@ -113,7 +110,7 @@ def quantize_model_rtn(model: nn.Module, bits: int = 4, group_size: int | None =
     for fqn, kind in tensors.items():
         mod_name, _, attr = fqn.rpartition(".")
         p = getattr(model.get_submodule(mod_name) if mod_name else model, attr)
-        W = _matrix(p.detach(), kind).float().clone()
+        W = weight_matrix(p.detach(), kind).float().clone()
         codes, scales, zeros, deq = rtn_quantize(W, bits, group_size, symmetric)  # pruned zeros stay 0: on the grid
         install_group_quant(model, fqn, GroupQuantWeights(codes, scales, zeros, bits, group_size,
                                                           shape=tuple(p.shape), transposed=kind == "transposed"))
