@@ -214,3 +214,13 @@ def test_resume_or_start_continues_only_the_same_run(digits, tmp_path):
     model_file.write_bytes(b"other weights")
     with pytest.raises(ValueError, match=r"\(its input_sha256 differ\)"):
         resume_or_start(tmp_path / "ck", model_file, pipe, 0, digits)
+
+
+def test_cli_train_select_best_val(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "m.safetensors"
+    r = runner.invoke(cli, ["train", "--model", "digits_cnn", "--epochs", "2", "--select", "best_val", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    from netsurgeon.modelfile import load_model
+
+    assert load_model(out)[1]["train"]["select"] == "best_val"

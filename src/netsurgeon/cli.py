@@ -283,13 +283,15 @@ def _set_threads(threads: int | None) -> None:
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many optimizer steps (a schedule still spans --epochs).")
+@click.option("--select", type=click.Choice(["last", "best_val"]), default="last", show_default=True,
+              help="Keep the last epoch's weights, or those of the epoch best on the validation split.")
 @_threads_opt
 @_device_opt
 @_friendly
 def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: str | None, data_dir: Path | None,
               seed: int, output: Path, epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float,
               schedule: str, checkpoint: Path | None, checkpoint_every: int, resume: bool, max_steps: int | None,
-              threads: int | None, device: str | None) -> None:
+              select: str, threads: int | None, device: str | None) -> None:
     """Train a model from scratch and save it as .safetensors.
 
     \b
@@ -316,7 +318,7 @@ def train_cmd(model_spec: str | None, model_args: tuple[str, ...], data_name: st
     from .train import TrainConfig, train
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                      weight_decay=weight_decay, schedule=schedule, seed=seed, max_steps=max_steps)
+                      weight_decay=weight_decay, schedule=schedule, seed=seed, max_steps=max_steps, select=select)
     _set_threads(threads)
     _start_ranks()
     data_name, data, record = _load_data(data_name, data_dir, seed)
