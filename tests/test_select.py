@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import netsurgeon as ns
 from netsurgeon.cli import cli
 from netsurgeon.train import Callback, TrainConfig
+from test_train import Interrupt  # raises KeyboardInterrupt at a step
 
 CFG = TrainConfig(epochs=3, lr=0.05, batch_size=64, seed=3)
 
@@ -140,15 +141,6 @@ def test_pipeline_callbacks_run_inside_training_stages_before_the_methods_finali
     kinds = {type(p).__name__ for mod in m.modules() if hasattr(mod, "parametrizations")
              for p in mod.parametrizations["weight"]}
     assert kinds == {"BinaryWeights"}
-
-
-class Interrupt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def after_step(self, trainer):
-        if trainer.step == self.at:
-            raise KeyboardInterrupt
 
 
 def test_an_interrupted_pipeline_resumes_to_the_same_weights(digits, tmp_path):
