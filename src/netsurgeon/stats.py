@@ -20,7 +20,7 @@ from .progress import Progress
 
 __all__ = ["chance_accuracy", "dense_bytes", "size_words", "example_input", "cpu_name", "count_nonzero", "LayerFlops",
            "layer_flops", "total_flops", "Latency", "measure_latency", "num_threads", "collect_gradients",
-           "HessianAccumulator"]
+           "saved_activation_bytes", "HessianAccumulator"]
 
 
 @torch.no_grad()
@@ -293,6 +293,48 @@ def _labelled_outputs(model: nn.Module, data: Any, num_grads: int, batch_size: i
                 # the CPU generator draws on the CPU (the same labels on any device), moved beside the logits
                 yb = torch.multinomial(p.reshape(-1, p.shape[-1]).cpu(), 1, generator=g).view(p.shape[:-1]).to(p.device)
         yield i, logits, yb
+
+
+def saved_activation_bytes(model: nn.Module, data: Split | Any, batch_size: int = 1) -> int:
+    """Bytes autograd keeps for the backward of one mini-batch's cross-entropy, as :func:`gradient_rows` builds it,
+    and the output the caller holds meanwhile: one forward pass (eval mode, no backward) of the first
+    ``batch_size`` samples, each saved tensor's storage counted once, the parameters, buffers and input batch
+    (resident anyway) left out. That is the activations of every layer, the masked weights a forward
+    materializes and, for a language model, its (B, T, V) logits and their log-softmax; a shorter first batch of
+    a loader is scaled up to ``batch_size``. 0 for empty data."""
+    import torch.nn.functional as F
+
+    xb = yb = None
+    for xb, yb in batches(data, batch_size):
+        xb, yb = xb[:batch_size], yb[:batch_size]
+        break
+    if yb is None or len(yb) == 0:
+        return 0
+    known = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), xb, yb)}
+    held: list[Tensor] = []  # alive to the end, as the graph would keep them (and their addresses unique)
+
+    def pack(t: Tensor) -> None:  # the graph keeps nothing: a saved output there would cycle to its own node
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in known:
+            known.add(ptr)
+            held.append(t)
+
+    def unpack(_: None) -> Tensor:
+        raise RuntimeError("saved_activation_bytes: the probe's graph is not for backward.")
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            out = model(xb)
+            if isinstance(out, Tensor):
+                pack(out)  # the caller holds the output (logits) through the backward too
+            F.cross_entropy(out, yb)
+    finally:
+        model.train(was)
+    total = sum(t.untyped_storage().nbytes() for t in held)
+    held.clear()
+    return total * batch_size // len(yb)
 
 
 def collect_gradients(model: nn.Module, data: Split | Any, tensors: list[str], num_grads: int,

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ...data import Split
-from ...linalg import BatchedFisherInverse, prefer_factored, relative_damp
+from ...linalg import BatchedFisherInverse, prefer_factored, relative_damp, squared_norm
 from ...progress import Progress
 from ...stats import _gradient_batches, gradient_rows
 from .config import SecondOrderConfig
@@ -85,7 +85,7 @@ class LowMemoryWoodbury:
         self.g_: Tensor | None = None
         if len(self.groups_) == 1:
             self.g_ = self._group_gradients(job.model, 0, job.data)
-            sum_sq = float(self.g_.double().pow(2).sum()) if c.relative_damp else 0.0
+            sum_sq = float(squared_norm(self.g_)) if c.relative_damp else 0.0
         else:
             gen = torch.Generator().manual_seed(c.seed)
             self.batches_ = list(_gradient_batches(job.data, c.num_grads, c.grad_batch, gen))

@@ -51,6 +51,7 @@ from ...linalg import (
 )
 from ...masks import attach_masks, nm_mask, original, parse_nm, prunable_tensors, sparsity_report
 from ...progress import log as progress_log
+from ...stats import saved_activation_bytes
 from .config import UPDATES, SecondOrderConfig, check_method_options, config_for
 from .curvature import (
     Block,
@@ -133,7 +134,8 @@ class OneShotPruner:
     Attributes:
         curvature_: the fitted estimator; scores_: the global ranking statistic per weight.
         fit_seconds_: wall time of :meth:`fit`; phase_seconds_: its parts (``gradients``, ``inverses``).
-        memory_: the estimate logged before the fit; held_bytes_: bytes of the inverses kept after it.
+        memory_: the estimate logged before the fit; held_bytes_: bytes of the inverses kept after it;
+        activations_: the bytes one gradient's forward and backward take besides it (:meth:`_plan`).
     """
 
     def __init__(self, method: str = "woodfisher", fisher: SecondOrderConfig | None = None, update: str | None = None,
@@ -151,6 +153,7 @@ class OneShotPruner:
         self.recipe = RECIPES[method]
         self.memory_limit = memory_limit
         self.fit_seconds_ = 0.0
+        self.activations_ = 0
         self.phase_seconds_: dict[str, float] = {}
         self.held_bytes_ = 0
 
@@ -188,7 +191,7 @@ class OneShotPruner:
         self.shard_: tuple[int, int] | None = None  # this rank's [lo, hi) of the flat weights when sharded
         self.shard_sizes_: list[int] = [d]
         sharded = self._sharded()
-        ranges = self._plan(layout, size if sharded else 1, data)  # memory estimate, refusal: before any work
+        ranges = self._plan(model, layout, size if sharded else 1, data)  # estimate, refusal: before any gradient
         if sharded:
             spans = ddp.owner_ranges(ranges, size)
             bounds = [ranges[a][0] if a < len(ranges) else d for a, _ in spans] + [d]
@@ -254,14 +257,16 @@ class OneShotPruner:
     def memory_estimate(self, d: int, block_size: int | None, ranks: int = 1,
                         budget: int | None = None) -> dict[str, int]:
         """Bytes the statistics take with ``block_size`` (keys ``gradients``, ``inverses``, ``work``, ``vectors``,
-        ``total``; low_memory also ``groups``), from the layout alone (``sizes_``, ``shapes_``). ``ranks`` > 1
-        (sharded WoodFisher/WoodTaylor): per rank. ``budget``: the bytes low_memory plans to fit."""
+        ``activations``, ``total``; low_memory also ``groups``), from the layout (``sizes_``, ``shapes_``) and,
+        once a fit has measured them, :attr:`activations_`. ``ranks`` > 1 (sharded WoodFisher/WoodTaylor): per
+        rank. ``budget``: the bytes low_memory plans to fit."""
         cfg = dataclasses.replace(self.config, block_size=block_size)
         curv = self._curvature(cfg, budget)
         if curv is None:
             v = vectors_bytes(d)
-            return {"gradients": 0, "inverses": 0, "work": 0, "vectors": v, "total": v}
-        return curv.memory(self._layout(), self.block_ranges(d, block_size), ranks)
+            return {"gradients": 0, "inverses": 0, "work": 0, "vectors": v, "activations": 0, "total": v}
+        return _with_activations(curv.memory(self._layout(), self.block_ranges(d, block_size), ranks),
+                                 self.activations_)
 
     def _limit(self) -> tuple[int, str]:
         """The bytes a fit may take and what bounds it: ``max_memory`` or the memory available."""
@@ -271,27 +276,41 @@ class OneShotPruner:
             return cap, f", more than max_memory={self.config.max_memory:g} GiB"
         return avail, f" but {avail / 2**30:.1f} GiB are available"
 
-    def _plan(self, layout: Layout, ranks: int, data: Any) -> list[tuple[int, int]]:
+    def _plan(self, model: nn.Module, layout: Layout, ranks: int, data: Any) -> list[tuple[int, int]]:
         """Estimate memory (per rank when sharded), log it, and refuse (with a block size that would fit) before any
-        gradient. Builds :attr:`curvature_`."""
+        gradient. Builds :attr:`curvature_`.
+
+        Besides the statistics, each gradient's forward and backward: twice the bytes autograd saves for one
+        mini-batch (:func:`stats.saved_activation_bytes`; the backward makes a gradient of each saved tensor, at
+        most as large). A language model's grows with B x T x (width, and the vocabulary through its logits): 0.09
+        GiB at 4 sequences of 128 bytes on the 3.3M-weight GPT, 1.09 GiB at 64 (measured beside the gradients,
+        with a row and the originals' gradients: 0.08 and 0.74 GiB). That takes one forward pass, made only when
+        the statistics alone fit: a plan refused on the layout touches neither the model nor the data."""
         d, cfg, m = layout.d, self.config, self.config.num_grads
         if self.method == "obs":
             ExactHessian.check_size(d)
         limit, bound = self._limit()
         sample = int(data.x[0].numel()) if isinstance(data, Split) and len(data) else 0
-        self.curvature_ = self._curvature(cfg, limit, sample)
         bs = cfg.block_size
         ranges = self.block_ranges(d, bs)
-        est = self.memory_estimate(d, bs, ranks) if self.curvature_ is None else \
-            self.curvature_.memory(layout, ranges, ranks)
+
+        def estimate(act: int) -> dict[str, int]:
+            self.activations_ = act
+            self.curvature_ = self._curvature(cfg, max(0, limit - act), sample)
+            return self.memory_estimate(d, bs, ranks) if self.curvature_ is None else \
+                _with_activations(self.curvature_.memory(layout, ranges, ranks), act)
+
+        est = estimate(0)
+        if est["total"] <= limit and self.curvature_ is not None and self.method != "obs":
+            est = estimate(2 * saved_activation_bytes(model, data, cfg.grad_batch))
         self.memory_ = est
         factored = 0 if self.method == "kfac" else sum(prefer_factored(b - a, m) for a, b in ranges)
         groups = f", {est['groups']} gradient group(s)" if "groups" in est else ""
         progress_log.info("%s: %s weights, %d gradients: about %.2f GiB (gradients %.2f, inverses %.2f, work %.2f, "
-                          "vectors %.2f; %d block(s), %d factored%s), limit %.1f GiB (max_memory %g GiB)",
-                          self.method, f"{d:,}", m, est["total"] / 2**30, est["gradients"] / 2**30,
-                          est["inverses"] / 2**30, est["work"] / 2**30, est["vectors"] / 2**30, len(ranges),
-                          factored, groups, limit / 2**30, cfg.max_memory)
+                          "vectors %.2f, activations %.2f; %d block(s), %d factored%s), limit %.1f GiB (max_memory "
+                          "%g GiB)", self.method, f"{d:,}", m, est["total"] / 2**30, est["gradients"] / 2**30,
+                          est["inverses"] / 2**30, est["work"] / 2**30, est["vectors"] / 2**30,
+                          est["activations"] / 2**30, len(ranges), factored, groups, limit / 2**30, cfg.max_memory)
         if est["total"] > limit:
             raise ValueError(f"OneShotPruner: {self.method} over {d:,} weights with {m} gradients and block_size={bs}"
                              f"{' (low_memory)' if cfg.low_memory else ''} needs about {est['total'] / 2**30:.3g} "
@@ -456,6 +475,11 @@ def next_token_logits(model: nn.Module, data: Split | Any) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def _with_activations(est: dict[str, int], act: int) -> dict[str, int]:
+    """An estimate with the bytes of each gradient's forward and backward (:meth:`OneShotPruner._plan`) added."""
+    return {**est, "activations": act, "total": est["total"] + act}
 
 
 def _nbytes(hinv: Any) -> int:
