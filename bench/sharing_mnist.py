@@ -206,15 +206,15 @@ def main() -> None:
                                                  "(default: every model from dense and from DNS)")
         ap.add_argument("--update", action="store_true",
                         help="recompute only the --sws runs into the committed result (e.g. after the DNS model they "
-                             "start from was re-run); HashedNets and the other runs are kept as committed")
+                             "start from was re-run), or without --sws only HashedNets; the other runs are kept as "
+                             "committed")
 
     args, data = parse_args(__doc__, ["lenet300", "lenet5"], "not supported for this benchmark", extra)
-    if args.update and not args.sws:
-        raise SystemExit("sharing_mnist: --update needs the runs to recompute, e.g. --sws lenet5_dns:8")
+    hashed = not args.update or not args.sws  # --update alone: HashedNets only
     torch.set_num_threads(THREADS)
     if args.update:
         res = json.loads((RESULTS / "sharing_mnist.json").read_text())
-        res["machine_update"] = machine()
+        res["machine_update" if args.sws else "machine_update_hashednets"] = machine()
     else:
         res = {"benchmark": "sharing_mnist", "machine": machine(), "threads": THREADS,
                "hyperparameters": "HashedNets: the released code's settings, epochs cut to --hash-epochs; soft weight "
@@ -222,14 +222,14 @@ def main() -> None:
                                   "hyper-priors; model selection on the validation split (best epoch; soft sharing: "
                                   "of the quantized network)",
                "hashednets": {}, "sws": {}}
-    for label in [] if args.update else ["1/1", *FACTORS]:
+    for label in ["1/1", *FACTORS] if hashed else []:
         res["hashednets"][label] = cached_json(f"sharing_hash_{label.replace('/', 'over')}_{args.hash_epochs}",
                                                lambda lb=label: hashed_run(lb, data, args.hash_epochs), args.fresh)
         print("hashednets", label, res["hashednets"][label])
-    if not args.update:
+    if hashed:
         res["hashednets_runtime_1/8"] = hash_latency(res)
         print("hashed runtime", res["hashednets_runtime_1/8"])
-    runs = args.sws or [f"{n}_{s}" for n in args.models for s in ("dense", "dns")]
+    runs = args.sws or ([] if args.update else [f"{n}_{s}" for n in args.models for s in ("dense", "dns")])
     starts = {}  # a DNS start is cached under its file's hash: a re-run DNS model is a new start
     for item in runs:
         key, _, ep = item.partition(":")
