@@ -418,8 +418,6 @@ def compress_cmd(model_file: Path, method_names: str | None, overrides: tuple[st
     """
     if (method_names is None) == (recipe is None):
         raise click.UsageError("give --method NAME[,NAME...] or --recipe FILE (not both).")
-    if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
-        raise _Fail(f"--checkpoint-dir {str(checkpoint_dir)!r} is a file, not a directory.")
     if not model_file.is_file():
         raise _Fail(f"model file {str(model_file)!r} does not exist.")
     _check_output(output, model_file)

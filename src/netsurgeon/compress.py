@@ -26,7 +26,7 @@ from .devices import model_device, parse_device
 from .forms import weight_form
 from .modelfile import MissingArchitectureError, load_compressed, load_model
 from .nsz import CompressedFile, read_header
-from .pipeline import Pipeline
+from .pipeline import Pipeline, check_checkpoint_dir
 from .stats import chance_accuracy
 
 __all__ = ["CompressResult", "compress_file", "compress_model", "read_input", "file_history", "output_path",
@@ -153,8 +153,7 @@ def compress_file(model_file: str | os.PathLike[str], output: str | os.PathLike[
                                       trust_code=trust_code)
     pipe.check(has_data=True, start_form=weight_form(model))
     pipe.check_layers(model)
-    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
-        raise ValueError(f"checkpoint directory {str(checkpoint_dir)!r} is a file.")
+    check_checkpoint_dir(checkpoint_dir)  # before the data loads
     data = load_data(pipe, file_meta, model)
     resume = checkpoint_dir is not None and resume_or_start(checkpoint_dir, model_file, pipe, seed, data)
     return compress_model(model, pipe, data, output, meta={**file_meta, **(meta or {})},

@@ -97,6 +97,16 @@ def _encode(model: nn.Module, cfg: EncodeConfig, ctx: StageContext) -> dict[str,
     return {}  # the file is written by Pipeline.save with these options
 
 
+def check_checkpoint_dir(path: str | os.PathLike[str] | None) -> Path | None:
+    """``path`` as a Path (None stays None), refused when it names a file: the stages' checkpoints go in it."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"pipeline: checkpoint_dir {str(p)!r} is a file, not a directory.")
+    return p
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value as YAML (numbers, true/false, null, lists, {k: v} mappings), else the plain string; an
     N:M pattern such as ``2:4`` stays a string."""
@@ -289,9 +299,7 @@ class Pipeline:
             raise ValueError(f"pipeline: callbacks must be a list of netsurgeon.Callback; got {callbacks!r}.")
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise ValueError(f"pipeline: checkpoint_every must be an integer >= 0; got {checkpoint_every!r}.")
-        ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
-        if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
-            raise ValueError(f"pipeline: checkpoint_dir {str(ckpt)!r} is a file, not a directory.")
+        ckpt = check_checkpoint_dir(checkpoint_dir)
         self.check(has_data=data is not None, start_form=weight_form(model))
         if data is not None and arch_of(model) is not None:  # token ids: the saved file's record says so
             set_arch(model, record_inputs(arch_of(model), data))

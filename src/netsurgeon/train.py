@@ -625,10 +625,10 @@ def run_training(model: nn.Module, ctx: StageContext, config: TrainConfig,
     epoch kept (``config.select``)."""
     data = ctx.require_data(config.owner)
     resume = bool(ctx.resume and ctx.checkpoint is not None and Path(ctx.checkpoint).is_file())
-    result = train(model, data, config, callbacks=[*([callback] if callback is not None else []), *ctx.callbacks],
-                   checkpoint=ctx.checkpoint, checkpoint_every=ctx.checkpoint_every, resume=resume,
-                   progress=ctx.progress)
-    for cb in [*ctx.callbacks, *([callback] if callback is not None else [])]:
+    own = [callback] if callback is not None else []
+    result = train(model, data, config, callbacks=[*own, *ctx.callbacks], checkpoint=ctx.checkpoint,
+                   checkpoint_every=ctx.checkpoint_every, resume=resume, progress=ctx.progress)
+    for cb in [*ctx.callbacks, *own]:
         cb.finalize(model)
     kept = next((h for h in result.history if h["epoch"] == result.selected_epoch), {})
     return {"steps": result.steps, "val_acc": kept.get("val_acc"), "train_loss": kept.get("loss"),

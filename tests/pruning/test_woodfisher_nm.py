@@ -35,15 +35,20 @@ def _data(n: int = 400) -> Split:
     return Split(x, ((x[:, 0] + x[:, 1]) % 4 + (x[:, 2] > 7)) % 4)
 
 
+def _fit(m: nn.Module, s: Split, steps: int) -> None:
+    """Full-batch Adam on the split's cross-entropy."""
+    opt = torch.optim.Adam(m.parameters(), lr=0.03)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(m(s.x), s.y).backward()
+        opt.step()
+
+
 @functools.cache
 def _fitted() -> tuple[_Tok, Split]:
     torch.manual_seed(0)
     m, s = _Tok(), _data()
-    opt = torch.optim.Adam(m.parameters(), lr=0.03)
-    for _ in range(150):
-        opt.zero_grad()
-        F.cross_entropy(m(s.x), s.y).backward()
-        opt.step()
+    _fit(m, s, 150)
     return m, s
 
 
@@ -70,11 +75,7 @@ def _fitted_mlp() -> tuple[_MLP, Split]:
     m, g = _MLP(), torch.Generator().manual_seed(0)
     x = torch.randn(300, 16, generator=g)
     s = Split(x, (x[:, :3].sum(1) > 0).long() + 2 * (x[:, 3] > 0.5).long())
-    opt = torch.optim.Adam(m.parameters(), lr=0.03)
-    for _ in range(100):
-        opt.zero_grad()
-        F.cross_entropy(m(s.x), s.y).backward()
-        opt.step()
+    _fit(m, s, 100)
     return m, s
 
 
